@@ -1,0 +1,48 @@
+# Hafen — development entry points. `make help` lists them.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+DEV_SERVICES := scripts/dev-services.sh
+# Exports HAFEN_DATABASE_URL, HAFEN_ADMIN_DATABASE_URL and HAFEN_REDIS_URL from .dev/env.
+LOAD_ENV := set -a && source .dev/env && set +a
+
+.PHONY: help setup run test lint fmt clean services-up services-down services-status
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Install what is missing (PostgreSQL, Redis, cargo-nextest, rustfmt, clippy) and start the dev services
+	@scripts/setup.sh
+	@$(DEV_SERVICES) up
+
+run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in the foreground
+	$(CARGO) build --bin hafen
+	$(LOAD_ENV) && exec target/debug/hafen dev
+
+test: ## Start the dev services (fsync off) and run the whole test suite
+	@scripts/setup.sh
+	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
+	$(LOAD_ENV) && $(CARGO) nextest run --workspace --no-fail-fast
+
+lint: ## cargo fmt --check and clippy with warnings denied
+	@scripts/setup.sh --toolchain-only
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+services-up: ## Start only the throwaway PostgreSQL and Redis
+	@$(DEV_SERVICES) up
+
+services-down: ## Stop the throwaway PostgreSQL and Redis
+	@$(DEV_SERVICES) down
+
+services-status: ## Say whether PostgreSQL and Redis run
+	@$(DEV_SERVICES) status
+
+clean: services-down ## Stop the dev services, delete .dev/ (databases, certificates) and target/
+	rm -rf .dev
+	$(CARGO) clean

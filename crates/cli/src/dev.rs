@@ -1,0 +1,228 @@
+//! `hafen dev`: all five services in one process.
+//!
+//! Each service runs the same `serve` function as its own binary, on its own port, with its
+//! own certificate from the development CA; they share one shutdown signal and drain together.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use hafen_platform::{ServerArgs, TlsArgs};
+use hafen_store::DatabaseArgs;
+use tokio::task::JoinSet;
+
+/// Options of `hafen dev`.
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Address every service listens on.
+    #[arg(long, env = "HAFEN_DEV_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub host: IpAddr,
+
+    /// Port of the auth service.
+    #[arg(long, env = "HAFEN_AUTH_PORT", default_value_t = 50051)]
+    pub auth_port: u16,
+
+    /// Port of the messaging service.
+    #[arg(long, env = "HAFEN_MESSAGING_PORT", default_value_t = 50052)]
+    pub messaging_port: u16,
+
+    /// Port of the tenant service.
+    #[arg(long, env = "HAFEN_TENANT_PORT", default_value_t = 50053)]
+    pub tenant_port: u16,
+
+    /// Port of the retention service.
+    #[arg(long, env = "HAFEN_RETENTION_PORT", default_value_t = 50054)]
+    pub retention_port: u16,
+
+    /// Port of the audit service.
+    #[arg(long, env = "HAFEN_AUDIT_PORT", default_value_t = 50055)]
+    pub audit_port: u16,
+
+    /// Where the development CA and service certificates are generated (once) and read.
+    #[arg(long, env = "HAFEN_DEV_CERTS_DIR", default_value = ".dev/certs")]
+    pub dev_certs_dir: PathBuf,
+
+    /// Mutual TLS between the services.
+    #[arg(long, env = "HAFEN_MTLS")]
+    pub mtls: bool,
+
+    /// How long in-flight calls may run after Ctrl-C/SIGTERM.
+    #[arg(long, env = "HAFEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+type Served = (&'static str, Result<(), String>);
+
+/// Runs the stack until Ctrl-C/SIGTERM or until one service fails (then all stop).
+pub async fn run(args: DevArgs) -> ExitCode {
+    if let Err(err) = hafen_platform::tls::ensure_dev_certs(&args.dev_certs_dir) {
+        tracing::error!(error = %err, "development certificates");
+        return ExitCode::FAILURE;
+    }
+    // One process, one developer: migrating here saves a step; deployments run
+    // `hafen-tenant migrate` instead.
+    if let Err(err) = hafen_tenant::migrate(&args.database).await {
+        tracing::error!(error = %err, "migrating the control plane failed");
+        return ExitCode::FAILURE;
+    }
+
+    let ports = [
+        (hafen_auth::NAME, args.auth_port),
+        (hafen_messaging::NAME, args.messaging_port),
+        (hafen_tenant::NAME, args.tenant_port),
+        (hafen_retention::NAME, args.retention_port),
+        (hafen_audit::NAME, args.audit_port),
+    ];
+    let mut listeners = Vec::with_capacity(ports.len());
+    for (name, port) in ports {
+        match hafen_platform::bind(SocketAddr::new(args.host, port)).await {
+            Ok(listener) => listeners.push(listener),
+            Err(err) => {
+                tracing::error!(service = name, error = %err, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+
+    let signal = hafen_platform::shutdown::shared_signal();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let shutdown = || -> BoxFuture<'static, ()> {
+        let signal = signal.clone();
+        let mut stop = stop_rx.clone();
+        async move {
+            tokio::select! {
+                () = signal => {}
+                _ = stop.changed() => {}
+            }
+        }
+        .boxed()
+    };
+    let server = |name: &str| ServerArgs {
+        tls: TlsArgs {
+            tls_cert: Some(args.dev_certs_dir.join(format!("{name}.pem"))),
+            tls_key: Some(args.dev_certs_dir.join(format!("{name}-key.pem"))),
+            tls_ca: Some(args.dev_certs_dir.join("ca.pem")),
+            mtls: args.mtls,
+            dev_certs_dir: args.dev_certs_dir.clone(),
+        },
+        drain_timeout: args.drain_timeout,
+    };
+
+    let Ok([auth, messaging, tenant, retention, audit]) = <[_; 5]>::try_from(listeners) else {
+        return ExitCode::FAILURE;
+    };
+    let mut tasks: JoinSet<Served> = JoinSet::new();
+    spawn(
+        &mut tasks,
+        hafen_auth::NAME,
+        hafen_auth::serve(
+            hafen_auth::Config {
+                server: server(hafen_auth::NAME),
+            },
+            auth,
+            shutdown(),
+        ),
+    );
+    spawn(
+        &mut tasks,
+        hafen_messaging::NAME,
+        hafen_messaging::serve(
+            hafen_messaging::Config {
+                server: server(hafen_messaging::NAME),
+            },
+            messaging,
+            shutdown(),
+        ),
+    );
+    spawn(
+        &mut tasks,
+        hafen_tenant::NAME,
+        hafen_tenant::serve(
+            hafen_tenant::Config {
+                server: server(hafen_tenant::NAME),
+                database: args.database.clone(),
+            },
+            tenant,
+            shutdown(),
+        ),
+    );
+    spawn(
+        &mut tasks,
+        hafen_retention::NAME,
+        hafen_retention::serve(
+            hafen_retention::Config {
+                server: server(hafen_retention::NAME),
+            },
+            retention,
+            shutdown(),
+        ),
+    );
+    spawn(
+        &mut tasks,
+        hafen_audit::NAME,
+        hafen_audit::serve(
+            hafen_audit::Config {
+                server: server(hafen_audit::NAME),
+            },
+            audit,
+            shutdown(),
+        ),
+    );
+
+    print_banner(&args, &ports);
+
+    let mut failed = false;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(err))) => {
+                tracing::error!(service = name, error = %err, "service failed; stopping the others");
+                failed = true;
+                let _ = stop_tx.send(());
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "service task panicked; stopping the others");
+                failed = true;
+                let _ = stop_tx.send(());
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn spawn<Fut, E>(tasks: &mut JoinSet<Served>, name: &'static str, serve: Fut)
+where
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tasks.spawn(async move { (name, serve.await.map_err(|err| err.to_string())) });
+}
+
+#[expect(clippy::print_stdout, reason = "the banner is the command's output")]
+fn print_banner(args: &DevArgs, ports: &[(&str, u16)]) {
+    println!(
+        "Hafen dev stack (TLS; CA certificate: {}):",
+        args.dev_certs_dir.join("ca.pem").display()
+    );
+    for (name, port) in ports {
+        let grpc = format!(
+            "hafen.{name}.v1.{}{}Service",
+            name[..1].to_uppercase(),
+            &name[1..]
+        );
+        println!("  {name:<10} {}:{port:<6} {grpc}", args.host);
+    }
+    println!("Stop with Ctrl-C.");
+}

@@ -1,0 +1,11 @@
+//! `hafen`: the command-line entry point. `hafen dev` runs all five services in one process.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = hafen_cli::Cli::parse();
+    hafen_cli::run(cli).await
+}

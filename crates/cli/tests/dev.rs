@@ -1,0 +1,143 @@
+//! `hafen dev` as a user runs it: one process, five services on their ports, TLS with the
+//! development CA, an orderly exit on SIGTERM (GR1: the single-binary mode).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed step must fail the test, with its message"
+)]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hafen_testkit::TestDatabase;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Kills the child if the test fails before it exits on its own.
+struct Guard(Option<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+fn free_ports() -> Vec<u16> {
+    let listeners: Vec<_> = (0..5)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+async fn serving(port: u16, ca_pem: &str) -> bool {
+    let Ok(endpoint) = Endpoint::from_shared(format!("https://127.0.0.1:{port}")) else {
+        return false;
+    };
+    let Ok(endpoint) = endpoint.tls_config(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca_pem))
+            .domain_name("localhost"),
+    ) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
+    hafen_testkit::init_test_logging();
+    let db = TestDatabase::create_empty().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let ports = free_ports();
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hafen"));
+    command
+        .arg("dev")
+        .args(["--auth-port", &ports[0].to_string()])
+        .args(["--messaging-port", &ports[1].to_string()])
+        .args(["--tenant-port", &ports[2].to_string()])
+        .args(["--retention-port", &ports[3].to_string()])
+        .args(["--audit-port", &ports[4].to_string()])
+        .arg("--dev-certs-dir")
+        .arg(&certs)
+        .env("HAFEN_DATABASE_URL", db.url())
+        .env("HAFEN_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut guard = Guard(Some(command.spawn().unwrap()));
+
+    // Up within a bounded time (the first start also generates the certificates and migrates).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ca_pem = loop {
+        if let Ok(pem) = std::fs::read_to_string(certs.join("ca.pem")) {
+            break pem;
+        }
+        assert!(Instant::now() < deadline, "no development CA was generated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for port in &ports {
+        while !serving(*port, &ca_pem).await {
+            assert!(
+                Instant::now() < deadline,
+                "port {port} never became SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        hafen_store::migrate::pending_control_plane(db.url())
+            .await
+            .unwrap()
+            .is_empty(),
+        "hafen dev migrated the control plane"
+    );
+
+    let mut child = guard.0.take().unwrap();
+    let pid = child.id().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("hafen dev exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    let mut banner = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut banner)
+        .await
+        .unwrap();
+    for (port, service) in ports
+        .iter()
+        .zip(["auth", "messaging", "tenant", "retention", "audit"])
+    {
+        assert!(
+            banner.contains(&format!(":{port}")) && banner.contains(service),
+            "the banner names {service} on {port}: {banner}"
+        );
+    }
+}

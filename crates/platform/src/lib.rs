@@ -1,0 +1,80 @@
+//! What every Hafen service needs to start, shared so that all five behave alike.
+//!
+//! - [`config`]: the clap arguments every service flattens into its own configuration
+//!   (`HAFEN_*` environment variables for every flag).
+//! - [`tls`]: rustls server and client TLS, and the development CA generated under
+//!   `.dev/certs/` when no certificate is configured.
+//! - [`telemetry`]: tracing with JSON or human-readable logs; OTLP export of traces and metrics
+//!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! - [`shutdown`]: SIGTERM/SIGINT as a future.
+//! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS and an
+//!   ordered drain.
+//!
+//! A service's `main` parses its configuration and hands over to [`run`], which binds the
+//! listener, serves until a signal arrives, drains, and flushes telemetry.
+
+pub mod cli;
+pub mod config;
+mod conn;
+pub mod error;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+pub use cli::{ServiceCli, ServiceSpec};
+pub use config::{LogFormat, ServerArgs, TelemetryArgs, TlsArgs};
+pub use error::{Error, Result};
+pub use server::GrpcServer;
+pub use shutdown::SharedShutdown;
+pub use tls::TlsMaterial;
+
+/// Runs one service process: telemetry, a listener on `listen`, `serve` until SIGTERM/SIGINT,
+/// then the drain and the telemetry flush. Returns the process exit code.
+pub async fn run<F, Fut, E>(
+    binary: &'static str,
+    telemetry: &TelemetryArgs,
+    listen: SocketAddr,
+    serve: F,
+) -> ExitCode
+where
+    F: FnOnce(tokio::net::TcpListener, SharedShutdown) -> Fut,
+    Fut: Future<Output = std::result::Result<(), E>>,
+    E: std::fmt::Display + From<Error>,
+{
+    let guard = match telemetry::init(binary, telemetry) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{binary}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = async {
+        let listener = bind(listen).await.map_err(E::from)?;
+        serve(listener, shutdown::shared_signal()).await
+    }
+    .await;
+    let code = match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "{binary} failed");
+            ExitCode::FAILURE
+        }
+    };
+    guard.shutdown();
+    code
+}
+
+/// Binds a TCP listener, naming the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("binding {addr}"),
+            source,
+        })
+}

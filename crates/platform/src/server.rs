@@ -1,0 +1,204 @@
+//! The gRPC server every service runs: TLS, `grpc.health.v1`, server reflection (v1 and
+//! v1alpha, for grpcurl 1.8) and an ordered drain on shutdown.
+//!
+//! A service builds a [`GrpcServer`], adds its tonic services and calls
+//! [`GrpcServer::serve`] with a bound listener and a shutdown future. The server never binds
+//! its own port, so tests run it on port 0.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::conn::{CutSignal, CuttableIo};
+use crate::error::Result;
+use crate::tls::TlsMaterial;
+
+/// Idle connections are probed so half-open peers do not hold resources forever.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// How long cut connections get to close before the server stops waiting for them.
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
+/// A gRPC server under construction: TLS material, the health reporter and the services.
+pub struct GrpcServer {
+    name: &'static str,
+    tls: TlsMaterial,
+    drain_timeout: Duration,
+    health: HealthReporter,
+    routes: Routes,
+    service_names: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer")
+            .field("name", &self.name)
+            .field("services", &self.service_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcServer {
+    /// Starts a server named `name` (used in logs) that terminates TLS with `tls` and gives
+    /// in-flight calls `drain_timeout` to finish after shutdown begins.
+    pub fn new(name: &'static str, tls: TlsMaterial, drain_timeout: Duration) -> Self {
+        Self {
+            name,
+            tls,
+            drain_timeout,
+            health: HealthReporter::new(),
+            routes: Routes::default(),
+            service_names: Vec::new(),
+        }
+    }
+
+    /// Adds a tonic service; health reports it SERVING and reflection lists it.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes = self.routes.add_service(service);
+        self.service_names.push(S::NAME);
+        self
+    }
+
+    /// The health reporter, for services whose readiness depends on more than the process.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then drains: health turns NOT_SERVING,
+    /// the listener closes, and in-flight calls get the drain timeout to finish before the
+    /// remaining connections are cut.
+    pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Self {
+            name,
+            tls,
+            drain_timeout,
+            health,
+            routes,
+            service_names,
+        } = self;
+
+        for service in &service_names {
+            health
+                .set_service_status(*service, ServingStatus::Serving)
+                .await;
+        }
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        );
+
+        let mut v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hafen_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        let mut v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hafen_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET);
+        for listed in service_names.iter().copied().chain(BUILTIN_SERVICES) {
+            v1 = v1.with_service_name(listed);
+            v1alpha = v1alpha.with_service_name(listed);
+        }
+
+        let routes = routes
+            .add_service(health_service)
+            .add_service(v1.build_v1()?)
+            .add_service(v1alpha.build_v1alpha()?);
+
+        let local_addr = listener.local_addr().ok();
+        let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
+        let cut: CutSignal = async move {
+            let _ = cut_rx.await;
+        }
+        .boxed()
+        .shared();
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(HTTP2_KEEPALIVE))
+            .map(move |accepted| accepted.map(|tcp| CuttableIo::new(tcp, cut.clone())));
+
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain_health = health.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!(
+                server = name,
+                "shutdown requested: draining in-flight calls"
+            );
+            drain_health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            for service in &service_names {
+                drain_health
+                    .set_service_status(*service, ServingStatus::NotServing)
+                    .await;
+            }
+            let _ = draining_tx.send(());
+        };
+
+        let server = Server::builder()
+            .tls_config(tls.server_config())?
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(server);
+
+        tracing::info!(server = name, addr = ?local_addr, "serving gRPC over TLS");
+        let deadline = async move {
+            // Never fires before shutdown begins (a dropped sender means the server ended).
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(drain_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = &mut server => result?,
+            () = deadline => {
+                tracing::warn!(
+                    server = name,
+                    timeout = ?drain_timeout,
+                    "drain timeout reached: cutting the remaining connections"
+                );
+                let _ = cut_tx.send(());
+                // Cut connections fail on their next read or write; the server then returns.
+                if tokio::time::timeout(CUT_GRACE, &mut server).await.is_err() {
+                    tracing::warn!(server = name, "connections still open after the cut");
+                }
+            }
+        }
+        tracing::info!(server = name, "stopped");
+        Ok(())
+    }
+}
+
+/// Services every server exposes besides its own, listed by reflection.
+const BUILTIN_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];

@@ -1,0 +1,129 @@
+//! Logging and OpenTelemetry export.
+//!
+//! Logs go to standard error as JSON or human-readable lines. When
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans and metrics are also exported over OTLP/gRPC.
+//! Only ids ever go into log fields and span attributes: never message bodies, passwords,
+//! tokens or chat codes (BX5).
+
+use std::io::IsTerminal;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogFormat, TelemetryArgs};
+use crate::error::{Error, Result};
+
+/// Keeps the exporters alive; [`TelemetryGuard::shutdown`] flushes what is buffered.
+#[must_use = "dropping the guard without shutdown() may lose buffered spans"]
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl TelemetryGuard {
+    /// Flushes and stops the exporters; the last step of an orderly shutdown.
+    pub fn shutdown(self) {
+        if let Some(tracer) = self.tracer
+            && let Err(err) = tracer.shutdown()
+        {
+            tracing::warn!(error = %err, "flushing traces failed");
+        }
+        if let Some(meter) = self.meter
+            && let Err(err) = meter.shutdown()
+        {
+            tracing::warn!(error = %err, "flushing metrics failed");
+        }
+    }
+}
+
+/// Installs the global tracing subscriber for a process named `service` (e.g. `hafen-auth`).
+///
+/// Call once, from `main`, inside the Tokio runtime (the OTLP exporter needs it).
+pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuard> {
+    install_crypto_provider();
+    let filter = EnvFilter::try_new(&args.log_filter)
+        .map_err(|err| Error::Config(format!("--log-filter: {err}")))?;
+    let json = match args.log_format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let fmt_json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+    });
+    let fmt_pretty = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+
+    let mut guard = TelemetryGuard::default();
+    let otel = if otlp_configured() {
+        let resource = resource(service);
+        let spans = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|err| Error::Telemetry(err.to_string()))?;
+        let tracer_provider = SdkTracerProvider::builder()
+            .with_batch_exporter(spans)
+            .with_resource(resource.clone())
+            .build();
+        let metrics = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|err| Error::Telemetry(err.to_string()))?;
+        let meter_provider = SdkMeterProvider::builder()
+            .with_periodic_exporter(metrics)
+            .with_resource(resource)
+            .build();
+        opentelemetry::global::set_meter_provider(meter_provider.clone());
+        let layer = tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer(service));
+        guard.tracer = Some(tracer_provider);
+        guard.meter = Some(meter_provider);
+        Some(layer)
+    } else {
+        None
+    };
+
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_json)
+        .with(fmt_pretty)
+        .with(otel)
+        .try_init()
+        .map_err(|err| Error::Telemetry(err.to_string()))?;
+    if guard.tracer.is_some() {
+        tracing::info!("exporting traces and metrics over OTLP");
+    }
+    Ok(guard)
+}
+
+fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+}
+
+fn resource(service: &'static str) -> Resource {
+    let builder = Resource::builder();
+    // OTEL_SERVICE_NAME, when set, names the service; otherwise the binary's name does.
+    if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+        builder.build()
+    } else {
+        builder.with_service_name(service).build()
+    }
+}
+
+/// Makes ring rustls's process-wide crypto provider, so no dependency can select another.
+pub fn install_crypto_provider() {
+    // Fails only when a provider is already installed, which is what we want either way.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,3 @@
+DROP TABLE deletion_log;
+DROP TABLE tenant_keys;
+DROP TABLE tenants;

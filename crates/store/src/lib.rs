@@ -1,0 +1,20 @@
+//! PostgreSQL for Hafen.
+//!
+//! - [`config`]: the `--database-url` and pool settings every service that stores data takes.
+//! - [`pool`]: a diesel-async connection pool (deadpool) with wait/create/recycle timeouts and
+//!   a maximum connection age. Connections are reset on return, so a role or search path set
+//!   for one request never leaks into the next.
+//! - [`migrate`]: the migration runner for the control-plane schema `hafen`.
+//!
+//! Repository functions take `&mut AsyncPgConnection` and return `QueryResult`; diesel
+//! `table!` definitions live here and stay unqualified.
+
+pub mod config;
+pub mod error;
+pub mod migrate;
+pub mod pool;
+
+pub use config::DatabaseArgs;
+pub use diesel_async::AsyncPgConnection;
+pub use error::{Error, Result};
+pub use pool::{Pool, PooledConnection};

@@ -1,0 +1,134 @@
+//! The store against the real PostgreSQL started by `scripts/dev-services.sh`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed step must fail the test, with its message"
+)]
+
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use hafen_store::migrate::{migrate_control_plane, pending_control_plane};
+use hafen_store::pool::build_pool;
+use hafen_testkit::TestDatabase;
+
+#[derive(QueryableByName, Debug)]
+struct Name {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+async fn tables_in(db: &TestDatabase, schema: &str) -> Vec<String> {
+    let mut conn = db.connect().await;
+    let mut names: Vec<String> = diesel::sql_query(
+        "SELECT table_name::text AS name FROM information_schema.tables WHERE table_schema = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(schema)
+    .load::<Name>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|row| row.name)
+    .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
+    let db = TestDatabase::create_empty().await;
+    let pending = pending_control_plane(db.url()).await.unwrap();
+    assert!(
+        !pending.is_empty(),
+        "an empty database lacks every migration"
+    );
+    assert!(
+        tables_in(&db, "hafen").await.is_empty(),
+        "checking writes nothing"
+    );
+
+    let applied = migrate_control_plane(db.url()).await.unwrap();
+    assert_eq!(applied, pending);
+    assert!(pending_control_plane(db.url()).await.unwrap().is_empty());
+    assert!(
+        migrate_control_plane(db.url()).await.unwrap().is_empty(),
+        "a second run is a no-op"
+    );
+
+    assert_eq!(
+        tables_in(&db, "hafen").await,
+        [
+            "__diesel_schema_migrations",
+            "deletion_log",
+            "tenant_keys",
+            "tenants"
+        ]
+    );
+    assert!(
+        tables_in(&db, "public").await.is_empty(),
+        "the control plane keeps everything, its migration table included, in `hafen`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dc2_concurrent_migration_runs_apply_each_migration_once() {
+    let db = TestDatabase::create_empty().await;
+    let (a, b) = tokio::join!(
+        migrate_control_plane(db.url()),
+        migrate_control_plane(db.url())
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        a.is_empty() != b.is_empty(),
+        "one run applies, the other finds nothing to do: {a:?} / {b:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx3_pooled_connections_are_reset_on_return() {
+    let db = TestDatabase::create().await;
+    let mut args = db.args();
+    args.db_pool_size = 1;
+    let pool = build_pool(&args).unwrap();
+
+    let mut conn = pool.get().await.unwrap();
+    // A session-level SET, as a buggy query might leave behind.
+    conn.batch_execute("SET search_path TO hafen")
+        .await
+        .unwrap();
+    drop(conn);
+
+    let mut conn = pool.get().await.unwrap();
+    let path: Name = diesel::sql_query("SELECT current_setting('search_path') AS name")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        path.name, "\"$user\", public",
+        "the next user starts unscoped"
+    );
+    let err = diesel::sql_query("SELECT slug AS name FROM tenants")
+        .load::<Name>(&mut conn)
+        .await
+        .expect_err("an unscoped query cannot find control-plane tables");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_wait_timeout_gives_a_clear_error() {
+    let db = TestDatabase::create().await;
+    let mut args = db.args();
+    args.db_pool_size = 1;
+    args.db_wait_timeout = Duration::from_millis(200);
+    let pool = build_pool(&args).unwrap();
+
+    let held = pool.get().await.unwrap();
+    let Err(err) = pool.get().await.map_err(hafen_store::Error::from) else {
+        panic!("the only connection is taken");
+    };
+    assert!(err.to_string().contains("database unavailable"), "{err}");
+    drop(held);
+    let _again = pool.get().await.expect("free again once returned");
+}

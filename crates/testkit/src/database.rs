@@ -1,0 +1,239 @@
+//! A fresh PostgreSQL database per test.
+//!
+//! The first test of a run migrates a template database (under an advisory lock, so parallel
+//! test processes do it once); every test then gets `CREATE DATABASE … TEMPLATE`, a file copy
+//! that takes milliseconds. The template's name carries a fingerprint of the migrations, so a
+//! changed migration gets a new template instead of a stale one.
+
+use diesel::{OptionalExtension, QueryableByName};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use hafen_store::DatabaseArgs;
+
+use crate::env::{TestEnv, workspace_root};
+
+/// Key of the advisory lock that serialises template creation across test processes.
+const TEMPLATE_LOCK: i64 = 0x6861_6665_6e74_706c;
+
+/// A database of its own for one test; dropped (with `FORCE`) when this value is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates a database holding the migrated control plane, owned by the application role.
+    pub async fn create() -> Self {
+        crate::init_test_logging();
+        let template = ensure_template(TestEnv::get()).await;
+        Self::create_from(&template).await
+    }
+
+    /// Creates an empty database (nothing migrated), owned by the application role.
+    pub async fn create_empty() -> Self {
+        crate::init_test_logging();
+        Self::create_from("template0").await
+    }
+
+    async fn create_from(template: &str) -> Self {
+        let env = TestEnv::get();
+        let name = format!("hafen_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = admin_connection(env).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} TEMPLATE {template} OWNER {}",
+                app_role(env)
+            ))
+            .await
+            .expect("create test database");
+        let url = with_database(&env.database_url, &name);
+        Self { name, url }
+    }
+
+    /// URL of this database for the application role.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Database settings for a service using this database.
+    pub fn args(&self) -> DatabaseArgs {
+        let mut args = DatabaseArgs::new(self.url.clone());
+        args.db_pool_size = 4;
+        args
+    }
+
+    /// A direct connection as the application role.
+    pub async fn connect(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any async context we could await in: use a thread of our own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for dropping the test database");
+            runtime.block_on(async {
+                let mut admin = admin_connection(TestEnv::get()).await;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+async fn admin_connection(env: &TestEnv) -> AsyncPgConnection {
+    AsyncPgConnection::establish(&env.admin_database_url)
+        .await
+        .expect("connect to PostgreSQL as the admin role (HAFEN_ADMIN_DATABASE_URL)")
+}
+
+#[derive(QueryableByName)]
+struct Exists {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    #[expect(dead_code, reason = "only the row's presence matters")]
+    one: i32,
+}
+
+/// Creates the migrated template once per migration fingerprint; returns its name.
+async fn ensure_template(env: &TestEnv) -> String {
+    let template = format!("hafen_template_{:016x}", migrations_fingerprint());
+    let mut admin = admin_connection(env).await;
+    admin
+        .batch_execute(&format!("SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
+        .await
+        .expect("template lock");
+    let exists = diesel::sql_query("SELECT 1 AS one FROM pg_database WHERE datname = $1")
+        .bind::<diesel::sql_types::Text, _>(&template)
+        .get_result::<Exists>(&mut admin)
+        .await
+        .optional()
+        .expect("look up template database")
+        .is_some();
+    if !exists {
+        // Built under a temporary name and renamed when complete, so a crash mid-migration
+        // never leaves a half-migrated template behind under the real name.
+        let building = format!("{template}_building");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+            .await
+            .expect("drop a half-built template");
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {building} OWNER {}",
+                app_role(env)
+            ))
+            .await
+            .expect("create template database");
+        hafen_store::migrate::migrate_control_plane(&with_database(&env.database_url, &building))
+            .await
+            .expect("migrate template database");
+        admin
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {template}"))
+            .await
+            .expect("rename template database");
+    }
+    admin
+        .batch_execute(&format!("SELECT pg_advisory_unlock({TEMPLATE_LOCK})"))
+        .await
+        .expect("template unlock");
+    template
+}
+
+/// FNV-1a over every migration file, so any edit yields a new template.
+fn migrations_fingerprint() -> u64 {
+    let mut files = Vec::new();
+    collect_files(
+        &workspace_root().join("crates/store/migrations"),
+        &mut files,
+    );
+    files.sort();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for file in files {
+        let contents = std::fs::read(&file).expect("read migration file");
+        for byte in file.to_string_lossy().bytes().chain(contents) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// The user name in `url` (`postgres://user[:password]@host/...`).
+fn app_role(env: &TestEnv) -> String {
+    let url = &env.database_url;
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let userinfo = rest.split_once('@').map_or("", |(userinfo, _)| userinfo);
+    let user = userinfo.split(':').next().unwrap_or_default();
+    assert!(
+        !user.is_empty() && user.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "HAFEN_DATABASE_URL must name a plain role (letters, digits, underscore)"
+    );
+    user.to_owned()
+}
+
+/// `url` with its database name replaced by `database`.
+pub(crate) fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{database}", &base[..path_start]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            with_database("postgres://a@127.0.0.1:5/hafen", "x"),
+            "postgres://a@127.0.0.1:5/x"
+        );
+        assert_eq!(
+            with_database("postgres://a@h:5/hafen?sslmode=disable", "x"),
+            "postgres://a@h:5/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://a@h:5", "x"), "postgres://a@h:5/x");
+    }
+}

@@ -1,0 +1,46 @@
+//! Test helpers, so that every test runs against the real thing without sharing anything:
+//!
+//! - [`TestDatabase`]: a fresh PostgreSQL database per test, copied from a template that
+//!   holds the migrated control plane (so creating one takes milliseconds), dropped on drop.
+//! - [`TestRedis`]: a Redis key namespace per test, whose keys are deleted on drop.
+//! - [`TestCerts`]: a throwaway CA and service certificates in a temporary directory.
+//! - [`TestServer`]: any service started on `127.0.0.1:0` with TLS, a connected tonic
+//!   [`Channel`], and an orderly shutdown.
+//!
+//! Where PostgreSQL and Redis are comes from `HAFEN_DATABASE_URL`, `HAFEN_ADMIN_DATABASE_URL`
+//! and `HAFEN_REDIS_URL`, or from `.dev/env`, which `scripts/dev-services.sh up` writes.
+//! Logs stay quiet unless `TEST_LOG` is set (to an EnvFilter such as `debug`).
+
+#![allow(
+    clippy::expect_used,
+    reason = "test set-up that fails must fail the test loudly, with the reason"
+)]
+
+mod env;
+mod redis_ns;
+mod server;
+
+use std::sync::Once;
+
+pub use env::TestEnv;
+pub use redis_ns::TestRedis;
+pub use server::{Service, TestCerts, TestServer};
+
+mod database;
+pub use database::TestDatabase;
+
+pub use tonic::transport::Channel;
+
+/// Installs a log subscriber for tests when `TEST_LOG` is set; otherwise tests stay quiet.
+pub fn init_test_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        hafen_platform::telemetry::install_crypto_provider();
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}

@@ -1,0 +1,255 @@
+//! Services on port 0 with TLS, and clients connected to them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use hafen_platform::tls::{DEV_SERVER_NAME, DevPki, SERVICES};
+use hafen_platform::{ServerArgs, TlsArgs};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::TestDatabase;
+
+/// A throwaway CA and a certificate for every service, in a temporary directory.
+#[derive(Debug)]
+pub struct TestCerts {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+}
+
+impl TestCerts {
+    /// Generates a new CA and service certificates.
+    pub fn generate() -> Self {
+        crate::init_test_logging();
+        let pki = DevPki::generate("Hafen test CA", &SERVICES).expect("generate test PKI");
+        let dir = tempfile::tempdir().expect("temporary directory for certificates");
+        pki.write_to(&dir.path().join("certs"))
+            .expect("write test certificates");
+        Self {
+            ca_pem: pki.ca_pem,
+            dir,
+        }
+    }
+
+    /// Directory holding `ca.pem`, `<service>.pem` and `<service>-key.pem`.
+    pub fn dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// PEM of the CA.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Server arguments for `service` with these certificates and a short drain.
+    pub fn server_args(&self, service: &str, mtls: bool) -> ServerArgs {
+        let dir = self.dir();
+        ServerArgs {
+            tls: TlsArgs {
+                tls_cert: Some(dir.join(format!("{service}.pem"))),
+                tls_key: Some(dir.join(format!("{service}-key.pem"))),
+                tls_ca: Some(dir.join("ca.pem")),
+                mtls,
+                dev_certs_dir: dir,
+            },
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// TLS settings for a client that trusts this CA; with `identity_of`, it presents that
+    /// service's certificate (mutual TLS).
+    pub fn client_tls(&self, identity_of: Option<&str>) -> ClientTlsConfig {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name(DEV_SERVER_NAME);
+        match identity_of {
+            Some(service) => {
+                let dir = self.dir();
+                tls.identity(Identity::from_pem(
+                    read(&dir.join(format!("{service}.pem"))),
+                    read(&dir.join(format!("{service}-key.pem"))),
+                ))
+            }
+            None => tls,
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).expect("read test certificate")
+}
+
+/// One of Hafen's five services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// `hafen.auth.v1.AuthService`.
+    Auth,
+    /// `hafen.messaging.v1.MessagingService`.
+    Messaging,
+    /// `hafen.tenant.v1.TenantService`.
+    Tenant,
+    /// `hafen.retention.v1.RetentionService`.
+    Retention,
+    /// `hafen.audit.v1.AuditService`.
+    Audit,
+}
+
+impl Service {
+    /// All five.
+    pub const ALL: [Service; 5] = [
+        Service::Auth,
+        Service::Messaging,
+        Service::Tenant,
+        Service::Retention,
+        Service::Audit,
+    ];
+
+    /// The short name (`auth`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Auth => hafen_auth::NAME,
+            Service::Messaging => hafen_messaging::NAME,
+            Service::Tenant => hafen_tenant::NAME,
+            Service::Retention => hafen_retention::NAME,
+            Service::Audit => hafen_audit::NAME,
+        }
+    }
+
+    /// The fully-qualified gRPC service name.
+    pub fn grpc_name(self) -> String {
+        let name = self.name();
+        let pascal = format!("{}{}", name[..1].to_uppercase(), &name[1..]);
+        format!("hafen.{name}.v1.{pascal}Service")
+    }
+}
+
+/// A service running in this process on `127.0.0.1:<random port>` with TLS.
+#[derive(Debug)]
+pub struct TestServer {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl TestServer {
+    /// Starts `service` with `certs`; the tenant service also needs a database.
+    pub async fn start(
+        service: Service,
+        certs: &TestCerts,
+        database: Option<&TestDatabase>,
+        mtls: bool,
+    ) -> Self {
+        let server = certs.server_args(service.name(), mtls);
+        match service {
+            Service::Auth => {
+                Self::spawn(|l, s| hafen_auth::serve(hafen_auth::Config { server }, l, s)).await
+            }
+            Service::Messaging => {
+                Self::spawn(|l, s| hafen_messaging::serve(hafen_messaging::Config { server }, l, s))
+                    .await
+            }
+            Service::Tenant => {
+                let database = database
+                    .expect("the tenant service needs a TestDatabase")
+                    .args();
+                Self::spawn(|l, s| {
+                    hafen_tenant::serve(hafen_tenant::Config { server, database }, l, s)
+                })
+                .await
+            }
+            Service::Retention => {
+                Self::spawn(|l, s| hafen_retention::serve(hafen_retention::Config { server }, l, s))
+                    .await
+            }
+            Service::Audit => {
+                Self::spawn(|l, s| hafen_audit::serve(hafen_audit::Config { server }, l, s)).await
+            }
+        }
+    }
+
+    /// Runs `serve` on a fresh loopback listener with a shutdown future this value controls.
+    pub async fn spawn<F, Fut, E>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, BoxFuture<'static, ()>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        crate::init_test_logging();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address");
+        let (tx, rx) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = rx.await;
+        }
+        .boxed();
+        let future = serve(listener, shutdown);
+        let task = tokio::spawn(async move { future.await.map_err(|err| err.to_string()) });
+        Self {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// The address the service listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn uri(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// A channel over TLS that trusts `certs`' CA, connected now.
+    pub async fn channel(&self, certs: &TestCerts) -> Channel {
+        self.try_channel(certs.client_tls(None))
+            .await
+            .expect("connect to the test server over TLS")
+    }
+
+    /// A channel with the given TLS settings, or the connection error.
+    pub async fn try_channel(
+        &self,
+        tls: ClientTlsConfig,
+    ) -> Result<Channel, tonic::transport::Error> {
+        Endpoint::from_shared(self.uri())?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+
+    /// Starts the drain without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Starts the drain and waits until the server has stopped; returns how serving ended.
+    pub async fn shutdown(mut self) -> Result<(), String> {
+        self.begin_shutdown();
+        match self.task.take() {
+            Some(task) => task.await.map_err(|err| err.to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

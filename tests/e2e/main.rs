@@ -1,0 +1,9 @@
+//! End-to-end tests: services started in-process on port 0 with TLS, driven over real gRPC.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed step must fail the test, with its message"
+)]
+
+mod foundation;
