@@ -111,7 +111,7 @@ pg_up() {
         log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
     else
         local opts="-c listen_addresses=127.0.0.1 -c port=$PG_PORT -c unix_socket_directories=''"
-        opts+=" -c max_connections=300 -c shared_buffers=256MB"
+        opts+=" -c max_connections=300 -c shared_buffers=256MB -c max_prepared_transactions=64"
         if [[ "${HAFEN_DEV_PG_FAST:-0}" == "1" ]]; then
             opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         fi

@@ -1,7 +1,7 @@
 //! The foundation every service stands on: TLS-only gRPC, health, reflection, contracts, and
 //! command lines that parse (DC1, DC5, OC4, TM5).
 
-use hafen_testkit::{Service, TestCerts, TestDatabase, TestServer};
+use hafen_testkit::{Service, TestDatabase, TestSecrets, TestServer};
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -9,8 +9,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// Starts `service` with fresh certificates (and a fresh database for the tenant service).
-async fn start(service: Service) -> (TestCerts, Option<TestDatabase>, TestServer) {
-    let certs = TestCerts::generate();
+async fn start(service: Service) -> (TestSecrets, Option<TestDatabase>, TestServer) {
+    let certs = TestSecrets::generate();
     let database = match service {
         Service::Tenant => Some(TestDatabase::create().await),
         _ => None,
@@ -168,7 +168,7 @@ async fn oc4_plaintext_connection_is_refused() {
 #[tokio::test]
 async fn oc4_client_that_does_not_trust_the_ca_is_refused() {
     let (_certs, _db, server) = start(Service::Messaging).await;
-    let stranger = TestCerts::generate();
+    let stranger = TestSecrets::generate();
     let result = server.try_channel(stranger.client_tls(None)).await;
     assert!(
         result.is_err(),
@@ -178,7 +178,7 @@ async fn oc4_client_that_does_not_trust_the_ca_is_refused() {
 
 #[tokio::test]
 async fn oc4_mtls_rejects_a_client_certificate_from_another_ca() {
-    let certs = TestCerts::generate();
+    let certs = TestSecrets::generate();
     let server = TestServer::start(Service::Audit, &certs, None, true).await;
 
     // A service certificate from the right CA is accepted…
@@ -192,7 +192,7 @@ async fn oc4_mtls_rejects_a_client_certificate_from_another_ca() {
         .expect("health over mTLS");
 
     // …one from another CA is not, even though the client trusts the server.
-    let stranger = TestCerts::generate();
+    let stranger = TestSecrets::generate();
     let stranger_dir = stranger.dir();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(certs.ca_pem()))
@@ -227,7 +227,7 @@ async fn dc5_business_rpcs_answer_unimplemented_until_they_land() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tenant_service_refuses_an_unmigrated_control_plane() {
-    let certs = TestCerts::generate();
+    let certs = TestSecrets::generate();
     let db = TestDatabase::create_empty().await;
     let server = TestServer::start(Service::Tenant, &certs, Some(&db), false).await;
     let err = server

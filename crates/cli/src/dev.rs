@@ -13,7 +13,7 @@ use clap::Args;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use hafen_platform::{ServerArgs, TlsArgs};
-use hafen_store::DatabaseArgs;
+use hafen_tenant::DatabasesArgs;
 use tokio::task::JoinSet;
 
 /// Options of `hafen dev`.
@@ -55,9 +55,33 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Master key file; generated (mode 0600) when missing.
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE", default_value = ".dev/master.key")]
+    pub master_key_file: PathBuf,
+
+    /// The operator's platform token file; generated (mode 0600) when missing. Send it as
+    /// `authorization: Bearer <token>` for operator calls.
+    #[arg(
+        long,
+        env = "HAFEN_PLATFORM_TOKEN_FILE",
+        default_value = ".dev/platform-token"
+    )]
+    pub platform_token_file: PathBuf,
+
+    /// bcrypt cost of new password hashes.
+    #[arg(long, env = "HAFEN_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST,
+          value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
     #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub databases: DatabasesArgs,
 }
+
+/// The DPA version the development stack accepts.
+pub const DEV_DPA_VERSION: &str = "2025-01";
+
+/// The region the development stack records.
+pub const DEV_REGION: &str = "eu-central";
 
 type Served = (&'static str, Result<(), String>);
 
@@ -67,11 +91,38 @@ pub async fn run(args: DevArgs) -> ExitCode {
         tracing::error!(error = %err, "development certificates");
         return ExitCode::FAILURE;
     }
+    if let Err(err) = hafen_crypto::MasterKey::load_or_create(&args.master_key_file) {
+        tracing::error!(error = %err, "master key");
+        return ExitCode::FAILURE;
+    }
+    if let Err(err) = hafen_authn::PlatformToken::load_or_create(&args.platform_token_file) {
+        tracing::error!(error = %err, "platform token");
+        return ExitCode::FAILURE;
+    }
     // One process, one developer: migrating here saves a step; deployments run
     // `hafen-tenant migrate` instead.
-    if let Err(err) = hafen_tenant::migrate(&args.database).await {
-        tracing::error!(error = %err, "migrating the control plane failed");
-        return ExitCode::FAILURE;
+    let migrated = hafen_tenant::migrate::migrate_all(
+        &args.databases.main.database_url,
+        &args.databases.placements(),
+        &hafen_tenant::migrate::Options {
+            concurrency: 4,
+            progress: false,
+        },
+    )
+    .await;
+    match migrated {
+        Ok(report) if report.failed.is_empty() => {}
+        Ok(report) => {
+            tracing::error!(
+                failed = report.failed.len(),
+                "some tenants could not be migrated"
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "migrating failed");
+            return ExitCode::FAILURE;
+        }
     }
 
     let ports = [
@@ -148,7 +199,15 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_tenant::serve(
             hafen_tenant::Config {
                 server: server(hafen_tenant::NAME),
-                database: args.database.clone(),
+                databases: args.databases.clone(),
+                operator: hafen_authn::OperatorArgs {
+                    platform_token_file: args.platform_token_file.clone(),
+                },
+                master_key_file: args.master_key_file.clone(),
+                dpa_versions: vec![DEV_DPA_VERSION.to_owned()],
+                regions: vec![DEV_REGION.to_owned()],
+                bcrypt_cost: args.bcrypt_cost,
+                min_password_chars: hafen_crypto::password::DEFAULT_MIN_PASSWORD_CHARS,
             },
             tenant,
             shutdown(),
@@ -224,5 +283,9 @@ fn print_banner(args: &DevArgs, ports: &[(&str, u16)]) {
         );
         println!("  {name:<10} {}:{port:<6} {grpc}", args.host);
     }
+    println!(
+        "Operator token: {} (send as `authorization: Bearer <token>`)",
+        args.platform_token_file.display()
+    );
     println!("Stop with Ctrl-C.");
 }

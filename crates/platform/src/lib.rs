@@ -7,6 +7,7 @@
 //! - [`telemetry`]: tracing with JSON or human-readable logs; OTLP export of traces and metrics
 //!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
+//! - [`status`]: gRPC statuses with `google.rpc.ErrorInfo` (domain `hafen`) for error mapping.
 //! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS and an
 //!   ordered drain.
 //!
@@ -19,6 +20,7 @@ mod conn;
 pub mod error;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 

@@ -5,16 +5,26 @@
 //!   a maximum connection age. Connections are reset on return, so a role or search path set
 //!   for one request never leaks into the next.
 //! - [`migrate`]: the migration runner for the control-plane schema `hafen`.
+//! - [`tenancy`]: one schema and role per tenant; [`tenancy::with_tenant`], the only way to
+//!   reach tenant data; creating, migrating and dropping tenant schemas.
+//! - [`accounts`]: users and chat codes inside a tenant schema, and their validated names.
+//! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
+//! - [`schema`]: diesel table definitions.
 //!
 //! Repository functions take `&mut AsyncPgConnection` and return `QueryResult`; diesel
 //! `table!` definitions live here and stay unqualified.
 
+pub mod accounts;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod migrate;
 pub mod pool;
+pub mod schema;
+pub mod tenancy;
 
 pub use config::DatabaseArgs;
 pub use diesel_async::AsyncPgConnection;
 pub use error::{Error, Result};
 pub use pool::{Pool, PooledConnection};
+pub use tenancy::{TenantId, with_tenant};

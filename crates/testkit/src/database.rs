@@ -85,10 +85,31 @@ impl Drop for TestDatabase {
                 .build()
                 .expect("runtime for dropping the test database");
             runtime.block_on(async {
-                let mut admin = admin_connection(TestEnv::get()).await;
+                // Tenant roles are cluster-wide: drop those whose schemas lived here.
+                let env = TestEnv::get();
+                let roles = {
+                    let mut conn = AsyncPgConnection::establish(&with_database(
+                        &env.admin_database_url,
+                        &name,
+                    ))
+                    .await?;
+                    diesel::sql_query(
+                        "SELECT nspname::text AS role FROM pg_namespace \
+                         WHERE nspname ~ '^t_[0-9a-f]{32}$'",
+                    )
+                    .load::<RoleName>(&mut conn)
+                    .await?
+                };
+                let mut admin = admin_connection(env).await;
                 admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
+                    .await?;
+                for RoleName { role } in roles {
+                    admin
+                        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                        .await?;
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             })
         })
         .join();
@@ -102,6 +123,12 @@ async fn admin_connection(env: &TestEnv) -> AsyncPgConnection {
     AsyncPgConnection::establish(&env.admin_database_url)
         .await
         .expect("connect to PostgreSQL as the admin role (HAFEN_ADMIN_DATABASE_URL)")
+}
+
+#[derive(QueryableByName)]
+struct RoleName {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    role: String,
 }
 
 #[derive(QueryableByName)]

@@ -3,7 +3,7 @@
 //! - [`TestDatabase`]: a fresh PostgreSQL database per test, copied from a template that
 //!   holds the migrated control plane (so creating one takes milliseconds), dropped on drop.
 //! - [`TestRedis`]: a Redis key namespace per test, whose keys are deleted on drop.
-//! - [`TestCerts`]: a throwaway CA and service certificates in a temporary directory.
+//! - [`TestSecrets`]: a throwaway CA and service certificates in a temporary directory.
 //! - [`TestServer`]: any service started on `127.0.0.1:0` with TLS, a connected tonic
 //!   [`Channel`], and an orderly shutdown.
 //!
@@ -24,7 +24,7 @@ use std::sync::Once;
 
 pub use env::TestEnv;
 pub use redis_ns::TestRedis;
-pub use server::{Service, TestCerts, TestServer};
+pub use server::{Service, TestSecrets, TestServer};
 
 mod database;
 pub use database::TestDatabase;

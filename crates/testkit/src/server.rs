@@ -16,24 +16,89 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::TestDatabase;
 
-/// A throwaway CA and a certificate for every service, in a temporary directory.
+/// A test's own secrets, in a temporary directory: a throwaway CA with a certificate for
+/// every service, a master key, and the operator's platform token.
 #[derive(Debug)]
-pub struct TestCerts {
+pub struct TestSecrets {
     dir: tempfile::TempDir,
     ca_pem: String,
+    platform_token: String,
 }
 
-impl TestCerts {
-    /// Generates a new CA and service certificates.
+impl TestSecrets {
+    /// Generates a new CA, service certificates, master key and platform token.
     pub fn generate() -> Self {
         crate::init_test_logging();
         let pki = DevPki::generate("Hafen test CA", &SERVICES).expect("generate test PKI");
-        let dir = tempfile::tempdir().expect("temporary directory for certificates");
+        let dir = tempfile::tempdir().expect("temporary directory for secrets");
         pki.write_to(&dir.path().join("certs"))
             .expect("write test certificates");
+        hafen_crypto::MasterKey::load_or_create(&dir.path().join("master.key"))
+            .expect("write test master key");
+        let token_path = dir.path().join("platform-token");
+        hafen_authn::PlatformToken::load_or_create(&token_path).expect("write platform token");
+        let platform_token = std::fs::read_to_string(&token_path).expect("read platform token");
         Self {
             ca_pem: pki.ca_pem,
             dir,
+            platform_token,
+        }
+    }
+
+    /// The master key file.
+    pub fn master_key_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("master.key")
+    }
+
+    /// The master key.
+    pub fn master_key(&self) -> hafen_crypto::MasterKey {
+        hafen_crypto::MasterKey::load(&self.master_key_file()).expect("read test master key")
+    }
+
+    /// The platform token file.
+    pub fn platform_token_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("platform-token")
+    }
+
+    /// The operator's platform token.
+    pub fn platform_token(&self) -> &str {
+        &self.platform_token
+    }
+
+    /// A request carrying the operator's platform token.
+    pub fn operator<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {}", self.platform_token)
+            .parse()
+            .expect("token is valid metadata");
+        request.metadata_mut().insert("authorization", value);
+        request
+    }
+
+    /// Configuration of the tenant service on `database`, with further `placements`, using
+    /// these secrets (bcrypt cost 4: tests need not be slow).
+    pub fn tenant_config(
+        &self,
+        database: &TestDatabase,
+        placements: &[(&str, &TestDatabase)],
+    ) -> hafen_tenant::Config {
+        hafen_tenant::Config {
+            server: self.server_args(hafen_tenant::NAME, false),
+            databases: hafen_tenant::DatabasesArgs {
+                main: database.args(),
+                placements: placements
+                    .iter()
+                    .map(|(name, db)| ((*name).to_owned(), db.url().to_owned()))
+                    .collect(),
+            },
+            operator: hafen_authn::OperatorArgs {
+                platform_token_file: self.platform_token_file(),
+            },
+            master_key_file: self.master_key_file(),
+            dpa_versions: vec!["2025-01".to_owned()],
+            regions: vec!["eu-central".to_owned()],
+            bcrypt_cost: 4,
+            min_password_chars: 10,
         }
     }
 
@@ -141,7 +206,7 @@ impl TestServer {
     /// Starts `service` with `certs`; the tenant service also needs a database.
     pub async fn start(
         service: Service,
-        certs: &TestCerts,
+        certs: &TestSecrets,
         database: Option<&TestDatabase>,
         mtls: bool,
     ) -> Self {
@@ -155,13 +220,10 @@ impl TestServer {
                     .await
             }
             Service::Tenant => {
-                let database = database
-                    .expect("the tenant service needs a TestDatabase")
-                    .args();
-                Self::spawn(|l, s| {
-                    hafen_tenant::serve(hafen_tenant::Config { server, database }, l, s)
-                })
-                .await
+                let database = database.expect("the tenant service needs a TestDatabase");
+                let mut config = certs.tenant_config(database, &[]);
+                config.server = server;
+                Self::spawn(|l, s| hafen_tenant::serve(config, l, s)).await
             }
             Service::Retention => {
                 Self::spawn(|l, s| hafen_retention::serve(hafen_retention::Config { server }, l, s))
@@ -210,7 +272,7 @@ impl TestServer {
     }
 
     /// A channel over TLS that trusts `certs`' CA, connected now.
-    pub async fn channel(&self, certs: &TestCerts) -> Channel {
+    pub async fn channel(&self, certs: &TestSecrets) -> Channel {
         self.try_channel(certs.client_tls(None))
             .await
             .expect("connect to the test server over TLS")

@@ -1,6 +1,10 @@
-//! The tenant service's error type.
+//! The tenant service's errors and their one mapping to gRPC statuses.
 
-/// Errors that stop the tenant service or its `migrate` command.
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use hafen_platform::status;
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the tenant service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Serving failed (TLS, listener, transport).
@@ -11,7 +15,133 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] hafen_store::Error),
 
+    /// Key handling failed.
+    #[error(transparent)]
+    Crypto(#[from] hafen_crypto::Error),
+
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+
     /// The control plane lags behind this build; `hafen-tenant migrate` brings it up to date.
     #[error("control plane has pending migrations {0:?}: run `hafen-tenant migrate` first")]
     NotMigrated(Vec<String>),
+
+    /// A request field is missing or malformed.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// Path of the field in the request, e.g. `settings.retention_days`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The retention period exceeds the hard maximum of 730 days (CB5).
+    #[error("settings.retention_days: at most 730 days")]
+    RetentionTooLong,
+
+    /// The owner's password is over 72 bytes.
+    #[error("owner_password: at most 72 bytes")]
+    PasswordTooLong,
+
+    /// The owner's password breaks the policy.
+    #[error("owner_password: {0}")]
+    PasswordTooWeak(String),
+
+    /// The slug is taken.
+    #[error("slug is taken")]
+    SlugTaken,
+
+    /// The request id was used for a different request.
+    #[error("request_id was used for a different request")]
+    RequestIdConflict,
+
+    /// No such tenant (or deleted, where only active ones qualify).
+    #[error("tenant not found")]
+    NotFound,
+
+    /// The caller is not authenticated or not allowed; the status says which.
+    #[error("{0}")]
+    Denied(Box<Status>),
+
+    /// A database query failed.
+    #[error("database: {0}")]
+    Database(#[from] DieselError),
+
+    /// A blocking task failed.
+    #[error("background task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+
+    /// A deliberate failure injected by a test (see `Tenants::set_fail_point`), naming the
+    /// tenant whose provisioning it stopped.
+    #[error("injected failure {0} of tenant {1}")]
+    Injected(&'static str, hafen_store::TenantId),
+}
+
+impl Error {
+    /// An [`Error::InvalidField`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidField {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        Self::Denied(Box::new(status))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match err {
+            Error::InvalidField { field, message } => status::invalid_field(&field, message),
+            Error::RetentionTooLong => status::error(
+                Code::InvalidArgument,
+                "RETENTION_TOO_LONG",
+                "settings.retention_days: at most 730 days (CB5)",
+                &[("field", "settings.retention_days"), ("max_days", "730")],
+            ),
+            Error::PasswordTooLong => status::error(
+                Code::InvalidArgument,
+                "PASSWORD_TOO_LONG",
+                "owner_password: at most 72 bytes",
+                &[("field", "owner_password")],
+            ),
+            Error::PasswordTooWeak(reason) => status::error(
+                Code::InvalidArgument,
+                "PASSWORD_TOO_WEAK",
+                format!("owner_password: {reason}"),
+                &[("field", "owner_password")],
+            ),
+            Error::SlugTaken => status::already_exists("slug", "a tenant with this slug exists"),
+            Error::RequestIdConflict => status::error(
+                Code::AlreadyExists,
+                "REQUEST_ID_CONFLICT",
+                "request_id was already used for a different request",
+                &[("field", "request_id")],
+            ),
+            Error::NotFound => status::not_found("tenant"),
+            Error::Denied(status) => *status,
+            Error::Database(ref db) if is_unique_violation(db, "tenants_slug_key") => {
+                Status::from(Error::SlugTaken)
+            }
+            Error::Store(hafen_store::Error::Pool(_)) => {
+                tracing::warn!(error = %err, "database unavailable");
+                status::unavailable("database unavailable; retry later")
+            }
+            other => status::internal(&other),
+        }
+    }
+}
+
+/// Whether `err` is a unique violation of `constraint`.
+pub fn is_unique_violation(err: &DieselError, constraint: &str) -> bool {
+    matches!(
+        err,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+            if info.constraint_name() == Some(constraint)
+    )
 }

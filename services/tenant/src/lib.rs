@@ -1,23 +1,38 @@
 //! Hafen's tenant service (`hafen.tenant.v1.TenantService`): tenant provisioning, one
-//! PostgreSQL schema and role per tenant, its settings and its deletion (DC2, OC6, TM3, BX3).
-//! It owns the control-plane schema `hafen` and its migrations (`hafen-tenant migrate`).
+//! PostgreSQL schema and role per tenant, its settings and its deletion (DC2, OC6, TM3, BX3,
+//! GR2, GR3, GR4). It owns the control-plane schema `hafen` and the migrations of the control
+//! plane and of every tenant schema (`hafen-tenant migrate`).
+//!
+//! - [`tenants`]: the domain — provisioning in one transaction, reads, settings, deletion.
+//! - [`settings`]: tenant settings, their defaults and validation.
+//! - [`migrate`]: migrations across all tenants.
+//! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
 //! resolves, so the `hafen-tenant` binary, `hafen dev` and the tests all run the same code.
-//! It serves `grpc.health.v1` and reflection; RPCs not implemented yet answer UNIMPLEMENTED.
 
+mod api;
 mod error;
+pub mod migrate;
+pub mod settings;
+pub mod tenants;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use hafen_authn::{Authenticator, OperatorArgs, PlatformToken};
+use hafen_crypto::MasterKey;
 use hafen_platform::{GrpcServer, ServerArgs, TelemetryArgs, TlsMaterial};
-use hafen_proto::tenant::v1::tenant_service_server::{TenantService, TenantServiceServer};
+use hafen_proto::tenant::v1::tenant_service_server::TenantServiceServer;
 use hafen_store::DatabaseArgs;
 use tokio::net::TcpListener;
 
+pub use api::{TenantApi, to_proto};
 pub use error::Error;
+pub use tenants::{Placements, Policy, Tenants};
 
 /// Short name: the development certificate is `<dev certs dir>/tenant.pem`.
 pub const NAME: &str = "tenant";
@@ -28,6 +43,52 @@ pub const BINARY: &str = "hafen-tenant";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50053";
 
+/// Prepared provisioning transactions older than this are resolved at start-up.
+const PREPARED_MIN_AGE: Duration = Duration::from_secs(600);
+
+/// The databases: the main one (control plane, default placement) and named others.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DatabasesArgs {
+    #[command(flatten)]
+    pub main: DatabaseArgs,
+
+    /// A further database tenants can be placed on (TM3), as `name=postgres://…`; repeat the
+    /// flag, or separate entries by commas in the environment variable. Placement databases
+    /// need `max_prepared_transactions` > 0 (provisioning there commits in two phases).
+    #[arg(
+        long = "database",
+        env = "HAFEN_DATABASES",
+        value_delimiter = ',',
+        value_parser = parse_placement,
+        hide_env_values = true
+    )]
+    pub placements: Vec<(String, String)>,
+}
+
+impl DatabasesArgs {
+    /// The named placement databases.
+    pub fn placements(&self) -> Placements {
+        self.placements.iter().cloned().collect()
+    }
+}
+
+fn parse_placement(value: &str) -> Result<(String, String), String> {
+    let (name, url) = value.split_once('=').ok_or("expected name=postgres://…")?;
+    let valid_name = (1..=40).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid_name || name == tenants::DEFAULT_DATABASE {
+        return Err(format!(
+            "database name `{name}` must be 1-40 characters of a-z, 0-9, '-', '_' and not `default`"
+        ));
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!("database `{name}`: expected a postgres:// URL"));
+    }
+    Ok((name.to_owned(), url.to_owned()))
+}
+
 /// Configuration of the tenant service.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Config {
@@ -35,7 +96,54 @@ pub struct Config {
     pub server: ServerArgs,
 
     #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub databases: DatabasesArgs,
+
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+
+    /// File with the master key (base64 of 32 random bytes) that wraps tenant keys. It never
+    /// enters the database; losing it makes every tenant's data unreadable.
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// Versions of the data-processing agreement customers may accept (GR2), comma-separated.
+    #[arg(
+        long,
+        env = "HAFEN_DPA_VERSIONS",
+        value_delimiter = ',',
+        default_value = "2025-01"
+    )]
+    pub dpa_versions: Vec<String>,
+
+    /// Hosting regions tenants may be recorded in (UL4), comma-separated.
+    #[arg(
+        long,
+        env = "HAFEN_REGIONS",
+        value_delimiter = ',',
+        default_value = "eu-central"
+    )]
+    pub regions: Vec<String>,
+
+    /// bcrypt cost of new password hashes (4-31; each step doubles the time).
+    #[arg(long, env = "HAFEN_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST,
+          value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
+    /// Minimum length of new passwords, in characters.
+    #[arg(long, env = "HAFEN_MIN_PASSWORD_CHARS", default_value_t = hafen_crypto::password::DEFAULT_MIN_PASSWORD_CHARS)]
+    pub min_password_chars: usize,
+}
+
+impl Config {
+    /// The creation policy this configuration sets.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            dpa_versions: self.dpa_versions.clone(),
+            regions: self.regions.clone(),
+            bcrypt_cost: self.bcrypt_cost,
+            min_password_chars: self.min_password_chars,
+        }
+    }
 }
 
 /// The `hafen-tenant` command line.
@@ -45,15 +153,16 @@ pub struct Config {
     version,
     about = "Tenant provisioning: a PostgreSQL schema and role per tenant",
     long_about = "Tenant provisioning: a PostgreSQL schema and role per tenant.\n\n\
-        Without a subcommand it serves gRPC. `migrate` upgrades the control plane and exits; \
-        run it once per deploy, before the new version serves."
+        Without a subcommand it serves gRPC. `migrate` upgrades the control plane and every \
+        tenant schema and exits; run it once per deploy, before the new version serves.",
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
     /// Address to serve gRPC (TLS) on. Use 0.0.0.0 to accept connections from other hosts.
-    #[arg(long, env = "HAFEN_LISTEN", default_value = DEFAULT_LISTEN, global = true)]
+    #[arg(long, env = "HAFEN_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -64,18 +173,26 @@ pub struct Cli {
 }
 
 /// What `hafen-tenant` does besides serving.
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
-    /// Apply pending control-plane migrations, then exit.
-    Migrate,
+    /// Migrate the control plane and every tenant schema to this version, then exit. Exits
+    /// non-zero when any tenant failed (the others are migrated regardless).
+    Migrate(MigrateArgs),
 }
 
-/// The gRPC adapter of `hafen.tenant.v1.TenantService`.
-#[derive(Debug, Default)]
-pub struct TenantApi;
+/// Options of `hafen-tenant migrate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub databases: DatabasesArgs,
 
-#[tonic::async_trait]
-impl TenantService for TenantApi {}
+    /// Tenants migrated at the same time.
+    #[arg(long, env = "HAFEN_MIGRATE_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
 
 /// Serves the tenant service on `listener` until `shutdown` resolves, then drains.
 ///
@@ -85,22 +202,33 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let pending =
-        hafen_store::migrate::pending_control_plane(&config.database.database_url).await?;
+    let main = &config.databases.main;
+    let pending = hafen_store::migrate::pending_control_plane(&main.database_url).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    let master = MasterKey::load(&config.master_key_file)?;
+    let token = PlatformToken::load(&config.operator.platform_token_file)
+        .map_err(|err| Error::Config(err.to_string()))?;
+    let pool = hafen_store::pool::build_pool(main)?;
+    let tenants = Tenants::new(
+        pool,
+        main.database_url.clone(),
+        config.databases.placements(),
+        master,
+        config.policy(),
+    )?;
+    let resolved = tenants.resolve_prepared(PREPARED_MIN_AGE).await?;
+    if resolved > 0 {
+        tracing::warn!(resolved, "resolved provisioning interrupted by a crash");
+    }
+    let api = TenantApi::new(tenants, Authenticator::new(token));
     GrpcServer::new(BINARY, tls, config.server.drain_timeout)
-        .add_service(TenantServiceServer::new(TenantApi))
+        .add_service(TenantServiceServer::new(api))
         .serve(listener, shutdown)
         .await?;
     Ok(())
-}
-
-/// Applies pending control-plane migrations (`hafen-tenant migrate`).
-pub async fn migrate(database: &DatabaseArgs) -> Result<Vec<String>, Error> {
-    Ok(hafen_store::migrate::migrate_control_plane(&database.database_url).await?)
 }
 
 /// The `hafen-tenant` command line, for `--help` checks.

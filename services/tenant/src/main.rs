@@ -3,32 +3,37 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use hafen_tenant::{Cli, Command};
+use hafen_tenant::migrate::{Options, migrate_all};
+use hafen_tenant::{BINARY, Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => {
-            hafen_platform::run(
-                hafen_tenant::BINARY,
-                &cli.telemetry,
-                cli.listen,
-                |listener, shutdown| hafen_tenant::serve(cli.config, listener, shutdown),
-            )
+            hafen_platform::run(BINARY, &cli.telemetry, cli.listen, |listener, shutdown| {
+                hafen_tenant::serve(cli.config, listener, shutdown)
+            })
             .await
         }
-        Some(Command::Migrate) => {
-            let guard = match hafen_platform::telemetry::init(hafen_tenant::BINARY, &cli.telemetry)
-            {
+        Some(Command::Migrate(args)) => {
+            let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
                 Ok(guard) => guard,
                 Err(err) => {
-                    eprintln!("{}: {err}", hafen_tenant::BINARY);
+                    eprintln!("{BINARY}: {err}");
                     return ExitCode::FAILURE;
                 }
             };
-            let code = match hafen_tenant::migrate(&cli.config.database).await {
-                Ok(_) => ExitCode::SUCCESS,
+            let options = Options {
+                concurrency: args.concurrency,
+                progress: true,
+            };
+            let placements = args.databases.placements();
+            let result =
+                migrate_all(&args.databases.main.database_url, &placements, &options).await;
+            let code = match result {
+                Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
                 Err(err) => {
                     tracing::error!(error = %err, "migration failed");
                     ExitCode::FAILURE

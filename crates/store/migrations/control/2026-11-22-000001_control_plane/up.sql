@@ -12,9 +12,12 @@ CREATE TABLE tenants (
     -- The accepted data-processing agreement (GR2, CB6).
     dpa_version     text NOT NULL,
     dpa_accepted_at timestamptz NOT NULL,
-    dpa_accepted_by uuid,
-    -- Name of the database the tenant's schema lives on (TM3).
+    dpa_accepted_by uuid NOT NULL,
+    -- Name of the database the tenant's schema lives on (TM3); 'default' is the main one.
     database_name   text NOT NULL,
+    -- The client's request id of CreateTenant, so a retry finds the tenant instead of
+    -- provisioning a second one.
+    create_request_id uuid UNIQUE,
     settings        jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
@@ -28,7 +31,6 @@ CREATE INDEX tenants_created_idx ON tenants (created_at, id);
 -- Tenant keys, wrapped (AES-256-GCM) by the master key, which never enters the database.
 CREATE TABLE tenant_keys (
     tenant_id   uuid PRIMARY KEY REFERENCES tenants (id),
-    key_version integer NOT NULL,
     wrapped_key bytea NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );

@@ -1,0 +1,19 @@
+//! Hafen's keys and secrets (CB3, BX1, OC2, OC3).
+//!
+//! - [`keys`]: envelope encryption. The master key (KEK) comes from a file and never enters
+//!   the database; tenant keys are generated here and stored wrapped by it (AES-256-GCM, the
+//!   owner's id bound as associated data). Destroying a wrapped key makes everything it
+//!   protected unreadable, old backups included.
+//! - [`secret`]: random tokens, chat codes from an unambiguous alphabet, keyed hashes
+//!   (HMAC-SHA-256) and constant-time comparison.
+//! - [`password`]: the password policy, bcrypt hashing and bcrypt/argon2id verification.
+//!
+//! Nothing here logs; secret values never appear in `Debug` output.
+
+pub mod error;
+pub mod keys;
+pub mod password;
+pub mod secret;
+
+pub use error::{Error, Result};
+pub use keys::{DataKey, MasterKey};

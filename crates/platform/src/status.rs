@@ -1,0 +1,102 @@
+//! gRPC statuses with `google.rpc.ErrorInfo` details (domain `hafen`), the building blocks of
+//! every crate's `impl From<Error> for Status`.
+//!
+//! Reasons are the names of `hafen.common.v1.ErrorReason` values. Messages are for people;
+//! clients branch on the reason. No message ever carries SQL, secrets or message content.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every Hafen error.
+pub const DOMAIN: &str = "hafen";
+
+/// A status with `code`, a message, and an `ErrorInfo` with `reason` and `metadata`.
+pub fn error(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: &[(&str, &str)],
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+/// INVALID_ARGUMENT with reason `INVALID_FIELD`, naming `field` in the `ErrorInfo` metadata
+/// and in a `BadRequest` field violation.
+pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
+    let description = description.into();
+    let mut details = ErrorDetails::with_error_info(
+        "INVALID_FIELD",
+        DOMAIN,
+        HashMap::from([("field".to_owned(), field.to_owned())]),
+    );
+    details.add_bad_request_violation(field, description.clone());
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {description}"),
+        details,
+    )
+}
+
+/// NOT_FOUND with reason `NOT_FOUND` and the resource type.
+pub fn not_found(resource_type: &str) -> Status {
+    error(
+        Code::NotFound,
+        "NOT_FOUND",
+        format!("{resource_type} not found"),
+        &[("resource_type", resource_type)],
+    )
+}
+
+/// ALREADY_EXISTS with reason `ALREADY_EXISTS`, naming the field whose value is taken.
+pub fn already_exists(field: &str, message: impl Into<String>) -> Status {
+    error(
+        Code::AlreadyExists,
+        "ALREADY_EXISTS",
+        message,
+        &[("field", field)],
+    )
+}
+
+/// UNAUTHENTICATED with reason `UNAUTHENTICATED`.
+pub fn unauthenticated(message: impl Into<String>) -> Status {
+    error(Code::Unauthenticated, "UNAUTHENTICATED", message, &[])
+}
+
+/// PERMISSION_DENIED with reason `PERMISSION_DENIED`.
+pub fn permission_denied(message: impl Into<String>) -> Status {
+    error(Code::PermissionDenied, "PERMISSION_DENIED", message, &[])
+}
+
+/// UNAVAILABLE with reason `UNAVAILABLE`: a dependency is down; the client may retry.
+pub fn unavailable(message: impl Into<String>) -> Status {
+    error(Code::Unavailable, "UNAVAILABLE", message, &[])
+}
+
+/// INTERNAL with reason `INTERNAL`. The cause is logged here, with its error chain, and never
+/// sent to the client.
+pub fn internal(cause: &dyn std::error::Error) -> Status {
+    tracing::error!(error = %cause, "internal error");
+    error(Code::Internal, "INTERNAL", "internal error", &[])
+}
+
+/// The `ErrorInfo` reason of a status, if it has one (for clients and tests).
+pub fn reason(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The `ErrorInfo` metadata value `key` of a status, if present.
+pub fn metadata(status: &Status, key: &str) -> Option<String> {
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get(key).cloned())
+}

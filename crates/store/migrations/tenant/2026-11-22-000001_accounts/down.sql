@@ -1,0 +1,2 @@
+DROP TABLE chat_codes;
+DROP TABLE users;

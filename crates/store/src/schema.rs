@@ -1,0 +1,73 @@
+//! diesel table definitions.
+//!
+//! Control-plane tables are qualified with their schema `hafen`, so they resolve whatever the
+//! search path is — and stay out of reach inside a tenant scope, whose role has no rights on
+//! `hafen`. Tenant tables are unqualified: they resolve to the tenant schema the transaction
+//! entered (see [`crate::tenancy`]).
+
+diesel::table! {
+    hafen.tenants (id) {
+        id -> Uuid,
+        slug -> Nullable<Text>,
+        display_name -> Nullable<Text>,
+        status -> Text,
+        region -> Text,
+        dpa_version -> Text,
+        dpa_accepted_at -> Timestamptz,
+        dpa_accepted_by -> Uuid,
+        database_name -> Text,
+        create_request_id -> Nullable<Uuid>,
+        settings -> Jsonb,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        deleted_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    hafen.tenant_keys (tenant_id) {
+        tenant_id -> Uuid,
+        wrapped_key -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    hafen.deletion_log (id) {
+        id -> Uuid,
+        kind -> Text,
+        tenant_id -> Uuid,
+        user_id -> Nullable<Uuid>,
+        deleted_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    users (id) {
+        id -> Uuid,
+        username -> Text,
+        display_name -> Text,
+        password_hash -> Text,
+        role -> Text,
+        status -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    chat_codes (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        device_label -> Text,
+        code_hash -> Bytea,
+        state -> Text,
+        created_at -> Timestamptz,
+        last_used_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+        wipe_confirmed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(chat_codes -> users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(users, chat_codes);

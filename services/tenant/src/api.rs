@@ -1,0 +1,331 @@
+//! The gRPC adapter of `hafen.tenant.v1.TenantService`: authenticate, parse the request into
+//! domain types, call [`Tenants`], convert the result. No business logic lives here.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use hafen_authn::Authenticator;
+use hafen_proto::tenant::v1 as pb;
+use hafen_proto::tenant::v1::tenant_service_server::TenantService;
+use hafen_store::accounts::{DisplayName, Username};
+use hafen_store::control::{TenantRow, status};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+use crate::settings::Settings;
+use crate::tenants::{DEFAULT_DATABASE, NewTenantInput, Slug, Tenants};
+
+/// Default and largest page sizes of ListTenants.
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 500;
+
+/// The TenantService implementation.
+#[derive(Debug, Clone)]
+pub struct TenantApi {
+    tenants: Tenants,
+    auth: Authenticator,
+}
+
+impl TenantApi {
+    /// The adapter over `tenants`, authenticating calls with `auth`.
+    pub fn new(tenants: Tenants, auth: Authenticator) -> Self {
+        Self { tenants, auth }
+    }
+}
+
+#[tonic::async_trait]
+impl TenantService for TenantApi {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        self.auth.require_operator(request.metadata())?;
+        let input = parse_create(request.into_inner())?;
+        let created = self.tenants.create(input).await?;
+        tracing::info!(tenant_id = %created.tenant.id, "operator created tenant");
+        Ok(Response::new(pb::CreateTenantResponse {
+            tenant: Some(to_proto(&created.tenant)),
+            owner_user_id: created.owner_user_id.to_string(),
+            owner_chat_code: created.owner_chat_code.to_string(),
+            owner_chat_code_id: if created.owner_chat_code.is_empty() {
+                String::new()
+            } else {
+                created.owner_chat_code_id.to_string()
+            },
+        }))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.auth.require_operator(request.metadata())?;
+        let request = request.into_inner();
+        let row = match (request.tenant_id.is_empty(), request.slug.is_empty()) {
+            (false, true) => {
+                self.tenants
+                    .get(parse_id("tenant_id", &request.tenant_id)?)
+                    .await?
+            }
+            (true, false) => self.tenants.get_by_slug(&request.slug).await?,
+            _ => {
+                return Err(
+                    Error::invalid("tenant_id", "set exactly one of tenant_id and slug").into(),
+                );
+            }
+        };
+        Ok(Response::new(to_proto(&row)))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        self.auth.require_operator(request.metadata())?;
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let after = PageToken::decode(&request.page_token, request.show_deleted)?;
+        let (rows, more) = self
+            .tenants
+            .list(
+                after.map(|t| (t.created_at, t.id)),
+                limit,
+                request.show_deleted,
+            )
+            .await?;
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => PageToken {
+                created_at: last.created_at,
+                id: last.id,
+                show_deleted: request.show_deleted,
+            }
+            .encode(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: rows.iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_tenant_settings(
+        &self,
+        request: Request<pb::UpdateTenantSettingsRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.auth.require_operator(request.metadata())?;
+        let request = request.into_inner();
+        let id = parse_id("tenant_id", &request.tenant_id)?;
+        let settings = request.settings.unwrap_or_default();
+        let paths = request
+            .update_mask
+            .map(|mask| mask.paths)
+            .unwrap_or_default();
+        let row = self.tenants.update_settings(id, &settings, &paths).await?;
+        tracing::info!(tenant_id = %id, "operator updated tenant settings");
+        Ok(Response::new(to_proto(&row)))
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        self.auth.require_operator(request.metadata())?;
+        let request = request.into_inner();
+        let id = parse_id("tenant_id", &request.tenant_id)?;
+        if !request.password.is_empty() {
+            return Err(Error::invalid("password", "must be empty for operators").into());
+        }
+        if !request.totp_code.is_empty() {
+            return Err(Error::invalid("totp_code", "must be empty for operators").into());
+        }
+        if request.confirm_slug.is_empty() {
+            return Err(Error::invalid("confirm_slug", "type the tenant's slug to confirm").into());
+        }
+        let deleted_at = self.tenants.delete(id, &request.confirm_slug).await?;
+        tracing::info!(tenant_id = %id, "operator deleted tenant");
+        Ok(Response::new(pb::DeleteTenantResponse {
+            tenant_id: id.to_string(),
+            delete_time: Some(timestamp(deleted_at)),
+        }))
+    }
+}
+
+/// Parses a CreateTenant request; the first invalid field wins.
+fn parse_create(request: pb::CreateTenantRequest) -> Result<NewTenantInput, Error> {
+    let name = |field: &'static str| {
+        move |err: hafen_store::accounts::NameError| Error::invalid(field, err.0)
+    };
+    let request_id = if request.request_id.is_empty() {
+        None
+    } else {
+        Some(parse_id("request_id", &request.request_id)?)
+    };
+    let slug = Slug::parse(&request.slug)?;
+    let display_name = DisplayName::parse(&request.display_name).map_err(name("display_name"))?;
+    let owner_username =
+        Username::parse(&request.owner_username).map_err(name("owner_username"))?;
+    let owner_display_name =
+        DisplayName::parse(&request.owner_display_name).map_err(name("owner_display_name"))?;
+    if request.owner_password.is_empty() {
+        return Err(Error::invalid("owner_password", "required"));
+    }
+    if request.dpa_version.is_empty() {
+        return Err(Error::invalid(
+            "dpa_version",
+            "required: the accepted DPA version",
+        ));
+    }
+    if request.region.is_empty() {
+        return Err(Error::invalid("region", "required"));
+    }
+    let database = if request.database.is_empty() {
+        DEFAULT_DATABASE.to_owned()
+    } else {
+        request.database
+    };
+    Ok(NewTenantInput {
+        request_id,
+        slug,
+        display_name,
+        owner_username,
+        owner_display_name,
+        owner_password: Zeroizing::new(request.owner_password),
+        dpa_version: request.dpa_version,
+        region: request.region,
+        database,
+    })
+}
+
+/// Parses a UUID field.
+fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "required"));
+    }
+    Uuid::parse_str(value).map_err(|_| Error::invalid(field, "must be a UUID"))
+}
+
+fn page_size(requested: i32) -> Result<usize, Error> {
+    match usize::try_from(requested) {
+        Err(_) => Err(Error::invalid("page_size", "must not be negative")),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// The keyset position a ListTenants page ends at, opaque to clients.
+struct PageToken {
+    created_at: DateTime<Utc>,
+    id: Uuid,
+    show_deleted: bool,
+}
+
+impl PageToken {
+    fn encode(&self) -> String {
+        let raw = format!(
+            "{}.{}.{}",
+            self.created_at.timestamp_micros(),
+            self.id.simple(),
+            u8::from(self.show_deleted)
+        );
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// `None` for the first page. The token must come from a request with the same filter.
+    fn decode(token: &str, show_deleted: bool) -> Result<Option<Self>, Error> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let bad = || Error::invalid("page_token", "not a token from a previous page");
+        let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let mut parts = raw.split('.');
+        let (Some(micros), Some(id), Some(deleted), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let created_at = micros
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(bad)?;
+        let id = Uuid::parse_str(id).map_err(|_| bad())?;
+        if (deleted == "1") != show_deleted {
+            return Err(Error::invalid(
+                "page_token",
+                "show_deleted differs from the request the token came from",
+            ));
+        }
+        Ok(Some(Self {
+            created_at,
+            id,
+            show_deleted,
+        }))
+    }
+}
+
+fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The API form of a tenant row.
+pub fn to_proto(row: &TenantRow) -> pb::Tenant {
+    let deleted = row.status == status::DELETED;
+    pb::Tenant {
+        tenant_id: row.id.to_string(),
+        slug: row.slug.clone().unwrap_or_default(),
+        display_name: row.display_name.clone().unwrap_or_default(),
+        state: if deleted {
+            pb::TenantState::Deleted
+        } else {
+            pb::TenantState::Active
+        } as i32,
+        region: row.region.clone(),
+        dpa: Some(pb::DpaAcceptance {
+            version: row.dpa_version.clone(),
+            accept_time: Some(timestamp(row.dpa_accepted_at)),
+            accepted_by_user_id: row.dpa_accepted_by.to_string(),
+        }),
+        database: row.database_name.clone(),
+        settings: (!deleted).then(|| Settings::from_json(&row.settings).to_proto()),
+        create_time: Some(timestamp(row.created_at)),
+        update_time: Some(timestamp(row.updated_at)),
+        delete_time: row.deleted_at.map(timestamp),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_tampering() {
+        let token = PageToken {
+            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+            show_deleted: false,
+        };
+        let decoded = PageToken::decode(&token.encode(), false).unwrap().unwrap();
+        assert_eq!(decoded.created_at, token.created_at);
+        assert_eq!(decoded.id, token.id);
+        assert!(
+            PageToken::decode(&token.encode(), true).is_err(),
+            "filter changed"
+        );
+        assert!(PageToken::decode("garbage!", false).is_err());
+        assert!(PageToken::decode(&URL_SAFE_NO_PAD.encode("1.2"), false).is_err());
+        assert!(PageToken::decode("", false).unwrap().is_none());
+    }
+
+    #[test]
+    fn page_sizes_are_coerced() {
+        assert_eq!(page_size(0).unwrap(), 50);
+        assert_eq!(page_size(10_000).unwrap(), 500);
+        assert!(page_size(-1).is_err());
+    }
+}

@@ -1,0 +1,680 @@
+//! The tenant domain: provisioning, reading, settings, deletion (DC2, OC6, TM3, BX3, GR2,
+//! GR3, GR4). Testable without gRPC; the adapter in `api.rs` only translates.
+//!
+//! Provisioning creates the tenant's role and schema, applies the tenant migrations, creates
+//! the owner account with its first chat code, generates the tenant key and stores it wrapped
+//! by the master key, and inserts the tenant row — in one transaction, so any failure leaves
+//! nothing behind. A tenant placed on another database (TM3) gets its schema there; that
+//! transaction is prepared (two-phase commit) and committed only once the control-plane rows
+//! are, so the two databases never disagree.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use chrono::{DateTime, Utc};
+use diesel::Connection;
+use diesel::connection::SimpleConnection;
+use hafen_crypto::{DataKey, MasterKey};
+use hafen_store::accounts::{self, DisplayName, NewChatCode, NewUser, Username};
+use hafen_store::control::{self, NewTenant, TenantRow};
+use hafen_store::tenancy::{self, SyncConnection};
+use hafen_store::{Pool, TenantId};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+use crate::settings::Settings;
+
+/// Name of the main database in placements.
+pub const DEFAULT_DATABASE: &str = "default";
+
+/// Device label of the owner's first chat code.
+const OWNER_DEVICE_LABEL: &str = "first device";
+
+/// Prefix of the two-phase-commit ids of provisioning on another database.
+const PREPARED_PREFIX: &str = "hafen_provision_";
+
+/// What the service accepts at creation.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// DPA versions customers may accept.
+    pub dpa_versions: Vec<String>,
+    /// Hosting regions tenants may be placed in.
+    pub regions: Vec<String>,
+    /// bcrypt cost of the owner's password hash.
+    pub bcrypt_cost: u32,
+    /// Minimum password length, in characters.
+    pub min_password_chars: usize,
+}
+
+/// A validated CreateTenant request.
+#[derive(Debug, Clone)]
+pub struct NewTenantInput {
+    /// Client request id, for idempotent retries.
+    pub request_id: Option<Uuid>,
+    /// Unique short name.
+    pub slug: Slug,
+    /// Organisation name.
+    pub display_name: DisplayName,
+    /// Owner login name.
+    pub owner_username: Username,
+    /// Owner display name.
+    pub owner_display_name: DisplayName,
+    /// Owner password (checked against the policy).
+    pub owner_password: Zeroizing<String>,
+    /// Accepted DPA version.
+    pub dpa_version: String,
+    /// Hosting region.
+    pub region: String,
+    /// Placement (a configured database name).
+    pub database: String,
+}
+
+/// The result of CreateTenant.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// The tenant.
+    pub tenant: TenantRow,
+    /// The owner's id.
+    pub owner_user_id: Uuid,
+    /// The owner's first chat code, shown once.
+    pub owner_chat_code: Zeroizing<String>,
+    /// Its id.
+    pub owner_chat_code_id: Uuid,
+}
+
+/// A tenant slug: lowercase letters, digits and hyphens, 3-40 characters, no leading or
+/// trailing hyphen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slug(String);
+
+impl Slug {
+    /// Parses a slug.
+    pub fn parse(value: &str) -> Result<Self, Error> {
+        let ok = (3..=40).contains(&value.len())
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !value.starts_with('-')
+            && !value.ends_with('-');
+        if ok {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(Error::invalid(
+                "slug",
+                "must be 3-40 characters of a-z, 0-9 and '-', not starting or ending with '-'",
+            ))
+        }
+    }
+
+    /// The slug.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A named database a tenant can be placed on, by URL.
+pub type Placements = BTreeMap<String, String>;
+
+/// Which provisioning step a test wants to fail after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After the schema, role, migrations and owner exist, before the control-plane rows.
+    AfterSchema,
+    /// After everything, just before commit.
+    BeforeCommit,
+}
+
+/// The tenant domain service.
+#[derive(Clone)]
+pub struct Tenants {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    main_url: String,
+    placements: Placements,
+    master: MasterKey,
+    chat_code_pepper: Zeroizing<[u8; 32]>,
+    policy: Policy,
+    placement_pools: BTreeMap<String, Pool>,
+    /// 0: none; otherwise a [`FailPoint`] as `1 + index`.
+    fail_at: AtomicU8,
+}
+
+impl std::fmt::Debug for Tenants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenants")
+            .field(
+                "placements",
+                &self.inner.placements.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Context string binding a wrapped tenant key to its tenant.
+pub fn tenant_key_context(tenant: &TenantId) -> Vec<u8> {
+    [b"hafen tenant key:".as_slice(), tenant.as_uuid().as_bytes()].concat()
+}
+
+/// The keyed hash a chat code is stored as: HMAC under a master-derived pepper, bound to the
+/// tenant, so equal codes in two tenants hash differently.
+pub fn chat_code_hash(pepper: &[u8], tenant: &TenantId, code: &str) -> [u8; 32] {
+    hafen_crypto::secret::keyed_hash(pepper, &[tenant.as_uuid().as_bytes(), code.as_bytes()])
+}
+
+impl Tenants {
+    /// The service over the main database (`pool`, `main_url`) and further `placements`.
+    /// Pools of placement databases connect lazily, on first use.
+    pub fn new(
+        pool: Pool,
+        main_url: String,
+        placements: Placements,
+        master: MasterKey,
+        policy: Policy,
+    ) -> Result<Self, Error> {
+        let chat_code_pepper = master.derive("chat code pepper");
+        let mut placement_pools = BTreeMap::new();
+        for (name, url) in &placements {
+            let mut args = hafen_store::DatabaseArgs::new(url.clone());
+            args.db_pool_size = 4;
+            placement_pools.insert(name.clone(), hafen_store::pool::build_pool(&args)?);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                main_url,
+                placements,
+                master,
+                chat_code_pepper,
+                policy,
+                placement_pools,
+                fail_at: AtomicU8::new(0),
+            }),
+        })
+    }
+
+    /// For tests: make provisioning fail at `point` (or never, with `None`), to prove that a
+    /// failure leaves nothing behind.
+    #[doc(hidden)]
+    pub fn set_fail_point(&self, point: Option<FailPoint>) {
+        let value = match point {
+            None => 0,
+            Some(FailPoint::AfterSchema) => 1,
+            Some(FailPoint::BeforeCommit) => 2,
+        };
+        self.inner.fail_at.store(value, Ordering::SeqCst);
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// The main database's pool.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    fn database_url(&self, name: &str) -> Option<&str> {
+        if name == DEFAULT_DATABASE {
+            Some(&self.inner.main_url)
+        } else {
+            self.inner.placements.get(name).map(String::as_str)
+        }
+    }
+
+    /// Names of all databases tenants can live on, the default first.
+    pub fn database_names(&self) -> Vec<String> {
+        std::iter::once(DEFAULT_DATABASE.to_owned())
+            .chain(self.inner.placements.keys().cloned())
+            .collect()
+    }
+
+    /// Checks the parts of a CreateTenant request that depend on configuration.
+    pub fn check_choices(&self, input: &NewTenantInput) -> Result<(), Error> {
+        let policy = &self.inner.policy;
+        if !policy.dpa_versions.contains(&input.dpa_version) {
+            return Err(Error::invalid(
+                "dpa_version",
+                format!("must be one of {:?}", policy.dpa_versions),
+            ));
+        }
+        if !policy.regions.contains(&input.region) {
+            return Err(Error::invalid(
+                "region",
+                format!("must be one of {:?}", policy.regions),
+            ));
+        }
+        if self.database_url(&input.database).is_none() {
+            return Err(Error::invalid(
+                "database",
+                format!("must be one of {:?}", self.database_names()),
+            ));
+        }
+        match hafen_crypto::password::check_policy(&input.owner_password, policy.min_password_chars)
+        {
+            Ok(()) => Ok(()),
+            Err(hafen_crypto::password::PolicyViolation::TooLong) => Err(Error::PasswordTooLong),
+            Err(other) => Err(Error::PasswordTooWeak(other.to_string())),
+        }
+    }
+
+    /// Creates a tenant (see the module documentation). A retry with the same request id
+    /// returns the tenant created first.
+    pub async fn create(&self, input: NewTenantInput) -> Result<Created, Error> {
+        self.check_choices(&input)?;
+        if let Some(request_id) = input.request_id {
+            let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
+            if let Some(existing) = control::find_by_request_id(&mut conn, request_id).await? {
+                return self.retry(existing, &input).await;
+            }
+        }
+        {
+            let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
+            if control::find_by_slug(&mut conn, input.slug.as_str())
+                .await?
+                .is_some()
+            {
+                return Err(Error::SlugTaken);
+            }
+        }
+
+        // The password is hashed on a blocking thread while another one provisions.
+        let password = input.owner_password.clone();
+        let cost = self.inner.policy.bcrypt_cost;
+        let hashing =
+            tokio::task::spawn_blocking(move || hafen_crypto::password::hash(&password, cost));
+        let (hash_tx, hash_rx) = std::sync::mpsc::channel::<Result<String, Error>>();
+        tokio::spawn(async move {
+            let hash = match hashing.await {
+                Ok(result) => result.map_err(Error::from),
+                Err(err) => Err(Error::from(err)),
+            };
+            let _ = hash_tx.send(hash);
+        });
+
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.provision_blocking(&input, &hash_rx)).await?
+    }
+
+    fn provision_blocking(
+        &self,
+        input: &NewTenantInput,
+        password_hash: &std::sync::mpsc::Receiver<Result<String, Error>>,
+    ) -> Result<Created, Error> {
+        let inner = &self.inner;
+        let tenant = TenantId::generate();
+        // PostgreSQL keeps microseconds: the response must show what a later read returns.
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let owner_id = Uuid::now_v7();
+        let code_id = Uuid::now_v7();
+        let code = Zeroizing::new(hafen_crypto::secret::chat_code()?);
+        let code_hash = chat_code_hash(inner.chat_code_pepper.as_slice(), &tenant, &code);
+        let key = DataKey::generate()?;
+        let wrapped = inner.master.wrap(&key, &tenant_key_context(&tenant))?;
+        let settings = Settings::default().to_json();
+        let row = NewTenant {
+            id: tenant.as_uuid(),
+            slug: input.slug.as_str(),
+            display_name: input.display_name.as_str(),
+            status: control::status::ACTIVE,
+            region: &input.region,
+            dpa_version: &input.dpa_version,
+            dpa_accepted_at: now,
+            dpa_accepted_by: owner_id,
+            database_name: &input.database,
+            create_request_id: input.request_id,
+            settings,
+            created_at: now,
+            updated_at: now,
+        };
+
+        let populate = |conn: &mut SyncConnection| -> Result<(), Error> {
+            let hash = password_hash
+                .recv()
+                .map_err(|_| Error::Config("password hashing stopped".into()))??;
+            accounts::insert_user_with_code(
+                conn,
+                &NewUser {
+                    id: owner_id,
+                    username: input.owner_username.as_str(),
+                    display_name: input.owner_display_name.as_str(),
+                    password_hash: &hash,
+                    role: accounts::role::OWNER,
+                    status: "active",
+                    created_at: now,
+                    updated_at: now,
+                },
+                &NewChatCode {
+                    id: code_id,
+                    user_id: owner_id,
+                    device_label: OWNER_DEVICE_LABEL,
+                    code_hash: &code_hash,
+                    state: "active",
+                    created_at: now,
+                },
+            )?;
+            Ok(())
+        };
+        let control_rows = |conn: &mut SyncConnection| -> Result<(), Error> {
+            self.fail_if(FailPoint::AfterSchema, &tenant)?;
+            control::blocking::insert_tenant(conn, &row, &wrapped).map_err(|err| {
+                if crate::error::is_unique_violation(&err, "tenants_slug_key") {
+                    Error::SlugTaken
+                } else {
+                    Error::from(err)
+                }
+            })?;
+            self.fail_if(FailPoint::BeforeCommit, &tenant)
+        };
+
+        let mut main =
+            SyncConnection::establish(&inner.main_url).map_err(hafen_store::Error::from)?;
+        if input.database == DEFAULT_DATABASE {
+            main.transaction(|conn| {
+                tenancy::create_schema(conn, &tenant, populate)?;
+                control_rows(conn)
+            })?;
+        } else {
+            let url = self
+                .database_url(&input.database)
+                .ok_or_else(|| Error::invalid("database", "unknown database"))?;
+            let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+            let gid = format!("{PREPARED_PREFIX}{}", tenant.schema());
+            // PREPARE TRANSACTION ends the transaction on this session; diesel's COMMIT
+            // that follows is a no-op (PostgreSQL only warns).
+            placed.transaction(|conn| {
+                tenancy::create_schema(conn, &tenant, populate)?;
+                conn.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+                    .map_err(Error::from)
+            })?;
+            match main.transaction(|conn| control_rows(conn)) {
+                Ok(()) => {
+                    if let Err(err) = placed.batch_execute(&format!("COMMIT PREPARED '{gid}'")) {
+                        // The rows are committed, so recovery commits this later.
+                        tracing::error!(tenant_id = %tenant, error = %err, "commit of prepared provisioning failed");
+                    }
+                }
+                Err(err) => {
+                    if let Err(rollback) =
+                        placed.batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+                    {
+                        tracing::error!(tenant_id = %tenant, error = %rollback, "rollback of prepared provisioning failed");
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        tracing::info!(tenant_id = %tenant, database = %input.database, "tenant provisioned");
+
+        let tenant_row = TenantRow {
+            id: row.id,
+            slug: Some(row.slug.to_owned()),
+            display_name: Some(row.display_name.to_owned()),
+            status: row.status.to_owned(),
+            region: row.region.to_owned(),
+            dpa_version: row.dpa_version.to_owned(),
+            dpa_accepted_at: now,
+            dpa_accepted_by: owner_id,
+            database_name: row.database_name.to_owned(),
+            create_request_id: row.create_request_id,
+            settings: row.settings.clone(),
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        };
+        Ok(Created {
+            tenant: tenant_row,
+            owner_user_id: owner_id,
+            owner_chat_code: code,
+            owner_chat_code_id: code_id,
+        })
+    }
+
+    fn fail_if(&self, point: FailPoint, tenant: &TenantId) -> Result<(), Error> {
+        let armed = match self.inner.fail_at.load(Ordering::SeqCst) {
+            1 => Some(FailPoint::AfterSchema),
+            2 => Some(FailPoint::BeforeCommit),
+            _ => None,
+        };
+        if armed == Some(point) {
+            let at = match point {
+                FailPoint::AfterSchema => "after schema",
+                FailPoint::BeforeCommit => "before commit",
+            };
+            return Err(Error::Injected(at, *tenant));
+        }
+        Ok(())
+    }
+
+    /// A CreateTenant retry: same parameters → the first result; a fresh owner chat code while
+    /// the owner has never logged in (codes are stored hashed, the first cannot be repeated).
+    async fn retry(&self, existing: TenantRow, input: &NewTenantInput) -> Result<Created, Error> {
+        let same = existing.slug.as_deref() == Some(input.slug.as_str())
+            && existing.display_name.as_deref() == Some(input.display_name.as_str())
+            && existing.region == input.region
+            && existing.dpa_version == input.dpa_version
+            && existing.database_name == input.database;
+        if !same {
+            return Err(Error::RequestIdConflict);
+        }
+        let tenant = TenantId::from(existing.id);
+        let owner = existing.dpa_accepted_by;
+        let pepper = self.inner.chat_code_pepper.clone();
+        let pool = self.pool_for(&existing.database_name)?;
+        let issued = hafen_store::with_tenant(&pool, &tenant, move |conn| {
+            Box::pin(
+                async move { reissue_owner_code(conn, &tenant, owner, pepper.as_slice()).await },
+            )
+        })
+        .await?;
+        let (code, code_id) = issued.unwrap_or_default();
+        Ok(Created {
+            tenant: existing,
+            owner_user_id: owner,
+            owner_chat_code: Zeroizing::new(code),
+            owner_chat_code_id: code_id,
+        })
+    }
+
+    /// The pool of the database named `name` (the main pool for the default).
+    pub fn pool_for(&self, name: &str) -> Result<Pool, Error> {
+        if name == DEFAULT_DATABASE {
+            return Ok(self.inner.pool.clone());
+        }
+        self.inner
+            .placement_pools
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Config(format!("tenant placed on unknown database {name}")))
+    }
+
+    /// The tenant with `id`, deleted ones included.
+    pub async fn get(&self, id: Uuid) -> Result<TenantRow, Error> {
+        let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
+        control::find(&mut conn, id).await?.ok_or(Error::NotFound)
+    }
+
+    /// The active tenant with `slug`.
+    pub async fn get_by_slug(&self, slug: &str) -> Result<TenantRow, Error> {
+        let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
+        control::find_by_slug(&mut conn, slug)
+            .await?
+            .ok_or(Error::NotFound)
+    }
+
+    /// A page of tenants after `after`, oldest first; one more than `limit` is fetched to
+    /// know whether another page follows.
+    pub async fn list(
+        &self,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: usize,
+        include_deleted: bool,
+    ) -> Result<(Vec<TenantRow>, bool), Error> {
+        let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let mut rows = control::list(&mut conn, after, fetch, include_deleted).await?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        Ok((rows, more))
+    }
+
+    /// Applies a settings update (field mask relative to `TenantSettings`).
+    pub async fn update_settings(
+        &self,
+        id: Uuid,
+        update: &hafen_proto::tenant::v1::TenantSettings,
+        paths: &[String],
+    ) -> Result<TenantRow, Error> {
+        let current = self.get(id).await?;
+        if current.status != control::status::ACTIVE {
+            return Err(Error::NotFound);
+        }
+        let next = Settings::from_json(&current.settings).apply(update, paths)?;
+        let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
+        control::update_settings(&mut conn, id, next.to_json())
+            .await?
+            .ok_or(Error::NotFound)
+    }
+
+    /// Deletes a tenant for good (GR3): drops its schema and role, destroys its key, clears
+    /// its name and settings, and writes the deletion log (GR4). Returns the deletion time.
+    pub async fn delete(&self, id: Uuid, confirm_slug: &str) -> Result<DateTime<Utc>, Error> {
+        let current = self.get(id).await?;
+        if current.status != control::status::ACTIVE {
+            return Err(Error::NotFound);
+        }
+        if current.slug.as_deref() != Some(confirm_slug) {
+            return Err(Error::invalid(
+                "confirm_slug",
+                "does not match the tenant's slug",
+            ));
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.delete_blocking(&current)).await?
+    }
+
+    fn delete_blocking(&self, tenant_row: &TenantRow) -> Result<DateTime<Utc>, Error> {
+        let tenant = TenantId::from(tenant_row.id);
+        let mut main =
+            SyncConnection::establish(&self.inner.main_url).map_err(hafen_store::Error::from)?;
+        let deleted_at = if tenant_row.database_name == DEFAULT_DATABASE {
+            main.transaction(|conn| -> Result<DateTime<Utc>, Error> {
+                control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
+                tenancy::drop_schema(conn, &tenant)?;
+                Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
+            })?
+        } else {
+            // The data goes first; marking the tenant deleted follows. Both steps are
+            // idempotent, so a failure in between is repaired by calling DeleteTenant again.
+            let url = self
+                .database_url(&tenant_row.database_name)
+                .ok_or_else(|| Error::Config("tenant placed on an unknown database".into()))?;
+            let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+            placed.transaction(|conn| tenancy::drop_schema(conn, &tenant))?;
+            main.transaction(|conn| -> Result<DateTime<Utc>, Error> {
+                control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
+                Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
+            })?
+        };
+        tracing::info!(tenant_id = %tenant, "tenant deleted");
+        Ok(deleted_at)
+    }
+
+    /// Resolves provisioning transactions left prepared on placement databases by a crash:
+    /// committed when the tenant row exists, rolled back otherwise. Only transactions older
+    /// than `min_age` are touched, so provisioning in flight is left alone.
+    pub async fn resolve_prepared(&self, min_age: std::time::Duration) -> Result<usize, Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.resolve_prepared_blocking(min_age)).await?
+    }
+
+    fn resolve_prepared_blocking(&self, min_age: std::time::Duration) -> Result<usize, Error> {
+        use diesel::RunQueryDsl as _;
+        #[derive(diesel::QueryableByName)]
+        struct Prepared {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            gid: String,
+        }
+        let mut main =
+            SyncConnection::establish(&self.inner.main_url).map_err(hafen_store::Error::from)?;
+        let mut resolved = 0;
+        for url in self.inner.placements.values() {
+            let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+            let stale: Vec<Prepared> = diesel::sql_query(
+                "SELECT gid FROM pg_prepared_xacts \
+                 WHERE database = current_database() AND gid LIKE 'hafen\\_provision\\_%' \
+                 AND prepared < now() - make_interval(secs => $1)",
+            )
+            .bind::<diesel::sql_types::Double, _>(min_age.as_secs_f64())
+            .load(&mut placed)?;
+            for Prepared { gid } in stale {
+                let Some(tenant) = gid
+                    .strip_prefix(PREPARED_PREFIX)
+                    .and_then(TenantId::from_schema)
+                else {
+                    continue;
+                };
+                let exists = control::blocking::exists(&mut main, tenant.as_uuid())?;
+                let verb = if exists { "COMMIT" } else { "ROLLBACK" };
+                placed.batch_execute(&format!("{verb} PREPARED '{gid}'"))?;
+                tracing::warn!(tenant_id = %tenant, action = verb, "resolved prepared provisioning");
+                resolved += 1;
+            }
+        }
+        Ok(resolved)
+    }
+}
+
+/// Revokes the owner's unused chat codes and issues a fresh one, unless the owner has logged
+/// in already (then nothing is issued and `None` returned).
+async fn reissue_owner_code(
+    conn: &mut diesel_async::AsyncPgConnection,
+    tenant: &TenantId,
+    owner: Uuid,
+    pepper: &[u8],
+) -> Result<Option<(String, Uuid)>, Error> {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use hafen_store::schema::chat_codes;
+
+    let used: i64 = chat_codes::table
+        .filter(chat_codes::user_id.eq(owner))
+        .filter(chat_codes::last_used_at.is_not_null())
+        .count()
+        .get_result(conn)
+        .await?;
+    if used > 0 {
+        return Ok(None);
+    }
+    let now = Utc::now();
+    diesel::update(
+        chat_codes::table
+            .filter(chat_codes::user_id.eq(owner))
+            .filter(chat_codes::state.eq("active")),
+    )
+    .set((
+        chat_codes::state.eq("revoked"),
+        chat_codes::revoked_at.eq(now),
+    ))
+    .execute(conn)
+    .await?;
+    let code = hafen_crypto::secret::chat_code()?;
+    let id = Uuid::now_v7();
+    diesel::insert_into(chat_codes::table)
+        .values(&NewChatCode {
+            id,
+            user_id: owner,
+            device_label: OWNER_DEVICE_LABEL,
+            code_hash: &chat_code_hash(pepper, tenant, &code),
+            state: "active",
+            created_at: now,
+        })
+        .execute(conn)
+        .await?;
+    Ok(Some((code, id)))
+}
