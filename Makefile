@@ -8,7 +8,7 @@ DEV_SERVICES := scripts/dev-services.sh
 # Exports HAFEN_DATABASE_URL, HAFEN_ADMIN_DATABASE_URL and HAFEN_REDIS_URL from .dev/env.
 LOAD_ENV := set -a && source .dev/env && set +a
 
-.PHONY: help setup run test lint fmt clean services-up services-down services-status
+.PHONY: help setup run test bench lint fmt clean services-up services-down services-status
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,6 +25,11 @@ test: ## Start the dev services (fsync off) and run the whole test suite
 	@scripts/setup.sh
 	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
 	$(LOAD_ENV) && $(CARGO) nextest run --workspace --no-fail-fast
+
+bench: ## Run the benchmarks (release build, durable PostgreSQL); prints a table and JSON lines
+	@scripts/setup.sh --toolchain-only
+	@$(DEV_SERVICES) up
+	$(LOAD_ENV) && $(CARGO) run --release --quiet -p hafen-bench -- $(BENCH_ARGS)
 
 lint: ## cargo fmt --check and clippy with warnings denied
 	@scripts/setup.sh --toolchain-only

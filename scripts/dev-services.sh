@@ -10,7 +10,9 @@
 # invoking user. Redis runs on 127.0.0.1 without persistence. No systemd is involved.
 #
 # Settings (environment): HAFEN_DEV_PG_PORT (55432), HAFEN_DEV_REDIS_PORT (56379),
-# HAFEN_DEV_PG_FAST=1 starts PostgreSQL with fsync off, for tests only (a fresh start only).
+# HAFEN_DEV_PG_FAST=1 runs PostgreSQL with fsync off, for tests only; without it PostgreSQL
+# keeps its default durability (`make run`, `make bench`). A running server started in the
+# other mode is restarted.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -107,17 +109,26 @@ pg_up() {
             --locale=C.UTF-8 >"$root/initdb.log" 2>&1 \
             || { cat "$root/initdb.log" >&2; die "initdb failed"; }
     fi
+    local mode="durable"
+    [[ "${HAFEN_DEV_PG_FAST:-0}" == "1" ]] && mode="fast"
+    if as_pg "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1 \
+        && [[ "$(cat "$root/mode" 2>/dev/null)" != "$mode" ]]; then
+        # Tests run without fsync; benchmarks and `make run` must not: restart in this mode.
+        log "restarting PostgreSQL in $mode mode"
+        as_pg "$bindir/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+    fi
     if as_pg "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-        log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+        log "PostgreSQL already running on 127.0.0.1:$PG_PORT ($mode)"
     else
         local opts="-c listen_addresses=127.0.0.1 -c port=$PG_PORT -c unix_socket_directories=''"
         opts+=" -c max_connections=300 -c shared_buffers=256MB -c max_prepared_transactions=64"
         if [[ "${HAFEN_DEV_PG_FAST:-0}" == "1" ]]; then
             opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         fi
-        log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+        log "starting PostgreSQL on 127.0.0.1:$PG_PORT ($mode)"
         as_pg "$bindir/pg_ctl" -D "$data" -l "$root/postgres.log" -o "$opts" -w -t 60 start \
             >/dev/null || { tail -n 30 "$root/postgres.log" >&2; die "PostgreSQL did not start"; }
+        printf '%s\n' "$mode" >"$root/mode"
     fi
     local admin="postgresql://postgres@127.0.0.1:$PG_PORT/postgres"
     psql -q -v ON_ERROR_STOP=1 "$admin" >/dev/null <<SQL

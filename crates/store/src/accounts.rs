@@ -163,12 +163,12 @@ mod tests {
 
     #[test]
     fn names_are_parsed_at_the_edge() {
-        assert!(Username::parse("anna.k_1-x").is_ok());
+        assert!(Username::parse("sales.desk_1-x").is_ok());
         assert!(Username::parse("an").is_err());
         assert!(Username::parse(&"a".repeat(65)).is_err());
-        assert!(Username::parse("anna k").is_err());
-        assert!(Username::parse("änna").is_err());
-        assert_eq!(DisplayName::parse("  Anna  ").unwrap().as_str(), "Anna");
+        assert!(Username::parse("sales desk").is_err());
+        assert!(Username::parse("sälës").is_err());
+        assert_eq!(DisplayName::parse("  Sales  ").unwrap().as_str(), "Sales");
         assert!(DisplayName::parse("   ").is_err());
         assert!(DisplayName::parse(&"x".repeat(101)).is_err());
         assert!(DisplayName::parse("a\u{7}b").is_err());

@@ -44,7 +44,7 @@ pub const BINARY: &str = "hafen-tenant";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50053";
 
 /// Prepared provisioning transactions older than this are resolved at start-up.
-const PREPARED_MIN_AGE: Duration = Duration::from_secs(600);
+pub(crate) const PREPARED_MIN_AGE: Duration = Duration::from_secs(600);
 
 /// The databases: the main one (control plane, default placement) and named others.
 #[derive(clap::Args, Clone, Debug)]
@@ -219,9 +219,12 @@ where
         master,
         config.policy(),
     )?;
-    let resolved = tenants.resolve_prepared(PREPARED_MIN_AGE).await?;
-    if resolved > 0 {
-        tracing::warn!(resolved, "resolved provisioning interrupted by a crash");
+    // A placement database that is down must not keep the service from starting: its
+    // leftovers are resolved on the next start or `migrate`.
+    match tenants.resolve_prepared(PREPARED_MIN_AGE).await {
+        Ok(0) => {}
+        Ok(resolved) => tracing::warn!(resolved, "resolved provisioning interrupted by a crash"),
+        Err(err) => tracing::warn!(error = %err, "could not check for interrupted provisioning"),
     }
     let api = TenantApi::new(tenants, Authenticator::new(token));
     GrpcServer::new(BINARY, tls, config.server.drain_timeout)

@@ -1,7 +1,8 @@
 //! `hafen-tenant migrate`: the control plane, then every tenant schema, to the newest
 //! migration set — with bounded concurrency, a progress bar on a terminal, and a report of
 //! the tenants that failed (the others are migrated regardless). Tenants already current are
-//! left untouched.
+//! left untouched. Provisioning left half-done on a placement database by a crash is resolved
+//! first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
@@ -13,6 +14,7 @@ use hafen_store::control;
 use hafen_store::tenancy::{self, SyncConnection};
 use uuid::Uuid;
 
+use crate::PREPARED_MIN_AGE;
 use crate::error::Error;
 use crate::tenants::{DEFAULT_DATABASE, Placements};
 
@@ -29,6 +31,8 @@ pub struct Report {
     pub current: usize,
     /// Tenants whose migration failed, with the reason (their schema is unchanged).
     pub failed: Vec<(Uuid, String)>,
+    /// Provisioning transactions left prepared by a crash, now resolved.
+    pub resolved_prepared: usize,
 }
 
 /// Options of a run.
@@ -47,6 +51,8 @@ pub async fn migrate_all(
     options: &Options,
 ) -> Result<Report, Error> {
     let control_plane = hafen_store::migrate::migrate_control_plane(main_url).await?;
+    let resolved_prepared =
+        crate::tenants::resolve_prepared(main_url, placements, PREPARED_MIN_AGE).await?;
     let pool = hafen_store::pool::build_pool(&hafen_store::DatabaseArgs::new(main_url))?;
     let tenants = {
         let mut conn = pool.get().await.map_err(hafen_store::Error::from)?;
@@ -80,6 +86,7 @@ pub async fn migrate_all(
     let mut report = Report {
         control_plane,
         tenants: total,
+        resolved_prepared,
         ..Report::default()
     };
     for worker in workers {

@@ -585,49 +585,67 @@ impl Tenants {
         Ok(deleted_at)
     }
 
-    /// Resolves provisioning transactions left prepared on placement databases by a crash:
-    /// committed when the tenant row exists, rolled back otherwise. Only transactions older
-    /// than `min_age` are touched, so provisioning in flight is left alone.
+    /// See [`resolve_prepared`].
     pub async fn resolve_prepared(&self, min_age: std::time::Duration) -> Result<usize, Error> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.resolve_prepared_blocking(min_age)).await?
+        resolve_prepared(&self.inner.main_url, &self.inner.placements, min_age).await
     }
+}
 
-    fn resolve_prepared_blocking(&self, min_age: std::time::Duration) -> Result<usize, Error> {
-        use diesel::RunQueryDsl as _;
-        #[derive(diesel::QueryableByName)]
-        struct Prepared {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            gid: String,
-        }
-        let mut main =
-            SyncConnection::establish(&self.inner.main_url).map_err(hafen_store::Error::from)?;
-        let mut resolved = 0;
-        for url in self.inner.placements.values() {
-            let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
-            let stale: Vec<Prepared> = diesel::sql_query(
-                "SELECT gid FROM pg_prepared_xacts \
-                 WHERE database = current_database() AND gid LIKE 'hafen\\_provision\\_%' \
-                 AND prepared < now() - make_interval(secs => $1)",
-            )
-            .bind::<diesel::sql_types::Double, _>(min_age.as_secs_f64())
-            .load(&mut placed)?;
-            for Prepared { gid } in stale {
-                let Some(tenant) = gid
-                    .strip_prefix(PREPARED_PREFIX)
-                    .and_then(TenantId::from_schema)
-                else {
-                    continue;
-                };
-                let exists = control::blocking::exists(&mut main, tenant.as_uuid())?;
-                let verb = if exists { "COMMIT" } else { "ROLLBACK" };
-                placed.batch_execute(&format!("{verb} PREPARED '{gid}'"))?;
-                tracing::warn!(tenant_id = %tenant, action = verb, "resolved prepared provisioning");
-                resolved += 1;
-            }
-        }
-        Ok(resolved)
+/// Resolves provisioning transactions left prepared on placement databases by a crash:
+/// committed when the tenant row exists on the main database at `main_url`, rolled back
+/// otherwise. Only transactions older than `min_age` are touched, so provisioning in flight
+/// is left alone. Returns how many were resolved.
+pub async fn resolve_prepared(
+    main_url: &str,
+    placements: &Placements,
+    min_age: std::time::Duration,
+) -> Result<usize, Error> {
+    if placements.is_empty() {
+        return Ok(0);
     }
+    let main_url = main_url.to_owned();
+    let placements = placements.clone();
+    tokio::task::spawn_blocking(move || resolve_prepared_blocking(&main_url, &placements, min_age))
+        .await?
+}
+
+fn resolve_prepared_blocking(
+    main_url: &str,
+    placements: &Placements,
+    min_age: std::time::Duration,
+) -> Result<usize, Error> {
+    use diesel::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        gid: String,
+    }
+    let mut main = SyncConnection::establish(main_url).map_err(hafen_store::Error::from)?;
+    let mut resolved = 0;
+    for url in placements.values() {
+        let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+        let stale: Vec<Prepared> = diesel::sql_query(
+            "SELECT gid FROM pg_prepared_xacts \
+             WHERE database = current_database() AND gid LIKE 'hafen\\_provision\\_%' \
+             AND prepared <= now() - make_interval(secs => $1)",
+        )
+        .bind::<diesel::sql_types::Double, _>(min_age.as_secs_f64())
+        .load(&mut placed)?;
+        for Prepared { gid } in stale {
+            let Some(tenant) = gid
+                .strip_prefix(PREPARED_PREFIX)
+                .and_then(TenantId::from_schema)
+            else {
+                continue;
+            };
+            let exists = control::blocking::exists(&mut main, tenant.as_uuid())?;
+            let verb = if exists { "COMMIT" } else { "ROLLBACK" };
+            placed.batch_execute(&format!("{verb} PREPARED '{gid}'"))?;
+            tracing::warn!(tenant_id = %tenant, action = verb, "resolved prepared provisioning");
+            resolved += 1;
+        }
+    }
+    Ok(resolved)
 }
 
 /// Revokes the owner's unused chat codes and issues a fresh one, unless the owner has logged

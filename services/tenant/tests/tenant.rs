@@ -960,3 +960,55 @@ async fn create_tenant_retry_with_the_same_request_id_returns_the_first_tenant()
         .unwrap_err();
     assert_eq!(reason(&err), "REQUEST_ID_CONFLICT");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tm3_provisioning_interrupted_between_the_two_commits_is_resolved() {
+    use diesel_async::SimpleAsyncConnection;
+
+    let db = TestDatabase::create().await;
+    let second = TestDatabase::create_empty().await;
+    // Two provisionings a crash left prepared on the placement database: one whose tenant
+    // row was committed on the main database, one whose row never was.
+    let committed = TenantId::generate();
+    let orphan = TenantId::generate();
+    for tenant in [committed, orphan] {
+        let name = tenant.schema();
+        let mut conn = second.connect().await;
+        conn.batch_execute(&format!(
+            "BEGIN; CREATE ROLE {name} NOLOGIN; GRANT {name} TO CURRENT_USER; \
+             CREATE SCHEMA {name} AUTHORIZATION {name}; \
+             PREPARE TRANSACTION 'hafen_provision_{name}';"
+        ))
+        .await
+        .unwrap();
+    }
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO hafen.tenants (id, slug, display_name, status, region, dpa_version, \
+             dpa_accepted_at, dpa_accepted_by, database_name) VALUES ('{}', 'kept', 'Kept', \
+             'active', 'eu-central', '2025-01', now(), '{}', 'second')",
+            committed.as_uuid(),
+            uuid::Uuid::now_v7()
+        ))
+        .await
+        .unwrap();
+
+    let placements = [("second".to_owned(), second.url().to_owned())].into();
+    let resolved =
+        hafen_tenant::tenants::resolve_prepared(db.url(), &placements, std::time::Duration::ZERO)
+            .await
+            .unwrap();
+    assert_eq!(resolved, 2);
+    assert_eq!(
+        schemas(&second, &committed.schema()).await,
+        1,
+        "committed: its row exists"
+    );
+    assert_eq!(
+        schemas(&second, &orphan.schema()).await,
+        0,
+        "rolled back: no row"
+    );
+    assert_eq!(roles(&second, &orphan.schema()).await, 0);
+}

@@ -1,0 +1,111 @@
+//! `hafen-bench`: Hafen's benchmarks against the real stack (TLS, PostgreSQL with its default
+//! durability). Every scenario measures its baseline in the same run — raw PostgreSQL by a
+//! bare client, raw bcrypt — because this machine is shared and noisy; a figure means
+//! something only next to its baseline. Prints a table, then one JSON line per scenario.
+//!
+//! Scenarios:
+//! - `provision`: CreateTenant over gRPC, one tenant at a time; ms per tenant (p50/p99), next
+//!   to raw bcrypt at the same cost and the same DDL sent raw by a bare client.
+//! - `migrate`: `hafen-tenant migrate` over N tenants that each lack the newest migration;
+//!   total seconds, next to the same SQL applied raw with the same concurrency.
+
+#![allow(
+    clippy::print_stdout,
+    clippy::expect_used,
+    reason = "a benchmark reports on stdout and stops loudly when its set-up fails"
+)]
+
+mod migrate;
+mod provision;
+
+use clap::{Parser, ValueEnum};
+
+/// Command line of `hafen-bench`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hafen-bench",
+    version,
+    about = "Hafen benchmarks, each next to its baseline"
+)]
+struct Cli {
+    /// Scenarios to run.
+    #[arg(value_enum, default_values_t = [Scenario::All])]
+    scenarios: Vec<Scenario>,
+
+    /// Tenants created one by one in `provision`.
+    #[arg(long, env = "HAFEN_BENCH_TENANTS", default_value_t = 50)]
+    tenants: usize,
+
+    /// Tenants migrated in `migrate`.
+    #[arg(long, env = "HAFEN_BENCH_MIGRATE_TENANTS", default_value_t = 1000)]
+    migrate_tenants: usize,
+
+    /// Tenants migrated at the same time in `migrate` (and by its baseline).
+    #[arg(long, env = "HAFEN_BENCH_CONCURRENCY", default_value_t = 4)]
+    concurrency: usize,
+
+    /// bcrypt cost in `provision` (the production default).
+    #[arg(long, env = "HAFEN_BENCH_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST)]
+    bcrypt_cost: u32,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    All,
+    Provision,
+    Migrate,
+}
+
+/// One line of the result table.
+pub struct Line {
+    scenario: &'static str,
+    metric: String,
+    value: String,
+    baseline: String,
+    target: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let wants = |s: Scenario| cli.scenarios.contains(&Scenario::All) || cli.scenarios.contains(&s);
+    let mut lines = Vec::new();
+    let mut json = Vec::new();
+    if wants(Scenario::Provision) {
+        let (l, j) = provision::run(cli.tenants, cli.bcrypt_cost).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Migrate) {
+        let (l, j) = migrate::run(cli.migrate_tenants, cli.concurrency).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    println!(
+        "{:<10} {:<34} {:>14} {:>26} {:>16}",
+        "scenario", "metric", "value", "baseline (same run)", "target"
+    );
+    for line in &lines {
+        println!(
+            "{:<10} {:<34} {:>14} {:>26} {:>16}",
+            line.scenario, line.metric, line.value, line.baseline, line.target
+        );
+    }
+    for line in json {
+        println!("{line}");
+    }
+}
+
+/// The `q`-quantile (0..=1) of sorted `values`.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Milliseconds of a duration.
+pub fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
