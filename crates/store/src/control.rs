@@ -239,7 +239,8 @@ pub mod blocking {
     /// Marks a tenant deleted: clears its slug, name and settings, destroys its key, and writes
     /// the deletion-log entry (deletion, inside its transaction). Returns the deletion time.
     pub fn mark_deleted(conn: &mut SyncConnection, id: Uuid) -> QueryResult<DateTime<Utc>> {
-        let now = Utc::now();
+        // PostgreSQL keeps microseconds: return what a later read returns.
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         diesel::delete(tenant_keys::table.filter(tenant_keys::tenant_id.eq(id))).execute(conn)?;
         diesel::update(tenants::table.find(id))
             .set((

@@ -9,7 +9,8 @@
 //!
 //! Where PostgreSQL and Redis are comes from `HAFEN_DATABASE_URL`, `HAFEN_ADMIN_DATABASE_URL`
 //! and `HAFEN_REDIS_URL`, or from `.dev/env`, which `scripts/dev-services.sh up` writes.
-//! Logs stay quiet unless `TEST_LOG` is set (to an EnvFilter such as `debug`).
+//! Logs stay quiet unless `TEST_LOG` is set (to an EnvFilter such as `debug`);
+//! [`LogCapture`] records them instead, for tests proving that no secret is logged (BX5).
 
 #![allow(
     clippy::expect_used,
@@ -17,12 +18,14 @@
 )]
 
 mod env;
+mod logs;
 mod redis_ns;
 mod server;
 
 use std::sync::Once;
 
 pub use env::TestEnv;
+pub use logs::LogCapture;
 pub use redis_ns::TestRedis;
 pub use server::{Service, TestSecrets, TestServer};
 

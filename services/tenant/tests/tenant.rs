@@ -547,6 +547,10 @@ async fn gr3_deletion_leaves_no_schema_role_or_key_and_logs_once() {
         .unwrap()
         .into_inner();
     assert_eq!(record.state, pb::TenantState::Deleted as i32);
+    assert_eq!(
+        record.delete_time, deleted.delete_time,
+        "the stored time was returned"
+    );
     assert!(record.slug.is_empty() && record.display_name.is_empty());
     assert!(record.delete_time.is_some());
 
@@ -1011,4 +1015,40 @@ async fn tm3_provisioning_interrupted_between_the_two_commits_is_resolved() {
         "rolled back: no row"
     );
     assert_eq!(roles(&second, &orphan.schema()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx5_passwords_chat_codes_and_tokens_never_reach_the_logs() {
+    let logs = hafen_testkit::LogCapture::install();
+    let mut stack = Stack::start().await;
+    let created = stack.create("quiet-org").await.unwrap();
+    let mut bad = create_request("other-org");
+    bad.owner_password = "x".repeat(73);
+    let _ = stack
+        .client
+        .create_tenant(stack.secrets.operator(bad))
+        .await;
+    let mut wrong = tonic::Request::new(pb::ListTenantsRequest::default());
+    let wrong_token = "w".repeat(43);
+    wrong.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {wrong_token}").parse().unwrap(),
+    );
+    let _ = stack.client.list_tenants(wrong).await;
+
+    let logged = logs.contents();
+    let tenant = created.tenant.unwrap().tenant_id;
+    assert!(
+        logged.contains(&tenant),
+        "ids are logged: the capture works"
+    );
+    for secret in [
+        "correct horse battery",
+        created.owner_chat_code.as_str(),
+        stack.secrets.platform_token(),
+        wrong_token.as_str(),
+        &"x".repeat(73),
+    ] {
+        assert!(!logged.contains(secret), "a secret reached the logs");
+    }
 }
