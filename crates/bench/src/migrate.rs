@@ -37,7 +37,10 @@ async fn for_each_tenant(
         let url = url.to_owned();
         workers.push(tokio::task::spawn_blocking(move || {
             let mut conn = SyncConnection::establish(&url).expect("connect");
-            while let Some(tenant) = queue.lock().expect("queue").pop_front() {
+            loop {
+                // Its own statement, so the lock is released before the job runs.
+                let next = queue.lock().expect("queue").pop_front();
+                let Some(tenant) = next else { break };
                 job(&mut conn, &tenant);
             }
         }));
