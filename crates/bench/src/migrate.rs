@@ -18,9 +18,8 @@ use crate::Line;
 const TARGET_SECS_PER_1000: f64 = 60.0;
 
 /// The newest tenant migration, applied raw by the baseline.
-const NEWEST_UP: &str =
-    include_str!("../../store/migrations/tenant/2026-11-22-000001_accounts/up.sql");
-const NEWEST_VERSION: &str = "20261122000001";
+const NEWEST_UP: &str = include_str!("../../store/migrations/tenant/2026-11-22-000002_auth/up.sql");
+const NEWEST_VERSION: &str = "20261122000002";
 
 /// Runs `job` for every tenant on `concurrency` blocking workers, each with its own
 /// connection to `url`.
@@ -89,13 +88,10 @@ pub async fn run(count: usize, concurrency: usize) -> (Vec<Line>, serde_json::Va
     let mut config = secrets.tenant_config(&db, &[]);
     config.bcrypt_cost = 4;
     let tenants = Tenants::new(
-        hafen_store::pool::build_pool(&config.databases.main).expect("pool"),
-        db.url().to_owned(),
-        config.databases.placements(),
+        hafen_store::Databases::new(&config.databases).expect("databases"),
         secrets.master_key(),
         config.policy(),
-    )
-    .expect("tenant service");
+    );
 
     // Set-up (not measured): provision the tenants, several at a time.
     let semaphore = Arc::new(tokio::sync::Semaphore::new(8));

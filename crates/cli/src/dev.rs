@@ -13,7 +13,7 @@ use clap::Args;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use hafen_platform::{ServerArgs, TlsArgs};
-use hafen_tenant::DatabasesArgs;
+use hafen_store::DatabasesArgs;
 use tokio::task::JoinSet;
 
 /// Options of `hafen dev`.
@@ -103,7 +103,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
     // `hafen-tenant migrate` instead.
     let migrated = hafen_tenant::migrate::migrate_all(
         &args.databases.main.database_url,
-        &args.databases.placements(),
+        &args.databases.placements_map(),
         &hafen_tenant::migrate::Options {
             concurrency: 4,
             progress: false,

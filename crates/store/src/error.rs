@@ -19,6 +19,10 @@ pub enum Error {
     #[error("database query: {0}")]
     Query(#[from] diesel::result::Error),
 
+    /// The tenant does not exist or was deleted.
+    #[error("unknown tenant")]
+    UnknownTenant,
+
     /// A migration failed; nothing of it was applied.
     #[error("migration: {0}")]
     Migration(String),

@@ -8,6 +8,8 @@
 //! - [`tenancy`]: one schema and role per tenant; [`tenancy::with_tenant`], the only way to
 //!   reach tenant data; creating, migrating and dropping tenant schemas.
 //! - [`accounts`]: users and chat codes inside a tenant schema, and their validated names.
+//! - [`databases`]: the main database and the placement databases, and where each tenant
+//!   lives.
 //! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
 //! - [`schema`]: diesel table definitions.
 //!
@@ -17,6 +19,7 @@
 pub mod accounts;
 pub mod config;
 pub mod control;
+pub mod databases;
 pub mod error;
 pub mod migrate;
 pub mod pool;
@@ -24,6 +27,7 @@ pub mod schema;
 pub mod tenancy;
 
 pub use config::DatabaseArgs;
+pub use databases::{DEFAULT_DATABASE, Databases, DatabasesArgs};
 pub use diesel_async::AsyncPgConnection;
 pub use error::{Error, Result};
 pub use pool::{Pool, PooledConnection};

@@ -43,6 +43,25 @@ diesel::table! {
 }
 
 diesel::table! {
+    hafen.sessions (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        user_id -> Uuid,
+        chat_code_id -> Uuid,
+        role -> Text,
+        access_digest -> Bytea,
+        access_expires_at -> Timestamptz,
+        refresh_digest -> Bytea,
+        refresh_expires_at -> Timestamptz,
+        used_refresh_digests -> Array<Bytea>,
+        created_at -> Timestamptz,
+        refreshed_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+        revoke_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
     users (id) {
         id -> Uuid,
         username -> Text,
@@ -52,6 +71,11 @@ diesel::table! {
         status -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        deactivated_at -> Nullable<Timestamptz>,
+        totp_secret -> Nullable<Bytea>,
+        totp_pending -> Nullable<Bytea>,
+        totp_enabled_at -> Nullable<Timestamptz>,
+        create_request_id -> Nullable<Uuid>,
     }
 }
 
@@ -66,6 +90,7 @@ diesel::table! {
         last_used_at -> Nullable<Timestamptz>,
         revoked_at -> Nullable<Timestamptz>,
         wipe_confirmed_at -> Nullable<Timestamptz>,
+        issued_by -> Nullable<Uuid>,
     }
 }
 

@@ -62,6 +62,7 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
         [
             "__diesel_schema_migrations",
             "deletion_log",
+            "sessions",
             "tenant_keys",
             "tenants"
         ]

@@ -84,7 +84,7 @@ impl TestSecrets {
     ) -> hafen_tenant::Config {
         hafen_tenant::Config {
             server: self.server_args(hafen_tenant::NAME, false),
-            databases: hafen_tenant::DatabasesArgs {
+            databases: hafen_store::DatabasesArgs {
                 main: database.args(),
                 placements: placements
                     .iter()

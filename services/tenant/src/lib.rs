@@ -27,7 +27,7 @@ use hafen_authn::{Authenticator, OperatorArgs, PlatformToken};
 use hafen_crypto::MasterKey;
 use hafen_platform::{GrpcServer, ServerArgs, TelemetryArgs, TlsMaterial};
 use hafen_proto::tenant::v1::tenant_service_server::TenantServiceServer;
-use hafen_store::DatabaseArgs;
+use hafen_store::{Databases, DatabasesArgs};
 use tokio::net::TcpListener;
 
 pub use api::{TenantApi, to_proto};
@@ -45,49 +45,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50053";
 
 /// Prepared provisioning transactions older than this are resolved at start-up.
 pub(crate) const PREPARED_MIN_AGE: Duration = Duration::from_secs(600);
-
-/// The databases: the main one (control plane, default placement) and named others.
-#[derive(clap::Args, Clone, Debug)]
-pub struct DatabasesArgs {
-    #[command(flatten)]
-    pub main: DatabaseArgs,
-
-    /// A further database tenants can be placed on (TM3), as `name=postgres://…`; repeat the
-    /// flag, or separate entries by commas in the environment variable. Placement databases
-    /// need `max_prepared_transactions` > 0 (provisioning there commits in two phases).
-    #[arg(
-        long = "database",
-        env = "HAFEN_DATABASES",
-        value_delimiter = ',',
-        value_parser = parse_placement,
-        hide_env_values = true
-    )]
-    pub placements: Vec<(String, String)>,
-}
-
-impl DatabasesArgs {
-    /// The named placement databases.
-    pub fn placements(&self) -> Placements {
-        self.placements.iter().cloned().collect()
-    }
-}
-
-fn parse_placement(value: &str) -> Result<(String, String), String> {
-    let (name, url) = value.split_once('=').ok_or("expected name=postgres://…")?;
-    let valid_name = (1..=40).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if !valid_name || name == tenants::DEFAULT_DATABASE {
-        return Err(format!(
-            "database name `{name}` must be 1-40 characters of a-z, 0-9, '-', '_' and not `default`"
-        ));
-    }
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(format!("database `{name}`: expected a postgres:// URL"));
-    }
-    Ok((name.to_owned(), url.to_owned()))
-}
 
 /// Configuration of the tenant service.
 #[derive(clap::Args, Clone, Debug)]
@@ -202,8 +159,8 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let main = &config.databases.main;
-    let pending = hafen_store::migrate::pending_control_plane(&main.database_url).await?;
+    let pending =
+        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -211,14 +168,7 @@ where
     let master = MasterKey::load(&config.master_key_file)?;
     let token = PlatformToken::load(&config.operator.platform_token_file)
         .map_err(|err| Error::Config(err.to_string()))?;
-    let pool = hafen_store::pool::build_pool(main)?;
-    let tenants = Tenants::new(
-        pool,
-        main.database_url.clone(),
-        config.databases.placements(),
-        master,
-        config.policy(),
-    )?;
+    let tenants = Tenants::new(Databases::new(&config.databases)?, master, config.policy());
     // A placement database that is down must not keep the service from starting: its
     // leftovers are resolved on the next start or `migrate`.
     match tenants.resolve_prepared(PREPARED_MIN_AGE).await {

@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
                 concurrency: args.concurrency,
                 progress: true,
             };
-            let placements = args.databases.placements();
+            let placements = args.databases.placements_map();
             let result =
                 migrate_all(&args.databases.main.database_url, &placements, &options).await;
             let code = match result {

@@ -19,15 +19,14 @@ use hafen_crypto::{DataKey, MasterKey};
 use hafen_store::accounts::{self, DisplayName, NewChatCode, NewUser, Username};
 use hafen_store::control::{self, NewTenant, TenantRow};
 use hafen_store::tenancy::{self, SyncConnection};
-use hafen_store::{Pool, TenantId};
+use hafen_store::{Databases, Pool, TenantId};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
 use crate::settings::Settings;
 
-/// Name of the main database in placements.
-pub const DEFAULT_DATABASE: &str = "default";
+pub use hafen_store::DEFAULT_DATABASE;
 
 /// Device label of the owner's first chat code.
 const OWNER_DEVICE_LABEL: &str = "first device";
@@ -133,13 +132,10 @@ pub struct Tenants {
 }
 
 struct Inner {
-    pool: Pool,
-    main_url: String,
-    placements: Placements,
+    databases: Databases,
     master: MasterKey,
     chat_code_pepper: Zeroizing<[u8; 32]>,
     policy: Policy,
-    placement_pools: BTreeMap<String, Pool>,
     /// 0: none; otherwise a [`FailPoint`] as `1 + index`.
     fail_at: AtomicU8,
 }
@@ -147,10 +143,7 @@ struct Inner {
 impl std::fmt::Debug for Tenants {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tenants")
-            .field(
-                "placements",
-                &self.inner.placements.keys().collect::<Vec<_>>(),
-            )
+            .field("databases", &self.inner.databases)
             .finish_non_exhaustive()
     }
 }
@@ -167,34 +160,18 @@ pub fn chat_code_hash(pepper: &[u8], tenant: &TenantId, code: &str) -> [u8; 32] 
 }
 
 impl Tenants {
-    /// The service over the main database (`pool`, `main_url`) and further `placements`.
-    /// Pools of placement databases connect lazily, on first use.
-    pub fn new(
-        pool: Pool,
-        main_url: String,
-        placements: Placements,
-        master: MasterKey,
-        policy: Policy,
-    ) -> Result<Self, Error> {
+    /// The service over `databases`, wrapping tenant keys with `master`.
+    pub fn new(databases: Databases, master: MasterKey, policy: Policy) -> Self {
         let chat_code_pepper = master.derive("chat code pepper");
-        let mut placement_pools = BTreeMap::new();
-        for (name, url) in &placements {
-            let mut args = hafen_store::DatabaseArgs::new(url.clone());
-            args.db_pool_size = 4;
-            placement_pools.insert(name.clone(), hafen_store::pool::build_pool(&args)?);
-        }
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
-                pool,
-                main_url,
-                placements,
+                databases,
                 master,
                 chat_code_pepper,
                 policy,
-                placement_pools,
                 fail_at: AtomicU8::new(0),
             }),
-        })
+        }
     }
 
     /// For tests: make provisioning fail at `point` (or never, with `None`), to prove that a
@@ -216,22 +193,16 @@ impl Tenants {
 
     /// The main database's pool.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        self.inner.databases.main()
     }
 
     fn database_url(&self, name: &str) -> Option<&str> {
-        if name == DEFAULT_DATABASE {
-            Some(&self.inner.main_url)
-        } else {
-            self.inner.placements.get(name).map(String::as_str)
-        }
+        self.inner.databases.url(name)
     }
 
     /// Names of all databases tenants can live on, the default first.
     pub fn database_names(&self) -> Vec<String> {
-        std::iter::once(DEFAULT_DATABASE.to_owned())
-            .chain(self.inner.placements.keys().cloned())
-            .collect()
+        self.inner.databases.names()
     }
 
     /// Checks the parts of a CreateTenant request that depend on configuration.
@@ -372,8 +343,8 @@ impl Tenants {
             self.fail_if(FailPoint::BeforeCommit, &tenant)
         };
 
-        let mut main =
-            SyncConnection::establish(&inner.main_url).map_err(hafen_store::Error::from)?;
+        let mut main = SyncConnection::establish(inner.databases.main_url())
+            .map_err(hafen_store::Error::from)?;
         if input.database == DEFAULT_DATABASE {
             main.transaction(|conn| {
                 tenancy::create_schema(conn, &tenant, populate)?;
@@ -483,12 +454,9 @@ impl Tenants {
 
     /// The pool of the database named `name` (the main pool for the default).
     pub fn pool_for(&self, name: &str) -> Result<Pool, Error> {
-        if name == DEFAULT_DATABASE {
-            return Ok(self.inner.pool.clone());
-        }
         self.inner
-            .placement_pools
-            .get(name)
+            .databases
+            .pool(name)
             .cloned()
             .ok_or_else(|| Error::Config(format!("tenant placed on unknown database {name}")))
     }
@@ -560,8 +528,8 @@ impl Tenants {
 
     fn delete_blocking(&self, tenant_row: &TenantRow) -> Result<DateTime<Utc>, Error> {
         let tenant = TenantId::from(tenant_row.id);
-        let mut main =
-            SyncConnection::establish(&self.inner.main_url).map_err(hafen_store::Error::from)?;
+        let mut main = SyncConnection::establish(self.inner.databases.main_url())
+            .map_err(hafen_store::Error::from)?;
         let deleted_at = if tenant_row.database_name == DEFAULT_DATABASE {
             main.transaction(|conn| -> Result<DateTime<Utc>, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
@@ -587,7 +555,8 @@ impl Tenants {
 
     /// See [`resolve_prepared`].
     pub async fn resolve_prepared(&self, min_age: std::time::Duration) -> Result<usize, Error> {
-        resolve_prepared(&self.inner.main_url, &self.inner.placements, min_age).await
+        let databases = &self.inner.databases;
+        resolve_prepared(databases.main_url(), &databases.placements(), min_age).await
     }
 }
 

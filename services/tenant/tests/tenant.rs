@@ -145,13 +145,10 @@ fn domain(
 ) -> Tenants {
     let config = secrets.tenant_config(db, placements);
     Tenants::new(
-        hafen_store::pool::build_pool(&config.databases.main).unwrap(),
-        db.url().to_owned(),
-        config.databases.placements(),
+        hafen_store::Databases::new(&config.databases).unwrap(),
         secrets.master_key(),
         config.policy(),
     )
-    .unwrap()
 }
 
 fn domain_input(slug: &str, database: &str) -> hafen_tenant::tenants::NewTenantInput {

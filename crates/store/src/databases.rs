@@ -1,0 +1,176 @@
+//! The databases a deployment uses: the main one (control plane, and the default placement
+//! of tenants) and named others that tenants can be placed on (TM3).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use uuid::Uuid;
+
+use crate::config::DatabaseArgs;
+use crate::error::{Error, Result};
+use crate::pool::{Pool, build_pool};
+use crate::tenancy::TenantId;
+
+/// Name of the main database in placements.
+pub const DEFAULT_DATABASE: &str = "default";
+
+/// The main database and the placement databases, on the command line.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DatabasesArgs {
+    #[command(flatten)]
+    pub main: DatabaseArgs,
+
+    /// A further database tenants can be placed on (TM3), as `name=postgres://…`; repeat the
+    /// flag, or separate entries by commas in the environment variable. Placement databases
+    /// need `max_prepared_transactions` > 0 (provisioning there commits in two phases).
+    #[arg(
+        long = "database",
+        env = "HAFEN_DATABASES",
+        value_delimiter = ',',
+        value_parser = parse_placement,
+        hide_env_values = true
+    )]
+    pub placements: Vec<(String, String)>,
+}
+
+impl DatabasesArgs {
+    /// The placement databases by name, with their URLs.
+    pub fn placements_map(&self) -> BTreeMap<String, String> {
+        self.placements.iter().cloned().collect()
+    }
+}
+
+fn parse_placement(value: &str) -> Result<(String, String), String> {
+    let (name, url) = value.split_once('=').ok_or("expected name=postgres://…")?;
+    let valid_name = (1..=40).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid_name || name == DEFAULT_DATABASE {
+        return Err(format!(
+            "database name `{name}` must be 1-40 characters of a-z, 0-9, '-', '_' and not `default`"
+        ));
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!("database `{name}`: expected a postgres:// URL"));
+    }
+    Ok((name.to_owned(), url.to_owned()))
+}
+
+/// Pools of every database, and where each tenant lives.
+#[derive(Clone)]
+pub struct Databases {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    main_url: String,
+    main: Pool,
+    placements: BTreeMap<String, (String, Pool)>,
+    /// Tenants never move, so their placement is cached for the life of the process.
+    placed: RwLock<HashMap<Uuid, String>>,
+}
+
+impl std::fmt::Debug for Databases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Databases")
+            .field(
+                "placements",
+                &self.inner.placements.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Databases {
+    /// Pools for `args`; connections open lazily, on first use.
+    pub fn new(args: &DatabasesArgs) -> Result<Self> {
+        let mut placements = BTreeMap::new();
+        for (name, url) in &args.placements {
+            let mut placement = args.main.clone();
+            placement.database_url = url.clone();
+            placements.insert(name.clone(), (url.clone(), build_pool(&placement)?));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                main_url: args.main.database_url.clone(),
+                main: build_pool(&args.main)?,
+                placements,
+                placed: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The main database's pool (control plane).
+    pub fn main(&self) -> &Pool {
+        &self.inner.main
+    }
+
+    /// The main database's URL.
+    pub fn main_url(&self) -> &str {
+        &self.inner.main_url
+    }
+
+    /// The URL of the database named `name`.
+    pub fn url(&self, name: &str) -> Option<&str> {
+        if name == DEFAULT_DATABASE {
+            Some(&self.inner.main_url)
+        } else {
+            self.inner.placements.get(name).map(|(url, _)| url.as_str())
+        }
+    }
+
+    /// The pool of the database named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        if name == DEFAULT_DATABASE {
+            Some(&self.inner.main)
+        } else {
+            self.inner.placements.get(name).map(|(_, pool)| pool)
+        }
+    }
+
+    /// Every database's name, the default first.
+    pub fn names(&self) -> Vec<String> {
+        std::iter::once(DEFAULT_DATABASE.to_owned())
+            .chain(self.inner.placements.keys().cloned())
+            .collect()
+    }
+
+    /// The placement databases by name, with their URLs.
+    pub fn placements(&self) -> BTreeMap<String, String> {
+        self.inner
+            .placements
+            .iter()
+            .map(|(name, (url, _))| (name.clone(), url.clone()))
+            .collect()
+    }
+
+    /// The pool of the database `tenant` lives on. Fails with `Error::UnknownTenant` for a
+    /// tenant that does not exist or is deleted.
+    pub async fn tenant_pool(&self, tenant: &TenantId) -> Result<Pool> {
+        let cached = self
+            .inner
+            .placed
+            .read()
+            .ok()
+            .and_then(|placed| placed.get(&tenant.as_uuid()).cloned());
+        let name = match cached {
+            Some(name) => name,
+            None => {
+                let mut conn = self.inner.main.get().await?;
+                let row = crate::control::find(&mut conn, tenant.as_uuid()).await?;
+                let name = row
+                    .filter(|row| row.status == crate::control::status::ACTIVE)
+                    .map(|row| row.database_name)
+                    .ok_or(Error::UnknownTenant)?;
+                if let Ok(mut placed) = self.inner.placed.write() {
+                    placed.insert(tenant.as_uuid(), name.clone());
+                }
+                name
+            }
+        };
+        self.pool(&name)
+            .cloned()
+            .ok_or_else(|| Error::Migration(format!("tenant placed on unknown database {name}")))
+    }
+}
