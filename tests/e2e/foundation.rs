@@ -2,6 +2,8 @@
 //! command lines that parse (DC1, DC5, OC4, TM5).
 
 use hafen_testkit::{Service, TestDatabase, TestSecrets, TestServer};
+use std::error::Error as _;
+
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -12,10 +14,10 @@ use tonic_health::pb::health_client::HealthClient;
 async fn start(service: Service) -> (TestSecrets, Option<TestDatabase>, TestServer) {
     let certs = TestSecrets::generate();
     let database = match service {
-        Service::Tenant => Some(TestDatabase::create().await),
+        Service::Tenant | Service::Auth => Some(TestDatabase::create().await),
         _ => None,
     };
-    let server = TestServer::start(service, &certs, database.as_ref(), false).await;
+    let server = TestServer::start(service, &certs, database.as_ref()).await;
     (certs, database, server)
 }
 
@@ -147,12 +149,16 @@ async fn oc4_plaintext_connection_is_refused() {
         .check(HealthCheckRequest::default())
         .await
         .expect_err("a plaintext call must not be answered");
-    // The server closes the connection during the TLS handshake: a transport error, not an
-    // answer from the service.
+    // The server answers the plaintext preface with a TLS alert and closes: the client sees
+    // a transport or protocol error, never an answer from the service.
     assert!(
-        matches!(err.code(), tonic::Code::Unavailable | tonic::Code::Unknown),
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+        ),
         "{err}"
     );
+    assert!(err.source().is_some(), "a transport-level failure: {err:?}");
     assert!(
         err.metadata().get("grpc-status").is_none(),
         "no gRPC response: {err}"
@@ -179,7 +185,7 @@ async fn oc4_client_that_does_not_trust_the_ca_is_refused() {
 #[tokio::test]
 async fn oc4_mtls_rejects_a_client_certificate_from_another_ca() {
     let certs = TestSecrets::generate();
-    let server = TestServer::start(Service::Audit, &certs, None, true).await;
+    let server = TestServer::start(Service::Audit, &certs, None).await;
 
     // A service certificate from the right CA is accepted…
     let channel = server
@@ -229,7 +235,7 @@ async fn dc5_business_rpcs_answer_unimplemented_until_they_land() {
 async fn tenant_service_refuses_an_unmigrated_control_plane() {
     let certs = TestSecrets::generate();
     let db = TestDatabase::create_empty().await;
-    let server = TestServer::start(Service::Tenant, &certs, Some(&db), false).await;
+    let server = TestServer::start(Service::Tenant, &certs, Some(&db)).await;
     let err = server
         .shutdown()
         .await

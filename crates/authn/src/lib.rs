@@ -1,127 +1,69 @@
-//! Authentication of calls to Hafen services.
+//! Authentication of calls to every Hafen service.
 //!
-//! Every call carries `authorization: Bearer <token>`. Today one kind of caller exists: the
-//! operator, holding the platform token that each service reads from a file
-//! (`--platform-token-file`). The token is compared in constant time against its SHA-256
-//! digest, so the service keeps no copy of the token itself in memory.
+//! Every call carries `authorization: Bearer <token>`: either the operator's platform token
+//! (read from a file, compared in constant time) or a user's access token from the auth
+//! service (`<session id>.<secret>`). An access token is resolved in steps, cheapest first:
+//!
+//! 1. sessions this process knows to be revoked (from the Redis revocation channel) are
+//!    refused at once;
+//! 2. a per-process cache of at most one second;
+//! 3. the shared Redis cache (with its revocation markers);
+//! 4. the auth service itself ([`Resolver`]: `Introspect` over mTLS, or the auth service's
+//!    own database in process), which is the truth.
+//!
+//! [`AuthnLayer`] does this for every call of a service and puts the [`Caller`] into the
+//! request's extensions; handlers read it with [`caller`], [`user`] or [`require_operator`].
+//! Open streams end when their session does: [`Authenticator::revoked`].
+//!
+//! - [`operator`]: the platform token. [`token`]: minting and parsing access tokens.
+//! - [`cache`]: Redis. [`revocations`]: revoked sessions and waiting for them.
+//! - [`principal`]: roles, principals, revocation reasons and how they map to statuses.
 
-use std::path::{Path, PathBuf};
+pub mod cache;
+mod layer;
+pub mod operator;
+pub mod principal;
+pub mod remote;
+pub mod revocations;
+pub mod token;
 
-use sha2::Digest;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
-use zeroize::Zeroizing;
+use uuid::Uuid;
 
-/// Shortest platform token accepted, in characters (a generated one has 43).
-pub const MIN_TOKEN_CHARS: usize = 32;
+pub use cache::{CachedSession, Redis, RedisArgs};
+pub use layer::{AuthnLayer, AuthnService};
+pub use operator::{OperatorArgs, PlatformToken, TokenFileError};
+pub use principal::{Caller, Principal, Rejection, RevokeReason, Role};
+pub use revocations::Revocations;
 
-/// Where the platform token is.
-#[derive(clap::Args, Clone, Debug)]
-pub struct OperatorArgs {
-    /// File holding the operator's platform token (at least 32 characters; surrounding
-    /// whitespace ignored). Calls presenting it act as the operator.
-    #[arg(long, env = "HAFEN_PLATFORM_TOKEN_FILE")]
-    pub platform_token_file: PathBuf,
+/// How long this process trusts a session it resolved, before asking Redis again. Bounds how
+/// late a revocation can take effect when the revocation channel itself is down.
+const LOCAL_TTL: Duration = Duration::from_secs(1);
+
+/// The longest an access token can live: revocations are remembered this long.
+pub const MAX_ACCESS_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// What the auth service says about an access token.
+#[derive(Debug, Clone)]
+pub enum Introspection {
+    /// A live session.
+    Active(Principal),
+    /// Not (or no longer) a valid token.
+    Inactive(Rejection),
 }
 
-/// Why a platform token file cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenFileError {
-    /// The file cannot be read or written.
-    #[error("platform token file {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The token is too short to be a secret.
-    #[error("platform token file {0}: the token must have at least 32 characters")]
-    TooShort(String),
-    /// No random token could be generated.
-    #[error("generating a platform token: {0}")]
-    Generate(#[from] hafen_crypto::Error),
-}
-
-/// The digest of the operator's platform token.
-#[derive(Clone)]
-pub struct PlatformToken {
-    digest: [u8; 32],
-}
-
-impl std::fmt::Debug for PlatformToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PlatformToken(..)")
-    }
-}
-
-impl PlatformToken {
-    /// A token from its text.
-    pub fn new(token: &str) -> Result<Self, TokenFileError> {
-        let token = token.trim();
-        if token.chars().count() < MIN_TOKEN_CHARS {
-            return Err(TokenFileError::TooShort("(given)".into()));
-        }
-        Ok(Self {
-            digest: sha2::Sha256::digest(token.as_bytes()).into(),
-        })
-    }
-
-    /// Reads the token from `path`.
-    pub fn load(path: &Path) -> Result<Self, TokenFileError> {
-        let text =
-            Zeroizing::new(
-                std::fs::read_to_string(path).map_err(|source| TokenFileError::Io {
-                    path: path.display().to_string(),
-                    source,
-                })?,
-            );
-        Self::new(&text).map_err(|err| match err {
-            TokenFileError::TooShort(_) => TokenFileError::TooShort(path.display().to_string()),
-            other => other,
-        })
-    }
-
-    /// Reads the token from `path`, first writing a fresh random one (mode 0600) when the file
-    /// does not exist. For development set-ups only.
-    pub fn load_or_create(path: &Path) -> Result<Self, TokenFileError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        if !path.exists() {
-            let token = Zeroizing::new(hafen_crypto::secret::random_token()?);
-            let io = |source| TokenFileError::Io {
-                path: path.display().to_string(),
-                source,
-            };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
-                Ok(mut file) => file.write_all(token.as_bytes()).map_err(io)?,
-                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(err) => return Err(io(err)),
-            }
-        }
-        Self::load(path)
-    }
-
-    /// Whether `presented` is the platform token (constant time).
-    pub fn matches(&self, presented: &str) -> bool {
-        let digest: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
-        hafen_crypto::secret::constant_time_eq(&digest, &self.digest)
-    }
-}
-
-/// Who is calling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Caller {
-    /// The operator (platform token).
-    Operator,
+/// The source of truth for sessions: the auth service.
+pub trait Resolver: Send + Sync + 'static {
+    /// Resolves a presented access token. Transport failures are errors (UNAVAILABLE);
+    /// invalid tokens are [`Introspection::Inactive`].
+    fn introspect(&self, token: &str) -> BoxFuture<'static, Result<Introspection, Status>>;
 }
 
 /// The bearer token of a call, if any. A malformed `authorization` header is an error.
@@ -141,34 +83,185 @@ pub fn bearer(metadata: &MetadataMap) -> Result<Option<&str>, Status> {
     Ok(Some(token.trim()))
 }
 
-/// Authenticates calls.
-#[derive(Debug, Clone)]
+/// Authenticates calls: the operator's token and users' access tokens.
+#[derive(Clone)]
 pub struct Authenticator {
-    platform: PlatformToken,
+    platform: Option<PlatformToken>,
+    sessions: Option<Arc<Sessions>>,
+}
+
+struct Sessions {
+    redis: Option<Redis>,
+    resolver: Arc<dyn Resolver>,
+    revocations: Revocations,
+    local: Mutex<HashMap<Uuid, (CachedSession, Instant)>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("sessions", &self.sessions.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Authenticator {
-    /// An authenticator that knows the operator's platform token.
-    pub fn new(platform: PlatformToken) -> Self {
-        Self { platform }
+    /// Accepts the operator only.
+    pub fn operator_only(platform: PlatformToken) -> Self {
+        Self {
+            platform: Some(platform),
+            sessions: None,
+        }
+    }
+
+    /// Accepts users' access tokens, resolved through `redis` (when given) and `resolver`,
+    /// and the operator when `platform` is given; `revocations` is what this process knows of
+    /// revoked sessions.
+    pub fn new(
+        platform: Option<PlatformToken>,
+        redis: Option<Redis>,
+        resolver: Arc<dyn Resolver>,
+        revocations: Revocations,
+    ) -> Self {
+        Self {
+            platform,
+            sessions: Some(Arc::new(Sessions {
+                redis,
+                resolver,
+                revocations,
+                local: Mutex::new(HashMap::new()),
+            })),
+        }
     }
 
     /// Who made the call with `metadata`; UNAUTHENTICATED when nobody known.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        match bearer(metadata)? {
-            None => Err(hafen_platform::status::unauthenticated(
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let Some(token) = bearer(metadata)? else {
+            return Err(hafen_platform::status::unauthenticated(
                 "missing bearer token (authorization metadata)",
-            )),
-            Some(token) if self.platform.matches(token) => Ok(Caller::Operator),
-            Some(_) => Err(hafen_platform::status::unauthenticated("unknown token")),
+            ));
+        };
+        if self.platform.as_ref().is_some_and(|p| p.matches(token)) {
+            return Ok(Caller::Operator);
+        }
+        let Some(sessions) = &self.sessions else {
+            return Err(hafen_platform::status::unauthenticated("unknown token"));
+        };
+        sessions.resolve(token).await.map(Caller::User)
+    }
+
+    /// Resolves when `session` is revoked, with the reason (for open streams).
+    pub async fn revoked(&self, session: Uuid) -> RevokeReason {
+        match &self.sessions {
+            Some(sessions) => sessions.revocations.wait(session).await,
+            None => std::future::pending().await,
         }
     }
 
-    /// Like [`Authenticator::authenticate`], but only the operator may call.
-    pub fn require_operator(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        match self.authenticate(metadata)? {
-            Caller::Operator => Ok(()),
+    /// What this process knows of revocations.
+    pub fn revocations(&self) -> Option<&Revocations> {
+        self.sessions.as_ref().map(|s| &s.revocations)
+    }
+}
+
+impl Sessions {
+    async fn resolve(&self, token: &str) -> Result<Principal, Status> {
+        let (session, digest) = token::parse(token).ok_or(Rejection::Unknown)?;
+        if let Some(reason) = self.revocations.reason(session) {
+            return Err(Rejection::Revoked(reason).into());
         }
+        let now = Instant::now();
+        let local = self
+            .local
+            .lock()
+            .ok()
+            .and_then(|local| local.get(&session).cloned());
+        if let Some((cached, at)) = local
+            && now.duration_since(at) < LOCAL_TTL
+        {
+            return accept(&cached, &digest);
+        }
+        if let Some(redis) = &self.redis {
+            match redis.lookup(session).await {
+                Ok((_, Some(reason))) => {
+                    self.revocations.record(session, reason);
+                    return Err(Rejection::Revoked(reason).into());
+                }
+                Ok((Some(cached), None)) => {
+                    self.remember(&cached);
+                    return accept(&cached, &digest);
+                }
+                Ok((None, None)) => {}
+                Err(err) => tracing::debug!(error = %err, "session cache unavailable"),
+            }
+        }
+        match self.resolver.introspect(token).await? {
+            Introspection::Active(principal) => {
+                self.remember(&CachedSession::new(&principal, &digest));
+                Ok(principal)
+            }
+            Introspection::Inactive(rejection) => {
+                if let Rejection::Revoked(reason) = rejection {
+                    self.revocations.record(session, reason);
+                }
+                Err(rejection.into())
+            }
+        }
+    }
+
+    fn remember(&self, cached: &CachedSession) {
+        if let Ok(mut local) = self.local.lock() {
+            if local.len() > 100_000 {
+                local.clear();
+            }
+            local.insert(cached.session_id, (cached.clone(), Instant::now()));
+        }
+    }
+}
+
+fn accept(cached: &CachedSession, digest: &[u8; 32]) -> Result<Principal, Status> {
+    let principal = cached.principal(digest).ok_or(Rejection::Unknown)?;
+    if principal.expires_at <= Utc::now() {
+        return Err(Rejection::Expired.into());
+    }
+    Ok(principal)
+}
+
+/// The caller [`AuthnLayer`] found; UNAUTHENTICATED when the call carried no token.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
+    request.extensions().get::<Caller>().ok_or_else(|| {
+        hafen_platform::status::unauthenticated("missing bearer token (authorization metadata)")
+    })
+}
+
+/// The logged-in user making the call; PERMISSION_DENIED for the operator.
+pub fn user<T>(request: &tonic::Request<T>) -> Result<&Principal, Status> {
+    match caller(request)? {
+        Caller::User(principal) => Ok(principal),
+        Caller::Operator => Err(hafen_platform::status::permission_denied(
+            "this call is for users of a tenant, not the operator",
+        )),
+    }
+}
+
+/// Only the operator may make this call.
+pub fn require_operator<T>(request: &tonic::Request<T>) -> Result<(), Status> {
+    match caller(request)? {
+        Caller::Operator => Ok(()),
+        Caller::User(_) => Err(hafen_platform::status::permission_denied(
+            "only the operator may make this call",
+        )),
+    }
+}
+
+/// Only another Hafen service may make this call: it must have presented a client
+/// certificate that the service CA signed (mutual TLS), which rustls has verified.
+pub fn require_service<T>(request: &tonic::Request<T>) -> Result<(), Status> {
+    match request.peer_certs() {
+        Some(certs) if !certs.is_empty() => Ok(()),
+        _ => Err(hafen_platform::status::permission_denied(
+            "internal call: only Hafen services may make it",
+        )),
     }
 }
 
@@ -182,23 +275,25 @@ mod tests {
         metadata
     }
 
-    #[test]
-    fn operator_is_recognised_only_by_the_exact_token() {
+    #[tokio::test]
+    async fn operator_is_recognised_only_by_the_exact_token() {
         let token = "a".repeat(40);
-        let auth = Authenticator::new(PlatformToken::new(&token).unwrap());
+        let auth = Authenticator::operator_only(PlatformToken::new(&token).unwrap());
         assert_eq!(
             auth.authenticate(&with_auth(&format!("Bearer {token}")))
+                .await
                 .unwrap(),
             Caller::Operator
         );
         let wrong = auth
             .authenticate(&with_auth(&format!("Bearer {}", "b".repeat(40))))
+            .await
             .unwrap_err();
         assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
-        let missing = auth.authenticate(&MetadataMap::new()).unwrap_err();
+        let missing = auth.authenticate(&MetadataMap::new()).await.unwrap_err();
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
         assert!(missing.message().contains("missing"));
-        let malformed = auth.authenticate(&with_auth(&token)).unwrap_err();
+        let malformed = auth.authenticate(&with_auth(&token)).await.unwrap_err();
         assert!(malformed.message().contains("Bearer"));
         assert_eq!(
             hafen_platform::status::reason(&wrong).as_deref(),
@@ -219,5 +314,21 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o600
         );
+    }
+
+    #[tokio::test]
+    async fn revocations_wake_waiters_and_are_remembered() {
+        let revocations = Revocations::new(Duration::from_secs(60));
+        let session = Uuid::now_v7();
+        let waiter = tokio::spawn({
+            let revocations = revocations.clone();
+            async move { revocations.wait(session).await }
+        });
+        tokio::task::yield_now().await;
+        revocations.record(Uuid::now_v7(), RevokeReason::Logout);
+        revocations.record(session, RevokeReason::DeviceWiped);
+        assert_eq!(waiter.await.unwrap(), RevokeReason::DeviceWiped);
+        assert_eq!(revocations.reason(session), Some(RevokeReason::DeviceWiped));
+        assert_eq!(revocations.wait(session).await, RevokeReason::DeviceWiped);
     }
 }

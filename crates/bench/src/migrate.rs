@@ -91,6 +91,7 @@ pub async fn run(count: usize, concurrency: usize) -> (Vec<Line>, serde_json::Va
         hafen_store::Databases::new(&config.databases).expect("databases"),
         secrets.master_key(),
         config.policy(),
+        None,
     );
 
     // Set-up (not measured): provision the tenants, several at a time.

@@ -47,8 +47,8 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_DEV_CERTS_DIR", default_value = ".dev/certs")]
     pub dev_certs_dir: PathBuf,
 
-    /// Mutual TLS between the services.
-    #[arg(long, env = "HAFEN_MTLS")]
+    /// Mutual TLS between the services (internal calls need it).
+    #[arg(long, env = "HAFEN_MTLS", default_value_t = true, action = clap::ArgAction::Set)]
     pub mtls: bool,
 
     /// How long in-flight calls may run after Ctrl-C/SIGTERM.
@@ -75,6 +75,9 @@ pub struct DevArgs {
 
     #[command(flatten)]
     pub databases: DatabasesArgs,
+
+    #[command(flatten)]
+    pub redis: hafen_authn::RedisArgs,
 }
 
 /// The DPA version the development stack accepts.
@@ -170,6 +173,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
     let Ok([auth, messaging, tenant, retention, audit]) = <[_; 5]>::try_from(listeners) else {
         return ExitCode::FAILURE;
     };
+    // Services call each other on loopback when they listen on every address.
+    let internal_host = if args.host.is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        args.host
+    };
     let mut tasks: JoinSet<Served> = JoinSet::new();
     spawn(
         &mut tasks,
@@ -177,6 +186,15 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_auth::serve(
             hafen_auth::Config {
                 server: server(hafen_auth::NAME),
+                databases: args.databases.clone(),
+                redis: args.redis.clone(),
+                master_key_file: args.master_key_file.clone(),
+                bcrypt_cost: args.bcrypt_cost,
+                min_password_chars: hafen_crypto::password::DEFAULT_MIN_PASSWORD_CHARS,
+                access_ttl: std::time::Duration::from_secs(15 * 60),
+                refresh_ttl: std::time::Duration::from_secs(30 * 24 * 3600),
+                login_free_attempts: 5,
+                login_max_backoff: std::time::Duration::from_secs(15 * 60),
             },
             auth,
             shutdown(),
@@ -202,6 +220,14 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 databases: args.databases.clone(),
                 operator: hafen_authn::OperatorArgs {
                     platform_token_file: args.platform_token_file.clone(),
+                },
+                redis: args.redis.clone(),
+                auth: hafen_authn::remote::AuthEndpointArgs {
+                    auth_endpoint: format!(
+                        "https://{}",
+                        SocketAddr::new(internal_host, args.auth_port)
+                    ),
+                    auth_server_name: Some(hafen_platform::tls::DEV_SERVER_NAME.to_owned()),
                 },
                 master_key_file: args.master_key_file.clone(),
                 dpa_versions: vec![DEV_DPA_VERSION.to_owned()],

@@ -63,6 +63,7 @@ async fn serving(port: u16, ca_pem: &str) -> bool {
 async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
     hafen_testkit::init_test_logging();
     let db = TestDatabase::create_empty().await;
+    let redis = hafen_testkit::TestRedis::new();
     let tmp = tempfile::tempdir().unwrap();
     let certs = tmp.path().join("certs");
     let ports = free_ports();
@@ -81,10 +82,15 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
         .arg(tmp.path().join("master.key"))
         .arg("--platform-token-file")
         .arg(tmp.path().join("platform-token"))
+        .args(["--bcrypt-cost", "4"])
         .env("HAFEN_DATABASE_URL", db.url())
+        .env("HAFEN_REDIS_URL", redis.url())
+        .env("HAFEN_REDIS_PREFIX", redis.prefix())
         .env("HAFEN_LOG_FORMAT", "json")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(tmp.path().join("stderr")).unwrap(),
+        ))
         .kill_on_drop(true);
     let mut guard = Guard(Some(command.spawn().unwrap()));
 
@@ -93,6 +99,10 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
     let ca_pem = loop {
         if let Ok(pem) = std::fs::read_to_string(certs.join("ca.pem")) {
             break pem;
+        }
+        if let Some(status) = guard.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            let stderr = std::fs::read_to_string(tmp.path().join("stderr")).unwrap_or_default();
+            panic!("hafen dev exited early ({status}): {stderr}");
         }
         assert!(Instant::now() < deadline, "no development CA was generated");
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -126,6 +126,11 @@ impl MasterKey {
 }
 
 impl DataKey {
+    /// A key derived from the master key for one purpose (see [`MasterKey::derive`]).
+    pub fn derived(master: &MasterKey, purpose: &str) -> Self {
+        Self(master.derive(purpose))
+    }
+
     /// A fresh random key.
     pub fn generate() -> Result<Self> {
         Ok(Self(Zeroizing::new(random_key()?)))

@@ -7,6 +7,7 @@
 //! - [`secret`]: random tokens, chat codes from an unambiguous alphabet, keyed hashes
 //!   (HMAC-SHA-256) and constant-time comparison.
 //! - [`password`]: the password policy, bcrypt hashing and bcrypt/argon2id verification.
+//! - [`totp`]: RFC 6238 one-time passwords, the owner's second factor.
 //!
 //! Nothing here logs; secret values never appear in `Debug` output.
 
@@ -14,6 +15,7 @@ pub mod error;
 pub mod keys;
 pub mod password;
 pub mod secret;
+pub mod totp;
 
 pub use error::{Error, Result};
 pub use keys::{DataKey, MasterKey};

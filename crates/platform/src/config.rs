@@ -45,8 +45,10 @@ pub struct TlsArgs {
     pub tls_ca: Option<PathBuf>,
 
     /// Mutual TLS between services: verify client certificates presented to this service
-    /// against --tls-ca, and present this service's certificate when calling other services.
-    #[arg(long, env = "HAFEN_MTLS")]
+    /// against --tls-ca (clients without one, such as SDKs, still connect), and present this
+    /// service's certificate when calling other services. With `false`, internal calls such
+    /// as Introspect can neither be made nor accepted.
+    #[arg(long, env = "HAFEN_MTLS", default_value_t = true, action = clap::ArgAction::Set)]
     pub mtls: bool,
 
     /// Where development certificates are generated when --tls-cert is not given.

@@ -7,6 +7,7 @@
 //! - [`telemetry`]: tracing with JSON or human-readable logs; OTLP export of traces and metrics
 //!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
+//! - [`paging`]: page sizes and opaque page tokens (AIP-158).
 //! - [`status`]: gRPC statuses with `google.rpc.ErrorInfo` (domain `hafen`) for error mapping.
 //! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS and an
 //!   ordered drain.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 mod conn;
 pub mod error;
+pub mod paging;
 pub mod server;
 pub mod shutdown;
 pub mod status;

@@ -215,7 +215,7 @@ pub mod blocking {
     use uuid::Uuid;
 
     use super::{NewTenant, TenantRow, status};
-    use crate::schema::{deletion_log, tenant_keys, tenants};
+    use crate::schema::{deletion_log, sessions, tenant_keys, tenants};
     use crate::tenancy::SyncConnection;
 
     /// Inserts a tenant row and its wrapped key (provisioning, inside its transaction).
@@ -236,12 +236,19 @@ pub mod blocking {
         Ok(())
     }
 
-    /// Marks a tenant deleted: clears its slug, name and settings, destroys its key, and writes
-    /// the deletion-log entry (deletion, inside its transaction). Returns the deletion time.
-    pub fn mark_deleted(conn: &mut SyncConnection, id: Uuid) -> QueryResult<DateTime<Utc>> {
+    /// Marks a tenant deleted: clears its slug, name and settings, destroys its key, deletes
+    /// its sessions, and writes the deletion-log entry (deletion, inside its transaction).
+    /// Returns the deletion time and the ids of the deleted sessions.
+    pub fn mark_deleted(
+        conn: &mut SyncConnection,
+        id: Uuid,
+    ) -> QueryResult<(DateTime<Utc>, Vec<Uuid>)> {
         // PostgreSQL keeps microseconds: return what a later read returns.
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         diesel::delete(tenant_keys::table.filter(tenant_keys::tenant_id.eq(id))).execute(conn)?;
+        let ended: Vec<Uuid> = diesel::delete(sessions::table.filter(sessions::tenant_id.eq(id)))
+            .returning(sessions::id)
+            .get_results(conn)?;
         diesel::update(tenants::table.find(id))
             .set((
                 tenants::status.eq(status::DELETED),
@@ -261,7 +268,7 @@ pub mod blocking {
                 deletion_log::deleted_at.eq(now),
             ))
             .execute(conn)?;
-        Ok(now)
+        Ok((now, ended))
     }
 
     /// Locks an active tenant's row for the rest of the transaction (deletion).

@@ -11,6 +11,7 @@
 //! - [`databases`]: the main database and the placement databases, and where each tenant
 //!   lives.
 //! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
+//! - [`sessions`]: sessions, the truth behind access tokens.
 //! - [`schema`]: diesel table definitions.
 //!
 //! Repository functions take `&mut AsyncPgConnection` and return `QueryResult`; diesel
@@ -24,6 +25,7 @@ pub mod error;
 pub mod migrate;
 pub mod pool;
 pub mod schema;
+pub mod sessions;
 pub mod tenancy;
 
 pub use config::DatabaseArgs;

@@ -49,6 +49,7 @@ diesel::table! {
         user_id -> Uuid,
         chat_code_id -> Uuid,
         role -> Text,
+        device_label -> Text,
         access_digest -> Bytea,
         access_expires_at -> Timestamptz,
         refresh_digest -> Bytea,

@@ -6,6 +6,8 @@
 //! - [`TestSecrets`]: a throwaway CA and service certificates in a temporary directory.
 //! - [`TestServer`]: any service started on `127.0.0.1:0` with TLS, a connected tonic
 //!   [`Channel`], and an orderly shutdown.
+//! - [`TestStack`]: the auth and tenant services together, with helpers to create tenants
+//!   and log in.
 //!
 //! Where PostgreSQL and Redis are comes from `HAFEN_DATABASE_URL`, `HAFEN_ADMIN_DATABASE_URL`
 //! and `HAFEN_REDIS_URL`, or from `.dev/env`, which `scripts/dev-services.sh up` writes.
@@ -21,6 +23,7 @@ mod env;
 mod logs;
 mod redis_ns;
 mod server;
+mod stack;
 
 use std::sync::Once;
 
@@ -28,6 +31,7 @@ pub use env::TestEnv;
 pub use logs::LogCapture;
 pub use redis_ns::TestRedis;
 pub use server::{Service, TestSecrets, TestServer};
+pub use stack::{OWNER_PASSWORD, TestStack, TestTenant, with_token};
 
 mod database;
 pub use database::TestDatabase;

@@ -23,6 +23,7 @@ pub struct TestSecrets {
     dir: tempfile::TempDir,
     ca_pem: String,
     platform_token: String,
+    redis: crate::TestRedis,
 }
 
 impl TestSecrets {
@@ -42,6 +43,39 @@ impl TestSecrets {
             ca_pem: pki.ca_pem,
             dir,
             platform_token,
+            redis: crate::TestRedis::new(),
+        }
+    }
+
+    /// This test's Redis namespace.
+    pub fn redis(&self) -> &crate::TestRedis {
+        &self.redis
+    }
+
+    /// Redis settings that keep every key and channel in this test's namespace.
+    pub fn redis_args(&self) -> hafen_authn::RedisArgs {
+        hafen_authn::RedisArgs {
+            redis_url: self.redis.url().to_owned(),
+            redis_prefix: self.redis.prefix().to_owned(),
+        }
+    }
+
+    /// Configuration of the auth service on `database` with these secrets (bcrypt cost 4).
+    pub fn auth_config(&self, database: &TestDatabase) -> hafen_auth::Config {
+        hafen_auth::Config {
+            server: self.server_args(hafen_auth::NAME),
+            databases: hafen_store::DatabasesArgs {
+                main: database.args(),
+                placements: Vec::new(),
+            },
+            redis: self.redis_args(),
+            master_key_file: self.master_key_file(),
+            bcrypt_cost: 4,
+            min_password_chars: 10,
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            login_free_attempts: 5,
+            login_max_backoff: Duration::from_secs(15 * 60),
         }
     }
 
@@ -83,7 +117,12 @@ impl TestSecrets {
         placements: &[(&str, &TestDatabase)],
     ) -> hafen_tenant::Config {
         hafen_tenant::Config {
-            server: self.server_args(hafen_tenant::NAME, false),
+            server: self.server_args(hafen_tenant::NAME),
+            redis: self.redis_args(),
+            auth: hafen_authn::remote::AuthEndpointArgs {
+                auth_endpoint: "https://127.0.0.1:9".to_owned(),
+                auth_server_name: Some(DEV_SERVER_NAME.to_owned()),
+            },
             databases: hafen_store::DatabasesArgs {
                 main: database.args(),
                 placements: placements
@@ -112,15 +151,15 @@ impl TestSecrets {
         &self.ca_pem
     }
 
-    /// Server arguments for `service` with these certificates and a short drain.
-    pub fn server_args(&self, service: &str, mtls: bool) -> ServerArgs {
+    /// Server arguments for `service` with these certificates (mutual TLS) and a short drain.
+    pub fn server_args(&self, service: &str) -> ServerArgs {
         let dir = self.dir();
         ServerArgs {
             tls: TlsArgs {
                 tls_cert: Some(dir.join(format!("{service}.pem"))),
                 tls_key: Some(dir.join(format!("{service}-key.pem"))),
                 tls_ca: Some(dir.join("ca.pem")),
-                mtls,
+                mtls: true,
                 dev_certs_dir: dir,
             },
             drain_timeout: Duration::from_secs(5),
@@ -203,17 +242,18 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts `service` with `certs`; the tenant service also needs a database.
+    /// Starts `service` with `secrets`; auth and tenant also need a database.
     pub async fn start(
         service: Service,
-        certs: &TestSecrets,
+        secrets: &TestSecrets,
         database: Option<&TestDatabase>,
-        mtls: bool,
     ) -> Self {
-        let server = certs.server_args(service.name(), mtls);
+        let server = secrets.server_args(service.name());
         match service {
             Service::Auth => {
-                Self::spawn(|l, s| hafen_auth::serve(hafen_auth::Config { server }, l, s)).await
+                let database = database.expect("the auth service needs a TestDatabase");
+                let config = secrets.auth_config(database);
+                Self::spawn(|l, s| hafen_auth::serve(config, l, s)).await
             }
             Service::Messaging => {
                 Self::spawn(|l, s| hafen_messaging::serve(hafen_messaging::Config { server }, l, s))
@@ -221,8 +261,7 @@ impl TestServer {
             }
             Service::Tenant => {
                 let database = database.expect("the tenant service needs a TestDatabase");
-                let mut config = certs.tenant_config(database, &[]);
-                config.server = server;
+                let config = secrets.tenant_config(database, &[]);
                 Self::spawn(|l, s| hafen_tenant::serve(config, l, s)).await
             }
             Service::Retention => {

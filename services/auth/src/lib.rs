@@ -1,14 +1,41 @@
-//! Hafen's auth service (`hafen.auth.v1.AuthService`): accounts (username + password inside a tenant), chat codes as a per-device second factor, sessions with rotating refresh tokens, and remote wipe (OC1–OC5).
+//! Hafen's auth service (`hafen.auth.v1.AuthService`): accounts (username + password inside
+//! a tenant, OC1), bcrypt with argon2id import (OC3), chat codes as a per-device second
+//! factor (OC2), sessions with rotating refresh tokens, remote wipe (OC5), manual
+//! deactivation (GR6), the owner's TOTP, and brute-force protection.
 //!
-//! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
-//! resolves, so the `hafen-auth` binary, `hafen dev` and the tests all run the same code.
-//! It serves `grpc.health.v1` and reflection; RPCs not implemented yet answer UNIMPLEMENTED.
+//! - [`auth`]: shared state and helpers; [`sessions`]: login, refresh, logout, introspection,
+//!   wipe confirmation; [`users`]: accounts; [`codes`]: chat codes, remote wipe and TOTP;
+//!   [`limits`]: the Redis rate limiter.
+//! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
+//!
+//! PostgreSQL is the truth of sessions; Redis caches them and carries revocations to every
+//! service. The service is a library: [`serve`] runs it on a bound listener until a shutdown
+//! future resolves, so the `hafen-auth` binary, `hafen dev` and the tests run the same code.
+
+mod api;
+pub mod auth;
+pub mod codes;
+mod error;
+pub mod limits;
+pub mod rows;
+pub mod sessions;
+pub mod users;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use hafen_authn::{Authenticator, AuthnLayer, MAX_ACCESS_TTL, Redis, RedisArgs, Revocations};
+use hafen_crypto::MasterKey;
 use hafen_platform::{GrpcServer, ServerArgs, ServiceSpec, TlsMaterial};
-use hafen_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
+use hafen_proto::auth::v1::auth_service_server::AuthServiceServer;
+use hafen_store::{Databases, DatabasesArgs};
 use tokio::net::TcpListener;
+
+pub use api::{AuthApi, SELF_AUTHENTICATED};
+pub use auth::{Auth, Policy};
+pub use error::Error;
 
 /// Short name: the development certificate is `<dev certs dir>/auth.pem`.
 pub const NAME: &str = "auth";
@@ -25,29 +52,102 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub databases: DatabasesArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// File with the master key (base64 of 32 random bytes): chat-code hashes and TOTP
+    /// secrets are keyed by keys derived from it.
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// bcrypt cost of new password hashes (4-31; each step doubles the time).
+    #[arg(long, env = "HAFEN_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST,
+          value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
+    /// Minimum length of new passwords, in characters.
+    #[arg(long, env = "HAFEN_MIN_PASSWORD_CHARS", default_value_t = hafen_crypto::password::DEFAULT_MIN_PASSWORD_CHARS)]
+    pub min_password_chars: usize,
+
+    /// Lifetime of access tokens (at most 1h).
+    #[arg(long, env = "HAFEN_ACCESS_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub access_ttl: Duration,
+
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "HAFEN_REFRESH_TTL", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub refresh_ttl: Duration,
+
+    /// Failed logins per user name and per client address before back-off starts.
+    #[arg(long, env = "HAFEN_LOGIN_FREE_ATTEMPTS", default_value_t = 5)]
+    pub login_free_attempts: u32,
+
+    /// The longest login back-off.
+    #[arg(long, env = "HAFEN_LOGIN_MAX_BACKOFF", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub login_max_backoff: Duration,
 }
 
-/// The gRPC adapter of `hafen.auth.v1.AuthService`.
-#[derive(Debug, Default)]
-pub struct AuthApi;
-
-#[tonic::async_trait]
-impl AuthService for AuthApi {}
+/// Builds the domain service of `config` (also used by tests and `hafen dev`).
+pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
+    if config.access_ttl > MAX_ACCESS_TTL || config.access_ttl < Duration::from_secs(10) {
+        return Err(Error::Config(
+            "--access-ttl must be between 10s and 1h".into(),
+        ));
+    }
+    let pending =
+        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    if !pending.is_empty() {
+        return Err(Error::Config(format!(
+            "control plane has pending migrations {pending:?}: run `hafen-tenant migrate` first"
+        )));
+    }
+    let databases = Databases::new(&config.databases)?;
+    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let revocations = Revocations::new(MAX_ACCESS_TTL);
+    revocations.listen(redis.clone());
+    let master = MasterKey::load(&config.master_key_file)?;
+    let limiter = limits::Limiter::new(
+        Some(redis.clone()),
+        limits::LimitPolicy {
+            free_attempts: config.login_free_attempts,
+            max_delay: config.login_max_backoff,
+            ..limits::LimitPolicy::default()
+        },
+    );
+    let auth = Auth::new(
+        databases,
+        Some(redis.clone()),
+        revocations.clone(),
+        master,
+        Policy {
+            bcrypt_cost: config.bcrypt_cost,
+            min_password_chars: config.min_password_chars,
+            access_ttl: config.access_ttl,
+            refresh_ttl: config.refresh_ttl,
+        },
+        limiter,
+    )
+    .await?;
+    let authenticator = Authenticator::new(None, Some(redis), Arc::new(auth.clone()), revocations);
+    Ok((auth, authenticator))
+}
 
 /// Serves the auth service on `listener` until `shutdown` resolves, then drains.
-pub async fn serve<F>(
-    config: Config,
-    listener: TcpListener,
-    shutdown: F,
-) -> hafen_platform::Result<()>
+pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), Error>
 where
     F: Future<Output = ()> + Send + 'static,
 {
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    let (auth, authenticator) = build(&config).await?;
+    let layer = AuthnLayer::new(authenticator, SELF_AUTHENTICATED);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .add_service(AuthServiceServer::new(AuthApi))
+        .add_service(layer.wrap(AuthServiceServer::new(AuthApi::new(auth))))
         .serve(listener, shutdown)
-        .await
+        .await?;
+    Ok(())
 }
 
 /// The `hafen-auth` command line, for `--help` checks.

@@ -4,7 +4,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use hafen_authn::Authenticator;
+use hafen_authn::{Caller, Role, caller, require_operator};
 use hafen_proto::tenant::v1 as pb;
 use hafen_proto::tenant::v1::tenant_service_server::TenantService;
 use hafen_store::accounts::{DisplayName, Username};
@@ -21,17 +21,30 @@ use crate::tenants::{DEFAULT_DATABASE, NewTenantInput, Slug, Tenants};
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 500;
 
-/// The TenantService implementation.
+/// The TenantService implementation. Callers are authenticated by the [`hafen_authn`]
+/// layer in front of it.
 #[derive(Debug, Clone)]
 pub struct TenantApi {
     tenants: Tenants,
-    auth: Authenticator,
 }
 
 impl TenantApi {
-    /// The adapter over `tenants`, authenticating calls with `auth`.
-    pub fn new(tenants: Tenants, auth: Authenticator) -> Self {
-        Self { tenants, auth }
+    /// The adapter over `tenants`.
+    pub fn new(tenants: Tenants) -> Self {
+        Self { tenants }
+    }
+}
+
+/// The tenant a call acts on: the operator names it in `tenant_id`; a user's is their
+/// session's, and `tenant_id` must then be empty.
+fn target_tenant(caller: &Caller, tenant_id: &str) -> Result<Uuid, Error> {
+    match caller {
+        Caller::Operator => parse_id("tenant_id", tenant_id),
+        Caller::User(principal) if tenant_id.is_empty() => Ok(principal.tenant_id),
+        Caller::User(_) => Err(Error::invalid(
+            "tenant_id",
+            "must be empty: a user acts on their own tenant",
+        )),
     }
 }
 
@@ -41,7 +54,7 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        self.auth.require_operator(request.metadata())?;
+        require_operator(&request)?;
         let input = parse_create(request.into_inner())?;
         let created = self.tenants.create(input).await?;
         tracing::info!(tenant_id = %created.tenant.id, "operator created tenant");
@@ -61,16 +74,28 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.auth.require_operator(request.metadata())?;
+        let caller = caller(&request)?.clone();
         let request = request.into_inner();
-        let row = match (request.tenant_id.is_empty(), request.slug.is_empty()) {
-            (false, true) => {
+        let row = match (
+            &caller,
+            request.tenant_id.is_empty(),
+            request.slug.is_empty(),
+        ) {
+            (Caller::User(principal), true, true) => self.tenants.get(principal.tenant_id).await?,
+            (Caller::User(_), _, _) => {
+                return Err(Error::invalid(
+                    "tenant_id",
+                    "must be empty: a user reads their own tenant",
+                )
+                .into());
+            }
+            (Caller::Operator, false, true) => {
                 self.tenants
                     .get(parse_id("tenant_id", &request.tenant_id)?)
                     .await?
             }
-            (true, false) => self.tenants.get_by_slug(&request.slug).await?,
-            _ => {
+            (Caller::Operator, true, false) => self.tenants.get_by_slug(&request.slug).await?,
+            (Caller::Operator, _, _) => {
                 return Err(
                     Error::invalid("tenant_id", "set exactly one of tenant_id and slug").into(),
                 );
@@ -83,7 +108,7 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        self.auth.require_operator(request.metadata())?;
+        require_operator(&request)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size)?;
         let after = PageToken::decode(&request.page_token, request.show_deleted)?;
@@ -114,16 +139,23 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::UpdateTenantSettingsRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.auth.require_operator(request.metadata())?;
+        let caller = caller(&request)?.clone();
+        if let Caller::User(principal) = &caller
+            && !principal.role.is_admin()
+        {
+            return Err(hafen_platform::status::permission_denied(
+                "only admins and the owner may change settings",
+            ));
+        }
         let request = request.into_inner();
-        let id = parse_id("tenant_id", &request.tenant_id)?;
+        let id = target_tenant(&caller, &request.tenant_id)?;
         let settings = request.settings.unwrap_or_default();
         let paths = request
             .update_mask
             .map(|mask| mask.paths)
             .unwrap_or_default();
         let row = self.tenants.update_settings(id, &settings, &paths).await?;
-        tracing::info!(tenant_id = %id, "operator updated tenant settings");
+        tracing::info!(tenant_id = %id, "tenant settings updated");
         Ok(Response::new(to_proto(&row)))
     }
 
@@ -131,20 +163,44 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
-        self.auth.require_operator(request.metadata())?;
+        let caller = caller(&request)?.clone();
         let request = request.into_inner();
-        let id = parse_id("tenant_id", &request.tenant_id)?;
-        if !request.password.is_empty() {
-            return Err(Error::invalid("password", "must be empty for operators").into());
-        }
-        if !request.totp_code.is_empty() {
-            return Err(Error::invalid("totp_code", "must be empty for operators").into());
-        }
+        let id = target_tenant(&caller, &request.tenant_id)?;
         if request.confirm_slug.is_empty() {
             return Err(Error::invalid("confirm_slug", "type the tenant's slug to confirm").into());
         }
+        match &caller {
+            Caller::Operator => {
+                if !request.password.is_empty() {
+                    return Err(Error::invalid("password", "must be empty for operators").into());
+                }
+                if !request.totp_code.is_empty() {
+                    return Err(Error::invalid("totp_code", "must be empty for operators").into());
+                }
+            }
+            Caller::User(principal) => {
+                if principal.role != Role::Owner {
+                    return Err(hafen_platform::status::permission_denied(
+                        "only the owner may delete the tenant",
+                    ));
+                }
+                if request.password.is_empty() {
+                    return Err(
+                        Error::invalid("password", "the owner confirms with the password").into(),
+                    );
+                }
+                self.tenants
+                    .verify_owner(
+                        id,
+                        principal.user_id,
+                        Zeroizing::new(request.password.clone()),
+                        &request.totp_code,
+                    )
+                    .await?;
+            }
+        }
         let deleted_at = self.tenants.delete(id, &request.confirm_slug).await?;
-        tracing::info!(tenant_id = %id, "operator deleted tenant");
+        tracing::info!(tenant_id = %id, "tenant deleted");
         Ok(Response::new(pb::DeleteTenantResponse {
             tenant_id: id.to_string(),
             delete_time: Some(timestamp(deleted_at)),

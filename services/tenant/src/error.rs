@@ -56,6 +56,14 @@ pub enum Error {
     #[error("request_id was used for a different request")]
     RequestIdConflict,
 
+    /// The owner's password or TOTP code did not confirm the deletion.
+    #[error("confirmation failed")]
+    ConfirmationFailed,
+
+    /// The owner enrolled TOTP: a current code is required.
+    #[error("totp_code required")]
+    TotpRequired,
+
     /// No such tenant (or deleted, where only active ones qualify).
     #[error("tenant not found")]
     NotFound,
@@ -124,6 +132,18 @@ impl From<Error> for Status {
                 &[("field", "request_id")],
             ),
             Error::NotFound => status::not_found("tenant"),
+            Error::ConfirmationFailed => status::error(
+                Code::PermissionDenied,
+                "CONFIRMATION_FAILED",
+                "confirmation failed",
+                &[],
+            ),
+            Error::TotpRequired => status::error(
+                Code::FailedPrecondition,
+                "TOTP_REQUIRED",
+                "the owner enrolled TOTP: send a current totp_code",
+                &[("field", "totp_code")],
+            ),
             Error::Denied(status) => *status,
             Error::Database(ref db) if is_unique_violation(db, "tenants_slug_key") => {
                 Status::from(Error::SlugTaken)

@@ -23,7 +23,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hafen_authn::{Authenticator, OperatorArgs, PlatformToken};
+use std::sync::Arc;
+
+use hafen_authn::remote::{AuthEndpointArgs, RemoteIntrospect};
+use hafen_authn::{
+    Authenticator, AuthnLayer, MAX_ACCESS_TTL, OperatorArgs, PlatformToken, Redis, RedisArgs,
+    Revocations,
+};
 use hafen_crypto::MasterKey;
 use hafen_platform::{GrpcServer, ServerArgs, TelemetryArgs, TlsMaterial};
 use hafen_proto::tenant::v1::tenant_service_server::TenantServiceServer;
@@ -57,6 +63,12 @@ pub struct Config {
 
     #[command(flatten)]
     pub operator: OperatorArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub auth: AuthEndpointArgs,
 
     /// File with the master key (base64 of 32 random bytes) that wraps tenant keys. It never
     /// enters the database; losing it makes every tenant's data unreadable.
@@ -168,7 +180,13 @@ where
     let master = MasterKey::load(&config.master_key_file)?;
     let token = PlatformToken::load(&config.operator.platform_token_file)
         .map_err(|err| Error::Config(err.to_string()))?;
-    let tenants = Tenants::new(Databases::new(&config.databases)?, master, config.policy());
+    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let tenants = Tenants::new(
+        Databases::new(&config.databases)?,
+        master,
+        config.policy(),
+        Some(redis.clone()),
+    );
     // A placement database that is down must not keep the service from starting: its
     // leftovers are resolved on the next start or `migrate`.
     match tenants.resolve_prepared(PREPARED_MIN_AGE).await {
@@ -176,9 +194,15 @@ where
         Ok(resolved) => tracing::warn!(resolved, "resolved provisioning interrupted by a crash"),
         Err(err) => tracing::warn!(error = %err, "could not check for interrupted provisioning"),
     }
-    let api = TenantApi::new(tenants, Authenticator::new(token));
+    let revocations = Revocations::new(MAX_ACCESS_TTL);
+    revocations.listen(redis.clone());
+    let resolver = RemoteIntrospect::new(&config.auth, &tls)
+        .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
+    let authenticator =
+        Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
+    let layer = AuthnLayer::new(authenticator, &[]);
     GrpcServer::new(BINARY, tls, config.server.drain_timeout)
-        .add_service(TenantServiceServer::new(api))
+        .add_service(layer.wrap(TenantServiceServer::new(TenantApi::new(tenants))))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -133,6 +133,8 @@ pub struct Tenants {
 
 struct Inner {
     databases: Databases,
+    /// Where session revocations are announced when a tenant is deleted.
+    redis: Option<hafen_authn::Redis>,
     master: MasterKey,
     chat_code_pepper: Zeroizing<[u8; 32]>,
     policy: Policy,
@@ -160,12 +162,19 @@ pub fn chat_code_hash(pepper: &[u8], tenant: &TenantId, code: &str) -> [u8; 32] 
 }
 
 impl Tenants {
-    /// The service over `databases`, wrapping tenant keys with `master`.
-    pub fn new(databases: Databases, master: MasterKey, policy: Policy) -> Self {
+    /// The service over `databases`, wrapping tenant keys with `master`; deleting a tenant
+    /// announces the end of its sessions through `redis`.
+    pub fn new(
+        databases: Databases,
+        master: MasterKey,
+        policy: Policy,
+        redis: Option<hafen_authn::Redis>,
+    ) -> Self {
         let chat_code_pepper = master.derive("chat code pepper");
         Self {
             inner: Arc::new(Inner {
                 databases,
+                redis,
                 master,
                 chat_code_pepper,
                 policy,
@@ -523,15 +532,30 @@ impl Tenants {
             ));
         }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.delete_blocking(&current)).await?
+        let (deleted_at, sessions) =
+            tokio::task::spawn_blocking(move || this.delete_blocking(&current)).await??;
+        if let Some(redis) = &self.inner.redis
+            && let Err(err) = redis
+                .revoke(
+                    &sessions,
+                    hafen_authn::RevokeReason::TenantDeleted,
+                    hafen_authn::MAX_ACCESS_TTL,
+                )
+                .await
+        {
+            // The sessions are gone from PostgreSQL and the schema with them: cached ones
+            // reach no data and expire with their access tokens.
+            tracing::warn!(error = %err, "revocation of a deleted tenant's sessions not announced");
+        }
+        Ok(deleted_at)
     }
 
-    fn delete_blocking(&self, tenant_row: &TenantRow) -> Result<DateTime<Utc>, Error> {
+    fn delete_blocking(&self, tenant_row: &TenantRow) -> Result<(DateTime<Utc>, Vec<Uuid>), Error> {
         let tenant = TenantId::from(tenant_row.id);
         let mut main = SyncConnection::establish(self.inner.databases.main_url())
             .map_err(hafen_store::Error::from)?;
         let deleted_at = if tenant_row.database_name == DEFAULT_DATABASE {
-            main.transaction(|conn| -> Result<DateTime<Utc>, Error> {
+            main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
                 tenancy::drop_schema(conn, &tenant)?;
                 Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
@@ -544,13 +568,72 @@ impl Tenants {
                 .ok_or_else(|| Error::Config("tenant placed on an unknown database".into()))?;
             let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
             placed.transaction(|conn| tenancy::drop_schema(conn, &tenant))?;
-            main.transaction(|conn| -> Result<DateTime<Utc>, Error> {
+            main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
                 Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
             })?
         };
         tracing::info!(tenant_id = %tenant, "tenant deleted");
         Ok(deleted_at)
+    }
+
+    /// Checks the owner's confirmation of a deletion (GR3): their password, and a current
+    /// TOTP code when they enrolled one. Never says which was wrong.
+    pub async fn verify_owner(
+        &self,
+        tenant: Uuid,
+        owner: Uuid,
+        password: Zeroizing<String>,
+        totp_code: &str,
+    ) -> Result<(), Error> {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use hafen_store::schema::users;
+
+        let tenant_id = TenantId::from(tenant);
+        let pool = self.inner.databases.tenant_pool(&tenant_id).await?;
+        let (hash, totp, role): (String, Option<Vec<u8>>, String) =
+            hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
+                Box::pin(async move {
+                    users::table
+                        .find(owner)
+                        .filter(users::status.eq("active"))
+                        .select((users::password_hash, users::totp_secret, users::role))
+                        .first(conn)
+                        .await
+                        .optional()?
+                        .ok_or(Error::ConfirmationFailed)
+                })
+            })
+            .await?;
+        if role != accounts::role::OWNER {
+            return Err(Error::from(hafen_platform::status::permission_denied(
+                "only the owner may delete the tenant",
+            )));
+        }
+        let cost = self.inner.policy.bcrypt_cost;
+        let verified = tokio::task::spawn_blocking(move || {
+            hafen_crypto::password::verify(&password, &hash, cost)
+        })
+        .await??;
+        if !verified.matches {
+            return Err(Error::ConfirmationFailed);
+        }
+        if let Some(sealed) = totp {
+            if totp_code.is_empty() {
+                return Err(Error::TotpRequired);
+            }
+            let secret =
+                hafen_crypto::totp::open_secret(&self.inner.master, owner.as_bytes(), &sealed)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            if !hafen_crypto::totp::verify(&secret, totp_code, now) {
+                return Err(Error::ConfirmationFailed);
+            }
+        }
+        Ok(())
     }
 
     /// See [`resolve_prepared`].

@@ -7,6 +7,8 @@ CREATE TABLE sessions (
     user_id                 uuid NOT NULL,
     chat_code_id            uuid NOT NULL,
     role                    text NOT NULL CHECK (role IN ('owner', 'admin', 'member')),
+    -- Free label of the device, from Login (or the chat code's label).
+    device_label            text NOT NULL,
     access_digest           bytea NOT NULL,
     access_expires_at       timestamptz NOT NULL,
     refresh_digest          bytea NOT NULL,

@@ -1,0 +1,135 @@
+//! A running auth and tenant service over one database, for tests that log in.
+
+use hafen_proto::auth::v1 as auth_pb;
+use hafen_proto::auth::v1::auth_service_client::AuthServiceClient;
+use hafen_proto::tenant::v1 as tenant_pb;
+use hafen_proto::tenant::v1::tenant_service_client::TenantServiceClient;
+use tonic::transport::Channel;
+
+use crate::{TestDatabase, TestSecrets, TestServer};
+
+/// The password of every owner [`TestStack::create_tenant`] creates.
+pub const OWNER_PASSWORD: &str = "correct horse battery";
+
+/// A tenant created by [`TestStack::create_tenant`].
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    /// The tenant's id.
+    pub id: String,
+    /// Its slug.
+    pub slug: String,
+    /// The owner's user id.
+    pub owner_id: String,
+    /// The owner's first chat code.
+    pub owner_code: String,
+    /// Its id.
+    pub owner_code_id: String,
+}
+
+/// Auth and tenant services on port 0 with TLS, sharing a fresh database and Redis namespace.
+#[derive(Debug)]
+pub struct TestStack {
+    /// This test's secrets (and Redis namespace).
+    pub secrets: TestSecrets,
+    /// This test's database.
+    pub db: TestDatabase,
+    /// The auth service.
+    pub auth: TestServer,
+    /// The tenant service, resolving tokens through `auth`.
+    pub tenant: TestServer,
+}
+
+impl TestStack {
+    /// Starts both services.
+    pub async fn start() -> Self {
+        let secrets = TestSecrets::generate();
+        let db = TestDatabase::create().await;
+        let auth_config = secrets.auth_config(&db);
+        let auth = TestServer::spawn(|l, s| hafen_auth::serve(auth_config, l, s)).await;
+        let mut tenant_config = secrets.tenant_config(&db, &[]);
+        tenant_config.auth.auth_endpoint = auth.uri();
+        let tenant = TestServer::spawn(|l, s| hafen_tenant::serve(tenant_config, l, s)).await;
+        Self {
+            secrets,
+            db,
+            auth,
+            tenant,
+        }
+    }
+
+    /// A client of the auth service.
+    pub async fn auth_client(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.auth.channel(&self.secrets).await)
+    }
+
+    /// A client of the tenant service.
+    pub async fn tenant_client(&self) -> TenantServiceClient<Channel> {
+        TenantServiceClient::new(self.tenant.channel(&self.secrets).await)
+    }
+
+    /// Creates a tenant `slug` whose owner is `owner` with [`OWNER_PASSWORD`].
+    pub async fn create_tenant(&self, slug: &str) -> TestTenant {
+        let request = tenant_pb::CreateTenantRequest {
+            slug: slug.to_owned(),
+            display_name: format!("Org {slug}"),
+            owner_username: "owner".to_owned(),
+            owner_display_name: "The Owner".to_owned(),
+            owner_password: OWNER_PASSWORD.to_owned(),
+            dpa_version: "2025-01".to_owned(),
+            region: "eu-central".to_owned(),
+            ..Default::default()
+        };
+        let created = self
+            .tenant_client()
+            .await
+            .create_tenant(self.secrets.operator(request))
+            .await
+            .expect("CreateTenant")
+            .into_inner();
+        TestTenant {
+            id: created.tenant.map(|t| t.tenant_id).unwrap_or_default(),
+            slug: slug.to_owned(),
+            owner_id: created.owner_user_id,
+            owner_code: created.owner_chat_code,
+            owner_code_id: created.owner_chat_code_id,
+        }
+    }
+
+    /// Logs in.
+    pub async fn login(
+        &self,
+        slug: &str,
+        username: &str,
+        password: &str,
+        chat_code: &str,
+    ) -> Result<auth_pb::LoginResponse, tonic::Status> {
+        self.auth_client()
+            .await
+            .login(auth_pb::LoginRequest {
+                tenant_slug: slug.to_owned(),
+                username: username.to_owned(),
+                password: password.to_owned(),
+                chat_code: chat_code.to_owned(),
+                device_label: String::new(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Logs the owner of `tenant` in.
+    pub async fn login_owner(&self, tenant: &TestTenant) -> auth_pb::LoginResponse {
+        self.login(&tenant.slug, "owner", OWNER_PASSWORD, &tenant.owner_code)
+            .await
+            .expect("owner login")
+    }
+}
+
+/// A request carrying `access_token`.
+pub fn with_token<T>(access_token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {access_token}")
+        .parse()
+        .expect("token is valid metadata");
+    request.metadata_mut().insert("authorization", value);
+    request
+}

@@ -1,0 +1,193 @@
+//! The auth domain's shared state and the helpers every part of it uses: tenant-scoped
+//! queries, hashing on the blocking pool, and revoking sessions everywhere at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hafen_authn::{Redis, Revocations, RevokeReason};
+use hafen_crypto::MasterKey;
+use hafen_store::{Databases, TenantId};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+use crate::limits::Limiter;
+
+/// What the service enforces.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// bcrypt cost of new hashes.
+    pub bcrypt_cost: u32,
+    /// Minimum length of new passwords, in characters.
+    pub min_password_chars: usize,
+    /// Lifetime of access tokens.
+    pub access_ttl: Duration,
+    /// Lifetime of refresh tokens.
+    pub refresh_ttl: Duration,
+}
+
+/// The auth domain service.
+#[derive(Clone)]
+pub struct Auth {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub databases: Databases,
+    pub redis: Option<Redis>,
+    pub revocations: Revocations,
+    pub master: MasterKey,
+    pub pepper: Zeroizing<[u8; 32]>,
+    pub policy: Policy,
+    pub limiter: Limiter,
+    /// A bcrypt hash of nothing anybody knows, at the configured cost: checked against when a
+    /// login names no existing user, so that costs the same time (no user-name oracle).
+    pub dummy_hash: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// The service over `databases`, caching in `redis` (when given) and recording
+    /// revocations in `revocations`. Computes its dummy hash on the blocking pool.
+    pub async fn new(
+        databases: Databases,
+        redis: Option<Redis>,
+        revocations: Revocations,
+        master: MasterKey,
+        policy: Policy,
+        limiter: Limiter,
+    ) -> Result<Self, Error> {
+        let cost = policy.bcrypt_cost;
+        let dummy_hash = tokio::task::spawn_blocking(move || {
+            let unknowable = hafen_crypto::secret::random_token()?;
+            hafen_crypto::password::hash(&unknowable, cost)
+        })
+        .await??;
+        let pepper = master.derive("chat code pepper");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                databases,
+                redis,
+                revocations,
+                master,
+                pepper,
+                policy,
+                limiter,
+                dummy_hash,
+            }),
+        })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// Runs `f` in `tenant`'s scope on the database the tenant lives on.
+    pub(crate) async fn scoped<R, F>(&self, tenant: Uuid, f: F) -> Result<R, Error>
+    where
+        F: for<'c> FnOnce(
+            &'c mut hafen_store::AsyncPgConnection,
+        ) -> BoxFuture<'c, Result<R, Error>>,
+    {
+        let tenant = TenantId::from(tenant);
+        let pool = self.inner.databases.tenant_pool(&tenant).await?;
+        hafen_store::with_tenant(&pool, &tenant, f).await
+    }
+
+    /// A control-plane connection.
+    pub(crate) async fn control(&self) -> Result<hafen_store::PooledConnection, Error> {
+        Ok(self
+            .inner
+            .databases
+            .main()
+            .get()
+            .await
+            .map_err(hafen_store::Error::from)?)
+    }
+
+    /// Hashes a new password on the blocking pool.
+    pub(crate) async fn hash(&self, password: Zeroizing<String>) -> Result<String, Error> {
+        let cost = self.inner.policy.bcrypt_cost;
+        Ok(
+            tokio::task::spawn_blocking(move || hafen_crypto::password::hash(&password, cost))
+                .await??,
+        )
+    }
+
+    /// Checks `password` against `stored` (or against the dummy hash when there is no
+    /// stored hash, so a missing account costs the same) on the blocking pool.
+    pub(crate) async fn verify(
+        &self,
+        password: Zeroizing<String>,
+        stored: Option<String>,
+    ) -> Result<hafen_crypto::password::Verified, Error> {
+        let cost = self.inner.policy.bcrypt_cost;
+        let known = stored.is_some();
+        let stored = stored.unwrap_or_else(|| self.inner.dummy_hash.clone());
+        let verified = tokio::task::spawn_blocking(move || {
+            hafen_crypto::password::verify(&password, &stored, cost)
+        })
+        .await?;
+        Ok(match verified {
+            Ok(verified) if known => verified,
+            // The dummy, or a stored hash in no accepted format: never a match.
+            Ok(_) | Err(hafen_crypto::Error::UnsupportedHash) => hafen_crypto::password::Verified {
+                matches: false,
+                needs_rehash: false,
+            },
+            Err(err) => return Err(err.into()),
+        })
+    }
+
+    /// The keyed hash a chat code of `tenant` is stored as.
+    pub(crate) fn code_hash(&self, tenant: Uuid, code: &str) -> [u8; 32] {
+        hafen_crypto::secret::keyed_hash(
+            self.inner.pepper.as_slice(),
+            &[tenant.as_bytes(), code.as_bytes()],
+        )
+    }
+
+    /// Makes revoked sessions stop working everywhere: in this process at once, and through
+    /// Redis (markers and the revocation channel) in every other service.
+    pub(crate) async fn announce(&self, sessions: &[Uuid], reason: RevokeReason) {
+        for session in sessions {
+            self.inner.revocations.record(*session, reason);
+        }
+        if let Some(redis) = &self.inner.redis
+            && let Err(err) = redis
+                .revoke(sessions, reason, hafen_authn::MAX_ACCESS_TTL)
+                .await
+        {
+            // PostgreSQL already says revoked: Introspect refuses these sessions, and caches
+            // expire with the access token; other services learn on their next lookup.
+            tracing::warn!(error = %err, sessions = sessions.len(), "revocation not announced in Redis");
+        }
+    }
+
+    /// Drops sessions from the caches without revoking them (a role changed).
+    pub(crate) async fn forget(&self, sessions: &[Uuid]) {
+        if let Some(redis) = &self.inner.redis {
+            let keys: Vec<String> = sessions
+                .iter()
+                .map(|s| redis.key(&format!("session:{}", s.simple())))
+                .collect();
+            if !keys.is_empty() {
+                let mut conn = redis.conn();
+                let deleted: redis::RedisResult<()> =
+                    redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                if let Err(err) = deleted {
+                    tracing::warn!(error = %err, "session cache not cleared");
+                }
+            }
+        }
+    }
+}

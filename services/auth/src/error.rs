@@ -1,0 +1,179 @@
+//! The auth service's errors and their one mapping to gRPC statuses.
+
+use std::time::Duration;
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use hafen_authn::Rejection;
+use hafen_platform::status;
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the auth service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Serving failed.
+    #[error(transparent)]
+    Platform(#[from] hafen_platform::Error),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] hafen_store::Error),
+    /// Key handling or hashing failed.
+    #[error(transparent)]
+    Crypto(#[from] hafen_crypto::Error),
+    /// A query failed.
+    #[error("database: {0}")]
+    Database(#[from] DieselError),
+    /// A blocking task failed.
+    #[error("background task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+
+    /// A request field is missing or malformed.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// The field's path in the request.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A password is over 72 bytes.
+    #[error("{0}: at most 72 bytes")]
+    PasswordTooLong(&'static str),
+    /// A new password breaks the policy.
+    #[error("{field}: {reason}")]
+    PasswordTooWeak {
+        /// The field.
+        field: &'static str,
+        /// Which rule.
+        reason: String,
+    },
+    /// Login failed; never says which factor.
+    #[error("login failed")]
+    LoginFailed,
+    /// Too many failures: back off.
+    #[error("too many attempts; retry in {0:?}")]
+    RateLimited(Duration),
+    /// The resource does not exist (or the caller may not know it does).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A unique value is taken.
+    #[error("{0} is taken")]
+    AlreadyExists(&'static str),
+    /// The request id was used for a different request.
+    #[error("request_id was used for a different request")]
+    RequestIdConflict,
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    /// The resource is in the wrong state for this call.
+    #[error("{0}")]
+    InvalidState(&'static str),
+    /// The owner cannot be deactivated or demoted.
+    #[error("the owner account is protected")]
+    OwnerProtected,
+    /// A re-authentication (password, TOTP code) failed.
+    #[error("confirmation failed")]
+    ConfirmationFailed,
+    /// A refresh token was presented a second time: the session is revoked.
+    #[error("refresh token reused")]
+    RefreshReused,
+    /// The token does not authenticate.
+    #[error("rejected token")]
+    Rejected(Rejection),
+}
+
+impl Error {
+    /// An [`Error::InvalidField`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidField {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match err {
+            Error::InvalidField { field, message } => status::invalid_field(&field, message),
+            Error::PasswordTooLong(field) => status::error(
+                Code::InvalidArgument,
+                "PASSWORD_TOO_LONG",
+                format!("{field}: at most 72 bytes"),
+                &[("field", field)],
+            ),
+            Error::PasswordTooWeak { field, reason } => status::error(
+                Code::InvalidArgument,
+                "PASSWORD_TOO_WEAK",
+                format!("{field}: {reason}"),
+                &[("field", field)],
+            ),
+            Error::LoginFailed => status::error(
+                Code::Unauthenticated,
+                "LOGIN_FAILED",
+                "login failed: check tenant, username, password and chat code",
+                &[],
+            ),
+            Error::RateLimited(wait) => {
+                let seconds = wait.as_secs().max(1).to_string();
+                status::error(
+                    Code::ResourceExhausted,
+                    "RATE_LIMITED",
+                    format!("too many failed attempts; retry in {seconds} s"),
+                    &[("retry_after_seconds", &seconds)],
+                )
+            }
+            Error::NotFound(resource) => status::not_found(resource),
+            Error::AlreadyExists(field) => {
+                status::already_exists(field, format!("{field} is already taken"))
+            }
+            Error::RequestIdConflict => status::error(
+                Code::AlreadyExists,
+                "REQUEST_ID_CONFLICT",
+                "request_id was already used for a different request",
+                &[("field", "request_id")],
+            ),
+            Error::PermissionDenied(message) => status::permission_denied(message),
+            Error::InvalidState(message) => {
+                status::error(Code::FailedPrecondition, "INVALID_STATE", message, &[])
+            }
+            Error::OwnerProtected => status::error(
+                Code::FailedPrecondition,
+                "OWNER_PROTECTED",
+                "the owner cannot be deactivated or change role",
+                &[],
+            ),
+            Error::ConfirmationFailed => status::error(
+                Code::PermissionDenied,
+                "CONFIRMATION_FAILED",
+                "confirmation failed",
+                &[],
+            ),
+            Error::RefreshReused => status::error(
+                Code::Unauthenticated,
+                "REFRESH_TOKEN_REUSED",
+                "this refresh token was already used; the session has been ended",
+                &[],
+            ),
+            Error::Rejected(rejection) => rejection.into(),
+            Error::Store(hafen_store::Error::Pool(_)) => {
+                tracing::warn!(error = %err, "database unavailable");
+                status::unavailable("database unavailable; retry later")
+            }
+            Error::Store(hafen_store::Error::UnknownTenant) => {
+                status::unauthenticated("the session's tenant no longer exists")
+            }
+            other => status::internal(&other),
+        }
+    }
+}
+
+/// Whether `err` is a unique violation of `constraint`.
+pub fn is_unique_violation(err: &DieselError, constraint: &str) -> bool {
+    matches!(
+        err,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+            if info.constraint_name() == Some(constraint)
+    )
+}
