@@ -1,0 +1,913 @@
+//! The auth service against real PostgreSQL and Redis, over TLS (OC1, OC2, OC3, OC5, GR3,
+//! GR6, BX5).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed step must fail the test, with its message"
+)]
+
+use std::time::{Duration, Instant};
+
+use hafen_platform::status;
+use hafen_proto::auth::v1 as pb;
+use hafen_proto::tenant::v1 as tenant_pb;
+use hafen_testkit::{OWNER_PASSWORD, TestStack, TestTenant, with_token};
+use tonic::Code;
+
+fn reason(status: &tonic::Status) -> String {
+    status::reason(status).unwrap_or_default()
+}
+
+fn field(status: &tonic::Status) -> String {
+    status::metadata(status, "field").unwrap_or_default()
+}
+
+/// Creates a member with `password` and a chat code for them; returns (user id, code).
+async fn member(
+    stack: &TestStack,
+    owner_token: &str,
+    username: &str,
+    password: &str,
+) -> (String, String) {
+    let mut auth = stack.auth_client().await;
+    let user = auth
+        .create_user(with_token(
+            owner_token,
+            pb::CreateUserRequest {
+                username: username.into(),
+                display_name: format!("User {username}"),
+                role: hafen_proto::common::v1::Role::Member as i32,
+                credential: Some(pb::create_user_request::Credential::Password(
+                    password.into(),
+                )),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let code = auth
+        .issue_chat_code(with_token(
+            owner_token,
+            pb::IssueChatCodeRequest {
+                user_id: user.user_id.clone(),
+                device_label: "work phone".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    (user.user_id, code.code)
+}
+
+async fn get_own_tenant(
+    stack: &TestStack,
+    token: &str,
+) -> Result<tenant_pb::Tenant, tonic::Status> {
+    stack
+        .tenant_client()
+        .await
+        .get_tenant(with_token(token, tenant_pb::GetTenantRequest::default()))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn setup() -> (TestStack, TestTenant, String) {
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("acme").await;
+    let owner = stack.login_owner(&tenant).await;
+    (stack, tenant, owner.access_token)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc2_login_needs_username_password_and_this_users_chat_code() {
+    let (stack, tenant, owner) = setup().await;
+    let (_, anna_code) = member(&stack, &owner, "member-a", "member a password").await;
+    let (_, _other_code) = member(&stack, &owner, "member-b", "member b password").await;
+
+    let ok = stack
+        .login("acme", "member-a", "member a password", &anna_code)
+        .await
+        .unwrap();
+    assert_eq!(ok.tenant_id, tenant.id);
+    assert!(!ok.access_token.is_empty() && !ok.refresh_token.is_empty());
+    // Case, spaces and hyphens in the typed code do not matter.
+    let typed = format!("{}-{}", &anna_code[..5], &anna_code[5..]).to_lowercase();
+    stack
+        .login("acme", "MEMBER-A", "member a password", &typed)
+        .await
+        .expect("usernames ignore case; codes ignore case and hyphens");
+
+    let failures = [
+        ("member-a", "member a password", "".to_owned()),
+        ("member-a", "member a password", "ABCDEFGHJK".to_owned()),
+        ("member-a", "member a password", tenant.owner_code.clone()),
+        ("member-a", "wrong password!!", anna_code.clone()),
+        ("nobody", "member a password", anna_code.clone()),
+    ];
+    for (username, password, code) in failures {
+        let err = stack
+            .login("acme", username, password, &code)
+            .await
+            .unwrap_err();
+        if code.is_empty() {
+            assert_eq!(
+                (err.code(), field(&err).as_str()),
+                (Code::InvalidArgument, "chat_code")
+            );
+            continue;
+        }
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert_eq!(
+            reason(&err),
+            "LOGIN_FAILED",
+            "one reason for every wrong factor"
+        );
+        assert!(!err.message().contains("code") || err.message().contains("chat code"));
+    }
+    let err = stack
+        .login(
+            "no-such-tenant",
+            "member-a",
+            "member a password",
+            &anna_code,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "LOGIN_FAILED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc3_imported_argon2id_hash_is_accepted_and_rehashed_to_bcrypt() {
+    use argon2::PasswordHasher;
+    let (stack, _tenant, owner) = setup().await;
+    let imported = argon2::Argon2::default()
+        .hash_password(b"imported password")
+        .unwrap()
+        .to_string();
+    let mut auth = stack.auth_client().await;
+    let user = auth
+        .create_user(with_token(
+            &owner,
+            pb::CreateUserRequest {
+                username: "imported".into(),
+                display_name: "Imported".into(),
+                role: hafen_proto::common::v1::Role::Member as i32,
+                credential: Some(pb::create_user_request::Credential::PasswordHash(imported)),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let code = auth
+        .issue_chat_code(with_token(
+            &owner,
+            pb::IssueChatCodeRequest {
+                user_id: user.user_id.clone(),
+                device_label: "laptop".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+
+    let stored = || async {
+        let tenant_id: uuid::Uuid = user_tenant(&stack, &owner).await;
+        let user_id: uuid::Uuid = user.user_id.parse().unwrap();
+        let pool = hafen_store::pool::build_pool(&stack.db.args()).unwrap();
+        hafen_store::with_tenant(
+            &pool,
+            &hafen_store::TenantId::from(tenant_id),
+            move |conn| {
+                Box::pin(async move {
+                    use diesel::prelude::*;
+                    use diesel_async::RunQueryDsl;
+                    use hafen_store::schema::users;
+                    let hash: String = users::table
+                        .find(user_id)
+                        .select(users::password_hash)
+                        .first(conn)
+                        .await?;
+                    Ok::<_, hafen_store::Error>(hash)
+                })
+            },
+        )
+        .await
+        .unwrap()
+    };
+    assert!(stored().await.starts_with("$argon2id$"));
+    stack
+        .login("acme", "imported", "imported password", &code)
+        .await
+        .expect("argon2id hashes are accepted");
+    assert!(
+        stored().await.starts_with("$2b$"),
+        "re-hashed to bcrypt on login"
+    );
+    stack
+        .login("acme", "imported", "imported password", &code)
+        .await
+        .expect("the new bcrypt hash verifies");
+
+    let err = auth
+        .create_user(with_token(
+            &owner,
+            pb::CreateUserRequest {
+                username: "bad-hash".into(),
+                display_name: "Bad".into(),
+                role: hafen_proto::common::v1::Role::Member as i32,
+                credential: Some(pb::create_user_request::Credential::PasswordHash(
+                    "$1$md5$nope".into(),
+                )),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "password_hash");
+}
+
+async fn user_tenant(stack: &TestStack, token: &str) -> uuid::Uuid {
+    get_own_tenant(stack, token)
+        .await
+        .unwrap()
+        .tenant_id
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc5_revoking_a_chat_code_wipes_the_device_everywhere() {
+    let (stack, _tenant, owner) = setup().await;
+    let (_, code) = member(&stack, &owner, "traveller", "traveller password").await;
+    let device = stack
+        .login("acme", "traveller", "traveller password", &code)
+        .await
+        .unwrap();
+    // The session works on another service (the tenant service resolves it via Introspect).
+    get_own_tenant(&stack, &device.access_token).await.unwrap();
+
+    // A stream on another service waits on the same revocation watch as this one: an
+    // authenticator set up as every other service sets it up (Redis, then Introspect).
+    let other_service = {
+        let redis = hafen_authn::Redis::new(&stack.secrets.redis_args()).unwrap();
+        let revocations = hafen_authn::Revocations::new(hafen_authn::MAX_ACCESS_TTL);
+        revocations.listen(redis.clone());
+        revocations
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await; // the subscription is in place
+    let session: uuid::Uuid = device.session_id.parse().unwrap();
+    let stream_end = tokio::spawn({
+        let watch = other_service.clone();
+        async move { watch.wait(session).await }
+    });
+
+    let revoked_at = Instant::now();
+    let code_row = stack
+        .auth_client()
+        .await
+        .revoke_chat_code(with_token(
+            &owner,
+            pb::RevokeChatCodeRequest {
+                chat_code_id: device.chat_code_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code_row.state, pb::ChatCodeState::Revoked as i32);
+
+    let ended = tokio::time::timeout(Duration::from_secs(1), stream_end)
+        .await
+        .expect("the open stream learns of the wipe within 1 s")
+        .unwrap();
+    assert_eq!(ended, hafen_authn::RevokeReason::DeviceWiped);
+
+    let err = get_own_tenant(&stack, &device.access_token)
+        .await
+        .unwrap_err();
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "DEVICE_WIPED", "the device is told to wipe");
+    let err = stack
+        .auth_client()
+        .await
+        .list_users(with_token(
+            &device.access_token,
+            pb::ListUsersRequest::default(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "DEVICE_WIPED", "on the auth service too");
+    let err = stack
+        .auth_client()
+        .await
+        .refresh(pb::RefreshRequest {
+            refresh_token: device.refresh_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&err),
+        "DEVICE_WIPED",
+        "and the refresh token is dead"
+    );
+
+    // The device confirms the wipe; admins see WIPED.
+    let confirmed = stack
+        .auth_client()
+        .await
+        .confirm_wipe(with_token(&device.access_token, pb::ConfirmWipeRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(confirmed.wipe_confirm_time.is_some());
+    let codes = stack
+        .auth_client()
+        .await
+        .list_chat_codes(with_token(&owner, pb::ListChatCodesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .chat_codes;
+    let wiped = codes
+        .iter()
+        .find(|c| c.chat_code_id == device.chat_code_id)
+        .unwrap();
+    assert_eq!(wiped.state, pb::ChatCodeState::Wiped as i32);
+    assert!(wiped.wipe_confirm_time.is_some());
+
+    // The code never logs in again.
+    let err = stack
+        .login("acme", "traveller", "traveller password", &code)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "LOGIN_FAILED");
+
+    // Only a wiped session may confirm a wipe.
+    let err = stack
+        .auth_client()
+        .await
+        .confirm_wipe(with_token(&owner, pb::ConfirmWipeRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "INVALID_STATE")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_tokens_rotate_and_reuse_revokes_the_session() {
+    let (stack, tenant, _) = setup().await;
+    let session = stack.login_owner(&tenant).await;
+    let mut auth = stack.auth_client().await;
+    let first = auth
+        .refresh(pb::RefreshRequest {
+            refresh_token: session.refresh_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(first.refresh_token, session.refresh_token, "rotated");
+    assert_ne!(first.access_token, session.access_token);
+    get_own_tenant(&stack, &first.access_token)
+        .await
+        .expect("new access token works");
+    let err = get_own_tenant(&stack, &session.access_token)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unauthenticated,
+        "the replaced access token stops working"
+    );
+
+    // The first refresh token again: reuse. The whole session ends.
+    let err = auth
+        .refresh(pb::RefreshRequest {
+            refresh_token: session.refresh_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "REFRESH_TOKEN_REUSED");
+    let err = get_own_tenant(&stack, &first.access_token)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "SESSION_REVOKED");
+    let err = auth
+        .refresh(pb::RefreshRequest {
+            refresh_token: first.refresh_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "SESSION_REVOKED");
+
+    let err = auth
+        .refresh(pb::RefreshRequest {
+            refresh_token: "not-a-token".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Unauthenticated, "UNAUTHENTICATED")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr6_deactivation_ends_sessions_and_blocks_login_until_reactivated() {
+    let (stack, _tenant, owner) = setup().await;
+    let (user_id, code) = member(&stack, &owner, "leaver", "leaver password 1").await;
+    let session = stack
+        .login("acme", "leaver", "leaver password 1", &code)
+        .await
+        .unwrap();
+    get_own_tenant(&stack, &session.access_token).await.unwrap();
+    let mut auth = stack.auth_client().await;
+    let deactivated = auth
+        .deactivate_user(with_token(
+            &owner,
+            pb::DeactivateUserRequest {
+                user_id: user_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deactivated.state, pb::UserState::Deactivated as i32);
+    let err = get_own_tenant(&stack, &session.access_token)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "SESSION_REVOKED");
+    let err = stack
+        .login("acme", "leaver", "leaver password 1", &code)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "LOGIN_FAILED");
+
+    // The owner is protected; members may not deactivate anyone.
+    let owner_id = stack
+        .auth_client()
+        .await
+        .list_users(with_token(&owner, pb::ListUsersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .into_iter()
+        .find(|u| u.username == "owner")
+        .unwrap()
+        .user_id;
+    let err = auth
+        .deactivate_user(with_token(
+            &owner,
+            pb::DeactivateUserRequest { user_id: owner_id },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "OWNER_PROTECTED");
+
+    auth.reactivate_user(with_token(&owner, pb::ReactivateUserRequest { user_id }))
+        .await
+        .unwrap();
+    stack
+        .login("acme", "leaver", "leaver password 1", &code)
+        .await
+        .expect("reactivated users log in again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn brute_force_is_slowed_down_and_recovers() {
+    let (stack, _tenant, owner) = setup().await;
+    let (_, code) = member(&stack, &owner, "target", "target password").await;
+    for _ in 0..5 {
+        let err = stack
+            .login("acme", "target", "guess guess!", &code)
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&err), "LOGIN_FAILED");
+    }
+    // The sixth failure starts the back-off: even the right password waits now.
+    let _ = stack.login("acme", "target", "guess guess!", &code).await;
+    let err = stack
+        .login("acme", "target", "target password", &code)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "RATE_LIMITED");
+    let retry_after: u64 = status::metadata(&err, "retry_after_seconds")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    stack
+        .login("acme", "target", "target password", &code)
+        .await
+        .expect("after the back-off the right password works");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn change_password_ends_other_sessions_and_needs_the_old_one() {
+    let (stack, _tenant, owner) = setup().await;
+    let (_, code) = member(&stack, &owner, "changer", "first password").await;
+    let one = stack
+        .login("acme", "changer", "first password", &code)
+        .await
+        .unwrap();
+    let two = stack
+        .login("acme", "changer", "first password", &code)
+        .await
+        .unwrap();
+    let mut auth = stack.auth_client().await;
+    let err = auth
+        .change_password(with_token(
+            &one.access_token,
+            pb::ChangePasswordRequest {
+                old_password: "not the password".into(),
+                new_password: "second password".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "CONFIRMATION_FAILED");
+    let changed = auth
+        .change_password(with_token(
+            &one.access_token,
+            pb::ChangePasswordRequest {
+                old_password: "first password".into(),
+                new_password: "second password".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.sessions_revoked, 1);
+    get_own_tenant(&stack, &one.access_token)
+        .await
+        .expect("the calling session stays");
+    let err = get_own_tenant(&stack, &two.access_token).await.unwrap_err();
+    assert_eq!(reason(&err), "SESSION_REVOKED");
+    stack
+        .login("acme", "changer", "second password", &code)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr3_the_owner_deletes_the_tenant_with_password_and_totp() {
+    let (stack, tenant, owner) = setup().await;
+    let mut auth = stack.auth_client().await;
+    let enrolled = auth
+        .enroll_totp(with_token(
+            &owner,
+            pb::EnrollTotpRequest {
+                password: OWNER_PASSWORD.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(enrolled.otpauth_uri.starts_with("otpauth://totp/"));
+    let secret = base32_decode(&enrolled.secret_base32);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let err = auth
+        .confirm_totp(with_token(
+            &owner,
+            pb::ConfirmTotpRequest {
+                code: "000000".into(),
+            },
+        ))
+        .await;
+    if let Err(err) = err {
+        assert_eq!(reason(&err), "CONFIRMATION_FAILED");
+    }
+    let confirmed = auth
+        .confirm_totp(with_token(
+            &owner,
+            pb::ConfirmTotpRequest {
+                code: hafen_crypto::totp::code_at(&secret, now()),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(confirmed.user.unwrap().totp_enrolled);
+
+    let delete = |password: &str, totp: String| tenant_pb::DeleteTenantRequest {
+        tenant_id: String::new(),
+        confirm_slug: tenant.slug.clone(),
+        password: password.into(),
+        totp_code: totp,
+    };
+    let mut tenants = stack.tenant_client().await;
+    let err = tenants
+        .delete_tenant(with_token(&owner, delete(OWNER_PASSWORD, String::new())))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "TOTP_REQUIRED");
+    let err = tenants
+        .delete_tenant(with_token(
+            &owner,
+            delete(
+                "wrong password!",
+                hafen_crypto::totp::code_at(&secret, now()),
+            ),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "CONFIRMATION_FAILED");
+    let err = tenants
+        .delete_tenant(with_token(&owner, delete(OWNER_PASSWORD, "123456".into())))
+        .await;
+    if let Err(err) = err {
+        assert_eq!(reason(&err), "CONFIRMATION_FAILED");
+    }
+    // A member may not delete the organisation.
+    let (_, code) = member(&stack, &owner, "plain", "plain password").await;
+    let plain = stack
+        .login("acme", "plain", "plain password", &code)
+        .await
+        .unwrap();
+    let err = tenants
+        .delete_tenant(with_token(
+            &plain.access_token,
+            delete("plain password", String::new()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    tenants
+        .delete_tenant(with_token(
+            &owner,
+            delete(OWNER_PASSWORD, hafen_crypto::totp::code_at(&secret, now())),
+        ))
+        .await
+        .expect("password and a current TOTP code delete the tenant");
+    let err = get_own_tenant(&stack, &owner).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unauthenticated,
+        "the tenant's sessions are gone"
+    );
+}
+
+fn base32_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = Vec::new();
+    let (mut buffer, mut bits) = (0u32, 0);
+    for c in text.bytes() {
+        let value = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        buffer = (buffer << 5) | value;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn introspect_is_for_hafen_services_only() {
+    let (stack, tenant, _) = setup().await;
+    let session = stack.login_owner(&tenant).await;
+    let err = stack
+        .auth_client()
+        .await
+        .introspect(pb::IntrospectRequest {
+            access_token: session.access_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "no client certificate: refused"
+    );
+
+    let channel = stack
+        .auth
+        .try_channel(stack.secrets.client_tls(Some("messaging")))
+        .await
+        .unwrap();
+    let active = hafen_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel)
+        .introspect(pb::IntrospectRequest {
+            access_token: session.access_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(active.active);
+    assert_eq!(active.tenant_id, tenant.id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_status_and_writes_nothing() {
+    let (stack, _tenant, owner) = setup().await;
+    let mut auth = stack.auth_client().await;
+    let login = |slug: &str, user: &str, pass: String, code: &str| pb::LoginRequest {
+        tenant_slug: slug.into(),
+        username: user.into(),
+        password: pass,
+        chat_code: code.into(),
+        device_label: String::new(),
+    };
+    let cases = [
+        (
+            login("", "u", "p".into(), "c"),
+            "INVALID_FIELD",
+            "tenant_slug",
+        ),
+        (
+            login("acme", "", "p".into(), "c"),
+            "INVALID_FIELD",
+            "username",
+        ),
+        (
+            login("acme", "u", String::new(), "c"),
+            "INVALID_FIELD",
+            "password",
+        ),
+        (
+            login("acme", "u", "x".repeat(73), "ABCDEFGHJK"),
+            "PASSWORD_TOO_LONG",
+            "password",
+        ),
+        (
+            login("acme", &"u".repeat(65), "p".into(), "c"),
+            "INVALID_FIELD",
+            "username",
+        ),
+    ];
+    for (request, expected_reason, expected_field) in cases {
+        let err = auth.login(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            (reason(&err).as_str(), field(&err).as_str()),
+            (expected_reason, expected_field)
+        );
+    }
+
+    let users_before = auth
+        .list_users(with_token(&owner, pb::ListUsersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .len();
+    let create = |username: &str, password: String, role: i32| pb::CreateUserRequest {
+        username: username.into(),
+        display_name: "Somebody".into(),
+        role,
+        credential: Some(pb::create_user_request::Credential::Password(password)),
+        ..Default::default()
+    };
+    let member_role = hafen_proto::common::v1::Role::Member as i32;
+    let cases = [
+        (
+            create("ok-name", "x".repeat(73), member_role),
+            "PASSWORD_TOO_LONG",
+            "password",
+        ),
+        (
+            create("ok-name", "short".into(), member_role),
+            "PASSWORD_TOO_WEAK",
+            "password",
+        ),
+        (
+            create("a b", "long enough pass".into(), member_role),
+            "INVALID_FIELD",
+            "username",
+        ),
+        (
+            create("ok-name", "long enough pass".into(), 0),
+            "INVALID_FIELD",
+            "role",
+        ),
+        (
+            create(
+                "ok-name",
+                "long enough pass".into(),
+                hafen_proto::common::v1::Role::Owner as i32,
+            ),
+            "INVALID_FIELD",
+            "role",
+        ),
+        (
+            create("owner", "long enough pass".into(), member_role),
+            "ALREADY_EXISTS",
+            "username",
+        ),
+    ];
+    for (request, expected_reason, expected_field) in cases {
+        let err = auth
+            .create_user(with_token(&owner, request))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (reason(&err).as_str(), field(&err).as_str()),
+            (expected_reason, expected_field),
+            "{err:?}"
+        );
+    }
+    for (id, expected) in [("", "user_id"), ("42", "user_id")] {
+        let err = auth
+            .issue_chat_code(with_token(
+                &owner,
+                pb::IssueChatCodeRequest {
+                    user_id: id.into(),
+                    device_label: "x".into(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), field(&err).as_str()),
+            (Code::InvalidArgument, expected)
+        );
+    }
+    let err = auth
+        .revoke_chat_code(with_token(
+            &owner,
+            pb::RevokeChatCodeRequest {
+                chat_code_id: uuid::Uuid::now_v7().to_string(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = auth
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "no token");
+    let users_after = auth
+        .list_users(with_token(&owner, pb::ListUsersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .len();
+    assert_eq!(users_before, users_after, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx5_tokens_passwords_and_chat_codes_never_reach_the_logs() {
+    let logs = hafen_testkit::LogCapture::install();
+    let (stack, tenant, owner) = setup().await;
+    let (_, code) = member(&stack, &owner, "quiet", "quiet password").await;
+    let session = stack
+        .login("acme", "quiet", "quiet password", &code)
+        .await
+        .unwrap();
+    let _ = stack
+        .login("acme", "quiet", "wrong wrong wrong", &code)
+        .await;
+    let refreshed = stack
+        .auth_client()
+        .await
+        .refresh(pb::RefreshRequest {
+            refresh_token: session.refresh_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    get_own_tenant(&stack, &refreshed.access_token)
+        .await
+        .unwrap();
+    let logged = logs.contents();
+    assert!(
+        logged.contains(&session.session_id),
+        "ids are logged: the capture works"
+    );
+    for secret in [
+        OWNER_PASSWORD,
+        "quiet password",
+        "wrong wrong wrong",
+        code.as_str(),
+        tenant.owner_code.as_str(),
+        owner.as_str(),
+        session.access_token.as_str(),
+        session.refresh_token.as_str(),
+        refreshed.access_token.as_str(),
+        refreshed.refresh_token.as_str(),
+    ] {
+        assert!(!logged.contains(secret), "a secret reached the logs");
+        // Not even the secret half of a token.
+        if let Some((_, half)) = secret.split_once('.') {
+            assert!(!logged.contains(half), "a token secret reached the logs");
+        }
+    }
+}
