@@ -9,6 +9,8 @@
 //!   client, and at the production cost next to raw bcrypt.
 //! - `migrate`: `hafen-tenant migrate` over N tenants that each lack the newest migration;
 //!   total seconds, next to the same SQL applied raw with the same concurrency.
+//! - `login`: logins per second at concurrency 8 next to raw bcrypt verifications per second,
+//!   and ListUsers p99 during that login storm next to its idle value.
 
 #![allow(
     clippy::print_stdout,
@@ -16,6 +18,7 @@
     reason = "a benchmark reports on stdout and stops loudly when its set-up fails"
 )]
 
+mod login;
 mod migrate;
 mod provision;
 
@@ -55,6 +58,7 @@ enum Scenario {
     All,
     Provision,
     Migrate,
+    Login,
 }
 
 /// One line of the result table.
@@ -74,6 +78,11 @@ async fn main() {
     let mut json = Vec::new();
     if wants(Scenario::Provision) {
         let (l, j) = provision::run(cli.tenants, cli.bcrypt_cost).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Login) {
+        let (l, j) = login::run(cli.bcrypt_cost).await;
         lines.extend(l);
         json.push(j);
     }

@@ -1,8 +1,8 @@
 //! Passwords (OC3): the policy for new passwords, bcrypt hashing, and verification of bcrypt
 //! and argon2id hashes (imported argon2id hashes are re-hashed to bcrypt on the next login).
 //!
-//! Hashing is deliberately slow: call these functions on a blocking thread
-//! (`tokio::task::spawn_blocking`), never on an async worker.
+//! Hashing is deliberately slow: call these functions off the async workers — the services
+//! use `hafen_platform::cpu::CpuPool`, whose low-priority threads keep other calls fast.
 
 use argon2::{PasswordHash, PasswordVerifier};
 

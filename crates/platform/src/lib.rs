@@ -6,6 +6,7 @@
 //!   `.dev/certs/` when no certificate is configured.
 //! - [`telemetry`]: tracing with JSON or human-readable logs; OTLP export of traces and metrics
 //!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! - [`cpu`]: low-priority threads for CPU-heavy work (password hashing).
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
 //! - [`paging`]: page sizes and opaque page tokens (AIP-158).
 //! - [`status`]: gRPC statuses with `google.rpc.ErrorInfo` (domain `hafen`) for error mapping.
@@ -18,6 +19,7 @@
 pub mod cli;
 pub mod config;
 mod conn;
+pub mod cpu;
 pub mod error;
 pub mod paging;
 pub mod server;

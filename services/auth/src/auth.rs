@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use hafen_authn::{Redis, Revocations, RevokeReason};
 use hafen_crypto::MasterKey;
+use hafen_platform::cpu::CpuPool;
 use hafen_store::{Databases, TenantId};
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -41,6 +42,8 @@ pub(crate) struct Inner {
     pub pepper: Zeroizing<[u8; 32]>,
     pub policy: Policy,
     pub limiter: Limiter,
+    /// Low-priority threads for bcrypt and argon2.
+    pub cpu: CpuPool,
     /// A bcrypt hash of nothing anybody knows, at the configured cost: checked against when a
     /// login names no existing user, so that costs the same time (no user-name oracle).
     pub dummy_hash: String,
@@ -55,8 +58,8 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    /// The service over `databases`, caching in `redis` (when given) and recording
-    /// revocations in `revocations`. Computes its dummy hash on the blocking pool.
+    /// The service over `databases`, caching in `redis` (when given), recording revocations
+    /// in `revocations` and hashing on `cpu`. Computes its dummy hash first.
     pub async fn new(
         databases: Databases,
         redis: Option<Redis>,
@@ -64,13 +67,15 @@ impl Auth {
         master: MasterKey,
         policy: Policy,
         limiter: Limiter,
+        cpu: CpuPool,
     ) -> Result<Self, Error> {
         let cost = policy.bcrypt_cost;
-        let dummy_hash = tokio::task::spawn_blocking(move || {
-            let unknowable = hafen_crypto::secret::random_token()?;
-            hafen_crypto::password::hash(&unknowable, cost)
-        })
-        .await??;
+        let dummy_hash = cpu
+            .run(move || {
+                let unknowable = hafen_crypto::secret::random_token()?;
+                hafen_crypto::password::hash(&unknowable, cost)
+            })
+            .await??;
         let pepper = master.derive("chat code pepper");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -81,6 +86,7 @@ impl Auth {
                 pepper,
                 policy,
                 limiter,
+                cpu,
                 dummy_hash,
             }),
         })
@@ -114,17 +120,18 @@ impl Auth {
             .map_err(hafen_store::Error::from)?)
     }
 
-    /// Hashes a new password on the blocking pool.
+    /// Hashes a new password on the low-priority CPU pool.
     pub(crate) async fn hash(&self, password: Zeroizing<String>) -> Result<String, Error> {
         let cost = self.inner.policy.bcrypt_cost;
-        Ok(
-            tokio::task::spawn_blocking(move || hafen_crypto::password::hash(&password, cost))
-                .await??,
-        )
+        Ok(self
+            .inner
+            .cpu
+            .run(move || hafen_crypto::password::hash(&password, cost))
+            .await??)
     }
 
     /// Checks `password` against `stored` (or against the dummy hash when there is no
-    /// stored hash, so a missing account costs the same) on the blocking pool.
+    /// stored hash, so a missing account costs the same) on the low-priority CPU pool.
     pub(crate) async fn verify(
         &self,
         password: Zeroizing<String>,
@@ -133,10 +140,11 @@ impl Auth {
         let cost = self.inner.policy.bcrypt_cost;
         let known = stored.is_some();
         let stored = stored.unwrap_or_else(|| self.inner.dummy_hash.clone());
-        let verified = tokio::task::spawn_blocking(move || {
-            hafen_crypto::password::verify(&password, &stored, cost)
-        })
-        .await?;
+        let verified = self
+            .inner
+            .cpu
+            .run(move || hafen_crypto::password::verify(&password, &stored, cost))
+            .await?;
         Ok(match verified {
             Ok(verified) if known => verified,
             // The dummy, or a stored hash in no accepted format: never a match.

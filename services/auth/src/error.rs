@@ -25,6 +25,9 @@ pub enum Error {
     /// A blocking task failed.
     #[error("background task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A hashing task failed.
+    #[error(transparent)]
+    Cpu(#[from] hafen_platform::cpu::TaskFailed),
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),

@@ -129,6 +129,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
             refresh_ttl: config.refresh_ttl,
         },
         limiter,
+        hafen_platform::cpu::CpuPool::new("hafen-auth-hash"),
     )
     .await?;
     let authenticator = Authenticator::new(None, Some(redis), Arc::new(auth.clone()), revocations);

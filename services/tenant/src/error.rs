@@ -80,6 +80,10 @@ pub enum Error {
     #[error("background task: {0}")]
     Task(#[from] tokio::task::JoinError),
 
+    /// A hashing task failed.
+    #[error(transparent)]
+    Cpu(#[from] hafen_platform::cpu::TaskFailed),
+
     /// A deliberate failure injected by a test (see `Tenants::set_fail_point`), naming the
     /// tenant whose provisioning it stopped.
     #[error("injected failure {0} of tenant {1}")]

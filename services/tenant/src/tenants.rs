@@ -135,6 +135,8 @@ struct Inner {
     databases: Databases,
     /// Where session revocations are announced when a tenant is deleted.
     redis: Option<hafen_authn::Redis>,
+    /// Low-priority threads for password hashing.
+    cpu: hafen_platform::cpu::CpuPool,
     master: MasterKey,
     chat_code_pepper: Zeroizing<[u8; 32]>,
     policy: Policy,
@@ -175,6 +177,7 @@ impl Tenants {
             inner: Arc::new(Inner {
                 databases,
                 redis,
+                cpu: hafen_platform::cpu::CpuPool::new("hafen-tenant-hash"),
                 master,
                 chat_code_pepper,
                 policy,
@@ -263,17 +266,18 @@ impl Tenants {
             }
         }
 
-        // The password is hashed on a blocking thread while another one provisions.
+        // The password is hashed on the low-priority CPU pool while a blocking thread
+        // provisions.
         let password = input.owner_password.clone();
         let cost = self.inner.policy.bcrypt_cost;
-        let hashing =
-            tokio::task::spawn_blocking(move || hafen_crypto::password::hash(&password, cost));
+        let cpu = self.inner.cpu.clone();
         let (hash_tx, hash_rx) = std::sync::mpsc::channel::<Result<String, Error>>();
         tokio::spawn(async move {
-            let hash = match hashing.await {
-                Ok(result) => result.map_err(Error::from),
-                Err(err) => Err(Error::from(err)),
-            };
+            let hash = cpu
+                .run(move || hafen_crypto::password::hash(&password, cost))
+                .await
+                .map_err(Error::from)
+                .and_then(|hashed| hashed.map_err(Error::from));
             let _ = hash_tx.send(hash);
         });
 
@@ -612,10 +616,11 @@ impl Tenants {
             )));
         }
         let cost = self.inner.policy.bcrypt_cost;
-        let verified = tokio::task::spawn_blocking(move || {
-            hafen_crypto::password::verify(&password, &hash, cost)
-        })
-        .await??;
+        let verified = self
+            .inner
+            .cpu
+            .run(move || hafen_crypto::password::verify(&password, &hash, cost))
+            .await??;
         if !verified.matches {
             return Err(Error::ConfirmationFailed);
         }
