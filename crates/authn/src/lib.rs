@@ -13,7 +13,7 @@
 //!
 //! [`AuthnLayer`] does this for every call of a service and puts the [`Caller`] into the
 //! request's extensions; handlers read it with [`caller`], [`user`] or [`require_operator`].
-//! Open streams end when their session does: [`Authenticator::revoked`].
+//! Open streams end when their session does: [`end_on_revocation`].
 //!
 //! - [`operator`]: the platform token. [`token`]: minting and parsing access tokens.
 //! - [`cache`]: Redis. [`revocations`]: revoked sessions and waiting for them.
@@ -225,6 +225,38 @@ fn accept(cached: &CachedSession, digest: &[u8; 32]) -> Result<Principal, Status
         return Err(Rejection::Expired.into());
     }
     Ok(principal)
+}
+
+/// A response stream that ends, with the session's status (e.g. UNAUTHENTICATED
+/// `DEVICE_WIPED`), as soon as `session` is revoked (OC5). Every server stream a user opens
+/// goes through this.
+pub fn end_on_revocation<S, T>(
+    stream: S,
+    authenticator: Authenticator,
+    session: Uuid,
+) -> futures::stream::BoxStream<'static, Result<T, Status>>
+where
+    S: futures::Stream<Item = Result<T, Status>> + Send + 'static,
+    T: Send + 'static,
+{
+    use futures::StreamExt;
+    let revoked: BoxFuture<'static, RevokeReason> =
+        Box::pin(async move { authenticator.revoked(session).await });
+    futures::stream::unfold(
+        (Box::pin(stream), Some(revoked)),
+        move |(mut stream, revoked)| async move {
+            let mut revoked = revoked?;
+            tokio::select! {
+                reason = &mut revoked => {
+                    tracing::info!(session_id = %session, reason = %reason, "stream ended: session revoked");
+                    let status = Status::from(Rejection::Revoked(reason));
+                    Some((Err(status), (stream, None)))
+                }
+                item = stream.next() => item.map(|item| (item, (stream, Some(revoked)))),
+            }
+        },
+    )
+    .boxed()
 }
 
 /// The caller [`AuthnLayer`] found; UNAUTHENTICATED when the call carried no token.
