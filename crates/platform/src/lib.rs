@@ -84,3 +84,11 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
             source,
         })
 }
+
+/// A protobuf timestamp of `time`.
+pub fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}

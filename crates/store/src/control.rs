@@ -243,8 +243,7 @@ pub mod blocking {
         conn: &mut SyncConnection,
         id: Uuid,
     ) -> QueryResult<(DateTime<Utc>, Vec<Uuid>)> {
-        // PostgreSQL keeps microseconds: return what a later read returns.
-        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let now = crate::now();
         diesel::delete(tenant_keys::table.filter(tenant_keys::tenant_id.eq(id))).execute(conn)?;
         let ended: Vec<Uuid> = diesel::delete(sessions::table.filter(sessions::tenant_id.eq(id)))
             .returning(sessions::id)

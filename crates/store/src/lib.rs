@@ -34,3 +34,18 @@ pub use diesel_async::AsyncPgConnection;
 pub use error::{Error, Result};
 pub use pool::{Pool, PooledConnection};
 pub use tenancy::{TenantId, with_tenant};
+
+/// The current time as PostgreSQL stores it (microseconds), so that what a call returns is
+/// what a later read shows.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6)
+}
+
+/// Whether `err` is a unique violation of `constraint`.
+pub fn is_unique_violation(err: &diesel::result::Error, constraint: &str) -> bool {
+    matches!(
+        err,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, info)
+            if info.constraint_name() == Some(constraint)
+    )
+}

@@ -157,50 +157,45 @@ pub async fn revoke(conn: &mut AsyncPgConnection, id: Uuid, reason: &str) -> Que
     Ok(updated == 1)
 }
 
-/// Ends every live session of a tenant opened with `chat_code`; returns their ids.
-pub async fn revoke_for_code(
-    conn: &mut AsyncPgConnection,
-    tenant: Uuid,
-    chat_code: Uuid,
-    reason: &str,
-) -> QueryResult<Vec<Uuid>> {
-    diesel::update(
-        sessions::table
-            .filter(sessions::tenant_id.eq(tenant))
-            .filter(sessions::chat_code_id.eq(chat_code))
-            .filter(sessions::revoked_at.is_null()),
-    )
-    .set((
-        sessions::revoked_at.eq(Utc::now()),
-        sessions::revoke_reason.eq(reason),
-    ))
-    .returning(sessions::id)
-    .get_results(conn)
-    .await
+/// Which live sessions of a tenant to end.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    /// Those opened with this chat code (remote wipe).
+    ChatCode(Uuid),
+    /// Those of this user, except `keep` (e.g. the session changing the password).
+    User {
+        /// The user.
+        user: Uuid,
+        /// A session to leave alone.
+        keep: Option<Uuid>,
+    },
 }
 
-/// Ends every live session of a user except `keep`; returns their ids.
-pub async fn revoke_for_user(
+/// Ends every live session of `tenant` in `scope` for `reason`; returns their ids.
+pub async fn revoke_all(
     conn: &mut AsyncPgConnection,
     tenant: Uuid,
-    user: Uuid,
-    keep: Option<Uuid>,
+    scope: Scope,
     reason: &str,
 ) -> QueryResult<Vec<Uuid>> {
-    diesel::update(
-        sessions::table
-            .filter(sessions::tenant_id.eq(tenant))
+    let mut update = diesel::update(sessions::table)
+        .filter(sessions::tenant_id.eq(tenant))
+        .filter(sessions::revoked_at.is_null())
+        .into_boxed();
+    update = match scope {
+        Scope::ChatCode(code) => update.filter(sessions::chat_code_id.eq(code)),
+        Scope::User { user, keep } => update
             .filter(sessions::user_id.eq(user))
-            .filter(sessions::revoked_at.is_null())
             .filter(sessions::id.ne(keep.unwrap_or_else(Uuid::nil))),
-    )
-    .set((
-        sessions::revoked_at.eq(Utc::now()),
-        sessions::revoke_reason.eq(reason),
-    ))
-    .returning(sessions::id)
-    .get_results(conn)
-    .await
+    };
+    update
+        .set((
+            sessions::revoked_at.eq(Utc::now()),
+            sessions::revoke_reason.eq(reason),
+        ))
+        .returning(sessions::id)
+        .get_results(conn)
+        .await
 }
 
 /// Sets the role of a user's live sessions; returns their ids (whose caches must go).

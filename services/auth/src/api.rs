@@ -1,9 +1,8 @@
 //! The gRPC adapter of `hafen.auth.v1.AuthService`: parse requests into domain types, call
 //! [`Auth`], convert the results. No business logic lives here.
 
-use chrono::DateTime;
 use hafen_authn::{Introspection, Rejection, RevokeReason, Role, user};
-use hafen_platform::paging;
+use hafen_platform::paging::{self, TimeKey};
 use hafen_proto::auth::v1 as pb;
 use hafen_proto::auth::v1::auth_service_server::AuthService;
 use hafen_store::accounts::{DeviceLabel, DisplayName, Username};
@@ -320,23 +319,14 @@ impl AuthService for AuthApi {
             Some(parse_id("user_id", &r.user_id)?)
         };
         let limit = paging::page_size(r.page_size)?;
-        let after = match paging::decode(&r.page_token, 3)? {
-            Some(parts) => {
-                paging::same_filter(&parts[2], &r.user_id)?;
-                let bad = || Error::invalid("page_token", "not a token from a previous page");
-                let micros: i64 = parts[0].parse().map_err(|_| bad())?;
-                let created = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-                Some((created, Uuid::try_parse(&parts[1]).map_err(|_| bad())?))
-            }
-            None => None,
-        };
+        let after = TimeKey::decode(&r.page_token, &r.user_id)?.map(|k| (k.at, k.id));
         let (rows, more) = self.auth.list_codes(&caller, user_id, after, limit).await?;
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => paging::encode(&[
-                &last.created_at.timestamp_micros().to_string(),
-                &last.id.to_string(),
-                &r.user_id,
-            ]),
+            (true, Some(last)) => TimeKey {
+                at: last.created_at,
+                id: last.id,
+            }
+            .encode(&r.user_id),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListChatCodesResponse {

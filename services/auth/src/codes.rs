@@ -148,10 +148,10 @@ impl Auth {
         // Also when the code was revoked before: a crash may have come between the two steps.
         let ended = {
             let mut conn = self.control().await?;
-            sessions::revoke_for_code(
+            sessions::revoke_all(
                 &mut conn,
                 caller.tenant_id,
-                code_id,
+                sessions::Scope::ChatCode(code_id),
                 RevokeReason::DeviceWiped.as_str(),
             )
             .await?

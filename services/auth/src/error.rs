@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::result::Error as DieselError;
 use hafen_authn::Rejection;
 use hafen_platform::status;
 use tonic::{Code, Status};
@@ -170,13 +170,4 @@ impl From<Error> for Status {
             other => status::internal(&other),
         }
     }
-}
-
-/// Whether `err` is a unique violation of `constraint`.
-pub fn is_unique_violation(err: &DieselError, constraint: &str) -> bool {
-    matches!(
-        err,
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
-            if info.constraint_name() == Some(constraint)
-    )
 }

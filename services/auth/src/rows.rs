@@ -116,16 +116,5 @@ impl CodeRow {
     }
 }
 
-/// A protobuf timestamp.
-pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.timestamp(),
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// The current time as PostgreSQL stores it (microseconds), so that what a call returns is
-/// what a later read shows.
-pub fn now() -> DateTime<Utc> {
-    chrono::SubsecRound::trunc_subsecs(Utc::now(), 6)
-}
+pub use hafen_platform::timestamp;
+pub use hafen_store::now;

@@ -11,8 +11,9 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::auth::Auth;
-use crate::error::{Error, is_unique_violation};
+use crate::error::Error;
 use crate::rows::{UserRow, now, state};
+use hafen_store::is_unique_violation;
 
 /// The credential of a new account.
 pub enum Credential {
@@ -291,36 +292,17 @@ impl Auth {
             return Err(Error::OwnerProtected);
         }
         let updated = self
-            .scoped(caller.tenant_id, move |conn| {
-                Box::pin(async move {
-                    let now = now();
-                    diesel::update(
-                        users::table
-                            .find(id)
-                            .filter(users::status.eq(state::ACTIVE)),
-                    )
-                    .set((
-                        users::status.eq(state::DEACTIVATED),
-                        users::deactivated_at.eq(now),
-                        users::updated_at.eq(now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                    Ok(users::table
-                        .find(id)
-                        .select(UserRow::as_select())
-                        .first(conn)
-                        .await?)
-                })
-            })
+            .set_status(caller.tenant_id, id, state::ACTIVE, state::DEACTIVATED)
             .await?;
         let ended = {
             let mut conn = self.control().await?;
-            sessions::revoke_for_user(
+            sessions::revoke_all(
                 &mut conn,
                 caller.tenant_id,
-                id,
-                None,
+                sessions::Scope::User {
+                    user: id,
+                    keep: None,
+                },
                 RevokeReason::UserDeactivated.as_str(),
             )
             .await?
@@ -335,31 +317,41 @@ impl Auth {
         require_admin(caller)?;
         self.user(caller.tenant_id, id).await?;
         let updated = self
-            .scoped(caller.tenant_id, move |conn| {
-                Box::pin(async move {
-                    let now = now();
-                    diesel::update(
-                        users::table
-                            .find(id)
-                            .filter(users::status.eq(state::DEACTIVATED)),
-                    )
+            .set_status(caller.tenant_id, id, state::DEACTIVATED, state::ACTIVE)
+            .await?;
+        tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, "user reactivated");
+        Ok(updated)
+    }
+
+    /// Moves a user from status `from` to `to` (a no-op in any other status, so both calls
+    /// are idempotent) and returns the user as it is afterwards.
+    async fn set_status(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+        from: &'static str,
+        to: &'static str,
+    ) -> Result<UserRow, Error> {
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                let now = now();
+                let deactivated_at = (to == state::DEACTIVATED).then_some(now);
+                diesel::update(users::table.find(id).filter(users::status.eq(from)))
                     .set((
-                        users::status.eq(state::ACTIVE),
-                        users::deactivated_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+                        users::status.eq(to),
+                        users::deactivated_at.eq(deactivated_at),
                         users::updated_at.eq(now),
                     ))
                     .execute(conn)
                     .await?;
-                    Ok(users::table
-                        .find(id)
-                        .select(UserRow::as_select())
-                        .first(conn)
-                        .await?)
-                })
+                Ok(users::table
+                    .find(id)
+                    .select(UserRow::as_select())
+                    .first(conn)
+                    .await?)
             })
-            .await?;
-        tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, "user reactivated");
-        Ok(updated)
+        })
+        .await
     }
 
     /// Re-authenticates the caller with their password (rate-limited like logins).
@@ -408,11 +400,13 @@ impl Auth {
         .await?;
         let ended = {
             let mut conn = self.control().await?;
-            sessions::revoke_for_user(
+            sessions::revoke_all(
                 &mut conn,
                 caller.tenant_id,
-                id,
-                Some(caller.session_id),
+                sessions::Scope::User {
+                    user: id,
+                    keep: Some(caller.session_id),
+                },
                 RevokeReason::PasswordChanged.as_str(),
             )
             .await?

@@ -1,10 +1,9 @@
 //! The gRPC adapter of `hafen.tenant.v1.TenantService`: authenticate, parse the request into
 //! domain types, call [`Tenants`], convert the result. No business logic lives here.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Utc};
 use hafen_authn::{Caller, Role, caller, require_operator};
+use hafen_platform::paging::{self, TimeKey};
+use hafen_platform::timestamp;
 use hafen_proto::tenant::v1 as pb;
 use hafen_proto::tenant::v1::tenant_service_server::TenantService;
 use hafen_store::accounts::{DisplayName, Username};
@@ -16,10 +15,6 @@ use zeroize::Zeroizing;
 use crate::error::Error;
 use crate::settings::Settings;
 use crate::tenants::{DEFAULT_DATABASE, NewTenantInput, Slug, Tenants};
-
-/// Default and largest page sizes of ListTenants.
-const DEFAULT_PAGE_SIZE: usize = 50;
-const MAX_PAGE_SIZE: usize = 500;
 
 /// The TenantService implementation. Callers are authenticated by the [`hafen_authn`]
 /// layer in front of it.
@@ -110,23 +105,19 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         require_operator(&request)?;
         let request = request.into_inner();
-        let limit = page_size(request.page_size)?;
-        let after = PageToken::decode(&request.page_token, request.show_deleted)?;
+        let limit = paging::page_size(request.page_size)?;
+        let filter = if request.show_deleted { "deleted" } else { "" };
+        let after = TimeKey::decode(&request.page_token, filter)?;
         let (rows, more) = self
             .tenants
-            .list(
-                after.map(|t| (t.created_at, t.id)),
-                limit,
-                request.show_deleted,
-            )
+            .list(after.map(|k| (k.at, k.id)), limit, request.show_deleted)
             .await?;
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => PageToken {
-                created_at: last.created_at,
+            (true, Some(last)) => TimeKey {
+                at: last.created_at,
                 id: last.id,
-                show_deleted: request.show_deleted,
             }
-            .encode(),
+            .encode(filter),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListTenantsResponse {
@@ -262,73 +253,6 @@ fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(value).map_err(|_| Error::invalid(field, "must be a UUID"))
 }
 
-fn page_size(requested: i32) -> Result<usize, Error> {
-    match usize::try_from(requested) {
-        Err(_) => Err(Error::invalid("page_size", "must not be negative")),
-        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
-        Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
-    }
-}
-
-/// The keyset position a ListTenants page ends at, opaque to clients.
-struct PageToken {
-    created_at: DateTime<Utc>,
-    id: Uuid,
-    show_deleted: bool,
-}
-
-impl PageToken {
-    fn encode(&self) -> String {
-        let raw = format!(
-            "{}.{}.{}",
-            self.created_at.timestamp_micros(),
-            self.id.simple(),
-            u8::from(self.show_deleted)
-        );
-        URL_SAFE_NO_PAD.encode(raw)
-    }
-
-    /// `None` for the first page. The token must come from a request with the same filter.
-    fn decode(token: &str, show_deleted: bool) -> Result<Option<Self>, Error> {
-        if token.is_empty() {
-            return Ok(None);
-        }
-        let bad = || Error::invalid("page_token", "not a token from a previous page");
-        let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
-        let mut parts = raw.split('.');
-        let (Some(micros), Some(id), Some(deleted), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        let created_at = micros
-            .parse::<i64>()
-            .ok()
-            .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(bad)?;
-        let id = Uuid::parse_str(id).map_err(|_| bad())?;
-        if (deleted == "1") != show_deleted {
-            return Err(Error::invalid(
-                "page_token",
-                "show_deleted differs from the request the token came from",
-            ));
-        }
-        Ok(Some(Self {
-            created_at,
-            id,
-            show_deleted,
-        }))
-    }
-}
-
-fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.timestamp(),
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
 /// The API form of a tenant row.
 pub fn to_proto(row: &TenantRow) -> pb::Tenant {
     let deleted = row.status == status::DELETED;
@@ -352,36 +276,5 @@ pub fn to_proto(row: &TenantRow) -> pb::Tenant {
         create_time: Some(timestamp(row.created_at)),
         update_time: Some(timestamp(row.updated_at)),
         delete_time: row.deleted_at.map(timestamp),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_tampering() {
-        let token = PageToken {
-            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
-            id: Uuid::now_v7(),
-            show_deleted: false,
-        };
-        let decoded = PageToken::decode(&token.encode(), false).unwrap().unwrap();
-        assert_eq!(decoded.created_at, token.created_at);
-        assert_eq!(decoded.id, token.id);
-        assert!(
-            PageToken::decode(&token.encode(), true).is_err(),
-            "filter changed"
-        );
-        assert!(PageToken::decode("garbage!", false).is_err());
-        assert!(PageToken::decode(&URL_SAFE_NO_PAD.encode("1.2"), false).is_err());
-        assert!(PageToken::decode("", false).unwrap().is_none());
-    }
-
-    #[test]
-    fn page_sizes_are_coerced() {
-        assert_eq!(page_size(0).unwrap(), 50);
-        assert_eq!(page_size(10_000).unwrap(), 500);
-        assert!(page_size(-1).is_err());
     }
 }

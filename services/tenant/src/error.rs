@@ -1,6 +1,6 @@
 //! The tenant service's errors and their one mapping to gRPC statuses.
 
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::result::Error as DieselError;
 use hafen_platform::status;
 use tonic::{Code, Status};
 
@@ -149,7 +149,7 @@ impl From<Error> for Status {
                 &[("field", "totp_code")],
             ),
             Error::Denied(status) => *status,
-            Error::Database(ref db) if is_unique_violation(db, "tenants_slug_key") => {
+            Error::Database(ref db) if hafen_store::is_unique_violation(db, "tenants_slug_key") => {
                 Status::from(Error::SlugTaken)
             }
             Error::Store(hafen_store::Error::Pool(_)) => {
@@ -159,13 +159,4 @@ impl From<Error> for Status {
             other => status::internal(&other),
         }
     }
-}
-
-/// Whether `err` is a unique violation of `constraint`.
-pub fn is_unique_violation(err: &DieselError, constraint: &str) -> bool {
-    matches!(
-        err,
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
-            if info.constraint_name() == Some(constraint)
-    )
 }

@@ -292,8 +292,7 @@ impl Tenants {
     ) -> Result<Created, Error> {
         let inner = &self.inner;
         let tenant = TenantId::generate();
-        // PostgreSQL keeps microseconds: the response must show what a later read returns.
-        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let now = hafen_store::now();
         let owner_id = Uuid::now_v7();
         let code_id = Uuid::now_v7();
         let code = Zeroizing::new(hafen_crypto::secret::chat_code()?);
@@ -347,7 +346,7 @@ impl Tenants {
         let control_rows = |conn: &mut SyncConnection| -> Result<(), Error> {
             self.fail_if(FailPoint::AfterSchema, &tenant)?;
             control::blocking::insert_tenant(conn, &row, &wrapped).map_err(|err| {
-                if crate::error::is_unique_violation(&err, "tenants_slug_key") {
+                if hafen_store::is_unique_violation(&err, "tenants_slug_key") {
                     Error::SlugTaken
                 } else {
                     Error::from(err)
