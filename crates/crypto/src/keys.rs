@@ -18,6 +18,16 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::secret::random_bytes;
 
+/// The associated data that binds a wrapped tenant key to its tenant.
+pub fn tenant_key_context(tenant: &[u8]) -> Vec<u8> {
+    [b"hafen tenant key:".as_slice(), tenant].concat()
+}
+
+/// The associated data that binds a wrapped user key to its user.
+pub fn user_key_context(user: &[u8]) -> Vec<u8> {
+    [b"hafen user key:".as_slice(), user].concat()
+}
+
 /// Length of every key, in bytes.
 pub const KEY_LEN: usize = 32;
 

@@ -215,7 +215,7 @@ pub mod blocking {
     use uuid::Uuid;
 
     use super::{NewTenant, TenantRow, status};
-    use crate::schema::{deletion_log, sessions, tenant_keys, tenants};
+    use crate::schema::{deletion_log, sessions, tenant_keys, tenants, user_keys};
     use crate::tenancy::SyncConnection;
 
     /// Inserts a tenant row and its wrapped key (provisioning, inside its transaction).
@@ -236,8 +236,8 @@ pub mod blocking {
         Ok(())
     }
 
-    /// Marks a tenant deleted: clears its slug, name and settings, destroys its key, deletes
-    /// its sessions, and writes the deletion-log entry (deletion, inside its transaction).
+    /// Marks a tenant deleted: clears its slug, name and settings, destroys its key and its
+    /// users' keys, deletes its sessions, and writes the deletion-log entry (deletion, inside its transaction).
     /// Returns the deletion time and the ids of the deleted sessions.
     pub fn mark_deleted(
         conn: &mut SyncConnection,
@@ -245,6 +245,7 @@ pub mod blocking {
     ) -> QueryResult<(DateTime<Utc>, Vec<Uuid>)> {
         let now = crate::now();
         diesel::delete(tenant_keys::table.filter(tenant_keys::tenant_id.eq(id))).execute(conn)?;
+        diesel::delete(user_keys::table.filter(user_keys::tenant_id.eq(id))).execute(conn)?;
         let ended: Vec<Uuid> = diesel::delete(sessions::table.filter(sessions::tenant_id.eq(id)))
             .returning(sessions::id)
             .get_results(conn)?;

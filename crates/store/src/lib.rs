@@ -12,6 +12,7 @@
 //!   lives.
 //! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
 //! - [`sessions`]: sessions, the truth behind access tokens.
+//! - [`settings`]: tenant settings as stored, with their defaults.
 //! - [`schema`]: diesel table definitions.
 //!
 //! Repository functions take `&mut AsyncPgConnection` and return `QueryResult`; diesel
@@ -26,6 +27,7 @@ pub mod migrate;
 pub mod pool;
 pub mod schema;
 pub mod sessions;
+pub mod settings;
 pub mod tenancy;
 
 pub use config::DatabaseArgs;

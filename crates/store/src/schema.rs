@@ -95,5 +95,78 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    hafen.user_keys (tenant_id, user_id) {
+        tenant_id -> Uuid,
+        user_id -> Uuid,
+        wrapped_key -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    conversations (id) {
+        id -> Uuid,
+        kind -> Text,
+        title -> Text,
+        creator_id -> Uuid,
+        direct_key -> Nullable<Text>,
+        last_sequence -> BigInt,
+        create_request_id -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    members (conversation_id, user_id) {
+        conversation_id -> Uuid,
+        user_id -> Uuid,
+        joined_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    messages (id) {
+        id -> Uuid,
+        conversation_id -> Uuid,
+        sequence -> BigInt,
+        sender_id -> Uuid,
+        ciphertext -> Nullable<Bytea>,
+        masked -> Bool,
+        request_id -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+        edited_at -> Nullable<Timestamptz>,
+        deleted_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    events (id) {
+        id -> BigInt,
+        conversation_id -> Uuid,
+        kind -> Text,
+        message_id -> Nullable<Uuid>,
+        detail -> Nullable<Jsonb>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    event_counter (singleton) {
+        singleton -> Bool,
+        last_id -> BigInt,
+    }
+}
+
 diesel::joinable!(chat_codes -> users (user_id));
-diesel::allow_tables_to_appear_in_same_query!(users, chat_codes);
+diesel::joinable!(members -> conversations (conversation_id));
+diesel::joinable!(messages -> conversations (conversation_id));
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    chat_codes,
+    conversations,
+    members,
+    messages,
+    events
+);

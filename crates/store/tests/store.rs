@@ -64,7 +64,8 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "deletion_log",
             "sessions",
             "tenant_keys",
-            "tenants"
+            "tenants",
+            "user_keys"
         ]
     );
     assert!(

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::settings::Settings;
+use crate::settings::{Settings, SettingsExt as _};
 use crate::tenants::{DEFAULT_DATABASE, NewTenantInput, Slug, Tenants};
 
 /// The TenantService implementation. Callers are authenticated by the [`hafen_authn`]

@@ -2,12 +2,10 @@
 //! (CB5, CB7, UL2) and partial updates by field mask.
 
 use hafen_proto::tenant::v1 as pb;
-use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
-/// Default and hard maximum of the retention period, in days (CB5: at most two years).
-pub const MAX_RETENTION_DAYS: u32 = 730;
+pub use hafen_store::settings::MAX_RETENTION_DAYS;
 /// Most custom masking patterns a tenant may define.
 pub const MAX_CUSTOM_PATTERNS: usize = 20;
 const MAX_REGEX_CHARS: usize = 512;
@@ -16,78 +14,24 @@ const MAX_URL_CHARS: usize = 2048;
 /// Compiled size limit of a custom pattern, so no tenant regex can exhaust memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-/// A tenant's settings as stored (JSON in the control plane).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Settings {
-    /// Messages older than this many days are purged.
-    pub retention_days: u32,
-    /// What is masked out of message bodies before they are stored.
-    pub masking: Masking,
-    /// The tenant's privacy policy (https), or empty.
-    pub privacy_policy_url: String,
-    /// Optional features, all off by default.
-    pub features: Features,
-}
+pub use hafen_store::settings::{CustomPattern, Features, Masking, Settings};
 
-/// Masking rules (card numbers are always masked, whatever these say).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Masking {
-    /// Mask e-mail addresses.
-    pub email: bool,
-    /// Mask phone numbers.
-    pub phone: bool,
-    /// Mask IBANs.
-    pub iban: bool,
-    /// Tenant-defined patterns.
-    pub custom_patterns: Vec<CustomPattern>,
-}
-
-/// A tenant-defined masking rule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CustomPattern {
-    /// Label.
-    pub name: String,
-    /// Regular expression (Rust `regex` syntax).
-    pub regex: String,
-    /// Literal replacement; empty means `[masked]`.
-    pub replacement: String,
-}
-
-/// Optional features.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Features {
-    /// Website chat with anonymous visitors.
-    pub webchat: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            retention_days: MAX_RETENTION_DAYS,
-            masking: Masking::default(),
-            privacy_policy_url: String::new(),
-            features: Features::default(),
-        }
-    }
-}
-
-impl Settings {
-    /// Reads stored settings; fields missing from older rows take their defaults.
-    pub fn from_json(value: &serde_json::Value) -> Self {
-        serde_json::from_value(value.clone()).unwrap_or_default()
-    }
-
-    /// The stored form.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
+/// Conversion, updates and validation of [`Settings`].
+pub trait SettingsExt: Sized {
     /// The API form.
-    pub fn to_proto(&self) -> pb::TenantSettings {
+    fn to_proto(&self) -> pb::TenantSettings;
+
+    /// Applies the fields of `update` named by `paths` (a field mask relative to
+    /// `TenantSettings`) and validates the result. Nothing is applied unless all is valid.
+    fn apply(&self, update: &pb::TenantSettings, paths: &[String]) -> Result<Settings, Error>;
+
+    /// Checks every rule; the error names the offending field.
+    fn validate(&self) -> Result<(), Error>;
+}
+
+impl SettingsExt for Settings {
+    /// The API form.
+    fn to_proto(&self) -> pb::TenantSettings {
         pb::TenantSettings {
             retention_days: i32::try_from(self.retention_days).unwrap_or(i32::MAX),
             masking: Some(pb::MaskingSettings {
@@ -114,7 +58,7 @@ impl Settings {
 
     /// Applies the fields of `update` named by `paths` (a field mask relative to
     /// `TenantSettings`) and validates the result. Nothing is applied unless all is valid.
-    pub fn apply(&self, update: &pb::TenantSettings, paths: &[String]) -> Result<Settings, Error> {
+    fn apply(&self, update: &pb::TenantSettings, paths: &[String]) -> Result<Settings, Error> {
         if paths.is_empty() {
             return Err(Error::invalid(
                 "update_mask",
@@ -161,7 +105,7 @@ impl Settings {
     }
 
     /// Checks every rule; the error names the offending field.
-    pub fn validate(&self) -> Result<(), Error> {
+    fn validate(&self) -> Result<(), Error> {
         if self.retention_days < 1 {
             return Err(Error::invalid(
                 "settings.retention_days",

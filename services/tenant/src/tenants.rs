@@ -24,7 +24,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::settings::Settings;
+use crate::settings::{Settings, SettingsExt as _};
 
 pub use hafen_store::DEFAULT_DATABASE;
 
@@ -154,7 +154,7 @@ impl std::fmt::Debug for Tenants {
 
 /// Context string binding a wrapped tenant key to its tenant.
 pub fn tenant_key_context(tenant: &TenantId) -> Vec<u8> {
-    [b"hafen tenant key:".as_slice(), tenant.as_uuid().as_bytes()].concat()
+    hafen_crypto::keys::tenant_key_context(tenant.as_uuid().as_bytes())
 }
 
 /// The keyed hash a chat code is stored as: HMAC under a master-derived pepper, bound to the
