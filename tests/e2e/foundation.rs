@@ -14,7 +14,7 @@ use tonic_health::pb::health_client::HealthClient;
 async fn start(service: Service) -> (TestSecrets, Option<TestDatabase>, TestServer) {
     let certs = TestSecrets::generate();
     let database = match service {
-        Service::Tenant | Service::Auth => Some(TestDatabase::create().await),
+        Service::Tenant | Service::Auth | Service::Messaging => Some(TestDatabase::create().await),
         _ => None,
     };
     let server = TestServer::start(service, &certs, database.as_ref()).await;
@@ -173,7 +173,7 @@ async fn oc4_plaintext_connection_is_refused() {
 
 #[tokio::test]
 async fn oc4_client_that_does_not_trust_the_ca_is_refused() {
-    let (_certs, _db, server) = start(Service::Messaging).await;
+    let (_certs, _db, server) = start(Service::Retention).await;
     let stranger = TestSecrets::generate();
     let result = server.try_channel(stranger.client_tls(None)).await;
     assert!(

@@ -179,6 +179,10 @@ pub async fn run(args: DevArgs) -> ExitCode {
     } else {
         args.host
     };
+    let auth_endpoint = hafen_authn::remote::AuthEndpointArgs {
+        auth_endpoint: format!("https://{}", SocketAddr::new(internal_host, args.auth_port)),
+        auth_server_name: Some(hafen_platform::tls::DEV_SERVER_NAME.to_owned()),
+    };
     let mut tasks: JoinSet<Served> = JoinSet::new();
     spawn(
         &mut tasks,
@@ -206,6 +210,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_messaging::serve(
             hafen_messaging::Config {
                 server: server(hafen_messaging::NAME),
+                databases: args.databases.clone(),
+                redis: args.redis.clone(),
+                auth: auth_endpoint.clone(),
+                master_key_file: args.master_key_file.clone(),
+                max_body_bytes: 16 * 1024,
+                stream_poll: std::time::Duration::from_secs(1),
             },
             messaging,
             shutdown(),
@@ -222,13 +232,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                     platform_token_file: args.platform_token_file.clone(),
                 },
                 redis: args.redis.clone(),
-                auth: hafen_authn::remote::AuthEndpointArgs {
-                    auth_endpoint: format!(
-                        "https://{}",
-                        SocketAddr::new(internal_host, args.auth_port)
-                    ),
-                    auth_server_name: Some(hafen_platform::tls::DEV_SERVER_NAME.to_owned()),
-                },
+                auth: auth_endpoint.clone(),
                 master_key_file: args.master_key_file.clone(),
                 dpa_versions: vec![DEV_DPA_VERSION.to_owned()],
                 regions: vec![DEV_REGION.to_owned()],

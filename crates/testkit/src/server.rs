@@ -109,6 +109,26 @@ impl TestSecrets {
         request
     }
 
+    /// Configuration of the messaging service on `database` with these secrets; it resolves
+    /// tokens through an auth service that the caller points `auth.auth_endpoint` at.
+    pub fn messaging_config(&self, database: &TestDatabase) -> hafen_messaging::Config {
+        hafen_messaging::Config {
+            server: self.server_args(hafen_messaging::NAME),
+            databases: hafen_store::DatabasesArgs {
+                main: database.args(),
+                placements: Vec::new(),
+            },
+            redis: self.redis_args(),
+            auth: hafen_authn::remote::AuthEndpointArgs {
+                auth_endpoint: "https://127.0.0.1:9".to_owned(),
+                auth_server_name: Some(DEV_SERVER_NAME.to_owned()),
+            },
+            master_key_file: self.master_key_file(),
+            max_body_bytes: 16 * 1024,
+            stream_poll: Duration::from_millis(500),
+        }
+    }
+
     /// Configuration of the tenant service on `database`, with further `placements`, using
     /// these secrets (bcrypt cost 4: tests need not be slow).
     pub fn tenant_config(
@@ -256,8 +276,9 @@ impl TestServer {
                 Self::spawn(|l, s| hafen_auth::serve(config, l, s)).await
             }
             Service::Messaging => {
-                Self::spawn(|l, s| hafen_messaging::serve(hafen_messaging::Config { server }, l, s))
-                    .await
+                let database = database.expect("the messaging service needs a TestDatabase");
+                let config = secrets.messaging_config(database);
+                Self::spawn(|l, s| hafen_messaging::serve(config, l, s)).await
             }
             Service::Tenant => {
                 let database = database.expect("the tenant service needs a TestDatabase");

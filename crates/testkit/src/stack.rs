@@ -1,4 +1,4 @@
-//! A running auth and tenant service over one database, for tests that log in.
+//! Running auth, tenant and messaging services over one database, for tests that log in.
 
 use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::auth::v1::auth_service_client::AuthServiceClient;
@@ -26,7 +26,8 @@ pub struct TestTenant {
     pub owner_code_id: String,
 }
 
-/// Auth and tenant services on port 0 with TLS, sharing a fresh database and Redis namespace.
+/// Auth, tenant and messaging services on port 0 with TLS, sharing a fresh database and
+/// Redis namespace.
 #[derive(Debug)]
 pub struct TestStack {
     /// This test's secrets (and Redis namespace).
@@ -37,6 +38,8 @@ pub struct TestStack {
     pub auth: TestServer,
     /// The tenant service, resolving tokens through `auth`.
     pub tenant: TestServer,
+    /// The messaging service, resolving tokens through `auth`.
+    pub messaging: TestServer,
 }
 
 impl TestStack {
@@ -49,12 +52,26 @@ impl TestStack {
         let mut tenant_config = secrets.tenant_config(&db, &[]);
         tenant_config.auth.auth_endpoint = auth.uri();
         let tenant = TestServer::spawn(|l, s| hafen_tenant::serve(tenant_config, l, s)).await;
+        let mut messaging_config = secrets.messaging_config(&db);
+        messaging_config.auth.auth_endpoint = auth.uri();
+        let messaging =
+            TestServer::spawn(|l, s| hafen_messaging::serve(messaging_config, l, s)).await;
         Self {
             secrets,
             db,
             auth,
             tenant,
+            messaging,
         }
+    }
+
+    /// A client of the messaging service.
+    pub async fn messaging_client(
+        &self,
+    ) -> hafen_proto::messaging::v1::messaging_service_client::MessagingServiceClient<Channel> {
+        hafen_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+            self.messaging.channel(&self.secrets).await,
+        )
     }
 
     /// A client of the auth service.

@@ -1,16 +1,39 @@
-//! Hafen's messaging service (`hafen.messaging.v1.MessagingService`): conversations and their members, messages encrypted at rest, edit and delete, masking, and resumable live streams (OC7, CB3, CB4, UL2, BX4).
+//! Hafen's messaging service (`hafen.messaging.v1.MessagingService`): conversations and
+//! their members, messages masked (UL1, UL2) and encrypted at rest under the sender's key
+//! (CB3, BX1), edits and tombstones (CB4), history for every device (OC7), and resumable
+//! live streams (BX4) that end when their session is revoked (OC5).
+//!
+//! - [`domain`]: conversations and messages; [`keys`]: users' data keys; [`mask`]: masking;
+//!   [`hub`]: live delivery and subscriptions; [`rows`]: rows and their API forms.
+//! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
-//! resolves, so the `hafen-messaging` binary, `hafen dev` and the tests all run the same code.
-//! It serves `grpc.health.v1` and reflection; RPCs not implemented yet answer UNIMPLEMENTED.
+//! resolves, so the `hafen-messaging` binary, `hafen dev` and the tests run the same code.
+
+mod api;
+pub mod domain;
+mod error;
+pub mod hub;
+pub mod keys;
+pub mod mask;
+pub mod rows;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use hafen_authn::remote::{AuthEndpointArgs, RemoteIntrospect};
+use hafen_authn::{Authenticator, AuthnLayer, MAX_ACCESS_TTL, Redis, RedisArgs, Revocations};
+use hafen_crypto::MasterKey;
 use hafen_platform::{GrpcServer, ServerArgs, ServiceSpec, TlsMaterial};
-use hafen_proto::messaging::v1::messaging_service_server::{
-    MessagingService, MessagingServiceServer,
-};
+use hafen_proto::messaging::v1::messaging_service_server::MessagingServiceServer;
+use hafen_store::{Databases, DatabasesArgs};
 use tokio::net::TcpListener;
+
+pub use api::MessagingApi;
+pub use domain::Messaging;
+pub use error::Error;
 
 /// Short name: the development certificate is `<dev certs dir>/messaging.pem`.
 pub const NAME: &str = "messaging";
@@ -27,29 +50,71 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub databases: DatabasesArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub auth: AuthEndpointArgs,
+
+    /// File with the master key (base64 of 32 random bytes) that wraps tenant keys, which
+    /// wrap the users' keys that encrypt message bodies.
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// Largest message body, in bytes of UTF-8.
+    #[arg(long, env = "HAFEN_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// How often live streams look for new events when no notification arrives (the
+    /// fallback while Redis is down).
+    #[arg(long, env = "HAFEN_STREAM_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub stream_poll: Duration,
 }
 
-/// The gRPC adapter of `hafen.messaging.v1.MessagingService`.
-#[derive(Debug, Default)]
-pub struct MessagingApi;
-
-#[tonic::async_trait]
-impl MessagingService for MessagingApi {}
-
 /// Serves the messaging service on `listener` until `shutdown` resolves, then drains.
-pub async fn serve<F>(
-    config: Config,
-    listener: TcpListener,
-    shutdown: F,
-) -> hafen_platform::Result<()>
+pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), Error>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let pending =
+        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    if !pending.is_empty() {
+        return Err(Error::Config(format!(
+            "control plane has pending migrations {pending:?}: run `hafen-tenant migrate` first"
+        )));
+    }
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    let databases = Databases::new(&config.databases)?;
+    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let revocations = Revocations::new(MAX_ACCESS_TTL);
+    revocations.listen(redis.clone());
+    let resolver = RemoteIntrospect::new(&config.auth, &tls)
+        .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
+    let authenticator =
+        Authenticator::new(None, Some(redis.clone()), Arc::new(resolver), revocations);
+    let master = MasterKey::load(&config.master_key_file)?;
+    let hub = hub::Hub::new(Some(redis), config.stream_poll);
+    hub.listen();
+    let messaging = Messaging::new(
+        databases.clone(),
+        keys::KeyRing::new(databases, master),
+        hub.clone(),
+        config.max_body_bytes,
+    );
+    hub.attach(messaging.clone());
+    let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .add_service(MessagingServiceServer::new(MessagingApi))
+        .add_service(layer.wrap(MessagingServiceServer::new(MessagingApi::new(
+            messaging,
+            authenticator,
+        ))))
         .serve(listener, shutdown)
-        .await
+        .await?;
+    Ok(())
 }
 
 /// The `hafen-messaging` command line, for `--help` checks.

@@ -1,0 +1,942 @@
+//! Conversations and messages (OC7, CB3, CB4, UL1, UL2): membership, sending with masking
+//! and encryption, edits, tombstones, listing. Every write appends to the tenant's event
+//! log in the same transaction; after commit, subscribers are woken (see `hub`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use futures::future::BoxFuture;
+use hafen_authn::Principal;
+use hafen_store::schema::{conversations, event_counter, events, members, messages, users};
+use hafen_store::settings::Settings;
+use hafen_store::{AsyncPgConnection, Databases, TenantId, now};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::keys::{KeyRing, body_context};
+use crate::mask::Masker;
+use crate::rows::{
+    ConversationRow, ConversationView, EventRow, Membership, MessageRow, MessageView, event_kind,
+    kind,
+};
+
+/// How long a tenant's settings (masking rules) are cached.
+const SETTINGS_TTL: Duration = Duration::from_secs(5);
+/// Most users AddMembers or CreateConversation takes at once.
+const MAX_MEMBERS_PER_CALL: usize = 500;
+
+/// A tenant's settings with its masking rules compiled.
+type TenantRules = (Settings, Masker);
+
+/// A validated CreateConversation request.
+#[derive(Debug, Clone)]
+pub struct NewConversation {
+    pub request_id: Option<Uuid>,
+    pub kind: &'static str,
+    pub title: String,
+    pub members: Vec<Uuid>,
+}
+
+/// The messaging domain service.
+#[derive(Clone)]
+pub struct Messaging {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub databases: Databases,
+    pub keys: KeyRing,
+    pub hub: Hub,
+    pub max_body_bytes: usize,
+    settings: Mutex<HashMap<Uuid, (Arc<TenantRules>, Instant)>>,
+}
+
+impl std::fmt::Debug for Messaging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messaging").finish_non_exhaustive()
+    }
+}
+
+impl Messaging {
+    /// The service over `databases`, encrypting with `keys` and waking subscribers via `hub`.
+    pub fn new(databases: Databases, keys: KeyRing, hub: Hub, max_body_bytes: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                databases,
+                keys,
+                hub,
+                max_body_bytes,
+                settings: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Runs `f` in `tenant`'s scope.
+    pub(crate) async fn scoped<R, F>(&self, tenant: Uuid, f: F) -> Result<R, Error>
+    where
+        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<R, Error>>,
+    {
+        let tenant = TenantId::from(tenant);
+        let pool = self.inner.databases.tenant_pool(&tenant).await?;
+        hafen_store::with_tenant(&pool, &tenant, f).await
+    }
+
+    /// The tenant's settings and compiled masking rules (cached for a few seconds).
+    async fn settings(&self, tenant: Uuid) -> Result<Arc<TenantRules>, Error> {
+        if let Some((cached, at)) = self
+            .inner
+            .settings
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&tenant).cloned())
+            && at.elapsed() < SETTINGS_TTL
+        {
+            return Ok(cached);
+        }
+        let row = {
+            let mut conn = self
+                .inner
+                .databases
+                .main()
+                .get()
+                .await
+                .map_err(hafen_store::Error::from)?;
+            hafen_store::control::find(&mut conn, tenant).await?
+        };
+        let settings = row
+            .map(|row| Settings::from_json(&row.settings))
+            .ok_or(Error::Store(hafen_store::Error::UnknownTenant))?;
+        let masker = Masker::new(&settings.masking);
+        let entry = Arc::new((settings, masker));
+        if let Ok(mut cache) = self.inner.settings.lock() {
+            cache.insert(tenant, (entry.clone(), Instant::now()));
+        }
+        Ok(entry)
+    }
+
+    /// Decrypts rows for delivery, with their senders' keys.
+    pub(crate) async fn views(
+        &self,
+        tenant: Uuid,
+        rows: Vec<MessageRow>,
+    ) -> Result<Vec<MessageView>, Error> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let body = match &row.ciphertext {
+                Some(sealed) => {
+                    let key = self.inner.keys.user_key(tenant, row.sender_id).await?;
+                    let plain = key.open(&body_context(row.id, row.conversation_id), sealed)?;
+                    String::from_utf8(plain.to_vec())
+                        .map_err(|_| Error::Config("body is not UTF-8".into()))?
+                }
+                None => String::new(),
+            };
+            out.push(MessageView {
+                id: row.id,
+                conversation_id: row.conversation_id,
+                sequence: row.sequence,
+                sender_id: row.sender_id,
+                body,
+                masked: row.masked,
+                created_at: row.created_at,
+                edited_at: row.edited_at,
+                deleted_at: row.deleted_at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Masks and encrypts `body` for message `id` in `conversation` by `sender`.
+    async fn seal(
+        &self,
+        tenant: Uuid,
+        sender: Uuid,
+        id: Uuid,
+        conversation: Uuid,
+        body: &str,
+    ) -> Result<(Vec<u8>, bool), Error> {
+        if body.trim().is_empty() {
+            return Err(Error::invalid("body", "must not be empty"));
+        }
+        if body.len() > self.inner.max_body_bytes {
+            return Err(Error::BodyTooLarge(self.inner.max_body_bytes));
+        }
+        let settings = self.settings(tenant).await?;
+        let (masked_body, masked) = settings.1.apply(body);
+        let key = self.inner.keys.user_key(tenant, sender).await?;
+        let sealed = key.seal(&body_context(id, conversation), masked_body.as_bytes())?;
+        Ok((sealed, masked))
+    }
+
+    // --- conversations -------------------------------------------------------------------
+
+    /// Creates a conversation (a direct one only once per pair).
+    pub async fn create_conversation(
+        &self,
+        caller: &Principal,
+        new: NewConversation,
+    ) -> Result<ConversationView, Error> {
+        match new.kind {
+            kind::CHANNEL if !caller.role.is_admin() => {
+                return Err(Error::PermissionDenied(
+                    "only admins and the owner create channels",
+                ));
+            }
+            kind::WEBCHAT if !self.settings(caller.tenant_id).await?.0.features.webchat => {
+                return Err(Error::FeatureDisabled("webchat"));
+            }
+            _ => {}
+        }
+        let mut wanted: Vec<Uuid> = new.members.clone();
+        wanted.retain(|id| *id != caller.user_id);
+        wanted.sort();
+        wanted.dedup();
+        if new.kind == kind::DIRECT && wanted.len() != 1 {
+            return Err(Error::invalid(
+                "member_user_ids",
+                "a direct conversation has exactly one other user",
+            ));
+        }
+        if wanted.len() > MAX_MEMBERS_PER_CALL {
+            return Err(Error::invalid("member_user_ids", "at most 500 users"));
+        }
+        let direct_key = (new.kind == kind::DIRECT).then(|| {
+            let mut pair = [caller.user_id, wanted[0]];
+            pair.sort();
+            format!("{}:{}", pair[0].simple(), pair[1].simple())
+        });
+        let me = caller.user_id;
+        let created = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    require_active_users(conn, &wanted, "member_user_ids").await?;
+                    if let Some(request_id) = new.request_id
+                        && let Some(existing) = conversations::table
+                            .filter(conversations::creator_id.eq(me))
+                            .filter(conversations::create_request_id.eq(request_id))
+                            .select(ConversationRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?
+                    {
+                        if existing.kind != new.kind || existing.title != new.title {
+                            return Err(Error::RequestIdConflict);
+                        }
+                        return view(conn, existing, me).await;
+                    }
+                    if let Some(key) = &direct_key
+                        && let Some(existing) = conversations::table
+                            .filter(conversations::direct_key.eq(key))
+                            .select(ConversationRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?
+                    {
+                        return view(conn, existing, me).await;
+                    }
+                    let at = now();
+                    let row: ConversationRow = diesel::insert_into(conversations::table)
+                        .values((
+                            conversations::id.eq(Uuid::now_v7()),
+                            conversations::kind.eq(new.kind),
+                            conversations::title.eq(&new.title),
+                            conversations::creator_id.eq(me),
+                            conversations::direct_key.eq(&direct_key),
+                            conversations::create_request_id.eq(new.request_id),
+                            conversations::created_at.eq(at),
+                            conversations::updated_at.eq(at),
+                        ))
+                        .returning(ConversationRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    let mut everyone = wanted.clone();
+                    everyone.push(me);
+                    add_member_rows(conn, row.id, &everyone, at).await?;
+                    let detail = Membership {
+                        added: everyone,
+                        removed: Vec::new(),
+                        actor: Some(me),
+                    };
+                    append_event(conn, row.id, event_kind::MEMBERSHIP, None, Some(&detail)).await?;
+                    view(conn, row, me).await
+                })
+            })
+            .await?;
+        self.inner.hub.wake(caller.tenant_id).await;
+        Ok(created)
+    }
+
+    /// Conversations the caller is a member of, and every channel, oldest first.
+    pub async fn list_conversations(
+        &self,
+        caller: &Principal,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: usize,
+    ) -> Result<(Vec<ConversationView>, bool), Error> {
+        let me = caller.user_id;
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        self.scoped(caller.tenant_id, move |conn| {
+            Box::pin(async move {
+                let mine = members::table
+                    .filter(members::user_id.eq(me))
+                    .select(members::conversation_id);
+                let mut query = conversations::table
+                    .filter(
+                        conversations::id
+                            .eq_any(mine)
+                            .or(conversations::kind.eq(kind::CHANNEL)),
+                    )
+                    .order((conversations::created_at.asc(), conversations::id.asc()))
+                    .select(ConversationRow::as_select())
+                    .limit(fetch)
+                    .into_boxed();
+                if let Some((at, id)) = after {
+                    query = query.filter(
+                        conversations::created_at
+                            .gt(at)
+                            .or(conversations::created_at
+                                .eq(at)
+                                .and(conversations::id.gt(id))),
+                    );
+                }
+                let mut rows: Vec<ConversationRow> = query.load(conn).await?;
+                let more = rows.len() > limit;
+                rows.truncate(limit);
+                let mut views = Vec::with_capacity(rows.len());
+                for row in rows {
+                    views.push(view(conn, row, me).await?);
+                }
+                Ok((views, more))
+            })
+        })
+        .await
+    }
+
+    /// Adds users to a group or channel; returns the conversation and who was added.
+    pub async fn add_members(
+        &self,
+        caller: &Principal,
+        conversation: Uuid,
+        users: Vec<Uuid>,
+    ) -> Result<(ConversationView, Vec<Uuid>), Error> {
+        if users.is_empty() || users.len() > MAX_MEMBERS_PER_CALL {
+            return Err(Error::invalid("user_ids", "name 1 to 500 users"));
+        }
+        let me = caller.user_id;
+        let admin = caller.role.is_admin();
+        let result = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    let row = visible_conversation(conn, conversation, me).await?;
+                    let is_member = is_member(conn, conversation, me).await?;
+                    match row.kind.as_str() {
+                        kind::DIRECT => {
+                            return Err(Error::InvalidState(
+                                "direct conversations have fixed members",
+                            ));
+                        }
+                        kind::CHANNEL if !(admin || users == [me]) => {
+                            return Err(Error::PermissionDenied(
+                                "users join channels themselves; admins add others",
+                            ));
+                        }
+                        kind::GROUP | kind::WEBCHAT if !is_member => {
+                            return Err(Error::NotFound("conversation"));
+                        }
+                        _ => {}
+                    }
+                    require_active_users(conn, &users, "user_ids").await?;
+                    let at = now();
+                    let added = add_member_rows(conn, conversation, &users, at).await?;
+                    if !added.is_empty() {
+                        let detail = Membership {
+                            added: added.clone(),
+                            removed: Vec::new(),
+                            actor: Some(me),
+                        };
+                        append_event(
+                            conn,
+                            conversation,
+                            event_kind::MEMBERSHIP,
+                            None,
+                            Some(&detail),
+                        )
+                        .await?;
+                        touch(conn, conversation, at).await?;
+                    }
+                    let row = visible_conversation(conn, conversation, me).await?;
+                    Ok((view(conn, row, me).await?, added))
+                })
+            })
+            .await?;
+        self.inner.hub.wake(caller.tenant_id).await;
+        Ok(result)
+    }
+
+    /// Removes one member (an admin removing anyone, or a user leaving).
+    pub async fn remove_member(
+        &self,
+        caller: &Principal,
+        conversation: Uuid,
+        user: Uuid,
+    ) -> Result<(ConversationView, bool), Error> {
+        let me = caller.user_id;
+        if user != me && !caller.role.is_admin() {
+            return Err(Error::PermissionDenied(
+                "only admins remove others; anyone may leave",
+            ));
+        }
+        let result = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    let row = visible_conversation(conn, conversation, me).await?;
+                    if row.kind == kind::DIRECT {
+                        return Err(Error::InvalidState(
+                            "direct conversations have fixed members",
+                        ));
+                    }
+                    let removed = diesel::delete(
+                        members::table
+                            .filter(members::conversation_id.eq(conversation))
+                            .filter(members::user_id.eq(user)),
+                    )
+                    .execute(conn)
+                    .await?
+                        == 1;
+                    if removed {
+                        let detail = Membership {
+                            added: Vec::new(),
+                            removed: vec![user],
+                            actor: Some(me),
+                        };
+                        append_event(
+                            conn,
+                            conversation,
+                            event_kind::MEMBERSHIP,
+                            None,
+                            Some(&detail),
+                        )
+                        .await?;
+                        touch(conn, conversation, now()).await?;
+                    }
+                    let row = conversations::table
+                        .find(conversation)
+                        .select(ConversationRow::as_select())
+                        .first(conn)
+                        .await?;
+                    Ok((view(conn, row, me).await?, removed))
+                })
+            })
+            .await?;
+        self.inner.hub.wake(caller.tenant_id).await;
+        Ok(result)
+    }
+
+    // --- messages ------------------------------------------------------------------------
+
+    /// Sends a message: masked, encrypted, numbered and logged in one transaction, and
+    /// returned only once committed. A retry with the same request id returns the first.
+    pub async fn send(
+        &self,
+        caller: &Principal,
+        conversation: Uuid,
+        request_id: Uuid,
+        body: &str,
+    ) -> Result<MessageView, Error> {
+        let id = Uuid::now_v7();
+        let (sealed, masked) = self
+            .seal(caller.tenant_id, caller.user_id, id, conversation, body)
+            .await?;
+        let me = caller.user_id;
+        let row = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    // The event counter's row lock is taken first and held to commit: it
+                    // serialises the tenant's writers, so the retry check below cannot race,
+                    // and events become visible in the order they are numbered.
+                    let event = next_event_id(conn).await?;
+                    if let Some(existing) = messages::table
+                        .filter(messages::sender_id.eq(me))
+                        .filter(messages::request_id.eq(request_id))
+                        .select(MessageRow::as_select())
+                        .first(conn)
+                        .await
+                        .optional()?
+                    {
+                        if existing.conversation_id != conversation {
+                            return Err(Error::RequestIdConflict);
+                        }
+                        return Ok(existing);
+                    }
+                    if !is_member(conn, conversation, me).await? {
+                        return Err(Error::NotFound("conversation"));
+                    }
+                    let at = now();
+                    let sequence: i64 = diesel::update(conversations::table.find(conversation))
+                        .set((
+                            conversations::last_sequence.eq(conversations::last_sequence + 1),
+                            conversations::updated_at.eq(at),
+                        ))
+                        .returning(conversations::last_sequence)
+                        .get_result(conn)
+                        .await?;
+                    let row: MessageRow = diesel::insert_into(messages::table)
+                        .values((
+                            messages::id.eq(id),
+                            messages::conversation_id.eq(conversation),
+                            messages::sequence.eq(sequence),
+                            messages::sender_id.eq(me),
+                            messages::ciphertext.eq(Some(&sealed)),
+                            messages::masked.eq(masked),
+                            messages::request_id.eq(Some(request_id)),
+                            messages::created_at.eq(at),
+                        ))
+                        .returning(MessageRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    insert_event(
+                        conn,
+                        event,
+                        conversation,
+                        event_kind::CREATED,
+                        Some(id),
+                        None,
+                        at,
+                    )
+                    .await?;
+                    Ok(row)
+                })
+            })
+            .await?;
+        self.inner.hub.wake(caller.tenant_id).await;
+        let mut views = self.views(caller.tenant_id, vec![row]).await?;
+        views.pop().ok_or(Error::NotFound("message"))
+    }
+
+    /// Replaces the body of the caller's own message.
+    pub async fn edit(
+        &self,
+        caller: &Principal,
+        message: Uuid,
+        body: &str,
+    ) -> Result<MessageView, Error> {
+        let me = caller.user_id;
+        let current = self.message_for(caller, message).await?;
+        if current.sender_id != me {
+            return Err(Error::PermissionDenied("only the sender edits a message"));
+        }
+        if current.deleted_at.is_some() {
+            return Err(Error::InvalidState("the message is deleted"));
+        }
+        let (sealed, masked) = self
+            .seal(caller.tenant_id, me, message, current.conversation_id, body)
+            .await?;
+        let conversation = current.conversation_id;
+        let row = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    let event = next_event_id(conn).await?;
+                    let at = now();
+                    let row: MessageRow = diesel::update(
+                        messages::table
+                            .find(message)
+                            .filter(messages::deleted_at.is_null()),
+                    )
+                    .set((
+                        messages::ciphertext.eq(Some(sealed)),
+                        messages::masked.eq(masked),
+                        messages::edited_at.eq(at),
+                    ))
+                    .returning(MessageRow::as_returning())
+                    .get_result(conn)
+                    .await
+                    .optional()?
+                    .ok_or(Error::InvalidState("the message is deleted"))?;
+                    insert_event(
+                        conn,
+                        event,
+                        conversation,
+                        event_kind::EDITED,
+                        Some(message),
+                        None,
+                        at,
+                    )
+                    .await?;
+                    Ok(row)
+                })
+            })
+            .await?;
+        self.inner.hub.wake(caller.tenant_id).await;
+        let mut views = self.views(caller.tenant_id, vec![row]).await?;
+        views.pop().ok_or(Error::NotFound("message"))
+    }
+
+    /// Deletes a message (CB4): the ciphertext goes, a tombstone stays. Idempotent.
+    pub async fn delete(&self, caller: &Principal, message: Uuid) -> Result<MessageView, Error> {
+        let current = self.message_for(caller, message).await?;
+        if current.sender_id != caller.user_id && !caller.role.is_admin() {
+            return Err(Error::PermissionDenied(
+                "only the sender or an admin deletes a message",
+            ));
+        }
+        if current.deleted_at.is_some() {
+            let mut views = self.views(caller.tenant_id, vec![current]).await?;
+            return views.pop().ok_or(Error::NotFound("message"));
+        }
+        let conversation = current.conversation_id;
+        let row = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    let event = next_event_id(conn).await?;
+                    let at = now();
+                    let row: MessageRow = diesel::update(messages::table.find(message))
+                        .set((
+                            messages::ciphertext.eq(None::<Vec<u8>>),
+                            messages::deleted_at.eq(diesel::dsl::sql::<
+                                diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+                            >(
+                                "coalesce(deleted_at, now())"
+                            )),
+                        ))
+                        .returning(MessageRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    insert_event(
+                        conn,
+                        event,
+                        conversation,
+                        event_kind::DELETED,
+                        Some(message),
+                        None,
+                        at,
+                    )
+                    .await?;
+                    Ok(row)
+                })
+            })
+            .await?;
+        if current.sender_id != caller.user_id {
+            tracing::info!(tenant_id = %caller.tenant_id, message_id = %message, actor = %caller.user_id, "message deleted by an admin");
+        }
+        self.inner.hub.wake(caller.tenant_id).await;
+        let mut views = self.views(caller.tenant_id, vec![row]).await?;
+        views.pop().ok_or(Error::NotFound("message"))
+    }
+
+    /// A message the caller may see (member of its conversation); NOT_FOUND otherwise.
+    async fn message_for(&self, caller: &Principal, message: Uuid) -> Result<MessageRow, Error> {
+        let me = caller.user_id;
+        self.scoped(caller.tenant_id, move |conn| {
+            Box::pin(async move {
+                let row: MessageRow = messages::table
+                    .find(message)
+                    .select(MessageRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .ok_or(Error::NotFound("message"))?;
+                if !is_member(conn, row.conversation_id, me).await? {
+                    return Err(Error::NotFound("message"));
+                }
+                Ok(row)
+            })
+        })
+        .await
+    }
+
+    /// Messages of a conversation by sequence: after `from` going forward, or before it going
+    /// backward (0: from the start, or from the end).
+    pub async fn list_messages(
+        &self,
+        caller: &Principal,
+        conversation: Uuid,
+        forward: bool,
+        from: i64,
+        limit: usize,
+    ) -> Result<(Vec<MessageView>, bool), Error> {
+        let me = caller.user_id;
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let (mut rows, more) = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    if !is_member(conn, conversation, me).await? {
+                        return Err(Error::NotFound("conversation"));
+                    }
+                    let query = messages::table
+                        .filter(messages::conversation_id.eq(conversation))
+                        .select(MessageRow::as_select())
+                        .limit(fetch)
+                        .into_boxed();
+                    let query = match (forward, from) {
+                        (true, from) => query
+                            .filter(messages::sequence.gt(from))
+                            .order(messages::sequence.asc()),
+                        (false, 0) => query.order(messages::sequence.desc()),
+                        (false, from) => query
+                            .filter(messages::sequence.lt(from))
+                            .order(messages::sequence.desc()),
+                    };
+                    let mut rows: Vec<MessageRow> = query.load(conn).await?;
+                    let more = rows.len() > limit;
+                    rows.truncate(limit);
+                    Ok((rows, more))
+                })
+            })
+            .await?;
+        rows.shrink_to_fit();
+        Ok((self.views(caller.tenant_id, rows).await?, more))
+    }
+
+    /// The tenant's newest event id (where a subscription with an empty cursor starts).
+    pub(crate) async fn head(&self, tenant: Uuid) -> Result<i64, Error> {
+        self.scoped(tenant, |conn| {
+            Box::pin(async move {
+                Ok(event_counter::table
+                    .select(event_counter::last_id)
+                    .first(conn)
+                    .await?)
+            })
+        })
+        .await
+    }
+
+    /// Up to `limit` events after `after` in `tenant`, with the messages they name.
+    pub(crate) async fn events_after(
+        &self,
+        tenant: Uuid,
+        after: i64,
+        member: Option<Uuid>,
+        limit: i64,
+    ) -> Result<(Vec<EventRow>, HashMap<Uuid, MessageView>), Error> {
+        let (events, rows) = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    let mut query = events::table
+                        .filter(events::id.gt(after))
+                        .order(events::id.asc())
+                        .limit(limit)
+                        .select(EventRow::as_select())
+                        .into_boxed();
+                    if let Some(user) = member {
+                        let mine = members::table
+                            .filter(members::user_id.eq(user))
+                            .select(members::conversation_id);
+                        query = query.filter(events::conversation_id.eq_any(mine));
+                    }
+                    let events: Vec<EventRow> = query.load(conn).await?;
+                    let ids: Vec<Uuid> = events.iter().filter_map(|e| e.message_id).collect();
+                    let rows: Vec<MessageRow> = if ids.is_empty() {
+                        Vec::new()
+                    } else {
+                        messages::table
+                            .filter(messages::id.eq_any(&ids))
+                            .select(MessageRow::as_select())
+                            .load(conn)
+                            .await?
+                    };
+                    Ok((events, rows))
+                })
+            })
+            .await?;
+        let views = self.views(tenant, rows).await?;
+        Ok((events, views.into_iter().map(|v| (v.id, v)).collect()))
+    }
+
+    /// The conversations `user` is a member of.
+    pub(crate) async fn memberships(&self, tenant: Uuid, user: Uuid) -> Result<Vec<Uuid>, Error> {
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                Ok(members::table
+                    .filter(members::user_id.eq(user))
+                    .select(members::conversation_id)
+                    .load(conn)
+                    .await?)
+            })
+        })
+        .await
+    }
+
+    /// A conversation as `user` sees it (for membership events).
+    pub(crate) async fn conversation_view(
+        &self,
+        tenant: Uuid,
+        conversation: Uuid,
+        user: Uuid,
+    ) -> Result<Option<ConversationView>, Error> {
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                let row = conversations::table
+                    .find(conversation)
+                    .select(ConversationRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?;
+                match row {
+                    Some(row) => Ok(Some(view(conn, row, user).await?)),
+                    None => Ok(None),
+                }
+            })
+        })
+        .await
+    }
+}
+
+async fn view(
+    conn: &mut AsyncPgConnection,
+    row: ConversationRow,
+    me: Uuid,
+) -> Result<ConversationView, Error> {
+    let members: Vec<Uuid> = members::table
+        .filter(members::conversation_id.eq(row.id))
+        .order(members::joined_at.asc())
+        .select(members::user_id)
+        .load(conn)
+        .await?;
+    let caller_is_member = members.contains(&me);
+    Ok(ConversationView {
+        row,
+        members,
+        caller_is_member,
+    })
+}
+
+async fn is_member(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    user: Uuid,
+) -> Result<bool, Error> {
+    Ok(diesel::select(diesel::dsl::exists(
+        members::table
+            .filter(members::conversation_id.eq(conversation))
+            .filter(members::user_id.eq(user)),
+    ))
+    .get_result(conn)
+    .await?)
+}
+
+/// A conversation the caller may know of: one they belong to, or any channel.
+async fn visible_conversation(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    me: Uuid,
+) -> Result<ConversationRow, Error> {
+    let row: ConversationRow = conversations::table
+        .find(conversation)
+        .select(ConversationRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(Error::NotFound("conversation"))?;
+    if row.kind == kind::CHANNEL || is_member(conn, conversation, me).await? {
+        Ok(row)
+    } else {
+        Err(Error::NotFound("conversation"))
+    }
+}
+
+async fn require_active_users(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+    field: &str,
+) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let found: i64 = users::table
+        .filter(users::id.eq_any(ids))
+        .filter(users::status.eq("active"))
+        .count()
+        .get_result(conn)
+        .await?;
+    if usize::try_from(found).unwrap_or_default() != ids.len() {
+        return Err(Error::invalid(field, "names unknown or deactivated users"));
+    }
+    Ok(())
+}
+
+/// Inserts member rows, skipping present ones; returns who was new.
+async fn add_member_rows(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    users: &[Uuid],
+    at: DateTime<Utc>,
+) -> Result<Vec<Uuid>, Error> {
+    let rows: Vec<_> = users
+        .iter()
+        .map(|user| {
+            (
+                members::conversation_id.eq(conversation),
+                members::user_id.eq(*user),
+                members::joined_at.eq(at),
+            )
+        })
+        .collect();
+    Ok(diesel::insert_into(members::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .returning(members::user_id)
+        .get_results(conn)
+        .await?)
+}
+
+async fn touch(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    at: DateTime<Utc>,
+) -> Result<(), Error> {
+    diesel::update(conversations::table.find(conversation))
+        .set(conversations::updated_at.eq(at))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes the next event id; the counter row stays locked until the transaction ends.
+async fn next_event_id(conn: &mut AsyncPgConnection) -> Result<i64, Error> {
+    Ok(diesel::update(event_counter::table)
+        .set(event_counter::last_id.eq(event_counter::last_id + 1))
+        .returning(event_counter::last_id)
+        .get_result(conn)
+        .await?)
+}
+
+async fn insert_event(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    conversation: Uuid,
+    kind: &str,
+    message: Option<Uuid>,
+    detail: Option<&Membership>,
+    at: DateTime<Utc>,
+) -> Result<(), Error> {
+    let detail = detail.and_then(|d| serde_json::to_value(d).ok());
+    diesel::insert_into(events::table)
+        .values((
+            events::id.eq(id),
+            events::conversation_id.eq(conversation),
+            events::kind.eq(kind),
+            events::message_id.eq(message),
+            events::detail.eq(detail),
+            events::created_at.eq(at),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn append_event(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    kind: &str,
+    message: Option<Uuid>,
+    detail: Option<&Membership>,
+) -> Result<i64, Error> {
+    let id = next_event_id(conn).await?;
+    insert_event(conn, id, conversation, kind, message, detail, now()).await?;
+    Ok(id)
+}

@@ -1,0 +1,103 @@
+//! The messaging service's errors and their one mapping to gRPC statuses.
+
+use hafen_platform::status;
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the messaging service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Serving failed.
+    #[error(transparent)]
+    Platform(#[from] hafen_platform::Error),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] hafen_store::Error),
+    /// Keys or ciphertext failed.
+    #[error(transparent)]
+    Crypto(#[from] hafen_crypto::Error),
+    /// A query failed.
+    #[error("database: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A key needed to read or write a body is gone (erased user or deleted tenant).
+    #[error("the data key is destroyed")]
+    KeyDestroyed,
+
+    /// A request field is missing or malformed.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// The field's path in the request.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The body exceeds the configured limit.
+    #[error("body: more than {0} bytes")]
+    BodyTooLarge(usize),
+    /// The resource does not exist, or the caller may not know it does.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    /// The resource is in the wrong state for this call.
+    #[error("{0}")]
+    InvalidState(&'static str),
+    /// An optional feature is off (UL5).
+    #[error("feature {0} is off")]
+    FeatureDisabled(&'static str),
+    /// The request id was used for a different request.
+    #[error("request_id was used for a different request")]
+    RequestIdConflict,
+}
+
+impl Error {
+    /// An [`Error::InvalidField`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidField {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match err {
+            Error::InvalidField { field, message } => status::invalid_field(&field, message),
+            Error::BodyTooLarge(limit) => status::error(
+                Code::InvalidArgument,
+                "BODY_TOO_LARGE",
+                format!("body: at most {limit} bytes"),
+                &[("field", "body"), ("max_bytes", &limit.to_string())],
+            ),
+            Error::NotFound(resource) => status::not_found(resource),
+            Error::PermissionDenied(message) => status::permission_denied(message),
+            Error::InvalidState(message) => {
+                status::error(Code::FailedPrecondition, "INVALID_STATE", message, &[])
+            }
+            Error::FeatureDisabled(feature) => status::error(
+                Code::FailedPrecondition,
+                "FEATURE_DISABLED",
+                format!("the tenant has not switched on {feature}"),
+                &[("feature", feature)],
+            ),
+            Error::RequestIdConflict => status::error(
+                Code::AlreadyExists,
+                "REQUEST_ID_CONFLICT",
+                "request_id was already used for a different request",
+                &[("field", "request_id")],
+            ),
+            Error::Store(hafen_store::Error::Pool(_)) => {
+                tracing::warn!(error = %err, "database unavailable");
+                status::unavailable("database unavailable; retry later")
+            }
+            Error::Store(hafen_store::Error::UnknownTenant) | Error::KeyDestroyed => {
+                status::unauthenticated("the session's tenant no longer exists")
+            }
+            other => status::internal(&other),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Live delivery and resumable streams (BX4).
+//!
+//! Every write appends to the tenant's event log, whose ids follow commit order. After a
+//! commit, the writer wakes this process's feed of the tenant and publishes the tenant id on
+//! Redis (`<prefix>events:<tenant>`), which wakes the feeds of every other replica. A feed
+//! reads the new events once from the database, decrypts their messages once, and hands them
+//! to its subscribers; it also polls, so delivery goes on when Redis is down.
+//!
+//! A subscription first registers with the feed, then replays the log after its cursor from
+//! the database, then follows the feed, skipping what the replay already sent: no gap, no
+//! duplicate.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use hafen_authn::{Principal, Redis};
+use hafen_proto::messaging::v1 as pb;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::domain::Messaging;
+use crate::error::Error;
+use crate::rows::{EventRow, Membership, MessageView, event_kind};
+
+/// Events read from the database per query.
+const BATCH: i64 = 500;
+
+/// One event as a feed hands it out.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The event.
+    pub event: EventRow,
+    /// The message it names, decrypted (absent for membership events or purged messages).
+    pub message: Option<MessageView>,
+}
+
+/// The process's feeds, one per tenant with local subscribers.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    redis: Option<Redis>,
+    poll: Duration,
+    feeds: Mutex<HashMap<Uuid, Arc<Feed>>>,
+    messaging: OnceLock<Messaging>,
+}
+
+struct Feed {
+    tenant: Uuid,
+    sender: broadcast::Sender<Arc<Delivery>>,
+    wake: Notify,
+    subscribers: AtomicUsize,
+    position: AtomicI64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// Keeps a subscriber counted on its feed.
+struct Registration {
+    feed: Arc<Feed>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.feed.subscribers.fetch_sub(1, Ordering::SeqCst);
+        self.feed.wake.notify_one();
+    }
+}
+
+impl Hub {
+    /// A hub that wakes other replicas through `redis` and polls every `poll`.
+    pub fn new(redis: Option<Redis>, poll: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                redis,
+                poll,
+                feeds: Mutex::new(HashMap::new()),
+                messaging: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Connects the hub to the domain it reads events through (once, at start-up).
+    pub fn attach(&self, messaging: Messaging) {
+        let _ = self.inner.messaging.set(messaging);
+    }
+
+    fn channel(redis: &Redis, tenant: Uuid) -> String {
+        redis.key(&format!("events:{}", tenant.simple()))
+    }
+
+    /// Wakes the feeds of `tenant`, here and (through Redis) on every replica. A Redis
+    /// failure is logged: the others then pick the events up by polling.
+    pub async fn wake(&self, tenant: Uuid) {
+        if let Some(feed) = self.feed(tenant) {
+            feed.wake.notify_one();
+        }
+        if let Some(redis) = &self.inner.redis {
+            let published: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                .arg(Self::channel(redis, tenant))
+                .arg("")
+                .query_async(&mut redis.conn())
+                .await;
+            if let Err(err) = published {
+                tracing::debug!(error = %err, "event notification not published; replicas poll");
+            }
+        }
+    }
+
+    fn feed(&self, tenant: Uuid) -> Option<Arc<Feed>> {
+        self.inner.feeds.lock().ok()?.get(&tenant).cloned()
+    }
+
+    /// Follows the Redis notifications of every tenant for the life of the process.
+    pub fn listen(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let redis = self.inner.redis.clone()?;
+        let hub = self.clone();
+        Some(tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match hub.follow(&redis).await {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "event channel unavailable; polling meanwhile");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }))
+    }
+
+    async fn follow(&self, redis: &Redis) -> redis::RedisResult<()> {
+        let mut pubsub = redis.client().get_async_pubsub().await?;
+        let prefix = redis.key("events:");
+        pubsub.psubscribe(format!("{prefix}*")).await?;
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            let tenant = message
+                .get_channel_name()
+                .strip_prefix(&prefix)
+                .and_then(|t| Uuid::try_parse(t).ok());
+            if let Some(feed) = tenant.and_then(|t| self.feed(t)) {
+                feed.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a subscriber with the feed of `tenant`, starting the feed when it is the
+    /// first; everything the feed reads from now on reaches the returned receiver.
+    async fn register(
+        &self,
+        tenant: Uuid,
+    ) -> Result<(broadcast::Receiver<Arc<Delivery>>, Registration), Error> {
+        let messaging = self
+            .inner
+            .messaging
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::Config("hub not attached".into()))?;
+        if let Some(feed) = self.feed(tenant) {
+            feed.subscribers.fetch_add(1, Ordering::SeqCst);
+            let receiver = feed.sender.subscribe();
+            return Ok((receiver, Registration { feed }));
+        }
+        let position = messaging.head(tenant).await?;
+        let feed = {
+            let mut feeds = self
+                .inner
+                .feeds
+                .lock()
+                .map_err(|_| Error::Config("hub lock poisoned".into()))?;
+            feeds
+                .entry(tenant)
+                .or_insert_with(|| {
+                    let (sender, _) = broadcast::channel(1024);
+                    let feed = Arc::new(Feed {
+                        tenant,
+                        sender,
+                        wake: Notify::new(),
+                        subscribers: AtomicUsize::new(0),
+                        position: AtomicI64::new(position),
+                    });
+                    tokio::spawn(run_feed(self.clone(), messaging, feed.clone()));
+                    feed
+                })
+                .clone()
+        };
+        feed.subscribers.fetch_add(1, Ordering::SeqCst);
+        let receiver = feed.sender.subscribe();
+        Ok((receiver, Registration { feed }))
+    }
+
+    /// Opens a subscription for `caller` after `cursor` (`None`: from now on).
+    pub async fn subscribe(
+        &self,
+        messaging: Messaging,
+        caller: Principal,
+        cursor: Option<i64>,
+    ) -> Result<mpsc::Receiver<Result<pb::SubscribeResponse, Status>>, Error> {
+        let tenant = caller.tenant_id;
+        let (live, registration) = self.register(tenant).await?;
+        let start = match cursor {
+            Some(cursor) => cursor,
+            None => messaging.head(tenant).await?,
+        };
+        let mine: HashSet<Uuid> = messaging
+            .memberships(tenant, caller.user_id)
+            .await?
+            .into_iter()
+            .collect();
+        let (out, receiver) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let _registration = registration;
+            let mut subscription = Subscription {
+                messaging,
+                caller,
+                mine,
+                last: start,
+                out,
+            };
+            if let Err(status) = subscription.run(live).await {
+                let _ = subscription.out.send(Err(status)).await;
+            }
+        });
+        Ok(receiver)
+    }
+}
+
+/// Reads new events of one tenant and hands them out, until nobody listens.
+async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
+    loop {
+        tokio::select! {
+            () = feed.wake.notified() => {}
+            () = tokio::time::sleep(hub.inner.poll) => {}
+        }
+        if feed.subscribers.load(Ordering::SeqCst) == 0 {
+            if let Ok(mut feeds) = hub.inner.feeds.lock()
+                && feed.subscribers.load(Ordering::SeqCst) == 0
+            {
+                feeds.remove(&feed.tenant);
+                return;
+            }
+            continue;
+        }
+        loop {
+            let after = feed.position.load(Ordering::SeqCst);
+            let fetched = messaging
+                .events_after(feed.tenant, after, None, BATCH)
+                .await;
+            let (events, mut messages) = match fetched {
+                Ok(fetched) => fetched,
+                Err(err) => {
+                    tracing::warn!(tenant_id = %feed.tenant, error = %err, "feed could not read events");
+                    break;
+                }
+            };
+            let Some(last) = events.last().map(|e| e.id) else {
+                break;
+            };
+            for event in events {
+                let message = event.message_id.and_then(|id| messages.remove(&id));
+                let _ = feed.sender.send(Arc::new(Delivery { event, message }));
+            }
+            feed.position.store(last, Ordering::SeqCst);
+        }
+    }
+}
+
+/// One subscriber's state.
+struct Subscription {
+    messaging: Messaging,
+    caller: Principal,
+    mine: HashSet<Uuid>,
+    last: i64,
+    out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+}
+
+impl Subscription {
+    async fn run(&mut self, mut live: broadcast::Receiver<Arc<Delivery>>) -> Result<(), Status> {
+        self.replay().await?;
+        self.emit(pb::subscribe_response::Event::CaughtUp(pb::CaughtUp {}))
+            .await?;
+        loop {
+            match live.recv().await {
+                Ok(delivery) => {
+                    if delivery.event.id <= self.last {
+                        continue;
+                    }
+                    self.deliver(&delivery.event, delivery.message.as_ref())
+                        .await?;
+                    self.last = delivery.event.id;
+                }
+                // Too far behind the feed: catch up from the database instead.
+                Err(broadcast::error::RecvError::Lagged(_)) => self.replay().await?,
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(hafen_platform::status::unavailable(
+                        "the stream was closed; resubscribe with the last cursor",
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn replay(&mut self) -> Result<(), Status> {
+        loop {
+            let (events, messages) = self
+                .messaging
+                .events_after(
+                    self.caller.tenant_id,
+                    self.last,
+                    Some(self.caller.user_id),
+                    BATCH,
+                )
+                .await?;
+            let Some(last) = events.last().map(|e| e.id) else {
+                return Ok(());
+            };
+            for event in &events {
+                let message = event.message_id.and_then(|id| messages.get(&id));
+                self.deliver(event, message).await?;
+            }
+            self.last = last;
+        }
+    }
+
+    async fn deliver(
+        &mut self,
+        event: &EventRow,
+        message: Option<&MessageView>,
+    ) -> Result<(), Status> {
+        use pb::subscribe_response::Event;
+        let me = self.caller.user_id;
+        if event.kind == event_kind::MEMBERSHIP {
+            let detail: Membership = event
+                .detail
+                .clone()
+                .and_then(|d| serde_json::from_value(d).ok())
+                .unwrap_or_default();
+            let involves_me = detail.added.contains(&me) || detail.removed.contains(&me);
+            if !self.mine.contains(&event.conversation_id) && !involves_me {
+                return Ok(());
+            }
+            if detail.added.contains(&me) {
+                self.mine.insert(event.conversation_id);
+            }
+            let conversation = self
+                .messaging
+                .conversation_view(self.caller.tenant_id, event.conversation_id, me)
+                .await?
+                .map(|c| c.to_proto());
+            self.emit_at(
+                event.id,
+                Event::MembershipChanged(pb::MembershipChanged {
+                    conversation,
+                    added_user_ids: detail.added.iter().map(Uuid::to_string).collect(),
+                    removed_user_ids: detail.removed.iter().map(Uuid::to_string).collect(),
+                    actor_user_id: detail.actor.map(|a| a.to_string()).unwrap_or_default(),
+                    change_time: Some(hafen_platform::timestamp(event.created_at)),
+                }),
+            )
+            .await?;
+            if detail.removed.contains(&me) {
+                self.mine.remove(&event.conversation_id);
+            }
+            return Ok(());
+        }
+        if !self.mine.contains(&event.conversation_id) {
+            return Ok(());
+        }
+        let Some(message) = message else {
+            return Ok(()); // purged by retention since
+        };
+        let message = message.to_proto();
+        let payload = match event.kind.as_str() {
+            event_kind::CREATED => Event::MessageCreated(message),
+            event_kind::EDITED => Event::MessageEdited(message),
+            _ => Event::MessageDeleted(message),
+        };
+        self.emit_at(event.id, payload).await
+    }
+
+    async fn emit(&mut self, event: pb::subscribe_response::Event) -> Result<(), Status> {
+        self.emit_at(self.last, event).await
+    }
+
+    async fn emit_at(
+        &mut self,
+        cursor: i64,
+        event: pb::subscribe_response::Event,
+    ) -> Result<(), Status> {
+        self.out
+            .send(Ok(pb::SubscribeResponse {
+                cursor: cursor.to_string(),
+                event: Some(event),
+            }))
+            .await
+            // The client went away: stop quietly.
+            .map_err(|_| Status::cancelled("subscriber gone"))
+    }
+}
