@@ -22,6 +22,7 @@
 mod env;
 mod logs;
 mod redis_ns;
+mod redis_server;
 mod server;
 mod stack;
 
@@ -30,6 +31,7 @@ use std::sync::Once;
 pub use env::TestEnv;
 pub use logs::LogCapture;
 pub use redis_ns::TestRedis;
+pub use redis_server::PrivateRedis;
 pub use server::{Service, TestSecrets, TestServer};
 pub use stack::{OWNER_PASSWORD, TestStack, TestTenant, with_token};
 

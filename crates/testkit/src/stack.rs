@@ -43,17 +43,26 @@ pub struct TestStack {
 }
 
 impl TestStack {
-    /// Starts both services.
+    /// Starts the services on this test's Redis namespace.
     pub async fn start() -> Self {
+        Self::start_with_redis(None).await
+    }
+
+    /// Starts the services on `redis` instead (e.g. a [`crate::PrivateRedis`] to stop later).
+    pub async fn start_with_redis(redis: Option<hafen_authn::RedisArgs>) -> Self {
         let secrets = TestSecrets::generate();
         let db = TestDatabase::create().await;
-        let auth_config = secrets.auth_config(&db);
+        let redis = redis.unwrap_or_else(|| secrets.redis_args());
+        let mut auth_config = secrets.auth_config(&db);
+        auth_config.redis = redis.clone();
         let auth = TestServer::spawn(|l, s| hafen_auth::serve(auth_config, l, s)).await;
         let mut tenant_config = secrets.tenant_config(&db, &[]);
         tenant_config.auth.auth_endpoint = auth.uri();
+        tenant_config.redis = redis.clone();
         let tenant = TestServer::spawn(|l, s| hafen_tenant::serve(tenant_config, l, s)).await;
         let mut messaging_config = secrets.messaging_config(&db);
         messaging_config.auth.auth_endpoint = auth.uri();
+        messaging_config.redis = redis;
         let messaging =
             TestServer::spawn(|l, s| hafen_messaging::serve(messaging_config, l, s)).await;
         Self {

@@ -1,0 +1,858 @@
+//! The messaging service against real PostgreSQL and Redis, services over TLS (OC5, OC7,
+//! CB3, CB4, UL1, UL2, BX4, BX5).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed step must fail the test, with its message"
+)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel_async::RunQueryDsl;
+use futures::StreamExt;
+use hafen_platform::status;
+use hafen_proto::auth::v1 as auth_pb;
+use hafen_proto::messaging::v1 as pb;
+use hafen_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
+use hafen_testkit::{Channel, OWNER_PASSWORD, TestStack, TestTenant, with_token};
+use tonic::Code;
+use uuid::Uuid;
+
+struct Setup {
+    stack: TestStack,
+    tenant: TestTenant,
+    owner: String,
+    owner_id: String,
+    member: String,
+    member_id: String,
+}
+
+async fn setup_on(stack: TestStack) -> Setup {
+    let tenant = stack.create_tenant("chat").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let mut auth = stack.auth_client().await;
+    let member = auth
+        .create_user(with_token(
+            &owner,
+            auth_pb::CreateUserRequest {
+                username: "colleague".into(),
+                display_name: "Colleague".into(),
+                role: hafen_proto::common::v1::Role::Member as i32,
+                credential: Some(auth_pb::create_user_request::Credential::Password(
+                    "colleague password".into(),
+                )),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let code = auth
+        .issue_chat_code(with_token(
+            &owner,
+            auth_pb::IssueChatCodeRequest {
+                user_id: member.user_id.clone(),
+                device_label: "phone".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    let member_token = stack
+        .login("chat", "colleague", "colleague password", &code)
+        .await
+        .unwrap()
+        .access_token;
+    let owner_id = tenant.owner_id.clone();
+    Setup {
+        stack,
+        tenant,
+        owner,
+        owner_id,
+        member: member_token,
+        member_id: member.user_id,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_on(TestStack::start().await).await
+}
+
+impl Setup {
+    async fn client(&self) -> MessagingServiceClient<Channel> {
+        self.stack.messaging_client().await
+    }
+
+    async fn group(&self, title: &str) -> String {
+        self.client()
+            .await
+            .create_conversation(with_token(
+                &self.owner,
+                pb::CreateConversationRequest {
+                    kind: pb::ConversationKind::Group as i32,
+                    title: title.into(),
+                    member_user_ids: vec![self.member_id.clone()],
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation_id
+    }
+
+    async fn send(
+        &self,
+        token: &str,
+        conversation: &str,
+        body: &str,
+    ) -> Result<pb::Message, tonic::Status> {
+        self.client()
+            .await
+            .send_message(with_token(
+                token,
+                pb::SendMessageRequest {
+                    request_id: Uuid::now_v7().to_string(),
+                    conversation_id: conversation.into(),
+                    body: body.into(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn history(&self, token: &str, conversation: &str) -> Vec<pb::Message> {
+        self.client()
+            .await
+            .list_messages(with_token(
+                token,
+                pb::ListMessagesRequest {
+                    conversation_id: conversation.into(),
+                    direction: pb::Direction::Forward as i32,
+                    page_size: 500,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .messages
+    }
+
+    /// The raw ciphertext column of every message row of the tenant.
+    async fn raw_ciphertexts(&self) -> Vec<Option<Vec<u8>>> {
+        #[derive(QueryableByName)]
+        struct Raw {
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bytea>)]
+            ciphertext: Option<Vec<u8>>,
+        }
+        let tenant: Uuid = self.tenant.id.parse().unwrap();
+        let pool = hafen_store::pool::build_pool(&self.stack.db.args()).unwrap();
+        hafen_store::with_tenant(&pool, &hafen_store::TenantId::from(tenant), |conn| {
+            Box::pin(async move {
+                let rows: Vec<Raw> = diesel::sql_query("SELECT ciphertext FROM messages")
+                    .load(conn)
+                    .await?;
+                Ok::<_, hafen_store::Error>(rows.into_iter().map(|r| r.ciphertext).collect())
+            })
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status::reason(status).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc7_a_second_device_sees_the_whole_history() {
+    let s = setup().await;
+    let conversation = s.group("project").await;
+    for i in 0..5 {
+        s.send(&s.owner, &conversation, &format!("note {i}"))
+            .await
+            .unwrap();
+    }
+    s.send(&s.member, &conversation, "reply").await.unwrap();
+
+    // The owner on a brand-new device: a second chat code, a second session.
+    let code = s
+        .stack
+        .auth_client()
+        .await
+        .issue_chat_code(with_token(
+            &s.owner,
+            auth_pb::IssueChatCodeRequest {
+                user_id: s.owner_id.clone(),
+                device_label: "new laptop".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    let second = s
+        .stack
+        .login(&s.tenant.slug, "owner", OWNER_PASSWORD, &code)
+        .await
+        .unwrap()
+        .access_token;
+    let history = s.history(&second, &conversation).await;
+    let bodies: Vec<_> = history.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(
+        bodies,
+        ["note 0", "note 1", "note 2", "note 3", "note 4", "reply"]
+    );
+    let sequences: Vec<_> = history.iter().map(|m| m.sequence).collect();
+    assert_eq!(
+        sequences,
+        [1, 2, 3, 4, 5, 6],
+        "numbered per conversation, in order"
+    );
+
+    // Backwards, in pages.
+    let page = s
+        .client()
+        .await
+        .list_messages(with_token(
+            &second,
+            pb::ListMessagesRequest {
+                conversation_id: conversation.clone(),
+                direction: pb::Direction::Backward as i32,
+                page_size: 4,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let sequences: Vec<_> = page.messages.iter().map(|m| m.sequence).collect();
+    assert_eq!(sequences, [6, 5, 4, 3]);
+    let rest = s
+        .client()
+        .await
+        .list_messages(with_token(
+            &second,
+            pb::ListMessagesRequest {
+                conversation_id: conversation.clone(),
+                direction: pb::Direction::Backward as i32,
+                page_size: 4,
+                page_token: page.next_page_token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let sequences: Vec<_> = rest.messages.iter().map(|m| m.sequence).collect();
+    assert_eq!(sequences, [2, 1]);
+    assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb3_the_database_never_holds_a_body_in_clear() {
+    let s = setup().await;
+    let conversation = s.group("secrets").await;
+    let body = "the quarterly numbers are confidential";
+    s.send(&s.owner, &conversation, body).await.unwrap();
+    let rows = s.raw_ciphertexts().await;
+    assert_eq!(rows.len(), 1);
+    let sealed = rows[0].clone().unwrap();
+    assert!(
+        !sealed.windows(12).any(|w| w == &body.as_bytes()[..12]),
+        "no plaintext at rest"
+    );
+    assert!(
+        sealed.len() >= body.len() + 16 + 12,
+        "nonce and tag around the ciphertext"
+    );
+    assert_eq!(
+        s.history(&s.member, &conversation).await[0].body,
+        body,
+        "members read it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ul2_masked_personal_data_never_reaches_the_database() {
+    let s = setup().await;
+    s.stack
+        .tenant_client()
+        .await
+        .update_tenant_settings(with_token(
+            &s.owner,
+            hafen_proto::tenant::v1::UpdateTenantSettingsRequest {
+                settings: Some(hafen_proto::tenant::v1::TenantSettings {
+                    masking: Some(hafen_proto::tenant::v1::MaskingSettings {
+                        email: true,
+                        iban: true,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["masking.email".into(), "masking.iban".into()],
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await; // the masking rules are cached 5 s
+    let conversation = s.group("billing").await;
+    let sent = s
+        .send(
+            &s.member,
+            &conversation,
+            "write to jane.doe@example.eu, IBAN DE89 3704 0044 0532 0130 00, card 4111 1111 1111 1111",
+        )
+        .await
+        .unwrap();
+    assert!(sent.masked);
+    for original in ["jane.doe@example.eu", "DE89 3704", "4111 1111"] {
+        assert!(
+            !sent.body.contains(original),
+            "{original} masked: {}",
+            sent.body
+        );
+    }
+    assert!(
+        sent.body.contains("[email]")
+            && sent.body.contains("[iban]")
+            && sent.body.contains("[card]")
+    );
+    let stored = s.history(&s.owner, &conversation).await;
+    assert_eq!(
+        stored[0].body, sent.body,
+        "what is stored is the masked body"
+    );
+
+    // Cards are masked (UL1) even where the tenant configured nothing.
+    let plain = setup().await;
+    let other = plain.group("cards").await;
+    let sent = plain
+        .send(&plain.owner, &other, "4111-1111-1111-1111")
+        .await
+        .unwrap();
+    assert_eq!(sent.body, "[card]");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb4_deleting_removes_the_ciphertext_and_tells_subscribers() {
+    let s = setup().await;
+    let conversation = s.group("deletions").await;
+    let mut stream = s
+        .client()
+        .await
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_event(&mut stream).await;
+    assert!(matches!(first, pb::subscribe_response::Event::CaughtUp(_)));
+
+    let message = s
+        .send(&s.owner, &conversation, "regrettable")
+        .await
+        .unwrap();
+    let other = s.send(&s.owner, &conversation, "fine").await.unwrap();
+    let deleted = s
+        .client()
+        .await
+        .delete_message(with_token(
+            &s.owner,
+            pb::DeleteMessageRequest {
+                message_id: message.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.body.is_empty() && deleted.delete_time.is_some());
+    let rows = s.raw_ciphertexts().await;
+    assert_eq!(
+        rows.iter().filter(|c| c.is_none()).count(),
+        1,
+        "the ciphertext is gone"
+    );
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        kinds.push(next_event(&mut stream).await);
+    }
+    assert!(
+        matches!(&kinds[0], pb::subscribe_response::Event::MessageCreated(m) if m.message_id == message.message_id)
+    );
+    assert!(
+        matches!(&kinds[1], pb::subscribe_response::Event::MessageCreated(m) if m.message_id == other.message_id)
+    );
+    assert!(
+        matches!(&kinds[2], pb::subscribe_response::Event::MessageDeleted(m) if m.message_id == message.message_id && m.body.is_empty())
+    );
+
+    // The tombstone keeps its place; the member (not sender, not admin) cannot delete.
+    let history = s.history(&s.member, &conversation).await;
+    assert_eq!(history.len(), 2);
+    assert!(history[0].delete_time.is_some() && history[0].body.is_empty());
+    let err = s
+        .client()
+        .await
+        .delete_message(with_token(
+            &s.member,
+            pb::DeleteMessageRequest {
+                message_id: other.message_id,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+) -> pb::subscribe_response::Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event in time")
+        .expect("the stream stays open")
+        .expect("no error")
+        .event
+        .expect("an event")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx4_a_resumed_subscriber_gets_every_message_exactly_once_in_order() {
+    let s = setup().await;
+    let conversation = s.group("busy").await;
+    let mut stream = s
+        .client()
+        .await
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        pb::subscribe_response::Event::CaughtUp(_)
+    ));
+
+    // 1,000 messages from 8 concurrent senders.
+    let mut senders = Vec::new();
+    for worker in 0..8 {
+        let mut client = s.client().await;
+        let (token, conversation) = (s.owner.clone(), conversation.clone());
+        senders.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..125 {
+                let sent = client
+                    .send_message(with_token(
+                        &token,
+                        pb::SendMessageRequest {
+                            request_id: Uuid::now_v7().to_string(),
+                            conversation_id: conversation.clone(),
+                            body: format!("{worker}-{i}"),
+                        },
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                ids.push(sent.message_id);
+            }
+            ids
+        }));
+    }
+
+    let mut received: Vec<(u64, String)> = Vec::new();
+    let mut cursor = String::new();
+    // Read part of the flow, then drop the stream (a disconnect) and resume from the cursor.
+    while received.len() < 300 {
+        let response = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(pb::subscribe_response::Event::MessageCreated(m)) = response.event {
+            received.push((m.sequence, m.message_id));
+            cursor = response.cursor;
+        }
+    }
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut resumed = s
+        .client()
+        .await
+        .subscribe(with_token(
+            &s.member,
+            pb::SubscribeRequest { after: cursor },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut sent: HashSet<String> = HashSet::new();
+    for sender in senders {
+        sent.extend(sender.await.unwrap());
+    }
+    assert_eq!(sent.len(), 1000);
+    while received.len() < 1000 {
+        let response = tokio::time::timeout(Duration::from_secs(20), resumed.next())
+            .await
+            .expect("the rest arrives")
+            .unwrap()
+            .unwrap();
+        if let Some(pb::subscribe_response::Event::MessageCreated(m)) = response.event {
+            received.push((m.sequence, m.message_id));
+        }
+    }
+    let ids: HashSet<String> = received.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids.len(), 1000, "no duplicate");
+    assert_eq!(ids, sent, "no gap");
+    let sequences: Vec<u64> = received.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(sequences, (1..=1000).collect::<Vec<u64>>(), "in order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_are_idempotent_and_non_members_see_nothing() {
+    let s = setup().await;
+    let conversation = s.group("retries").await;
+    let request = pb::SendMessageRequest {
+        request_id: Uuid::now_v7().to_string(),
+        conversation_id: conversation.clone(),
+        body: "once".into(),
+    };
+    let mut client = s.client().await;
+    let first = client
+        .send_message(with_token(&s.owner, request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .send_message(with_token(&s.owner, request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again, "a retry returns the same message");
+    assert_eq!(
+        s.history(&s.owner, &conversation).await.len(),
+        1,
+        "never a duplicate"
+    );
+
+    // A third user of the tenant, not a member.
+    let private = client
+        .create_conversation(with_token(
+            &s.owner,
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Group as i32,
+                title: "owners only".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    let secret = s.send(&s.owner, &private, "not for members").await.unwrap();
+    let err = s.send(&s.member, &private, "let me in").await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "NOT_FOUND")
+    );
+    let err = client
+        .list_messages(with_token(
+            &s.member,
+            pb::ListMessagesRequest {
+                conversation_id: private.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "no existence oracle");
+    let err = client
+        .delete_message(with_token(
+            &s.member,
+            pb::DeleteMessageRequest {
+                message_id: secret.message_id,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let listed = client
+        .list_conversations(with_token(
+            &s.member,
+            pb::ListConversationsRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversations;
+    assert!(listed.iter().all(|c| c.conversation_id != private));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_keep_delivering_by_polling_when_redis_stops() {
+    let mut redis = hafen_testkit::PrivateRedis::start();
+    let redis_args = hafen_authn::RedisArgs {
+        redis_url: redis.url(),
+        redis_prefix: "hafen:".into(),
+    };
+    let stack = TestStack::start_with_redis(Some(redis_args.clone())).await;
+    let s = setup_on(stack).await;
+    // A second replica of the messaging service: the subscriber is there, the sender is not,
+    // so only Redis (or polling) can tell the replica about new messages.
+    let mut config = s.stack.secrets.messaging_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.redis = redis_args;
+    let replica =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_messaging::serve(config, l, sd)).await;
+    let mut on_replica = MessagingServiceClient::new(replica.channel(&s.stack.secrets).await);
+
+    let conversation = s.group("resilient").await;
+    let mut stream = on_replica
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        pb::subscribe_response::Event::CaughtUp(_)
+    ));
+    s.send(&s.owner, &conversation, "before").await.unwrap();
+    assert!(
+        matches!(next_event(&mut stream).await, pb::subscribe_response::Event::MessageCreated(m) if m.body == "before")
+    );
+
+    redis.stop();
+    let sent = s
+        .send(&s.owner, &conversation, "after")
+        .await
+        .expect("sends succeed without Redis");
+    match next_event(&mut stream).await {
+        pb::subscribe_response::Event::MessageCreated(m) => {
+            assert_eq!(m.message_id, sent.message_id)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc5_a_wiped_session_s_stream_ends_with_device_wiped() {
+    let s = setup().await;
+    let mut stream = s
+        .client()
+        .await
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        pb::subscribe_response::Event::CaughtUp(_)
+    ));
+    let codes = s
+        .stack
+        .auth_client()
+        .await
+        .list_chat_codes(with_token(
+            &s.owner,
+            auth_pb::ListChatCodesRequest {
+                user_id: s.member_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .chat_codes;
+    s.stack
+        .auth_client()
+        .await
+        .revoke_chat_code(with_token(
+            &s.owner,
+            auth_pb::RevokeChatCodeRequest {
+                chat_code_id: codes[0].chat_code_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(1), stream.next())
+        .await
+        .expect("within 1 s")
+        .expect("a final status")
+        .expect_err("an error status");
+    assert_eq!(ended.code(), Code::Unauthenticated);
+    assert_eq!(reason(&ended), "DEVICE_WIPED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_status_and_writes_nothing() {
+    let s = setup().await;
+    let conversation = s.group("strict").await;
+    let mut client = s.client().await;
+    let send = |conversation: &str, body: String, request: &str| pb::SendMessageRequest {
+        request_id: request.into(),
+        conversation_id: conversation.into(),
+        body,
+    };
+    let fresh = || Uuid::now_v7().to_string();
+    let cases = [
+        (
+            send(&conversation, String::new(), &fresh()),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            send(&conversation, "   ".into(), &fresh()),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            send(&conversation, "x".repeat(16 * 1024 + 1), &fresh()),
+            Code::InvalidArgument,
+            "BODY_TOO_LARGE",
+        ),
+        (
+            send(&conversation, "hi".into(), ""),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            send(&conversation, "hi".into(), "nope"),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            send("not-a-uuid", "hi".into(), &fresh()),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            send(&Uuid::now_v7().to_string(), "hi".into(), &fresh()),
+            Code::NotFound,
+            "NOT_FOUND",
+        ),
+    ];
+    for (request, code, expected) in cases {
+        let err = client
+            .send_message(with_token(&s.owner, request))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (code, expected),
+            "{err:?}"
+        );
+    }
+    assert!(
+        s.history(&s.owner, &conversation).await.is_empty(),
+        "nothing written"
+    );
+    let err = client
+        .create_conversation(with_token(
+            &s.member,
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                member_user_ids: vec![s.member_id.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status::metadata(&err, "field").as_deref(),
+        Some("member_user_ids")
+    );
+    let err = client
+        .subscribe(with_token(
+            &s.owner,
+            pb::SubscribeRequest { after: "-3".into() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status::metadata(&err, "field").as_deref(), Some("after"));
+    let err = client
+        .send_message(send(&conversation, "hi".into(), &fresh()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "no token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx5_message_bodies_never_reach_the_logs() {
+    let logs = hafen_testkit::LogCapture::install();
+    let s = setup().await;
+    let conversation = s.group("quiet").await;
+    let body = "a very private sentence about nothing";
+    let sent = s.send(&s.owner, &conversation, body).await.unwrap();
+    s.client()
+        .await
+        .edit_message(with_token(
+            &s.owner,
+            pb::EditMessageRequest {
+                message_id: sent.message_id.clone(),
+                body: "an edited private sentence".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    s.history(&s.member, &conversation).await;
+    let logged = logs.contents();
+    assert!(logged.contains(&s.tenant.id), "the capture works");
+    assert!(
+        !logged.contains("private sentence"),
+        "no body in any log line"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_conversations_are_unique_per_pair_and_members_can_leave_groups() {
+    let s = setup().await;
+    let mut client = s.client().await;
+    let direct = |token: &str, other: &str| {
+        with_token(
+            token,
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                member_user_ids: vec![other.to_owned()],
+                ..Default::default()
+            },
+        )
+    };
+    let a = client
+        .create_conversation(direct(&s.owner, &s.member_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .create_conversation(direct(&s.member, &s.owner_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        a.conversation_id, b.conversation_id,
+        "one direct conversation per pair"
+    );
+
+    let group = s.group("leavers").await;
+    let left = client
+        .remove_member(with_token(
+            &s.member,
+            pb::RemoveMemberRequest {
+                conversation_id: group.clone(),
+                user_id: s.member_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.removed);
+    let err = s.send(&s.member, &group, "still here?").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "no access after leaving");
+}
