@@ -53,6 +53,7 @@ pub(crate) struct Inner {
     pub keys: KeyRing,
     pub hub: Hub,
     pub max_body_bytes: usize,
+    committer: crate::commit::Committer,
     settings: Mutex<HashMap<Uuid, (Arc<TenantRules>, Instant)>>,
 }
 
@@ -71,6 +72,7 @@ impl Messaging {
                 keys,
                 hub,
                 max_body_bytes,
+                committer: crate::commit::Committer::default(),
                 settings: Mutex::new(HashMap::new()),
             }),
         }
@@ -439,8 +441,9 @@ impl Messaging {
 
     // --- messages ------------------------------------------------------------------------
 
-    /// Sends a message: masked, encrypted, numbered and logged in one transaction, and
-    /// returned only once committed. A retry with the same request id returns the first.
+    /// Sends a message: masked and encrypted here, then numbered and logged by the tenant's
+    /// group commit, and returned only once committed. A retry with the same request id
+    /// returns the first.
     pub async fn send(
         &self,
         caller: &Principal,
@@ -454,66 +457,18 @@ impl Messaging {
             .await?;
         let me = caller.user_id;
         let row = self
-            .scoped(caller.tenant_id, move |conn| {
-                Box::pin(async move {
-                    // The event counter's row lock is taken first and held to commit: it
-                    // serialises the tenant's writers, so the retry check below cannot race,
-                    // and events become visible in the order they are numbered.
-                    let event = next_event_id(conn).await?;
-                    if let Some(existing) = messages::table
-                        .filter(messages::sender_id.eq(me))
-                        .filter(messages::request_id.eq(request_id))
-                        .select(MessageRow::as_select())
-                        .first(conn)
-                        .await
-                        .optional()?
-                    {
-                        if existing.conversation_id != conversation {
-                            return Err(Error::RequestIdConflict);
-                        }
-                        return Ok(existing);
-                    }
-                    if !is_member(conn, conversation, me).await? {
-                        return Err(Error::NotFound("conversation"));
-                    }
-                    let at = now();
-                    let sequence: i64 = diesel::update(conversations::table.find(conversation))
-                        .set((
-                            conversations::last_sequence.eq(conversations::last_sequence + 1),
-                            conversations::updated_at.eq(at),
-                        ))
-                        .returning(conversations::last_sequence)
-                        .get_result(conn)
-                        .await?;
-                    let row: MessageRow = diesel::insert_into(messages::table)
-                        .values((
-                            messages::id.eq(id),
-                            messages::conversation_id.eq(conversation),
-                            messages::sequence.eq(sequence),
-                            messages::sender_id.eq(me),
-                            messages::ciphertext.eq(Some(&sealed)),
-                            messages::masked.eq(masked),
-                            messages::request_id.eq(Some(request_id)),
-                            messages::created_at.eq(at),
-                        ))
-                        .returning(MessageRow::as_returning())
-                        .get_result(conn)
-                        .await?;
-                    insert_event(
-                        conn,
-                        event,
-                        conversation,
-                        event_kind::CREATED,
-                        Some(id),
-                        None,
-                        at,
-                    )
-                    .await?;
-                    Ok(row)
-                })
+            .inner
+            .committer
+            .submit(self, caller.tenant_id, |reply| crate::commit::Send {
+                id,
+                sender: me,
+                conversation,
+                request_id,
+                sealed,
+                masked,
+                reply,
             })
             .await?;
-        self.inner.hub.wake(caller.tenant_id).await;
         let mut views = self.views(caller.tenant_id, vec![row]).await?;
         views.pop().ok_or(Error::NotFound("message"))
     }
@@ -805,7 +760,7 @@ async fn view(
     })
 }
 
-async fn is_member(
+pub(crate) async fn is_member(
     conn: &mut AsyncPgConnection,
     conversation: Uuid,
     user: Uuid,
@@ -905,7 +860,7 @@ async fn next_event_id(conn: &mut AsyncPgConnection) -> Result<i64, Error> {
         .await?)
 }
 
-async fn insert_event(
+pub(crate) async fn insert_event(
     conn: &mut AsyncPgConnection,
     id: i64,
     conversation: Uuid,

@@ -11,6 +11,7 @@
 //! resolves, so the `hafen-messaging` binary, `hafen dev` and the tests run the same code.
 
 mod api;
+mod commit;
 pub mod domain;
 mod error;
 pub mod hub;
