@@ -29,7 +29,8 @@ test: ## Start the dev services (fsync off) and run the whole test suite
 bench: ## Run the benchmarks (release build, durable PostgreSQL); prints a table and JSON lines
 	@scripts/setup.sh --toolchain-only
 	@$(DEV_SERVICES) up
-	$(LOAD_ENV) && $(CARGO) run --release --quiet -p hafen-bench -- $(BENCH_ARGS)
+	$(CARGO) build --release --quiet --bin hafen-bench --bin hafen-messaging
+	$(LOAD_ENV) && target/release/hafen-bench $(BENCH_ARGS)
 
 lint: ## cargo fmt --check and clippy with warnings denied
 	@scripts/setup.sh --toolchain-only

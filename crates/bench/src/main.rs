@@ -9,6 +9,7 @@
 //!   client, and at the production cost next to raw bcrypt.
 //! - `migrate`: `hafen-tenant migrate` over N tenants that each lack the newest migration;
 //!   total seconds, next to the same SQL applied raw with the same concurrency.
+//! - `send` (with `baseline` and `deliver`), `fanout`, `subscriptions`: see `messaging.rs`.
 //! - `login`: logins per second at concurrency 8 next to raw bcrypt verifications per second,
 //!   and ListUsers p99 during that login storm next to its idle value.
 
@@ -19,6 +20,7 @@
 )]
 
 mod login;
+mod messaging;
 mod migrate;
 mod provision;
 
@@ -48,6 +50,18 @@ struct Cli {
     #[arg(long, env = "HAFEN_BENCH_CONCURRENCY", default_value_t = 4)]
     concurrency: usize,
 
+    /// Seconds each messaging load phase runs (`send`).
+    #[arg(long, env = "HAFEN_BENCH_SEND_SECS", default_value_t = 60)]
+    send_secs: u64,
+
+    /// Subscribers in `fanout`.
+    #[arg(long, env = "HAFEN_BENCH_FANOUT", default_value_t = 1000)]
+    fanout: usize,
+
+    /// Idle streams in `subscriptions`.
+    #[arg(long, env = "HAFEN_BENCH_STREAMS", default_value_t = 10_000)]
+    streams: usize,
+
     /// bcrypt cost of the production figure in `provision`.
     #[arg(long, env = "HAFEN_BENCH_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST)]
     bcrypt_cost: u32,
@@ -59,6 +73,10 @@ enum Scenario {
     Provision,
     Migrate,
     Login,
+    /// baseline, send and deliver.
+    Send,
+    Fanout,
+    Subscriptions,
 }
 
 /// One line of the result table.
@@ -83,6 +101,21 @@ async fn main() {
     }
     if wants(Scenario::Login) {
         let (l, j) = login::run(cli.bcrypt_cost).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Send) {
+        let (l, j) = messaging::run(std::time::Duration::from_secs(cli.send_secs)).await;
+        lines.extend(l);
+        json.extend(j);
+    }
+    if wants(Scenario::Fanout) {
+        let (l, j) = messaging::fanout(cli.fanout, 20).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Subscriptions) {
+        let (l, j) = messaging::subscriptions(cli.streams).await;
         lines.extend(l);
         json.push(j);
     }

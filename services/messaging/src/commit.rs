@@ -3,16 +3,17 @@
 //! only after that commit. A lone send waits for nothing; under load, batches form by
 //! themselves.
 //!
-//! Each send runs in a savepoint of the batch's transaction, so one failing send (not a
-//! member, a reused request id) fails alone. The tenant's event counter is advanced once per
-//! batch; its row lock, held to commit, keeps event ids in commit order across replicas.
+//! A batch costs a fixed number of statements, whatever its size (see `store_batch`); one
+//! failing send (not a member, a reused request id) fails alone. The tenant's event counter
+//! is advanced once per batch; its row lock, held to commit, keeps event ids in commit order
+//! across replicas.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use diesel::prelude::*;
-use diesel_async::{AnsiTransactionManager, RunQueryDsl, TransactionManager};
-use hafen_store::schema::{conversations, event_counter, messages};
+use diesel_async::RunQueryDsl;
+use hafen_store::schema::{event_counter, events, members, messages};
 use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -87,50 +88,28 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
 }
 
 async fn commit(messaging: &Messaging, tenant: Uuid, batch: Vec<Send>) {
-    let (work, replies): (Vec<_>, Vec<_>) = batch
+    let (work, replies): (Vec<Item>, Vec<_>) = batch
         .into_iter()
         .map(|send| {
             (
-                (
-                    send.id,
-                    send.sender,
-                    send.conversation,
-                    send.request_id,
-                    send.sealed,
-                    send.masked,
-                ),
+                Item {
+                    id: send.id,
+                    sender: send.sender,
+                    conversation: send.conversation,
+                    request_id: send.request_id,
+                    sealed: send.sealed,
+                    masked: send.masked,
+                },
                 send.reply,
             )
         })
         .unzip();
-    let count = i64::try_from(work.len()).unwrap_or(i64::MAX);
+    let size = work.len();
+    let started = std::time::Instant::now();
     let outcome = messaging
-        .scoped(tenant, move |conn| {
-            Box::pin(async move {
-                let last: i64 = diesel::update(event_counter::table)
-                    .set(event_counter::last_id.eq(event_counter::last_id + count))
-                    .returning(event_counter::last_id)
-                    .get_result(conn)
-                    .await?;
-                let first_event = last - count + 1;
-                let mut results = Vec::with_capacity(work.len());
-                for (offset, item) in (0_i64..).zip(work) {
-                    AnsiTransactionManager::begin_transaction(conn).await?;
-                    match store(conn, first_event + offset, item).await {
-                        Ok(row) => {
-                            AnsiTransactionManager::commit_transaction(conn).await?;
-                            results.push(Ok(row));
-                        }
-                        Err(err) => {
-                            AnsiTransactionManager::rollback_transaction(conn).await?;
-                            results.push(Err(err));
-                        }
-                    }
-                }
-                Ok::<_, Error>(results)
-            })
-        })
+        .scoped(tenant, move |conn| Box::pin(store_batch(conn, work)))
         .await;
+    tracing::debug!(tenant_id = %tenant, sends = size, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
     match outcome {
         Ok(results) => {
             messaging.inner.hub.wake(tenant).await;
@@ -148,59 +127,181 @@ async fn commit(messaging: &Messaging, tenant: Uuid, batch: Vec<Send>) {
     }
 }
 
-type Item = (Uuid, Uuid, Uuid, Uuid, Vec<u8>, bool);
+/// One send, sealed.
+struct Item {
+    id: Uuid,
+    sender: Uuid,
+    conversation: Uuid,
+    request_id: Uuid,
+    sealed: Vec<u8>,
+    masked: bool,
+}
 
-/// Stores one send inside the batch (in its own savepoint).
-async fn store(conn: &mut AsyncPgConnection, event: i64, item: Item) -> Result<MessageRow, Error> {
-    let (id, sender, conversation, request_id, sealed, masked) = item;
-    if let Some(existing) = messages::table
-        .filter(messages::sender_id.eq(sender))
-        .filter(messages::request_id.eq(request_id))
-        .select(MessageRow::as_select())
+/// Stores a batch with a fixed number of statements, whatever its size: the retries and the
+/// membership of every send are looked up at once, sequences are advanced once per
+/// conversation, and messages and events are inserted in one statement each. The tenant's
+/// event counter is locked first, which serialises the tenant's writers, so nothing checked
+/// here can change before the commit.
+async fn store_batch(
+    conn: &mut AsyncPgConnection,
+    items: Vec<Item>,
+) -> Result<Vec<Result<MessageRow, Error>>, Error> {
+    use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
+    use std::collections::{HashMap, HashSet};
+
+    let last_event: i64 = event_counter::table
+        .select(event_counter::last_id)
+        .for_update()
         .first(conn)
-        .await
-        .optional()?
-    {
-        if existing.conversation_id != conversation {
-            return Err(Error::RequestIdConflict);
-        }
-        return Ok(existing);
+        .await?;
+    let request_ids: Vec<Uuid> = items.iter().map(|i| i.request_id).collect();
+    let existing: HashMap<(Uuid, Uuid), MessageRow> = messages::table
+        .filter(messages::request_id.eq_any(&request_ids))
+        .select(MessageRow::as_select())
+        .load::<MessageRow>(conn)
+        .await?
+        .into_iter()
+        .filter_map(|row| row.request_id.map(|r| ((row.sender_id, r), row)))
+        .collect();
+    let conversation_ids: Vec<Uuid> = items.iter().map(|i| i.conversation).collect();
+    let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
+    let memberships: HashSet<(Uuid, Uuid)> = members::table
+        .filter(members::conversation_id.eq_any(&conversation_ids))
+        .filter(members::user_id.eq_any(&sender_ids))
+        .select((members::conversation_id, members::user_id))
+        .load::<(Uuid, Uuid)>(conn)
+        .await?
+        .into_iter()
+        .collect();
+
+    // What becomes of each send: an earlier message (a retry), an error, or a new row.
+    enum Fate {
+        Done(Result<MessageRow, Error>),
+        SameAs(usize),
+        New,
     }
-    if !crate::domain::is_member(conn, conversation, sender).await? {
-        return Err(Error::NotFound("conversation"));
+    let mut fates = Vec::with_capacity(items.len());
+    let mut first_in_batch: HashMap<(Uuid, Uuid), usize> = HashMap::new();
+    let mut per_conversation: HashMap<Uuid, i64> = HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        let key = (item.sender, item.request_id);
+        let fate = if let Some(row) = existing.get(&key) {
+            if row.conversation_id == item.conversation {
+                Fate::Done(Ok(row.clone()))
+            } else {
+                Fate::Done(Err(Error::RequestIdConflict))
+            }
+        } else if let Some(&earlier) = first_in_batch.get(&key) {
+            if items[earlier].conversation == item.conversation {
+                Fate::SameAs(earlier)
+            } else {
+                Fate::Done(Err(Error::RequestIdConflict))
+            }
+        } else if !memberships.contains(&(item.conversation, item.sender)) {
+            Fate::Done(Err(Error::NotFound("conversation")))
+        } else {
+            first_in_batch.insert(key, index);
+            *per_conversation.entry(item.conversation).or_default() += 1;
+            Fate::New
+        };
+        fates.push(fate);
     }
+
     let at = now();
-    let sequence: i64 = diesel::update(conversations::table.find(conversation))
-        .set((
-            conversations::last_sequence.eq(conversations::last_sequence + 1),
-            conversations::updated_at.eq(at),
-        ))
-        .returning(conversations::last_sequence)
-        .get_result(conn)
+    let new_count: i64 = per_conversation.values().sum();
+    let mut rows_by_index: HashMap<usize, MessageRow> = HashMap::new();
+    if new_count > 0 {
+        let (ids, counts): (Vec<Uuid>, Vec<i64>) =
+            per_conversation.iter().map(|(c, n)| (*c, *n)).unzip();
+        #[derive(diesel::QueryableByName)]
+        struct Advanced {
+            #[diesel(sql_type = SqlUuid)]
+            id: Uuid,
+            #[diesel(sql_type = BigInt)]
+            last_sequence: i64,
+        }
+        let advanced: Vec<Advanced> = diesel::sql_query(
+            "UPDATE conversations c SET last_sequence = c.last_sequence + n.count, updated_at = now() \
+             FROM unnest($1::uuid[], $2::bigint[]) AS n(id, count) WHERE c.id = n.id \
+             RETURNING c.id, c.last_sequence",
+        )
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&counts)
+        .load(conn)
         .await?;
-    let row: MessageRow = diesel::insert_into(messages::table)
-        .values((
-            messages::id.eq(id),
-            messages::conversation_id.eq(conversation),
-            messages::sequence.eq(sequence),
-            messages::sender_id.eq(sender),
-            messages::ciphertext.eq(Some(&sealed)),
-            messages::masked.eq(masked),
-            messages::request_id.eq(Some(request_id)),
-            messages::created_at.eq(at),
-        ))
-        .returning(MessageRow::as_returning())
-        .get_result(conn)
-        .await?;
-    crate::domain::insert_event(
-        conn,
-        event,
-        conversation,
-        event_kind::CREATED,
-        Some(id),
-        None,
-        at,
-    )
-    .await?;
-    Ok(row)
+        // The first sequence number each conversation hands out in this batch.
+        let mut next_sequence: HashMap<Uuid, i64> = advanced
+            .iter()
+            .map(|a| {
+                (
+                    a.id,
+                    a.last_sequence - per_conversation.get(&a.id).copied().unwrap_or(0) + 1,
+                )
+            })
+            .collect();
+        let mut next_event = last_event + 1;
+        let mut message_rows = Vec::new();
+        let mut event_rows = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            if !matches!(fates[index], Fate::New) {
+                continue;
+            }
+            let Some(sequence) = next_sequence.get_mut(&item.conversation) else {
+                continue;
+            };
+            message_rows.push((
+                messages::id.eq(item.id),
+                messages::conversation_id.eq(item.conversation),
+                messages::sequence.eq(*sequence),
+                messages::sender_id.eq(item.sender),
+                messages::ciphertext.eq(Some(item.sealed.clone())),
+                messages::masked.eq(item.masked),
+                messages::request_id.eq(Some(item.request_id)),
+                messages::created_at.eq(at),
+            ));
+            event_rows.push((
+                events::id.eq(next_event),
+                events::conversation_id.eq(item.conversation),
+                events::kind.eq(event_kind::CREATED),
+                events::message_id.eq(Some(item.id)),
+                events::created_at.eq(at),
+            ));
+            *sequence += 1;
+            next_event += 1;
+        }
+        let inserted: Vec<MessageRow> = diesel::insert_into(messages::table)
+            .values(message_rows)
+            .returning(MessageRow::as_returning())
+            .get_results(conn)
+            .await?;
+        diesel::insert_into(events::table)
+            .values(event_rows)
+            .execute(conn)
+            .await?;
+        diesel::update(event_counter::table)
+            .set(event_counter::last_id.eq(next_event - 1))
+            .execute(conn)
+            .await?;
+        let by_id: HashMap<Uuid, MessageRow> = inserted.into_iter().map(|r| (r.id, r)).collect();
+        for (index, item) in items.iter().enumerate() {
+            if let Some(row) = by_id.get(&item.id) {
+                rows_by_index.insert(index, row.clone());
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(items.len());
+    for (index, fate) in fates.into_iter().enumerate() {
+        results.push(match fate {
+            Fate::Done(result) => result,
+            Fate::SameAs(earlier) => rows_by_index
+                .get(&earlier)
+                .cloned()
+                .ok_or(Error::NotFound("message")),
+            Fate::New => rows_by_index
+                .get(&index)
+                .cloned()
+                .ok_or(Error::NotFound("conversation")),
+        });
+    }
+    Ok(results)
 }
