@@ -47,6 +47,29 @@ pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
     )
 }
 
+/// Parses a required UUID field; INVALID_FIELD naming `field` when empty or malformed.
+pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
+    if value.is_empty() {
+        return Err(invalid_field(field, "required"));
+    }
+    uuid::Uuid::try_parse(value).map_err(|_| invalid_field(field, "must be a UUID"))
+}
+
+/// FAILED_PRECONDITION with reason `INVALID_STATE`: the resource is in the wrong state.
+pub fn invalid_state(message: impl Into<String>) -> Status {
+    error(Code::FailedPrecondition, "INVALID_STATE", message, &[])
+}
+
+/// ALREADY_EXISTS with reason `REQUEST_ID_CONFLICT`: a request id reused for another request.
+pub fn request_id_conflict() -> Status {
+    error(
+        Code::AlreadyExists,
+        "REQUEST_ID_CONFLICT",
+        "request_id was already used for a different request",
+        &[("field", "request_id")],
+    )
+}
+
 /// NOT_FOUND with reason `NOT_FOUND` and the resource type.
 pub fn not_found(resource_type: &str) -> Status {
     error(

@@ -3,6 +3,7 @@
 
 use hafen_authn::{Introspection, Rejection, RevokeReason, Role, user};
 use hafen_platform::paging::{self, TimeKey};
+use hafen_platform::status::parse_uuid;
 use hafen_proto::auth::v1 as pb;
 use hafen_proto::auth::v1::auth_service_server::AuthService;
 use hafen_store::accounts::{DeviceLabel, DisplayName, Username};
@@ -33,13 +34,6 @@ impl AuthApi {
     pub fn new(auth: Auth) -> Self {
         Self { auth }
     }
-}
-
-fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
-    if value.is_empty() {
-        return Err(Error::invalid(field, "required"));
-    }
-    Uuid::try_parse(value).map_err(|_| Error::invalid(field, "must be a UUID"))
 }
 
 fn required<'a>(field: &str, value: &'a str, max_chars: usize) -> Result<&'a str, Error> {
@@ -143,7 +137,7 @@ impl AuthService for AuthApi {
         let request_id = if r.request_id.is_empty() {
             None
         } else {
-            Some(parse_id("request_id", &r.request_id)?)
+            Some(parse_uuid("request_id", &r.request_id)?)
         };
         let username =
             Username::parse(&r.username).map_err(|err| Error::invalid("username", err.0))?;
@@ -219,7 +213,7 @@ impl AuthService for AuthApi {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
         let target = r.user.ok_or_else(|| Error::invalid("user", "required"))?;
-        let id = parse_id("user.user_id", &target.user_id)?;
+        let id = parse_uuid("user.user_id", &target.user_id)?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         if paths.is_empty() {
             return Err(Error::invalid("update_mask", "name display_name and/or role").into());
@@ -259,7 +253,7 @@ impl AuthService for AuthApi {
         request: Request<pb::DeactivateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let caller = user(&request)?.clone();
-        let id = parse_id("user_id", &request.into_inner().user_id)?;
+        let id = parse_uuid("user_id", &request.into_inner().user_id)?;
         Ok(Response::new(
             self.auth.deactivate(&caller, id).await?.to_proto(),
         ))
@@ -270,7 +264,7 @@ impl AuthService for AuthApi {
         request: Request<pb::ReactivateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let caller = user(&request)?.clone();
-        let id = parse_id("user_id", &request.into_inner().user_id)?;
+        let id = parse_uuid("user_id", &request.into_inner().user_id)?;
         Ok(Response::new(
             self.auth.reactivate(&caller, id).await?.to_proto(),
         ))
@@ -297,7 +291,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::IssueChatCodeResponse>, Status> {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
-        let user_id = parse_id("user_id", &r.user_id)?;
+        let user_id = parse_uuid("user_id", &r.user_id)?;
         let label = DeviceLabel::parse(&r.device_label)
             .map_err(|err| Error::invalid("device_label", err.0))?;
         let issued = self.auth.issue_code(&caller, user_id, label).await?;
@@ -316,7 +310,7 @@ impl AuthService for AuthApi {
         let user_id = if r.user_id.is_empty() {
             None
         } else {
-            Some(parse_id("user_id", &r.user_id)?)
+            Some(parse_uuid("user_id", &r.user_id)?)
         };
         let limit = paging::page_size(r.page_size)?;
         let after = TimeKey::decode(&r.page_token, &r.user_id)?.map(|k| (k.at, k.id));
@@ -340,7 +334,7 @@ impl AuthService for AuthApi {
         request: Request<pb::RevokeChatCodeRequest>,
     ) -> Result<Response<pb::ChatCode>, Status> {
         let caller = user(&request)?.clone();
-        let id = parse_id("chat_code_id", &request.into_inner().chat_code_id)?;
+        let id = parse_uuid("chat_code_id", &request.into_inner().chat_code_id)?;
         Ok(Response::new(
             self.auth.revoke_code(&caller, id).await?.to_proto(),
         ))

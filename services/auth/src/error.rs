@@ -131,16 +131,9 @@ impl From<Error> for Status {
             Error::AlreadyExists(field) => {
                 status::already_exists(field, format!("{field} is already taken"))
             }
-            Error::RequestIdConflict => status::error(
-                Code::AlreadyExists,
-                "REQUEST_ID_CONFLICT",
-                "request_id was already used for a different request",
-                &[("field", "request_id")],
-            ),
+            Error::RequestIdConflict => status::request_id_conflict(),
             Error::PermissionDenied(message) => status::permission_denied(message),
-            Error::InvalidState(message) => {
-                status::error(Code::FailedPrecondition, "INVALID_STATE", message, &[])
-            }
+            Error::InvalidState(message) => status::invalid_state(message),
             Error::OwnerProtected => status::error(
                 Code::FailedPrecondition,
                 "OWNER_PROTECTED",

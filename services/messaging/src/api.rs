@@ -3,6 +3,7 @@
 
 use hafen_authn::{Authenticator, user};
 use hafen_platform::paging::{self, TimeKey};
+use hafen_platform::status::parse_uuid;
 use hafen_proto::messaging::v1 as pb;
 use hafen_proto::messaging::v1::messaging_service_server::MessagingService;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,13 +30,6 @@ impl MessagingApi {
             authenticator,
         }
     }
-}
-
-fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
-    if value.is_empty() {
-        return Err(Error::invalid(field, "required"));
-    }
-    Uuid::try_parse(value).map_err(|_| Error::invalid(field, "must be a UUID"))
 }
 
 fn parse_ids(field: &str, values: &[String]) -> Result<Vec<Uuid>, Error> {
@@ -76,7 +70,7 @@ impl MessagingService for MessagingApi {
         let request_id = if r.request_id.is_empty() {
             None
         } else {
-            Some(parse_id("request_id", &r.request_id)?)
+            Some(parse_uuid("request_id", &r.request_id)?)
         };
         let members = parse_ids("member_user_ids", &r.member_user_ids)?;
         let created = self
@@ -126,7 +120,7 @@ impl MessagingService for MessagingApi {
     ) -> Result<Response<pb::AddMembersResponse>, Status> {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
-        let conversation = parse_id("conversation_id", &r.conversation_id)?;
+        let conversation = parse_uuid("conversation_id", &r.conversation_id)?;
         let users = parse_ids("user_ids", &r.user_ids)?;
         let (view, added) = self
             .messaging
@@ -144,8 +138,8 @@ impl MessagingService for MessagingApi {
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
-        let conversation = parse_id("conversation_id", &r.conversation_id)?;
-        let target = parse_id("user_id", &r.user_id)?;
+        let conversation = parse_uuid("conversation_id", &r.conversation_id)?;
+        let target = parse_uuid("user_id", &r.user_id)?;
         let (view, removed) = self
             .messaging
             .remove_member(&caller, conversation, target)
@@ -162,8 +156,8 @@ impl MessagingService for MessagingApi {
     ) -> Result<Response<pb::Message>, Status> {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
-        let request_id = parse_id("request_id", &r.request_id)?;
-        let conversation = parse_id("conversation_id", &r.conversation_id)?;
+        let request_id = parse_uuid("request_id", &r.request_id)?;
+        let conversation = parse_uuid("conversation_id", &r.conversation_id)?;
         let message = self
             .messaging
             .send(&caller, conversation, request_id, &r.body)
@@ -177,7 +171,7 @@ impl MessagingService for MessagingApi {
     ) -> Result<Response<pb::Message>, Status> {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
-        let message = parse_id("message_id", &r.message_id)?;
+        let message = parse_uuid("message_id", &r.message_id)?;
         Ok(Response::new(
             self.messaging
                 .edit(&caller, message, &r.body)
@@ -191,7 +185,7 @@ impl MessagingService for MessagingApi {
         request: Request<pb::DeleteMessageRequest>,
     ) -> Result<Response<pb::Message>, Status> {
         let caller = user(&request)?.clone();
-        let message = parse_id("message_id", &request.into_inner().message_id)?;
+        let message = parse_uuid("message_id", &request.into_inner().message_id)?;
         Ok(Response::new(
             self.messaging.delete(&caller, message).await?.to_proto(),
         ))
@@ -203,7 +197,7 @@ impl MessagingService for MessagingApi {
     ) -> Result<Response<pb::ListMessagesResponse>, Status> {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
-        let conversation = parse_id("conversation_id", &r.conversation_id)?;
+        let conversation = parse_uuid("conversation_id", &r.conversation_id)?;
         let forward = match pb::Direction::try_from(r.direction) {
             Ok(pb::Direction::Forward | pb::Direction::Unspecified) => true,
             Ok(pb::Direction::Backward) => false,

@@ -33,6 +33,13 @@ const MAX_MEMBERS_PER_CALL: usize = 500;
 /// A tenant's settings with its masking rules compiled.
 type TenantRules = (Settings, Masker);
 
+/// A body as stored: sealed, and the masked text that was sealed.
+struct Sealed {
+    ciphertext: Vec<u8>,
+    masked: bool,
+    body: String,
+}
+
 /// A validated CreateConversation request.
 #[derive(Debug, Clone)]
 pub struct NewConversation {
@@ -153,7 +160,8 @@ impl Messaging {
         Ok(out)
     }
 
-    /// Masks and encrypts `body` for message `id` in `conversation` by `sender`.
+    /// Masks and encrypts `body` for message `id` in `conversation` by `sender`; returns the
+    /// masked text too, so a fresh message is answered without decrypting it again.
     async fn seal(
         &self,
         tenant: Uuid,
@@ -161,7 +169,7 @@ impl Messaging {
         id: Uuid,
         conversation: Uuid,
         body: &str,
-    ) -> Result<(Vec<u8>, bool), Error> {
+    ) -> Result<Sealed, Error> {
         if body.trim().is_empty() {
             return Err(Error::invalid("body", "must not be empty"));
         }
@@ -172,7 +180,11 @@ impl Messaging {
         let (masked_body, masked) = settings.1.apply(body);
         let key = self.inner.keys.user_key(tenant, sender).await?;
         let sealed = key.seal(&body_context(id, conversation), masked_body.as_bytes())?;
-        Ok((sealed, masked))
+        Ok(Sealed {
+            ciphertext: sealed,
+            masked,
+            body: masked_body,
+        })
     }
 
     // --- conversations -------------------------------------------------------------------
@@ -452,7 +464,11 @@ impl Messaging {
         body: &str,
     ) -> Result<MessageView, Error> {
         let id = Uuid::now_v7();
-        let (sealed, masked) = self
+        let Sealed {
+            ciphertext,
+            masked,
+            body,
+        } = self
             .seal(caller.tenant_id, caller.user_id, id, conversation, body)
             .await?;
         let me = caller.user_id;
@@ -464,13 +480,27 @@ impl Messaging {
                 sender: me,
                 conversation,
                 request_id,
-                sealed,
+                sealed: ciphertext,
                 masked,
                 reply,
             })
             .await?;
-        let mut views = self.views(caller.tenant_id, vec![row]).await?;
-        views.pop().ok_or(Error::NotFound("message"))
+        if row.id != id {
+            // A retry: the first message's body is the one stored.
+            let mut views = self.views(caller.tenant_id, vec![row]).await?;
+            return views.pop().ok_or(Error::NotFound("message"));
+        }
+        Ok(MessageView {
+            id,
+            conversation_id: row.conversation_id,
+            sequence: row.sequence,
+            sender_id: row.sender_id,
+            body,
+            masked: row.masked,
+            created_at: row.created_at,
+            edited_at: row.edited_at,
+            deleted_at: row.deleted_at,
+        })
     }
 
     /// Replaces the body of the caller's own message.
@@ -488,7 +518,11 @@ impl Messaging {
         if current.deleted_at.is_some() {
             return Err(Error::InvalidState("the message is deleted"));
         }
-        let (sealed, masked) = self
+        let Sealed {
+            ciphertext: sealed,
+            masked,
+            ..
+        } = self
             .seal(caller.tenant_id, me, message, current.conversation_id, body)
             .await?;
         let conversation = current.conversation_id;
@@ -616,7 +650,7 @@ impl Messaging {
     ) -> Result<(Vec<MessageView>, bool), Error> {
         let me = caller.user_id;
         let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
-        let (mut rows, more) = self
+        let (rows, more) = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
                     if !is_member(conn, conversation, me).await? {
@@ -643,7 +677,6 @@ impl Messaging {
                 })
             })
             .await?;
-        rows.shrink_to_fit();
         Ok((self.views(caller.tenant_id, rows).await?, more))
     }
 

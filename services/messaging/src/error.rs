@@ -75,21 +75,14 @@ impl From<Error> for Status {
             ),
             Error::NotFound(resource) => status::not_found(resource),
             Error::PermissionDenied(message) => status::permission_denied(message),
-            Error::InvalidState(message) => {
-                status::error(Code::FailedPrecondition, "INVALID_STATE", message, &[])
-            }
+            Error::InvalidState(message) => status::invalid_state(message),
             Error::FeatureDisabled(feature) => status::error(
                 Code::FailedPrecondition,
                 "FEATURE_DISABLED",
                 format!("the tenant has not switched on {feature}"),
                 &[("feature", feature)],
             ),
-            Error::RequestIdConflict => status::error(
-                Code::AlreadyExists,
-                "REQUEST_ID_CONFLICT",
-                "request_id was already used for a different request",
-                &[("field", "request_id")],
-            ),
+            Error::RequestIdConflict => status::request_id_conflict(),
             Error::Store(hafen_store::Error::Pool(_)) => {
                 tracing::warn!(error = %err, "database unavailable");
                 status::unavailable("database unavailable; retry later")

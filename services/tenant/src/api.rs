@@ -3,6 +3,7 @@
 
 use hafen_authn::{Caller, Role, caller, require_operator};
 use hafen_platform::paging::{self, TimeKey};
+use hafen_platform::status::parse_uuid;
 use hafen_platform::timestamp;
 use hafen_proto::tenant::v1 as pb;
 use hafen_proto::tenant::v1::tenant_service_server::TenantService;
@@ -34,7 +35,7 @@ impl TenantApi {
 /// session's, and `tenant_id` must then be empty.
 fn target_tenant(caller: &Caller, tenant_id: &str) -> Result<Uuid, Error> {
     match caller {
-        Caller::Operator => parse_id("tenant_id", tenant_id),
+        Caller::Operator => Ok(parse_uuid("tenant_id", tenant_id)?),
         Caller::User(principal) if tenant_id.is_empty() => Ok(principal.tenant_id),
         Caller::User(_) => Err(Error::invalid(
             "tenant_id",
@@ -86,7 +87,7 @@ impl TenantService for TenantApi {
             }
             (Caller::Operator, false, true) => {
                 self.tenants
-                    .get(parse_id("tenant_id", &request.tenant_id)?)
+                    .get(parse_uuid("tenant_id", &request.tenant_id)?)
                     .await?
             }
             (Caller::Operator, true, false) => self.tenants.get_by_slug(&request.slug).await?,
@@ -207,7 +208,7 @@ fn parse_create(request: pb::CreateTenantRequest) -> Result<NewTenantInput, Erro
     let request_id = if request.request_id.is_empty() {
         None
     } else {
-        Some(parse_id("request_id", &request.request_id)?)
+        Some(parse_uuid("request_id", &request.request_id)?)
     };
     let slug = Slug::parse(&request.slug)?;
     let display_name = DisplayName::parse(&request.display_name).map_err(name("display_name"))?;
@@ -243,14 +244,6 @@ fn parse_create(request: pb::CreateTenantRequest) -> Result<NewTenantInput, Erro
         region: request.region,
         database,
     })
-}
-
-/// Parses a UUID field.
-fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
-    if value.is_empty() {
-        return Err(Error::invalid(field, "required"));
-    }
-    Uuid::parse_str(value).map_err(|_| Error::invalid(field, "must be a UUID"))
 }
 
 /// The API form of a tenant row.

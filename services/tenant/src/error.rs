@@ -129,12 +129,7 @@ impl From<Error> for Status {
                 &[("field", "owner_password")],
             ),
             Error::SlugTaken => status::already_exists("slug", "a tenant with this slug exists"),
-            Error::RequestIdConflict => status::error(
-                Code::AlreadyExists,
-                "REQUEST_ID_CONFLICT",
-                "request_id was already used for a different request",
-                &[("field", "request_id")],
-            ),
+            Error::RequestIdConflict => status::request_id_conflict(),
             Error::NotFound => status::not_found("tenant"),
             Error::ConfirmationFailed => status::error(
                 Code::PermissionDenied,
