@@ -3,7 +3,7 @@
 //! only after that commit. A lone send waits for nothing; under load, batches form by
 //! themselves.
 //!
-//! A batch costs a fixed number of statements, whatever its size (see `store_batch`); one
+//! A batch costs two pipelined round trips, whatever its size (see `store_batch`); one
 //! failing send (not a member, a reused request id) fails alone. The tenant's event counter
 //! is advanced once per batch; its row lock, held to commit, keeps event ids in commit order
 //! across replicas.
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::schema::{event_counter, events, members, messages};
+use hafen_store::schema::{conversations, event_counter, events, members, messages};
 use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -137,11 +137,11 @@ struct Item {
     masked: bool,
 }
 
-/// Stores a batch with a fixed number of statements, whatever its size: the retries and the
-/// membership of every send are looked up at once, sequences are advanced once per
-/// conversation, and messages and events are inserted in one statement each. The tenant's
-/// event counter is locked first, which serialises the tenant's writers, so nothing checked
-/// here can change before the commit.
+/// Stores a batch in two pipelined round trips, whatever its size. The first locks the
+/// tenant's event counter (which serialises the tenant's writers, so nothing read here can
+/// change before the commit) and reads, at once, the retries and the membership of every
+/// send and the sequences of their conversations. The second advances the sequences and
+/// inserts the messages and their events, one statement each.
 async fn store_batch(
     conn: &mut AsyncPgConnection,
     items: Vec<Item>,
@@ -149,29 +149,38 @@ async fn store_batch(
     use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
     use std::collections::{HashMap, HashSet};
 
-    let last_event: i64 = event_counter::table
-        .select(event_counter::last_id)
-        .for_update()
-        .first(conn)
-        .await?;
+    let conn: &AsyncPgConnection = conn;
     let request_ids: Vec<Uuid> = items.iter().map(|i| i.request_id).collect();
-    let existing: HashMap<(Uuid, Uuid), MessageRow> = messages::table
-        .filter(messages::request_id.eq_any(&request_ids))
-        .select(MessageRow::as_select())
-        .load::<MessageRow>(conn)
-        .await?
+    let conversation_ids: Vec<Uuid> = items.iter().map(|i| i.conversation).collect();
+    let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
+    let (last_event, existing, memberships, sequences) = futures::try_join!(
+        event_counter::table
+            .select(event_counter::last_id)
+            .for_update()
+            .first::<i64>(&mut &*conn),
+        messages::table
+            .filter(messages::request_id.eq_any(&request_ids))
+            .select(MessageRow::as_select())
+            .load::<MessageRow>(&mut &*conn),
+        members::table
+            .filter(members::conversation_id.eq_any(&conversation_ids))
+            .filter(members::user_id.eq_any(&sender_ids))
+            .select((members::conversation_id, members::user_id))
+            .load::<(Uuid, Uuid)>(&mut &*conn),
+        conversations::table
+            .filter(conversations::id.eq_any(&conversation_ids))
+            .select((conversations::id, conversations::last_sequence))
+            .load::<(Uuid, i64)>(&mut &*conn),
+    )?;
+    let existing: HashMap<(Uuid, Uuid), MessageRow> = existing
         .into_iter()
         .filter_map(|row| row.request_id.map(|r| ((row.sender_id, r), row)))
         .collect();
-    let conversation_ids: Vec<Uuid> = items.iter().map(|i| i.conversation).collect();
-    let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
-    let memberships: HashSet<(Uuid, Uuid)> = members::table
-        .filter(members::conversation_id.eq_any(&conversation_ids))
-        .filter(members::user_id.eq_any(&sender_ids))
-        .select((members::conversation_id, members::user_id))
-        .load::<(Uuid, Uuid)>(conn)
-        .await?
+    let memberships: HashSet<(Uuid, Uuid)> = memberships.into_iter().collect();
+    // The next sequence number of each conversation.
+    let mut next_sequence: HashMap<Uuid, i64> = sequences
         .into_iter()
+        .map(|(id, last)| (id, last + 1))
         .collect();
 
     // What becomes of each send: an earlier message (a retry), an error, or a new row.
@@ -180,9 +189,12 @@ async fn store_batch(
         SameAs(usize),
         New,
     }
+    let at = now();
     let mut fates = Vec::with_capacity(items.len());
     let mut first_in_batch: HashMap<(Uuid, Uuid), usize> = HashMap::new();
-    let mut per_conversation: HashMap<Uuid, i64> = HashMap::new();
+    let mut next_event = last_event + 1;
+    let mut message_rows = Vec::new();
+    let mut event_rows = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let key = (item.sender, item.request_id);
         let fate = if let Some(row) = existing.get(&key) {
@@ -197,58 +209,11 @@ async fn store_batch(
             } else {
                 Fate::Done(Err(Error::RequestIdConflict))
             }
-        } else if !memberships.contains(&(item.conversation, item.sender)) {
-            Fate::Done(Err(Error::NotFound("conversation")))
-        } else {
+        } else if let Some(sequence) = next_sequence
+            .get_mut(&item.conversation)
+            .filter(|_| memberships.contains(&(item.conversation, item.sender)))
+        {
             first_in_batch.insert(key, index);
-            *per_conversation.entry(item.conversation).or_default() += 1;
-            Fate::New
-        };
-        fates.push(fate);
-    }
-
-    let at = now();
-    let new_count: i64 = per_conversation.values().sum();
-    let mut rows_by_index: HashMap<usize, MessageRow> = HashMap::new();
-    if new_count > 0 {
-        let (ids, counts): (Vec<Uuid>, Vec<i64>) =
-            per_conversation.iter().map(|(c, n)| (*c, *n)).unzip();
-        #[derive(diesel::QueryableByName)]
-        struct Advanced {
-            #[diesel(sql_type = SqlUuid)]
-            id: Uuid,
-            #[diesel(sql_type = BigInt)]
-            last_sequence: i64,
-        }
-        let advanced: Vec<Advanced> = diesel::sql_query(
-            "UPDATE conversations c SET last_sequence = c.last_sequence + n.count, updated_at = now() \
-             FROM unnest($1::uuid[], $2::bigint[]) AS n(id, count) WHERE c.id = n.id \
-             RETURNING c.id, c.last_sequence",
-        )
-        .bind::<Array<SqlUuid>, _>(&ids)
-        .bind::<Array<BigInt>, _>(&counts)
-        .load(conn)
-        .await?;
-        // The first sequence number each conversation hands out in this batch.
-        let mut next_sequence: HashMap<Uuid, i64> = advanced
-            .iter()
-            .map(|a| {
-                (
-                    a.id,
-                    a.last_sequence - per_conversation.get(&a.id).copied().unwrap_or(0) + 1,
-                )
-            })
-            .collect();
-        let mut next_event = last_event + 1;
-        let mut message_rows = Vec::new();
-        let mut event_rows = Vec::new();
-        for (index, item) in items.iter().enumerate() {
-            if !matches!(fates[index], Fate::New) {
-                continue;
-            }
-            let Some(sequence) = next_sequence.get_mut(&item.conversation) else {
-                continue;
-            };
             message_rows.push((
                 messages::id.eq(item.id),
                 messages::conversation_id.eq(item.conversation),
@@ -268,39 +233,53 @@ async fn store_batch(
             ));
             *sequence += 1;
             next_event += 1;
-        }
-        let inserted: Vec<MessageRow> = diesel::insert_into(messages::table)
-            .values(message_rows)
-            .returning(MessageRow::as_returning())
-            .get_results(conn)
-            .await?;
-        diesel::insert_into(events::table)
-            .values(event_rows)
-            .execute(conn)
-            .await?;
-        diesel::update(event_counter::table)
-            .set(event_counter::last_id.eq(next_event - 1))
-            .execute(conn)
-            .await?;
-        let by_id: HashMap<Uuid, MessageRow> = inserted.into_iter().map(|r| (r.id, r)).collect();
-        for (index, item) in items.iter().enumerate() {
-            if let Some(row) = by_id.get(&item.id) {
-                rows_by_index.insert(index, row.clone());
-            }
-        }
+            Fate::New
+        } else {
+            Fate::Done(Err(Error::NotFound("conversation")))
+        };
+        fates.push(fate);
+    }
+
+    let mut rows_by_id: HashMap<Uuid, MessageRow> = HashMap::new();
+    if !message_rows.is_empty() {
+        let (ids, lasts): (Vec<Uuid>, Vec<i64>) = next_sequence
+            .iter()
+            .map(|(id, next)| (*id, *next - 1))
+            .unzip();
+        let (_, inserted, _, _) = futures::try_join!(
+            diesel::sql_query(
+                "UPDATE conversations c SET last_sequence = n.last, updated_at = now() \
+                 FROM unnest($1::uuid[], $2::bigint[]) AS n(id, last) \
+                 WHERE c.id = n.id AND c.last_sequence <> n.last",
+            )
+            .bind::<Array<SqlUuid>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&lasts)
+            .execute(&mut &*conn),
+            diesel::insert_into(messages::table)
+                .values(message_rows)
+                .returning(MessageRow::as_returning())
+                .get_results::<MessageRow>(&mut &*conn),
+            diesel::insert_into(events::table)
+                .values(event_rows)
+                .execute(&mut &*conn),
+            diesel::update(event_counter::table)
+                .set(event_counter::last_id.eq(next_event - 1))
+                .execute(&mut &*conn),
+        )?;
+        rows_by_id = inserted.into_iter().map(|r| (r.id, r)).collect();
     }
     let mut results = Vec::with_capacity(items.len());
     for (index, fate) in fates.into_iter().enumerate() {
+        let new_row = |index: usize| {
+            rows_by_id
+                .get(&items[index].id)
+                .cloned()
+                .ok_or(Error::NotFound("conversation"))
+        };
         results.push(match fate {
             Fate::Done(result) => result,
-            Fate::SameAs(earlier) => rows_by_index
-                .get(&earlier)
-                .cloned()
-                .ok_or(Error::NotFound("message")),
-            Fate::New => rows_by_index
-                .get(&index)
-                .cloned()
-                .ok_or(Error::NotFound("conversation")),
+            Fate::SameAs(earlier) => new_row(earlier),
+            Fate::New => new_row(index),
         });
     }
     Ok(results)

@@ -51,6 +51,9 @@ pub enum Error {
     /// The request id was used for a different request.
     #[error("request_id was used for a different request")]
     RequestIdConflict,
+    /// The server is shutting down; the client resubscribes elsewhere.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 impl Error {
@@ -83,6 +86,9 @@ impl From<Error> for Status {
                 &[("feature", feature)],
             ),
             Error::RequestIdConflict => status::request_id_conflict(),
+            Error::ShuttingDown => {
+                status::unavailable("the server is shutting down; resubscribe with the last cursor")
+            }
             Error::Store(hafen_store::Error::Pool(_)) => {
                 tracing::warn!(error = %err, "database unavailable");
                 status::unavailable("database unavailable; retry later")

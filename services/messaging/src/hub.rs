@@ -1,24 +1,30 @@
 //! Live delivery and resumable streams (BX4).
 //!
 //! Every write appends to the tenant's event log, whose ids follow commit order. After a
-//! commit, the writer wakes this process's feed of the tenant and publishes the tenant id on
-//! Redis (`<prefix>events:<tenant>`), which wakes the feeds of every other replica. A feed
-//! reads the new events once from the database, decrypts their messages once, and hands them
-//! to its subscribers; it also polls, so delivery goes on when Redis is down.
+//! commit, the writer wakes this process's feed of the tenant and publishes an empty message
+//! on the tenant's sharded Redis channel (`SPUBLISH <prefix>events:{<tenant>}`), which wakes
+//! the feeds of every other replica: each replica subscribes (`SSUBSCRIBE`) to the channels of
+//! the tenants it has subscribers for, and only to those, so a Redis cluster spreads the
+//! tenants over its shards. A feed reads the new events once from the database, decrypts
+//! their messages once, and hands them to its subscribers; it also polls, so delivery goes on
+//! when Redis is down.
 //!
 //! A subscription first registers with the feed, then replays the log after its cursor from
 //! the database, then follows the feed, skipping what the replay already sent: no gap, no
-//! duplicate.
+//! duplicate. When the server shuts down, every stream ends with UNAVAILABLE, which tells a
+//! client to resubscribe with its last cursor (on another replica).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures::StreamExt;
 use hafen_authn::{Principal, Redis};
 use hafen_proto::messaging::v1 as pb;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind};
 use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -49,6 +55,10 @@ struct Inner {
     poll: Duration,
     feeds: Mutex<HashMap<Uuid, Arc<Feed>>>,
     messaging: OnceLock<Messaging>,
+    /// Wakes the Redis listener when the set of feeds changed.
+    feeds_changed: Notify,
+    /// Cancelled when the server shuts down.
+    closing: CancellationToken,
 }
 
 struct Feed {
@@ -86,6 +96,8 @@ impl Hub {
                 poll,
                 feeds: Mutex::new(HashMap::new()),
                 messaging: OnceLock::new(),
+                feeds_changed: Notify::new(),
+                closing: CancellationToken::new(),
             }),
         }
     }
@@ -95,8 +107,23 @@ impl Hub {
         let _ = self.inner.messaging.set(messaging);
     }
 
+    /// Ends every stream with UNAVAILABLE (at shutdown); new subscriptions are refused.
+    pub fn close(&self) {
+        self.inner.closing.cancel();
+    }
+
+    /// The tenant's sharded channel. The braces make the tenant id the cluster hash tag.
     fn channel(redis: &Redis, tenant: Uuid) -> String {
-        redis.key(&format!("events:{}", tenant.simple()))
+        redis.key(&format!("events:{{{}}}", tenant.simple()))
+    }
+
+    /// The tenant named by a channel, if it is one of ours.
+    fn tenant_of(redis: &Redis, channel: &[u8]) -> Option<Uuid> {
+        let channel = std::str::from_utf8(channel).ok()?;
+        let id = channel
+            .strip_prefix(&redis.key("events:{"))?
+            .strip_suffix('}')?;
+        Uuid::try_parse(id).ok()
     }
 
     /// Wakes the feeds of `tenant`, here and (through Redis) on every replica. A Redis
@@ -106,7 +133,7 @@ impl Hub {
             feed.wake.notify_one();
         }
         if let Some(redis) = &self.inner.redis {
-            let published: redis::RedisResult<()> = redis::cmd("PUBLISH")
+            let published: redis::RedisResult<()> = redis::cmd("SPUBLISH")
                 .arg(Self::channel(redis, tenant))
                 .arg("")
                 .query_async(&mut redis.conn())
@@ -121,40 +148,99 @@ impl Hub {
         self.inner.feeds.lock().ok()?.get(&tenant).cloned()
     }
 
-    /// Follows the Redis notifications of every tenant for the life of the process.
+    /// Follows, for the life of the process, the sharded channels of the tenants this
+    /// process has feeds for. Subscriptions are reconciled with the feeds whenever a feed
+    /// starts or ends, and redone after Redis comes back (meanwhile, feeds poll).
     pub fn listen(&self) -> Option<tokio::task::JoinHandle<()>> {
         let redis = self.inner.redis.clone()?;
         let hub = self.clone();
         Some(tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match hub.follow(&redis).await {
-                    Ok(()) => backoff = Duration::from_millis(100),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "event channel unavailable; polling meanwhile");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
+            if let Err(err) = hub.follow(&redis).await {
+                tracing::warn!(error = %err, "event channels unavailable; streams poll");
             }
         }))
     }
 
     async fn follow(&self, redis: &Redis) -> redis::RedisResult<()> {
-        let mut pubsub = redis.client().get_async_pubsub().await?;
-        let prefix = redis.key("events:");
-        pubsub.psubscribe(format!("{prefix}*")).await?;
-        let mut messages = pubsub.on_message();
-        while let Some(message) = messages.next().await {
-            let tenant = message
-                .get_channel_name()
-                .strip_prefix(&prefix)
-                .and_then(|t| Uuid::try_parse(t).ok());
-            if let Some(feed) = tenant.and_then(|t| self.feed(t)) {
-                feed.wake.notify_one();
+        let info = redis.client().get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let (pushes, mut received) = mpsc::unbounded_channel::<PushInfo>();
+        let config = ConnectionManagerConfig::new()
+            .set_push_sender(pushes)
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        let mut conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let mut subscribed: HashSet<Uuid> = HashSet::new();
+        loop {
+            let wanted: HashSet<Uuid> = match self.inner.feeds.lock() {
+                Ok(feeds) => feeds.keys().copied().collect(),
+                Err(_) => return Ok(()),
+            };
+            let mut retry = false;
+            for tenant in wanted.difference(&subscribed).copied().collect::<Vec<_>>() {
+                let done: redis::RedisResult<()> = redis::cmd("SSUBSCRIBE")
+                    .arg(Self::channel(redis, tenant))
+                    .query_async(&mut conn)
+                    .await;
+                match done {
+                    Ok(()) => {
+                        subscribed.insert(tenant);
+                        // Whatever was published before the subscription is read now.
+                        if let Some(feed) = self.feed(tenant) {
+                            feed.wake.notify_one();
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "event channel not subscribed; the feed polls");
+                        retry = true;
+                        break;
+                    }
+                }
+            }
+            for tenant in subscribed.difference(&wanted).copied().collect::<Vec<_>>() {
+                let done: redis::RedisResult<()> = redis::cmd("SUNSUBSCRIBE")
+                    .arg(Self::channel(redis, tenant))
+                    .query_async(&mut conn)
+                    .await;
+                if done.is_ok() {
+                    subscribed.remove(&tenant);
+                }
+            }
+            tokio::select! {
+                () = self.inner.feeds_changed.notified() => {}
+                () = tokio::time::sleep(self.inner.poll), if retry => {}
+                push = received.recv() => match push {
+                    Some(push) => self.on_push(redis, push, &mut subscribed),
+                    None => return Ok(()),
+                },
+            }
+            while let Ok(push) = received.try_recv() {
+                self.on_push(redis, push, &mut subscribed);
             }
         }
-        Ok(())
+    }
+
+    fn on_push(&self, redis: &Redis, push: PushInfo, subscribed: &mut HashSet<Uuid>) {
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                let tenant = match push.data.first() {
+                    Some(redis::Value::BulkString(channel)) => Self::tenant_of(redis, channel),
+                    _ => None,
+                };
+                if let Some(feed) = tenant.and_then(|t| self.feed(t)) {
+                    feed.wake.notify_one();
+                }
+            }
+            // The connection is gone, and its subscriptions with it: subscribe again once
+            // Redis answers.
+            PushKind::Disconnection => subscribed.clear(),
+            _ => {}
+        }
     }
 
     /// Registers a subscriber with the feed of `tenant`, starting the feed when it is the
@@ -193,6 +279,7 @@ impl Hub {
                         position: AtomicI64::new(position),
                     });
                     tokio::spawn(run_feed(self.clone(), messaging, feed.clone()));
+                    self.inner.feeds_changed.notify_one();
                     feed
                 })
                 .clone()
@@ -209,6 +296,9 @@ impl Hub {
         caller: Principal,
         cursor: Option<i64>,
     ) -> Result<mpsc::Receiver<Result<pb::SubscribeResponse, Status>>, Error> {
+        if self.inner.closing.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         let tenant = caller.tenant_id;
         let (live, registration) = self.register(tenant).await?;
         let start = match cursor {
@@ -221,6 +311,7 @@ impl Hub {
             .into_iter()
             .collect();
         let (out, receiver) = mpsc::channel(256);
+        let closing = self.inner.closing.clone();
         tokio::spawn(async move {
             let _registration = registration;
             let mut subscription = Subscription {
@@ -230,7 +321,11 @@ impl Hub {
                 last: start,
                 out,
             };
-            if let Err(status) = subscription.run(live).await {
+            let ended = tokio::select! {
+                ended = subscription.run(live) => ended,
+                () = closing.cancelled() => Err(Status::from(Error::ShuttingDown)),
+            };
+            if let Err(status) = ended {
                 let _ = subscription.out.send(Err(status)).await;
             }
         });
@@ -250,6 +345,7 @@ async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
                 && feed.subscribers.load(Ordering::SeqCst) == 0
             {
                 feeds.remove(&feed.tenant);
+                hub.inner.feeds_changed.notify_one();
                 return;
             }
             continue;

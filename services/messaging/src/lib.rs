@@ -107,6 +107,13 @@ where
         config.max_body_bytes,
     );
     hub.attach(messaging.clone());
+    // Streams end with UNAVAILABLE as soon as shutdown begins, before the drain: a client
+    // resubscribes elsewhere with its cursor instead of waiting to be cut off.
+    let closing = hub.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.close();
+    };
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
         .add_service(layer.wrap(MessagingServiceServer::new(MessagingApi::new(

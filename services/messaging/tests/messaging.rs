@@ -643,6 +643,111 @@ async fn streams_keep_delivering_by_polling_when_redis_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn live_events_reach_other_replicas_through_sharded_channels() {
+    let redis = hafen_testkit::PrivateRedis::start();
+    let redis_args = hafen_authn::RedisArgs {
+        redis_url: redis.url(),
+        redis_prefix: "hafen:".into(),
+    };
+    let stack = TestStack::start_with_redis(Some(redis_args.clone())).await;
+    let s = setup_on(stack).await;
+    // A replica that would take a minute to notice anything by polling.
+    let mut config = s.stack.secrets.messaging_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.redis = redis_args;
+    config.stream_poll = Duration::from_secs(60);
+    let replica =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_messaging::serve(config, l, sd)).await;
+    let mut on_replica = MessagingServiceClient::new(replica.channel(&s.stack.secrets).await);
+
+    let conversation = s.group("sharded").await;
+    let mut stream = on_replica
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        pb::subscribe_response::Event::CaughtUp(_)
+    ));
+    // The replica subscribes to its tenant's sharded channel, and to nothing else.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let tenant: Uuid = s.tenant.id.parse().unwrap();
+    let channel = format!("hafen:events:{{{}}}", tenant.simple());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if counts.iter().any(|(_, n)| *n == 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no shard subscription: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let patterns: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(patterns, 0, "no pattern subscriptions");
+
+    for body in ["one", "two", "three"] {
+        let sent = s.send(&s.owner, &conversation, body).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("delivered through Redis, long before the replica polls")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap();
+        match event {
+            pb::subscribe_response::Event::MessageCreated(m) => {
+                assert_eq!(m.message_id, sent.message_id)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_end_unavailable_when_the_server_shuts_down() {
+    let s = setup().await;
+    let mut config = s.stack.secrets.messaging_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.server.drain_timeout = Duration::from_secs(30);
+    let mut replica =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_messaging::serve(config, l, sd)).await;
+    let mut on_replica = MessagingServiceClient::new(replica.channel(&s.stack.secrets).await);
+    let mut stream = on_replica
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        pb::subscribe_response::Event::CaughtUp(_)
+    ));
+    replica.begin_shutdown();
+    // Well before the 30 s drain timeout would cut the connection.
+    let ended = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends promptly")
+        .expect("a final status")
+        .expect_err("an error status");
+    assert_eq!(ended.code(), Code::Unavailable);
+    assert_eq!(reason(&ended), "UNAVAILABLE");
+    replica.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn oc5_a_wiped_session_s_stream_ends_with_device_wiped() {
     let s = setup().await;
     let mut stream = s
