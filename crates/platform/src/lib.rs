@@ -85,7 +85,13 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         })
 }
 
-/// A protobuf timestamp of `time`.
+/// The time a protobuf `Timestamp` names, if it is a valid one.
+pub fn datetime(timestamp: &prost_types::Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
+    let nanos = u32::try_from(timestamp.nanos).ok()?;
+    chrono::DateTime::from_timestamp(timestamp.seconds, nanos)
+}
+
+/// The protobuf form of `time`.
 pub fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time.timestamp(),

@@ -24,6 +24,7 @@ pub mod control;
 pub mod databases;
 pub mod error;
 pub mod migrate;
+pub mod outbox;
 pub mod pool;
 pub mod schema;
 pub mod sessions;

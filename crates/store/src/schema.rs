@@ -115,6 +115,8 @@ diesel::table! {
         create_request_id -> Nullable<Uuid>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        retention_days -> Nullable<Integer>,
+        retention_updated_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -159,6 +161,71 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    legal_holds (id) {
+        id -> Uuid,
+        conversation_id -> Nullable<Uuid>,
+        user_id -> Nullable<Uuid>,
+        reason_code -> Text,
+        set_by -> Uuid,
+        set_at -> Timestamptz,
+        lifted_by -> Nullable<Uuid>,
+        lifted_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    purge_runs (id) {
+        id -> Uuid,
+        trigger -> Text,
+        state -> Text,
+        started_at -> Timestamptz,
+        ended_at -> Nullable<Timestamptz>,
+        heartbeat_at -> Timestamptz,
+        messages_deleted -> BigInt,
+        conversations_touched -> BigInt,
+        held_skipped -> BigInt,
+        triggered_by -> Nullable<Uuid>,
+    }
+}
+
+diesel::table! {
+    hafen.outbox (id) {
+        id -> Uuid,
+        tenant_id -> Nullable<Uuid>,
+        event -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    hafen.audit_events (chain, sequence) {
+        chain -> Uuid,
+        sequence -> BigInt,
+        event_id -> Uuid,
+        occurred_at -> Timestamptz,
+        actor_kind -> Text,
+        actor_id -> Text,
+        action -> Text,
+        target_type -> Text,
+        target_id -> Text,
+        request_id -> Text,
+        outcome -> Text,
+        attributes -> Jsonb,
+        prev_hash -> Bytea,
+        hash -> Bytea,
+        appended_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    hafen.audit_heads (chain) {
+        chain -> Uuid,
+        sequence -> BigInt,
+        hash -> Bytea,
+    }
+}
+
 diesel::joinable!(chat_codes -> users (user_id));
 diesel::joinable!(members -> conversations (conversation_id));
 diesel::joinable!(messages -> conversations (conversation_id));
@@ -168,5 +235,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     conversations,
     members,
     messages,
-    events
+    events,
+    legal_holds,
+    purge_runs
 );

@@ -137,6 +137,9 @@ where
          CREATE SCHEMA {name} AUTHORIZATION {name};"
     ))
     .map_err(Error::from)?;
+    crate::outbox::ensure(conn)?;
+    conn.batch_execute(&format!("GRANT {} TO {name}", crate::outbox::WRITER_ROLE))
+        .map_err(Error::from)?;
     enter_sync(conn, tenant)?;
     conn.run_pending_migrations(TENANT_MIGRATIONS)
         .map_err(|err| Error::Migration(err.to_string()))?;

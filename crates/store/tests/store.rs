@@ -61,7 +61,10 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
         tables_in(&db, "hafen").await,
         [
             "__diesel_schema_migrations",
+            "audit_events",
+            "audit_heads",
             "deletion_log",
+            "outbox",
             "sessions",
             "tenant_keys",
             "tenants",
