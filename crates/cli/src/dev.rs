@@ -183,6 +183,17 @@ pub async fn run(args: DevArgs) -> ExitCode {
         auth_endpoint: format!("https://{}", SocketAddr::new(internal_host, args.auth_port)),
         auth_server_name: Some(hafen_platform::tls::DEV_SERVER_NAME.to_owned()),
     };
+    let audit_endpoint = hafen_events::AuditEndpointArgs {
+        audit_endpoint: format!(
+            "https://{}",
+            SocketAddr::new(internal_host, args.audit_port)
+        ),
+        audit_server_name: Some(hafen_platform::tls::DEV_SERVER_NAME.to_owned()),
+        audit_relay_interval: std::time::Duration::from_secs(1),
+    };
+    let operator = hafen_authn::OperatorArgs {
+        platform_token_file: args.platform_token_file.clone(),
+    };
     let mut tasks: JoinSet<Served> = JoinSet::new();
     spawn(
         &mut tasks,
@@ -192,6 +203,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 server: server(hafen_auth::NAME),
                 databases: args.databases.clone(),
                 redis: args.redis.clone(),
+                audit: audit_endpoint.clone(),
                 master_key_file: args.master_key_file.clone(),
                 bcrypt_cost: args.bcrypt_cost,
                 min_password_chars: hafen_crypto::password::DEFAULT_MIN_PASSWORD_CHARS,
@@ -212,6 +224,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 server: server(hafen_messaging::NAME),
                 databases: args.databases.clone(),
                 redis: args.redis.clone(),
+                audit: audit_endpoint.clone(),
                 auth: auth_endpoint.clone(),
                 master_key_file: args.master_key_file.clone(),
                 max_body_bytes: 16 * 1024,
@@ -228,10 +241,9 @@ pub async fn run(args: DevArgs) -> ExitCode {
             hafen_tenant::Config {
                 server: server(hafen_tenant::NAME),
                 databases: args.databases.clone(),
-                operator: hafen_authn::OperatorArgs {
-                    platform_token_file: args.platform_token_file.clone(),
-                },
+                operator: operator.clone(),
                 redis: args.redis.clone(),
+                audit: audit_endpoint.clone(),
                 auth: auth_endpoint.clone(),
                 master_key_file: args.master_key_file.clone(),
                 dpa_versions: vec![DEV_DPA_VERSION.to_owned()],
@@ -249,6 +261,16 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_retention::serve(
             hafen_retention::Config {
                 server: server(hafen_retention::NAME),
+                databases: args.databases.clone(),
+                operator: operator.clone(),
+                redis: args.redis.clone(),
+                auth: auth_endpoint.clone(),
+                audit: audit_endpoint.clone(),
+                purge: hafen_retention::PurgeArgs {
+                    purge_interval: std::time::Duration::from_secs(3600),
+                    purge_batch: 1000,
+                    purge_pause: std::time::Duration::from_millis(10),
+                },
             },
             retention,
             shutdown(),
@@ -260,6 +282,16 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_audit::serve(
             hafen_audit::Config {
                 server: server(hafen_audit::NAME),
+                databases: args.databases.clone(),
+                operator,
+                redis: args.redis.clone(),
+                auth: auth_endpoint.clone(),
+                record: hafen_audit::RecordArgs {
+                    processor_name: "The operator of this Hafen installation (development)"
+                        .to_owned(),
+                    processor_contact: String::new(),
+                    backup_policy: "none: a development stack keeps no backups".to_owned(),
+                },
             },
             audit,
             shutdown(),

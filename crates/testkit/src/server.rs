@@ -69,6 +69,7 @@ impl TestSecrets {
                 placements: Vec::new(),
             },
             redis: self.redis_args(),
+            audit: self.audit_args(),
             master_key_file: self.master_key_file(),
             bcrypt_cost: 4,
             min_password_chars: 10,
@@ -119,10 +120,8 @@ impl TestSecrets {
                 placements: Vec::new(),
             },
             redis: self.redis_args(),
-            auth: hafen_authn::remote::AuthEndpointArgs {
-                auth_endpoint: "https://127.0.0.1:9".to_owned(),
-                auth_server_name: Some(DEV_SERVER_NAME.to_owned()),
-            },
+            audit: self.audit_args(),
+            auth: self.auth_args(),
             master_key_file: self.master_key_file(),
             max_body_bytes: 16 * 1024,
             stream_poll: Duration::from_millis(500),
@@ -139,10 +138,8 @@ impl TestSecrets {
         hafen_tenant::Config {
             server: self.server_args(hafen_tenant::NAME),
             redis: self.redis_args(),
-            auth: hafen_authn::remote::AuthEndpointArgs {
-                auth_endpoint: "https://127.0.0.1:9".to_owned(),
-                auth_server_name: Some(DEV_SERVER_NAME.to_owned()),
-            },
+            audit: self.audit_args(),
+            auth: self.auth_args(),
             databases: hafen_store::DatabasesArgs {
                 main: database.args(),
                 placements: placements
@@ -158,6 +155,70 @@ impl TestSecrets {
             regions: vec!["eu-central".to_owned()],
             bcrypt_cost: 4,
             min_password_chars: 10,
+        }
+    }
+
+    /// Where the auth service is: nowhere yet; point `auth_endpoint` at a running one.
+    pub fn auth_args(&self) -> hafen_authn::remote::AuthEndpointArgs {
+        hafen_authn::remote::AuthEndpointArgs {
+            auth_endpoint: "https://127.0.0.1:9".to_owned(),
+            auth_server_name: Some(DEV_SERVER_NAME.to_owned()),
+        }
+    }
+
+    /// Where the audit service is: nowhere yet (events wait in the outbox); point
+    /// `audit_endpoint` at a running one. The relay looks every 200 ms.
+    pub fn audit_args(&self) -> hafen_events::AuditEndpointArgs {
+        hafen_events::AuditEndpointArgs {
+            audit_endpoint: "https://127.0.0.1:9".to_owned(),
+            audit_server_name: Some(DEV_SERVER_NAME.to_owned()),
+            audit_relay_interval: Duration::from_millis(200),
+        }
+    }
+
+    /// Configuration of the audit service on `database`; it resolves tokens through an auth
+    /// service that the caller points `auth.auth_endpoint` at.
+    pub fn audit_config(&self, database: &TestDatabase) -> hafen_audit::Config {
+        hafen_audit::Config {
+            server: self.server_args(hafen_audit::NAME),
+            databases: hafen_store::DatabasesArgs {
+                main: database.args(),
+                placements: Vec::new(),
+            },
+            operator: hafen_authn::OperatorArgs {
+                platform_token_file: self.platform_token_file(),
+            },
+            redis: self.redis_args(),
+            auth: self.auth_args(),
+            record: hafen_audit::RecordArgs {
+                processor_name: "Test Operator".to_owned(),
+                processor_contact: "dpo@operator.test".to_owned(),
+                backup_policy: "daily, kept 6 weeks".to_owned(),
+            },
+        }
+    }
+
+    /// Configuration of the retention service on `database`; point `auth.auth_endpoint` and
+    /// `audit.audit_endpoint` at running services. The scheduled purge runs hourly (tests
+    /// call RunPurge); batches of 100 without pause.
+    pub fn retention_config(&self, database: &TestDatabase) -> hafen_retention::Config {
+        hafen_retention::Config {
+            server: self.server_args(hafen_retention::NAME),
+            databases: hafen_store::DatabasesArgs {
+                main: database.args(),
+                placements: Vec::new(),
+            },
+            operator: hafen_authn::OperatorArgs {
+                platform_token_file: self.platform_token_file(),
+            },
+            redis: self.redis_args(),
+            auth: self.auth_args(),
+            audit: self.audit_args(),
+            purge: hafen_retention::PurgeArgs {
+                purge_interval: Duration::from_secs(3600),
+                purge_batch: 100,
+                purge_pause: Duration::ZERO,
+            },
         }
     }
 
@@ -268,7 +329,6 @@ impl TestServer {
         secrets: &TestSecrets,
         database: Option<&TestDatabase>,
     ) -> Self {
-        let server = secrets.server_args(service.name());
         match service {
             Service::Auth => {
                 let database = database.expect("the auth service needs a TestDatabase");
@@ -286,11 +346,14 @@ impl TestServer {
                 Self::spawn(|l, s| hafen_tenant::serve(config, l, s)).await
             }
             Service::Retention => {
-                Self::spawn(|l, s| hafen_retention::serve(hafen_retention::Config { server }, l, s))
-                    .await
+                let database = database.expect("the retention service needs a TestDatabase");
+                let config = secrets.retention_config(database);
+                Self::spawn(|l, s| hafen_retention::serve(config, l, s)).await
             }
             Service::Audit => {
-                Self::spawn(|l, s| hafen_audit::serve(hafen_audit::Config { server }, l, s)).await
+                let database = database.expect("the audit service needs a TestDatabase");
+                let config = secrets.audit_config(database);
+                Self::spawn(|l, s| hafen_audit::serve(config, l, s)).await
             }
         }
     }
@@ -302,10 +365,20 @@ impl TestServer {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        crate::init_test_logging();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port");
+        Self::spawn_on(listener, serve).await
+    }
+
+    /// [`TestServer::spawn`] on a listener the caller bound (to know its address earlier).
+    pub async fn spawn_on<F, Fut, E>(listener: TcpListener, serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, BoxFuture<'static, ()>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        crate::init_test_logging();
         let addr = listener.local_addr().expect("local address");
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = async move {

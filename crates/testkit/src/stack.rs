@@ -1,4 +1,4 @@
-//! Running auth, tenant and messaging services over one database, for tests that log in.
+//! Running all five services over one database, for tests that log in.
 
 use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::auth::v1::auth_service_client::AuthServiceClient;
@@ -26,8 +26,8 @@ pub struct TestTenant {
     pub owner_code_id: String,
 }
 
-/// Auth, tenant and messaging services on port 0 with TLS, sharing a fresh database and
-/// Redis namespace.
+/// The five services on port 0 with TLS, sharing a fresh database and Redis namespace;
+/// every service resolves tokens through `auth` and delivers its audit events to `audit`.
 #[derive(Debug)]
 pub struct TestStack {
     /// This test's secrets (and Redis namespace).
@@ -40,6 +40,10 @@ pub struct TestStack {
     pub tenant: TestServer,
     /// The messaging service, resolving tokens through `auth`.
     pub messaging: TestServer,
+    /// The audit service.
+    pub audit: TestServer,
+    /// The retention service.
+    pub retention: TestServer,
 }
 
 impl TestStack {
@@ -53,24 +57,50 @@ impl TestStack {
         let secrets = TestSecrets::generate();
         let db = TestDatabase::create().await;
         let redis = redis.unwrap_or_else(|| secrets.redis_args());
+        // The audit service first, on a listener bound now, so the others know its address.
+        let mut audit_config = secrets.audit_config(&db);
+        audit_config.redis = redis.clone();
+        let audit_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the audit service");
+        let audit_endpoint = format!(
+            "https://127.0.0.1:{}",
+            audit_listener.local_addr().expect("bound").port()
+        );
         let mut auth_config = secrets.auth_config(&db);
         auth_config.redis = redis.clone();
+        auth_config.audit.audit_endpoint = audit_endpoint.clone();
         let auth = TestServer::spawn(|l, s| hafen_auth::serve(auth_config, l, s)).await;
+        audit_config.auth.auth_endpoint = auth.uri();
+        let audit = TestServer::spawn_on(audit_listener, |l, s| {
+            hafen_audit::serve(audit_config, l, s)
+        })
+        .await;
         let mut tenant_config = secrets.tenant_config(&db, &[]);
         tenant_config.auth.auth_endpoint = auth.uri();
+        tenant_config.audit.audit_endpoint = audit_endpoint.clone();
         tenant_config.redis = redis.clone();
         let tenant = TestServer::spawn(|l, s| hafen_tenant::serve(tenant_config, l, s)).await;
         let mut messaging_config = secrets.messaging_config(&db);
         messaging_config.auth.auth_endpoint = auth.uri();
-        messaging_config.redis = redis;
+        messaging_config.audit.audit_endpoint = audit_endpoint.clone();
+        messaging_config.redis = redis.clone();
         let messaging =
             TestServer::spawn(|l, s| hafen_messaging::serve(messaging_config, l, s)).await;
+        let mut retention_config = secrets.retention_config(&db);
+        retention_config.auth.auth_endpoint = auth.uri();
+        retention_config.audit.audit_endpoint = audit_endpoint;
+        retention_config.redis = redis;
+        let retention =
+            TestServer::spawn(|l, s| hafen_retention::serve(retention_config, l, s)).await;
         Self {
             secrets,
             db,
             auth,
             tenant,
             messaging,
+            audit,
+            retention,
         }
     }
 
@@ -86,6 +116,24 @@ impl TestStack {
     /// A client of the auth service.
     pub async fn auth_client(&self) -> AuthServiceClient<Channel> {
         AuthServiceClient::new(self.auth.channel(&self.secrets).await)
+    }
+
+    /// A client of the audit service.
+    pub async fn audit_client(
+        &self,
+    ) -> hafen_proto::audit::v1::audit_service_client::AuditServiceClient<Channel> {
+        hafen_proto::audit::v1::audit_service_client::AuditServiceClient::new(
+            self.audit.channel(&self.secrets).await,
+        )
+    }
+
+    /// A client of the retention service.
+    pub async fn retention_client(
+        &self,
+    ) -> hafen_proto::retention::v1::retention_service_client::RetentionServiceClient<Channel> {
+        hafen_proto::retention::v1::retention_service_client::RetentionServiceClient::new(
+            self.retention.channel(&self.secrets).await,
+        )
     }
 
     /// A client of the tenant service.

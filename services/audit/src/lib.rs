@@ -25,6 +25,48 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
+
+    /// The chains live in the main database's control plane; tenant settings (for the
+    /// Art. 30 record) are read from there too.
+    #[command(flatten)]
+    pub databases: hafen_store::DatabasesArgs,
+
+    #[command(flatten)]
+    pub operator: hafen_authn::OperatorArgs,
+
+    #[command(flatten)]
+    pub redis: hafen_authn::RedisArgs,
+
+    #[command(flatten)]
+    pub auth: hafen_authn::remote::AuthEndpointArgs,
+
+    #[command(flatten)]
+    pub record: RecordArgs,
+}
+
+/// What the Art. 30 record states about the operator and its measures beyond what the
+/// tenant's configuration says (GR7, TM6).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RecordArgs {
+    /// Name of the processor (the company operating this Hafen installation).
+    #[arg(
+        long,
+        env = "HAFEN_PROCESSOR_NAME",
+        default_value = "The operator of this Hafen installation"
+    )]
+    pub processor_name: String,
+
+    /// Contact of the processor's data-protection officer (an address or URL).
+    #[arg(long, env = "HAFEN_PROCESSOR_CONTACT", default_value = "")]
+    pub processor_contact: String,
+
+    /// The backup policy in force, as the record states it (TM6).
+    #[arg(
+        long,
+        env = "HAFEN_BACKUP_POLICY",
+        default_value = "daily encrypted backups to a separate location, kept 6 weeks; every restore ends with the deletion-log replay"
+    )]
+    pub backup_policy: String,
 }
 
 /// The gRPC adapter of `hafen.audit.v1.AuditService`.

@@ -59,6 +59,9 @@ pub struct Config {
     #[command(flatten)]
     pub redis: RedisArgs,
 
+    #[command(flatten)]
+    pub audit: hafen_events::AuditEndpointArgs,
+
     /// File with the master key (base64 of 32 random bytes): chat-code hashes and TOTP
     /// secrets are keyed by keys derived from it.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]

@@ -59,6 +59,9 @@ pub struct Config {
     pub redis: RedisArgs,
 
     #[command(flatten)]
+    pub audit: hafen_events::AuditEndpointArgs,
+
+    #[command(flatten)]
     pub auth: AuthEndpointArgs,
 
     /// File with the master key (base64 of 32 random bytes) that wraps tenant keys, which

@@ -27,6 +27,40 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub databases: hafen_store::DatabasesArgs,
+
+    #[command(flatten)]
+    pub operator: hafen_authn::OperatorArgs,
+
+    #[command(flatten)]
+    pub redis: hafen_authn::RedisArgs,
+
+    #[command(flatten)]
+    pub auth: hafen_authn::remote::AuthEndpointArgs,
+
+    #[command(flatten)]
+    pub audit: hafen_events::AuditEndpointArgs,
+
+    #[command(flatten)]
+    pub purge: PurgeArgs,
+}
+
+/// How the purge job runs (CB5).
+#[derive(clap::Args, Clone, Debug)]
+pub struct PurgeArgs {
+    /// How often every tenant is purged of expired messages.
+    #[arg(long, env = "HAFEN_PURGE_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub purge_interval: std::time::Duration,
+
+    /// Messages deleted per statement (and transaction).
+    #[arg(long, env = "HAFEN_PURGE_BATCH", default_value_t = 1000)]
+    pub purge_batch: i64,
+
+    /// Pause between two batches, so live traffic keeps its latency.
+    #[arg(long, env = "HAFEN_PURGE_PAUSE", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub purge_pause: std::time::Duration,
 }
 
 /// The gRPC adapter of `hafen.retention.v1.RetentionService`.
