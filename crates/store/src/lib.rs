@@ -36,7 +36,7 @@ pub use databases::{DEFAULT_DATABASE, Databases, DatabasesArgs};
 pub use diesel_async::AsyncPgConnection;
 pub use error::{Error, Result};
 pub use pool::{Pool, PooledConnection};
-pub use tenancy::{TenantId, with_tenant};
+pub use tenancy::{TenantId, in_transaction, with_tenant};
 
 /// The current time as PostgreSQL stores it (microseconds), so that what a call returns is
 /// what a later read shows.

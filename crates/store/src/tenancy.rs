@@ -119,6 +119,28 @@ where
     }
 }
 
+/// Runs `f` in a transaction on a pooled connection without entering any tenant's scope:
+/// the control plane (sessions, the outbox). Same shape as [`with_tenant`].
+pub async fn in_transaction<R, E, F>(pool: &Pool, f: F) -> Result<R, E>
+where
+    F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<R, E>>,
+    E: From<diesel::result::Error> + From<Error>,
+{
+    let mut conn = pool.get().await.map_err(|err| E::from(Error::Pool(err)))?;
+    let conn: &mut AsyncPgConnection = &mut conn;
+    AnsiTransactionManager::begin_transaction(conn).await?;
+    match f(conn).await {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn).await?;
+            Ok(value)
+        }
+        Err(err) => {
+            let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+            Err(err)
+        }
+    }
+}
+
 /// Creates `tenant`'s role and schema, applies every tenant migration and runs `populate`
 /// in the tenant's scope — all inside the transaction the caller has open on `conn`, so a
 /// rollback leaves nothing behind. Leaves the transaction back in the login role's scope.

@@ -432,6 +432,11 @@ impl TestServer {
 
     /// Starts the drain and waits until the server has stopped; returns how serving ended.
     pub async fn shutdown(mut self) -> Result<(), String> {
+        self.stop().await
+    }
+
+    /// [`TestServer::shutdown`] in place: the value stays, its server is gone.
+    pub async fn stop(&mut self) -> Result<(), String> {
         self.begin_shutdown();
         match self.task.take() {
             Some(task) => task.await.map_err(|err| err.to_string())?,

@@ -44,6 +44,8 @@ pub struct TestStack {
     pub audit: TestServer,
     /// The retention service.
     pub retention: TestServer,
+    /// How the audit service was configured, to start it again after [`TestStack::stop_audit`].
+    audit_config: hafen_audit::Config,
 }
 
 impl TestStack {
@@ -72,6 +74,7 @@ impl TestStack {
         auth_config.audit.audit_endpoint = audit_endpoint.clone();
         let auth = TestServer::spawn(|l, s| hafen_auth::serve(auth_config, l, s)).await;
         audit_config.auth.auth_endpoint = auth.uri();
+        let audit_again = audit_config.clone();
         let audit = TestServer::spawn_on(audit_listener, |l, s| {
             hafen_audit::serve(audit_config, l, s)
         })
@@ -101,7 +104,25 @@ impl TestStack {
             messaging,
             audit,
             retention,
+            audit_config: audit_again,
         }
+    }
+
+    /// Stops the audit service (the others keep their events in their outboxes meanwhile).
+    pub async fn stop_audit(&mut self) {
+        self.audit
+            .stop()
+            .await
+            .expect("the audit service stops cleanly");
+    }
+
+    /// Starts the audit service again on its old address.
+    pub async fn start_audit(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.audit.addr())
+            .await
+            .expect("bind the audit service's address again");
+        let config = self.audit_config.clone();
+        self.audit = TestServer::spawn_on(listener, |l, s| hafen_audit::serve(config, l, s)).await;
     }
 
     /// A client of the messaging service.

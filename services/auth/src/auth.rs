@@ -47,6 +47,8 @@ pub(crate) struct Inner {
     /// A bcrypt hash of nothing anybody knows, at the configured cost: checked against when a
     /// login names no existing user, so that costs the same time (no user-name oracle).
     pub dummy_hash: String,
+    /// Delivers the outbox to the audit service.
+    pub relay: Option<hafen_events::Relay>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -68,6 +70,7 @@ impl Auth {
         policy: Policy,
         limiter: Limiter,
         cpu: CpuPool,
+        relay: Option<hafen_events::Relay>,
     ) -> Result<Self, Error> {
         let cost = policy.bcrypt_cost;
         let dummy_hash = cpu
@@ -88,6 +91,7 @@ impl Auth {
                 limiter,
                 cpu,
                 dummy_hash,
+                relay,
             }),
         })
     }
@@ -107,6 +111,19 @@ impl Auth {
         let tenant = TenantId::from(tenant);
         let pool = self.inner.databases.tenant_pool(&tenant).await?;
         hafen_store::with_tenant(&pool, &tenant, f).await
+    }
+
+    /// Tells the relay that audit events were committed.
+    pub(crate) fn audited(&self) {
+        if let Some(relay) = &self.inner.relay {
+            relay.wake();
+        }
+    }
+
+    /// Commits `event` on its own (what changed nothing else, like a failed login).
+    pub(crate) async fn record_alone(&self, event: &hafen_events::Event) {
+        hafen_events::record_alone(self.inner.databases.main(), event).await;
+        self.audited();
     }
 
     /// A control-plane connection.

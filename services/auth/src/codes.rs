@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use hafen_authn::{Principal, RevokeReason};
+use hafen_events::{Actor, Event};
 use hafen_store::accounts::DeviceLabel;
 use hafen_store::schema::{chat_codes, users};
 use hafen_store::sessions;
@@ -39,12 +40,19 @@ impl Auth {
         let code = Zeroizing::new(hafen_crypto::secret::chat_code()?);
         let hash = self.code_hash(caller.tenant_id, &code);
         let issuer = caller.user_id;
+        let tenant = caller.tenant_id;
         let row = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    let id = Uuid::now_v7();
+                    let event =
+                        Event::new(Some(tenant), Actor::User(issuer), "auth.chat_code.issued")
+                            .target("chat_code", id)
+                            .attribute("user_id", user_id);
+                    hafen_events::record(conn, &event).await?;
                     Ok(diesel::insert_into(chat_codes::table)
                         .values((
-                            chat_codes::id.eq(Uuid::now_v7()),
+                            chat_codes::id.eq(id),
                             chat_codes::user_id.eq(user_id),
                             chat_codes::device_label.eq(label.as_str()),
                             chat_codes::code_hash.eq(hash.to_vec()),
@@ -58,6 +66,7 @@ impl Auth {
                 })
             })
             .await?;
+        self.audited();
         tracing::info!(tenant_id = %caller.tenant_id, user_id = %user_id, chat_code_id = %row.id, "chat code issued");
         Ok(IssuedCode { row, code })
     }
@@ -116,6 +125,7 @@ impl Auth {
     pub async fn revoke_code(&self, caller: &Principal, code_id: Uuid) -> Result<CodeRow, Error> {
         let own_or_admin = caller.role.is_admin();
         let caller_id = caller.user_id;
+        let tenant = caller.tenant_id;
         let row = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
@@ -134,6 +144,14 @@ impl Auth {
                     if row.state != code_state::ACTIVE {
                         return Ok(row);
                     }
+                    let event = Event::new(
+                        Some(tenant),
+                        Actor::User(caller_id),
+                        "auth.chat_code.revoked",
+                    )
+                    .target("chat_code", code_id)
+                    .attribute("user_id", row.user_id);
+                    hafen_events::record(conn, &event).await?;
                     Ok(diesel::update(chat_codes::table.find(code_id))
                         .set((
                             chat_codes::state.eq(code_state::REVOKED),
@@ -157,6 +175,7 @@ impl Auth {
             .await?
         };
         self.announce(&ended, RevokeReason::DeviceWiped).await;
+        self.audited();
         tracing::info!(tenant_id = %caller.tenant_id, chat_code_id = %code_id, sessions = ended.len(), "chat code revoked: remote wipe");
         Ok(row)
     }
@@ -218,9 +237,13 @@ impl Auth {
         }
         self.inner.limiter.succeeded(&subject[0]).await;
         let id = user.id;
+        let tenant = caller.tenant_id;
         let updated = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    let event = Event::new(Some(tenant), Actor::User(id), "auth.totp.enabled")
+                        .target("user", id);
+                    hafen_events::record(conn, &event).await?;
                     Ok(diesel::update(
                         users::table
                             .find(id)
@@ -238,6 +261,7 @@ impl Auth {
                 })
             })
             .await?;
+        self.audited();
         tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, "TOTP enrolled");
         Ok(updated)
     }

@@ -120,6 +120,9 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
             ..limits::LimitPolicy::default()
         },
     );
+    let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
+        .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     let auth = Auth::new(
         databases,
         Some(redis.clone()),
@@ -133,6 +136,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         },
         limiter,
         hafen_platform::cpu::CpuPool::new("hafen-auth-hash"),
+        Some(relay),
     )
     .await?;
     let authenticator = Authenticator::new(None, Some(redis), Arc::new(auth.clone()), revocations);

@@ -1,6 +1,7 @@
 //! Logging in, refreshing, logging out, introspection and the wipe confirmation (OC2, OC3,
 //! OC5).
 
+use hafen_events::{Actor, Event};
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
@@ -82,16 +83,15 @@ impl Auth {
         .flatten()
         .collect();
         if let Some(wait) = self.inner.limiter.blocked(&subjects).await {
+            let tenant = self.active_tenant(&input.tenant_slug).await.ok().flatten();
+            let event = Event::new(tenant, Actor::UnknownUser, "auth.login.failed")
+                .denied()
+                .attribute("reason", "rate_limited");
+            self.record_alone(&event).await;
             return Err(Error::RateLimited(wait));
         }
 
-        let tenant = {
-            let mut conn = self.control().await?;
-            hafen_store::control::find_by_slug(&mut conn, &input.tenant_slug)
-                .await?
-                .filter(|row| row.status == hafen_store::control::status::ACTIVE)
-                .map(|row| row.id)
-        };
+        let tenant = self.active_tenant(&input.tenant_slug).await?;
         let code = hafen_crypto::secret::normalize_chat_code(&input.chat_code);
         let found = match tenant {
             Some(tenant) => {
@@ -113,9 +113,15 @@ impl Auth {
             .filter(|u| u.is_active())
             .map(|u| u.password_hash.clone());
         let verified = self.verify(input.password.clone(), stored).await?;
+        let user_id = user.as_ref().map(|u| u.id);
         let (Some(tenant), Some(user), Some(code), true) = (tenant, user, code, verified.matches)
         else {
             self.inner.limiter.failed(&subjects).await;
+            // The user's id when the username exists, so an admin sees attacks on an
+            // account; nothing that was typed.
+            let actor = user_id.map_or(Actor::UnknownUser, Actor::User);
+            self.record_alone(&Event::new(tenant, actor, "auth.login.failed").failed())
+                .await;
             return Err(Error::LoginFailed);
         };
         if let Some(user_subject) = <[String]>::first(&subjects) {
@@ -187,6 +193,15 @@ impl Auth {
         })
     }
 
+    /// The id of the active tenant with `slug`.
+    async fn active_tenant(&self, slug: &str) -> Result<Option<Uuid>, Error> {
+        let mut conn = self.control().await?;
+        Ok(hafen_store::control::find_by_slug(&mut conn, slug)
+            .await?
+            .filter(|row| row.status == hafen_store::control::status::ACTIVE)
+            .map(|row| row.id))
+    }
+
     async fn open_session(
         &self,
         tenant: Uuid,
@@ -202,24 +217,36 @@ impl Auth {
         let access_expires_at = created_at + ttl(self.inner.policy.access_ttl);
         let refresh_expires_at = created_at + ttl(self.inner.policy.refresh_ttl);
         {
-            let mut conn = self.control().await?;
-            sessions::insert(
-                &mut conn,
-                &NewSession {
-                    id: session_id,
-                    tenant_id: tenant,
-                    user_id: user,
-                    chat_code_id: chat_code,
-                    role: role.as_str(),
-                    device_label,
-                    access_digest: &access.digest,
-                    access_expires_at,
-                    refresh_digest: &refresh.digest,
-                    refresh_expires_at,
-                    created_at,
-                },
-            )
+            let device_label = device_label.to_owned();
+            let (access_digest, refresh_digest) = (access.digest, refresh.digest);
+            let event = Event::new(Some(tenant), Actor::User(user), "auth.login.succeeded")
+                .target("session", session_id)
+                .attribute("chat_code_id", chat_code);
+            hafen_store::in_transaction(self.inner.databases.main(), move |conn| {
+                Box::pin(async move {
+                    sessions::insert(
+                        conn,
+                        &NewSession {
+                            id: session_id,
+                            tenant_id: tenant,
+                            user_id: user,
+                            chat_code_id: chat_code,
+                            role: role.as_str(),
+                            device_label: &device_label,
+                            access_digest: &access_digest,
+                            access_expires_at,
+                            refresh_digest: &refresh_digest,
+                            refresh_expires_at,
+                            created_at,
+                        },
+                    )
+                    .await?;
+                    hafen_events::record(conn, &event).await?;
+                    Ok::<_, Error>(())
+                })
+            })
             .await?;
+            self.audited();
         }
         self.cache(
             &Principal {
@@ -361,9 +388,14 @@ impl Auth {
             return Err(Error::InvalidState("this session was not wiped"));
         }
         let code_id = row.chat_code_id;
+        let (tenant, user, session) = (row.tenant_id, row.user_id, row.id);
         let code = self
             .scoped(row.tenant_id, move |conn| {
                 Box::pin(async move {
+                    let event = Event::new(Some(tenant), Actor::User(user), "auth.wipe.confirmed")
+                        .target("chat_code", code_id)
+                        .attribute("session_id", session);
+                    hafen_events::record(conn, &event).await?;
                     let code: CodeRow = diesel::update(chat_codes::table.find(code_id).filter(
                         chat_codes::state.eq_any([code_state::REVOKED, code_state::WIPED]),
                     ))
@@ -384,6 +416,7 @@ impl Auth {
                 })
             })
             .await?;
+        self.audited();
         tracing::info!(session_id = %row.id, chat_code_id = %code.id, "wipe confirmed");
         Ok(code)
     }

@@ -4,6 +4,7 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use hafen_authn::{Principal, RevokeReason, Role};
+use hafen_events::{Actor, Event};
 use hafen_store::accounts::{DisplayName, Username};
 use hafen_store::schema::users;
 use hafen_store::sessions;
@@ -116,9 +117,20 @@ impl Auth {
         let display_name = input.display_name.as_str().to_owned();
         let role = input.role.as_str();
         let request_id = input.request_id;
+        let mut event = Event::new(
+            Some(caller.tenant_id),
+            Actor::User(caller.user_id),
+            "auth.user.created",
+        )
+        .target("user", id)
+        .attribute("role", role);
+        if let Some(request_id) = request_id {
+            event = event.request_id(request_id);
+        }
         let inserted = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    hafen_events::record(conn, &event).await?;
                     diesel::insert_into(users::table)
                         .values((
                             users::id.eq(id),
@@ -144,6 +156,7 @@ impl Auth {
                 })
             })
             .await?;
+        self.audited();
         tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, "user created");
         Ok(inserted)
     }
@@ -253,9 +266,24 @@ impl Auth {
         }
         let name = display_name.map(|n| n.as_str().to_owned());
         let new_role = role.map(Role::as_str);
+        let event = new_role
+            .filter(|role| *role != current.role().as_str())
+            .map(|role| {
+                Event::new(
+                    Some(caller.tenant_id),
+                    Actor::User(caller.user_id),
+                    "auth.user.role_changed",
+                )
+                .target("user", id)
+                .attribute("old_role", current.role().as_str())
+                .attribute("new_role", role)
+            });
         let updated = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    if let Some(event) = event {
+                        hafen_events::record(conn, &event).await?;
+                    }
                     let target = users::table.find(id);
                     let now = now();
                     if let Some(name) = name {
@@ -279,6 +307,7 @@ impl Auth {
             let live = sessions::set_role(&mut conn, caller.tenant_id, id, role.as_str()).await?;
             drop(conn);
             self.forget(&live).await;
+            self.audited();
             tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, role = role.as_str(), "role changed");
         }
         Ok(updated)
@@ -291,8 +320,20 @@ impl Auth {
         if current.role() == Role::Owner {
             return Err(Error::OwnerProtected);
         }
+        let event = Event::new(
+            Some(caller.tenant_id),
+            Actor::User(caller.user_id),
+            "auth.user.deactivated",
+        )
+        .target("user", id);
         let updated = self
-            .set_status(caller.tenant_id, id, state::ACTIVE, state::DEACTIVATED)
+            .set_status(
+                caller.tenant_id,
+                id,
+                state::ACTIVE,
+                state::DEACTIVATED,
+                event,
+            )
             .await?;
         let ended = {
             let mut conn = self.control().await?;
@@ -316,42 +357,63 @@ impl Auth {
     pub async fn reactivate(&self, caller: &Principal, id: Uuid) -> Result<UserRow, Error> {
         require_admin(caller)?;
         self.user(caller.tenant_id, id).await?;
+        let event = Event::new(
+            Some(caller.tenant_id),
+            Actor::User(caller.user_id),
+            "auth.user.reactivated",
+        )
+        .target("user", id);
         let updated = self
-            .set_status(caller.tenant_id, id, state::DEACTIVATED, state::ACTIVE)
+            .set_status(
+                caller.tenant_id,
+                id,
+                state::DEACTIVATED,
+                state::ACTIVE,
+                event,
+            )
             .await?;
         tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, "user reactivated");
         Ok(updated)
     }
 
     /// Moves a user from status `from` to `to` (a no-op in any other status, so both calls
-    /// are idempotent) and returns the user as it is afterwards.
+    /// are idempotent) and returns the user as it is afterwards. `event` is recorded when the
+    /// status changed.
     async fn set_status(
         &self,
         tenant: Uuid,
         id: Uuid,
         from: &'static str,
         to: &'static str,
+        event: Event,
     ) -> Result<UserRow, Error> {
-        self.scoped(tenant, move |conn| {
-            Box::pin(async move {
-                let now = now();
-                let deactivated_at = (to == state::DEACTIVATED).then_some(now);
-                diesel::update(users::table.find(id).filter(users::status.eq(from)))
-                    .set((
-                        users::status.eq(to),
-                        users::deactivated_at.eq(deactivated_at),
-                        users::updated_at.eq(now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                Ok(users::table
-                    .find(id)
-                    .select(UserRow::as_select())
-                    .first(conn)
-                    .await?)
+        let user = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    let now = now();
+                    let deactivated_at = (to == state::DEACTIVATED).then_some(now);
+                    let changed =
+                        diesel::update(users::table.find(id).filter(users::status.eq(from)))
+                            .set((
+                                users::status.eq(to),
+                                users::deactivated_at.eq(deactivated_at),
+                                users::updated_at.eq(now),
+                            ))
+                            .execute(conn)
+                            .await?;
+                    if changed == 1 {
+                        hafen_events::record(conn, &event).await?;
+                    }
+                    Ok(users::table
+                        .find(id)
+                        .select(UserRow::as_select())
+                        .first(conn)
+                        .await?)
+                })
             })
-        })
-        .await
+            .await?;
+        self.audited();
+        Ok(user)
     }
 
     /// Re-authenticates the caller with their password (rate-limited like logins).
@@ -388,8 +450,15 @@ impl Auth {
         let hash = self.hash(new).await?;
         let id = caller.user_id;
         let changed = now();
+        let event = Event::new(
+            Some(caller.tenant_id),
+            Actor::User(id),
+            "auth.password.changed",
+        )
+        .target("user", id);
         self.scoped(caller.tenant_id, move |conn| {
             Box::pin(async move {
+                hafen_events::record(conn, &event).await?;
                 diesel::update(users::table.find(id))
                     .set((users::password_hash.eq(hash), users::updated_at.eq(changed)))
                     .execute(conn)

@@ -11,7 +11,9 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use futures::future::BoxFuture;
 use hafen_authn::Principal;
-use hafen_store::schema::{conversations, event_counter, events, members, messages, users};
+use hafen_store::schema::{
+    conversations, event_counter, events, legal_holds, members, messages, users,
+};
 use hafen_store::settings::Settings;
 use hafen_store::{AsyncPgConnection, Databases, TenantId, now};
 use uuid::Uuid;
@@ -62,6 +64,8 @@ pub(crate) struct Inner {
     pub max_body_bytes: usize,
     committer: crate::commit::Committer,
     settings: Mutex<HashMap<Uuid, (Arc<TenantRules>, Instant)>>,
+    /// Delivers the outbox to the audit service.
+    relay: std::sync::OnceLock<hafen_events::Relay>,
 }
 
 impl std::fmt::Debug for Messaging {
@@ -81,7 +85,19 @@ impl Messaging {
                 max_body_bytes,
                 committer: crate::commit::Committer::default(),
                 settings: Mutex::new(HashMap::new()),
+                relay: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Wakes `relay` whenever audit events were committed (set once at start-up).
+    pub fn set_relay(&self, relay: hafen_events::Relay) {
+        let _ = self.inner.relay.set(relay);
+    }
+
+    fn audited(&self) {
+        if let Some(relay) = self.inner.relay.get() {
+            relay.wake();
         }
     }
 
@@ -578,9 +594,39 @@ impl Messaging {
             return views.pop().ok_or(Error::NotFound("message"));
         }
         let conversation = current.conversation_id;
+        let sender = current.sender_id;
+        let by_admin = (sender != caller.user_id).then(|| {
+            hafen_events::Event::new(
+                Some(caller.tenant_id),
+                hafen_events::Actor::User(caller.user_id),
+                "messaging.message.deleted_by_admin",
+            )
+            .target("message", message)
+            .attribute("conversation_id", conversation)
+            .attribute("sender_id", sender)
+        });
+        let audited = by_admin.is_some();
         let row = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    // A legal claim takes precedence over erasure (GDPR Art. 17(3)(e)).
+                    let held: bool = diesel::select(diesel::dsl::exists(
+                        legal_holds::table
+                            .filter(legal_holds::lifted_at.is_null())
+                            .filter(
+                                legal_holds::conversation_id
+                                    .eq(conversation)
+                                    .or(legal_holds::user_id.eq(sender)),
+                            ),
+                    ))
+                    .get_result(conn)
+                    .await?;
+                    if held {
+                        return Err(Error::LegalHold);
+                    }
+                    if let Some(event) = &by_admin {
+                        hafen_events::record(conn, event).await?;
+                    }
                     let event = next_event_id(conn).await?;
                     let at = now();
                     let row: MessageRow = diesel::update(messages::table.find(message))
@@ -609,7 +655,8 @@ impl Messaging {
                 })
             })
             .await?;
-        if current.sender_id != caller.user_id {
+        if audited {
+            self.audited();
             tracing::info!(tenant_id = %caller.tenant_id, message_id = %message, actor = %caller.user_id, "message deleted by an admin");
         }
         self.inner.hub.wake(caller.tenant_id).await;

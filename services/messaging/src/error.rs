@@ -51,6 +51,9 @@ pub enum Error {
     /// The request id was used for a different request.
     #[error("request_id was used for a different request")]
     RequestIdConflict,
+    /// The conversation or the sender is under legal hold.
+    #[error("under legal hold")]
+    LegalHold,
     /// The server is shutting down; the client resubscribes elsewhere.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -86,6 +89,12 @@ impl From<Error> for Status {
                 &[("feature", feature)],
             ),
             Error::RequestIdConflict => status::request_id_conflict(),
+            Error::LegalHold => status::error(
+                Code::FailedPrecondition,
+                "LEGAL_HOLD_ACTIVE",
+                "the conversation or the sender is under legal hold",
+                &[],
+            ),
             Error::ShuttingDown => {
                 status::unavailable("the server is shutting down; resubscribe with the last cursor")
             }

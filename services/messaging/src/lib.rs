@@ -105,11 +105,14 @@ where
     hub.listen();
     let messaging = Messaging::new(
         databases.clone(),
-        keys::KeyRing::new(databases, master),
+        keys::KeyRing::new(databases.clone(), master),
         hub.clone(),
         config.max_body_bytes,
     );
     hub.attach(messaging.clone());
+    let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
+        .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
+    messaging.set_relay(relay);
     // Streams end with UNAVAILABLE as soon as shutdown begins, before the drain: a client
     // resubscribes elsewhere with its cursor instead of waiting to be cut off.
     let closing = hub.clone();

@@ -2,6 +2,7 @@
 //! domain types, call [`Tenants`], convert the result. No business logic lives here.
 
 use hafen_authn::{Caller, Role, caller, require_operator};
+use hafen_events::{Actor, Event};
 use hafen_platform::paging::{self, TimeKey};
 use hafen_platform::status::parse_uuid;
 use hafen_platform::timestamp;
@@ -41,6 +42,23 @@ fn target_tenant(caller: &Caller, tenant_id: &str) -> Result<Uuid, Error> {
             "tenant_id",
             "must be empty: a user acts on their own tenant",
         )),
+    }
+}
+
+/// The audit actor of `caller`.
+fn actor_of(caller: &Caller) -> Actor {
+    match caller {
+        Caller::Operator => Actor::Operator,
+        Caller::User(principal) => Actor::User(principal.user_id),
+    }
+}
+
+impl TenantApi {
+    /// Audits an operator's read of one tenant (TM2), in that tenant's chain.
+    async fn operator_read(&self, tenant: Uuid) {
+        let event = Event::new(Some(tenant), Actor::Operator, "tenant.tenant.read")
+            .target("tenant", tenant);
+        self.tenants.record_alone(&event).await;
     }
 }
 
@@ -86,11 +104,18 @@ impl TenantService for TenantApi {
                 .into());
             }
             (Caller::Operator, false, true) => {
-                self.tenants
+                let row = self
+                    .tenants
                     .get(parse_uuid("tenant_id", &request.tenant_id)?)
-                    .await?
+                    .await?;
+                self.operator_read(row.id).await;
+                row
             }
-            (Caller::Operator, true, false) => self.tenants.get_by_slug(&request.slug).await?,
+            (Caller::Operator, true, false) => {
+                let row = self.tenants.get_by_slug(&request.slug).await?;
+                self.operator_read(row.id).await;
+                row
+            }
             (Caller::Operator, _, _) => {
                 return Err(
                     Error::invalid("tenant_id", "set exactly one of tenant_id and slug").into(),
@@ -113,6 +138,11 @@ impl TenantService for TenantApi {
             .tenants
             .list(after.map(|k| (k.at, k.id)), limit, request.show_deleted)
             .await?;
+        // Operator calls are audited (TM2); a listing is not bound to a tenant.
+        let event = Event::new(None, Actor::Operator, "tenant.tenants.listed")
+            .attribute("count", rows.len())
+            .attribute("show_deleted", request.show_deleted);
+        self.tenants.record_alone(&event).await;
         let next_page_token = match (more, rows.last()) {
             (true, Some(last)) => TimeKey {
                 at: last.created_at,
@@ -146,7 +176,10 @@ impl TenantService for TenantApi {
             .update_mask
             .map(|mask| mask.paths)
             .unwrap_or_default();
-        let row = self.tenants.update_settings(id, &settings, &paths).await?;
+        let row = self
+            .tenants
+            .update_settings(id, &settings, &paths, actor_of(&caller))
+            .await?;
         tracing::info!(tenant_id = %id, "tenant settings updated");
         Ok(Response::new(to_proto(&row)))
     }
@@ -191,7 +224,10 @@ impl TenantService for TenantApi {
                     .await?;
             }
         }
-        let deleted_at = self.tenants.delete(id, &request.confirm_slug).await?;
+        let deleted_at = self
+            .tenants
+            .delete(id, &request.confirm_slug, actor_of(&caller))
+            .await?;
         tracing::info!(tenant_id = %id, "tenant deleted");
         Ok(Response::new(pb::DeleteTenantResponse {
             tenant_id: id.to_string(),

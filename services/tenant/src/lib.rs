@@ -184,8 +184,9 @@ where
     let token = PlatformToken::load(&config.operator.platform_token_file)
         .map_err(|err| Error::Config(err.to_string()))?;
     let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let databases = Databases::new(&config.databases)?;
     let tenants = Tenants::new(
-        Databases::new(&config.databases)?,
+        databases.clone(),
         master,
         config.policy(),
         Some(redis.clone()),
@@ -197,6 +198,9 @@ where
         Ok(resolved) => tracing::warn!(resolved, "resolved provisioning interrupted by a crash"),
         Err(err) => tracing::warn!(error = %err, "could not check for interrupted provisioning"),
     }
+    let relay = hafen_events::Relay::spawn(BINARY, &databases, &config.audit, &tls)
+        .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
+    tenants.set_relay(relay);
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)

@@ -8,6 +8,7 @@
 //! transaction is prepared (two-phase commit) and committed only once the control-plane rows
 //! are, so the two databases never disagree.
 
+use hafen_events::{Actor, Event};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -142,6 +143,8 @@ struct Inner {
     policy: Policy,
     /// 0: none; otherwise a [`FailPoint`] as `1 + index`.
     fail_at: AtomicU8,
+    /// Delivers the outbox to the audit service, once started.
+    relay: std::sync::OnceLock<hafen_events::Relay>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -182,8 +185,27 @@ impl Tenants {
                 chat_code_pepper,
                 policy,
                 fail_at: AtomicU8::new(0),
+                relay: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Wakes `relay` whenever audit events were committed.
+    pub fn set_relay(&self, relay: hafen_events::Relay) {
+        let _ = self.inner.relay.set(relay);
+    }
+
+    /// Tells the relay that audit events were committed.
+    fn audited(&self) {
+        if let Some(relay) = self.inner.relay.get() {
+            relay.wake();
+        }
+    }
+
+    /// Commits `event` on its own (an operator's read, which changes nothing).
+    pub async fn record_alone(&self, event: &Event) {
+        hafen_events::record_alone(self.pool(), event).await;
+        self.audited();
     }
 
     /// For tests: make provisioning fail at `point` (or never, with `None`), to prove that a
@@ -343,6 +365,16 @@ impl Tenants {
             )?;
             Ok(())
         };
+        let mut event = Event::new(Some(tenant.as_uuid()), Actor::Operator, "tenant.created")
+            .target("tenant", tenant.as_uuid())
+            .attribute("owner_user_id", owner_id)
+            .attribute("owner_chat_code_id", code_id)
+            .attribute("database", &input.database)
+            .attribute("region", &input.region)
+            .attribute("dpa_version", &input.dpa_version);
+        if let Some(request_id) = input.request_id {
+            event = event.request_id(request_id);
+        }
         let control_rows = |conn: &mut SyncConnection| -> Result<(), Error> {
             self.fail_if(FailPoint::AfterSchema, &tenant)?;
             control::blocking::insert_tenant(conn, &row, &wrapped).map_err(|err| {
@@ -352,6 +384,7 @@ impl Tenants {
                     Error::from(err)
                 }
             })?;
+            hafen_events::record_sync(conn, &event)?;
             self.fail_if(FailPoint::BeforeCommit, &tenant)
         };
 
@@ -392,6 +425,7 @@ impl Tenants {
                 }
             }
         }
+        self.audited();
         tracing::info!(tenant_id = %tenant, database = %input.database, "tenant provisioned");
 
         let tenant_row = TenantRow {
@@ -504,26 +538,51 @@ impl Tenants {
     }
 
     /// Applies a settings update (field mask relative to `TenantSettings`).
+    /// `actor` is recorded in the audit event, with the names of the fields changed.
     pub async fn update_settings(
         &self,
         id: Uuid,
         update: &hafen_proto::tenant::v1::TenantSettings,
         paths: &[String],
+        actor: Actor,
     ) -> Result<TenantRow, Error> {
         let current = self.get(id).await?;
         if current.status != control::status::ACTIVE {
             return Err(Error::NotFound);
         }
         let next = Settings::from_json(&current.settings).apply(update, paths)?;
-        let mut conn = self.pool().get().await.map_err(hafen_store::Error::from)?;
-        control::update_settings(&mut conn, id, next.to_json())
-            .await?
-            .ok_or(Error::NotFound)
+        let fields = if paths.is_empty() {
+            "all".to_owned()
+        } else {
+            paths.join(",")
+        };
+        let event = Event::new(Some(id), actor, "tenant.settings.updated")
+            .target("tenant", id)
+            .attribute("fields", fields)
+            .attribute("retention_days", next.retention_days);
+        let updated = hafen_store::in_transaction(self.pool(), move |conn| {
+            Box::pin(async move {
+                let row = control::update_settings(conn, id, next.to_json())
+                    .await?
+                    .ok_or(Error::NotFound)?;
+                hafen_events::record(conn, &event).await?;
+                Ok::<_, Error>(row)
+            })
+        })
+        .await?;
+        self.audited();
+        Ok(updated)
     }
 
     /// Deletes a tenant for good (GR3): drops its schema and role, destroys its key, clears
     /// its name and settings, and writes the deletion log (GR4). Returns the deletion time.
-    pub async fn delete(&self, id: Uuid, confirm_slug: &str) -> Result<DateTime<Utc>, Error> {
+    /// `actor` (the owner or the operator) is recorded in the audit event.
+    pub async fn delete(
+        &self,
+        id: Uuid,
+        confirm_slug: &str,
+        actor: Actor,
+    ) -> Result<DateTime<Utc>, Error> {
         let current = self.get(id).await?;
         if current.status != control::status::ACTIVE {
             return Err(Error::NotFound);
@@ -535,8 +594,10 @@ impl Tenants {
             ));
         }
         let this = self.clone();
+        let event = Event::new(Some(id), actor, "tenant.deleted").target("tenant", id);
         let (deleted_at, sessions) =
-            tokio::task::spawn_blocking(move || this.delete_blocking(&current)).await??;
+            tokio::task::spawn_blocking(move || this.delete_blocking(&current, &event)).await??;
+        self.audited();
         if let Some(redis) = &self.inner.redis
             && let Err(err) = redis
                 .revoke(
@@ -553,7 +614,11 @@ impl Tenants {
         Ok(deleted_at)
     }
 
-    fn delete_blocking(&self, tenant_row: &TenantRow) -> Result<(DateTime<Utc>, Vec<Uuid>), Error> {
+    fn delete_blocking(
+        &self,
+        tenant_row: &TenantRow,
+        event: &Event,
+    ) -> Result<(DateTime<Utc>, Vec<Uuid>), Error> {
         let tenant = TenantId::from(tenant_row.id);
         let mut main = SyncConnection::establish(self.inner.databases.main_url())
             .map_err(hafen_store::Error::from)?;
@@ -561,6 +626,7 @@ impl Tenants {
             main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
                 tenancy::drop_schema(conn, &tenant)?;
+                hafen_events::record_sync(conn, event)?;
                 Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
             })?
         } else {
@@ -573,6 +639,7 @@ impl Tenants {
             placed.transaction(|conn| tenancy::drop_schema(conn, &tenant))?;
             main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
+                hafen_events::record_sync(conn, event)?;
                 Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
             })?
         };
