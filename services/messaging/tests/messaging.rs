@@ -413,6 +413,87 @@ async fn cb4_deleting_removes_the_ciphertext_and_tells_subscribers() {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn held_messages_cannot_be_deleted_and_admin_deletes_are_audited() {
+    let s = setup().await;
+    let conversation = s.group("held").await;
+    let message = s.send(&s.member, &conversation, "evidence").await.unwrap();
+    let tenant: Uuid = s.tenant.id.parse().unwrap();
+    let owner_id: Uuid = s.owner_id.parse().unwrap();
+    let conversation_id: Uuid = conversation.parse().unwrap();
+    let pool = hafen_store::pool::build_pool(&s.stack.db.args()).unwrap();
+    let hold = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            hafen_store::with_tenant(&pool, &hafen_store::TenantId::from(tenant), |conn| {
+                Box::pin(async move {
+                    diesel::sql_query(sql)
+                        .bind::<diesel::sql_types::Uuid, _>(conversation_id)
+                        .bind::<diesel::sql_types::Uuid, _>(owner_id)
+                        .execute(conn)
+                        .await?;
+                    Ok::<_, hafen_store::Error>(())
+                })
+            })
+            .await
+            .unwrap();
+        }
+    };
+    hold(
+        "INSERT INTO legal_holds (id, conversation_id, reason_code, set_by, set_at) \
+         VALUES (gen_random_uuid(), $1, 'litigation', $2, now())",
+    )
+    .await;
+    let delete = || async {
+        s.client()
+            .await
+            .delete_message(with_token(
+                &s.owner,
+                pb::DeleteMessageRequest {
+                    message_id: message.message_id.clone(),
+                },
+            ))
+            .await
+    };
+    let err = delete().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "LEGAL_HOLD_ACTIVE");
+    assert!(
+        s.raw_ciphertexts().await.iter().all(Option::is_some),
+        "held data stays"
+    );
+
+    hold("UPDATE legal_holds SET lifted_at = now(), lifted_by = $2 WHERE conversation_id = $1")
+        .await;
+    delete().await.unwrap();
+    // The owner deleted someone else's message: that is audited, with ids only.
+    let mut conn = s.stack.db.connect().await;
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: Count = diesel::sql_query(
+            "SELECT (SELECT count(*) FROM hafen.outbox WHERE tenant_id = $1 AND \
+                     position(convert_to('messaging.message.deleted_by_admin', 'UTF8') IN event) > 0) \
+                  + (SELECT count(*) FROM hafen.audit_events WHERE chain = $1 \
+                     AND action = 'messaging.message.deleted_by_admin' AND target_id = $2) AS n",
+        )
+        .bind::<diesel::sql_types::Uuid, _>(tenant)
+        .bind::<diesel::sql_types::Text, _>(&message.message_id)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+        if found.n >= 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no audit event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn next_event(
     stream: &mut tonic::Streaming<pb::SubscribeResponse>,
 ) -> pb::subscribe_response::Event {
