@@ -17,9 +17,9 @@ setup: ## Install what is missing (PostgreSQL, Redis, cargo-nextest, rustfmt, cl
 	@scripts/setup.sh
 	@$(DEV_SERVICES) up
 
-run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in the foreground
+run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in the foreground, with a demo organisation
 	$(CARGO) build --bin hafen
-	$(LOAD_ENV) && exec target/debug/hafen dev
+	$(LOAD_ENV) && exec target/debug/hafen dev --demo
 
 test: ## Start the dev services (fsync off) and run the whole test suite
 	@scripts/setup.sh

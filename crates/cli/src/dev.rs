@@ -73,6 +73,15 @@ pub struct DevArgs {
           value_parser = clap::value_parser!(u32).range(4..=31))]
     pub bcrypt_cost: u32,
 
+    /// Once the stack is up, create the demo organisation "demo" (owner, alice and bob with
+    /// chat codes, a group "general") unless it exists, and print its throwaway credentials.
+    #[arg(long, env = "HAFEN_DEV_DEMO")]
+    pub demo: bool,
+
+    /// Where the demo credentials are kept (mode 0600).
+    #[arg(long, env = "HAFEN_DEV_DEMO_FILE", default_value = ".dev/demo.txt")]
+    pub demo_file: PathBuf,
+
     #[command(flatten)]
     pub databases: DatabasesArgs,
 
@@ -299,6 +308,14 @@ pub async fn run(args: DevArgs) -> ExitCode {
     );
 
     print_banner(&args, &ports);
+    if args.demo {
+        let seed_args = args.clone();
+        tokio::spawn(async move {
+            if let Err(err) = crate::demo::seed(&seed_args, &seed_args.demo_file).await {
+                tracing::error!(error = %err, "the demo organisation was not created");
+            }
+        });
+    }
 
     let mut failed = false;
     while let Some(joined) = tasks.join_next().await {

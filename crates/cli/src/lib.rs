@@ -2,7 +2,14 @@
 //!
 //! - `hafen dev` ([`dev`]): the whole stack in one process, each service on its own loopback
 //!   port with the development CA, for `make run` and small single-host sites.
+//! - `hafen login`, `hafen chat …` ([`chat`]) and `hafen admin …` ([`admin`]): clients on the
+//!   SDK (`hafen_sdk`); [`client`] holds what they share (connection, stored sessions,
+//!   `--output json`, exit codes).
 
+pub mod admin;
+pub mod chat;
+pub mod client;
+pub mod demo;
 pub mod dev;
 
 use std::process::ExitCode;
@@ -15,7 +22,13 @@ use hafen_platform::TelemetryArgs;
 #[command(
     name = "hafen",
     version,
-    about = "Hafen: privacy-first multi-tenant messaging"
+    about = "Hafen: privacy-first multi-tenant messaging",
+    long_about = "Hafen: privacy-first multi-tenant messaging.\n\n\
+        `hafen dev` runs the whole stack in one process. `hafen login` signs this device in \
+        (the session is stored per --profile, readable only by you); `hafen chat` sends, \
+        reads and follows messages; `hafen admin` manages organisations, users, chat codes \
+        and the audit trail.",
+    after_help = client::EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -31,10 +44,47 @@ pub enum Command {
     /// Run all five services in one process, each on its own loopback port (development and
     /// single-host mode). Migrates the control plane first.
     Dev(dev::DevArgs),
+    /// Sign this device in with tenant, username, password and chat code; the session is
+    /// stored in the config directory (mode 0600) under --profile.
+    Login(chat::LoginArgs),
+    /// End the session on the server and forget it here.
+    Logout(chat::LogoutArgs),
+    /// Conversations and messages: list, create, send, history, tail.
+    Chat(chat::ChatArgs),
+    /// Administration: organisations, users, chat codes, audit trail, migrations.
+    Admin(admin::AdminArgs),
+    /// Print a shell completion script, e.g. `hafen completions bash > /etc/bash_completion.d/hafen`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    // The client commands talk to people and scripts: no service logging on their terminal.
+    let (output, outcome) = match cli.command {
+        Command::Login(args) => (args.client.output, Some(chat::login(args).await)),
+        Command::Logout(args) => (args.client.output, Some(chat::logout(args).await)),
+        Command::Chat(args) => (args.client.output, Some(chat::run(args).await)),
+        Command::Admin(args) => (args.client.output, Some(admin::run(args).await)),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "hafen", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        command @ Command::Dev(_) => return serve(command, &cli.telemetry).await,
+    };
+    match outcome {
+        Some(outcome) => client::finish(outcome, output),
+        None => ExitCode::SUCCESS,
+    }
+}
+
+async fn serve(command: Command, telemetry: &TelemetryArgs) -> ExitCode {
+    let cli = Cli {
+        command,
+        telemetry: telemetry.clone(),
+    };
     let guard = match hafen_platform::telemetry::init("hafen", &cli.telemetry) {
         Ok(guard) => guard,
         Err(err) => {
@@ -44,6 +94,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     let code = match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        _ => ExitCode::FAILURE,
     };
     guard.shutdown();
     code

@@ -148,13 +148,7 @@ impl Event {
         }
     }
 
-    fn row(
-        &self,
-    ) -> (
-        diesel::dsl::Eq<outbox::id, Uuid>,
-        diesel::dsl::Eq<outbox::tenant_id, Option<Uuid>>,
-        diesel::dsl::Eq<outbox::event, Vec<u8>>,
-    ) {
+    fn row(&self) -> OutboxRow {
         (
             outbox::id.eq(self.id),
             outbox::tenant_id.eq(self.tenant),
@@ -162,6 +156,13 @@ impl Event {
         )
     }
 }
+
+/// The values of one outbox row.
+type OutboxRow = (
+    diesel::dsl::Eq<outbox::id, Uuid>,
+    diesel::dsl::Eq<outbox::tenant_id, Option<Uuid>>,
+    diesel::dsl::Eq<outbox::event, Vec<u8>>,
+);
 
 /// Writes `event` into the outbox inside the transaction open on `conn` (tenant scope or
 /// not).

@@ -47,8 +47,8 @@ pub(crate) struct Inner {
     /// A bcrypt hash of nothing anybody knows, at the configured cost: checked against when a
     /// login names no existing user, so that costs the same time (no user-name oracle).
     pub dummy_hash: String,
-    /// Delivers the outbox to the audit service.
-    pub relay: Option<hafen_events::Relay>,
+    /// Delivers the outbox to the audit service, once started.
+    pub relay: std::sync::OnceLock<hafen_events::Relay>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -70,7 +70,6 @@ impl Auth {
         policy: Policy,
         limiter: Limiter,
         cpu: CpuPool,
-        relay: Option<hafen_events::Relay>,
     ) -> Result<Self, Error> {
         let cost = policy.bcrypt_cost;
         let dummy_hash = cpu
@@ -91,7 +90,7 @@ impl Auth {
                 limiter,
                 cpu,
                 dummy_hash,
-                relay,
+                relay: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -113,9 +112,14 @@ impl Auth {
         hafen_store::with_tenant(&pool, &tenant, f).await
     }
 
+    /// Wakes `relay` whenever audit events were committed.
+    pub fn set_relay(&self, relay: hafen_events::Relay) {
+        let _ = self.inner.relay.set(relay);
+    }
+
     /// Tells the relay that audit events were committed.
     pub(crate) fn audited(&self) {
-        if let Some(relay) = &self.inner.relay {
+        if let Some(relay) = self.inner.relay.get() {
             relay.wake();
         }
     }

@@ -136,9 +136,9 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         },
         limiter,
         hafen_platform::cpu::CpuPool::new("hafen-auth-hash"),
-        Some(relay),
     )
     .await?;
+    auth.set_relay(relay);
     let authenticator = Authenticator::new(None, Some(redis), Arc::new(auth.clone()), revocations);
     Ok((auth, authenticator))
 }
