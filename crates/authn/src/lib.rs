@@ -176,8 +176,11 @@ impl Sessions {
             .lock()
             .ok()
             .and_then(|local| local.get(&session).cloned());
+        // A cached entry with another digest may be stale (the token was just refreshed):
+        // then ask further instead of refusing.
         if let Some((cached, at)) = local
             && now.duration_since(at) < LOCAL_TTL
+            && cached.principal(&digest).is_some()
         {
             return accept(&cached, &digest);
         }
@@ -187,10 +190,11 @@ impl Sessions {
                     self.revocations.record(session, reason);
                     return Err(Rejection::Revoked(reason).into());
                 }
-                Ok((Some(cached), None)) => {
+                Ok((Some(cached), None)) if cached.principal(&digest).is_some() => {
                     self.remember(&cached);
                     return accept(&cached, &digest);
                 }
+                Ok((Some(_), None)) => {}
                 Ok((None, None)) => {}
                 Err(err) => tracing::debug!(error = %err, "session cache unavailable"),
             }

@@ -52,29 +52,29 @@ pub enum TenantCommand {
         /// Short name, used at login: 3-40 of a-z, 0-9 and '-'.
         slug: String,
         /// The organisation's name.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_TENANT_NAME")]
         name: String,
         /// The owner's username.
-        #[arg(long, default_value = "owner")]
+        #[arg(long, env = "HAFEN_OWNER_USERNAME", default_value = "owner")]
         owner: String,
         /// The owner's display name.
-        #[arg(long, default_value = "Owner")]
+        #[arg(long, env = "HAFEN_OWNER_NAME", default_value = "Owner")]
         owner_name: String,
         /// Read the owner's password from this file instead of HAFEN_OWNER_PASSWORD or the
         /// terminal.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_OWNER_PASSWORD_FILE")]
         owner_password_file: Option<PathBuf>,
         /// Version of the data-processing agreement the organisation accepted.
-        #[arg(long, default_value = "2025-01")]
+        #[arg(long, env = "HAFEN_DPA_VERSION", default_value = "2025-01")]
         dpa_version: String,
         /// Hosting region.
-        #[arg(long, default_value = "eu-central")]
+        #[arg(long, env = "HAFEN_REGION", default_value = "eu-central")]
         region: String,
     },
     /// List organisations.
     List {
         /// Include deleted ones.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_SHOW_DELETED")]
         deleted: bool,
     },
     /// Delete an organisation and all its data for good.
@@ -82,7 +82,7 @@ pub enum TenantCommand {
         /// The organisation's slug.
         slug: String,
         /// Type the slug again to confirm.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_CONFIRM_SLUG")]
         confirm: String,
     },
 }
@@ -95,19 +95,19 @@ pub enum UserCommand {
         /// Username (login name).
         username: String,
         /// Display name (default: the username).
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_DISPLAY_NAME")]
         name: Option<String>,
         /// Make the user an admin (owner only).
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_MAKE_ADMIN")]
         admin: bool,
         /// Read the new user's password from this file.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_NEW_PASSWORD_FILE")]
         password_file: Option<PathBuf>,
     },
     /// List users.
     List {
         /// Include deactivated users.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_INCLUDE_DEACTIVATED")]
         all: bool,
     },
     /// Deactivate a user: no more logins, and every session ends at once.
@@ -125,13 +125,13 @@ pub enum ChatCodeCommand {
         /// Username or user id.
         user: String,
         /// Which device it is for.
-        #[arg(long, default_value = "device")]
+        #[arg(long, env = "HAFEN_DEVICE_LABEL", default_value = "device")]
         label: String,
     },
     /// List chat codes (of one user with --user).
     List {
         /// Username or user id.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_CHAT_CODE_USER")]
         user: Option<String>,
     },
     /// Revoke a chat code: the device's sessions end and it is told to wipe itself.
@@ -148,13 +148,13 @@ pub enum AuditCommand {
     /// 10 when a link is broken.
     Verify {
         /// Verify this export (JSON Lines from `audit export`) without asking the server.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_AUDIT_FILE")]
         file: Option<PathBuf>,
     },
     /// Export the audit trail as JSON Lines with its hashes, verifiable offline.
     Export {
         /// Write to this file instead of standard output.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_AUDIT_OUT")]
         out: Option<PathBuf>,
     },
 }
@@ -166,7 +166,7 @@ pub struct MigrateArgs {
     pub databases: hafen_store::DatabasesArgs,
 
     /// Tenants migrated at the same time.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "HAFEN_MIGRATE_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
 }
 

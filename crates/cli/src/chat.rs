@@ -31,11 +31,11 @@ pub struct LoginArgs {
     pub chat_code: String,
 
     /// A name for this device in your list of devices (default: the chat code's label).
-    #[arg(long, default_value = "")]
+    #[arg(long, env = "HAFEN_DEVICE_LABEL", default_value = "")]
     pub device_label: String,
 
     /// Read the password from this file instead of HAFEN_PASSWORD or the terminal.
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
 }
 
@@ -66,10 +66,15 @@ pub enum ChatCommand {
         /// The group's title.
         title: String,
         /// A member (repeatable).
-        #[arg(long = "member", short = 'm')]
+        #[arg(
+            long = "member",
+            short = 'm',
+            env = "HAFEN_CHAT_MEMBERS",
+            value_delimiter = ','
+        )]
         members: Vec<String>,
         /// Make it a channel open to everyone in the organisation instead.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_CHAT_CHANNEL")]
         channel: bool,
     },
     /// Open (or find) the direct conversation with one user.
@@ -89,17 +94,17 @@ pub enum ChatCommand {
         /// Conversation id or title.
         conversation: String,
         /// How many.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, env = "HAFEN_HISTORY_LIMIT", default_value_t = 20)]
         limit: usize,
     },
     /// Follow new messages in all my conversations (or one) until interrupted. Reconnects and
     /// resumes by itself; ends with exit code 8 when this device is wiped.
     Tail {
         /// Only this conversation (id or title).
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_TAIL_CONVERSATION")]
         conversation: Option<String>,
         /// Resume after this cursor (printed with every event in JSON output).
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_TAIL_AFTER")]
         after: Option<String>,
     },
 }

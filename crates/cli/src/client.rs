@@ -107,7 +107,7 @@ pub struct ClientArgs {
     pub platform_token_file: PathBuf,
 
     /// How to print results.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text, global = true)]
+    #[arg(long, short = 'o', env = "HAFEN_OUTPUT", value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 }
 

@@ -70,6 +70,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 pub use error::Error;
 pub use hafen_proto as proto;
 pub use session::Session;
+pub use subscribe::Subscription;
 pub use watch::Bearer;
 use watch::WipeWatch;
 
@@ -333,6 +334,26 @@ impl Hafen {
         }
     }
 
+    /// Runs `call` and, when it was refused because the access token was replaced meanwhile
+    /// (a refresh in flight), once more with the new one.
+    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.state.ensure_fresh().await?;
+        let token = self.state.access_token();
+        let result = call().await;
+        if let Err(status) = &result
+            && status.code() == tonic::Code::Unauthenticated
+            && self.state.access_token() != token
+            && !self.state.is_wiped()
+        {
+            return self.check(call().await).await;
+        }
+        self.check(result).await
+    }
+
     /// Sends `body` to a conversation (with a fresh request id, so a retry of this call by
     /// the transport cannot duplicate it).
     pub async fn send_message(
@@ -340,30 +361,36 @@ impl Hafen {
         conversation_id: &str,
         body: &str,
     ) -> Result<pb::Message, Error> {
-        self.state.ensure_fresh().await?;
         let request = pb::SendMessageRequest {
             request_id: uuid::Uuid::new_v4().to_string(),
             conversation_id: conversation_id.to_owned(),
             body: body.to_owned(),
         };
-        let result = self.messaging().send_message(request).await;
-        self.check(result).await
+        // The same request id on a retry: the server answers with the same message.
+        self.retrying(|| {
+            let mut client = self.messaging();
+            let request = request.clone();
+            async move { client.send_message(request).await }
+        })
+        .await
     }
 
     /// My conversations (all pages).
     pub async fn conversations(&self) -> Result<Vec<pb::Conversation>, Error> {
-        self.state.ensure_fresh().await?;
         let mut all = Vec::new();
         let mut page_token = String::new();
         loop {
-            let result = self
-                .messaging()
-                .list_conversations(pb::ListConversationsRequest {
-                    page_size: 500,
-                    page_token: page_token.clone(),
+            let request = pb::ListConversationsRequest {
+                page_size: 500,
+                page_token: page_token.clone(),
+            };
+            let page = self
+                .retrying(|| {
+                    let mut client = self.messaging();
+                    let request = request.clone();
+                    async move { client.list_conversations(request).await }
                 })
-                .await;
-            let page = self.check(result).await?;
+                .await?;
             all.extend(page.conversations);
             if page.next_page_token.is_empty() {
                 return Ok(all);
@@ -410,7 +437,7 @@ impl Hafen {
     /// stream that reconnects with back-off and resumes from the last cursor it delivered,
     /// so no event is missed or repeated (BX4). It ends after an error that retrying cannot
     /// fix (e.g. [`Error::Wiped`], which also runs the wipe handler).
-    pub fn subscribe(&self, cursor: Option<String>) -> subscribe::Subscription {
-        subscribe::Subscription::start(self.clone(), cursor)
+    pub fn subscribe(&self, cursor: Option<String>) -> Subscription {
+        Subscription::start(self.clone(), cursor)
     }
 }

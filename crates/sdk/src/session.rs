@@ -189,7 +189,7 @@ impl State {
                 };
                 tokio::time::sleep(wait).await;
                 let Some(state) = weak.upgrade() else { return };
-                match state.refresh().await {
+                match state.refresh_when(REFRESH_AHEAD).await {
                     Ok(()) => backoff = Duration::from_secs(1),
                     Err(err) if err.is_transient() => {
                         drop(state);
@@ -222,17 +222,30 @@ impl State {
         self.refuse_if_wiped()?;
         let session = self.session().ok_or(Error::NotLoggedIn)?;
         if session.access_expires_at - Utc::now() < chrono::Duration::seconds(15) {
-            self.refresh().await?;
+            self.refresh_when(Duration::from_secs(15)).await?;
         }
         Ok(())
     }
 
-    /// Exchanges the refresh token for new tokens. A refusal other than a passing outage
-    /// ends the session (and a wipe signal wipes).
+    /// Refreshes now.
     pub(crate) async fn refresh(&self) -> Result<(), Error> {
+        self.refresh_when(Duration::MAX).await
+    }
+
+    /// Exchanges the refresh token for new tokens when the access token expires within
+    /// `ahead` (checked after waiting for any refresh in flight, so two callers never
+    /// refresh twice: a refresh replaces the access token). A refusal other than a passing
+    /// outage ends the session (and a wipe signal wipes).
+    pub(crate) async fn refresh_when(&self, ahead: Duration) -> Result<(), Error> {
         let _one_at_a_time = self.refreshing.lock().await;
         self.refuse_if_wiped()?;
         let session = self.session().ok_or(Error::NotLoggedIn)?;
+        let left = (session.access_expires_at - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        if left > ahead {
+            return Ok(());
+        }
         let answer = AuthServiceClient::new(self.auth.clone())
             .refresh(auth_pb::RefreshRequest {
                 refresh_token: session.refresh_token.clone(),

@@ -1,14 +1,39 @@
-//! Hafen's audit service (`hafen.audit.v1.AuditService`): the hash-chained audit trail per tenant, its verification and export, and the GDPR Art. 30 record of processing (BX2, BX6, GR7).
+//! Hafen's audit service (`hafen.audit.v1.AuditService`): the hash-chained audit trail per
+//! tenant, its verification and export, and the GDPR Art. 30 record of processing (BX2, BX6,
+//! GR7, TM2).
+//!
+//! - [`event`]: events as AppendEvents accepts them, validated, and the chain each joins.
+//! - [`log`]: the domain — atomic, idempotent appends to the chains; listing; verification
+//!   from the stored columns; export ranges. [`repo`]: rows and queries.
+//! - [`export`]: JSON Lines exports in chunks, verifiable offline.
+//! - [`record`]: the Art. 30 record from the tenant's live configuration.
+//! - `api`: the thin gRPC adapter (who may read which chain; operator calls and exports are
+//!   audited there); `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
 //! resolves, so the `hafen-audit` binary, `hafen dev` and the tests all run the same code.
-//! It serves `grpc.health.v1` and reflection; RPCs not implemented yet answer UNIMPLEMENTED.
+
+mod api;
+mod error;
+pub mod event;
+pub mod export;
+pub mod log;
+pub mod record;
+pub mod repo;
 
 use std::future::Future;
+use std::sync::Arc;
 
+use hafen_authn::remote::RemoteIntrospect;
+use hafen_authn::{Authenticator, AuthnLayer, MAX_ACCESS_TTL, PlatformToken, Redis, Revocations};
 use hafen_platform::{GrpcServer, ServerArgs, ServiceSpec, TlsMaterial};
-use hafen_proto::audit::v1::audit_service_server::{AuditService, AuditServiceServer};
+use hafen_proto::audit::v1::audit_service_server::AuditServiceServer;
+use hafen_store::Databases;
 use tokio::net::TcpListener;
+
+pub use api::AuditApi;
+pub use error::Error;
+pub use log::AuditLog;
 
 /// Short name: the development certificate is `<dev certs dir>/audit.pem`.
 pub const NAME: &str = "audit";
@@ -23,6 +48,8 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 /// Configuration of the audit service.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Config {
+    /// TLS and the drain. AppendEvents accepts only callers that present a service
+    /// certificate, so other services can deliver events only with `--mtls`.
     #[command(flatten)]
     pub server: ServerArgs,
 
@@ -69,27 +96,48 @@ pub struct RecordArgs {
     pub backup_policy: String,
 }
 
-/// The gRPC adapter of `hafen.audit.v1.AuditService`.
-#[derive(Debug, Default)]
-pub struct AuditApi;
-
-#[tonic::async_trait]
-impl AuditService for AuditApi {}
+/// Largest request accepted: a full AppendEvents batch (500 events with attributes at their
+/// limits) is far above tonic's 4 MiB default, and a batch refused for its size would block a
+/// relay for good.
+const MAX_REQUEST_BYTES: usize = 24 * 1024 * 1024;
 
 /// Serves the audit service on `listener` until `shutdown` resolves, then drains.
-pub async fn serve<F>(
-    config: Config,
-    listener: TcpListener,
-    shutdown: F,
-) -> hafen_platform::Result<()>
+///
+/// Refuses to start while the control plane has pending migrations (`hafen-tenant migrate`
+/// puts them in place, once per deploy).
+pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), Error>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let pending =
+        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    if !pending.is_empty() {
+        return Err(Error::NotMigrated(pending));
+    }
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    let token = PlatformToken::load(&config.operator.platform_token_file)
+        .map_err(|err| Error::Config(err.to_string()))?;
+    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let revocations = Revocations::new(MAX_ACCESS_TTL);
+    revocations.listen(redis.clone());
+    let resolver = RemoteIntrospect::new(&config.auth, &tls)
+        .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
+    let authenticator =
+        Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
+    let databases = Databases::new(&config.databases)?;
+    let log = AuditLog::new(databases.main().clone());
+    let deployment = record::Deployment {
+        mtls: config.server.tls.mtls,
+    };
+    let api = AuditApi::new(log, authenticator.clone(), config.record, deployment);
+    let layer = AuthnLayer::new(authenticator, api::INTERNAL);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .add_service(AuditServiceServer::new(AuditApi))
+        .add_service(
+            layer.wrap(AuditServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)),
+        )
         .serve(listener, shutdown)
-        .await
+        .await?;
+    Ok(())
 }
 
 /// The `hafen-audit` command line, for `--help` checks.
