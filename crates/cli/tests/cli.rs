@@ -1,0 +1,395 @@
+//! The `hafen` client commands as a user runs them: the real binary against the services over
+//! TLS (OC5, DC5): login with a stored 0600 session, chat, admin, JSON output, exit codes,
+//! and a wiped device's session deleted.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed step must fail the test, with its message"
+)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use hafen_testkit::{OWNER_PASSWORD, TestStack, TestTenant};
+use serde_json::Value;
+
+struct Cli {
+    config_dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Cli {
+    fn new(stack: &TestStack) -> Self {
+        let args = vec![
+            format!("--auth-url={}", stack.auth.uri()),
+            format!("--messaging-url={}", stack.messaging.uri()),
+            format!("--tenant-url={}", stack.tenant.uri()),
+            format!("--retention-url={}", stack.retention.uri()),
+            format!("--audit-url={}", stack.audit.uri()),
+            format!("--ca-file={}", stack.secrets.dir().join("ca.pem").display()),
+            "--server-name=localhost".to_owned(),
+            format!(
+                "--platform-token-file={}",
+                stack.secrets.platform_token_file().display()
+            ),
+        ];
+        Self {
+            config_dir: tempfile::tempdir().unwrap(),
+            args,
+        }
+    }
+
+    fn command(&self, words: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hafen"));
+        command
+            .args(words)
+            .args(&self.args)
+            .arg(format!("--config-dir={}", self.config_dir.path().display()))
+            .env_remove("HAFEN_PASSWORD")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(&self, words: &[&str], env: &[(&str, &str)]) -> Output {
+        tokio::time::timeout(Duration::from_secs(30), self.command(words, env).output())
+            .await
+            .expect("the command finishes")
+            .unwrap()
+    }
+
+    async fn json(&self, words: &[&str]) -> Value {
+        let mut all = words.to_vec();
+        all.push("--output=json");
+        let out = self.run(&all, &[]).await;
+        assert!(out.status.success(), "{words:?}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{words:?}: not JSON ({e}): {}", text(&out.stdout)))
+    }
+
+    fn session_file(&self, profile: &str) -> PathBuf {
+        self.config_dir
+            .path()
+            .join("sessions")
+            .join(format!("{profile}.json"))
+    }
+
+    async fn login(
+        &self,
+        tenant: &TestTenant,
+        profile: &str,
+        user: &str,
+        password: &str,
+        code: &str,
+    ) -> Output {
+        self.run(
+            &[
+                "login",
+                "--profile",
+                profile,
+                "--tenant",
+                &tenant.slug,
+                "--username",
+                user,
+                "--chat-code",
+                code,
+            ],
+            &[("HAFEN_PASSWORD", password)],
+        )
+        .await
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_chats_from_the_command_line() {
+    let stack = TestStack::start().await;
+    let cli = Cli::new(&stack);
+
+    // The operator creates an organisation; the owner's chat code is printed once.
+    let created = cli
+        .run(
+            &[
+                "admin", "tenant", "create", "cli-org", "--name", "CLI Org", "--output", "json",
+            ],
+            &[("HAFEN_OWNER_PASSWORD", OWNER_PASSWORD)],
+        )
+        .await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    let tenant = TestTenant {
+        id: created["tenant"]["tenant_id"].as_str().unwrap().to_owned(),
+        slug: "cli-org".to_owned(),
+        owner_id: created["owner_user_id"].as_str().unwrap().to_owned(),
+        owner_code: created["owner_chat_code"].as_str().unwrap().to_owned(),
+        owner_code_id: created["owner_chat_code_id"].as_str().unwrap().to_owned(),
+    };
+    let listed = cli.json(&["admin", "tenant", "list"]).await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["slug"] == "cli-org")
+    );
+
+    // A wrong password: exit code 3, and nothing stored.
+    let failed = cli
+        .login(
+            &tenant,
+            "owner",
+            "owner",
+            "not the password",
+            &tenant.owner_code,
+        )
+        .await;
+    assert_eq!(failed.status.code(), Some(3), "{}", text(&failed.stderr));
+    assert!(!cli.session_file("owner").exists());
+
+    let ok = cli
+        .login(
+            &tenant,
+            "owner",
+            "owner",
+            OWNER_PASSWORD,
+            &tenant.owner_code,
+        )
+        .await;
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(
+        mode(&cli.session_file("owner")),
+        0o600,
+        "only the user may read it"
+    );
+    let stored = std::fs::read_to_string(cli.session_file("owner")).unwrap();
+    assert!(!stored.contains(OWNER_PASSWORD));
+
+    // Users, chat codes, a conversation, messages.
+    let user = cli
+        .run(
+            &[
+                "admin",
+                "user",
+                "create",
+                "carol",
+                "--name",
+                "Carol",
+                "--profile",
+                "owner",
+            ],
+            &[("HAFEN_NEW_PASSWORD", "carol's password")],
+        )
+        .await;
+    assert!(user.status.success(), "{}", text(&user.stderr));
+    let code = cli
+        .json(&[
+            "admin",
+            "chat-code",
+            "issue",
+            "carol",
+            "--label",
+            "laptop",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    let carol_code = code["code"].as_str().unwrap().to_owned();
+    let carol_code_id = code["chat_code_id"].as_str().unwrap().to_owned();
+    let ok = cli
+        .login(&tenant, "carol", "carol", "carol's password", &carol_code)
+        .await;
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    let group = cli
+        .json(&[
+            "chat",
+            "create",
+            "team",
+            "--member",
+            "carol",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(group["title"], "team");
+    let sent = cli
+        .json(&[
+            "chat",
+            "send",
+            "team",
+            "hello",
+            "carol",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(sent["body"], "hello carol");
+    let history = cli
+        .json(&["chat", "history", "team", "--profile", "carol"])
+        .await;
+    assert_eq!(history[0]["body"], "hello carol");
+    let missing = cli
+        .run(
+            &["chat", "send", "nowhere", "hi", "--profile", "carol"],
+            &[],
+        )
+        .await;
+    assert_eq!(missing.status.code(), Some(5), "{}", text(&missing.stderr));
+    let members_only = cli
+        .run(
+            &["admin", "user", "list", "--all", "--profile", "carol"],
+            &[],
+        )
+        .await;
+    assert_eq!(
+        members_only.status.code(),
+        Some(4),
+        "{}",
+        text(&members_only.stderr)
+    );
+
+    // Carol follows the conversation; her laptop is wiped while she does.
+    let mut tail = cli
+        .command(
+            &["chat", "tail", "--profile", "carol", "--output", "json"],
+            &[],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cli.json(&[
+        "chat",
+        "send",
+        "team",
+        "are you there?",
+        "--profile",
+        "owner",
+    ])
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let revoked = cli
+        .json(&[
+            "admin",
+            "chat-code",
+            "revoke",
+            &carol_code_id,
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(revoked["state"], "revoked");
+    let ended = tokio::time::timeout(Duration::from_secs(15), tail.wait())
+        .await
+        .expect("tail ends after the wipe")
+        .unwrap();
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(tail.stdout.as_mut().unwrap(), &mut out)
+        .await
+        .unwrap();
+    assert!(out.contains("are you there?"), "tail printed {out}");
+    assert_eq!(ended.code(), Some(8), "exit code 8: wiped");
+    assert!(
+        !cli.session_file("carol").exists(),
+        "the wiped device's session is deleted"
+    );
+    let refused = cli
+        .run(&["chat", "conversations", "--profile", "carol"], &[])
+        .await;
+    assert_eq!(refused.status.code(), Some(3));
+
+    // The audit chain, on the server and offline from an export.
+    let verified = cli
+        .json(&["admin", "audit", "verify", "--profile", "owner"])
+        .await;
+    assert_eq!(verified["intact"], true);
+    let export = cli.config_dir.path().join("audit.jsonl");
+    let exported = cli
+        .run(
+            &[
+                "admin",
+                "audit",
+                "export",
+                "--profile",
+                "owner",
+                "--out",
+                export.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+    assert!(exported.status.success(), "{}", text(&exported.stderr));
+    let offline = cli
+        .json(&[
+            "admin",
+            "audit",
+            "verify",
+            "--file",
+            export.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(offline["intact"], true);
+    let mut document = std::fs::read_to_string(&export).unwrap();
+    document = document.replacen("auth.login.succeeded", "auth.login.failed", 1);
+    std::fs::write(&export, document).unwrap();
+    let broken = cli
+        .run(
+            &[
+                "admin",
+                "audit",
+                "verify",
+                "--file",
+                export.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(broken.status.code(), Some(10), "{}", text(&broken.stdout));
+
+    let out = cli.run(&["logout", "--profile", "owner"], &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!cli.session_file("owner").exists());
+}
+
+#[tokio::test]
+async fn help_and_completions_work_without_a_server() {
+    let hafen = env!("CARGO_BIN_EXE_hafen");
+    for words in [
+        vec!["--help"],
+        vec!["chat", "--help"],
+        vec!["chat", "tail", "--help"],
+        vec!["admin", "--help"],
+        vec!["admin", "tenant", "create", "--help"],
+        vec!["login", "--help"],
+        vec!["completions", "bash"],
+    ] {
+        let out = std::process::Command::new(hafen)
+            .args(&words)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{words:?}");
+        assert!(!out.stdout.is_empty(), "{words:?}");
+    }
+    let help = std::process::Command::new(hafen)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(text(&help.stdout).contains("Exit codes"));
+    let usage = std::process::Command::new(hafen)
+        .args(["chat", "send"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}
