@@ -49,6 +49,11 @@
 //! # }
 //! ```
 
+/// The README's examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 mod error;
 mod session;
 mod subscribe;
