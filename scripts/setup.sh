@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
 # Installs the tools the build and the tests need when they are missing:
-# rustfmt and clippy (rustup components), cargo-nextest (from crates.io), and — unless
-# --toolchain-only — PostgreSQL and Redis (apt-get, through dev-services.sh).
+# rustfmt and clippy (rustup components), and — unless --toolchain-only — cargo-nextest (from
+# crates.io) and Python 3 with venv and pip (apt-get; the DC5 test generates a Python client
+# from proto/ in a virtualenv). PostgreSQL and Redis are installed by dev-services.sh.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
 
-command -v cargo >/dev/null || { log "error: cargo is required (https://rustup.rs)"; exit 1; }
+apt_install() {
+    local sudo=""
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || die "missing packages ($*) and not root: install them first"
+        sudo="sudo"
+    fi
+    command -v apt-get >/dev/null || die "missing packages ($*) and no apt-get: install them first"
+    log "installing $* with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    # The package lists of a fresh machine may be missing or stale: refresh once on failure.
+    if ! $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null; then
+        $sudo apt-get update -q >/dev/null
+        $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    fi
+}
+
+# Whether python3 can create a virtualenv with pip in it. `-m venv --help` alone is not enough
+# on Debian: the venv module ships with python3, but ensurepip (which puts pip into a new
+# virtualenv) only with python3-venv.
+python_venv_works() {
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' >/dev/null 2>&1
+}
+
+command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
@@ -19,5 +44,9 @@ if [[ "${1:-}" != "--toolchain-only" ]]; then
     if ! cargo nextest --version >/dev/null 2>&1; then
         log "installing cargo-nextest (a few minutes, once)"
         cargo install --locked cargo-nextest
+    fi
+    if ! python_venv_works; then
+        apt_install python3 python3-venv python3-pip
+        python_venv_works || die "python3 still cannot create a virtualenv after installation"
     fi
 fi

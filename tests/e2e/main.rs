@@ -6,4 +6,5 @@
     reason = "a failed step must fail the test, with its message"
 )]
 
+mod dc5;
 mod foundation;
