@@ -82,6 +82,16 @@ const ENTER_SCOPE: &str =
 const LEAVE_SCOPE: &str =
     "SELECT set_config('role', 'none', true), set_config('search_path', '\"$user\", public', true)";
 
+/// The statement [`enter`] runs, for callers that pipeline it with their first queries
+/// (it must follow `BEGIN` in the same transaction).
+pub fn enter_statement(
+    tenant: &TenantId,
+) -> diesel::query_builder::BoxedSqlQuery<'static, Pg, diesel::query_builder::SqlQuery> {
+    diesel::sql_query(ENTER_SCOPE)
+        .into_boxed::<Pg>()
+        .bind::<diesel::sql_types::Text, _>(tenant.schema())
+}
+
 /// Switches the current transaction to `tenant`'s role and schema.
 pub async fn enter(conn: &mut AsyncPgConnection, tenant: &TenantId) -> diesel::QueryResult<()> {
     let query = diesel::sql_query(ENTER_SCOPE).bind::<diesel::sql_types::Text, _>(tenant.schema());

@@ -3,8 +3,9 @@
 //! only after that commit. A lone send waits for nothing; under load, batches form by
 //! themselves.
 //!
-//! A batch costs two pipelined round trips, whatever its size (see `store_batch`); one
-//! failing send (not a member, a reused request id) fails alone. The tenant's event counter
+//! A batch costs two pipelined round trips, whatever its size (see `store_batch`), on a
+//! connection the tenant's committer keeps while sends keep coming; one failing send (not a
+//! member, a reused request id) fails alone. The tenant's event counter
 //! is advanced once per batch; its row lock, held to commit, keeps event ids in commit order
 //! across replicas.
 
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use hafen_store::schema::{conversations, event_counter, events, members, messages};
-use hafen_store::{AsyncPgConnection, now};
+use hafen_store::{AsyncPgConnection, TenantId, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -75,7 +76,20 @@ impl Committer {
 }
 
 async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedReceiver<Send>) {
-    while let Some(first) = queue.recv().await {
+    // The connection stays with this committer while sends keep coming, and goes back to the
+    // pool as soon as the queue is empty.
+    let mut held: Option<hafen_store::PooledConnection> = None;
+    loop {
+        let first = match queue.try_recv() {
+            Ok(send) => send,
+            Err(_) => {
+                held = None;
+                match queue.recv().await {
+                    Some(send) => send,
+                    None => return,
+                }
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -83,11 +97,49 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
                 Err(_) => break,
             }
         }
-        commit(&messaging, tenant, batch).await;
+        if held.is_none() {
+            let connected = match messaging.tenant_pool(tenant).await {
+                Ok(pool) => pool
+                    .get()
+                    .await
+                    .map_err(|err| Error::from(hafen_store::Error::from(err))),
+                Err(err) => Err(err),
+            };
+            match connected {
+                Ok(conn) => held = Some(conn),
+                Err(err) => {
+                    fail(batch, &err);
+                    continue;
+                }
+            }
+        }
+        if let Some(conn) = held.as_mut()
+            && !commit(&messaging, tenant, conn, batch).await
+        {
+            // After a failure the connection may be in any state: a fresh one next time.
+            held = None;
+        }
     }
 }
 
-async fn commit(messaging: &Messaging, tenant: Uuid, batch: Vec<Send>) {
+/// Answers every send of `batch` with `err`.
+fn fail(batch: Vec<Send>, err: &Error) {
+    tracing::warn!(error = %err, sends = batch.len(), "batch not committed");
+    let shared = err.to_string();
+    for send in batch {
+        let _ = send
+            .reply
+            .send(Err(Error::Config(format!("commit failed: {shared}"))));
+    }
+}
+
+/// Stores `batch`; false when the transaction failed.
+async fn commit(
+    messaging: &Messaging,
+    tenant: Uuid,
+    conn: &mut AsyncPgConnection,
+    batch: Vec<Send>,
+) -> bool {
     let (work, replies): (Vec<Item>, Vec<_>) = batch
         .into_iter()
         .map(|send| {
@@ -106,9 +158,7 @@ async fn commit(messaging: &Messaging, tenant: Uuid, batch: Vec<Send>) {
         .unzip();
     let size = work.len();
     let started = std::time::Instant::now();
-    let outcome = messaging
-        .scoped(tenant, move |conn| Box::pin(store_batch(conn, work)))
-        .await;
+    let outcome = store_batch(conn, &TenantId::from(tenant), work).await;
     tracing::debug!(tenant_id = %tenant, sends = size, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
     match outcome {
         Ok(results) => {
@@ -116,6 +166,7 @@ async fn commit(messaging: &Messaging, tenant: Uuid, batch: Vec<Send>) {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
+            true
         }
         Err(err) => {
             tracing::warn!(tenant_id = %tenant, error = %err, sends = replies.len(), "batch not committed");
@@ -123,6 +174,7 @@ async fn commit(messaging: &Messaging, tenant: Uuid, batch: Vec<Send>) {
             for reply in replies {
                 let _ = reply.send(Err(Error::Config(format!("commit failed: {shared}"))));
             }
+            false
         }
     }
 }
@@ -137,13 +189,29 @@ struct Item {
     masked: bool,
 }
 
-/// Stores a batch in two pipelined round trips, whatever its size. The first locks the
-/// tenant's event counter (which serialises the tenant's writers, so nothing read here can
-/// change before the commit) and reads, at once, the retries and the membership of every
-/// send and the sequences of their conversations. The second advances the sequences and
-/// inserts the messages and their events, one statement each.
+/// Stores a batch in its own transaction, in two pipelined round trips whatever its size.
+/// The first begins the transaction, enters the tenant's scope (role and schema, as
+/// `with_tenant` does), locks the tenant's event counter (which serialises the tenant's
+/// writers, so nothing read here can change before the commit) and reads, at once, the
+/// retries and the membership of every send and the sequences of their conversations. The
+/// second advances the sequences, inserts the messages and their events, one statement
+/// each, and commits. Any failure rolls the whole batch back.
 async fn store_batch(
     conn: &mut AsyncPgConnection,
+    tenant: &TenantId,
+    items: Vec<Item>,
+) -> Result<Vec<Result<MessageRow, Error>>, Error> {
+    let stored = store_batch_in(conn, tenant, items).await;
+    if stored.is_err() {
+        // A failed statement leaves the transaction aborted (or not begun): end it.
+        let _ = diesel::sql_query("ROLLBACK").execute(conn).await;
+    }
+    stored
+}
+
+async fn store_batch_in(
+    conn: &mut AsyncPgConnection,
+    tenant: &TenantId,
     items: Vec<Item>,
 ) -> Result<Vec<Result<MessageRow, Error>>, Error> {
     use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
@@ -153,7 +221,11 @@ async fn store_batch(
     let request_ids: Vec<Uuid> = items.iter().map(|i| i.request_id).collect();
     let conversation_ids: Vec<Uuid> = items.iter().map(|i| i.conversation).collect();
     let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
-    let (last_event, existing, memberships, sequences) = futures::try_join!(
+    // Every statement runs to its end (join, not try_join), so the connection's answers stay
+    // in step; the first error counts.
+    let (begun, entered, last_event, existing, memberships, sequences) = futures::join!(
+        diesel::sql_query("BEGIN").execute(&mut &*conn),
+        hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
         event_counter::table
             .select(event_counter::last_id)
             .for_update()
@@ -171,7 +243,11 @@ async fn store_batch(
             .filter(conversations::id.eq_any(&conversation_ids))
             .select((conversations::id, conversations::last_sequence))
             .load::<(Uuid, i64)>(&mut &*conn),
-    )?;
+    );
+    begun?;
+    entered?;
+    let (last_event, existing, memberships, sequences) =
+        (last_event?, existing?, memberships?, sequences?);
     let existing: HashMap<(Uuid, Uuid), MessageRow> = existing
         .into_iter()
         .filter_map(|row| row.request_id.map(|r| ((row.sender_id, r), row)))
@@ -241,12 +317,14 @@ async fn store_batch(
     }
 
     let mut rows_by_id: HashMap<Uuid, MessageRow> = HashMap::new();
-    if !message_rows.is_empty() {
+    if message_rows.is_empty() {
+        diesel::sql_query("COMMIT").execute(&mut &*conn).await?;
+    } else {
         let (ids, lasts): (Vec<Uuid>, Vec<i64>) = next_sequence
             .iter()
             .map(|(id, next)| (*id, *next - 1))
             .unzip();
-        let (_, inserted, _, _) = futures::try_join!(
+        let (advanced, inserted, recorded, counted, committed) = futures::join!(
             diesel::sql_query(
                 "UPDATE conversations c SET last_sequence = n.last, updated_at = now() \
                  FROM unnest($1::uuid[], $2::bigint[]) AS n(id, last) \
@@ -265,7 +343,15 @@ async fn store_batch(
             diesel::update(event_counter::table)
                 .set(event_counter::last_id.eq(next_event - 1))
                 .execute(&mut &*conn),
-        )?;
+            // After a failed statement above, PostgreSQL answers this COMMIT with a rollback;
+            // the error of that statement is what is reported.
+            diesel::sql_query("COMMIT").execute(&mut &*conn),
+        );
+        advanced?;
+        let inserted = inserted?;
+        recorded?;
+        counted?;
+        committed?;
         rows_by_id = inserted.into_iter().map(|r| (r.id, r)).collect();
     }
     let mut results = Vec::with_capacity(items.len());

@@ -101,6 +101,15 @@ impl Messaging {
         }
     }
 
+    /// The pool of the database `tenant` lives on.
+    pub(crate) async fn tenant_pool(&self, tenant: Uuid) -> Result<hafen_store::Pool, Error> {
+        Ok(self
+            .inner
+            .databases
+            .tenant_pool(&TenantId::from(tenant))
+            .await?)
+    }
+
     /// Runs `f` in `tenant`'s scope.
     pub(crate) async fn scoped<R, F>(&self, tenant: Uuid, f: F) -> Result<R, Error>
     where
