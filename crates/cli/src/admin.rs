@@ -151,6 +151,18 @@ pub enum AuditCommand {
         #[arg(long, env = "HAFEN_AUDIT_FILE")]
         file: Option<PathBuf>,
     },
+    /// List audit events, newest first (ids, actions and outcomes; never content).
+    Events {
+        /// Only this action; ending in "." it is a prefix, e.g. `auth.login.`.
+        #[arg(long, env = "HAFEN_AUDIT_ACTION", default_value = "")]
+        action: String,
+        /// Only events of this actor (a user id).
+        #[arg(long, env = "HAFEN_AUDIT_ACTOR", default_value = "")]
+        actor: String,
+        /// How many.
+        #[arg(long, env = "HAFEN_AUDIT_LIMIT", default_value_t = 50)]
+        limit: usize,
+    },
     /// Export the audit trail as JSON Lines with its hashes, verifiable offline.
     Export {
         /// Write to this file instead of standard output.
@@ -535,6 +547,55 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                 ))
             }
         }
+        AuditCommand::Events {
+            action,
+            actor,
+            limit,
+        } => {
+            let hafen = client.logged_in().await?;
+            let mut events = Vec::new();
+            let mut page_token = String::new();
+            while events.len() < limit {
+                let result = hafen
+                    .audit()
+                    .list_events(audit_pb::ListEventsRequest {
+                        action: action.clone(),
+                        actor_id: actor.clone(),
+                        page_size: i32::try_from(limit - events.len()).unwrap_or(500).min(500),
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                let page = hafen.check(result).await?;
+                events.extend(page.events);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            client.print(
+                Value::Array(events.iter().map(event_json).collect()),
+                || {
+                    events
+                        .iter()
+                        .map(|e| {
+                            let actor = e.actor.clone().unwrap_or_default();
+                            format!(
+                                "#{:<5} {}  {:<36} {:<9} by {} {}",
+                                e.sequence,
+                                time(e.time.as_ref()),
+                                e.action,
+                                outcome_name(e.outcome),
+                                actor_kind(actor.kind),
+                                actor.id
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+            Ok(())
+        }
         AuditCommand::Export { out } => {
             let hafen = client.logged_in().await?;
             export(client, &hafen, out).await
@@ -590,6 +651,42 @@ async fn export(client: &ClientArgs, hafen: &Hafen, out: Option<PathBuf>) -> Out
         );
     }
     Ok(())
+}
+
+fn outcome_name(outcome: i32) -> &'static str {
+    match audit_pb::Outcome::try_from(outcome) {
+        Ok(audit_pb::Outcome::Success) => "success",
+        Ok(audit_pb::Outcome::Failure) => "failure",
+        Ok(audit_pb::Outcome::Denied) => "denied",
+        _ => "unknown",
+    }
+}
+
+fn actor_kind(kind: i32) -> &'static str {
+    match audit_pb::ActorKind::try_from(kind) {
+        Ok(audit_pb::ActorKind::User) => "user",
+        Ok(audit_pb::ActorKind::Operator) => "operator",
+        Ok(audit_pb::ActorKind::Service) => "service",
+        Ok(audit_pb::ActorKind::System) => "system",
+        _ => "unknown",
+    }
+}
+
+fn event_json(e: &audit_pb::AuditEvent) -> Value {
+    let actor = e.actor.clone().unwrap_or_default();
+    json!({
+        "sequence": e.sequence,
+        "event_id": e.event_id,
+        "time": time(e.time.as_ref()),
+        "action": e.action,
+        "actor_kind": actor_kind(actor.kind),
+        "actor_id": actor.id,
+        "target_type": e.target_type,
+        "target_id": e.target_id,
+        "outcome": outcome_name(e.outcome),
+        "attributes": e.attributes,
+        "hash": hex(&e.hash),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
