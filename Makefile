@@ -24,6 +24,7 @@ run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in 
 test: ## Start the dev services (fsync off) and run the whole test suite
 	@scripts/setup.sh
 	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
+	$(CARGO) build --bins
 	$(LOAD_ENV) && $(CARGO) nextest run --workspace --no-fail-fast
 
 bench: ## Run the benchmarks (release build, durable PostgreSQL); prints a table and JSON lines

@@ -7,4 +7,5 @@
 )]
 
 mod dc5;
+mod e2e;
 mod foundation;
