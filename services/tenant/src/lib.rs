@@ -152,6 +152,45 @@ pub enum Command {
     Migrate(MigrateArgs),
 }
 
+/// `hafen-tenant migrate` on its own: the serving options are not needed (nor parsed) then.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hafen-tenant migrate",
+    version,
+    about = "Migrate the control plane and every tenant schema to this version, then exit"
+)]
+pub struct MigrateCli {
+    #[command(flatten)]
+    pub args: MigrateArgs,
+}
+
+/// What `hafen-tenant` was asked to do.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Serve gRPC.
+    Serve(Box<Cli>),
+    /// Migrate and exit.
+    Migrate(Box<MigrateArgs>),
+}
+
+impl Cli {
+    /// Parses the command line. `migrate` is parsed on its own, because the serving options
+    /// are required only when serving.
+    pub fn parse_args() -> Invocation {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        if args.get(1).is_some_and(|a| a == "migrate") {
+            let rest = std::iter::once(std::ffi::OsString::from("hafen-tenant migrate"))
+                .chain(args.into_iter().skip(2));
+            return Invocation::Migrate(Box::new(MigrateCli::parse_from(rest).args));
+        }
+        let cli = Self::parse_from(args);
+        match cli.command {
+            Some(Command::Migrate(args)) => Invocation::Migrate(Box::new(args)),
+            None => Invocation::Serve(Box::new(cli)),
+        }
+    }
+}
+
 /// Options of `hafen-tenant migrate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MigrateArgs {

@@ -2,45 +2,45 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use hafen_tenant::migrate::{Options, migrate_all};
-use hafen_tenant::{BINARY, Cli, Command};
+use hafen_tenant::{BINARY, Cli, Invocation};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        None => {
-            hafen_platform::run(BINARY, &cli.telemetry, cli.listen, |listener, shutdown| {
-                hafen_tenant::serve(cli.config, listener, shutdown)
-            })
-            .await
+    let args = match Cli::parse_args() {
+        Invocation::Serve(cli) => {
+            let cli = *cli;
+            return hafen_platform::run(
+                BINARY,
+                &cli.telemetry,
+                cli.listen,
+                |listener, shutdown| hafen_tenant::serve(cli.config, listener, shutdown),
+            )
+            .await;
         }
-        Some(Command::Migrate(args)) => {
-            let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
-                Ok(guard) => guard,
-                Err(err) => {
-                    eprintln!("{BINARY}: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let options = Options {
-                concurrency: args.concurrency,
-                progress: true,
-            };
-            let placements = args.databases.placements_map();
-            let result =
-                migrate_all(&args.databases.main.database_url, &placements, &options).await;
-            let code = match result {
-                Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
-                Ok(_) => ExitCode::FAILURE,
-                Err(err) => {
-                    tracing::error!(error = %err, "migration failed");
-                    ExitCode::FAILURE
-                }
-            };
-            guard.shutdown();
-            code
+        Invocation::Migrate(args) => *args,
+    };
+    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    let options = Options {
+        concurrency: args.concurrency,
+        progress: true,
+    };
+    let placements = args.databases.placements_map();
+    let result = migrate_all(&args.databases.main.database_url, &placements, &options).await;
+    let code = match result {
+        Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(err) => {
+            tracing::error!(error = %err, "migration failed");
+            ExitCode::FAILURE
+        }
+    };
+    guard.shutdown();
+    code
 }
