@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use hafen_proto::auth::v1::auth_service_client::AuthServiceClient;
 use hafen_proto::auth::v1::{InactiveReason, IntrospectRequest};
 use tonic::Status;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::principal::{Principal, Rejection, RevokeReason, Role};
@@ -42,23 +42,11 @@ impl RemoteIntrospect {
         args: &AuthEndpointArgs,
         tls: &hafen_platform::TlsMaterial,
     ) -> Result<Self, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(args.auth_endpoint.clone())?;
-        let server_name = args
-            .auth_server_name
-            .clone()
-            .or_else(|| {
-                endpoint
-                    .uri()
-                    .host()
-                    .map(|h| h.trim_matches(['[', ']']).to_owned())
-            })
-            .unwrap_or_else(|| hafen_platform::tls::DEV_SERVER_NAME.to_owned());
-        let tls: ClientTlsConfig = tls.client_config(&server_name);
-        let channel = endpoint
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = tls.internal_channel(
+            &args.auth_endpoint,
+            args.auth_server_name.as_deref(),
+            Duration::from_secs(5),
+        )?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
         })

@@ -17,7 +17,7 @@ use hafen_store::schema::outbox;
 use hafen_store::{Databases, Pool};
 use prost::Message;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 /// Events sent per AppendEvents call (the audit service accepts up to 500).
@@ -71,23 +71,11 @@ impl Relay {
         args: &AuditEndpointArgs,
         tls: &hafen_platform::TlsMaterial,
     ) -> Result<Self, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(args.audit_endpoint.clone())?;
-        let server_name = args
-            .audit_server_name
-            .clone()
-            .or_else(|| {
-                endpoint
-                    .uri()
-                    .host()
-                    .map(|h| h.trim_matches(['[', ']']).to_owned())
-            })
-            .unwrap_or_else(|| hafen_platform::tls::DEV_SERVER_NAME.to_owned());
-        let tls: ClientTlsConfig = tls.client_config(&server_name);
-        let channel = endpoint
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let channel = tls.internal_channel(
+            &args.audit_endpoint,
+            args.audit_server_name.as_deref(),
+            Duration::from_secs(10),
+        )?;
         let client = AuditServiceClient::new(channel);
         let pools: Vec<(String, Pool)> = databases
             .names()

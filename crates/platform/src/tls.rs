@@ -121,6 +121,32 @@ impl TlsMaterial {
             config
         }
     }
+
+    /// A lazily connected channel to another Hafen service at `url` (`https://host:port`),
+    /// over [`TlsMaterial::client_config`]. The peer's certificate must carry `server_name`,
+    /// by default the URL's host. Calls give up after `timeout`.
+    pub fn internal_channel(
+        &self,
+        url: &str,
+        server_name: Option<&str>,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
+        let server_name = server_name
+            .map(str::to_owned)
+            .or_else(|| {
+                endpoint
+                    .uri()
+                    .host()
+                    .map(|h| h.trim_matches(['[', ']']).to_owned())
+            })
+            .unwrap_or_else(|| DEV_SERVER_NAME.to_owned());
+        Ok(endpoint
+            .tls_config(self.client_config(&server_name))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(timeout)
+            .connect_lazy())
+    }
 }
 
 fn read_pem(path: &Path) -> Result<String> {

@@ -116,17 +116,7 @@ where
         Ok(()) => f(conn).await,
         Err(err) => Err(E::from(err)),
     };
-    match result {
-        Ok(value) => {
-            AnsiTransactionManager::commit_transaction(conn).await?;
-            Ok(value)
-        }
-        Err(err) => {
-            // A failed rollback leaves the connection marked broken; the pool discards it.
-            let _ = AnsiTransactionManager::rollback_transaction(conn).await;
-            Err(err)
-        }
-    }
+    finish(conn, result).await
 }
 
 /// Runs `f` in a transaction on a pooled connection without entering any tenant's scope:
@@ -139,12 +129,23 @@ where
     let mut conn = pool.get().await.map_err(|err| E::from(Error::Pool(err)))?;
     let conn: &mut AsyncPgConnection = &mut conn;
     AnsiTransactionManager::begin_transaction(conn).await?;
-    match f(conn).await {
+    let result = f(conn).await;
+    finish(conn, result).await
+}
+
+/// Commits the transaction open on `conn` when `result` is a success, rolls it back
+/// otherwise.
+async fn finish<R, E>(conn: &mut AsyncPgConnection, result: Result<R, E>) -> Result<R, E>
+where
+    E: From<diesel::result::Error>,
+{
+    match result {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn).await?;
             Ok(value)
         }
         Err(err) => {
+            // A failed rollback leaves the connection marked broken; the pool discards it.
             let _ = AnsiTransactionManager::rollback_transaction(conn).await;
             Err(err)
         }
