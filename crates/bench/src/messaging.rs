@@ -23,15 +23,17 @@ use uuid::Uuid;
 
 use crate::{Line, ms, quantile};
 
-const SENDERS: usize = 32;
+/// Concurrent senders of the `send` load (and of the live load in `purge`).
+pub(crate) const SENDERS: usize = 32;
 
 /// A user with a session.
-struct Session {
-    user_id: String,
-    token: String,
+pub(crate) struct Session {
+    pub(crate) user_id: String,
+    pub(crate) token: String,
 }
 
-async fn users(stack: &TestStack, owner: &str, count: usize) -> Vec<Session> {
+/// `count` members of the tenant `bench`, each logged in.
+pub(crate) async fn users(stack: &TestStack, owner: &str, count: usize) -> Vec<Session> {
     let mut auth = stack.auth_client().await;
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
@@ -78,7 +80,8 @@ async fn users(stack: &TestStack, owner: &str, count: usize) -> Vec<Session> {
     out
 }
 
-async fn group(
+/// A group of the owner and `members`.
+pub(crate) async fn group(
     client: &mut MessagingServiceClient<Channel>,
     owner: &str,
     members: Vec<String>,
@@ -99,7 +102,8 @@ async fn group(
         .conversation_id
 }
 
-async fn send(
+/// One SendMessage.
+pub(crate) async fn send(
     client: &mut MessagingServiceClient<Channel>,
     token: &str,
     conversation: &str,

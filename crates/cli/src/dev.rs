@@ -278,7 +278,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 purge: hafen_retention::PurgeArgs {
                     purge_interval: std::time::Duration::from_secs(3600),
                     purge_batch: 1000,
-                    purge_pause: std::time::Duration::from_millis(10),
+                    purge_pause: std::time::Duration::ZERO,
                 },
             },
             retention,

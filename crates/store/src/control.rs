@@ -260,14 +260,23 @@ pub mod blocking {
                 tenants::deleted_at.eq(now),
             ))
             .execute(conn)?;
-        diesel::insert_into(deletion_log::table)
-            .values((
-                deletion_log::id.eq(Uuid::now_v7()),
-                deletion_log::kind.eq("tenant"),
-                deletion_log::tenant_id.eq(id),
-                deletion_log::deleted_at.eq(now),
-            ))
-            .execute(conn)?;
+        // Once per tenant: a deletion replayed after a restore is already in the log.
+        let logged: bool = diesel::select(diesel::dsl::exists(
+            deletion_log::table
+                .filter(deletion_log::kind.eq("tenant"))
+                .filter(deletion_log::tenant_id.eq(id)),
+        ))
+        .get_result(conn)?;
+        if !logged {
+            diesel::insert_into(deletion_log::table)
+                .values((
+                    deletion_log::id.eq(Uuid::now_v7()),
+                    deletion_log::kind.eq("tenant"),
+                    deletion_log::tenant_id.eq(id),
+                    deletion_log::deleted_at.eq(now),
+                ))
+                .execute(conn)?;
+        }
         Ok((now, ended))
     }
 

@@ -1,0 +1,357 @@
+//! Replay of the deletion log after a backup restore (GR4, BX1).
+//!
+//! `hafen.deletion_log` lists every deleted tenant and erased user; it is kept apart from
+//! the backups, so a restore brings back data but not the fact that it was deleted. The
+//! replay looks for what came back and deletes it again:
+//!
+//! - a deleted tenant whose schema or role exists on any database, whose control-plane row is
+//!   active, or whose key, user keys or sessions exist: its schema and role are dropped
+//!   ([`hafen_store::tenancy::drop_schema`], placement databases first) and its control-plane
+//!   rows cleaned up as at deletion ([`hafen_store::control::blocking::mark_deleted`]), in
+//!   one transaction on the main database;
+//! - an erased user whose key or sessions exist: both are deleted again.
+//!
+//! Sessions ended this way are announced on Redis, so no cached session outlives them. The
+//! replay is idempotent; a dry run only counts. Each replay is audited on the platform chain.
+
+use std::collections::BTreeSet;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Bool, Text};
+use diesel_async::RunQueryDsl;
+use hafen_authn::{MAX_ACCESS_TTL, Redis, RevokeReason};
+use hafen_events::{Actor, Event, Relay};
+use hafen_store::control::{self, status};
+use hafen_store::schema::{deletion_log, sessions, tenant_keys, user_keys};
+use hafen_store::tenancy::{self, SyncConnection};
+use hafen_store::{DEFAULT_DATABASE, Databases, TenantId};
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// What a replay found (and, unless it was a dry run, deleted again). Counts only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Deletion-log entries examined.
+    pub entries_checked: u64,
+    /// Tenants that had reappeared.
+    pub tenants_deleted: u64,
+    /// Users whose key or sessions had reappeared.
+    pub users_erased: u64,
+}
+
+/// What is left of a deleted tenant.
+#[derive(Debug, Default)]
+struct TenantTraces {
+    /// Its control-plane row, with its placement.
+    row: Option<(String, String)>,
+    /// Databases holding its schema or (on their cluster) its role.
+    databases: Vec<String>,
+    key: bool,
+    user_keys: i64,
+    sessions: i64,
+}
+
+impl TenantTraces {
+    fn control_rows_left(&self) -> bool {
+        self.row
+            .as_ref()
+            .is_some_and(|(state, _)| state == status::ACTIVE)
+            || self.key
+            || self.user_keys > 0
+            || self.sessions > 0
+    }
+
+    fn reappeared(&self) -> bool {
+        self.control_rows_left() || !self.databases.is_empty()
+    }
+}
+
+#[derive(QueryableByName)]
+struct Found {
+    #[diesel(sql_type = Bool)]
+    schema: bool,
+    #[diesel(sql_type = Bool)]
+    role: bool,
+}
+
+/// Applies the deletion log again.
+#[derive(Clone)]
+pub struct Replayer {
+    databases: Databases,
+    redis: Option<Redis>,
+    relay: Option<Relay>,
+}
+
+impl std::fmt::Debug for Replayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replayer").finish_non_exhaustive()
+    }
+}
+
+impl Replayer {
+    /// Replays over `databases`; ended sessions are announced on `redis` (when given), and
+    /// `relay` (when given) is woken after the audit event.
+    pub fn new(databases: Databases, redis: Option<Redis>, relay: Option<Relay>) -> Self {
+        Self {
+            databases,
+            redis,
+            relay,
+        }
+    }
+
+    /// Deletes again whatever the deletion log lists and a restore brought back; with
+    /// `dry_run`, only counts. Every entry is tried; the first failure is returned after
+    /// the others were done (running again is safe).
+    pub async fn replay(&self, dry_run: bool, actor: Actor) -> Result<ReplayReport, Error> {
+        let entries: Vec<(String, Uuid, Option<Uuid>)> = {
+            let mut conn = self
+                .databases
+                .main()
+                .get()
+                .await
+                .map_err(hafen_store::Error::from)?;
+            deletion_log::table
+                .order((deletion_log::deleted_at.asc(), deletion_log::id.asc()))
+                .select((
+                    deletion_log::kind,
+                    deletion_log::tenant_id,
+                    deletion_log::user_id,
+                ))
+                .load(&mut conn)
+                .await?
+        };
+        let mut report = ReplayReport {
+            entries_checked: u64::try_from(entries.len()).unwrap_or(u64::MAX),
+            ..ReplayReport::default()
+        };
+        let deleted_tenants: BTreeSet<Uuid> = entries
+            .iter()
+            .filter(|(kind, _, _)| kind == "tenant")
+            .map(|(_, tenant, _)| *tenant)
+            .collect();
+        let erased_users: BTreeSet<(Uuid, Uuid)> = entries
+            .iter()
+            .filter_map(|(kind, tenant, user)| match (kind.as_str(), user) {
+                ("user", Some(user)) if !deleted_tenants.contains(tenant) => Some((*tenant, *user)),
+                _ => None,
+            })
+            .collect();
+
+        let mut first_error = None;
+        for tenant in &deleted_tenants {
+            match self.tenant(*tenant, dry_run).await {
+                Ok(true) => report.tenants_deleted += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(tenant_id = %tenant, error = %err, "deleted tenant not deleted again");
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        for (tenant, user) in &erased_users {
+            match self.user(*tenant, *user, dry_run).await {
+                Ok(true) => report.users_erased += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(tenant_id = %tenant, user_id = %user, error = %err, "erased user not erased again");
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+
+        let mut event = Event::new(None, actor, "retention.deletions.replayed")
+            .attribute("entries_checked", report.entries_checked)
+            .attribute("tenants_deleted", report.tenants_deleted)
+            .attribute("users_erased", report.users_erased)
+            .attribute("dry_run", dry_run);
+        if first_error.is_some() {
+            event = event.failed();
+        }
+        hafen_events::record_alone(self.databases.main(), &event).await;
+        if let Some(relay) = &self.relay {
+            relay.wake();
+        }
+        tracing::info!(
+            entries_checked = report.entries_checked,
+            tenants_deleted = report.tenants_deleted,
+            users_erased = report.users_erased,
+            dry_run,
+            "deletion log replayed"
+        );
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(report),
+        }
+    }
+
+    /// Looks for what is left of a deleted tenant and, unless `dry_run`, deletes it again.
+    /// Returns whether anything had reappeared.
+    async fn tenant(&self, tenant: Uuid, dry_run: bool) -> Result<bool, Error> {
+        let traces = self.traces(tenant).await?;
+        if !traces.reappeared() {
+            return Ok(false);
+        }
+        tracing::warn!(tenant_id = %tenant, dry_run, "a deleted tenant reappeared");
+        if dry_run {
+            return Ok(true);
+        }
+        let mut urls = Vec::new();
+        for name in &traces.databases {
+            let url = self
+                .databases
+                .url(name)
+                .ok_or_else(|| Error::Config(format!("unknown database {name}")))?;
+            urls.push((name == DEFAULT_DATABASE, url.to_owned()));
+        }
+        // Placement databases first: the control plane says "deleted" only once the data is.
+        urls.sort_by_key(|(main, _)| *main);
+        let main_url = self.databases.main_url().to_owned();
+        let clean_control = traces.control_rows_left();
+        let ended = tokio::task::spawn_blocking(move || {
+            delete_tenant_blocking(TenantId::from(tenant), &urls, &main_url, clean_control)
+        })
+        .await??;
+        self.announce(&ended, RevokeReason::TenantDeleted).await;
+        tracing::info!(tenant_id = %tenant, "deleted tenant deleted again");
+        Ok(true)
+    }
+
+    async fn traces(&self, tenant: Uuid) -> Result<TenantTraces, Error> {
+        let name = TenantId::from(tenant).schema();
+        let mut traces = TenantTraces::default();
+        {
+            let mut conn = self
+                .databases
+                .main()
+                .get()
+                .await
+                .map_err(hafen_store::Error::from)?;
+            traces.row = control::find(&mut conn, tenant)
+                .await?
+                .map(|row| (row.status, row.database_name));
+            traces.key = diesel::select(diesel::dsl::exists(tenant_keys::table.find(tenant)))
+                .get_result(&mut conn)
+                .await?;
+            traces.user_keys = user_keys::table
+                .filter(user_keys::tenant_id.eq(tenant))
+                .count()
+                .get_result(&mut conn)
+                .await?;
+            traces.sessions = sessions::table
+                .filter(sessions::tenant_id.eq(tenant))
+                .count()
+                .get_result(&mut conn)
+                .await?;
+        }
+        for database in self.databases.names() {
+            let Some(pool) = self.databases.pool(&database) else {
+                continue;
+            };
+            let mut conn = pool.get().await.map_err(hafen_store::Error::from)?;
+            let found: Found = diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS schema, \
+                        EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS role",
+            )
+            .bind::<Text, _>(&name)
+            .get_result(&mut conn)
+            .await?;
+            if found.schema || found.role {
+                traces.databases.push(database);
+            }
+        }
+        Ok(traces)
+    }
+
+    /// Deletes an erased user's key and sessions again, unless `dry_run`. Returns whether
+    /// any had reappeared.
+    async fn user(&self, tenant: Uuid, user: Uuid, dry_run: bool) -> Result<bool, Error> {
+        let mut conn = self
+            .databases
+            .main()
+            .get()
+            .await
+            .map_err(hafen_store::Error::from)?;
+        let key_filter = user_keys::table
+            .filter(user_keys::tenant_id.eq(tenant))
+            .filter(user_keys::user_id.eq(user));
+        let session_filter = sessions::table
+            .filter(sessions::tenant_id.eq(tenant))
+            .filter(sessions::user_id.eq(user));
+        if dry_run {
+            let keys: i64 = key_filter.count().get_result(&mut conn).await?;
+            let sessions: i64 = session_filter.count().get_result(&mut conn).await?;
+            return Ok(keys + sessions > 0);
+        }
+        let (keys, ended) = {
+            use diesel_async::AsyncConnection as _;
+            conn.transaction::<_, Error, _>(async move |conn| {
+                let keys = diesel::delete(key_filter).execute(conn).await?;
+                let ended: Vec<Uuid> = diesel::delete(session_filter)
+                    .returning(sessions::id)
+                    .get_results(conn)
+                    .await?;
+                Ok((keys, ended))
+            })
+            .await?
+        };
+        if keys == 0 && ended.is_empty() {
+            return Ok(false);
+        }
+        self.announce(&ended, RevokeReason::UserDeactivated).await;
+        tracing::info!(tenant_id = %tenant, user_id = %user, "erased user's key and sessions deleted again");
+        Ok(true)
+    }
+
+    /// Tells every service that `sessions` ended (they may be cached since the restore).
+    async fn announce(&self, sessions: &[Uuid], reason: RevokeReason) {
+        if let Some(redis) = &self.redis
+            && let Err(err) = redis.revoke(sessions, reason, MAX_ACCESS_TTL).await
+        {
+            // The sessions are gone from PostgreSQL: cached ones expire with their tokens.
+            tracing::warn!(error = %err, "revocation of replayed deletions not announced");
+        }
+    }
+}
+
+/// Drops the tenant's schema and role on each database in `urls` (placements first), the
+/// last step on the main database together with the control-plane clean-up. Returns the
+/// sessions that ended.
+fn delete_tenant_blocking(
+    tenant: TenantId,
+    urls: &[(bool, String)],
+    main_url: &str,
+    clean_control: bool,
+) -> Result<Vec<Uuid>, Error> {
+    for (is_main, url) in urls {
+        if *is_main {
+            continue;
+        }
+        let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+        placed.transaction(|conn| drop_everywhere(conn, &tenant))?;
+    }
+    let on_main = urls.iter().any(|(is_main, _)| *is_main);
+    let mut main = SyncConnection::establish(main_url).map_err(hafen_store::Error::from)?;
+    main.transaction(|conn| -> Result<_, Error> {
+        if on_main {
+            drop_everywhere(conn, &tenant)?;
+        }
+        if clean_control {
+            let (_, ended) = control::blocking::mark_deleted(conn, tenant.as_uuid())?;
+            return Ok(ended);
+        }
+        Ok(Vec::new())
+    })
+}
+
+/// [`tenancy::drop_schema`]; a schema left without its role (restored without owners) is
+/// dropped by the login role, which then owns it.
+fn drop_everywhere(conn: &mut SyncConnection, tenant: &TenantId) -> Result<(), Error> {
+    use diesel::connection::SimpleConnection as _;
+    tenancy::drop_schema(conn, tenant)?;
+    conn.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE",
+        tenant.schema()
+    ))?;
+    Ok(())
+}
