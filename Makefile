@@ -21,10 +21,11 @@ run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in 
 	$(CARGO) build --bin hafen
 	$(LOAD_ENV) && exec target/debug/hafen dev --demo
 
-test: ## Start the dev services (fsync off) and run the whole test suite
+test: ## Start the dev services (fsync off) and run the whole test suite (the README's SDK example too)
 	@scripts/setup.sh
 	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
 	$(CARGO) build --bins
+	$(CARGO) test --doc -p hafen-sdk
 	$(LOAD_ENV) && $(CARGO) nextest run --workspace --no-fail-fast
 
 bench: ## Run the benchmarks (release build, durable PostgreSQL); prints a table and JSON lines
