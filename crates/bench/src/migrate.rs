@@ -18,8 +18,9 @@ use crate::Line;
 const TARGET_SECS_PER_1000: f64 = 60.0;
 
 /// The newest tenant migration, applied raw by the baseline.
-const NEWEST_UP: &str = include_str!("../../store/migrations/tenant/2026-11-22-000002_auth/up.sql");
-const NEWEST_VERSION: &str = "20261122000002";
+const NEWEST_UP: &str =
+    include_str!("../../store/migrations/tenant/2026-11-22-000004_retention/up.sql");
+const NEWEST_VERSION: &str = "20261122000004";
 
 /// Runs `job` for every tenant on `concurrency` blocking workers, each with its own
 /// connection to `url`.
@@ -188,4 +189,23 @@ pub async fn run(count: usize, concurrency: usize) -> (Vec<Line>, serde_json::Va
         "meets_target": per_1000 <= TARGET_SECS_PER_1000,
     });
     (lines, json)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use diesel::migration::MigrationSource;
+    use diesel::pg::Pg;
+
+    #[test]
+    fn the_raw_baseline_is_the_newest_tenant_migration() {
+        let migrations = MigrationSource::<Pg>::migrations(&super::TENANT_MIGRATIONS).unwrap();
+        let newest = migrations.last().unwrap().name().version().to_string();
+        assert_eq!(
+            newest,
+            super::NEWEST_VERSION,
+            "point NEWEST_UP and NEWEST_VERSION at the newest tenant migration"
+        );
+    }
 }
