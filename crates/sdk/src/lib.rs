@@ -335,6 +335,8 @@ impl Hafen {
     ) -> Result<T, Error> {
         match result {
             Ok(response) => Ok(response.into_inner()),
+            // Refused here, before it left: the device was wiped.
+            Err(_) if self.state.is_wiped() => Err(Error::Wiped),
             Err(status) => Err(self.state.fail(status).await),
         }
     }

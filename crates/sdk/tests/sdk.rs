@@ -222,6 +222,11 @@ async fn oc5_a_wiped_device_runs_its_handler_confirms_and_refuses_calls() {
     let refused = device.conversations().await.unwrap_err();
     assert!(matches!(refused, Error::Wiped));
     assert_eq!(refused.reason(), Some("DEVICE_WIPED"));
+    let typed = device
+        .messaging()
+        .list_conversations(pb::ListConversationsRequest::default())
+        .await;
+    assert!(matches!(device.check(typed).await, Err(Error::Wiped)));
 
     // The server knows the device confirmed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
