@@ -135,6 +135,16 @@ async fn bx4_the_sdk_subscription_resumes_after_the_server_restarts() {
         .await
         .unwrap();
     let mut events = reader.subscribe(None);
+    // "From now on" starts when the server has the subscription: wait for it.
+    let caught_up = tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        caught_up.event,
+        Some(pb::subscribe_response::Event::CaughtUp(_))
+    ));
     sender.send_message(&conversation, "one").await.unwrap();
     assert_eq!(next(&mut events).await, "one");
 
