@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use hafen_testkit::{OWNER_PASSWORD, TestStack, TestTenant};
 use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
 
 struct Cli {
     config_dir: tempfile::TempDir,
@@ -269,17 +270,26 @@ async fn a_user_chats_from_the_command_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    cli.json(&[
-        "chat",
-        "send",
-        "team",
-        "are you there?",
-        "--profile",
-        "owner",
-    ])
-    .await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // `tail` follows from the moment it has subscribed: say hello until it shows.
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut shown = None;
+    for attempt in 0..20 {
+        let text = format!("are you there? ({attempt})");
+        cli.json(&["chat", "send", "team", &text, "--profile", "owner"])
+            .await;
+        if let Ok(line) = tokio::time::timeout(Duration::from_secs(1), lines.next_line()).await {
+            shown = line.unwrap();
+            break;
+        }
+    }
+    let shown: Value = serde_json::from_str(&shown.expect("tail shows a message")).unwrap();
+    assert!(
+        shown["body"]
+            .as_str()
+            .unwrap()
+            .starts_with("are you there?")
+    );
+    assert_eq!(shown["event"], "created");
     let revoked = cli
         .json(&[
             "admin",
@@ -295,11 +305,6 @@ async fn a_user_chats_from_the_command_line() {
         .await
         .expect("tail ends after the wipe")
         .unwrap();
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(tail.stdout.as_mut().unwrap(), &mut out)
-        .await
-        .unwrap();
-    assert!(out.contains("are you there?"), "tail printed {out}");
     assert_eq!(ended.code(), Some(8), "exit code 8: wiped");
     assert!(
         !cli.session_file("carol").exists(),
