@@ -354,21 +354,29 @@ impl ClientArgs {
 
 /// Writes the session file, readable by its owner only (0600), atomically.
 fn store_session(file: &Path, session: &Session) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = file
         .parent()
         .ok_or_else(|| std::io::Error::other("no directory"))?;
     std::fs::create_dir_all(dir)?;
     let temporary = file.with_extension("json.new");
+    write_private(
+        &temporary,
+        serde_json::to_string_pretty(session)?.as_bytes(),
+    )?;
+    std::fs::rename(&temporary, file)
+}
+
+/// Writes `bytes` to `file`, readable by its owner only (0600), flushed to disk.
+pub(crate) fn write_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&temporary)?;
-    out.write_all(serde_json::to_string_pretty(session)?.as_bytes())?;
-    out.sync_all()?;
-    std::fs::rename(&temporary, file)
+        .open(file)?;
+    out.write_all(bytes)?;
+    out.sync_all()
 }
 
 fn remove_session(file: &Path) -> std::io::Result<()> {
@@ -422,9 +430,7 @@ fn hide_echo(stdin: &std::io::Stdin) -> Option<rustix::termios::Termios> {
 /// A protobuf timestamp as RFC 3339 (empty when unset).
 pub fn time(timestamp: Option<&prost_types::Timestamp>) -> String {
     timestamp
-        .and_then(|t| {
-            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-        })
+        .and_then(hafen_platform::datetime)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
 }

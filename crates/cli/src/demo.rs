@@ -204,20 +204,10 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
         text,
         "  hafen chat send --profile bob general \"Hello Alice!\""
     );
-    write_private(file, &text).map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+    crate::client::write_private(file, text.as_bytes())
+        .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
     let mut out = std::io::stdout().lock();
     let _ = write!(out, "{text}");
     let _ = writeln!(out, "(Also kept in {}.)", file.display());
     Ok(())
-}
-
-fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(file)?;
-    out.write_all(text.as_bytes())
 }

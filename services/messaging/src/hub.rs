@@ -227,7 +227,7 @@ impl Hub {
 
     fn on_push(&self, redis: &Redis, push: PushInfo, subscribed: &mut HashSet<Uuid>) {
         match push.kind {
-            PushKind::SMessage | PushKind::Message => {
+            PushKind::SMessage => {
                 let tenant = match push.data.first() {
                     Some(redis::Value::BulkString(channel)) => Self::tenant_of(redis, channel),
                     _ => None,
