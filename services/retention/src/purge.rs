@@ -10,8 +10,8 @@
 //! period (the `created_at` index), then, per conversation with a shorter period, the messages
 //! between the two cut-offs (the conversation's sequence index). Each batch is one statement
 //! in its own transaction: it advances the run's heartbeat and counts, examines at most
-//! `purge_batch` messages, deletes the unheld ones and their `events` rows, and reports what
-//! it did. It runs after a SHARE lock on `legal_holds`, so a hold committed before the batch
+//! `purge_batch` messages, deletes the unheld ones (by the `ctid` it read them at) and their
+//! `events` rows, and reports what it did. It runs after a SHARE lock on `legal_holds`, so a hold committed before the batch
 //! is always seen, and one placed during it waits for the batch to end. `purge_pause`
 //! separates two batches.
 //!
@@ -120,29 +120,37 @@ const CONVERSATION_CANDIDATES: &str = "\
     LIMIT $8";
 
 /// Deletes the unheld candidates and their events in the same statement, and reports.
+///
+/// Messages are deleted by the `ctid` the candidate scan read, in one TID scan, and events by
+/// one index scan over the array of ids: no per-row join. A message that a concurrent edit
+/// moved to a new version between the scan and the delete is not deleted (its old `ctid` no
+/// longer matches); the batch reports fewer deletions than unheld candidates, and the run
+/// examines the same range once more.
 const DELETE_AND_REPORT: &str = "), \
-    doomed AS (SELECT id FROM candidates WHERE NOT held), \
     gone_events AS ( \
         DELETE FROM events e \
-        WHERE e.message_id IS NOT NULL AND e.message_id IN (SELECT id FROM doomed)), \
+        WHERE e.message_id IS NOT NULL \
+          AND e.message_id = ANY (ARRAY(SELECT id FROM candidates WHERE NOT held))), \
     gone AS ( \
-        DELETE FROM messages m WHERE m.id IN (SELECT id FROM doomed) \
-        RETURNING m.conversation_id), \
-    last AS ( \
-        SELECT created_at, id FROM candidates ORDER BY created_at DESC, id DESC LIMIT 1) \
-    SELECT (SELECT count(*) FROM claim) AS claimed, \
-           (SELECT count(*) FROM candidates) AS examined, \
-           (SELECT count(*) FROM candidates WHERE held) AS held, \
-           (SELECT count(*) FROM gone) AS deleted, \
-           (SELECT array_agg(DISTINCT conversation_id) FROM gone) AS conversations, \
-           (SELECT created_at FROM last) AS last_at, \
-           (SELECT id FROM last) AS last_id, \
-           (SELECT max(sequence) FROM candidates) AS last_sequence";
+        DELETE FROM messages m \
+        WHERE m.ctid = ANY (ARRAY(SELECT tid FROM candidates WHERE NOT held)) \
+        RETURNING m.conversation_id) \
+    SELECT c.claimed, c.examined, c.held, g.deleted, g.conversations, \
+           c.last_at, c.last_id, c.last_sequence \
+    FROM (SELECT (SELECT count(*) FROM claim) AS claimed, \
+                 count(*) AS examined, \
+                 count(*) FILTER (WHERE held) AS held, \
+                 (array_agg(created_at ORDER BY created_at DESC, id DESC))[1] AS last_at, \
+                 (array_agg(id ORDER BY created_at DESC, id DESC))[1] AS last_id, \
+                 max(sequence) AS last_sequence \
+          FROM candidates) c, \
+         (SELECT count(*) AS deleted, array_agg(DISTINCT conversation_id) AS conversations \
+          FROM gone) g";
 
 /// The whole batch statement for one kind of scope.
 fn batch_sql(candidates: &str) -> String {
     format!(
-        "{CLAIM}SELECT m.id, m.conversation_id, m.created_at, m.sequence, {HELD} \
+        "{CLAIM}SELECT m.ctid AS tid, m.id, m.conversation_id, m.created_at, m.sequence, {HELD} \
          {candidates}{DELETE_AND_REPORT}"
     )
 }
@@ -552,6 +560,7 @@ impl Purger {
         let mut conn = pool.get().await.map_err(hafen_store::Error::from)?;
         let mut first = true;
         for mut cursor in scopes {
+            let mut retried = false;
             loop {
                 if !first {
                     self.pause().await?;
@@ -560,6 +569,15 @@ impl Purger {
                 let batch = self
                     .batch(&mut conn, &tenant_id, run.id, cursor, progress)
                     .await?;
+                // A message edited while the batch ran is left (see DELETE_AND_REPORT): the
+                // same range once more deletes it in its new version.
+                if batch.deleted < batch.examined - batch.held && !retried {
+                    retried = true;
+                    // Its held messages are examined, and counted, again.
+                    progress.held -= batch.held;
+                    continue;
+                }
+                retried = false;
                 match cursor.after(&batch) {
                     Some(next) if batch.examined >= self.limit() => cursor = next,
                     _ => break,

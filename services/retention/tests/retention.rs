@@ -1458,3 +1458,60 @@ async fn cb5_a_purge_works_through_many_batches_past_held_messages() {
     assert_eq!(count(&s.stack, &left(&plain, &member)).await, 150);
     assert_eq!(count(&s.stack, &left(&short, &owner)).await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb5_a_message_edited_while_its_batch_runs_is_still_purged() {
+    // The batch deletes by the row versions it read; an edit committed under it moves one
+    // message to a new version, which the run must still delete.
+    let s = setup().await;
+    let group = s.group("edited").await;
+    let schema = s.schema();
+    let owner = s.owner_id.clone();
+    admin(&s.stack)
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {schema}.messages (id, conversation_id, sequence, sender_id, ciphertext, created_at) \
+                 SELECT gen_random_uuid(), '{group}', g, '{owner}', '\\x01', \
+                        now() - interval '800 days' + g * interval '1 second' \
+                 FROM generate_series(1, 50) g"
+        ))
+        .await
+        .unwrap();
+    // An edit of the 10th message, not yet committed: the batch waits for it.
+    let mut editor = admin(&s.stack).await;
+    editor
+        .batch_execute(&format!(
+            "BEGIN; UPDATE {schema}.messages SET ciphertext = '\\x02', edited_at = now() \
+             WHERE conversation_id = '{group}' AND sequence = 10"
+        ))
+        .await
+        .unwrap();
+    let run = s
+        .retention()
+        .await
+        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let waiting = format!(
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = '{}' AND wait_event_type = 'Lock'",
+        s.stack.db.name()
+    );
+    while count(&s.stack, &waiting).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the purge never reached the edited message"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    editor.batch_execute("COMMIT").await.unwrap();
+    let done = s.wait_for_run(&run.purge_run_id).await;
+    assert_eq!(done.state, pb::PurgeRunState::Succeeded as i32);
+    assert_eq!(done.messages_deleted, 50);
+    assert_eq!(done.held_skipped, 0);
+    let left =
+        format!("SELECT count(*) AS n FROM {schema}.messages WHERE conversation_id = '{group}'");
+    assert_eq!(count(&s.stack, &left).await, 0);
+}
