@@ -35,6 +35,8 @@ pub(crate) struct Send {
     pub sealed: Vec<u8>,
     pub masked: bool,
     pub reply: oneshot::Sender<Result<MessageRow, Error>>,
+    /// When it was queued.
+    pub queued: std::time::Instant,
 }
 
 /// One batching task per tenant that sends.
@@ -140,6 +142,7 @@ async fn commit(
     conn: &mut AsyncPgConnection,
     batch: Vec<Send>,
 ) -> bool {
+    let waited = <[Send]>::first(&batch).map(|send| send.queued.elapsed());
     let (work, replies): (Vec<Item>, Vec<_>) = batch
         .into_iter()
         .map(|send| {
@@ -159,10 +162,16 @@ async fn commit(
     let size = work.len();
     let started = std::time::Instant::now();
     let outcome = store_batch(conn, &TenantId::from(tenant), work).await;
-    tracing::debug!(tenant_id = %tenant, sends = size, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+    tracing::debug!(
+        tenant_id = %tenant,
+        sends = size,
+        waited_us = waited.unwrap_or_default().as_micros() as u64,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "batch committed"
+    );
     match outcome {
         Ok(results) => {
-            messaging.inner.hub.wake(tenant).await;
+            messaging.inner.hub.wake(tenant);
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
@@ -230,10 +239,16 @@ async fn store_batch_in(
             .select(event_counter::last_id)
             .for_update()
             .first::<i64>(&mut &*conn),
-        messages::table
-            .filter(messages::request_id.eq_any(&request_ids))
-            .select(MessageRow::as_select())
-            .load::<MessageRow>(&mut &*conn),
+        // Retries: one probe of `messages_request_key` per (sender, request id) pair.
+        diesel::sql_query(
+            "SELECT m.* FROM messages m \
+             JOIN unnest($1::uuid[], $2::uuid[]) AS r(sender_id, request_id) \
+               ON m.sender_id = r.sender_id AND m.request_id = r.request_id \
+             WHERE m.request_id IS NOT NULL",
+        )
+        .bind::<Array<SqlUuid>, _>(&sender_ids)
+        .bind::<Array<SqlUuid>, _>(&request_ids)
+        .load::<MessageRow>(&mut &*conn),
         members::table
             .filter(members::conversation_id.eq_any(&conversation_ids))
             .filter(members::user_id.eq_any(&sender_ids))

@@ -306,7 +306,7 @@ impl Messaging {
                 })
             })
             .await?;
-        self.inner.hub.wake(caller.tenant_id).await;
+        self.inner.hub.wake(caller.tenant_id);
         Ok(created)
     }
 
@@ -413,7 +413,7 @@ impl Messaging {
                 })
             })
             .await?;
-        self.inner.hub.wake(caller.tenant_id).await;
+        self.inner.hub.wake(caller.tenant_id);
         Ok(result)
     }
 
@@ -472,7 +472,7 @@ impl Messaging {
                 })
             })
             .await?;
-        self.inner.hub.wake(caller.tenant_id).await;
+        self.inner.hub.wake(caller.tenant_id);
         Ok(result)
     }
 
@@ -508,6 +508,7 @@ impl Messaging {
                 sealed: ciphertext,
                 masked,
                 reply,
+                queued: std::time::Instant::now(),
             })
             .await?;
         if row.id != id {
@@ -585,7 +586,7 @@ impl Messaging {
                 })
             })
             .await?;
-        self.inner.hub.wake(caller.tenant_id).await;
+        self.inner.hub.wake(caller.tenant_id);
         let mut views = self.views(caller.tenant_id, vec![row]).await?;
         views.pop().ok_or(Error::NotFound("message"))
     }
@@ -668,7 +669,7 @@ impl Messaging {
             self.audited();
             tracing::info!(tenant_id = %caller.tenant_id, message_id = %message, actor = %caller.user_id, "message deleted by an admin");
         }
-        self.inner.hub.wake(caller.tenant_id).await;
+        self.inner.hub.wake(caller.tenant_id);
         let mut views = self.views(caller.tenant_id, vec![row]).await?;
         views.pop().ok_or(Error::NotFound("message"))
     }

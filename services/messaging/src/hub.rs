@@ -57,6 +57,8 @@ struct Inner {
     messaging: OnceLock<Messaging>,
     /// Wakes the Redis listener when the set of feeds changed.
     feeds_changed: Notify,
+    /// Tenants whose channel is to be published on, for the publisher task.
+    publish: OnceLock<mpsc::UnboundedSender<Uuid>>,
     /// Cancelled when the server shuts down.
     closing: CancellationToken,
 }
@@ -97,6 +99,7 @@ impl Hub {
                 feeds: Mutex::new(HashMap::new()),
                 messaging: OnceLock::new(),
                 feeds_changed: Notify::new(),
+                publish: OnceLock::new(),
                 closing: CancellationToken::new(),
             }),
         }
@@ -126,18 +129,42 @@ impl Hub {
         Uuid::try_parse(id).ok()
     }
 
-    /// Wakes the feeds of `tenant`, here and (through Redis) on every replica. A Redis
-    /// failure is logged: the others then pick the events up by polling.
-    pub async fn wake(&self, tenant: Uuid) {
+    /// Wakes the feeds of `tenant`, here at once and (through Redis) on every replica. It
+    /// does not wait for Redis: a publisher task sends the notifications, one per tenant for
+    /// all the wakes that came while it was busy. A Redis failure is logged: the other
+    /// replicas then pick the events up by polling.
+    pub fn wake(&self, tenant: Uuid) {
         if let Some(feed) = self.feed(tenant) {
             feed.wake.notify_one();
         }
-        if let Some(redis) = &self.inner.redis {
-            let published: redis::RedisResult<()> = redis::cmd("SPUBLISH")
-                .arg(Self::channel(redis, tenant))
-                .arg("")
-                .query_async(&mut redis.conn())
-                .await;
+        let Some(redis) = &self.inner.redis else {
+            return;
+        };
+        let queue = self.inner.publish.get_or_init(|| {
+            let (queue, pending) = mpsc::unbounded_channel();
+            tokio::spawn(Self::publish(redis.clone(), pending));
+            queue
+        });
+        let _ = queue.send(tenant);
+    }
+
+    /// Publishes on the channels of the tenants woken, coalescing the wakes that queue up
+    /// while a round of notifications is on its way.
+    async fn publish(redis: Redis, mut pending: mpsc::UnboundedReceiver<Uuid>) {
+        let mut tenants = HashSet::new();
+        while let Some(tenant) = pending.recv().await {
+            tenants.insert(tenant);
+            while let Ok(tenant) = pending.try_recv() {
+                tenants.insert(tenant);
+            }
+            let mut pipe = redis::pipe();
+            for tenant in tenants.drain() {
+                pipe.cmd("SPUBLISH")
+                    .arg(Self::channel(&redis, tenant))
+                    .arg("")
+                    .ignore();
+            }
+            let published: redis::RedisResult<()> = pipe.query_async(&mut redis.conn()).await;
             if let Err(err) = published {
                 tracing::debug!(error = %err, "event notification not published; replicas poll");
             }

@@ -72,7 +72,7 @@ impl ConversationView {
 }
 
 /// A message row: the body only as ciphertext, none once deleted.
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = messages)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
 pub struct MessageRow {
