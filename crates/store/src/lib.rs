@@ -26,6 +26,7 @@ pub mod error;
 pub mod migrate;
 pub mod outbox;
 pub mod pool;
+pub mod prepared;
 pub mod schema;
 pub mod sessions;
 pub mod settings;

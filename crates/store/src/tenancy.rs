@@ -14,6 +14,7 @@ use std::fmt;
 use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
+use diesel::sql_types::Text;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
@@ -22,6 +23,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::pool::Pool;
+use crate::prepared::{Bind, Prepared, bind};
 
 /// The tenant-schema migrations, embedded at build time. Every tenant schema keeps its own
 /// `__diesel_schema_migrations`.
@@ -74,28 +76,26 @@ impl fmt::Display for TenantId {
 
 /// The statement that enters a tenant's scope for the rest of the current transaction: the
 /// transaction-local forms of `SET ROLE` and `SET search_path`, in one round trip, with the
-/// schema name bound as a parameter.
-const ENTER_SCOPE: &str =
-    "SELECT set_config('role', $1, true), set_config('search_path', $1, true)";
+/// schema name bound as a parameter (around it, the parts of a [`Prepared`] statement).
+const ENTER_SCOPE: &[&str] = &[
+    "SELECT set_config('role', scope.name, true), set_config('search_path', scope.name, true) \
+     FROM (SELECT ",
+    "::text AS name) AS scope",
+];
 
 /// Leaves the tenant scope inside the current transaction (back to the login role).
 const LEAVE_SCOPE: &str =
     "SELECT set_config('role', 'none', true), set_config('search_path', '\"$user\", public', true)";
 
 /// The statement [`enter`] runs, for callers that pipeline it with their first queries
-/// (it must follow `BEGIN` in the same transaction).
-pub fn enter_statement(
-    tenant: &TenantId,
-) -> diesel::query_builder::BoxedSqlQuery<'static, Pg, diesel::query_builder::SqlQuery> {
-    diesel::sql_query(ENTER_SCOPE)
-        .into_boxed::<Pg>()
-        .bind::<diesel::sql_types::Text, _>(tenant.schema())
+/// (it must follow `BEGIN` in the same transaction). Prepared once per connection.
+pub fn enter_statement(tenant: &TenantId) -> Prepared<(Bind<Text, String>,)> {
+    Prepared::new(ENTER_SCOPE, (bind::<Text, _>(tenant.schema()),))
 }
 
 /// Switches the current transaction to `tenant`'s role and schema.
 pub async fn enter(conn: &mut AsyncPgConnection, tenant: &TenantId) -> diesel::QueryResult<()> {
-    let query = diesel::sql_query(ENTER_SCOPE).bind::<diesel::sql_types::Text, _>(tenant.schema());
-    diesel_async::RunQueryDsl::execute(query, conn)
+    diesel_async::RunQueryDsl::execute(enter_statement(tenant), conn)
         .await
         .map(drop)
 }
@@ -223,9 +223,7 @@ pub fn known_versions() -> Result<Vec<String>> {
 
 fn enter_sync(conn: &mut SyncConnection, tenant: &TenantId) -> Result<()> {
     use diesel::RunQueryDsl as _;
-    diesel::sql_query(ENTER_SCOPE)
-        .bind::<diesel::sql_types::Text, _>(tenant.schema())
-        .execute(conn)?;
+    enter_statement(tenant).execute(conn)?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::schema::{conversations, event_counter, events, members, messages};
+use hafen_store::schema::{conversations, event_counter, members};
 use hafen_store::{AsyncPgConnection, TenantId, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -188,6 +188,20 @@ async fn commit(
     }
 }
 
+/// The new messages of a batch, one vector per column.
+#[derive(Default)]
+struct NewRows {
+    ids: Vec<Uuid>,
+    conversations: Vec<Uuid>,
+    sequences: Vec<i64>,
+    senders: Vec<Uuid>,
+    ciphertexts: Vec<Vec<u8>>,
+    masked: Vec<bool>,
+    request_ids: Vec<Uuid>,
+    /// The id of each one's `message_created` event.
+    events: Vec<i64>,
+}
+
 /// One send, sealed.
 struct Item {
     id: Uuid,
@@ -223,7 +237,8 @@ async fn store_batch_in(
     tenant: &TenantId,
     items: Vec<Item>,
 ) -> Result<Vec<Result<MessageRow, Error>>, Error> {
-    use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
+    use diesel::sql_types::{Array, BigInt, Bool, Bytea, Text, Timestamptz, Uuid as SqlUuid};
+    use hafen_store::prepared::{Prepared, bind};
     use std::collections::{HashMap, HashSet};
 
     let conn: &AsyncPgConnection = conn;
@@ -232,22 +247,32 @@ async fn store_batch_in(
     let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
     // Every statement runs to its end (join, not try_join), so the connection's answers stay
     // in step; the first error counts.
-    let (begun, entered, last_event, existing, memberships, sequences) = futures::join!(
-        diesel::sql_query("BEGIN").execute(&mut &*conn),
+    let (begun, entered, custom, last_event, existing, memberships, sequences) = futures::join!(
+        Prepared::text(&["BEGIN"]).execute(&mut &*conn),
         hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
+        // The statements here are prepared once per connection; planned for each batch's
+        // parameters, not once for all (a generic plan made while the tenant had few
+        // messages would scan them all once it has many).
+        Prepared::text(&["SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"])
+            .execute(&mut &*conn),
         event_counter::table
             .select(event_counter::last_id)
             .for_update()
             .first::<i64>(&mut &*conn),
         // Retries: one probe of `messages_request_key` per (sender, request id) pair.
-        diesel::sql_query(
-            "SELECT m.* FROM messages m \
-             JOIN unnest($1::uuid[], $2::uuid[]) AS r(sender_id, request_id) \
-               ON m.sender_id = r.sender_id AND m.request_id = r.request_id \
-             WHERE m.request_id IS NOT NULL",
+        Prepared::new(
+            &[
+                "SELECT m.* FROM messages m JOIN unnest(",
+                "::uuid[], ",
+                "::uuid[]) AS r(sender_id, request_id) \
+                 ON m.sender_id = r.sender_id AND m.request_id = r.request_id \
+                 WHERE m.request_id IS NOT NULL",
+            ],
+            (
+                bind::<Array<SqlUuid>, _>(&sender_ids),
+                bind::<Array<SqlUuid>, _>(&request_ids),
+            ),
         )
-        .bind::<Array<SqlUuid>, _>(&sender_ids)
-        .bind::<Array<SqlUuid>, _>(&request_ids)
         .load::<MessageRow>(&mut &*conn),
         members::table
             .filter(members::conversation_id.eq_any(&conversation_ids))
@@ -261,6 +286,7 @@ async fn store_batch_in(
     );
     begun?;
     entered?;
+    custom?;
     let (last_event, existing, memberships, sequences) =
         (last_event?, existing?, memberships?, sequences?);
     let existing: HashMap<(Uuid, Uuid), MessageRow> = existing
@@ -284,8 +310,8 @@ async fn store_batch_in(
     let mut fates = Vec::with_capacity(items.len());
     let mut first_in_batch: HashMap<(Uuid, Uuid), usize> = HashMap::new();
     let mut next_event = last_event + 1;
-    let mut message_rows = Vec::new();
-    let mut event_rows = Vec::new();
+    // The new messages, column by column (their events share ids, conversations and time).
+    let mut new = NewRows::default();
     for (index, item) in items.iter().enumerate() {
         let key = (item.sender, item.request_id);
         let fate = if let Some(row) = existing.get(&key) {
@@ -305,23 +331,14 @@ async fn store_batch_in(
             .filter(|_| memberships.contains(&(item.conversation, item.sender)))
         {
             first_in_batch.insert(key, index);
-            message_rows.push((
-                messages::id.eq(item.id),
-                messages::conversation_id.eq(item.conversation),
-                messages::sequence.eq(*sequence),
-                messages::sender_id.eq(item.sender),
-                messages::ciphertext.eq(Some(item.sealed.clone())),
-                messages::masked.eq(item.masked),
-                messages::request_id.eq(Some(item.request_id)),
-                messages::created_at.eq(at),
-            ));
-            event_rows.push((
-                events::id.eq(next_event),
-                events::conversation_id.eq(item.conversation),
-                events::kind.eq(event_kind::CREATED),
-                events::message_id.eq(Some(item.id)),
-                events::created_at.eq(at),
-            ));
+            new.ids.push(item.id);
+            new.conversations.push(item.conversation);
+            new.sequences.push(*sequence);
+            new.senders.push(item.sender);
+            new.ciphertexts.push(item.sealed.clone());
+            new.masked.push(item.masked);
+            new.request_ids.push(item.request_id);
+            new.events.push(next_event);
             *sequence += 1;
             next_event += 1;
             Fate::New
@@ -332,35 +349,81 @@ async fn store_batch_in(
     }
 
     let mut rows_by_id: HashMap<Uuid, MessageRow> = HashMap::new();
-    if message_rows.is_empty() {
-        diesel::sql_query("COMMIT").execute(&mut &*conn).await?;
+    if new.ids.is_empty() {
+        Prepared::text(&["COMMIT"]).execute(&mut &*conn).await?;
     } else {
         let (ids, lasts): (Vec<Uuid>, Vec<i64>) = next_sequence
             .iter()
             .map(|(id, next)| (*id, *next - 1))
             .unzip();
+        // Fixed statements whatever the batch's size, so each is prepared once per
+        // connection: rows come in as one array per column.
         let (advanced, inserted, recorded, counted, committed) = futures::join!(
-            diesel::sql_query(
-                "UPDATE conversations c SET last_sequence = n.last, updated_at = now() \
-                 FROM unnest($1::uuid[], $2::bigint[]) AS n(id, last) \
-                 WHERE c.id = n.id AND c.last_sequence <> n.last",
+            Prepared::new(
+                &[
+                    "UPDATE conversations c SET last_sequence = n.last, updated_at = now() \
+                     FROM unnest(",
+                    "::uuid[], ",
+                    "::bigint[]) AS n(id, last) \
+                     WHERE c.id = n.id AND c.last_sequence <> n.last",
+                ],
+                (
+                    bind::<Array<SqlUuid>, _>(&ids),
+                    bind::<Array<BigInt>, _>(&lasts),
+                ),
             )
-            .bind::<Array<SqlUuid>, _>(&ids)
-            .bind::<Array<BigInt>, _>(&lasts)
             .execute(&mut &*conn),
-            diesel::insert_into(messages::table)
-                .values(message_rows)
-                .returning(MessageRow::as_returning())
-                .get_results::<MessageRow>(&mut &*conn),
-            diesel::insert_into(events::table)
-                .values(event_rows)
-                .execute(&mut &*conn),
+            Prepared::new(
+                &[
+                    "INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, \
+                                           masked, request_id, created_at) \
+                     SELECT n.*, ",
+                    "::timestamptz FROM unnest(",
+                    "::uuid[], ",
+                    "::uuid[], ",
+                    "::bigint[], ",
+                    "::uuid[], ",
+                    "::bytea[], ",
+                    "::boolean[], ",
+                    "::uuid[]) AS n RETURNING *",
+                ],
+                (
+                    bind::<Timestamptz, _>(at),
+                    bind::<Array<SqlUuid>, _>(&new.ids),
+                    bind::<Array<SqlUuid>, _>(&new.conversations),
+                    bind::<Array<BigInt>, _>(&new.sequences),
+                    bind::<Array<SqlUuid>, _>(&new.senders),
+                    bind::<Array<Bytea>, _>(&new.ciphertexts),
+                    bind::<Array<Bool>, _>(&new.masked),
+                    bind::<Array<SqlUuid>, _>(&new.request_ids),
+                ),
+            )
+            .load::<MessageRow>(&mut &*conn),
+            Prepared::new(
+                &[
+                    "INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
+                     SELECT n.id, n.conversation_id, ",
+                    ", n.message_id, ",
+                    "::timestamptz FROM unnest(",
+                    "::bigint[], ",
+                    "::uuid[], ",
+                    "::uuid[]) AS n(id, conversation_id, message_id)",
+                ],
+                (
+                    bind::<Text, _>(event_kind::CREATED),
+                    bind::<Timestamptz, _>(at),
+                    bind::<Array<BigInt>, _>(&new.events),
+                    bind::<Array<SqlUuid>, _>(&new.conversations),
+                    bind::<Array<SqlUuid>, _>(&new.ids),
+                ),
+            )
+            .execute(&mut &*conn),
             diesel::update(event_counter::table)
                 .set(event_counter::last_id.eq(next_event - 1))
                 .execute(&mut &*conn),
             // After a failed statement above, PostgreSQL answers this COMMIT with a rollback;
             // the error of that statement is what is reported.
-            diesel::sql_query("COMMIT").execute(&mut &*conn),
+            Prepared::text(&["COMMIT"]).execute(&mut &*conn),
         );
         advanced?;
         let inserted = inserted?;

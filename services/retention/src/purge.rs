@@ -33,6 +33,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Nullable, Timestamptz};
 use diesel_async::RunQueryDsl;
 use hafen_events::{Actor, Event, Relay};
+use hafen_store::prepared::Prepared;
 use hafen_store::schema::{conversations, purge_runs};
 use hafen_store::{AsyncPgConnection, Databases, Pool, TenantId, now};
 use tokio_util::sync::CancellationToken;
@@ -624,11 +625,11 @@ impl Purger {
         let outcome = {
             let conn: &AsyncPgConnection = conn;
             let (begun, entered, locked, batch, committed) = futures::join!(
-                diesel::sql_query("BEGIN").execute(&mut &*conn),
+                Prepared::text(&["BEGIN"]).execute(&mut &*conn),
                 hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
-                diesel::sql_query("LOCK TABLE legal_holds IN SHARE MODE").execute(&mut &*conn),
+                Prepared::text(&["LOCK TABLE legal_holds IN SHARE MODE"]).execute(&mut &*conn),
                 statement.get_result::<Batch>(&mut &*conn),
-                diesel::sql_query("COMMIT").execute(&mut &*conn),
+                Prepared::text(&["COMMIT"]).execute(&mut &*conn),
             );
             begun
                 .and(entered)

@@ -1,0 +1,209 @@
+//! Raw SQL that each connection prepares once and then reuses.
+//!
+//! diesel never caches `sql_query` statements: each run first prepares an unnamed statement,
+//! a round trip of its own, and diesel-async holds the connection's statement cache while it
+//! does, so pipelined raw statements are prepared one after another. A [`Prepared`] statement
+//! is cached by its text, as diesel's own queries are: after its first use it costs no extra
+//! round trip and pipelines freely.
+//!
+//! Only for statements whose plan does not depend on their parameters: PostgreSQL may switch a
+//! cached statement to a generic plan after a few runs. Prepared statements follow the
+//! connection's `search_path` (PostgreSQL re-parses them when it changed), so a tenant scope
+//! entered on a pooled connection applies to them too.
+//!
+//! ```
+//! use diesel::sql_types::Text;
+//! use hafen_store::prepared::{Prepared, bind};
+//!
+//! // `$1` and `$2` go where the parts meet: SELECT set_config('role', $1, true), …
+//! let statement = Prepared::new(
+//!     &["SELECT set_config('role', ", ", true), set_config('search_path', ", ", true)"],
+//!     (bind::<Text, _>("t_0"), bind::<Text, _>("t_0")),
+//! );
+//! # let _ = statement;
+//! ```
+
+use std::marker::PhantomData;
+
+use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{HasSqlType, Untyped};
+
+/// A statement of fixed text with its parameters; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Prepared<B> {
+    parts: &'static [&'static str],
+    binds: B,
+}
+
+impl<B: Binds> Prepared<B> {
+    /// The statement whose text is `parts` with a parameter (`$1`, `$2`, …) between each two
+    /// of them, bound to `binds` in order: one part more than there are binds.
+    pub fn new(parts: &'static [&'static str], binds: B) -> Self {
+        debug_assert_eq!(parts.len(), B::COUNT + 1, "one part more than binds");
+        Self { parts, binds }
+    }
+}
+
+impl Prepared<()> {
+    /// A statement without parameters (`BEGIN`, `COMMIT`, a `LOCK`).
+    pub fn text(sql: &'static [&'static str]) -> Self {
+        Self::new(sql, ())
+    }
+}
+
+/// One parameter of SQL type `ST`.
+#[derive(Debug, Clone)]
+pub struct Bind<ST, U> {
+    value: U,
+    sql_type: PhantomData<ST>,
+}
+
+/// The parameter `value`, of SQL type `ST`.
+pub fn bind<ST, U>(value: U) -> Bind<ST, U> {
+    Bind {
+        value,
+        sql_type: PhantomData,
+    }
+}
+
+/// The parameters of a [`Prepared`] statement: none, or a tuple of [`Bind`]s.
+pub trait Binds {
+    /// How many there are.
+    const COUNT: usize;
+
+    /// Writes `parts` with the parameters between them.
+    fn walk<'b>(
+        &'b self,
+        parts: &'static [&'static str],
+        out: &mut AstPass<'_, 'b, Pg>,
+    ) -> QueryResult<()>;
+}
+
+/// One parameter, written as `$n`.
+pub trait BindOne {
+    /// Writes the placeholder and collects the value.
+    fn push<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>;
+}
+
+impl<ST, U> BindOne for Bind<ST, U>
+where
+    Pg: HasSqlType<ST>,
+    U: ToSql<ST, Pg>,
+{
+    fn push<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_bind_param::<ST, U>(&self.value)
+    }
+}
+
+impl Binds for () {
+    const COUNT: usize = 0;
+
+    fn walk<'b>(
+        &'b self,
+        parts: &'static [&'static str],
+        out: &mut AstPass<'_, 'b, Pg>,
+    ) -> QueryResult<()> {
+        parts.iter().for_each(|part| out.push_sql(part));
+        Ok(())
+    }
+}
+
+macro_rules! binds {
+    ($count:literal: $($name:ident . $index:tt),+) => {
+        impl<$($name: BindOne),+> Binds for ($($name,)+) {
+            const COUNT: usize = $count;
+
+            fn walk<'b>(
+                &'b self,
+                parts: &'static [&'static str],
+                out: &mut AstPass<'_, 'b, Pg>,
+            ) -> QueryResult<()> {
+                let mut parts = parts.iter();
+                if let Some(first) = parts.next() {
+                    out.push_sql(first);
+                }
+                $(
+                    self.$index.push(out)?;
+                    if let Some(part) = parts.next() {
+                        out.push_sql(part);
+                    }
+                )+
+                Ok(())
+            }
+        }
+    };
+}
+
+binds!(1: A.0);
+binds!(2: A.0, B.1);
+binds!(3: A.0, B.1, C.2);
+binds!(4: A.0, B.1, C.2, D.3);
+binds!(5: A.0, B.1, C.2, D.3, E.4);
+binds!(6: A.0, B.1, C.2, D.3, E.4, F.5);
+binds!(7: A.0, B.1, C.2, D.3, E.4, F.5, G.6);
+binds!(8: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7);
+
+impl<B: Binds> QueryFragment<Pg> for Prepared<B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.binds.walk(self.parts, &mut out)
+    }
+}
+
+/// No static id: diesel caches the statement by its text (and parameter types).
+impl<B> QueryId for Prepared<B> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+/// Rows come back by column name (`QueryableByName`), as from `sql_query`.
+impl<B: Binds> Query for Prepared<B> {
+    type SqlType = Untyped;
+}
+
+/// Runs on blocking connections too (migrations).
+impl<B, Conn> diesel::RunQueryDsl<Conn> for Prepared<B> {}
+
+#[cfg(test)]
+mod tests {
+    use diesel::sql_types::{BigInt, Text};
+
+    use super::*;
+
+    fn sql<B: Binds>(statement: &Prepared<B>) -> String {
+        diesel::debug_query::<Pg, _>(statement)
+            .to_string()
+            .split(" -- binds")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn parameters_are_numbered_between_the_parts() {
+        let statement = Prepared::new(
+            &["SELECT ", " + ", " AS n, ", "::text"],
+            (
+                bind::<BigInt, _>(1_i64),
+                bind::<BigInt, _>(2_i64),
+                bind::<Text, _>("x"),
+            ),
+        );
+        assert_eq!(sql(&statement), "SELECT $1 + $2 AS n, $3::text");
+        assert_eq!(sql(&Prepared::text(&["COMMIT"])), "COMMIT");
+    }
+
+    #[test]
+    fn statements_are_safe_to_cache() {
+        let statement = Prepared::new(&["SELECT ", ""], (bind::<BigInt, _>(1_i64),));
+        assert!(
+            QueryFragment::<Pg>::is_safe_to_cache_prepared(&statement, &Pg).unwrap_or_default()
+        );
+        assert!(
+            !QueryFragment::<Pg>::is_safe_to_cache_prepared(&diesel::sql_query("SELECT 1"), &Pg)
+                .unwrap_or(true)
+        );
+    }
+}
