@@ -188,6 +188,18 @@ async fn commit(
     }
 }
 
+/// Sets `plan_cache_mode` for the rest of the transaction.
+fn plan_cache_mode(
+    mode: &'static str,
+) -> hafen_store::prepared::Prepared<(
+    hafen_store::prepared::Bind<diesel::sql_types::Text, &'static str>,
+)> {
+    hafen_store::prepared::Prepared::new(
+        &["SELECT set_config('plan_cache_mode', ", ", true)"],
+        (hafen_store::prepared::bind(mode),),
+    )
+}
+
 /// The new messages of a batch, one vector per column.
 #[derive(Default)]
 struct NewRows {
@@ -247,18 +259,26 @@ async fn store_batch_in(
     let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
     // Every statement runs to its end (join, not try_join), so the connection's answers stay
     // in step; the first error counts.
-    let (begun, entered, custom, last_event, existing, memberships, sequences) = futures::join!(
+    let (begun, entered, last_event, memberships, sequences, custom, existing) = futures::join!(
         Prepared::text(&["BEGIN"]).execute(&mut &*conn),
         hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
-        // The statements here are prepared once per connection; planned for each batch's
-        // parameters, not once for all (a generic plan made while the tenant had few
-        // messages would scan them all once it has many).
-        Prepared::text(&["SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"])
-            .execute(&mut &*conn),
         event_counter::table
             .select(event_counter::last_id)
             .for_update()
             .first::<i64>(&mut &*conn),
+        members::table
+            .filter(members::conversation_id.eq_any(&conversation_ids))
+            .filter(members::user_id.eq_any(&sender_ids))
+            .select((members::conversation_id, members::user_id))
+            .load::<(Uuid, Uuid)>(&mut &*conn),
+        conversations::table
+            .filter(conversations::id.eq_any(&conversation_ids))
+            .select((conversations::id, conversations::last_sequence))
+            .load::<(Uuid, i64)>(&mut &*conn),
+        // The joins with the batch's arrays (this lookup, and the update of the sequences)
+        // are planned for each batch: a generic plan, made once while the tenant had few
+        // messages, would go on scanning them all once it has many.
+        plan_cache_mode("force_custom_plan").execute(&mut &*conn),
         // Retries: one probe of `messages_request_key` per (sender, request id) pair.
         Prepared::new(
             &[
@@ -274,15 +294,6 @@ async fn store_batch_in(
             ),
         )
         .load::<MessageRow>(&mut &*conn),
-        members::table
-            .filter(members::conversation_id.eq_any(&conversation_ids))
-            .filter(members::user_id.eq_any(&sender_ids))
-            .select((members::conversation_id, members::user_id))
-            .load::<(Uuid, Uuid)>(&mut &*conn),
-        conversations::table
-            .filter(conversations::id.eq_any(&conversation_ids))
-            .select((conversations::id, conversations::last_sequence))
-            .load::<(Uuid, i64)>(&mut &*conn),
     );
     begun?;
     entered?;
@@ -358,7 +369,7 @@ async fn store_batch_in(
             .unzip();
         // Fixed statements whatever the batch's size, so each is prepared once per
         // connection: rows come in as one array per column.
-        let (advanced, inserted, recorded, counted, committed) = futures::join!(
+        let (advanced, generic, inserted, recorded, counted, committed) = futures::join!(
             Prepared::new(
                 &[
                     "UPDATE conversations c SET last_sequence = n.last, updated_at = now() \
@@ -373,6 +384,8 @@ async fn store_batch_in(
                 ),
             )
             .execute(&mut &*conn),
+            // Back to reusing plans, for the inserts and their foreign-key checks.
+            plan_cache_mode("auto").execute(&mut &*conn),
             Prepared::new(
                 &[
                     "INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, \
@@ -426,6 +439,7 @@ async fn store_batch_in(
             Prepared::text(&["COMMIT"]).execute(&mut &*conn),
         );
         advanced?;
+        generic?;
         let inserted = inserted?;
         recorded?;
         counted?;
