@@ -137,3 +137,60 @@ async fn pool_wait_timeout_gives_a_clear_error() {
     drop(held);
     let _again = pool.get().await.expect("free again once returned");
 }
+
+#[derive(QueryableByName, Debug)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb1_a_prepared_statement_reads_the_tenant_whose_scope_is_entered() {
+    // One connection, one cached statement, two tenants: each run reads the tables of the
+    // scope it runs in, never those of the scope it was first prepared in.
+    use hafen_store::TenantId;
+    use hafen_store::prepared::Prepared;
+    use hafen_store::tenancy::enter_statement;
+
+    let db = TestDatabase::create().await;
+    let tenants = [
+        TenantId::from(uuid::Uuid::now_v7()),
+        TenantId::from(uuid::Uuid::now_v7()),
+    ];
+    let mut conn = db.connect().await;
+    for (rows, tenant) in [2, 5].into_iter().zip(&tenants) {
+        let name = tenant.schema();
+        conn.batch_execute(&format!(
+            "CREATE ROLE {name} NOLOGIN; GRANT {name} TO CURRENT_USER; \
+             CREATE SCHEMA {name} AUTHORIZATION {name}; \
+             SET ROLE {name}; CREATE TABLE {name}.t (x int); \
+             INSERT INTO {name}.t SELECT generate_series(1, {rows}); RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    }
+    let count = || Prepared::text(&["SELECT count(*) AS n FROM t"]);
+    let mut seen = Vec::new();
+    for tenant in tenants.iter().chain(tenants.iter()) {
+        conn.batch_execute("BEGIN").await.unwrap();
+        enter_statement(tenant).execute(&mut conn).await.unwrap();
+        seen.push(count().get_result::<Count>(&mut conn).await.unwrap().n);
+        conn.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(seen, [2, 5, 2, 5]);
+    let prepared: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE '%count(*) AS n FROM t'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(prepared.n, 1, "one statement, prepared once");
+    for tenant in &tenants {
+        let name = tenant.schema();
+        conn.batch_execute(&format!(
+            "SET ROLE {name}; DROP SCHEMA {name} CASCADE; RESET ROLE; DROP ROLE {name};"
+        ))
+        .await
+        .unwrap();
+    }
+}
