@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use hafen_retention::PurgeArgs;
 use hafen_retention::purge::{Purger, Trigger};
-use hafen_testkit::{TestEnv, TestStack};
+use hafen_testkit::TestStack;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -35,29 +35,9 @@ const WARM_UP: Duration = Duration::from_secs(5);
 /// How long the load runs alone before each tenant's purge, for the reference latency.
 const IDLE: Duration = Duration::from_secs(2);
 
-/// `url` with its database replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let path = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    match query {
-        Some(query) => format!("{}/{database}?{query}", &base[..path]),
-        None => format!("{}/{database}", &base[..path]),
-    }
-}
-
 /// A superuser connection to the stack's database (for generating rows fast).
 async fn admin(stack: &TestStack) -> AsyncPgConnection {
-    AsyncPgConnection::establish(&with_database(
-        &TestEnv::get().admin_database_url,
-        stack.db.name(),
-    ))
-    .await
-    .expect("admin connection")
+    stack.db.connect_admin().await
 }
 
 /// `count` messages older than any retention period, with their events, in conversations

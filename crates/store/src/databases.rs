@@ -106,6 +106,11 @@ impl Databases {
         &self.inner.main
     }
 
+    /// A connection from the main database's pool (control plane).
+    pub async fn main_connection(&self) -> Result<crate::pool::PooledConnection> {
+        Ok(self.inner.main.get().await?)
+    }
+
     /// The main database's URL.
     pub fn main_url(&self) -> &str {
         &self.inner.main_url

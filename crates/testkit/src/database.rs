@@ -73,6 +73,19 @@ impl TestDatabase {
             .await
             .expect("connect to test database")
     }
+
+    /// The superuser's URL of this database (tenant schemas are out of reach of the
+    /// application role outside a tenant scope).
+    pub fn admin_url(&self) -> String {
+        with_database(&TestEnv::get().admin_database_url, &self.name)
+    }
+
+    /// A direct connection to this database as the superuser.
+    pub async fn connect_admin(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.admin_url())
+            .await
+            .expect("connect to test database as the admin role")
+    }
 }
 
 impl Drop for TestDatabase {

@@ -56,20 +56,7 @@ impl EventRow {
     pub fn chained(&self) -> Option<ChainedEvent> {
         let attributes: BTreeMap<String, String> =
             serde_json::from_value(self.attributes.clone()).ok()?;
-        Some(ChainedEvent {
-            tenant_id: Chain::from_key(self.chain).tenant(),
-            sequence: u64::try_from(self.sequence).ok()?,
-            event_id: self.event_id,
-            time: self.occurred_at,
-            actor_kind: self.actor_kind.clone(),
-            actor_id: self.actor_id.clone(),
-            action: self.action.clone(),
-            target_type: self.target_type.clone(),
-            target_id: self.target_id.clone(),
-            request_id: self.request_id.clone(),
-            outcome: self.outcome.clone(),
-            attributes,
-        })
+        Some(self.with(u64::try_from(self.sequence).ok()?, attributes))
     }
 
     /// [`EventRow::chained`] for rows whose attributes are not all strings too (only a
@@ -87,21 +74,26 @@ impl EventRow {
                     .collect(),
                 _ => BTreeMap::new(),
             };
-            ChainedEvent {
-                tenant_id: Chain::from_key(self.chain).tenant(),
-                sequence: u64::try_from(self.sequence).unwrap_or_default(),
-                event_id: self.event_id,
-                time: self.occurred_at,
-                actor_kind: self.actor_kind.clone(),
-                actor_id: self.actor_id.clone(),
-                action: self.action.clone(),
-                target_type: self.target_type.clone(),
-                target_id: self.target_id.clone(),
-                request_id: self.request_id.clone(),
-                outcome: self.outcome.clone(),
-                attributes,
-            }
+            self.with(u64::try_from(self.sequence).unwrap_or_default(), attributes)
         })
+    }
+
+    /// The stored columns with `sequence` and `attributes` as read.
+    fn with(&self, sequence: u64, attributes: BTreeMap<String, String>) -> ChainedEvent {
+        ChainedEvent {
+            tenant_id: Chain::from_key(self.chain).tenant(),
+            sequence,
+            event_id: self.event_id,
+            time: self.occurred_at,
+            actor_kind: self.actor_kind.clone(),
+            actor_id: self.actor_id.clone(),
+            action: self.action.clone(),
+            target_type: self.target_type.clone(),
+            target_id: self.target_id.clone(),
+            request_id: self.request_id.clone(),
+            outcome: self.outcome.clone(),
+            attributes,
+        }
     }
 
     /// The API form (attributes as [`EventRow::chained_lossy`] reads them).

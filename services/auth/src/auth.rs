@@ -132,13 +132,7 @@ impl Auth {
 
     /// A control-plane connection.
     pub(crate) async fn control(&self) -> Result<hafen_store::PooledConnection, Error> {
-        Ok(self
-            .inner
-            .databases
-            .main()
-            .get()
-            .await
-            .map_err(hafen_store::Error::from)?)
+        Ok(self.inner.databases.main_connection().await?)
     }
 
     /// Hashes a new password on the low-priority CPU pool.

@@ -133,13 +133,7 @@ impl Messaging {
             return Ok(cached);
         }
         let row = {
-            let mut conn = self
-                .inner
-                .databases
-                .main()
-                .get()
-                .await
-                .map_err(hafen_store::Error::from)?;
+            let mut conn = self.inner.databases.main_connection().await?;
             hafen_store::control::find(&mut conn, tenant).await?
         };
         let settings = row

@@ -48,13 +48,7 @@ impl KeyRing {
     }
 
     async fn control(&self) -> Result<hafen_store::PooledConnection, Error> {
-        Ok(self
-            .inner
-            .databases
-            .main()
-            .get()
-            .await
-            .map_err(hafen_store::Error::from)?)
+        Ok(self.inner.databases.main_connection().await?)
     }
 
     async fn tenant_key(&self, tenant: Uuid) -> Result<Arc<DataKey>, Error> {

@@ -170,11 +170,7 @@ fn effective(conversation: Option<u32>, tenant: u32) -> u32 {
 
 /// The tenant's retention period as stored in its settings, clamped to the valid range.
 pub async fn tenant_period(databases: &Databases, tenant: Uuid) -> Result<u32, Error> {
-    let mut conn = databases
-        .main()
-        .get()
-        .await
-        .map_err(hafen_store::Error::from)?;
+    let mut conn = databases.main_connection().await?;
     let row = control::find(&mut conn, tenant)
         .await?
         .filter(|row| row.status == status::ACTIVE)
@@ -297,12 +293,7 @@ impl Policies {
         let days = tenant_days(days)?;
         let tenant = caller.tenant_id;
         let actor = caller.user_id;
-        let mut conn = self
-            .databases
-            .main()
-            .get()
-            .await
-            .map_err(hafen_store::Error::from)?;
+        let mut conn = self.databases.main_connection().await?;
         let (view, changed) = conn
             .transaction::<_, Error, _>(async move |conn| {
                 // The row lock keeps a concurrent settings update from being lost.

@@ -105,12 +105,7 @@ impl Replayer {
     /// the others were done (running again is safe).
     pub async fn replay(&self, dry_run: bool, actor: Actor) -> Result<ReplayReport, Error> {
         let entries: Vec<(String, Uuid, Option<Uuid>)> = {
-            let mut conn = self
-                .databases
-                .main()
-                .get()
-                .await
-                .map_err(hafen_store::Error::from)?;
+            let mut conn = self.databases.main_connection().await?;
             deletion_log::table
                 .order((deletion_log::deleted_at.asc(), deletion_log::id.asc()))
                 .select((
@@ -221,12 +216,7 @@ impl Replayer {
         let name = TenantId::from(tenant).schema();
         let mut traces = TenantTraces::default();
         {
-            let mut conn = self
-                .databases
-                .main()
-                .get()
-                .await
-                .map_err(hafen_store::Error::from)?;
+            let mut conn = self.databases.main_connection().await?;
             traces.row = control::find(&mut conn, tenant)
                 .await?
                 .map(|row| (row.status, row.database_name));
@@ -266,12 +256,7 @@ impl Replayer {
     /// Deletes an erased user's key and sessions again, unless `dry_run`. Returns whether
     /// any had reappeared.
     async fn user(&self, tenant: Uuid, user: Uuid, dry_run: bool) -> Result<bool, Error> {
-        let mut conn = self
-            .databases
-            .main()
-            .get()
-            .await
-            .map_err(hafen_store::Error::from)?;
+        let mut conn = self.databases.main_connection().await?;
         let key_filter = user_keys::table
             .filter(user_keys::tenant_id.eq(tenant))
             .filter(user_keys::user_id.eq(user));

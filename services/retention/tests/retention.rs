@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Bool, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use hafen_platform::status;
 use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::messaging::v1 as msg_pb;
@@ -222,34 +222,10 @@ impl Setup {
     }
 }
 
-/// `url` with its database replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let path = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut out = format!("{}/{database}", &base[..path]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
-/// The superuser's URL of this test's database.
-fn admin_url(stack: &TestStack) -> String {
-    with_database(&TestEnv::get().admin_database_url, stack.db.name())
-}
-
 /// A superuser connection to this test's database (tenant schemas are out of reach of the
 /// application role outside a tenant scope).
 async fn admin(stack: &TestStack) -> AsyncPgConnection {
-    AsyncPgConnection::establish(&admin_url(stack))
-        .await
-        .unwrap()
+    stack.db.connect_admin().await
 }
 
 #[derive(QueryableByName)]
@@ -1222,7 +1198,7 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
     .map(|line| format!("{line}\n"))
     .collect();
     assert!(roles_sql.contains("CREATE ROLE"), "{roles_sql}");
-    let url = admin_url(&s.stack);
+    let url = s.stack.db.admin_url();
     run(
         "pg_dump",
         &["-Fc", "-f", dump.to_str().unwrap(), "-d", &url],
