@@ -37,20 +37,7 @@ pg_bindir() {
     fi
 }
 
-apt_install() {
-    local sudo=""
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null || die "missing packages ($*) and not root: install them first"
-        sudo="sudo"
-    fi
-    log "installing $* with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    # The package lists of a fresh machine may be missing or stale: refresh once on failure.
-    if ! $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null; then
-        $sudo apt-get update -q >/dev/null
-        $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null
-    fi
-}
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 ensure_installed() {
     local missing=()

@@ -8,21 +8,7 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-apt_install() {
-    local sudo=""
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null || die "missing packages ($*) and not root: install them first"
-        sudo="sudo"
-    fi
-    command -v apt-get >/dev/null || die "missing packages ($*) and no apt-get: install them first"
-    log "installing $* with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    # The package lists of a fresh machine may be missing or stale: refresh once on failure.
-    if ! $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null; then
-        $sudo apt-get update -q >/dev/null
-        $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null
-    fi
-}
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 # Whether python3 can create a virtualenv with pip in it. `-m venv --help` alone is not enough
 # on Debian: the venv module ships with python3, but ensurepip (which puts pip into a new
