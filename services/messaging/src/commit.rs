@@ -28,6 +28,9 @@ use crate::rows::{MessageRow, event_kind};
 /// Most sends committed in one transaction.
 const MAX_BATCH: usize = 256;
 
+/// How long an idle committer keeps its connection.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// One send, sealed and ready to store.
 pub(crate) struct Send {
     pub id: Uuid,
@@ -81,18 +84,26 @@ impl Committer {
 
 async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedReceiver<Send>) {
     // The connection stays with this committer while sends keep coming, and goes back to the
-    // pool as soon as the queue is empty.
+    // pool once none came for `LINGER`: a sender that waits for its reply before sending
+    // again finds it still there, and its batch does not pay for the pool's reset.
     let mut held: Option<hafen_store::PooledConnection> = None;
     loop {
-        let first = match queue.try_recv() {
-            Ok(send) => send,
-            Err(_) => {
-                held = None;
-                match queue.recv().await {
-                    Some(send) => send,
-                    None => return,
-                }
-            }
+        let next = match queue.try_recv() {
+            Ok(send) => Some(send),
+            Err(_) if held.is_some() => tokio::time::timeout(LINGER, queue.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    held = None;
+                    None
+                }),
+            Err(_) => None,
+        };
+        let first = match next {
+            Some(send) => send,
+            None => match queue.recv().await {
+                Some(send) => send,
+                None => return,
+            },
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -102,14 +113,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
             }
         }
         if held.is_none() {
-            let connected = match messaging.tenant_pool(tenant).await {
-                Ok(pool) => pool
-                    .get()
-                    .await
-                    .map_err(|err| Error::from(hafen_store::Error::from(err))),
-                Err(err) => Err(err),
-            };
-            match connected {
+            match messaging.tenant_connection(tenant).await {
                 Ok(conn) => held = Some(conn),
                 Err(err) => {
                     fail(batch, &err);

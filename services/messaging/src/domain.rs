@@ -11,6 +11,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use futures::future::BoxFuture;
 use hafen_authn::Principal;
+use hafen_store::prepared::Prepared;
 use hafen_store::schema::{
     conversations, event_counter, events, legal_holds, members, messages, users,
 };
@@ -108,6 +109,17 @@ impl Messaging {
             .databases
             .tenant_pool(&TenantId::from(tenant))
             .await?)
+    }
+
+    /// A pooled connection to `tenant`'s database (not yet in its scope).
+    pub(crate) async fn tenant_connection(
+        &self,
+        tenant: Uuid,
+    ) -> Result<hafen_store::PooledConnection, Error> {
+        let pool = self.tenant_pool(tenant).await?;
+        pool.get()
+            .await
+            .map_err(|err| Error::from(hafen_store::Error::from(err)))
     }
 
     /// Runs `f` in `tenant`'s scope.
@@ -744,7 +756,8 @@ impl Messaging {
         .await
     }
 
-    /// Up to `limit` events after `after` in `tenant`, with the messages they name.
+    /// Up to `limit` events after `after` (of `member`'s conversations, or all), with their
+    /// messages decrypted, on a pooled connection.
     pub(crate) async fn events_after(
         &self,
         tenant: Uuid,
@@ -752,37 +765,60 @@ impl Messaging {
         member: Option<Uuid>,
         limit: i64,
     ) -> Result<(Vec<EventRow>, HashMap<Uuid, MessageView>), Error> {
-        let (events, rows) = self
-            .scoped(tenant, move |conn| {
-                Box::pin(async move {
-                    let mut query = events::table
-                        .filter(events::id.gt(after))
-                        .order(events::id.asc())
-                        .limit(limit)
-                        .select(EventRow::as_select())
-                        .into_boxed();
-                    if let Some(user) = member {
-                        let mine = members::table
-                            .filter(members::user_id.eq(user))
-                            .select(members::conversation_id);
-                        query = query.filter(events::conversation_id.eq_any(mine));
-                    }
-                    let events: Vec<EventRow> = query.load(conn).await?;
-                    let ids: Vec<Uuid> = events.iter().filter_map(|e| e.message_id).collect();
-                    let rows: Vec<MessageRow> = if ids.is_empty() {
-                        Vec::new()
-                    } else {
-                        messages::table
-                            .filter(messages::id.eq_any(&ids))
-                            .select(MessageRow::as_select())
-                            .load(conn)
-                            .await?
-                    };
-                    Ok((events, rows))
-                })
-            })
+        let mut conn = self.tenant_connection(tenant).await?;
+        self.events_after_on(&mut conn, tenant, after, member, limit)
+            .await
+    }
+
+    /// [`Messaging::events_after`] on `conn`, in one round trip: the transaction, the
+    /// tenant's scope and the one query that reads the events with their messages go out
+    /// together (statements prepared once per connection). After an error the transaction
+    /// is rolled back.
+    pub(crate) async fn events_after_on(
+        &self,
+        conn: &mut AsyncPgConnection,
+        tenant: Uuid,
+        after: i64,
+        member: Option<Uuid>,
+        limit: i64,
+    ) -> Result<(Vec<EventRow>, HashMap<Uuid, MessageView>), Error> {
+        let mut query = events::table
+            .left_join(messages::table.on(messages::id.nullable().eq(events::message_id)))
+            .filter(events::id.gt(after))
+            .order(events::id.asc())
+            .limit(limit)
+            .select((EventRow::as_select(), Option::<MessageRow>::as_select()))
+            .into_boxed();
+        if let Some(user) = member {
+            let mine = members::table
+                .filter(members::user_id.eq(user))
+                .select(members::conversation_id);
+            query = query.filter(events::conversation_id.eq_any(mine));
+        }
+        let scope = TenantId::from(tenant);
+        let shared: &AsyncPgConnection = conn;
+        let (begun, entered, read, ended) = futures::join!(
+            Prepared::text(&["BEGIN READ ONLY"]).execute(&mut &*shared),
+            hafen_store::tenancy::enter_statement(&scope).execute(&mut &*shared),
+            query.load::<(EventRow, Option<MessageRow>)>(&mut &*shared),
+            // After a failed statement above, PostgreSQL answers this with a rollback.
+            Prepared::text(&["COMMIT"]).execute(&mut &*shared),
+        );
+        let read = begun
+            .and(entered)
+            .and(read)
+            .and_then(|read| ended.map(|_| read));
+        let read = match read {
+            Ok(read) => read,
+            Err(err) => {
+                let _ = Prepared::text(&["ROLLBACK"]).execute(conn).await;
+                return Err(err.into());
+            }
+        };
+        let (events, rows): (Vec<EventRow>, Vec<Option<MessageRow>>) = read.into_iter().unzip();
+        let views = self
+            .views(tenant, rows.into_iter().flatten().collect())
             .await?;
-        let views = self.views(tenant, rows).await?;
         Ok((events, views.into_iter().map(|v| (v.id, v)).collect()))
     }
 

@@ -35,6 +35,9 @@ use crate::rows::{EventRow, Membership, MessageView, event_kind};
 /// Events read from the database per query.
 const BATCH: i64 = 500;
 
+/// How long a feed keeps its connection without a wake.
+const LINGER: Duration = Duration::from_millis(50);
+
 /// One event as a feed hands it out.
 #[derive(Debug)]
 pub struct Delivery {
@@ -360,12 +363,23 @@ impl Hub {
     }
 }
 
-/// Reads new events of one tenant and hands them out, until nobody listens.
+/// Reads new events of one tenant and hands them out, until nobody listens. While wakes keep
+/// coming, the feed keeps its connection (each read is then one round trip); it gives it back
+/// to the pool after `LINGER` without one.
 async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
+    let mut held: Option<hafen_store::PooledConnection> = None;
     loop {
-        tokio::select! {
-            () = feed.wake.notified() => {}
-            () = tokio::time::sleep(hub.inner.poll) => {}
+        let wait = if held.is_some() {
+            LINGER
+        } else {
+            hub.inner.poll
+        };
+        let woken = tokio::select! {
+            () = feed.wake.notified() => true,
+            () = tokio::time::sleep(wait) => false,
+        };
+        if !woken && held.take().is_some() {
+            continue;
         }
         if feed.subscribers.load(Ordering::SeqCst) == 0 {
             if let Ok(mut feeds) = hub.inner.feeds.lock()
@@ -377,18 +391,31 @@ async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
             }
             continue;
         }
+        // Until a read comes back short: a wake during a read is kept by `feed.wake`.
         loop {
+            let conn = match held.as_mut() {
+                Some(conn) => conn,
+                None => match messaging.tenant_connection(feed.tenant).await {
+                    Ok(conn) => held.insert(conn),
+                    Err(err) => {
+                        tracing::warn!(tenant_id = %feed.tenant, error = %err, "feed could not read events");
+                        break;
+                    }
+                },
+            };
             let after = feed.position.load(Ordering::SeqCst);
             let fetched = messaging
-                .events_after(feed.tenant, after, None, BATCH)
+                .events_after_on(conn, feed.tenant, after, None, BATCH)
                 .await;
             let (events, mut messages) = match fetched {
                 Ok(fetched) => fetched,
                 Err(err) => {
+                    held = None;
                     tracing::warn!(tenant_id = %feed.tenant, error = %err, "feed could not read events");
                     break;
                 }
             };
+            let complete = (events.len() as i64) < BATCH;
             let Some(last) = events.last().map(|e| e.id) else {
                 break;
             };
@@ -397,6 +424,9 @@ async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
                 let _ = feed.sender.send(Arc::new(Delivery { event, message }));
             }
             feed.position.store(last, Ordering::SeqCst);
+            if complete {
+                break;
+            }
         }
     }
 }
