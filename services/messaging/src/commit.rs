@@ -3,27 +3,24 @@
 //! only after that commit. A lone send waits for nothing; under load, batches form by
 //! themselves.
 //!
-//! A batch costs two pipelined round trips, whatever its size (see `store_batch`), on a
-//! connection the tenant's committer keeps while sends keep coming; one failing send (not a
-//! member, a reused request id) fails alone. The tenant's event counter
-//! is advanced once per batch; its row lock, held to commit, keeps event ids in commit order
-//! across replicas.
+//! A batch costs one round trip, whatever its size (see `store_batch`), on a connection the
+//! tenant's committer keeps while sends keep coming; one failing send (not a member, a reused
+//! request id) fails alone. The tenant's event counter is advanced once per batch; its row
+//! lock, held to commit, keeps event ids in commit order across replicas.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use diesel::prelude::*;
-use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
-use hafen_store::prepared::{Bind, Prepared, bind};
-use hafen_store::schema::{conversations, event_counter, members};
+use hafen_store::prepared::{Prepared, bind};
 use hafen_store::{AsyncPgConnection, TenantId, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::domain::Messaging;
 use crate::error::Error;
-use crate::rows::{MessageRow, event_kind};
+use crate::rows::MessageRow;
 
 /// Most sends committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -194,28 +191,6 @@ async fn commit(
     }
 }
 
-/// Sets `plan_cache_mode` for the rest of the transaction.
-fn plan_cache_mode(mode: &'static str) -> Prepared<(Bind<Text, &'static str>,)> {
-    Prepared::new(
-        &["SELECT set_config('plan_cache_mode', ", ", true)"],
-        (bind(mode),),
-    )
-}
-
-/// The new messages of a batch, one vector per column.
-#[derive(Default)]
-struct NewRows {
-    ids: Vec<Uuid>,
-    conversations: Vec<Uuid>,
-    sequences: Vec<i64>,
-    senders: Vec<Uuid>,
-    ciphertexts: Vec<Vec<u8>>,
-    masked: Vec<bool>,
-    request_ids: Vec<Uuid>,
-    /// The id of each one's `message_created` event.
-    events: Vec<i64>,
-}
-
 /// One send, sealed.
 struct Item {
     id: Uuid,
@@ -226,242 +201,184 @@ struct Item {
     masked: bool,
 }
 
-/// Stores a batch in its own transaction, in two pipelined round trips whatever its size.
-/// The first begins the transaction, enters the tenant's scope (role and schema, as
-/// `with_tenant` does), locks the tenant's event counter (which serialises the tenant's
-/// writers, so nothing read here can change before the commit) and reads, at once, the
-/// retries and the membership of every send and the sequences of their conversations. The
-/// second advances the sequences, inserts the messages and their events, one statement
-/// each, and commits. Every statement has a fixed text (rows travel as one array per
-/// column), so each connection prepares it once: no statement costs a round trip of its own.
-/// Any failure rolls the whole batch back.
+/// A row the batch statement returns: a message it inserted, or an earlier one with the same
+/// sender and request id (a retry).
+#[derive(QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    inserted: bool,
+    #[diesel(embed)]
+    row: MessageRow,
+}
+
+/// The statement that stores a batch (parameters: one array per column of the sends, then
+/// the time). Every send that is not a retry (`earlier`) and whose sender is a member of its
+/// conversation (`fresh`) becomes a message with the next sequence numbers of its
+/// conversation and a `message_created` event with the next event ids, in the order of the
+/// arrays; the conversations' last sequences and the event counter advance with them.
+/// Returns the new messages and the earlier ones. Its snapshot must be taken after the event
+/// counter is locked (a statement of its own before it), so no other writer's sequence or
+/// event id can come between.
+const STORE_BATCH: &[&str] = &[
+    "WITH input AS (\
+         SELECT * FROM unnest(",
+    "::uuid[], ",
+    "::uuid[], ",
+    "::uuid[], ",
+    "::uuid[], ",
+    "::bytea[], ",
+    "::boolean[]) WITH ORDINALITY \
+             AS i(id, conversation_id, sender_id, request_id, ciphertext, masked, position)\
+     ), earlier AS (\
+         SELECT m.* FROM input i JOIN messages m \
+             ON m.sender_id = i.sender_id AND m.request_id = i.request_id \
+         WHERE m.request_id IS NOT NULL\
+     ), fresh AS (\
+         SELECT i.*, \
+             c.last_sequence + row_number() OVER (PARTITION BY i.conversation_id ORDER BY i.position) \
+                 AS sequence, \
+             row_number() OVER (ORDER BY i.position) AS rank \
+         FROM input i JOIN conversations c ON c.id = i.conversation_id \
+         WHERE EXISTS (SELECT FROM members b \
+                       WHERE b.conversation_id = i.conversation_id AND b.user_id = i.sender_id) \
+           AND NOT EXISTS (SELECT FROM earlier e \
+                           WHERE e.sender_id = i.sender_id AND e.request_id = i.request_id)\
+     ), counted AS (\
+         UPDATE event_counter SET last_id = last_id + (SELECT count(*) FROM fresh) \
+         WHERE EXISTS (SELECT FROM fresh) \
+         RETURNING last_id - (SELECT count(*) FROM fresh) AS base\
+     ), advanced AS (\
+         UPDATE conversations c SET last_sequence = f.last, updated_at = now() \
+         FROM (SELECT conversation_id, max(sequence) AS last FROM fresh GROUP BY conversation_id) f \
+         WHERE c.id = f.conversation_id\
+     ), recorded AS (\
+         INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
+         SELECT counted.base + f.rank, f.conversation_id, 'message_created', f.id, ",
+    "::timestamptz FROM fresh f, counted\
+     ), inserted AS (\
+         INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, masked, \
+                               request_id, created_at) \
+         SELECT id, conversation_id, sequence, sender_id, ciphertext, masked, request_id, ",
+    "::timestamptz FROM fresh RETURNING *\
+     ) \
+     SELECT true AS inserted, * FROM inserted UNION ALL SELECT false, * FROM earlier",
+];
+
+/// Plans that stay right as the tenant grows: the batch statement is prepared once per
+/// connection and PostgreSQL may reuse a generic plan for it, made perhaps while its tables
+/// were nearly empty. Without scans of whole tables or hash and merge joins, every step is an
+/// index probe per send, whatever the tables' sizes (for the rest of the transaction). The
+/// one-row event counter has no index to probe: its scan then looks so costly to the planner
+/// that it would compile the statement (JIT, hundreds of milliseconds), so JIT is off too.
+const INDEX_PROBES_ONLY: &[&str] = &["SELECT set_config('enable_seqscan', 'off', true), \
+            set_config('enable_hashjoin', 'off', true), \
+            set_config('enable_mergejoin', 'off', true), \
+            set_config('jit', 'off', true)"];
+
+/// Stores a batch in its own transaction, in one round trip whatever its size: `BEGIN`,
+/// the tenant's scope (role and schema, as `with_tenant` enters it), the lock on the
+/// tenant's event counter (which serialises the tenant's writers), the batch statement and
+/// `COMMIT` go out together. Each has a fixed text (rows travel as one array per column), so
+/// each connection prepares it once. Sends repeated within the batch go to the statement
+/// once. Any failure rolls the whole batch back.
 async fn store_batch(
     conn: &mut AsyncPgConnection,
     tenant: &TenantId,
     items: Vec<Item>,
 ) -> Result<Vec<Result<MessageRow, Error>>, Error> {
-    let stored = store_batch_in(conn, tenant, items).await;
+    let stored = store_batch_in(conn, tenant, &items).await;
     if stored.is_err() {
         // A failed statement leaves the transaction aborted (or not begun): end it.
-        let _ = diesel::sql_query("ROLLBACK").execute(conn).await;
+        let _ = Prepared::text(&["ROLLBACK"]).execute(conn).await;
     }
-    stored
+    let stored = stored?;
+    Ok(fates(&items, stored))
 }
 
 async fn store_batch_in(
     conn: &mut AsyncPgConnection,
     tenant: &TenantId,
-    items: Vec<Item>,
-) -> Result<Vec<Result<MessageRow, Error>>, Error> {
-    use diesel::sql_types::{Array, BigInt, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
-    use std::collections::{HashMap, HashSet};
+    items: &[Item],
+) -> Result<Vec<Stored>, Error> {
+    use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
+    use std::collections::HashSet;
+
+    // The first of the sends with the same sender and request id.
+    let mut seen = HashSet::new();
+    let first: Vec<&Item> = items
+        .iter()
+        .filter(|i| seen.insert((i.sender, i.request_id)))
+        .collect();
+    let column = |f: fn(&Item) -> Uuid| first.iter().map(|i| f(i)).collect::<Vec<Uuid>>();
+    let (ids, conversations, senders, request_ids) = (
+        column(|i| i.id),
+        column(|i| i.conversation),
+        column(|i| i.sender),
+        column(|i| i.request_id),
+    );
+    let ciphertexts: Vec<&[u8]> = first.iter().map(|i| i.sealed.as_slice()).collect();
+    let masked: Vec<bool> = first.iter().map(|i| i.masked).collect();
+    let at = now();
 
     let conn: &AsyncPgConnection = conn;
-    let request_ids: Vec<Uuid> = items.iter().map(|i| i.request_id).collect();
-    let conversation_ids: Vec<Uuid> = items.iter().map(|i| i.conversation).collect();
-    let sender_ids: Vec<Uuid> = items.iter().map(|i| i.sender).collect();
     // Every statement runs to its end (join, not try_join), so the connection's answers stay
-    // in step; the first error counts.
-    let (begun, entered, last_event, memberships, sequences, custom, existing) = futures::join!(
+    // in step; the first error counts. After a failed statement, PostgreSQL answers the
+    // COMMIT with a rollback.
+    let (begun, entered, locked, planned, stored, committed) = futures::join!(
         Prepared::text(&["BEGIN"]).execute(&mut &*conn),
         hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
-        event_counter::table
-            .select(event_counter::last_id)
-            .for_update()
-            .first::<i64>(&mut &*conn),
-        members::table
-            .filter(members::conversation_id.eq_any(&conversation_ids))
-            .filter(members::user_id.eq_any(&sender_ids))
-            .select((members::conversation_id, members::user_id))
-            .load::<(Uuid, Uuid)>(&mut &*conn),
-        conversations::table
-            .filter(conversations::id.eq_any(&conversation_ids))
-            .select((conversations::id, conversations::last_sequence))
-            .load::<(Uuid, i64)>(&mut &*conn),
-        // The joins with the batch's arrays (this lookup, and the update of the sequences)
-        // are planned for each batch: a generic plan, made once while the tenant had few
-        // messages, would go on scanning them all once it has many.
-        plan_cache_mode("force_custom_plan").execute(&mut &*conn),
-        // Retries: one probe of `messages_request_key` per (sender, request id) pair.
+        Prepared::text(&["SELECT FROM event_counter FOR UPDATE"]).execute(&mut &*conn),
+        Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
         Prepared::new(
-            &[
-                "SELECT m.* FROM messages m JOIN unnest(",
-                "::uuid[], ",
-                "::uuid[]) AS r(sender_id, request_id) \
-                 ON m.sender_id = r.sender_id AND m.request_id = r.request_id \
-                 WHERE m.request_id IS NOT NULL",
-            ],
+            STORE_BATCH,
             (
-                bind::<Array<SqlUuid>, _>(&sender_ids),
+                bind::<Array<SqlUuid>, _>(&ids),
+                bind::<Array<SqlUuid>, _>(&conversations),
+                bind::<Array<SqlUuid>, _>(&senders),
                 bind::<Array<SqlUuid>, _>(&request_ids),
+                bind::<Array<Bytea>, _>(&ciphertexts),
+                bind::<Array<Bool>, _>(&masked),
+                bind::<Timestamptz, _>(at),
+                bind::<Timestamptz, _>(at),
             ),
         )
-        .load::<MessageRow>(&mut &*conn),
+        .load::<Stored>(&mut &*conn),
+        Prepared::text(&["COMMIT"]).execute(&mut &*conn),
     );
     begun?;
     entered?;
-    custom?;
-    let (last_event, existing, memberships, sequences) =
-        (last_event?, existing?, memberships?, sequences?);
-    let existing: HashMap<(Uuid, Uuid), MessageRow> = existing
-        .into_iter()
-        .filter_map(|row| row.request_id.map(|r| ((row.sender_id, r), row)))
-        .collect();
-    let memberships: HashSet<(Uuid, Uuid)> = memberships.into_iter().collect();
-    // The next sequence number of each conversation.
-    let mut next_sequence: HashMap<Uuid, i64> = sequences
-        .into_iter()
-        .map(|(id, last)| (id, last + 1))
-        .collect();
+    locked?;
+    planned?;
+    let stored = stored?;
+    committed?;
+    Ok(stored)
+}
 
-    // What becomes of each send: an earlier message (a retry), an error, or a new row.
-    enum Fate {
-        Done(Result<MessageRow, Error>),
-        SameAs(usize),
-        New,
+/// What became of each send: its new message, the earlier message of a retry, or an error.
+fn fates(items: &[Item], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> {
+    let mut new = HashMap::new();
+    let mut earlier = HashMap::new();
+    for Stored { inserted, row } in stored {
+        if inserted {
+            new.insert(row.id, row);
+        } else if let Some(request_id) = row.request_id {
+            earlier.insert((row.sender_id, request_id), row);
+        }
     }
-    let at = now();
-    let mut fates = Vec::with_capacity(items.len());
-    let mut first_in_batch: HashMap<(Uuid, Uuid), usize> = HashMap::new();
-    let mut next_event = last_event + 1;
-    // The new messages, column by column (their events share ids, conversations and time).
-    let mut new = NewRows::default();
-    for (index, item) in items.iter().enumerate() {
-        let key = (item.sender, item.request_id);
-        let fate = if let Some(row) = existing.get(&key) {
-            if row.conversation_id == item.conversation {
-                Fate::Done(Ok(row.clone()))
-            } else {
-                Fate::Done(Err(Error::RequestIdConflict))
+    // The first send with each sender and request id, by that key.
+    let mut first: HashMap<(Uuid, Uuid), &Item> = HashMap::new();
+    items
+        .iter()
+        .map(|item| {
+            let key = (item.sender, item.request_id);
+            let first = *first.entry(key).or_insert(item);
+            let row = new.get(&first.id).or_else(|| earlier.get(&key));
+            match row {
+                Some(row) if row.conversation_id == item.conversation => Ok(row.clone()),
+                Some(_) => Err(Error::RequestIdConflict),
+                // Not a member, or no such conversation: the same answer (no existence oracle).
+                None => Err(Error::NotFound("conversation")),
             }
-        } else if let Some(&earlier) = first_in_batch.get(&key) {
-            if items[earlier].conversation == item.conversation {
-                Fate::SameAs(earlier)
-            } else {
-                Fate::Done(Err(Error::RequestIdConflict))
-            }
-        } else if let Some(sequence) = next_sequence
-            .get_mut(&item.conversation)
-            .filter(|_| memberships.contains(&(item.conversation, item.sender)))
-        {
-            first_in_batch.insert(key, index);
-            new.ids.push(item.id);
-            new.conversations.push(item.conversation);
-            new.sequences.push(*sequence);
-            new.senders.push(item.sender);
-            new.ciphertexts.push(item.sealed.clone());
-            new.masked.push(item.masked);
-            new.request_ids.push(item.request_id);
-            new.events.push(next_event);
-            *sequence += 1;
-            next_event += 1;
-            Fate::New
-        } else {
-            Fate::Done(Err(Error::NotFound("conversation")))
-        };
-        fates.push(fate);
-    }
-
-    let mut rows_by_id: HashMap<Uuid, MessageRow> = HashMap::new();
-    if new.ids.is_empty() {
-        Prepared::text(&["COMMIT"]).execute(&mut &*conn).await?;
-    } else {
-        let (ids, lasts): (Vec<Uuid>, Vec<i64>) = next_sequence
-            .iter()
-            .map(|(id, next)| (*id, *next - 1))
-            .unzip();
-        // Fixed statements whatever the batch's size, so each is prepared once per
-        // connection: rows come in as one array per column.
-        let (advanced, generic, inserted, recorded, counted, committed) = futures::join!(
-            Prepared::new(
-                &[
-                    "UPDATE conversations c SET last_sequence = n.last, updated_at = now() \
-                     FROM unnest(",
-                    "::uuid[], ",
-                    "::bigint[]) AS n(id, last) \
-                     WHERE c.id = n.id AND c.last_sequence <> n.last",
-                ],
-                (
-                    bind::<Array<SqlUuid>, _>(&ids),
-                    bind::<Array<BigInt>, _>(&lasts),
-                ),
-            )
-            .execute(&mut &*conn),
-            // Back to reusing plans, for the inserts and their foreign-key checks.
-            plan_cache_mode("auto").execute(&mut &*conn),
-            Prepared::new(
-                &[
-                    "INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, \
-                                           masked, request_id, created_at) \
-                     SELECT n.*, ",
-                    "::timestamptz FROM unnest(",
-                    "::uuid[], ",
-                    "::uuid[], ",
-                    "::bigint[], ",
-                    "::uuid[], ",
-                    "::bytea[], ",
-                    "::boolean[], ",
-                    "::uuid[]) AS n RETURNING *",
-                ],
-                (
-                    bind::<Timestamptz, _>(at),
-                    bind::<Array<SqlUuid>, _>(&new.ids),
-                    bind::<Array<SqlUuid>, _>(&new.conversations),
-                    bind::<Array<BigInt>, _>(&new.sequences),
-                    bind::<Array<SqlUuid>, _>(&new.senders),
-                    bind::<Array<Bytea>, _>(&new.ciphertexts),
-                    bind::<Array<Bool>, _>(&new.masked),
-                    bind::<Array<SqlUuid>, _>(&new.request_ids),
-                ),
-            )
-            .load::<MessageRow>(&mut &*conn),
-            Prepared::new(
-                &[
-                    "INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
-                     SELECT n.id, n.conversation_id, ",
-                    ", n.message_id, ",
-                    "::timestamptz FROM unnest(",
-                    "::bigint[], ",
-                    "::uuid[], ",
-                    "::uuid[]) AS n(id, conversation_id, message_id)",
-                ],
-                (
-                    bind::<Text, _>(event_kind::CREATED),
-                    bind::<Timestamptz, _>(at),
-                    bind::<Array<BigInt>, _>(&new.events),
-                    bind::<Array<SqlUuid>, _>(&new.conversations),
-                    bind::<Array<SqlUuid>, _>(&new.ids),
-                ),
-            )
-            .execute(&mut &*conn),
-            diesel::update(event_counter::table)
-                .set(event_counter::last_id.eq(next_event - 1))
-                .execute(&mut &*conn),
-            // After a failed statement above, PostgreSQL answers this COMMIT with a rollback;
-            // the error of that statement is what is reported.
-            Prepared::text(&["COMMIT"]).execute(&mut &*conn),
-        );
-        advanced?;
-        generic?;
-        let inserted = inserted?;
-        recorded?;
-        counted?;
-        committed?;
-        rows_by_id = inserted.into_iter().map(|r| (r.id, r)).collect();
-    }
-    let mut results = Vec::with_capacity(items.len());
-    for (index, fate) in fates.into_iter().enumerate() {
-        let new_row = |index: usize| {
-            rows_by_id
-                .get(&items[index].id)
-                .cloned()
-                .ok_or(Error::NotFound("conversation"))
-        };
-        results.push(match fate {
-            Fate::Done(result) => result,
-            Fate::SameAs(earlier) => new_row(earlier),
-            Fate::New => new_row(index),
-        });
-    }
-    Ok(results)
+        })
+        .collect()
 }

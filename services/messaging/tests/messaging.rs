@@ -677,6 +677,109 @@ async fn sends_are_idempotent_and_non_members_see_nothing() {
     assert!(listed.iter().all(|c| c.conversation_id != private));
 }
 
+/// Sends that arrive together are committed together: retries of one request, a reuse of
+/// its request id for another conversation and sends by a non-member each get their own
+/// answer, and the others in their batch are stored all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_committed_together_each_get_their_own_answer() {
+    let s = setup().await;
+    let (first, second) = (s.group("first").await, s.group("second").await);
+    let private = s
+        .client()
+        .await
+        .create_conversation(with_token(
+            &s.owner,
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Group as i32,
+                title: "owners only".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    let client = s.client().await;
+    let send = |token: &str, conversation: &str, request_id: &str, body: &str| {
+        let mut client = client.clone();
+        let request = with_token(
+            token,
+            pb::SendMessageRequest {
+                request_id: request_id.into(),
+                conversation_id: conversation.into(),
+                body: body.into(),
+            },
+        );
+        async move {
+            client
+                .send_message(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut stored = 0;
+    for _round in 0..3 {
+        let reused = Uuid::now_v7().to_string();
+        let retries =
+            futures::future::join_all((0..10).map(|_| send(&s.owner, &first, &reused, "retried")));
+        let elsewhere = send(
+            &s.owner,
+            &second,
+            &reused,
+            "same request id, other conversation",
+        );
+        let outsider = futures::future::join_all((0..5).map(|_| {
+            send(
+                &s.member,
+                &private,
+                &Uuid::now_v7().to_string(),
+                "let me in",
+            )
+        }));
+        let plain = futures::future::join_all(
+            (0..10).map(|_| send(&s.member, &first, &Uuid::now_v7().to_string(), "plain")),
+        );
+        let (retries, elsewhere, outsider, plain) =
+            tokio::join!(retries, elsewhere, outsider, plain);
+
+        // Whichever came first owns the request id; the others are retries of it or conflicts.
+        let conflict = |err: &tonic::Status| {
+            (err.code(), reason(err).as_str()) == (Code::AlreadyExists, "REQUEST_ID_CONFLICT")
+        };
+        match &elsewhere {
+            Ok(_) => assert!(retries.iter().all(|r| r.as_ref().is_err_and(conflict))),
+            Err(err) => {
+                assert!(conflict(err), "{err:?}");
+                let ids: HashSet<String> = retries
+                    .iter()
+                    .map(|r| r.as_ref().unwrap().message_id.clone())
+                    .collect();
+                assert_eq!(ids.len(), 1, "every retry returns the one message");
+                stored += 1;
+            }
+        }
+        for err in outsider {
+            assert_eq!(
+                err.unwrap_err().code(),
+                Code::NotFound,
+                "a non-member's send fails alone"
+            );
+        }
+        let ids: HashSet<String> = plain.into_iter().map(|m| m.unwrap().message_id).collect();
+        assert_eq!(ids.len(), 10);
+        stored += 10;
+    }
+    let history = s.history(&s.owner, &first).await;
+    assert_eq!(history.len(), stored);
+    let sequences: Vec<u64> = history.iter().map(|m| m.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=stored as u64).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
+    assert!(s.history(&s.owner, &private).await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_keep_delivering_by_polling_when_redis_stops() {
     let mut redis = hafen_testkit::PrivateRedis::start();
