@@ -191,7 +191,7 @@ impl CachedSession {
             user_id: principal.user_id,
             role: principal.role.as_str().to_owned(),
             chat_code_id: principal.chat_code_id,
-            access_digest: hex(digest),
+            access_digest: hex::encode(digest),
             expires_at: principal.expires_at,
         }
     }
@@ -200,7 +200,7 @@ impl CachedSession {
     pub fn principal(&self, digest: &[u8; 32]) -> Option<Principal> {
         let matches = hafen_crypto::secret::constant_time_eq(
             self.access_digest.as_bytes(),
-            hex(digest).as_bytes(),
+            hex::encode(digest).as_bytes(),
         );
         Some(Principal {
             session_id: self.session_id,
@@ -212,8 +212,4 @@ impl CachedSession {
         })
         .filter(|_| matches)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -523,7 +523,7 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                     "events_checked": verified.events_checked,
                     "first_broken_sequence": verified.first_broken_sequence,
                     "head_sequence": verified.head_sequence,
-                    "head_hash": hex(&verified.head_hash),
+                    "head_hash": hex::encode(&verified.head_hash),
                 }),
                 || {
                     if verified.intact {
@@ -531,7 +531,7 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                             "Intact: {} events; head {} hash {}",
                             verified.events_checked,
                             verified.head_sequence,
-                            hex(&verified.head_hash)
+                            hex::encode(&verified.head_hash)
                         )
                     } else {
                         format!("BROKEN at event {}", verified.first_broken_sequence)
@@ -685,12 +685,8 @@ fn event_json(e: &audit_pb::AuditEvent) -> Value {
         "target_id": e.target_id,
         "outcome": outcome_name(e.outcome),
         "attributes": e.attributes,
-        "hash": hex(&e.hash),
+        "hash": hex::encode(&e.hash),
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn role_name(role: i32) -> &'static str {
