@@ -105,6 +105,24 @@ impl Setup {
             .conversation_id
     }
 
+    /// A group of the owner alone.
+    async fn owners_only(&self) -> String {
+        self.client()
+            .await
+            .create_conversation(with_token(
+                &self.owner,
+                pb::CreateConversationRequest {
+                    kind: pb::ConversationKind::Group as i32,
+                    title: "owners only".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation_id
+    }
+
     async fn send(
         &self,
         token: &str,
@@ -625,19 +643,7 @@ async fn sends_are_idempotent_and_non_members_see_nothing() {
     );
 
     // A third user of the tenant, not a member.
-    let private = client
-        .create_conversation(with_token(
-            &s.owner,
-            pb::CreateConversationRequest {
-                kind: pb::ConversationKind::Group as i32,
-                title: "owners only".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation_id;
+    let private = s.owners_only().await;
     let secret = s.send(&s.owner, &private, "not for members").await.unwrap();
     let err = s.send(&s.member, &private, "let me in").await.unwrap_err();
     assert_eq!(
@@ -684,21 +690,7 @@ async fn sends_are_idempotent_and_non_members_see_nothing() {
 async fn sends_committed_together_each_get_their_own_answer() {
     let s = setup().await;
     let (first, second) = (s.group("first").await, s.group("second").await);
-    let private = s
-        .client()
-        .await
-        .create_conversation(with_token(
-            &s.owner,
-            pb::CreateConversationRequest {
-                kind: pb::ConversationKind::Group as i32,
-                title: "owners only".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation_id;
+    let private = s.owners_only().await;
     let client = s.client().await;
     let send = |token: &str, conversation: &str, request_id: &str, body: &str| {
         let mut client = client.clone();
@@ -1144,79 +1136,4 @@ async fn direct_conversations_are_unique_per_pair_and_members_can_leave_groups()
     assert!(left.removed);
     let err = s.send(&s.member, &group, "still here?").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "no access after leaving");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failing_send_in_a_group_commit_fails_alone() {
-    let s = setup().await;
-    let open = s.group("open").await;
-    let private = s
-        .client()
-        .await
-        .create_conversation(with_token(
-            &s.owner,
-            pb::CreateConversationRequest {
-                kind: pb::ConversationKind::Group as i32,
-                title: "private".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation_id;
-    let retry = Uuid::now_v7().to_string();
-    // Many sends at once so they share batches: valid ones, a non-member's, and one request
-    // id sent three times.
-    let mut tasks = Vec::new();
-    for i in 0..40 {
-        let mut client = s.client().await;
-        let (token, conversation, request_id) = match i % 4 {
-            0 => (
-                s.member.clone(),
-                private.clone(),
-                Uuid::now_v7().to_string(),
-            ),
-            1 if i < 12 => (s.owner.clone(), open.clone(), retry.clone()),
-            _ => (s.owner.clone(), open.clone(), Uuid::now_v7().to_string()),
-        };
-        tasks.push(tokio::spawn(async move {
-            client
-                .send_message(with_token(
-                    &token,
-                    pb::SendMessageRequest {
-                        request_id,
-                        conversation_id: conversation,
-                        body: format!("message {i}"),
-                    },
-                ))
-                .await
-                .map(tonic::Response::into_inner)
-        }));
-    }
-    let mut retried = HashSet::new();
-    let mut not_found = 0;
-    let mut ok = 0;
-    for (i, task) in tasks.into_iter().enumerate() {
-        match task.await.unwrap() {
-            Ok(message) if i % 4 == 1 && i < 12 => {
-                retried.insert(message.message_id);
-            }
-            Ok(_) => ok += 1,
-            Err(err) => {
-                assert_eq!(err.code(), Code::NotFound, "{err:?}");
-                not_found += 1;
-            }
-        }
-    }
-    assert_eq!(not_found, 10, "only the non-member's sends fail");
-    assert_eq!(retried.len(), 1, "one request id, one message");
-    let history = s.history(&s.owner, &open).await;
-    assert_eq!(history.len(), ok + 1);
-    let sequences: Vec<u64> = history.iter().map(|m| m.sequence).collect();
-    assert_eq!(
-        sequences,
-        (1..=history.len() as u64).collect::<Vec<_>>(),
-        "no gap in sequences"
-    );
 }
