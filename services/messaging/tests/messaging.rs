@@ -88,6 +88,16 @@ impl Setup {
     }
 
     async fn group(&self, title: &str) -> String {
+        self.group_of(title, vec![self.member_id.clone()]).await
+    }
+
+    /// A group of the owner alone.
+    async fn owners_only(&self) -> String {
+        self.group_of("owners only", Vec::new()).await
+    }
+
+    /// A group of the owner and `members`.
+    async fn group_of(&self, title: &str, members: Vec<String>) -> String {
         self.client()
             .await
             .create_conversation(with_token(
@@ -95,25 +105,7 @@ impl Setup {
                 pb::CreateConversationRequest {
                     kind: pb::ConversationKind::Group as i32,
                     title: title.into(),
-                    member_user_ids: vec![self.member_id.clone()],
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .conversation_id
-    }
-
-    /// A group of the owner alone.
-    async fn owners_only(&self) -> String {
-        self.client()
-            .await
-            .create_conversation(with_token(
-                &self.owner,
-                pb::CreateConversationRequest {
-                    kind: pb::ConversationKind::Group as i32,
-                    title: "owners only".into(),
+                    member_user_ids: members,
                     ..Default::default()
                 },
             ))
