@@ -7,7 +7,8 @@
 //! round trip and pipelines freely.
 //!
 //! Only for statements whose plan does not depend on their parameters: PostgreSQL may switch a
-//! cached statement to a generic plan after a few runs. Prepared statements follow the
+//! cached statement to a generic plan after a few runs ([`INDEX_PROBES_ONLY`] keeps such plans
+//! right for lookups by key). Prepared statements follow the
 //! connection's `search_path` (PostgreSQL re-parses them when it changed), so a tenant scope
 //! entered on a pooled connection applies to them too.
 //!
@@ -30,6 +31,19 @@ use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
 use diesel::sql_types::{HasSqlType, Untyped};
+
+/// Plans that stay right as a tenant grows, for the rest of the transaction. A statement
+/// prepared once per connection may run with a generic plan made while its tables were
+/// nearly empty: then a sequential scan, or a join that walks a whole index, looks as cheap as
+/// a lookup, and stays in the plan as the tables grow. With sequential scans off, a lookup
+/// written so that its key comes from outside the scan (`= ANY (…)`, a correlated or a
+/// `LATERAL (… LIMIT 1)` subquery) can only be an index probe. A plain join can still walk a
+/// whole index: write lookups in those forms. JIT is off too: an unavoidable sequential scan
+/// (a one-row table) then looks costly enough to the planner to compile the statement,
+/// hundreds of milliseconds for a millisecond's work. Run it, pipelined, before such
+/// statements.
+pub const INDEX_PROBES_ONLY: &[&str] =
+    &["SELECT set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)"];
 
 /// A statement of fixed text with its parameters; see the module documentation.
 #[derive(Debug, Clone)]

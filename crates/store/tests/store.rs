@@ -194,3 +194,65 @@ async fn cb1_a_prepared_statement_reads_the_tenant_whose_scope_is_entered() {
         .unwrap();
     }
 }
+
+#[derive(QueryableByName, Debug)]
+struct PlanLine {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    #[diesel(column_name = "QUERY PLAN")]
+    line: String,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generic_plan_made_on_empty_tables_probes_indexes_under_index_probes_only() {
+    // A statement prepared once per connection may run with a generic plan made while its
+    // tables were empty. Planned that way, a lookup scans the whole table (and would go on
+    // scanning it as it grows); under INDEX_PROBES_ONLY, a lookup written as a LATERAL
+    // subquery probes the index.
+    use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared};
+
+    let db = TestDatabase::create().await;
+    let mut conn = db.connect().await;
+    conn.batch_execute(
+        "CREATE SCHEMA plans; \
+         CREATE TABLE plans.parent (id uuid PRIMARY KEY, name text NOT NULL); \
+         CREATE TABLE plans.child (id bigint PRIMARY KEY, parent_id uuid NOT NULL); \
+         ANALYZE plans.parent, plans.child",
+    )
+    .await
+    .unwrap();
+    // Each its own statement: a plan, once made, is kept whatever the settings of later runs.
+    let mut plan = async |name: &str, settings: bool| {
+        conn.batch_execute(&format!(
+            "PREPARE {name}(bigint) AS SELECT * FROM plans.child c CROSS JOIN LATERAL \
+                 (SELECT * FROM plans.parent p WHERE p.id = c.parent_id LIMIT 1) p \
+                 WHERE c.id > $1 ORDER BY c.id LIMIT 500; \
+             BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"
+        ))
+        .await
+        .unwrap();
+        if settings {
+            Prepared::text(INDEX_PROBES_ONLY)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let lines: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN EXECUTE {name}(0)"))
+            .load(&mut conn)
+            .await
+            .unwrap();
+        conn.batch_execute("COMMIT").await.unwrap();
+        lines
+            .into_iter()
+            .map(|l| l.line)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let unguarded = plan("unguarded", false).await;
+    assert!(unguarded.contains("Seq Scan on parent"), "{unguarded}");
+    let guarded = plan("guarded", true).await;
+    assert!(!guarded.contains("Seq Scan"), "{guarded}");
+    assert!(
+        guarded.contains("Index Cond: (id = c.parent_id)"),
+        "{guarded}"
+    );
+}

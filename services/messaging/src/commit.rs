@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::prepared::{Prepared, bind};
+use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, bind};
 use hafen_store::{AsyncPgConnection, TenantId, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -218,7 +218,8 @@ struct Stored {
 /// arrays; the conversations' last sequences and the event counter advance with them.
 /// Returns the new messages and the earlier ones. Its snapshot must be taken after the event
 /// counter is locked (a statement of its own before it), so no other writer's sequence or
-/// event id can come between.
+/// event id can come between. Every lookup is a `LATERAL … LIMIT 1` subquery or `= ANY`, so
+/// under [`INDEX_PROBES_ONLY`] each is an index probe whatever plan PostgreSQL caches.
 const STORE_BATCH: &[&str] = &[
     "WITH input AS (\
          SELECT * FROM unnest(",
@@ -230,27 +231,31 @@ const STORE_BATCH: &[&str] = &[
     "::boolean[]) WITH ORDINALITY \
              AS i(id, conversation_id, sender_id, request_id, ciphertext, masked, position)\
      ), earlier AS (\
-         SELECT m.* FROM input i JOIN messages m \
-             ON m.sender_id = i.sender_id AND m.request_id = i.request_id \
-         WHERE m.request_id IS NOT NULL\
+         SELECT m.* FROM input i CROSS JOIN LATERAL (\
+             SELECT * FROM messages m \
+             WHERE m.sender_id = i.sender_id AND m.request_id = i.request_id LIMIT 1) m\
      ), fresh AS (\
          SELECT i.*, \
              c.last_sequence + row_number() OVER (PARTITION BY i.conversation_id ORDER BY i.position) \
                  AS sequence, \
              row_number() OVER (ORDER BY i.position) AS rank \
-         FROM input i JOIN conversations c ON c.id = i.conversation_id \
-         WHERE EXISTS (SELECT FROM members b \
-                       WHERE b.conversation_id = i.conversation_id AND b.user_id = i.sender_id) \
-           AND NOT EXISTS (SELECT FROM earlier e \
+         FROM input i \
+         CROSS JOIN LATERAL (\
+             SELECT c.last_sequence FROM conversations c WHERE c.id = i.conversation_id LIMIT 1) c \
+         CROSS JOIN LATERAL (\
+             SELECT FROM members b \
+             WHERE b.conversation_id = i.conversation_id AND b.user_id = i.sender_id LIMIT 1) b \
+         WHERE NOT EXISTS (SELECT FROM earlier e \
                            WHERE e.sender_id = i.sender_id AND e.request_id = i.request_id)\
      ), counted AS (\
          UPDATE event_counter SET last_id = last_id + (SELECT count(*) FROM fresh) \
          WHERE EXISTS (SELECT FROM fresh) \
          RETURNING last_id - (SELECT count(*) FROM fresh) AS base\
      ), advanced AS (\
-         UPDATE conversations c SET last_sequence = f.last, updated_at = now() \
-         FROM (SELECT conversation_id, max(sequence) AS last FROM fresh GROUP BY conversation_id) f \
-         WHERE c.id = f.conversation_id\
+         UPDATE conversations c \
+         SET last_sequence = (SELECT max(f.sequence) FROM fresh f WHERE f.conversation_id = c.id), \
+             updated_at = now() \
+         WHERE c.id = ANY (ARRAY(SELECT conversation_id FROM fresh))\
      ), recorded AS (\
          INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
          SELECT counted.base + f.rank, f.conversation_id, 'message_created', f.id, ",
@@ -264,21 +269,10 @@ const STORE_BATCH: &[&str] = &[
      SELECT true AS inserted, * FROM inserted UNION ALL SELECT false, * FROM earlier",
 ];
 
-/// Plans that stay right as the tenant grows: the batch statement is prepared once per
-/// connection and PostgreSQL may reuse a generic plan for it, made perhaps while its tables
-/// were nearly empty. Without scans of whole tables or hash and merge joins, every step is an
-/// index probe per send, whatever the tables' sizes (for the rest of the transaction). The
-/// one-row event counter has no index to probe: its scan then looks so costly to the planner
-/// that it would compile the statement (JIT, hundreds of milliseconds), so JIT is off too.
-const INDEX_PROBES_ONLY: &[&str] = &["SELECT set_config('enable_seqscan', 'off', true), \
-            set_config('enable_hashjoin', 'off', true), \
-            set_config('enable_mergejoin', 'off', true), \
-            set_config('jit', 'off', true)"];
-
 /// Stores a batch in its own transaction, in one round trip whatever its size: `BEGIN`,
 /// the tenant's scope (role and schema, as `with_tenant` enters it), the lock on the
-/// tenant's event counter (which serialises the tenant's writers), the batch statement and
-/// `COMMIT` go out together. Each has a fixed text (rows travel as one array per column), so
+/// tenant's event counter (which serialises the tenant's writers), the planner settings of
+/// [`INDEX_PROBES_ONLY`], the batch statement and `COMMIT` go out together. Each has a fixed text (rows travel as one array per column), so
 /// each connection prepares it once. Sends repeated within the batch go to the statement
 /// once. Any failure rolls the whole batch back.
 async fn store_batch(

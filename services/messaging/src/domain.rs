@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use futures::future::BoxFuture;
 use hafen_authn::Principal;
-use hafen_store::prepared::Prepared;
+use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, bind};
 use hafen_store::schema::{
     conversations, event_counter, events, legal_holds, members, messages, users,
 };
@@ -32,6 +32,30 @@ use crate::rows::{
 const SETTINGS_TTL: Duration = Duration::from_secs(5);
 /// Most users AddMembers or CreateConversation takes at once.
 const MAX_MEMBERS_PER_CALL: usize = 500;
+
+/// The events after a cursor, of one member's conversations or all (parameters: the cursor,
+/// the member or NULL twice, the limit). The membership check is a correlated subquery, so
+/// it stays one index probe per event whatever plan is cached.
+const FEED_EVENTS: &[&str] = &[
+    "SELECT e.* FROM events e WHERE e.id > ",
+    "::bigint AND (",
+    "::uuid IS NULL OR EXISTS (SELECT FROM members b \
+     WHERE b.conversation_id = e.conversation_id AND b.user_id = ",
+    "::uuid)) ORDER BY e.id LIMIT ",
+    "::bigint",
+];
+
+/// The messages named by the events of [`FEED_EVENTS`] (same parameters), each found by one
+/// probe of the primary key.
+const FEED_MESSAGES: &[&str] = &[
+    "SELECT m.* FROM (SELECT e.message_id FROM events e WHERE e.id > ",
+    "::bigint AND (",
+    "::uuid IS NULL OR EXISTS (SELECT FROM members b \
+     WHERE b.conversation_id = e.conversation_id AND b.user_id = ",
+    "::uuid)) ORDER BY e.id LIMIT ",
+    "::bigint) e \
+     CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.id = e.message_id LIMIT 1) m",
+];
 
 /// A tenant's settings with its masking rules compiled.
 type TenantRules = (Settings, Masker);
@@ -770,10 +794,10 @@ impl Messaging {
             .await
     }
 
-    /// [`Messaging::events_after`] on `conn`, in one round trip: the transaction, the
-    /// tenant's scope and the one query that reads the events with their messages go out
-    /// together (statements prepared once per connection). After an error the transaction
-    /// is rolled back.
+    /// [`Messaging::events_after`] on `conn`, in one round trip: the transaction (one
+    /// snapshot for both reads), the tenant's scope, the events and their messages go out
+    /// together (statements prepared once per connection, every lookup an index probe).
+    /// After an error the transaction is rolled back.
     pub(crate) async fn events_after_on(
         &self,
         conn: &mut AsyncPgConnection,
@@ -782,43 +806,41 @@ impl Messaging {
         member: Option<Uuid>,
         limit: i64,
     ) -> Result<(Vec<EventRow>, HashMap<Uuid, MessageView>), Error> {
-        let mut query = events::table
-            .left_join(messages::table.on(messages::id.nullable().eq(events::message_id)))
-            .filter(events::id.gt(after))
-            .order(events::id.asc())
-            .limit(limit)
-            .select((EventRow::as_select(), Option::<MessageRow>::as_select()))
-            .into_boxed();
-        if let Some(user) = member {
-            let mine = members::table
-                .filter(members::user_id.eq(user))
-                .select(members::conversation_id);
-            query = query.filter(events::conversation_id.eq_any(mine));
-        }
+        use diesel::sql_types::{BigInt, Nullable, Uuid as SqlUuid};
+        let binds = || {
+            (
+                bind::<BigInt, _>(after),
+                bind::<Nullable<SqlUuid>, _>(member),
+                bind::<Nullable<SqlUuid>, _>(member),
+                bind::<BigInt, _>(limit),
+            )
+        };
         let scope = TenantId::from(tenant);
         let shared: &AsyncPgConnection = conn;
-        let (begun, entered, read, ended) = futures::join!(
-            Prepared::text(&["BEGIN READ ONLY"]).execute(&mut &*shared),
+        let (begun, entered, planned, events, rows, ended) = futures::join!(
+            Prepared::text(&["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"])
+                .execute(&mut &*shared),
             hafen_store::tenancy::enter_statement(&scope).execute(&mut &*shared),
-            query.load::<(EventRow, Option<MessageRow>)>(&mut &*shared),
+            Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*shared),
+            Prepared::new(FEED_EVENTS, binds()).load::<EventRow>(&mut &*shared),
+            Prepared::new(FEED_MESSAGES, binds()).load::<MessageRow>(&mut &*shared),
             // After a failed statement above, PostgreSQL answers this with a rollback.
             Prepared::text(&["COMMIT"]).execute(&mut &*shared),
         );
         let read = begun
             .and(entered)
-            .and(read)
+            .and(planned)
+            .and(events)
+            .and_then(|events| rows.map(|rows| (events, rows)))
             .and_then(|read| ended.map(|_| read));
-        let read = match read {
+        let (events, rows) = match read {
             Ok(read) => read,
             Err(err) => {
                 let _ = Prepared::text(&["ROLLBACK"]).execute(conn).await;
                 return Err(err.into());
             }
         };
-        let (events, rows): (Vec<EventRow>, Vec<Option<MessageRow>>) = read.into_iter().unzip();
-        let views = self
-            .views(tenant, rows.into_iter().flatten().collect())
-            .await?;
+        let views = self.views(tenant, rows).await?;
         Ok((events, views.into_iter().map(|v| (v.id, v)).collect()))
     }
 
