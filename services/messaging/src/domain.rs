@@ -33,29 +33,31 @@ const SETTINGS_TTL: Duration = Duration::from_secs(5);
 /// Most users AddMembers or CreateConversation takes at once.
 const MAX_MEMBERS_PER_CALL: usize = 500;
 
-/// The events after a cursor, of one member's conversations or all (parameters: the cursor,
-/// the member or NULL twice, the limit). The membership check is a correlated subquery, so
-/// it stays one index probe per event whatever plan is cached.
-const FEED_EVENTS: &[&str] = &[
-    "SELECT e.* FROM events e WHERE e.id > ",
-    "::bigint AND (",
-    "::uuid IS NULL OR EXISTS (SELECT FROM members b \
-     WHERE b.conversation_id = e.conversation_id AND b.user_id = ",
-    "::uuid)) ORDER BY e.id LIMIT ",
-    "::bigint",
-];
+/// A statement over the events after a cursor, of one member's conversations or all
+/// (parameters: the cursor, the member or NULL twice, the limit), with `$select` before its
+/// `FROM` and `$rest` after its `LIMIT`. Under an `OR`, the membership check stays a
+/// subquery on the member's key: an index scan of their memberships, whatever plan is cached.
+macro_rules! after_cursor {
+    ($select:literal, $rest:literal) => {
+        &[
+            concat!($select, " FROM events e WHERE e.id > "),
+            "::bigint AND (",
+            "::uuid IS NULL OR EXISTS (SELECT FROM members b \
+             WHERE b.conversation_id = e.conversation_id AND b.user_id = ",
+            "::uuid)) ORDER BY e.id LIMIT ",
+            concat!("::bigint", $rest),
+        ]
+    };
+}
 
-/// The messages named by the events of [`FEED_EVENTS`] (same parameters), each found by one
-/// probe of the primary key.
-const FEED_MESSAGES: &[&str] = &[
-    "SELECT m.* FROM (SELECT e.message_id FROM events e WHERE e.id > ",
-    "::bigint AND (",
-    "::uuid IS NULL OR EXISTS (SELECT FROM members b \
-     WHERE b.conversation_id = e.conversation_id AND b.user_id = ",
-    "::uuid)) ORDER BY e.id LIMIT ",
-    "::bigint) e \
-     CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.id = e.message_id LIMIT 1) m",
-];
+/// The feed's events.
+const FEED_EVENTS: &[&str] = after_cursor!("SELECT e.*", "");
+
+/// The messages the feed's events name, each found by one probe of the primary key.
+const FEED_MESSAGES: &[&str] = after_cursor!(
+    "SELECT m.* FROM (SELECT e.message_id",
+    ") e CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.id = e.message_id LIMIT 1) m"
+);
 
 /// A tenant's settings with its masking rules compiled.
 type TenantRules = (Settings, Masker);
