@@ -8,9 +8,9 @@
 //!
 //! Only for statements whose plan does not depend on their parameters: PostgreSQL may switch a
 //! cached statement to a generic plan after a few runs ([`INDEX_PROBES_ONLY`] keeps such plans
-//! right for lookups by key). Prepared statements follow the
-//! connection's `search_path` (PostgreSQL re-parses them when it changed), so a tenant scope
-//! entered on a pooled connection applies to them too.
+//! right for lookups by key). Prepared statements follow the connection's `search_path`
+//! (PostgreSQL re-parses them when it changed), so a tenant scope entered on a pooled
+//! connection applies to them too.
 //!
 //! ```
 //! use diesel::sql_types::Text;

@@ -100,6 +100,38 @@ pub async fn enter(conn: &mut AsyncPgConnection, tenant: &TenantId) -> diesel::Q
         .map(drop)
 }
 
+/// Runs `statements` in a transaction scoped to `tenant` on `conn`, pipelined: `begin`
+/// (`BEGIN` or one of its forms), the scope, the statements and `COMMIT` go out together, one
+/// round trip once each is prepared on the connection. `statements` must be a future that
+/// has not been polled and that sends its queries on its first poll, in order (diesel
+/// futures, or a `futures::join!` of them). After any failure the transaction is rolled back
+/// and the first error returned; the connection is then ready for the next transaction.
+pub async fn pipelined<R>(
+    conn: &AsyncPgConnection,
+    begin: &'static [&'static str],
+    tenant: &TenantId,
+    statements: impl Future<Output = diesel::QueryResult<R>>,
+) -> diesel::QueryResult<R> {
+    use diesel_async::RunQueryDsl;
+    // Every statement runs to its end (join, not try_join), so the connection's answers stay
+    // in step. After a failed statement, PostgreSQL answers the COMMIT with a rollback.
+    let (begun, entered, result, committed) = futures::join!(
+        Prepared::text(begin).execute(&mut &*conn),
+        enter_statement(tenant).execute(&mut &*conn),
+        statements,
+        Prepared::text(&["COMMIT"]).execute(&mut &*conn),
+    );
+    let result = begun
+        .and(entered)
+        .and(result)
+        .and_then(|result| committed.map(|_| result));
+    if result.is_err() {
+        // Ends whatever is left of the transaction (a no-op when COMMIT ran).
+        let _ = Prepared::text(&["ROLLBACK"]).execute(&mut &*conn).await;
+    }
+    result
+}
+
 /// Runs `f` in a transaction scoped to `tenant` on a pooled connection: the only way any
 /// service touches tenant data. The scope ends with the transaction; the pool resets the
 /// connection before anyone else gets it. `f` returns a boxed future:

@@ -9,7 +9,7 @@
 //! lock, held to commit, keeps event ids in commit order across replicas.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -113,7 +113,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
             match messaging.tenant_connection(tenant).await {
                 Ok(conn) => held = Some(conn),
                 Err(err) => {
-                    fail(batch, &err);
+                    fail(tenant, batch, &err);
                     continue;
                 }
             }
@@ -128,8 +128,8 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
 }
 
 /// Answers every send of `batch` with `err`.
-fn fail(batch: Vec<Send>, err: &Error) {
-    tracing::warn!(error = %err, sends = batch.len(), "batch not committed");
+fn fail(tenant: Uuid, batch: Vec<Send>, err: &Error) {
+    tracing::warn!(tenant_id = %tenant, error = %err, sends = batch.len(), "batch not committed");
     let shared = err.to_string();
     for send in batch {
         let _ = send
@@ -142,32 +142,15 @@ fn fail(batch: Vec<Send>, err: &Error) {
 async fn commit(
     messaging: &Messaging,
     tenant: Uuid,
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     batch: Vec<Send>,
 ) -> bool {
     let waited = <[Send]>::first(&batch).map(|send| send.queued.elapsed());
-    let (work, replies): (Vec<Item>, Vec<_>) = batch
-        .into_iter()
-        .map(|send| {
-            (
-                Item {
-                    id: send.id,
-                    sender: send.sender,
-                    conversation: send.conversation,
-                    request_id: send.request_id,
-                    sealed: send.sealed,
-                    masked: send.masked,
-                },
-                send.reply,
-            )
-        })
-        .unzip();
-    let size = work.len();
     let started = std::time::Instant::now();
-    let outcome = store_batch(conn, &TenantId::from(tenant), work).await;
+    let outcome = store_batch(conn, &TenantId::from(tenant), &batch).await;
     tracing::debug!(
         tenant_id = %tenant,
-        sends = size,
+        sends = batch.len(),
         waited_us = waited.unwrap_or_default().as_micros() as u64,
         elapsed_us = started.elapsed().as_micros() as u64,
         "batch committed"
@@ -175,30 +158,16 @@ async fn commit(
     match outcome {
         Ok(results) => {
             messaging.inner.hub.wake(tenant);
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
+            for (send, result) in batch.into_iter().zip(results) {
+                let _ = send.reply.send(result);
             }
             true
         }
         Err(err) => {
-            tracing::warn!(tenant_id = %tenant, error = %err, sends = replies.len(), "batch not committed");
-            let shared = Arc::new(err.to_string());
-            for reply in replies {
-                let _ = reply.send(Err(Error::Config(format!("commit failed: {shared}"))));
-            }
+            fail(tenant, batch, &err);
             false
         }
     }
-}
-
-/// One send, sealed.
-struct Item {
-    id: Uuid,
-    sender: Uuid,
-    conversation: Uuid,
-    request_id: Uuid,
-    sealed: Vec<u8>,
-    masked: bool,
 }
 
 /// A row the batch statement returns: a message it inserted, or an earlier one with the same
@@ -269,87 +238,64 @@ const STORE_BATCH: &[&str] = &[
      SELECT true AS inserted, * FROM inserted UNION ALL SELECT false, * FROM earlier",
 ];
 
-/// Stores a batch in its own transaction, in one round trip whatever its size: `BEGIN`,
-/// the tenant's scope (role and schema, as `with_tenant` enters it), the lock on the
-/// tenant's event counter (which serialises the tenant's writers), the planner settings of
-/// [`INDEX_PROBES_ONLY`], the batch statement and `COMMIT` go out together. Each has a fixed text (rows travel as one array per column), so
-/// each connection prepares it once. Sends repeated within the batch go to the statement
-/// once. Any failure rolls the whole batch back.
+/// Stores a batch in its own transaction, in one round trip whatever its size (see
+/// [`hafen_store::tenancy::pipelined`]): after `BEGIN` and the tenant's scope, the lock on
+/// the tenant's event counter (which serialises the tenant's writers), the planner settings
+/// of [`INDEX_PROBES_ONLY`] and the batch statement. Each has a fixed text (rows travel as
+/// one array per column), so each connection prepares it once. Sends repeated within the
+/// batch go to the statement once. Any failure rolls the whole batch back.
 async fn store_batch(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     tenant: &TenantId,
-    items: Vec<Item>,
+    sends: &[Send],
 ) -> Result<Vec<Result<MessageRow, Error>>, Error> {
-    let stored = store_batch_in(conn, tenant, &items).await;
-    if stored.is_err() {
-        // A failed statement leaves the transaction aborted (or not begun): end it.
-        let _ = Prepared::text(&["ROLLBACK"]).execute(conn).await;
-    }
-    let stored = stored?;
-    Ok(fates(&items, stored))
-}
-
-async fn store_batch_in(
-    conn: &mut AsyncPgConnection,
-    tenant: &TenantId,
-    items: &[Item],
-) -> Result<Vec<Stored>, Error> {
     use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
     use std::collections::HashSet;
 
     // The first of the sends with the same sender and request id.
     let mut seen = HashSet::new();
-    let first: Vec<&Item> = items
+    let first: Vec<&Send> = sends
         .iter()
-        .filter(|i| seen.insert((i.sender, i.request_id)))
+        .filter(|s| seen.insert((s.sender, s.request_id)))
         .collect();
-    let column = |f: fn(&Item) -> Uuid| first.iter().map(|i| f(i)).collect::<Vec<Uuid>>();
+    let column = |f: fn(&Send) -> Uuid| first.iter().map(|s| f(s)).collect::<Vec<Uuid>>();
     let (ids, conversations, senders, request_ids) = (
-        column(|i| i.id),
-        column(|i| i.conversation),
-        column(|i| i.sender),
-        column(|i| i.request_id),
+        column(|s| s.id),
+        column(|s| s.conversation),
+        column(|s| s.sender),
+        column(|s| s.request_id),
     );
-    let ciphertexts: Vec<&[u8]> = first.iter().map(|i| i.sealed.as_slice()).collect();
-    let masked: Vec<bool> = first.iter().map(|i| i.masked).collect();
+    let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
+    let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
     let at = now();
 
-    let conn: &AsyncPgConnection = conn;
-    // Every statement runs to its end (join, not try_join), so the connection's answers stay
-    // in step; the first error counts. After a failed statement, PostgreSQL answers the
-    // COMMIT with a rollback.
-    let (begun, entered, locked, planned, stored, committed) = futures::join!(
-        Prepared::text(&["BEGIN"]).execute(&mut &*conn),
-        hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
-        Prepared::text(&["SELECT FROM event_counter FOR UPDATE"]).execute(&mut &*conn),
-        Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
-        Prepared::new(
-            STORE_BATCH,
-            (
-                bind::<Array<SqlUuid>, _>(&ids),
-                bind::<Array<SqlUuid>, _>(&conversations),
-                bind::<Array<SqlUuid>, _>(&senders),
-                bind::<Array<SqlUuid>, _>(&request_ids),
-                bind::<Array<Bytea>, _>(&ciphertexts),
-                bind::<Array<Bool>, _>(&masked),
-                bind::<Timestamptz, _>(at),
-                bind::<Timestamptz, _>(at),
-            ),
-        )
-        .load::<Stored>(&mut &*conn),
-        Prepared::text(&["COMMIT"]).execute(&mut &*conn),
-    );
-    begun?;
-    entered?;
-    locked?;
-    planned?;
-    let stored = stored?;
-    committed?;
-    Ok(stored)
+    let statements = async {
+        let (locked, planned, stored) = futures::join!(
+            Prepared::text(&["SELECT FROM event_counter FOR UPDATE"]).execute(&mut &*conn),
+            Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
+            Prepared::new(
+                STORE_BATCH,
+                (
+                    bind::<Array<SqlUuid>, _>(&ids),
+                    bind::<Array<SqlUuid>, _>(&conversations),
+                    bind::<Array<SqlUuid>, _>(&senders),
+                    bind::<Array<SqlUuid>, _>(&request_ids),
+                    bind::<Array<Bytea>, _>(&ciphertexts),
+                    bind::<Array<Bool>, _>(&masked),
+                    bind::<Timestamptz, _>(at),
+                    bind::<Timestamptz, _>(at),
+                ),
+            )
+            .load::<Stored>(&mut &*conn),
+        );
+        locked.and(planned).and(stored)
+    };
+    let stored = hafen_store::tenancy::pipelined(conn, &["BEGIN"], tenant, statements).await?;
+    Ok(fates(sends, stored))
 }
 
 /// What became of each send: its new message, the earlier message of a retry, or an error.
-fn fates(items: &[Item], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> {
+fn fates(sends: &[Send], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> {
     let mut new = HashMap::new();
     let mut earlier = HashMap::new();
     for Stored { inserted, row } in stored {
@@ -360,15 +306,15 @@ fn fates(items: &[Item], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> 
         }
     }
     // The first send with each sender and request id, by that key.
-    let mut first: HashMap<(Uuid, Uuid), &Item> = HashMap::new();
-    items
+    let mut first: HashMap<(Uuid, Uuid), &Send> = HashMap::new();
+    sends
         .iter()
-        .map(|item| {
-            let key = (item.sender, item.request_id);
-            let first = *first.entry(key).or_insert(item);
+        .map(|send| {
+            let key = (send.sender, send.request_id);
+            let first = *first.entry(key).or_insert(send);
             let row = new.get(&first.id).or_else(|| earlier.get(&key));
             match row {
-                Some(row) if row.conversation_id == item.conversation => Ok(row.clone()),
+                Some(row) if row.conversation_id == send.conversation => Ok(row.clone()),
                 Some(_) => Err(Error::RequestIdConflict),
                 // Not a member, or no such conversation: the same answer (no existence oracle).
                 None => Err(Error::NotFound("conversation")),

@@ -791,18 +791,17 @@ impl Messaging {
         member: Option<Uuid>,
         limit: i64,
     ) -> Result<(Vec<EventRow>, HashMap<Uuid, MessageView>), Error> {
-        let mut conn = self.tenant_connection(tenant).await?;
-        self.events_after_on(&mut conn, tenant, after, member, limit)
+        let conn = self.tenant_connection(tenant).await?;
+        self.events_after_on(&conn, tenant, after, member, limit)
             .await
     }
 
-    /// [`Messaging::events_after`] on `conn`, in one round trip: the transaction (one
-    /// snapshot for both reads), the tenant's scope, the events and their messages go out
-    /// together (statements prepared once per connection, every lookup an index probe).
-    /// After an error the transaction is rolled back.
+    /// [`Messaging::events_after`] on `conn`, in one round trip (see
+    /// [`hafen_store::tenancy::pipelined`]): one snapshot for both reads, the events and their
+    /// messages (statements prepared once per connection, every lookup an index probe).
     pub(crate) async fn events_after_on(
         &self,
-        conn: &mut AsyncPgConnection,
+        conn: &AsyncPgConnection,
         tenant: Uuid,
         after: i64,
         member: Option<Uuid>,
@@ -817,31 +816,23 @@ impl Messaging {
                 bind::<BigInt, _>(limit),
             )
         };
-        let scope = TenantId::from(tenant);
-        let shared: &AsyncPgConnection = conn;
-        let (begun, entered, planned, events, rows, ended) = futures::join!(
-            Prepared::text(&["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"])
-                .execute(&mut &*shared),
-            hafen_store::tenancy::enter_statement(&scope).execute(&mut &*shared),
-            Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*shared),
-            Prepared::new(FEED_EVENTS, binds()).load::<EventRow>(&mut &*shared),
-            Prepared::new(FEED_MESSAGES, binds()).load::<MessageRow>(&mut &*shared),
-            // After a failed statement above, PostgreSQL answers this with a rollback.
-            Prepared::text(&["COMMIT"]).execute(&mut &*shared),
-        );
-        let read = begun
-            .and(entered)
-            .and(planned)
-            .and(events)
-            .and_then(|events| rows.map(|rows| (events, rows)))
-            .and_then(|read| ended.map(|_| read));
-        let (events, rows) = match read {
-            Ok(read) => read,
-            Err(err) => {
-                let _ = Prepared::text(&["ROLLBACK"]).execute(conn).await;
-                return Err(err.into());
-            }
+        let statements = async {
+            let (planned, events, rows) = futures::join!(
+                Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
+                Prepared::new(FEED_EVENTS, binds()).load::<EventRow>(&mut &*conn),
+                Prepared::new(FEED_MESSAGES, binds()).load::<MessageRow>(&mut &*conn),
+            );
+            planned
+                .and(events)
+                .and_then(|events| rows.map(|rows| (events, rows)))
         };
+        let (events, rows) = hafen_store::tenancy::pipelined(
+            conn,
+            &["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"],
+            &TenantId::from(tenant),
+            statements,
+        )
+        .await?;
         let views = self.views(tenant, rows).await?;
         Ok((events, views.into_iter().map(|v| (v.id, v)).collect()))
     }

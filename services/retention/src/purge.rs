@@ -558,7 +558,7 @@ impl Purger {
         }
         // The run keeps one connection for its batches; it goes back to the pool (reset)
         // when the run ends.
-        let mut conn = pool.get().await.map_err(hafen_store::Error::from)?;
+        let conn = pool.get().await.map_err(hafen_store::Error::from)?;
         let mut first = true;
         for mut cursor in scopes {
             let mut retried = false;
@@ -568,7 +568,7 @@ impl Purger {
                 }
                 first = false;
                 let batch = self
-                    .batch(&mut conn, &tenant_id, run.id, cursor, progress)
+                    .batch(&conn, &tenant_id, run.id, cursor, progress)
                     .await?;
                 // A message edited while the batch ran is left (see DELETE_AND_REPORT): the
                 // same range once more deletes it in its new version.
@@ -608,43 +608,26 @@ impl Purger {
         }
     }
 
-    /// One batch in its own transaction, in one pipelined round trip on the run's
-    /// connection: `BEGIN`, the tenant's scope (as `with_tenant` enters it), the SHARE lock on
-    /// the holds, the batch statement (heartbeat, examine, delete, report) and `COMMIT`.
-    /// Every statement runs to its end, so the connection's answers stay in step; after a
-    /// failed statement, `COMMIT` rolls the transaction back.
+    /// One batch in its own transaction, in one pipelined round trip on the run's connection
+    /// (see [`hafen_store::tenancy::pipelined`]): the SHARE lock on the holds and the batch
+    /// statement (heartbeat, examine, delete, report).
     async fn batch(
         &self,
-        conn: &mut AsyncPgConnection,
+        conn: &AsyncPgConnection,
         tenant: &TenantId,
         run: Uuid,
         cursor: Cursor,
         progress: &mut Progress,
     ) -> Result<Batch, Error> {
         let statement = batch_statement(run, progress, cursor, self.limit());
-        let outcome = {
-            let conn: &AsyncPgConnection = conn;
-            let (begun, entered, locked, batch, committed) = futures::join!(
-                Prepared::text(&["BEGIN"]).execute(&mut &*conn),
-                hafen_store::tenancy::enter_statement(tenant).execute(&mut &*conn),
+        let statements = async {
+            let (locked, batch) = futures::join!(
                 Prepared::text(&["LOCK TABLE legal_holds IN SHARE MODE"]).execute(&mut &*conn),
                 statement.get_result::<Batch>(&mut &*conn),
-                Prepared::text(&["COMMIT"]).execute(&mut &*conn),
             );
-            begun
-                .and(entered)
-                .and(locked)
-                .and(batch)
-                .and_then(|batch| committed.map(|_| batch))
+            locked.and(batch)
         };
-        let batch = match outcome {
-            Ok(batch) => batch,
-            Err(err) => {
-                // Ends whatever is left of the transaction (a no-op when COMMIT ran).
-                let _ = diesel::sql_query("ROLLBACK").execute(conn).await;
-                return Err(err.into());
-            }
-        };
+        let batch = hafen_store::tenancy::pipelined(conn, &["BEGIN"], tenant, statements).await?;
         if batch.claimed == 0 {
             return Err(Error::TakenOver(run));
         }
