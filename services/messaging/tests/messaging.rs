@@ -173,6 +173,19 @@ impl Setup {
         .await
         .unwrap()
     }
+
+    /// Runs `sql` in the tenant's scope, in a transaction of its own.
+    async fn raw(&self, sql: &'static str) -> Result<(), hafen_store::Error> {
+        let tenant: Uuid = self.tenant.id.parse().unwrap();
+        let pool = hafen_store::pool::build_pool(&self.stack.db.args()).unwrap();
+        hafen_store::with_tenant(&pool, &hafen_store::TenantId::from(tenant), |conn| {
+            Box::pin(async move {
+                diesel_async::SimpleAsyncConnection::batch_execute(conn, sql).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
 }
 
 fn reason(status: &tonic::Status) -> String {
@@ -286,6 +299,34 @@ async fn cb3_the_database_never_holds_a_body_in_clear() {
         body,
         "members read it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conversations_and_users_that_messages_refer_to_are_never_deleted() {
+    // Messages and events carry no per-row foreign-key check (the sending statement proves
+    // membership); their references stay sound because the rows they name stay.
+    let s = setup().await;
+    let conversation = s.group("kept").await;
+    s.send(&s.member, &conversation, "still here")
+        .await
+        .unwrap();
+    for forbidden in [
+        "DELETE FROM conversations",
+        "DELETE FROM users WHERE username = 'colleague'",
+        "UPDATE users SET id = gen_random_uuid() WHERE username = 'colleague'",
+        "UPDATE conversations SET id = gen_random_uuid()",
+        "TRUNCATE conversations CASCADE",
+        "TRUNCATE users CASCADE",
+    ] {
+        let refused = s.raw(forbidden).await.expect_err(forbidden).to_string();
+        assert!(refused.contains("never deleted"), "{forbidden}: {refused}");
+    }
+    s.raw("UPDATE conversations SET title = 'renamed'")
+        .await
+        .expect("other changes go through");
+    let history = s.history(&s.owner, &conversation).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].body, "still here");
 }
 
 #[tokio::test(flavor = "multi_thread")]
