@@ -20,7 +20,8 @@ use uuid::Uuid;
 
 use crate::domain::Messaging;
 use crate::error::Error;
-use crate::rows::MessageRow;
+use crate::hub::Delivery;
+use crate::rows::{EventRow, MessageRow, MessageView, event_kind};
 
 /// Most sends committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -36,6 +37,8 @@ pub(crate) struct Send {
     pub request_id: Uuid,
     pub sealed: Vec<u8>,
     pub masked: bool,
+    /// The body in clear (masked), for this process's live feed only; never stored.
+    pub body: String,
     pub reply: oneshot::Sender<Result<MessageRow, Error>>,
     /// When it was queued.
     pub queued: std::time::Instant,
@@ -156,8 +159,8 @@ async fn commit(
         "batch committed"
     );
     match outcome {
-        Ok(results) => {
-            messaging.inner.hub.wake(tenant);
+        Ok((results, deliveries)) => {
+            messaging.inner.hub.committed(tenant, deliveries);
             for (send, result) in batch.into_iter().zip(results) {
                 let _ = send.reply.send(result);
             }
@@ -176,6 +179,9 @@ async fn commit(
 struct Stored {
     #[diesel(sql_type = diesel::sql_types::Bool)]
     inserted: bool,
+    /// The id of the `message_created` event of a message inserted.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    event_id: Option<i64>,
     #[diesel(embed)]
     row: MessageRow,
 }
@@ -228,14 +234,17 @@ const STORE_BATCH: &[&str] = &[
      ), recorded AS (\
          INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
          SELECT counted.base + f.rank, f.conversation_id, 'message_created', f.id, ",
-    "::timestamptz FROM fresh f, counted\
+    "::timestamptz FROM fresh f, counted \
+         RETURNING id, message_id\
      ), inserted AS (\
          INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, masked, \
                                request_id, created_at) \
          SELECT id, conversation_id, sequence, sender_id, ciphertext, masked, request_id, ",
     "::timestamptz FROM fresh RETURNING *\
      ) \
-     SELECT true AS inserted, * FROM inserted UNION ALL SELECT false, * FROM earlier",
+     SELECT true AS inserted, r.id AS event_id, m.* FROM inserted m \
+         JOIN recorded r ON r.message_id = m.id \
+     UNION ALL SELECT false, NULL, * FROM earlier",
 ];
 
 /// Stores a batch in its own transaction, in one round trip whatever its size (see
@@ -248,7 +257,7 @@ async fn store_batch(
     conn: &AsyncPgConnection,
     tenant: &TenantId,
     sends: &[Send],
-) -> Result<Vec<Result<MessageRow, Error>>, Error> {
+) -> Result<(Vec<Result<MessageRow, Error>>, Vec<Delivery>), Error> {
     use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
     use std::collections::HashSet;
 
@@ -291,14 +300,50 @@ async fn store_batch(
         locked.and(planned).and(stored)
     };
     let stored = hafen_store::tenancy::pipelined(conn, &["BEGIN"], tenant, statements).await?;
-    Ok(fates(sends, stored))
+    let deliveries = deliveries(sends, &stored);
+    Ok((fates(sends, stored), deliveries))
+}
+
+/// The batch's new messages as the live feed hands them out, in event order.
+fn deliveries(sends: &[Send], stored: &[Stored]) -> Vec<Delivery> {
+    let bodies: HashMap<Uuid, &str> = sends.iter().map(|s| (s.id, s.body.as_str())).collect();
+    let mut deliveries: Vec<Delivery> = stored
+        .iter()
+        .filter_map(|Stored { event_id, row, .. }| {
+            let event = EventRow {
+                id: (*event_id)?,
+                conversation_id: row.conversation_id,
+                kind: event_kind::CREATED.to_owned(),
+                message_id: Some(row.id),
+                detail: None,
+                created_at: row.created_at,
+            };
+            let message = MessageView {
+                id: row.id,
+                conversation_id: row.conversation_id,
+                sequence: row.sequence,
+                sender_id: row.sender_id,
+                body: (*bodies.get(&row.id)?).to_owned(),
+                masked: row.masked,
+                created_at: row.created_at,
+                edited_at: row.edited_at,
+                deleted_at: row.deleted_at,
+            };
+            Some(Delivery {
+                event,
+                message: Some(message),
+            })
+        })
+        .collect();
+    deliveries.sort_unstable_by_key(|d| d.event.id);
+    deliveries
 }
 
 /// What became of each send: its new message, the earlier message of a retry, or an error.
 fn fates(sends: &[Send], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> {
     let mut new = HashMap::new();
     let mut earlier = HashMap::new();
-    for Stored { inserted, row } in stored {
+    for Stored { inserted, row, .. } in stored {
         if inserted {
             new.insert(row.id, row);
         } else if let Some(request_id) = row.request_id {

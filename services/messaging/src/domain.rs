@@ -539,6 +539,7 @@ impl Messaging {
                 request_id,
                 sealed: ciphertext,
                 masked,
+                body: body.clone(),
                 reply,
                 queued: std::time::Instant::now(),
             })

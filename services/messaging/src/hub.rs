@@ -1,13 +1,17 @@
 //! Live delivery and resumable streams (BX4).
 //!
-//! Every write appends to the tenant's event log, whose ids follow commit order. After a
-//! commit, the writer wakes this process's feed of the tenant and publishes an empty message
-//! on the tenant's sharded Redis channel (`SPUBLISH <prefix>events:{<tenant>}`), which wakes
-//! the feeds of every other replica: each replica subscribes (`SSUBSCRIBE`) to the channels of
-//! the tenants it has subscribers for, and only to those, so a Redis cluster spreads the
-//! tenants over its shards. A feed reads the new events once from the database, decrypts
-//! their messages once, and hands them to its subscribers; it also polls, so delivery goes on
-//! when Redis is down.
+//! Every write appends to the tenant's event log, whose ids follow commit order and leave no
+//! gap. After a commit, the writer wakes this process's feed of the tenant and publishes a
+//! message on the tenant's sharded Redis channel (`SPUBLISH <prefix>events:{<tenant>}`),
+//! which wakes the feeds of every other replica: each replica subscribes (`SSUBSCRIBE`) to the
+//! channels of the tenants it has subscribers for, and only to those, so a Redis cluster
+//! spreads the tenants over its shards. A feed reads the new events once from the database,
+//! decrypts their messages once, and hands them to its subscribers; it also polls, so
+//! delivery goes on when Redis is down.
+//!
+//! The group commit hands its new messages to this process's feed itself, in clear, when they
+//! directly follow what the feed has handed out; the feed then reads nothing. The message it
+//! publishes carries the last event id, so this process's own feed is not woken by its echo.
 //!
 //! A subscription first registers with the feed, then replays the log after its cursor from
 //! the database, then follows the feed, skipping what the replay already sent: no gap, no
@@ -15,7 +19,7 @@
 //! client to resubscribe with its last cursor (on another replica).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -60,8 +64,9 @@ struct Inner {
     messaging: OnceLock<Messaging>,
     /// Wakes the Redis listener when the set of feeds changed.
     feeds_changed: Notify,
-    /// Tenants whose channel is to be published on, for the publisher task.
-    publish: OnceLock<mpsc::UnboundedSender<Uuid>>,
+    /// Tenants whose channel is to be published on, with the last event id when known, for
+    /// the publisher task.
+    publish: OnceLock<mpsc::UnboundedSender<(Uuid, Option<i64>)>>,
     /// Cancelled when the server shuts down.
     closing: CancellationToken,
 }
@@ -71,7 +76,39 @@ struct Feed {
     sender: broadcast::Sender<Arc<Delivery>>,
     wake: Notify,
     subscribers: AtomicUsize,
-    position: AtomicI64,
+    /// The id of the last event handed out; locked while events are handed out, so they
+    /// go out once each, in order, whoever hands them out.
+    position: Mutex<i64>,
+}
+
+impl Feed {
+    fn position(&self) -> std::sync::MutexGuard<'_, i64> {
+        self.position
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands out `deliveries` (in event order), skipping those already handed out. Events
+    /// read from the log go out as they are (ids are dense, but retention may have removed
+    /// some); a commit's go out only if they directly follow the last event handed out
+    /// (`follow`): false otherwise, as events before them must be read first.
+    fn hand_out(&self, deliveries: Vec<Delivery>, follow: bool) -> bool {
+        let mut position = self.position();
+        if follow
+            && deliveries
+                .first()
+                .is_some_and(|d| d.event.id > *position + 1)
+        {
+            return false;
+        }
+        for delivery in deliveries {
+            if delivery.event.id > *position {
+                *position = delivery.event.id;
+                let _ = self.sender.send(Arc::new(delivery));
+            }
+        }
+        true
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -140,6 +177,25 @@ impl Hub {
         if let Some(feed) = self.feed(tenant) {
             feed.wake.notify_one();
         }
+        self.notify(tenant, None);
+    }
+
+    /// After a group commit: hands its new messages (`deliveries`, in event order, the last
+    /// events committed) to this process's feed of `tenant` when they directly follow what
+    /// it handed out, and wakes it to read them otherwise; wakes the other replicas as
+    /// [`Hub::wake`] does.
+    pub(crate) fn committed(&self, tenant: Uuid, deliveries: Vec<Delivery>) {
+        let last = deliveries.last().map(|d| d.event.id);
+        if let Some(feed) = self.feed(tenant)
+            && !feed.hand_out(deliveries, true)
+        {
+            feed.wake.notify_one();
+        }
+        self.notify(tenant, last);
+    }
+
+    /// Publishes on `tenant`'s channel, through the publisher task.
+    fn notify(&self, tenant: Uuid, last: Option<i64>) {
         let Some(redis) = &self.inner.redis else {
             return;
         };
@@ -148,23 +204,30 @@ impl Hub {
             tokio::spawn(Self::publish(redis.clone(), pending));
             queue
         });
-        let _ = queue.send(tenant);
+        let _ = queue.send((tenant, last));
     }
 
     /// Publishes on the channels of the tenants woken, coalescing the wakes that queue up
-    /// while a round of notifications is on its way.
-    async fn publish(redis: Redis, mut pending: mpsc::UnboundedReceiver<Uuid>) {
-        let mut tenants = HashSet::new();
-        while let Some(tenant) = pending.recv().await {
-            tenants.insert(tenant);
-            while let Ok(tenant) = pending.try_recv() {
-                tenants.insert(tenant);
+    /// while a round of notifications is on its way. The message is the last event id when
+    /// every coalesced wake knew it (the highest), and empty otherwise.
+    async fn publish(redis: Redis, mut pending: mpsc::UnboundedReceiver<(Uuid, Option<i64>)>) {
+        let mut tenants: HashMap<Uuid, Option<i64>> = HashMap::new();
+        let add = |tenants: &mut HashMap<Uuid, Option<i64>>, (tenant, last)| {
+            tenants
+                .entry(tenant)
+                .and_modify(|known| *known = known.zip(last).map(|(a, b)| a.max(b)))
+                .or_insert(last);
+        };
+        while let Some(woken) = pending.recv().await {
+            add(&mut tenants, woken);
+            while let Ok(woken) = pending.try_recv() {
+                add(&mut tenants, woken);
             }
             let mut pipe = redis::pipe();
-            for tenant in tenants.drain() {
+            for (tenant, last) in tenants.drain() {
                 pipe.cmd("SPUBLISH")
                     .arg(Self::channel(&redis, tenant))
-                    .arg("")
+                    .arg(last.map(|id| id.to_string()).unwrap_or_default())
                     .ignore();
             }
             let published: redis::RedisResult<()> = pipe.query_async(&mut redis.conn()).await;
@@ -262,7 +325,16 @@ impl Hub {
                     Some(redis::Value::BulkString(channel)) => Self::tenant_of(redis, channel),
                     _ => None,
                 };
-                if let Some(feed) = tenant.and_then(|t| self.feed(t)) {
+                // The last event id, when the publisher knew it.
+                let last = match push.data.get(1) {
+                    Some(redis::Value::BulkString(last)) => std::str::from_utf8(last)
+                        .ok()
+                        .and_then(|last| last.parse::<i64>().ok()),
+                    _ => None,
+                };
+                if let Some(feed) = tenant.and_then(|t| self.feed(t))
+                    && last.is_none_or(|last| last > *feed.position())
+                {
                     feed.wake.notify_one();
                 }
             }
@@ -306,7 +378,7 @@ impl Hub {
                         sender,
                         wake: Notify::new(),
                         subscribers: AtomicUsize::new(0),
-                        position: AtomicI64::new(position),
+                        position: Mutex::new(position),
                     });
                     tokio::spawn(run_feed(self.clone(), messaging, feed.clone()));
                     self.inner.feeds_changed.notify_one();
@@ -403,7 +475,7 @@ async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
                     }
                 },
             };
-            let after = feed.position.load(Ordering::SeqCst);
+            let after = *feed.position();
             let fetched = messaging
                 .events_after_on(conn, feed.tenant, after, None, BATCH)
                 .await;
@@ -416,14 +488,18 @@ async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
                 }
             };
             let complete = (events.len() as i64) < BATCH;
-            let Some(last) = events.last().map(|e| e.id) else {
+            if events.is_empty() {
                 break;
-            };
-            for event in events {
-                let message = event.message_id.and_then(|id| messages.remove(&id));
-                let _ = feed.sender.send(Arc::new(Delivery { event, message }));
             }
-            feed.position.store(last, Ordering::SeqCst);
+            let deliveries = events
+                .into_iter()
+                .map(|event| {
+                    let message = event.message_id.and_then(|id| messages.remove(&id));
+                    Delivery { event, message }
+                })
+                .collect();
+            // What a commit handed out since `after` is skipped.
+            feed.hand_out(deliveries, false);
             if complete {
                 break;
             }
@@ -561,5 +637,70 @@ impl Subscription {
             .await
             // The client went away: stop quietly.
             .map_err(|_| Status::cancelled("subscriber gone"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    fn feed_at(position: i64) -> (Feed, broadcast::Receiver<Arc<Delivery>>) {
+        let (sender, receiver) = broadcast::channel(16);
+        let feed = Feed {
+            tenant: Uuid::nil(),
+            sender,
+            wake: Notify::new(),
+            subscribers: AtomicUsize::new(1),
+            position: Mutex::new(position),
+        };
+        (feed, receiver)
+    }
+
+    fn events(ids: std::ops::RangeInclusive<i64>) -> Vec<Delivery> {
+        ids.map(|id| Delivery {
+            event: EventRow {
+                id,
+                conversation_id: Uuid::nil(),
+                kind: event_kind::CREATED.into(),
+                message_id: None,
+                detail: None,
+                created_at: chrono::Utc::now(),
+            },
+            message: None,
+        })
+        .collect()
+    }
+
+    fn received(receiver: &mut broadcast::Receiver<Arc<Delivery>>) -> Vec<i64> {
+        std::iter::from_fn(|| receiver.try_recv().ok().map(|d| d.event.id)).collect()
+    }
+
+    #[test]
+    fn a_commit_is_handed_out_only_right_after_what_the_feed_handed_out() {
+        let (feed, mut receiver) = feed_at(5);
+        // Event 6 (another writer's) is not read yet: the commit of 7 and 8 must wait.
+        assert!(!feed.hand_out(events(7..=8), true));
+        assert_eq!(received(&mut receiver), Vec::<i64>::new());
+        assert_eq!(*feed.position(), 5);
+        // Read from the log: 6 to 8, once each, in order.
+        assert!(feed.hand_out(events(6..=8), false));
+        assert_eq!(received(&mut receiver), [6, 7, 8]);
+        // The commit of 9 follows; a read that overlaps it hands out only what is new.
+        assert!(feed.hand_out(events(9..=9), true));
+        assert!(feed.hand_out(events(8..=10), false));
+        assert_eq!(received(&mut receiver), [9, 10]);
+        // A commit the feed read first is not handed out again.
+        assert!(feed.hand_out(events(10..=10), true));
+        assert_eq!(received(&mut receiver), Vec::<i64>::new());
+        assert_eq!(*feed.position(), 10);
+    }
+
+    #[test]
+    fn the_log_is_handed_out_across_events_retention_removed() {
+        let (feed, mut receiver) = feed_at(5);
+        assert!(feed.hand_out(events(9..=10), false));
+        assert_eq!(received(&mut receiver), [9, 10]);
     }
 }
