@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::domain::Messaging;
 use crate::error::Error;
 use crate::hub::Delivery;
-use crate::rows::{EventRow, MessageRow, MessageView, event_kind};
+use crate::rows::{EventRow, MessageRow, event_kind};
 
 /// Most sends committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -159,8 +159,13 @@ async fn commit(
         "batch committed"
     );
     match outcome {
-        Ok((results, deliveries)) => {
-            messaging.inner.hub.committed(tenant, deliveries);
+        Ok(stored) => {
+            let last = stored.iter().filter_map(|s| s.event_id).max();
+            messaging
+                .inner
+                .hub
+                .committed(tenant, last, || deliveries(&batch, &stored));
+            let results = fates(&batch, stored);
             for (send, result) in batch.into_iter().zip(results) {
                 let _ = send.reply.send(result);
             }
@@ -191,7 +196,7 @@ struct Stored {
 /// conversation (`fresh`) becomes a message with the next sequence numbers of its
 /// conversation and a `message_created` event with the next event ids, in the order of the
 /// arrays; the conversations' last sequences and the event counter advance with them.
-/// Returns the new messages and the earlier ones. Its snapshot must be taken after the event
+/// Returns the new messages, each with its event's id, and the earlier ones. Its snapshot must be taken after the event
 /// counter is locked (a statement of its own before it), so no other writer's sequence or
 /// event id can come between. Every lookup is a `LATERAL … LIMIT 1` subquery or `= ANY`, so
 /// under [`INDEX_PROBES_ONLY`] each is an index probe whatever plan PostgreSQL caches.
@@ -257,7 +262,7 @@ async fn store_batch(
     conn: &AsyncPgConnection,
     tenant: &TenantId,
     sends: &[Send],
-) -> Result<(Vec<Result<MessageRow, Error>>, Vec<Delivery>), Error> {
+) -> Result<Vec<Stored>, Error> {
     use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
     use std::collections::HashSet;
 
@@ -299,9 +304,7 @@ async fn store_batch(
         );
         locked.and(planned).and(stored)
     };
-    let stored = hafen_store::tenancy::pipelined(conn, &["BEGIN"], tenant, statements).await?;
-    let deliveries = deliveries(sends, &stored);
-    Ok((fates(sends, stored), deliveries))
+    Ok(hafen_store::tenancy::pipelined(conn, &["BEGIN"], tenant, statements).await?)
 }
 
 /// The batch's new messages as the live feed hands them out, in event order.
@@ -318,20 +321,10 @@ fn deliveries(sends: &[Send], stored: &[Stored]) -> Vec<Delivery> {
                 detail: None,
                 created_at: row.created_at,
             };
-            let message = MessageView {
-                id: row.id,
-                conversation_id: row.conversation_id,
-                sequence: row.sequence,
-                sender_id: row.sender_id,
-                body: (*bodies.get(&row.id)?).to_owned(),
-                masked: row.masked,
-                created_at: row.created_at,
-                edited_at: row.edited_at,
-                deleted_at: row.deleted_at,
-            };
+            let body = (*bodies.get(&row.id)?).to_owned();
             Some(Delivery {
                 event,
-                message: Some(message),
+                message: Some(row.view(body)),
             })
         })
         .collect();

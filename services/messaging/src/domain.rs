@@ -202,17 +202,7 @@ impl Messaging {
                 }
                 None => String::new(),
             };
-            out.push(MessageView {
-                id: row.id,
-                conversation_id: row.conversation_id,
-                sequence: row.sequence,
-                sender_id: row.sender_id,
-                body,
-                masked: row.masked,
-                created_at: row.created_at,
-                edited_at: row.edited_at,
-                deleted_at: row.deleted_at,
-            });
+            out.push(row.view(body));
         }
         Ok(out)
     }
@@ -549,17 +539,7 @@ impl Messaging {
             let mut views = self.views(caller.tenant_id, vec![row]).await?;
             return views.pop().ok_or(Error::NotFound("message"));
         }
-        Ok(MessageView {
-            id,
-            conversation_id: row.conversation_id,
-            sequence: row.sequence,
-            sender_id: row.sender_id,
-            body,
-            masked: row.masked,
-            created_at: row.created_at,
-            edited_at: row.edited_at,
-            deleted_at: row.deleted_at,
-        })
+        Ok(row.view(body))
     }
 
     /// Replaces the body of the caller's own message.

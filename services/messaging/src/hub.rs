@@ -180,14 +180,18 @@ impl Hub {
         self.notify(tenant, None);
     }
 
-    /// After a group commit: hands its new messages (`deliveries`, in event order, the last
-    /// events committed) to this process's feed of `tenant` when they directly follow what
-    /// it handed out, and wakes it to read them otherwise; wakes the other replicas as
-    /// [`Hub::wake`] does.
-    pub(crate) fn committed(&self, tenant: Uuid, deliveries: Vec<Delivery>) {
-        let last = deliveries.last().map(|d| d.event.id);
+    /// After a group commit whose last event is `last`: hands its new messages (made by
+    /// `deliveries`, in event order, only if this process has a feed of `tenant`) to the
+    /// feed when they directly follow what it handed out, and wakes it to read them
+    /// otherwise; wakes the other replicas as [`Hub::wake`] does.
+    pub(crate) fn committed(
+        &self,
+        tenant: Uuid,
+        last: Option<i64>,
+        deliveries: impl FnOnce() -> Vec<Delivery>,
+    ) {
         if let Some(feed) = self.feed(tenant)
-            && !feed.hand_out(deliveries, true)
+            && !feed.hand_out(deliveries(), true)
         {
             feed.wake.notify_one();
         }
@@ -678,7 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_is_handed_out_only_right_after_what_the_feed_handed_out() {
+    fn bx4_a_commit_is_handed_out_only_right_after_what_the_feed_handed_out() {
         let (feed, mut receiver) = feed_at(5);
         // Event 6 (another writer's) is not read yet: the commit of 7 and 8 must wait.
         assert!(!feed.hand_out(events(7..=8), true));
@@ -698,7 +702,7 @@ mod tests {
     }
 
     #[test]
-    fn the_log_is_handed_out_across_events_retention_removed() {
+    fn bx4_the_log_is_handed_out_across_events_retention_removed() {
         let (feed, mut receiver) = feed_at(5);
         assert!(feed.hand_out(events(9..=10), false));
         assert_eq!(received(&mut receiver), [9, 10]);

@@ -88,6 +88,23 @@ pub struct MessageRow {
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
+impl MessageRow {
+    /// The message as delivered, with `body` in clear (empty when deleted).
+    pub fn view(&self, body: String) -> MessageView {
+        MessageView {
+            id: self.id,
+            conversation_id: self.conversation_id,
+            sequence: self.sequence,
+            sender_id: self.sender_id,
+            body,
+            masked: self.masked,
+            created_at: self.created_at,
+            edited_at: self.edited_at,
+            deleted_at: self.deleted_at,
+        }
+    }
+}
+
 /// A message as delivered: decrypted (empty when deleted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageView {

@@ -302,7 +302,7 @@ async fn cb3_the_database_never_holds_a_body_in_clear() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn conversations_and_users_that_messages_refer_to_are_never_deleted() {
+async fn oc7_conversations_and_users_that_messages_refer_to_are_never_deleted() {
     // Messages and events carry no per-row foreign-key check (the sending statement proves
     // membership); their references stay sound because the rows they name stay.
     let s = setup().await;
