@@ -12,7 +12,8 @@ pub struct DatabaseArgs {
     #[arg(long, env = "HAFEN_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
-    /// Most connections the pool opens.
+    /// Most connections the pool of each database opens. The messaging service has a second
+    /// pool of this size per database, for its group commit.
     #[arg(long, env = "HAFEN_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
 

@@ -68,7 +68,7 @@ impl Committer {
                 .entry(tenant)
                 .or_insert_with(|| {
                     let (queue, receiver) = mpsc::unbounded_channel();
-                    tokio::spawn(run(messaging.clone(), tenant, receiver));
+                    commit_thread().spawn(run(messaging.clone(), tenant, receiver));
                     queue
                 })
                 .clone()
@@ -80,6 +80,44 @@ impl Committer {
             .await
             .map_err(|_| Error::Config("commit task ended".into()))?
     }
+}
+
+/// The runtime the committers run on: a thread of their own, shared by every committer of the
+/// process. A tenant's commits are serial, so the time between PostgreSQL's answer and the
+/// next batch going out limits its sends; on the request runtime that answer would wait in
+/// line behind the request tasks whenever they keep the workers busy. The committers' work
+/// between two round trips is small, and their connections (from their own pools, see
+/// [`Messaging::commit_connection`]) are driven on this thread too. Falls back to the calling
+/// runtime if the thread cannot be started.
+fn commit_thread() -> tokio::runtime::Handle {
+    static THREAD: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    let started = THREAD.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("hafen-commit")
+            .build();
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                tracing::warn!(error = %err, "commit thread not started; committing on the request runtime");
+                return None;
+            }
+        };
+        let handle = runtime.handle().clone();
+        let thread = std::thread::Builder::new()
+            .name("hafen-commit".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()));
+        match thread {
+            Ok(_) => Some(handle),
+            Err(err) => {
+                tracing::warn!(error = %err, "commit thread not started; committing on the request runtime");
+                None
+            }
+        }
+    });
+    started
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current)
 }
 
 async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedReceiver<Send>) {
@@ -113,7 +151,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
             }
         }
         if held.is_none() {
-            match messaging.tenant_connection(tenant).await {
+            match messaging.commit_connection(tenant).await {
                 Ok(conn) => held = Some(conn),
                 Err(err) => {
                     fail(tenant, batch, &err);
@@ -359,4 +397,22 @@ fn fates(sends: &[Send], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> 
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The committers, and the connections they open, run off the request runtime: a commit's
+    /// answer from PostgreSQL does not wait behind request tasks.
+    #[tokio::test]
+    async fn committers_run_on_a_thread_of_their_own() {
+        let on = super::commit_thread()
+            .spawn(async { std::thread::current().name().map(str::to_owned) })
+            .await;
+        assert_eq!(on.ok().flatten().as_deref(), Some("hafen-commit"));
+        assert_ne!(
+            std::thread::current().name(),
+            Some("hafen-commit"),
+            "the test itself runs elsewhere"
+        );
+    }
 }

@@ -86,6 +86,8 @@ pub struct Messaging {
 
 pub(crate) struct Inner {
     pub databases: Databases,
+    /// The committers' pools: their connections are driven on the commit thread.
+    commit_databases: Databases,
     pub keys: KeyRing,
     pub hub: Hub,
     pub max_body_bytes: usize,
@@ -103,10 +105,19 @@ impl std::fmt::Debug for Messaging {
 
 impl Messaging {
     /// The service over `databases`, encrypting with `keys` and waking subscribers via `hub`.
-    pub fn new(databases: Databases, keys: KeyRing, hub: Hub, max_body_bytes: usize) -> Self {
+    /// `commit_databases` are pools of the same databases for the group commit only; see
+    /// [`crate::commit`].
+    pub fn new(
+        databases: Databases,
+        commit_databases: Databases,
+        keys: KeyRing,
+        hub: Hub,
+        max_body_bytes: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 databases,
+                commit_databases,
                 keys,
                 hub,
                 max_body_bytes,
@@ -143,6 +154,21 @@ impl Messaging {
         tenant: Uuid,
     ) -> Result<hafen_store::PooledConnection, Error> {
         let pool = self.tenant_pool(tenant).await?;
+        pool.get()
+            .await
+            .map_err(|err| Error::from(hafen_store::Error::from(err)))
+    }
+
+    /// A connection to `tenant`'s database from the committers' pools (not yet in its scope).
+    pub(crate) async fn commit_connection(
+        &self,
+        tenant: Uuid,
+    ) -> Result<hafen_store::PooledConnection, Error> {
+        let pool = self
+            .inner
+            .commit_databases
+            .tenant_pool(&TenantId::from(tenant))
+            .await?;
         pool.get()
             .await
             .map_err(|err| Error::from(hafen_store::Error::from(err)))

@@ -69,6 +69,9 @@ struct Inner {
     publish: OnceLock<mpsc::UnboundedSender<(Uuid, Option<i64>)>>,
     /// Cancelled when the server shuts down.
     closing: CancellationToken,
+    /// The runtime the hub was made on, where its publisher runs (commits come from the
+    /// commit thread).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 struct Feed {
@@ -141,6 +144,7 @@ impl Hub {
                 feeds_changed: Notify::new(),
                 publish: OnceLock::new(),
                 closing: CancellationToken::new(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -205,7 +209,11 @@ impl Hub {
         };
         let queue = self.inner.publish.get_or_init(|| {
             let (queue, pending) = mpsc::unbounded_channel();
-            tokio::spawn(Self::publish(redis.clone(), pending));
+            let publisher = Self::publish(redis.clone(), pending);
+            match &self.inner.runtime {
+                Some(runtime) => drop(runtime.spawn(publisher)),
+                None => drop(tokio::spawn(publisher)),
+            }
             queue
         });
         let _ = queue.send((tenant, last));

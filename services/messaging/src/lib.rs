@@ -105,6 +105,7 @@ where
     hub.listen();
     let messaging = Messaging::new(
         databases.clone(),
+        Databases::new(&config.databases)?,
         keys::KeyRing::new(databases.clone(), master),
         hub.clone(),
         config.max_body_bytes,
