@@ -29,6 +29,10 @@ mod purge;
 
 use clap::{Parser, ValueEnum};
 
+/// The services' allocator, since the stack under test runs in this process.
+#[global_allocator]
+static ALLOCATOR: hafen_platform::Allocator = hafen_platform::Allocator;
+
 /// Command line of `hafen-bench`.
 #[derive(Parser, Debug)]
 #[command(

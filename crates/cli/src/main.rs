@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: hafen_platform::Allocator = hafen_platform::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = hafen_cli::Cli::parse();

@@ -35,6 +35,11 @@ use std::process::ExitCode;
 pub use cli::{ServiceCli, ServiceSpec};
 pub use config::{LogFormat, ServerArgs, TelemetryArgs, TlsArgs};
 pub use error::{Error, Result};
+/// The memory allocator of every Hafen binary (`#[global_allocator]` in each `main.rs`):
+/// mimalloc's thread-local free lists make the many small, short-lived allocations of a gRPC
+/// request (HTTP/2 frames, TLS records, protobuf messages) cheaper than glibc's malloc, whose
+/// calls were about 8% of a send's CPU time.
+pub use mimalloc::MiMalloc as Allocator;
 pub use server::GrpcServer;
 pub use shutdown::SharedShutdown;
 pub use tls::TlsMaterial;

@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 use hafen_platform::ServiceCli;
 
+#[global_allocator]
+static ALLOCATOR: hafen_platform::Allocator = hafen_platform::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = ServiceCli::<hafen_audit::Config>::parse_for(&hafen_audit::SPEC);

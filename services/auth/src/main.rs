@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 use hafen_platform::ServiceCli;
 
+#[global_allocator]
+static ALLOCATOR: hafen_platform::Allocator = hafen_platform::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = ServiceCli::<hafen_auth::Config>::parse_for(&hafen_auth::SPEC);

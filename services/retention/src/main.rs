@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use hafen_retention::{Cli, Invocation, SPEC};
 
+#[global_allocator]
+static ALLOCATOR: hafen_platform::Allocator = hafen_platform::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::invocation() {

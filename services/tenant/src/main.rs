@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use hafen_tenant::migrate::{Options, migrate_all};
 use hafen_tenant::{BINARY, Cli, Invocation};
 
+#[global_allocator]
+static ALLOCATOR: hafen_platform::Allocator = hafen_platform::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = match Cli::parse_args() {
