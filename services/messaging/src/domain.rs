@@ -883,11 +883,24 @@ impl Messaging {
     }
 }
 
+/// `row` as `me` sees it. Sends do not write the conversation's row (see `commit.rs`): its
+/// last sequence and update time come from its newest message where that is later.
 async fn view(
     conn: &mut AsyncPgConnection,
-    row: ConversationRow,
+    mut row: ConversationRow,
     me: Uuid,
 ) -> Result<ConversationView, Error> {
+    let newest: Option<(i64, DateTime<Utc>)> = messages::table
+        .filter(messages::conversation_id.eq(row.id))
+        .order(messages::sequence.desc())
+        .select((messages::sequence, messages::created_at))
+        .first(conn)
+        .await
+        .optional()?;
+    if let Some((sequence, at)) = newest {
+        row.last_sequence = row.last_sequence.max(sequence);
+        row.updated_at = row.updated_at.max(at);
+    }
     let members: Vec<Uuid> = members::table
         .filter(members::conversation_id.eq(row.id))
         .order(members::joined_at.asc())

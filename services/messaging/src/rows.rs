@@ -29,9 +29,13 @@ pub struct ConversationRow {
     pub title: String,
     pub creator_id: Uuid,
     pub direct_key: Option<String>,
+    /// As stored: a floor under the next sequence (the purge raises it when it removes a
+    /// conversation's newest messages). The last sequence is the higher of it and the
+    /// newest message's; `view` in `domain.rs` fills that in.
     pub last_sequence: i64,
     pub create_request_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
+    /// As stored: the last change other than a send (sends do not write this row).
     pub updated_at: DateTime<Utc>,
 }
 

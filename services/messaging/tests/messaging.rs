@@ -277,6 +277,49 @@ async fn oc7_a_second_device_sees_the_whole_history() {
     assert!(rest.next_page_token.is_empty());
 }
 
+/// Sends do not write the conversation's row, yet the conversation reports its newest
+/// message's sequence and time: clients count unread messages and sort their lists by them.
+#[tokio::test(flavor = "multi_thread")]
+async fn oc7_a_conversation_reports_its_newest_sequence_and_activity() {
+    let s = setup().await;
+    let conversation = s.group("project").await;
+    let listed = || async {
+        s.client()
+            .await
+            .list_conversations(with_token(
+                &s.member,
+                pb::ListConversationsRequest::default(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .conversations
+            .into_iter()
+            .find(|c| c.conversation_id == conversation)
+            .unwrap()
+    };
+    let created = listed().await;
+    assert_eq!(created.last_sequence, 0);
+
+    let mut last = None;
+    for i in 0..3 {
+        last = Some(
+            s.send(&s.owner, &conversation, &format!("note {i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let last = last.unwrap();
+    let now = listed().await;
+    assert_eq!(now.last_sequence, 3);
+    assert_eq!(
+        now.update_time, last.create_time,
+        "the newest message's time"
+    );
+    let seconds = |c: &pb::Conversation| c.update_time.map(|t| (t.seconds, t.nanos));
+    assert!(seconds(&now) > seconds(&created));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cb3_the_database_never_holds_a_body_in_clear() {
     let s = setup().await;

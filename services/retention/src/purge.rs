@@ -121,6 +121,9 @@ const CONVERSATION_CANDIDATES: &str = "\
     LIMIT $8";
 
 /// Deletes the unheld candidates and their events in the same statement, and reports.
+/// Raises each conversation's sequence floor (`conversations.last_sequence`) to the highest
+/// sequence deleted: sends number after the newest message left, or after the floor, so a
+/// conversation purged to its last message never gives a sequence twice.
 ///
 /// Messages are deleted by the `ctid` the candidate scan read, in one TID scan, and events by
 /// one index scan over the array of ids: no per-row join. A message that a concurrent edit
@@ -135,7 +138,11 @@ const DELETE_AND_REPORT: &str = "), \
     gone AS ( \
         DELETE FROM messages m \
         WHERE m.ctid = ANY (ARRAY(SELECT tid FROM candidates WHERE NOT held)) \
-        RETURNING m.conversation_id) \
+        RETURNING m.conversation_id, m.sequence), \
+    floors AS ( \
+        UPDATE conversations c SET last_sequence = greatest(c.last_sequence, \
+            (SELECT max(g.sequence) FROM gone g WHERE g.conversation_id = c.id)) \
+        WHERE c.id = ANY (ARRAY(SELECT DISTINCT conversation_id FROM gone))) \
     SELECT c.claimed, c.examined, c.held, g.deleted, g.conversations, \
            c.last_at, c.last_id, c.last_sequence \
     FROM (SELECT (SELECT count(*) FROM claim) AS claimed, \

@@ -1435,6 +1435,58 @@ async fn cb5_a_purge_works_through_many_batches_past_held_messages() {
     assert_eq!(count(&s.stack, &left(&short, &owner)).await, 5);
 }
 
+/// Sends number after a conversation's newest message; a purge that removes the newest ones
+/// leaves their sequence behind as a floor, so no sequence is ever given twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn cb5_a_conversation_purged_to_its_last_message_never_reuses_a_sequence() {
+    let s = setup().await;
+    let quiet = s.group("quiet").await;
+    let mut old = Vec::new();
+    for i in 0..3 {
+        old.push(s.send(&s.owner, &quiet, &format!("long ago {i}")).await);
+    }
+    s.age(&old, 800).await;
+    let run = s
+        .retention()
+        .await
+        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = s.wait_for_run(&run.purge_run_id).await;
+    assert_eq!(done.messages_deleted, 3);
+    assert!(s.history(&quiet).await.is_empty());
+
+    let mut messaging = s.stack.messaging_client().await;
+    let next = messaging
+        .send_message(with_token(
+            &s.owner,
+            msg_pb::SendMessageRequest {
+                request_id: Uuid::now_v7().to_string(),
+                conversation_id: quiet.clone(),
+                body: "after the purge".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next.sequence, 4,
+        "after the purged messages, not again from 1"
+    );
+    let listed = messaging
+        .list_conversations(with_token(
+            &s.owner,
+            msg_pb::ListConversationsRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversations;
+    let quiet = listed.iter().find(|c| c.conversation_id == quiet).unwrap();
+    assert_eq!(quiet.last_sequence, 4);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cb5_a_message_edited_while_its_batch_runs_is_still_purged() {
     // The batch deletes by the row versions it read; an edit committed under it moves one
