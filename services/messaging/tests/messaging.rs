@@ -153,6 +153,17 @@ impl Setup {
             .messages
     }
 
+    /// The conversations `token`'s user sees (first page).
+    async fn conversations(&self, token: &str) -> Vec<pb::Conversation> {
+        self.client()
+            .await
+            .list_conversations(with_token(token, pb::ListConversationsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .conversations
+    }
+
     /// The raw ciphertext column of every message row of the tenant.
     async fn raw_ciphertexts(&self) -> Vec<Option<Vec<u8>>> {
         #[derive(QueryableByName)]
@@ -284,16 +295,8 @@ async fn oc7_a_conversation_reports_its_newest_sequence_and_activity() {
     let s = setup().await;
     let conversation = s.group("project").await;
     let listed = || async {
-        s.client()
+        s.conversations(&s.member)
             .await
-            .list_conversations(with_token(
-                &s.member,
-                pb::ListConversationsRequest::default(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .conversations
             .into_iter()
             .find(|c| c.conversation_id == conversation)
             .unwrap()
@@ -747,15 +750,7 @@ async fn sends_are_idempotent_and_non_members_see_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let listed = client
-        .list_conversations(with_token(
-            &s.member,
-            pb::ListConversationsRequest::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversations;
+    let listed = s.conversations(&s.member).await;
     assert!(listed.iter().all(|c| c.conversation_id != private));
 }
 

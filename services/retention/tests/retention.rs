@@ -197,6 +197,18 @@ impl Setup {
             .map(tonic::Response::into_inner)
     }
 
+    /// Starts a purge run as the owner and waits for its end.
+    async fn purge(&self) -> pb::PurgeRun {
+        let run = self
+            .retention()
+            .await
+            .run_purge(with_token(&self.owner, pb::RunPurgeRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        self.wait_for_run(&run.purge_run_id).await
+    }
+
     /// Polls ListPurgeRuns until `run` has ended.
     async fn wait_for_run(&self, run: &str) -> pb::PurgeRun {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1414,12 +1426,7 @@ async fn cb5_a_purge_works_through_many_batches_past_held_messages() {
     )
     .await
     .unwrap();
-    let run = retention
-        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let done = s.wait_for_run(&run.purge_run_id).await;
+    let done = s.purge().await;
     assert_eq!(done.state, pb::PurgeRunState::Succeeded as i32);
     assert_eq!(done.messages_deleted, 150 + 250);
     assert_eq!(done.held_skipped, 150);
@@ -1446,14 +1453,7 @@ async fn cb5_a_conversation_purged_to_its_last_message_never_reuses_a_sequence()
         old.push(s.send(&s.owner, &quiet, &format!("long ago {i}")).await);
     }
     s.age(&old, 800).await;
-    let run = s
-        .retention()
-        .await
-        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let done = s.wait_for_run(&run.purge_run_id).await;
+    let done = s.purge().await;
     assert_eq!(done.messages_deleted, 3);
     assert!(s.history(&quiet).await.is_empty());
 
