@@ -198,7 +198,11 @@ async fn commit(
     );
     match outcome {
         Ok(stored) => {
-            let last = stored.iter().filter_map(|s| s.event_id).max();
+            let last = stored
+                .iter()
+                .filter(|s| s.inserted)
+                .filter_map(|s| s.event_id)
+                .max();
             messaging
                 .inner
                 .hub
@@ -222,7 +226,8 @@ async fn commit(
 struct Stored {
     #[diesel(sql_type = diesel::sql_types::Bool)]
     inserted: bool,
-    /// The id of the `message_created` event of a message inserted.
+    /// The id of the message's creation event (none for messages stored before event ids
+    /// moved into the message row).
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
     event_id: Option<i64>,
     #[diesel(embed)]
@@ -232,8 +237,8 @@ struct Stored {
 /// The statement that stores a batch (parameters: one array per column of the sends, then
 /// the time). Every send that is not a retry (`earlier`) and whose sender is a member of its
 /// conversation (`fresh`) becomes a message with the next sequence numbers of its
-/// conversation and a `message_created` event with the next event ids, in the order of the
-/// arrays; the event counter advances with them. Returns the new messages, each with its
+/// conversation and the next event ids (its creation event, kept in the message row), in the
+/// order of the arrays; the event counter advances with them. Returns the new messages, each with its
 /// event's id, and the earlier ones.
 ///
 /// A conversation's next sequence follows its newest stored message, or
@@ -281,20 +286,14 @@ const STORE_BATCH: &[&str] = &[
          UPDATE event_counter SET last_id = last_id + (SELECT count(*) FROM fresh) \
          WHERE EXISTS (SELECT FROM fresh) \
          RETURNING last_id - (SELECT count(*) FROM fresh) AS base\
-     ), recorded AS (\
-         INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
-         SELECT counted.base + f.rank, f.conversation_id, 'message_created', f.id, ",
-    "::timestamptz FROM fresh f, counted \
-         RETURNING id, message_id\
      ), inserted AS (\
          INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, masked, \
-                               request_id, created_at) \
-         SELECT id, conversation_id, sequence, sender_id, ciphertext, masked, request_id, ",
-    "::timestamptz FROM fresh RETURNING *\
+                               request_id, created_at, event_id) \
+         SELECT f.id, f.conversation_id, f.sequence, f.sender_id, f.ciphertext, f.masked, \
+                f.request_id, ",
+    "::timestamptz, counted.base + f.rank FROM fresh f, counted RETURNING *\
      ) \
-     SELECT true AS inserted, r.id AS event_id, m.* FROM inserted m \
-         JOIN recorded r ON r.message_id = m.id \
-     UNION ALL SELECT false, NULL, * FROM earlier",
+     SELECT true AS inserted, * FROM inserted UNION ALL SELECT false, * FROM earlier",
 ];
 
 /// Stores a batch in its own transaction, in one round trip whatever its size (see
@@ -342,7 +341,6 @@ async fn store_batch(
                     bind::<Array<Bytea>, _>(&ciphertexts),
                     bind::<Array<Bool>, _>(&masked),
                     bind::<Timestamptz, _>(at),
-                    bind::<Timestamptz, _>(at),
                 ),
             )
             .load::<Stored>(&mut &*conn),
@@ -357,6 +355,7 @@ fn deliveries(sends: &[Send], stored: &[Stored]) -> Vec<Delivery> {
     let bodies: HashMap<Uuid, &str> = sends.iter().map(|s| (s.id, s.body.as_str())).collect();
     let mut deliveries: Vec<Delivery> = stored
         .iter()
+        .filter(|s| s.inserted)
         .filter_map(|Stored { event_id, row, .. }| {
             let event = EventRow {
                 id: (*event_id)?,

@@ -33,19 +33,33 @@ const SETTINGS_TTL: Duration = Duration::from_secs(5);
 /// Most users AddMembers or CreateConversation takes at once.
 const MAX_MEMBERS_PER_CALL: usize = 500;
 
-/// A statement over the events after a cursor, of one member's conversations or all
-/// (parameters: the cursor, the member or NULL twice, the limit), with `$select` before its
-/// `FROM` and `$rest` after its `LIMIT`. Under an `OR`, the membership check stays a
-/// subquery on the member's key: an index scan of their memberships, whatever plan is cached.
+/// A statement over the log after a cursor, of one member's conversations or all, with
+/// `$select` before its `FROM` and `$rest` after it. The log is the union of `events` and the
+/// messages' creation events (kept in the message rows, see `commit.rs`), in id order; each
+/// side is read by its own index from the cursor on, at most the limit. Parameters, for each
+/// side: the cursor, the member or NULL twice, the limit; then the limit of the whole. Under
+/// an `OR`, the membership check stays a subquery on the member's key: an index scan of their
+/// memberships, whatever plan is cached.
 macro_rules! after_cursor {
     ($select:literal, $rest:literal) => {
         &[
-            concat!($select, " FROM events e WHERE e.id > "),
+            concat!(
+                $select,
+                " FROM (SELECT * FROM ((SELECT e.id, e.conversation_id, e.kind, e.message_id, \
+                 e.detail, e.created_at FROM events e WHERE e.id > "
+            ),
             "::bigint AND (",
             "::uuid IS NULL OR EXISTS (SELECT FROM members b \
              WHERE b.conversation_id = e.conversation_id AND b.user_id = ",
             "::uuid)) ORDER BY e.id LIMIT ",
-            concat!("::bigint", $rest),
+            "::bigint) UNION ALL (SELECT m.event_id, m.conversation_id, 'message_created', \
+             m.id, NULL::jsonb, m.created_at FROM messages m WHERE m.event_id > ",
+            "::bigint AND (",
+            "::uuid IS NULL OR EXISTS (SELECT FROM members b \
+             WHERE b.conversation_id = m.conversation_id AND b.user_id = ",
+            "::uuid)) ORDER BY m.event_id LIMIT ",
+            "::bigint)) u ORDER BY id LIMIT ",
+            concat!("::bigint) e", $rest),
         ]
     };
 }
@@ -55,8 +69,8 @@ const FEED_EVENTS: &[&str] = after_cursor!("SELECT e.*", "");
 
 /// The messages the feed's events name, each found by one probe of the primary key.
 const FEED_MESSAGES: &[&str] = after_cursor!(
-    "SELECT m.* FROM (SELECT e.message_id",
-    ") e CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.id = e.message_id LIMIT 1) m"
+    "SELECT m.*",
+    " CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.id = e.message_id LIMIT 1) m"
 );
 
 /// A tenant's settings with its masking rules compiled.
@@ -820,6 +834,11 @@ impl Messaging {
                 bind::<BigInt, _>(after),
                 bind::<Nullable<SqlUuid>, _>(member),
                 bind::<Nullable<SqlUuid>, _>(member),
+                bind::<BigInt, _>(limit),
+                bind::<BigInt, _>(after),
+                bind::<Nullable<SqlUuid>, _>(member),
+                bind::<Nullable<SqlUuid>, _>(member),
+                bind::<BigInt, _>(limit),
                 bind::<BigInt, _>(limit),
             )
         };

@@ -694,6 +694,83 @@ async fn bx4_a_resumed_subscriber_gets_every_message_exactly_once_in_order() {
     assert_eq!(sequences, (1..=1000).collect::<Vec<u64>>(), "in order");
 }
 
+/// The log a stream replays is the union of `events` and the creation events the message
+/// rows carry; a message stored before event ids moved into its row (its creation event in
+/// `events`, as the migration's `down.sql` puts it back) streams in its place all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn bx4_the_log_merges_creation_events_in_message_rows_and_in_the_events_table() {
+    let s = setup().await;
+    let conversation = s.group("history").await;
+    let mut sent = Vec::new();
+    for i in 1..=3 {
+        sent.push(
+            s.send(&s.owner, &conversation, &format!("note {i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    s.client()
+        .await
+        .edit_message(with_token(
+            &s.owner,
+            pb::EditMessageRequest {
+                message_id: sent[0].message_id.clone(),
+                body: "note 1, edited".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    s.raw(
+        "INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
+             SELECT event_id, conversation_id, 'message_created', id, created_at \
+             FROM messages WHERE sequence = 2; \
+         UPDATE messages SET event_id = NULL WHERE sequence = 2",
+    )
+    .await
+    .unwrap();
+
+    let mut stream = s
+        .client()
+        .await
+        .subscribe(with_token(
+            &s.member,
+            pb::SubscribeRequest { after: "0".into() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let mut cursors = Vec::new();
+    loop {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match response.event.unwrap() {
+            pb::subscribe_response::Event::MessageCreated(m) => {
+                seen.push(format!("created {}", m.body));
+            }
+            pb::subscribe_response::Event::MessageEdited(m) => {
+                seen.push(format!("edited {}", m.body));
+            }
+            pb::subscribe_response::Event::CaughtUp(_) => break,
+            _ => continue,
+        }
+        cursors.push(response.cursor.parse::<i64>().unwrap());
+    }
+    assert_eq!(
+        seen,
+        [
+            "created note 1, edited",
+            "created note 2",
+            "created note 3",
+            "edited note 1, edited"
+        ]
+    );
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "in log order");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sends_are_idempotent_and_non_members_see_nothing() {
     let s = setup().await;

@@ -359,6 +359,19 @@ async fn cb5_expired_messages_are_purged_younger_and_held_ones_remain() {
         s.send(&s.member, &plain, "member old 1").await,
         s.send(&s.member, &plain, "member old 2").await,
     ];
+    // An edit: a purged message's log has an `events` row besides its creation event.
+    s.stack
+        .messaging_client()
+        .await
+        .edit_message(with_token(
+            &s.owner,
+            msg_pb::EditMessageRequest {
+                message_id: plain_old[0].clone(),
+                body: "old 0, edited".into(),
+            },
+        ))
+        .await
+        .unwrap();
     s.age(&plain_old, 40).await;
     s.age(&held_user_old, 40).await;
 
@@ -473,17 +486,20 @@ async fn cb5_expired_messages_are_purged_younger_and_held_ones_remain() {
             .collect::<Vec<_>>()
             .join(",")
     };
+    // Every event of the messages: their rows in `events` (edits here) and the creation
+    // events the message rows carry.
     let events_of = |ids: &[String]| {
+        let (schema, ids) = (s.schema(), id_list(ids));
         format!(
-            "SELECT count(*) AS n FROM {}.events WHERE message_id IN ({})",
-            s.schema(),
-            id_list(ids)
+            "SELECT (SELECT count(*) FROM {schema}.events WHERE message_id IN ({ids})) \
+                  + (SELECT count(*) FROM {schema}.messages \
+                     WHERE event_id IS NOT NULL AND id IN ({ids})) AS n"
         )
     };
     assert_eq!(
         count(&s.stack, &events_of(&purged)).await,
-        8,
-        "one event per message"
+        8 + 1,
+        "a creation event per message, and the edit"
     );
 
     let run = retention
