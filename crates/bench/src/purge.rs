@@ -40,9 +40,9 @@ async fn admin(stack: &TestStack) -> AsyncPgConnection {
     stack.db.connect_admin().await
 }
 
-/// `count` messages older than any retention period, with their events, in conversations
-/// of `owner` in the tenant schema `schema`; then an identical copy in the plain schema
-/// `copy` for the raw baseline.
+/// `count` messages older than any retention period, each with its creation event (in its
+/// row, as sends store it), in conversations of `owner` in the tenant schema `schema`; then
+/// an identical copy in the plain schema `copy` for the raw baseline.
 async fn generate(
     conn: &mut AsyncPgConnection,
     schema: &str,
@@ -57,17 +57,14 @@ async fn generate(
              SELECT gen_random_uuid(), 'group', 'expired ' || c, '{owner}', {per_conversation},
                     now() - interval '900 days', now() - interval '900 days'
              FROM generate_series(1, {CONVERSATIONS}) c;
-         INSERT INTO {schema}.messages (id, conversation_id, sequence, sender_id, ciphertext, masked, created_at)
+         INSERT INTO {schema}.messages (id, conversation_id, sequence, sender_id, ciphertext, masked, created_at, event_id)
              SELECT gen_random_uuid(), c.id, g, '{owner}', decode(repeat('a5', 96), 'hex'), false,
-                    now() - interval '800 days' - g * interval '1 second'
+                    now() - interval '800 days' - g * interval '1 second',
+                    (SELECT last_id FROM {schema}.event_counter) + row_number() OVER ()
              FROM {schema}.conversations c, generate_series(1, {per_conversation}) g
              WHERE c.title LIKE 'expired %'
              LIMIT {count};
-         INSERT INTO {schema}.events (id, conversation_id, kind, message_id, created_at)
-             SELECT (SELECT last_id FROM {schema}.event_counter) + row_number() OVER (),
-                    conversation_id, 'message_created', id, created_at
-             FROM {schema}.messages;
-         UPDATE {schema}.event_counter SET last_id = (SELECT max(id) FROM {schema}.events);
+         UPDATE {schema}.event_counter SET last_id = (SELECT max(event_id) FROM {schema}.messages);
          COMMIT;
          CREATE SCHEMA {copy};
          CREATE TABLE {copy}.messages (LIKE {schema}.messages INCLUDING ALL);
