@@ -150,6 +150,15 @@ impl Databases {
             .collect()
     }
 
+    /// A connection from the pool of the database `tenant` lives on (not in its scope: see
+    /// [`crate::tenancy`]). Fails as [`Databases::tenant_pool`] does.
+    pub async fn tenant_connection(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<crate::pool::PooledConnection> {
+        Ok(self.tenant_pool(tenant).await?.get().await?)
+    }
+
     /// The pool of the database `tenant` lives on. Fails with `Error::UnknownTenant` for a
     /// tenant that does not exist or is deleted.
     pub async fn tenant_pool(&self, tenant: &TenantId) -> Result<Pool> {

@@ -91,31 +91,24 @@ impl Committer {
 /// runtime if the thread cannot be started.
 fn commit_thread() -> tokio::runtime::Handle {
     static THREAD: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
-    let started = THREAD.get_or_init(|| {
+    fn start() -> std::io::Result<tokio::runtime::Handle> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .thread_name("hafen-commit")
-            .build();
-        let runtime = match runtime {
-            Ok(runtime) => runtime,
-            Err(err) => {
-                tracing::warn!(error = %err, "commit thread not started; committing on the request runtime");
-                return None;
-            }
-        };
+            .build()?;
         let handle = runtime.handle().clone();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("hafen-commit".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()));
-        match thread {
-            Ok(_) => Some(handle),
-            Err(err) => {
-                tracing::warn!(error = %err, "commit thread not started; committing on the request runtime");
-                None
-            }
-        }
-    });
-    started
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        Ok(handle)
+    }
+    THREAD
+        .get_or_init(|| {
+            start()
+                .inspect_err(|err| {
+                    tracing::warn!(error = %err, "commit thread not started; committing on the request runtime");
+                })
+                .ok()
+        })
         .clone()
         .unwrap_or_else(tokio::runtime::Handle::current)
 }
@@ -237,9 +230,9 @@ struct Stored {
 /// The statement that stores a batch (parameters: one array per column of the sends, then
 /// the time). Every send that is not a retry (`earlier`) and whose sender is a member of its
 /// conversation (`fresh`) becomes a message with the next sequence numbers of its
-/// conversation and the next event ids (its creation event, kept in the message row), in the
-/// order of the arrays; the event counter advances with them. Returns the new messages, each with its
-/// event's id, and the earlier ones.
+/// conversation and the next event id (its creation event, kept in the message row), in the
+/// order of the arrays; the event counter advances with them. Returns the new messages and
+/// the earlier ones.
 ///
 /// A conversation's next sequence follows its newest stored message, or
 /// `conversations.last_sequence` where that is higher: the floor the retention purge leaves

@@ -153,24 +153,13 @@ impl Messaging {
         }
     }
 
-    /// The pool of the database `tenant` lives on.
-    pub(crate) async fn tenant_pool(&self, tenant: Uuid) -> Result<hafen_store::Pool, Error> {
-        Ok(self
-            .inner
-            .databases
-            .tenant_pool(&TenantId::from(tenant))
-            .await?)
-    }
-
     /// A pooled connection to `tenant`'s database (not yet in its scope).
     pub(crate) async fn tenant_connection(
         &self,
         tenant: Uuid,
     ) -> Result<hafen_store::PooledConnection, Error> {
-        let pool = self.tenant_pool(tenant).await?;
-        pool.get()
-            .await
-            .map_err(|err| Error::from(hafen_store::Error::from(err)))
+        let tenant = TenantId::from(tenant);
+        Ok(self.inner.databases.tenant_connection(&tenant).await?)
     }
 
     /// A connection to `tenant`'s database from the committers' pools (not yet in its scope).
@@ -178,14 +167,12 @@ impl Messaging {
         &self,
         tenant: Uuid,
     ) -> Result<hafen_store::PooledConnection, Error> {
-        let pool = self
+        let tenant = TenantId::from(tenant);
+        Ok(self
             .inner
             .commit_databases
-            .tenant_pool(&TenantId::from(tenant))
-            .await?;
-        pool.get()
-            .await
-            .map_err(|err| Error::from(hafen_store::Error::from(err)))
+            .tenant_connection(&tenant)
+            .await?)
     }
 
     /// Runs `f` in `tenant`'s scope.
