@@ -120,6 +120,9 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// A subscriber's receiver of its feed, and its registration.
+type Joined = (broadcast::Receiver<Arc<Delivery>>, Registration);
+
 /// Keeps a subscriber counted on its feed.
 struct Registration {
     feed: Arc<Feed>,
@@ -359,48 +362,68 @@ impl Hub {
 
     /// Registers a subscriber with the feed of `tenant`, starting the feed when it is the
     /// first; everything the feed reads from now on reaches the returned receiver.
-    async fn register(
-        &self,
-        tenant: Uuid,
-    ) -> Result<(broadcast::Receiver<Arc<Delivery>>, Registration), Error> {
+    async fn register(&self, tenant: Uuid) -> Result<Joined, Error> {
         let messaging = self
             .inner
             .messaging
             .get()
             .cloned()
             .ok_or_else(|| Error::Config("hub not attached".into()))?;
-        if let Some(feed) = self.feed(tenant) {
-            feed.subscribers.fetch_add(1, Ordering::SeqCst);
-            let receiver = feed.sender.subscribe();
-            return Ok((receiver, Registration { feed }));
+        if let Some((joined, _)) = self.join(tenant, None)? {
+            return Ok(joined);
         }
         let position = messaging.head(tenant).await?;
-        let feed = {
-            let mut feeds = self
-                .inner
-                .feeds
-                .lock()
-                .map_err(|_| Error::Config("hub lock poisoned".into()))?;
-            feeds
-                .entry(tenant)
-                .or_insert_with(|| {
-                    let (sender, _) = broadcast::channel(1024);
-                    let feed = Arc::new(Feed {
-                        tenant,
-                        sender,
-                        wake: Notify::new(),
-                        subscribers: AtomicUsize::new(0),
-                        position: Mutex::new(position),
-                    });
-                    tokio::spawn(run_feed(self.clone(), messaging, feed.clone()));
-                    self.inner.feeds_changed.notify_one();
-                    feed
-                })
-                .clone()
+        let (joined, started) = self
+            .join(tenant, Some(position))?
+            .ok_or_else(|| Error::Config("feed not started".into()))?;
+        if started {
+            tokio::spawn(run_feed(self.clone(), messaging, joined.1.feed.clone()));
+            self.inner.feeds_changed.notify_one();
+        }
+        Ok(joined)
+    }
+
+    /// Joins the feed of `tenant`, making one at `start` when there is none (and whether it
+    /// did). Finding and counting happen under the feeds' lock, as does a feed's end
+    /// ([`Hub::retire`]): a feed never ends between being found and being joined.
+    fn join(&self, tenant: Uuid, start: Option<i64>) -> Result<Option<(Joined, bool)>, Error> {
+        let mut feeds = self
+            .inner
+            .feeds
+            .lock()
+            .map_err(|_| Error::Config("hub lock poisoned".into()))?;
+        let (feed, started) = match (feeds.get(&tenant), start) {
+            (Some(feed), _) => (feed.clone(), false),
+            (None, None) => return Ok(None),
+            (None, Some(position)) => {
+                let (sender, _) = broadcast::channel(1024);
+                let feed = Arc::new(Feed {
+                    tenant,
+                    sender,
+                    wake: Notify::new(),
+                    subscribers: AtomicUsize::new(0),
+                    position: Mutex::new(position),
+                });
+                feeds.insert(tenant, feed.clone());
+                (feed, true)
+            }
         };
         feed.subscribers.fetch_add(1, Ordering::SeqCst);
         let receiver = feed.sender.subscribe();
-        Ok((receiver, Registration { feed }))
+        Ok(Some(((receiver, Registration { feed }), started)))
+    }
+
+    /// Ends `feed` if nobody is subscribed to it (under the feeds' lock, see [`Hub::join`]).
+    fn retire(&self, feed: &Feed) -> bool {
+        let Ok(mut feeds) = self.inner.feeds.lock() else {
+            return false;
+        };
+        if feed.subscribers.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        feeds.remove(&feed.tenant);
+        self.inner.feeds_changed.notify_one();
+        true
     }
 
     /// Opens a subscription for `caller` after `cursor` (`None`: from now on).
@@ -466,11 +489,7 @@ async fn run_feed(hub: Hub, messaging: Messaging, feed: Arc<Feed>) {
             continue;
         }
         if feed.subscribers.load(Ordering::SeqCst) == 0 {
-            if let Ok(mut feeds) = hub.inner.feeds.lock()
-                && feed.subscribers.load(Ordering::SeqCst) == 0
-            {
-                feeds.remove(&feed.tenant);
-                hub.inner.feeds_changed.notify_one();
+            if hub.retire(&feed) {
                 return;
             }
             continue;
@@ -714,5 +733,26 @@ mod tests {
         let (feed, mut receiver) = feed_at(5);
         assert!(feed.hand_out(events(9..=10), false));
         assert_eq!(received(&mut receiver), [9, 10]);
+    }
+
+    #[test]
+    fn bx4_a_feed_ends_only_when_nobody_joined_it() {
+        let hub = Hub::new(None, Duration::from_secs(1));
+        let tenant = Uuid::new_v4();
+        assert!(hub.join(tenant, None).unwrap().is_none());
+        let ((_, first), started) = hub.join(tenant, Some(7)).unwrap().unwrap();
+        assert!(started);
+        // A feed is counted from the moment it is found: a wake that comes before its first
+        // subscriber is served (the Redis listener's, say) does not end it under them.
+        assert!(!hub.retire(&first.feed));
+        let ((_, second), started) = hub.join(tenant, None).unwrap().unwrap();
+        assert!(!started);
+        assert!(Arc::ptr_eq(&first.feed, &second.feed));
+        let feed = first.feed.clone();
+        drop(first);
+        assert!(!hub.retire(&feed));
+        drop(second);
+        assert!(hub.retire(&feed));
+        assert!(hub.join(tenant, None).unwrap().is_none());
     }
 }
