@@ -18,10 +18,11 @@ pub type Pool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnectio
 pub type PooledConnection = Object<AsyncPgConnection>;
 
 /// What a returned connection is reset with before anyone else gets it. A transaction-local
-/// role ends at commit anyway; this also undoes a session-level `SET` that slipped through, so
-/// the next user starts unscoped and a query that forgets its tenant fails loudly.
+/// role ends at commit anyway; this also undoes every session-level setting (the scope a
+/// committer keeps, see [`crate::tenancy::enter_session`], or a `SET` that slipped through),
+/// so the next user starts unscoped and a query that forgets its tenant fails loudly.
 /// (Never `DISCARD ALL`: it drops the prepared statements diesel has cached.)
-const RESET_ON_RETURN: &str = "RESET ROLE; RESET search_path";
+const RESET_ON_RETURN: &str = "RESET ALL; RESET ROLE";
 
 /// Builds a pool for `args`. Connections are opened lazily, on first use.
 pub fn build_pool(args: &DatabaseArgs) -> Result<Pool> {

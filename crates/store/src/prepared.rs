@@ -47,6 +47,13 @@ use diesel::sql_types::{HasSqlType, Untyped};
 pub const INDEX_PROBES_ONLY: &[&str] = &["SELECT set_config('enable_seqscan', 'off', true), \
     set_config('jit', 'off', true), set_config('plan_cache_mode', 'force_generic_plan', true)"];
 
+/// [`INDEX_PROBES_ONLY`] for the rest of the session, on a connection whose every statement
+/// is written for it (the messaging committer's); the pool resets it when the connection
+/// comes back.
+pub const INDEX_PROBES_ONLY_FOR_SESSION: &[&str] =
+    &["SELECT set_config('enable_seqscan', 'off', false), \
+    set_config('jit', 'off', false), set_config('plan_cache_mode', 'force_generic_plan', false)"];
+
 /// A statement of fixed text with its parameters; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct Prepared<B> {

@@ -5,6 +5,9 @@
 //! rights of its own on tenant schemas, so tenant data is reachable only inside
 //! [`with_tenant`], whose transaction first switches role and search path to the tenant:
 //! a query that forgets its tenant fails, and a query for tenant A cannot read tenant B.
+//! The one exception is a connection that a single tenant's task keeps to itself (the
+//! messaging committer): [`enter_session`] scopes its whole session, until the pool resets
+//! it on return.
 //!
 //! Creating, migrating and dropping tenant schemas runs synchronously (diesel's migration
 //! harness is synchronous) on a [`SyncConnection`], on the blocking pool.
@@ -96,6 +99,26 @@ pub fn enter_statement(tenant: &TenantId) -> Prepared<(Bind<Text, String>,)> {
 /// Switches the current transaction to `tenant`'s role and schema.
 pub async fn enter(conn: &mut AsyncPgConnection, tenant: &TenantId) -> diesel::QueryResult<()> {
     diesel_async::RunQueryDsl::execute(enter_statement(tenant), conn)
+        .await
+        .map(drop)
+}
+
+/// [`ENTER_SCOPE`] for the whole session rather than the transaction.
+const ENTER_SESSION: &[&str] = &[
+    "SELECT set_config('role', scope.name, false), set_config('search_path', scope.name, false) \
+     FROM (SELECT ",
+    "::text AS name) AS scope",
+];
+
+/// Scopes the whole session on `conn` to `tenant` (role and search path), for a connection
+/// that one tenant's task keeps to itself while it works (the messaging committer): its
+/// statements can then run each in an implicit transaction of its own, one round trip and
+/// one answer each. The scope stays until the connection goes back to its pool, which
+/// resets role and search path before anyone else gets it (see [`crate::pool`]).
+pub async fn enter_session(conn: &AsyncPgConnection, tenant: &TenantId) -> diesel::QueryResult<()> {
+    use diesel_async::RunQueryDsl;
+    Prepared::new(ENTER_SESSION, (bind::<Text, _>(tenant.schema()),))
+        .execute(&mut &*conn)
         .await
         .map(drop)
 }

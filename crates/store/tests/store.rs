@@ -99,8 +99,8 @@ async fn bx3_pooled_connections_are_reset_on_return() {
     let pool = build_pool(&args).unwrap();
 
     let mut conn = pool.get().await.unwrap();
-    // A session-level SET, as a buggy query might leave behind.
-    conn.batch_execute("SET search_path TO hafen")
+    // Session-level settings, as a committer keeps them or a buggy query might leave behind.
+    conn.batch_execute("SET search_path TO hafen; SET enable_seqscan = off")
         .await
         .unwrap();
     drop(conn);
@@ -119,6 +119,62 @@ async fn bx3_pooled_connections_are_reset_on_return() {
         .await
         .expect_err("an unscoped query cannot find control-plane tables");
     assert!(err.to_string().contains("does not exist"), "{err}");
+    let planner: Name = diesel::sql_query("SELECT current_setting('enable_seqscan') AS name")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(planner.name, "on", "planner settings are reset too");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb1_a_session_scope_holds_across_statements_and_ends_with_the_pool() {
+    use hafen_store::TenantId;
+    use hafen_store::tenancy::enter_session;
+
+    let db = TestDatabase::create().await;
+    let tenant = TenantId::from(uuid::Uuid::now_v7());
+    let name = tenant.schema();
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {name} NOLOGIN; GRANT {name} TO CURRENT_USER; \
+             CREATE SCHEMA {name} AUTHORIZATION {name}; \
+             SET ROLE {name}; CREATE TABLE {name}.t (x int); \
+             INSERT INTO {name}.t SELECT generate_series(1, 3); RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let mut args = db.args();
+    args.db_pool_size = 1;
+    let pool = build_pool(&args).unwrap();
+    let count = "SELECT count(*) AS n FROM t";
+
+    let mut conn = pool.get().await.unwrap();
+    enter_session(&conn, &tenant).await.unwrap();
+    // Each statement is a transaction of its own, and each is in the tenant's scope.
+    for _ in 0..2 {
+        let seen: Count = diesel::sql_query(count)
+            .get_result(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(seen.n, 3);
+    }
+    drop(conn);
+
+    let mut conn = pool.get().await.unwrap();
+    let err = diesel::sql_query(count)
+        .get_result::<Count>(&mut conn)
+        .await
+        .expect_err("the next user of the connection is out of the scope");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    drop(conn);
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "SET ROLE {name}; DROP SCHEMA {name} CASCADE; RESET ROLE; DROP ROLE {name};"
+        ))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, bind};
-use hafen_store::{AsyncPgConnection, TenantId, now};
+use hafen_store::prepared::{Prepared, bind};
+use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -181,7 +181,7 @@ async fn commit(
 ) -> bool {
     let waited = <[Send]>::first(&batch).map(|send| send.queued.elapsed());
     let started = std::time::Instant::now();
-    let outcome = store_batch(conn, &TenantId::from(tenant), &batch).await;
+    let outcome = store_batch(conn, &batch).await;
     tracing::debug!(
         tenant_id = %tenant,
         sends = batch.len(),
@@ -227,79 +227,29 @@ struct Stored {
     row: MessageRow,
 }
 
-/// The statement that stores a batch (parameters: one array per column of the sends, then
-/// the time). Every send that is not a retry (`earlier`) and whose sender is a member of its
-/// conversation (`fresh`) becomes a message with the next sequence numbers of its
-/// conversation and the next event id (its creation event, kept in the message row), in the
-/// order of the arrays; the event counter advances with them. Returns the new messages and
-/// the earlier ones.
-///
-/// A conversation's next sequence follows its newest stored message, or
-/// `conversations.last_sequence` where that is higher: the floor the retention purge leaves
-/// when it removes a conversation's newest messages, so no sequence is ever given twice. The
-/// conversation's row is not written: updating it cost a fifth of a batch's time (it opens
-/// every index of the table), and readers take the last sequence and the time of the last
-/// message from the newest message (see `view` in `domain.rs`).
-///
-/// Its snapshot must be taken after the event counter is locked (a statement of its own
-/// before it), so no other writer's sequence or event id can come between. Every lookup is a
-/// `LATERAL … LIMIT 1` subquery, an `ORDER BY` of an index's key `LIMIT 1`, or `= ANY`, so
-/// under [`INDEX_PROBES_ONLY`] each is an index probe whatever plan PostgreSQL caches.
+/// The statement that stores a batch: one call of the tenant schema's `store_messages`
+/// (tenant migration `000007_store_messages`, which documents what it does), with one array
+/// per column of the sends, then the time. It returns the new messages (`inserted`) and the
+/// earlier ones of retries; a send whose sender is not a member of its conversation gets no
+/// row.
 const STORE_BATCH: &[&str] = &[
-    "WITH input AS (\
-         SELECT * FROM unnest(",
+    "SELECT s.is_new AS inserted, (s.message).* FROM store_messages(",
     "::uuid[], ",
     "::uuid[], ",
     "::uuid[], ",
     "::uuid[], ",
     "::bytea[], ",
-    "::boolean[]) WITH ORDINALITY \
-             AS i(id, conversation_id, sender_id, request_id, ciphertext, masked, position)\
-     ), earlier AS (\
-         SELECT m.* FROM input i CROSS JOIN LATERAL (\
-             SELECT * FROM messages m \
-             WHERE m.sender_id = i.sender_id AND m.request_id = i.request_id LIMIT 1) m\
-     ), fresh AS (\
-         SELECT i.*, \
-             c.last_sequence + row_number() OVER (PARTITION BY i.conversation_id ORDER BY i.position) \
-                 AS sequence, \
-             row_number() OVER (ORDER BY i.position) AS rank \
-         FROM input i \
-         CROSS JOIN LATERAL (\
-             SELECT greatest(c.last_sequence, (\
-                 SELECT m.sequence FROM messages m WHERE m.conversation_id = c.id \
-                 ORDER BY m.sequence DESC LIMIT 1)) AS last_sequence \
-             FROM conversations c WHERE c.id = i.conversation_id LIMIT 1) c \
-         CROSS JOIN LATERAL (\
-             SELECT FROM members b \
-             WHERE b.conversation_id = i.conversation_id AND b.user_id = i.sender_id LIMIT 1) b \
-         WHERE NOT EXISTS (SELECT FROM earlier e \
-                           WHERE e.sender_id = i.sender_id AND e.request_id = i.request_id)\
-     ), counted AS (\
-         UPDATE event_counter SET last_id = last_id + (SELECT count(*) FROM fresh) \
-         WHERE EXISTS (SELECT FROM fresh) \
-         RETURNING last_id - (SELECT count(*) FROM fresh) AS base\
-     ), inserted AS (\
-         INSERT INTO messages (id, conversation_id, sequence, sender_id, ciphertext, masked, \
-                               request_id, created_at, event_id) \
-         SELECT f.id, f.conversation_id, f.sequence, f.sender_id, f.ciphertext, f.masked, \
-                f.request_id, ",
-    "::timestamptz, counted.base + f.rank FROM fresh f, counted RETURNING *\
-     ) \
-     SELECT true AS inserted, * FROM inserted UNION ALL SELECT false, * FROM earlier",
+    "::boolean[], ",
+    "::timestamptz) AS s",
 ];
 
-/// Stores a batch in its own transaction, in one round trip whatever its size (see
-/// [`hafen_store::tenancy::pipelined`]): after `BEGIN` and the tenant's scope, the lock on
-/// the tenant's event counter (which serialises the tenant's writers), the planner settings
-/// of [`INDEX_PROBES_ONLY`] and the batch statement. Each has a fixed text (rows travel as
-/// one array per column), so each connection prepares it once. Sends repeated within the
-/// batch go to the statement once. Any failure rolls the whole batch back.
-async fn store_batch(
-    conn: &AsyncPgConnection,
-    tenant: &TenantId,
-    sends: &[Send],
-) -> Result<Vec<Stored>, Error> {
+/// Stores a batch in a transaction of its own: one statement in an implicit transaction on a
+/// connection scoped to the tenant for the whole session ([`hafen_store::tenancy::enter_session`]),
+/// so one round trip and one answer from PostgreSQL whatever the batch's size. The statement
+/// has a fixed text (rows travel as one array per column), so each connection prepares it
+/// once. Sends repeated within the batch go to the statement once. Any failure rolls the
+/// whole batch back.
+async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Stored>, Error> {
     use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
     use std::collections::HashSet;
 
@@ -318,29 +268,20 @@ async fn store_batch(
     );
     let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
-    let at = now();
-
-    let statements = async {
-        let (locked, planned, stored) = futures::join!(
-            Prepared::text(&["SELECT FROM event_counter FOR UPDATE"]).execute(&mut &*conn),
-            Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
-            Prepared::new(
-                STORE_BATCH,
-                (
-                    bind::<Array<SqlUuid>, _>(&ids),
-                    bind::<Array<SqlUuid>, _>(&conversations),
-                    bind::<Array<SqlUuid>, _>(&senders),
-                    bind::<Array<SqlUuid>, _>(&request_ids),
-                    bind::<Array<Bytea>, _>(&ciphertexts),
-                    bind::<Array<Bool>, _>(&masked),
-                    bind::<Timestamptz, _>(at),
-                ),
-            )
-            .load::<Stored>(&mut &*conn),
-        );
-        locked.and(planned).and(stored)
-    };
-    Ok(hafen_store::tenancy::pipelined(conn, &["BEGIN"], tenant, statements).await?)
+    Ok(Prepared::new(
+        STORE_BATCH,
+        (
+            bind::<Array<SqlUuid>, _>(&ids),
+            bind::<Array<SqlUuid>, _>(&conversations),
+            bind::<Array<SqlUuid>, _>(&senders),
+            bind::<Array<SqlUuid>, _>(&request_ids),
+            bind::<Array<Bytea>, _>(&ciphertexts),
+            bind::<Array<Bool>, _>(&masked),
+            bind::<Timestamptz, _>(now()),
+        ),
+    )
+    .load::<Stored>(&mut &*conn)
+    .await?)
 }
 
 /// The batch's new messages as the live feed hands them out, in event order.

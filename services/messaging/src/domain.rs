@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use futures::future::BoxFuture;
 use hafen_authn::Principal;
-use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, bind};
+use hafen_store::prepared::{INDEX_PROBES_ONLY, INDEX_PROBES_ONLY_FOR_SESSION, Prepared, bind};
 use hafen_store::schema::{
     conversations, event_counter, events, legal_holds, members, messages, users,
 };
@@ -162,17 +162,26 @@ impl Messaging {
         Ok(self.inner.databases.tenant_connection(&tenant).await?)
     }
 
-    /// A connection to `tenant`'s database from the committers' pools (not yet in its scope).
+    /// A connection to `tenant`'s database from the committers' pools, in the tenant's scope
+    /// and under [`INDEX_PROBES_ONLY`] for the whole session (see
+    /// [`hafen_store::tenancy::enter_session`]): for the tenant's committer alone, until it
+    /// gives the connection back (the pool then resets both).
     pub(crate) async fn commit_connection(
         &self,
         tenant: Uuid,
     ) -> Result<hafen_store::PooledConnection, Error> {
         let tenant = TenantId::from(tenant);
-        Ok(self
+        let conn = self
             .inner
             .commit_databases
             .tenant_connection(&tenant)
-            .await?)
+            .await?;
+        let (scoped, planned) = futures::join!(
+            hafen_store::tenancy::enter_session(&conn, &tenant),
+            Prepared::text(INDEX_PROBES_ONLY_FOR_SESSION).execute(&mut &*conn),
+        );
+        scoped.and(planned)?;
+        Ok(conn)
     }
 
     /// Runs `f` in `tenant`'s scope.
