@@ -229,9 +229,9 @@ struct Stored {
 
 /// The statement that stores a batch: one call of the tenant schema's `store_messages`
 /// (tenant migration `000007_store_messages`, which documents what it does), with one array
-/// per column of the sends, then the time. It returns the new messages (`inserted`) and the
-/// earlier ones of retries; a send whose sender is not a member of its conversation gets no
-/// row.
+/// per column of the sends, the time, and whether to look for retries. It returns the new
+/// messages (`inserted`) and, when it looks for them, the earlier ones of retries; a send
+/// whose sender is not a member of its conversation gets no row.
 const STORE_BATCH: &[&str] = &[
     "SELECT s.is_new AS inserted, (s.message).* FROM store_messages(",
     "::uuid[], ",
@@ -240,15 +240,20 @@ const STORE_BATCH: &[&str] = &[
     "::uuid[], ",
     "::bytea[], ",
     "::boolean[], ",
-    "::timestamptz) AS s",
+    "::timestamptz, ",
+    "::boolean) AS s",
 ];
+
+/// The unique index a retry's message fails when the batch does not look for retries.
+const RETRY_KEY: &str = "messages_request_key";
 
 /// Stores a batch in a transaction of its own: one statement in an implicit transaction on a
 /// connection scoped to the tenant for the whole session ([`hafen_store::tenancy::enter_session`]),
 /// so one round trip and one answer from PostgreSQL whatever the batch's size. The statement
 /// has a fixed text (rows travel as one array per column), so each connection prepares it
 /// once. Sends repeated within the batch go to the statement once. Any failure rolls the
-/// whole batch back.
+/// whole batch back: a batch with a retry in it (the index of request ids refuses it) goes
+/// again, looking for retries.
 async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Stored>, Error> {
     use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
     use std::collections::HashSet;
@@ -268,20 +273,30 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     );
     let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
-    Ok(Prepared::new(
-        STORE_BATCH,
-        (
-            bind::<Array<SqlUuid>, _>(&ids),
-            bind::<Array<SqlUuid>, _>(&conversations),
-            bind::<Array<SqlUuid>, _>(&senders),
-            bind::<Array<SqlUuid>, _>(&request_ids),
-            bind::<Array<Bytea>, _>(&ciphertexts),
-            bind::<Array<Bool>, _>(&masked),
-            bind::<Timestamptz, _>(now()),
-        ),
-    )
-    .load::<Stored>(&mut &*conn)
-    .await?)
+    let at = now();
+    let store = |retries: bool| {
+        Prepared::new(
+            STORE_BATCH,
+            (
+                bind::<Array<SqlUuid>, _>(&ids),
+                bind::<Array<SqlUuid>, _>(&conversations),
+                bind::<Array<SqlUuid>, _>(&senders),
+                bind::<Array<SqlUuid>, _>(&request_ids),
+                bind::<Array<Bytea>, _>(&ciphertexts),
+                bind::<Array<Bool>, _>(&masked),
+                bind::<Timestamptz, _>(at),
+                bind::<Bool, _>(retries),
+            ),
+        )
+        .load::<Stored>(&mut &*conn)
+    };
+    match store(false).await {
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            info,
+        )) if info.constraint_name() == Some(RETRY_KEY) => Ok(store(true).await?),
+        stored => Ok(stored?),
+    }
 }
 
 /// The batch's new messages as the live feed hands them out, in event order.

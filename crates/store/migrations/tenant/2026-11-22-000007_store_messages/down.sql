@@ -1,1 +1,1 @@
-DROP FUNCTION store_messages(uuid[], uuid[], uuid[], uuid[], bytea[], boolean[], timestamptz);
+DROP FUNCTION store_messages(uuid[], uuid[], uuid[], uuid[], bytea[], boolean[], timestamptz, boolean);
