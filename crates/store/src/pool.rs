@@ -21,7 +21,8 @@ pub type PooledConnection = Object<AsyncPgConnection>;
 /// role ends at commit anyway; this also undoes every session-level setting (the scope a
 /// committer keeps, see [`crate::tenancy::enter_session`], or a `SET` that slipped through),
 /// so the next user starts unscoped and a query that forgets its tenant fails loudly.
-/// (Never `DISCARD ALL`: it drops the prepared statements diesel has cached.)
+/// (`RESET ALL` leaves the role alone, hence `RESET ROLE`; never `DISCARD ALL`: it drops the
+/// prepared statements diesel has cached.)
 const RESET_ON_RETURN: &str = "RESET ALL; RESET ROLE";
 
 /// Builds a pool for `args`. Connections are opened lazily, on first use.

@@ -32,6 +32,22 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
 use diesel::sql_types::{HasSqlType, Untyped};
 
+/// The planner settings of [`INDEX_PROBES_ONLY`], for the transaction (`is_local` `true`) or
+/// the session (`false`).
+macro_rules! index_probes_only {
+    ($is_local:literal) => {
+        &[concat!(
+            "SELECT set_config('enable_seqscan', 'off', ",
+            $is_local,
+            "), set_config('jit', 'off', ",
+            $is_local,
+            "), set_config('plan_cache_mode', 'force_generic_plan', ",
+            $is_local,
+            ")"
+        )]
+    };
+}
+
 /// Plans that stay right as a tenant grows, for the rest of the transaction. A statement
 /// prepared once per connection may run with a generic plan made while its tables were
 /// nearly empty: then a sequential scan, or a join that walks a whole index, looks as cheap as
@@ -44,15 +60,12 @@ use diesel::sql_types::{HasSqlType, Untyped};
 /// parameters, it is made once: `plan_cache_mode` is `force_generic_plan` (left to itself,
 /// PostgreSQL would plan small batches anew each time, half a millisecond per run). Run it,
 /// pipelined, before such statements.
-pub const INDEX_PROBES_ONLY: &[&str] = &["SELECT set_config('enable_seqscan', 'off', true), \
-    set_config('jit', 'off', true), set_config('plan_cache_mode', 'force_generic_plan', true)"];
+pub const INDEX_PROBES_ONLY: &[&str] = index_probes_only!("true");
 
 /// [`INDEX_PROBES_ONLY`] for the rest of the session, on a connection whose every statement
 /// is written for it (the messaging committer's); the pool resets it when the connection
 /// comes back.
-pub const INDEX_PROBES_ONLY_FOR_SESSION: &[&str] =
-    &["SELECT set_config('enable_seqscan', 'off', false), \
-    set_config('jit', 'off', false), set_config('plan_cache_mode', 'force_generic_plan', false)"];
+pub const INDEX_PROBES_ONLY_FOR_SESSION: &[&str] = index_probes_only!("false");
 
 /// A statement of fixed text with its parameters; see the module documentation.
 #[derive(Debug, Clone)]

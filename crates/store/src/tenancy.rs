@@ -77,14 +77,30 @@ impl fmt::Display for TenantId {
     }
 }
 
+/// The parts of a [`Prepared`] statement that sets role and search path to the schema name
+/// bound between them, for the transaction (`is_local` `true`) or the session (`false`).
+macro_rules! scope_statement {
+    ($is_local:literal) => {
+        &[
+            concat!(
+                "SELECT set_config('role', scope.name, ",
+                $is_local,
+                "), set_config('search_path', scope.name, ",
+                $is_local,
+                ") FROM (SELECT "
+            ),
+            "::text AS name) AS scope",
+        ]
+    };
+}
+
 /// The statement that enters a tenant's scope for the rest of the current transaction: the
 /// transaction-local forms of `SET ROLE` and `SET search_path`, in one round trip, with the
-/// schema name bound as a parameter (around it, the parts of a [`Prepared`] statement).
-const ENTER_SCOPE: &[&str] = &[
-    "SELECT set_config('role', scope.name, true), set_config('search_path', scope.name, true) \
-     FROM (SELECT ",
-    "::text AS name) AS scope",
-];
+/// schema name bound as a parameter.
+const ENTER_SCOPE: &[&str] = scope_statement!("true");
+
+/// [`ENTER_SCOPE`] for the whole session rather than the transaction.
+const ENTER_SESSION: &[&str] = scope_statement!("false");
 
 /// Leaves the tenant scope inside the current transaction (back to the login role).
 const LEAVE_SCOPE: &str =
@@ -103,18 +119,11 @@ pub async fn enter(conn: &mut AsyncPgConnection, tenant: &TenantId) -> diesel::Q
         .map(drop)
 }
 
-/// [`ENTER_SCOPE`] for the whole session rather than the transaction.
-const ENTER_SESSION: &[&str] = &[
-    "SELECT set_config('role', scope.name, false), set_config('search_path', scope.name, false) \
-     FROM (SELECT ",
-    "::text AS name) AS scope",
-];
-
 /// Scopes the whole session on `conn` to `tenant` (role and search path), for a connection
 /// that one tenant's task keeps to itself while it works (the messaging committer): its
 /// statements can then run each in an implicit transaction of its own, one round trip and
-/// one answer each. The scope stays until the connection goes back to its pool, which
-/// resets role and search path before anyone else gets it (see [`crate::pool`]).
+/// one answer each. The scope stays until the connection goes back to its pool, which resets
+/// every session setting before anyone else gets it (see [`crate::pool`]).
 pub async fn enter_session(conn: &AsyncPgConnection, tenant: &TenantId) -> diesel::QueryResult<()> {
     use diesel_async::RunQueryDsl;
     Prepared::new(ENTER_SESSION, (bind::<Text, _>(tenant.schema()),))
