@@ -566,13 +566,8 @@ async fn cb5_expired_messages_are_purged_younger_and_held_ones_remain() {
     .await;
 
     // A second run finds nothing more to do; the held messages are counted again.
-    let again = retention
-        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = s.purge().await;
     assert_ne!(again.purge_run_id, run.purge_run_id);
-    let again = s.wait_for_run(&again.purge_run_id).await;
     assert_eq!((again.messages_deleted, again.held_skipped), (0, 4));
 
     // Lifting the holds lets the next run purge what they kept.
@@ -585,12 +580,7 @@ async fn cb5_expired_messages_are_purged_younger_and_held_ones_remain() {
     s.hold(Target::UserId(s.member_id.clone()), false, "")
         .await
         .unwrap();
-    let last = retention
-        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let last = s.wait_for_run(&last.purge_run_id).await;
+    let last = s.purge().await;
     assert_eq!((last.messages_deleted, last.held_skipped), (4, 0));
     assert!(s.history(&held).await.is_empty());
 
@@ -746,15 +736,8 @@ async fn a_run_whose_heartbeat_stopped_is_taken_over_as_failed() {
         ))
         .await
         .unwrap();
-    let run = s
-        .retention()
-        .await
-        .run_purge(with_token(&s.owner, pb::RunPurgeRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let run = s.purge().await;
     assert_ne!(run.purge_run_id, dead.to_string(), "a new run started");
-    s.wait_for_run(&run.purge_run_id).await;
     let runs = s
         .retention()
         .await
