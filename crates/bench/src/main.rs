@@ -21,6 +21,7 @@
     reason = "a benchmark reports on stdout and stops loudly when its set-up fails"
 )]
 
+mod cpu;
 mod login;
 mod messaging;
 mod migrate;

@@ -3,7 +3,10 @@
 //! - `baseline`: the row shape of a message inserted straight into PostgreSQL by a bare client,
 //!   one row per transaction, at the same concurrency as `send`.
 //! - `send`: 32 concurrent senders over TLS for a fixed time: messages per second and
-//!   latency; then the same at half that rate, where the latency targets apply.
+//!   latency; then the same at half that rate, where the latency targets apply. Next to the
+//!   peak, what a message cost in CPU time (this process, which runs the clients and the
+//!   stack, and PostgreSQL) and the cores left idle, beside the same for a baseline row
+//!   (`cpu.rs`): the two loads share this machine's cores with their clients.
 //! - `deliver`: send → subscriber latency at half of the peak rate.
 //! - `fanout`: one conversation, 1,000 subscribers: time until every subscriber has a message.
 //! - `subscriptions`: 10,000 idle streams on a separate `hafen-messaging` process: its RSS.
@@ -21,6 +24,7 @@ use hafen_testkit::{Channel, TestStack, with_token};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::cpu::{self, Cost, Meter};
 use crate::{Line, ms, quantile};
 
 /// Concurrent senders of the `send` load (and of the live load in `purge`).
@@ -123,13 +127,16 @@ pub(crate) async fn send(
 }
 
 /// 32 senders, each in its own conversation, for `duration`; at most `rate` messages per
-/// second in all (`None`: as fast as they can). Returns messages/s and sorted latencies.
+/// second in all (`None`: as fast as they can). Returns messages/s, sorted latencies and what
+/// the load cost (CPU time; `postmaster` from [`cpu::postmaster`]).
 async fn send_load(
     stack: &TestStack,
     senders: &[(String, String)],
     duration: Duration,
     rate: Option<f64>,
-) -> (f64, Vec<f64>) {
+    postmaster: Option<u32>,
+) -> (f64, Vec<f64>, Cost) {
+    let meter = Meter::start(postmaster);
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let count = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -164,14 +171,17 @@ async fn send_load(
     for task in tasks {
         task.await.expect("sender");
     }
-    let rate = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let sent = count.load(Ordering::Relaxed);
+    let cost = meter.finish(sent);
+    let rate = sent as f64 / started.elapsed().as_secs_f64();
     let mut latencies = latencies.lock().await.clone();
     latencies.sort_by(f64::total_cmp);
-    (rate, latencies)
+    (rate, latencies, cost)
 }
 
 /// The baseline: the same row shape, one row per transaction, `SENDERS` bare connections.
-async fn baseline(stack: &TestStack, duration: Duration) -> f64 {
+/// Returns rows/s and what they cost.
+async fn baseline(stack: &TestStack, duration: Duration, postmaster: Option<u32>) -> (f64, Cost) {
     let mut conn = stack.db.connect().await;
     conn.batch_execute(
         "CREATE SCHEMA bench; CREATE TABLE bench.baseline (id uuid PRIMARY KEY, conversation_id uuid NOT NULL, \
@@ -181,10 +191,14 @@ async fn baseline(stack: &TestStack, duration: Duration) -> f64 {
     .await
     .expect("baseline table");
     let count = Arc::new(AtomicU64::new(0));
+    let mut connections = Vec::new();
+    for _ in 0..SENDERS {
+        connections.push(stack.db.connect().await);
+    }
+    let meter = Meter::start(postmaster);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for worker in 0..SENDERS {
-        let mut conn = stack.db.connect().await;
+    for (worker, mut conn) in connections.into_iter().enumerate() {
         let count = count.clone();
         tasks.push(tokio::spawn(async move {
             let conversation = Uuid::now_v7();
@@ -208,7 +222,9 @@ async fn baseline(stack: &TestStack, duration: Duration) -> f64 {
     for task in tasks {
         task.await.expect("baseline worker");
     }
-    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let rows = count.load(Ordering::Relaxed);
+    let cost = meter.finish(rows);
+    (rows as f64 / started.elapsed().as_secs_f64(), cost)
 }
 
 /// Runs `baseline`, `send` and `deliver` with senders running for `duration` each.
@@ -224,9 +240,12 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
         pairs.push((conversation, sender.token.clone()));
     }
 
-    let baseline_rate = baseline(&stack, duration).await;
-    let (peak, peak_latencies) = send_load(&stack, &pairs, duration, None).await;
-    let (half, half_latencies) = send_load(&stack, &pairs, duration, Some(peak / 2.0)).await;
+    let postmaster = cpu::postmaster(&mut stack.db.connect().await).await;
+    let (baseline_rate, baseline_cost) = baseline(&stack, duration, postmaster).await;
+    let (peak, peak_latencies, peak_cost) =
+        send_load(&stack, &pairs, duration, None, postmaster).await;
+    let (half, half_latencies, _) =
+        send_load(&stack, &pairs, duration, Some(peak / 2.0), postmaster).await;
 
     // deliver: a subscriber in one conversation while the load runs at half the peak.
     let mut subscriber = stack.messaging_client().await;
@@ -241,7 +260,7 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
     let _ = stream.next().await; // caught up
     let others = pairs[1..].to_vec();
     let rate = peak / 2.0 * (others.len() as f64 / SENDERS as f64);
-    let load = send_load(&stack, &others, duration, Some(rate));
+    let load = send_load(&stack, &others, duration, Some(rate), None);
     let probe = async {
         let mut delivered = Vec::new();
         let mut sender = stack.messaging_client().await;
@@ -285,6 +304,20 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
         },
         Line {
             scenario: "send",
+            metric: "CPU per message: bench + PostgreSQL".into(),
+            value: peak_cost.split(),
+            baseline: format!("{} per row", baseline_cost.split()),
+            target: String::new(),
+        },
+        Line {
+            scenario: "send",
+            metric: "idle cores: peak / baseline".into(),
+            value: idle(peak_cost),
+            baseline: idle(baseline_cost),
+            target: String::new(),
+        },
+        Line {
+            scenario: "send",
             metric: "p50/p99 at peak".into(),
             value: format!(
                 "{:.1}/{:.1} ms",
@@ -317,21 +350,34 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
             target: "p99 <= 10 ms".into(),
         },
     ];
+    let mut baseline_json = serde_json::json!({"scenario": "baseline", "rows_per_sec": baseline_rate, "connections": SENDERS});
+    let mut send_json = serde_json::json!({
+        "scenario": "send", "senders": SENDERS, "peak_per_sec": peak, "ratio_to_baseline": ratio,
+        "peak_p50_ms": quantile(&peak_latencies, 0.5), "peak_p99_ms": quantile(&peak_latencies, 0.99),
+        "half_rate_per_sec": half, "half_p50_ms": quantile(&half_latencies, 0.5),
+        "half_p99_ms": quantile(&half_latencies, 0.99),
+        "meets_target": ratio >= 1.0 && quantile(&half_latencies, 0.99) <= 5.0,
+    });
+    if let (Some(baseline), Some(send)) = (baseline_json.as_object_mut(), send_json.as_object_mut())
+    {
+        baseline.extend(baseline_cost.json(""));
+        send.extend(peak_cost.json("peak_"));
+    }
     let json = vec![
-        serde_json::json!({"scenario": "baseline", "rows_per_sec": baseline_rate, "connections": SENDERS}),
-        serde_json::json!({
-            "scenario": "send", "senders": SENDERS, "peak_per_sec": peak, "ratio_to_baseline": ratio,
-            "peak_p50_ms": quantile(&peak_latencies, 0.5), "peak_p99_ms": quantile(&peak_latencies, 0.99),
-            "half_rate_per_sec": half, "half_p50_ms": quantile(&half_latencies, 0.5),
-            "half_p99_ms": quantile(&half_latencies, 0.99),
-            "meets_target": ratio >= 1.0 && quantile(&half_latencies, 0.99) <= 5.0,
-        }),
+        baseline_json,
+        send_json,
         serde_json::json!({
             "scenario": "deliver", "p50_ms": quantile(&delivered, 0.5), "p99_ms": quantile(&delivered, 0.99),
             "meets_target": quantile(&delivered, 0.99) <= 10.0,
         }),
     ];
     (lines, json)
+}
+
+/// Idle cores over a phase, as far as known.
+fn idle(cost: Cost) -> String {
+    cost.idle_cores
+        .map_or_else(|| "n/a".to_owned(), |cores| format!("{cores:.2}"))
 }
 
 /// `fanout`: one conversation with `subscribers` members, each streaming.
