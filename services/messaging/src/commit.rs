@@ -5,7 +5,7 @@
 //!
 //! A batch costs one round trip, whatever its size (see `store_batch`), on a connection the
 //! tenant's committer keeps while sends keep coming; one failing send (not a member, a reused
-//! request id) fails alone. The tenant's event counter is advanced once per batch; its row
+//! request id) fails alone, at the price of a second round trip for its batch. The tenant's event counter is advanced once per batch; its row
 //! lock, held to commit, keeps event ids in commit order across replicas.
 
 use std::collections::HashMap;
@@ -227,11 +227,11 @@ struct Stored {
     row: MessageRow,
 }
 
-/// The statement that stores a batch: one call of the tenant schema's `store_messages`
-/// (tenant migration `000007_store_messages`, which documents what it does), with one array
-/// per column of the sends, the time, and whether to look for retries. It returns the new
-/// messages (`inserted`) and, when it looks for them, the earlier ones of retries; a send
-/// whose sender is not a member of its conversation gets no row.
+/// The statement that stores a batch in general: one call of the tenant schema's
+/// `store_messages` (tenant migration `000007_store_messages`, which documents what it does),
+/// with one array per column of the sends, the time, and whether to look for retries. It
+/// returns the new messages (`inserted`) and, when it looks for them, the earlier ones of
+/// retries; a send whose sender is not a member of its conversation gets no row.
 const STORE_BATCH: &[&str] = &[
     "SELECT s.is_new AS inserted, (s.message).* FROM store_messages(",
     "::uuid[], ",
@@ -244,18 +244,35 @@ const STORE_BATCH: &[&str] = &[
     "::boolean) AS s",
 ];
 
+/// The statement that stores the common batch, where every send is new and from a member:
+/// one call of `store_fresh_messages` (tenant migration `000008_store_fresh_messages`), which
+/// stores all of them or, when a sender is not a member, none; with the arrays of
+/// [`STORE_BATCH`] and each send's place among the batch's sends to its conversation.
+const STORE_FRESH: &[&str] = &[
+    "SELECT true AS inserted, s.* FROM store_fresh_messages(",
+    "::uuid[], ",
+    "::uuid[], ",
+    "::uuid[], ",
+    "::uuid[], ",
+    "::bytea[], ",
+    "::boolean[], ",
+    "::integer[], ",
+    "::timestamptz) AS s",
+];
+
 /// The unique index a retry's message fails when the batch does not look for retries.
 const RETRY_KEY: &str = "messages_request_key";
 
 /// Stores a batch in a transaction of its own: one statement in an implicit transaction on a
 /// connection scoped to the tenant for the whole session ([`hafen_store::tenancy::enter_session`]),
-/// so one round trip and one answer from PostgreSQL whatever the batch's size. The statement
-/// has a fixed text (rows travel as one array per column), so each connection prepares it
-/// once. Sends repeated within the batch go to the statement once. Any failure rolls the
-/// whole batch back: a batch with a retry in it (the index of request ids refuses it) goes
-/// again, looking for retries.
+/// so one round trip and one answer from PostgreSQL whatever the batch's size. The statements
+/// have a fixed text (rows travel as one array per column), so each connection prepares them
+/// once. Sends repeated within the batch go to the statement once. A batch goes first as the
+/// common one ([`STORE_FRESH`]); when that stores nothing (a sender is not a member) or fails
+/// on a retry (the index of request ids refuses it), it goes again with [`STORE_BATCH`],
+/// looking for retries. Any failure rolls the whole call back.
 async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Stored>, Error> {
-    use diesel::sql_types::{Array, Bool, Bytea, Timestamptz, Uuid as SqlUuid};
+    use diesel::sql_types::{Array, Bool, Bytea, Integer, Timestamptz, Uuid as SqlUuid};
     use std::collections::HashSet;
 
     // The first of the sends with the same sender and request id.
@@ -273,30 +290,67 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     );
     let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
+    let places = places(&conversations);
     let at = now();
-    let store = |retries: bool| {
-        Prepared::new(
-            STORE_BATCH,
-            (
-                bind::<Array<SqlUuid>, _>(&ids),
-                bind::<Array<SqlUuid>, _>(&conversations),
-                bind::<Array<SqlUuid>, _>(&senders),
-                bind::<Array<SqlUuid>, _>(&request_ids),
-                bind::<Array<Bytea>, _>(&ciphertexts),
-                bind::<Array<Bool>, _>(&masked),
-                bind::<Timestamptz, _>(at),
-                bind::<Bool, _>(retries),
-            ),
-        )
-        .load::<Stored>(&mut &*conn)
-    };
-    match store(false).await {
+    let fresh = Prepared::new(
+        STORE_FRESH,
+        (
+            bind::<Array<SqlUuid>, _>(&ids),
+            bind::<Array<SqlUuid>, _>(&conversations),
+            bind::<Array<SqlUuid>, _>(&senders),
+            bind::<Array<SqlUuid>, _>(&request_ids),
+            bind::<Array<Bytea>, _>(&ciphertexts),
+            bind::<Array<Bool>, _>(&masked),
+            bind::<Array<Integer>, _>(&places),
+            bind::<Timestamptz, _>(at),
+        ),
+    )
+    .load::<Stored>(&mut &*conn)
+    .await;
+    match fresh {
+        Ok(stored) if stored.len() == first.len() => return Ok(stored),
+        // Not all from members: nothing was stored.
+        Ok(_) => {}
         Err(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             info,
-        )) if info.constraint_name() == Some(RETRY_KEY) => Ok(store(true).await?),
-        stored => Ok(stored?),
+        )) if info.constraint_name() == Some(RETRY_KEY) => {}
+        Err(err) => return Err(err.into()),
     }
+    tracing::debug!(
+        sends = first.len(),
+        "batch has a retry or a non-member's send: stored again, send by send"
+    );
+    Ok(Prepared::new(
+        STORE_BATCH,
+        (
+            bind::<Array<SqlUuid>, _>(&ids),
+            bind::<Array<SqlUuid>, _>(&conversations),
+            bind::<Array<SqlUuid>, _>(&senders),
+            bind::<Array<SqlUuid>, _>(&request_ids),
+            bind::<Array<Bytea>, _>(&ciphertexts),
+            bind::<Array<Bool>, _>(&masked),
+            bind::<Timestamptz, _>(at),
+            bind::<Bool, _>(true),
+        ),
+    )
+    .load::<Stored>(&mut &*conn)
+    .await?)
+}
+
+/// Each send's place among the batch's sends to its conversation, counting from 1 in the
+/// batch's order: the offset of its sequence number from the conversation's last one when
+/// the whole batch is stored.
+fn places(conversations: &[Uuid]) -> Vec<i32> {
+    let mut counts: HashMap<Uuid, i32> = HashMap::new();
+    conversations
+        .iter()
+        .map(|conversation| {
+            let count = counts.entry(*conversation).or_default();
+            *count += 1;
+            *count
+        })
+        .collect()
 }
 
 /// The batch's new messages as the live feed hands them out, in event order.
@@ -356,6 +410,16 @@ fn fates(sends: &[Send], stored: Vec<Stored>) -> Vec<Result<MessageRow, Error>> 
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
+    /// A send's place counts the sends to its own conversation only, in the batch's order.
+    #[test]
+    fn places_count_within_each_conversation() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(super::places(&[a, b, a, a, b]), vec![1, 1, 2, 3, 2]);
+        assert!(super::places(&[]).is_empty());
+    }
+
     /// The committers, and the connections they open, run off the request runtime: a commit's
     /// answer from PostgreSQL does not wait behind request tasks.
     #[tokio::test]
