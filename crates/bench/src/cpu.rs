@@ -6,6 +6,7 @@
 //! keeps busy, each side's throughput is its cores divided by its CPU time per operation, and
 //! the clients share those cores with the server. The PostgreSQL figure needs the server on
 //! this machine (it is the postmaster's and its children's time); elsewhere it is left out.
+//! Redis's time is not counted (in `send`, about 3 µs per message measured by `perf sched`).
 
 use std::time::{Duration, Instant};
 

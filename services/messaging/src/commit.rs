@@ -5,8 +5,9 @@
 //!
 //! A batch costs one round trip, whatever its size (see `store_batch`), on a connection the
 //! tenant's committer keeps while sends keep coming; one failing send (not a member, a reused
-//! request id) fails alone, at the price of a second round trip for its batch. The tenant's event counter is advanced once per batch; its row
-//! lock, held to commit, keeps event ids in commit order across replicas.
+//! request id) fails alone, at the price of a second round trip for its batch. The tenant's
+//! event counter is advanced once per batch; its row lock, held to commit, keeps event ids in
+//! commit order across replicas.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -229,9 +230,9 @@ struct Stored {
 
 /// The statement that stores a batch in general: one call of the tenant schema's
 /// `store_messages` (tenant migration `000007_store_messages`, which documents what it does),
-/// with one array per column of the sends, the time, and whether to look for retries. It
-/// returns the new messages (`inserted`) and, when it looks for them, the earlier ones of
-/// retries; a send whose sender is not a member of its conversation gets no row.
+/// with one array per column of the sends, the time, and whether to look for retries (the
+/// committer always asks it to). It returns the new messages (`inserted`) and the earlier
+/// ones of retries; a send whose sender is not a member of its conversation gets no row.
 const STORE_BATCH: &[&str] = &[
     "SELECT s.is_new AS inserted, (s.message).* FROM store_messages(",
     "::uuid[], ",
@@ -260,7 +261,8 @@ const STORE_FRESH: &[&str] = &[
     "::timestamptz) AS s",
 ];
 
-/// The unique index a retry's message fails when the batch does not look for retries.
+/// The unique index a retry's message fails in [`STORE_FRESH`], which does not look for
+/// retries.
 const RETRY_KEY: &str = "messages_request_key";
 
 /// Stores a batch in a transaction of its own: one statement in an implicit transaction on a
@@ -292,17 +294,25 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
     let places = places(&conversations);
     let at = now();
+    // The sends' columns, which both statements take first, then `$rest`.
+    macro_rules! columns {
+        ($($rest:expr),+) => {
+            (
+                bind::<Array<SqlUuid>, _>(&ids),
+                bind::<Array<SqlUuid>, _>(&conversations),
+                bind::<Array<SqlUuid>, _>(&senders),
+                bind::<Array<SqlUuid>, _>(&request_ids),
+                bind::<Array<Bytea>, _>(&ciphertexts),
+                bind::<Array<Bool>, _>(&masked),
+                $($rest),+
+            )
+        };
+    }
     let fresh = Prepared::new(
         STORE_FRESH,
-        (
-            bind::<Array<SqlUuid>, _>(&ids),
-            bind::<Array<SqlUuid>, _>(&conversations),
-            bind::<Array<SqlUuid>, _>(&senders),
-            bind::<Array<SqlUuid>, _>(&request_ids),
-            bind::<Array<Bytea>, _>(&ciphertexts),
-            bind::<Array<Bool>, _>(&masked),
+        columns!(
             bind::<Array<Integer>, _>(&places),
-            bind::<Timestamptz, _>(at),
+            bind::<Timestamptz, _>(at)
         ),
     )
     .load::<Stored>(&mut &*conn)
@@ -319,20 +329,11 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     }
     tracing::debug!(
         sends = first.len(),
-        "batch has a retry or a non-member's send: stored again, send by send"
+        "batch holds a retry or a non-member's send: stored again by store_messages"
     );
     Ok(Prepared::new(
         STORE_BATCH,
-        (
-            bind::<Array<SqlUuid>, _>(&ids),
-            bind::<Array<SqlUuid>, _>(&conversations),
-            bind::<Array<SqlUuid>, _>(&senders),
-            bind::<Array<SqlUuid>, _>(&request_ids),
-            bind::<Array<Bytea>, _>(&ciphertexts),
-            bind::<Array<Bool>, _>(&masked),
-            bind::<Timestamptz, _>(at),
-            bind::<Bool, _>(true),
-        ),
+        columns!(bind::<Timestamptz, _>(at), bind::<Bool, _>(true)),
     )
     .load::<Stored>(&mut &*conn)
     .await?)
