@@ -228,38 +228,43 @@ struct Stored {
     row: MessageRow,
 }
 
+/// The text of a call of a tenant function that stores a batch: `$head`, the casts of the
+/// sends' columns (bound in this order by `columns!` in [`store_batch`]), then `$rest`.
+macro_rules! batch_call {
+    ($head:literal, $($rest:literal),+) => {
+        &[
+            $head,
+            "::uuid[], ",
+            "::uuid[], ",
+            "::uuid[], ",
+            "::uuid[], ",
+            "::bytea[], ",
+            "::boolean[], ",
+            $($rest),+
+        ]
+    };
+}
+
 /// The statement that stores a batch in general: one call of the tenant schema's
 /// `store_messages` (tenant migration `000007_store_messages`, which documents what it does),
 /// with one array per column of the sends, the time, and whether to look for retries (the
 /// committer always asks it to). It returns the new messages (`inserted`) and the earlier
 /// ones of retries; a send whose sender is not a member of its conversation gets no row.
-const STORE_BATCH: &[&str] = &[
+const STORE_BATCH: &[&str] = batch_call!(
     "SELECT s.is_new AS inserted, (s.message).* FROM store_messages(",
-    "::uuid[], ",
-    "::uuid[], ",
-    "::uuid[], ",
-    "::uuid[], ",
-    "::bytea[], ",
-    "::boolean[], ",
     "::timestamptz, ",
-    "::boolean) AS s",
-];
+    "::boolean) AS s"
+);
 
 /// The statement that stores the common batch, where every send is new and from a member:
 /// one call of `store_fresh_messages` (tenant migration `000008_store_fresh_messages`), which
 /// stores all of them or, when a sender is not a member, none; with the arrays of
 /// [`STORE_BATCH`] and each send's place among the batch's sends to its conversation.
-const STORE_FRESH: &[&str] = &[
+const STORE_FRESH: &[&str] = batch_call!(
     "SELECT true AS inserted, s.* FROM store_fresh_messages(",
-    "::uuid[], ",
-    "::uuid[], ",
-    "::uuid[], ",
-    "::uuid[], ",
-    "::bytea[], ",
-    "::boolean[], ",
     "::integer[], ",
-    "::timestamptz) AS s",
-];
+    "::timestamptz) AS s"
+);
 
 /// The unique index a retry's message fails in [`STORE_FRESH`], which does not look for
 /// retries.
@@ -294,7 +299,7 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
     let places = places(&conversations);
     let at = now();
-    // The sends' columns, which both statements take first, then `$rest`.
+    // The sends' columns, which both statements take first (see `batch_call!`), then `$rest`.
     macro_rules! columns {
         ($($rest:expr),+) => {
             (
