@@ -350,7 +350,9 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
             target: "p99 <= 10 ms".into(),
         },
     ];
-    let mut baseline_json = serde_json::json!({"scenario": "baseline", "rows_per_sec": baseline_rate, "connections": SENDERS});
+    let mut baseline_json = serde_json::json!({
+        "scenario": "baseline", "rows_per_sec": baseline_rate, "connections": SENDERS,
+    });
     let mut send_json = serde_json::json!({
         "scenario": "send", "senders": SENDERS, "peak_per_sec": peak, "ratio_to_baseline": ratio,
         "peak_p50_ms": quantile(&peak_latencies, 0.5), "peak_p99_ms": quantile(&peak_latencies, 0.99),
