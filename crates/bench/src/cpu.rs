@@ -65,6 +65,28 @@ impl Meter {
 }
 
 impl Cost {
+    /// The cost of several phases together, each given with its operations and length: CPU
+    /// time per operation over all their operations, idle cores over all their time. A figure
+    /// unknown for any phase is unknown for all.
+    pub(crate) fn pooled(phases: &[(Cost, u64, Duration)]) -> Cost {
+        let weighted = |figure: fn(&Cost) -> Option<f64>, weight: fn(u64, Duration) -> f64| {
+            let (mut sum, mut weights) = (0.0, 0.0);
+            for (cost, operations, elapsed) in phases {
+                let w = weight(*operations, *elapsed);
+                sum += figure(cost)? * w;
+                weights += w;
+            }
+            (weights > 0.0).then(|| sum / weights)
+        };
+        let by_operations = |operations: u64, _: Duration| operations as f64;
+        let by_time = |_: u64, elapsed: Duration| elapsed.as_secs_f64();
+        Cost {
+            process_us: weighted(|c| c.process_us, by_operations),
+            postgres_us: weighted(|c| c.postgres_us, by_operations),
+            idle_cores: weighted(|c| c.idle_cores, by_time),
+        }
+    }
+
     /// `process + postgres µs`, as far as known.
     pub(crate) fn split(&self) -> String {
         let us = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
@@ -201,5 +223,29 @@ mod tests {
         );
         assert!(cost.postgres_us.is_none(), "no server was measured");
         assert!(Stat::read(std::process::id()).is_some_and(|s| s.parent > 0));
+    }
+
+    /// Phases pooled cost what their operations cost in all, and leave idle what they left
+    /// idle over all their time; a figure one phase lacks is lacking in the pool.
+    #[test]
+    fn pooled_phases_weigh_by_operations_and_by_time() {
+        let cost = |process, postgres, idle| Cost {
+            process_us: Some(process),
+            postgres_us: postgres,
+            idle_cores: Some(idle),
+        };
+        let pooled = Cost::pooled(&[
+            (cost(100.0, Some(10.0), 0.5), 1_000, Duration::from_secs(1)),
+            (cost(40.0, Some(70.0), 0.2), 3_000, Duration::from_secs(2)),
+        ]);
+        assert_eq!(pooled.process_us, Some(55.0));
+        assert_eq!(pooled.postgres_us, Some(55.0));
+        assert!((pooled.idle_cores.unwrap_or_default() - 0.3).abs() < 1e-9);
+        let partial = Cost::pooled(&[
+            (cost(100.0, Some(10.0), 0.5), 1_000, Duration::from_secs(1)),
+            (cost(40.0, None, 0.2), 3_000, Duration::from_secs(2)),
+        ]);
+        assert_eq!(partial.postgres_us, None);
+        assert_eq!(Cost::pooled(&[]).process_us, None);
     }
 }

@@ -58,9 +58,15 @@ struct Cli {
     #[arg(long, env = "HAFEN_BENCH_CONCURRENCY", default_value_t = 4)]
     concurrency: usize,
 
-    /// Seconds each messaging load phase runs (`send`).
+    /// Seconds each messaging load runs (`send`): the baseline, the peak, half the peak and
+    /// `deliver`.
     #[arg(long, env = "HAFEN_BENCH_SEND_SECS", default_value_t = 60)]
     send_secs: u64,
+
+    /// Turns the baseline and the peak take (`send`), sharing their seconds: both loads then
+    /// see the same drift of the machine's state.
+    #[arg(long, env = "HAFEN_BENCH_SEND_ROUNDS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    send_rounds: u32,
 
     /// Subscribers in `fanout`.
     #[arg(long, env = "HAFEN_BENCH_FANOUT", default_value_t = 1000)]
@@ -127,7 +133,11 @@ async fn main() {
         json.push(j);
     }
     if wants(Scenario::Send) {
-        let (l, j) = messaging::run(std::time::Duration::from_secs(cli.send_secs)).await;
+        let (l, j) = messaging::run(
+            std::time::Duration::from_secs(cli.send_secs),
+            cli.send_rounds,
+        )
+        .await;
         lines.extend(l);
         json.extend(j);
     }

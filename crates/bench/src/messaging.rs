@@ -2,8 +2,9 @@
 //!
 //! - `baseline`: the row shape of a message inserted straight into PostgreSQL by a bare client,
 //!   one row per transaction, at the same concurrency as `send`.
-//! - `send`: 32 concurrent senders over TLS for a fixed time: messages per second and
-//!   latency; then the same at half that rate, where the latency targets apply. Next to the
+//! - `send`: 32 concurrent senders over TLS for a fixed time, taking turns with the baseline
+//!   in rounds: messages per second (over all rounds, and each round's ratio to its baseline)
+//!   and latency; then the same at half that rate, where the latency targets apply. Next to the
 //!   peak, what a message cost in CPU time (this process, which runs the clients and the
 //!   stack, and PostgreSQL) and the cores left idle, beside the same for a baseline row
 //!   (`cpu.rs`): the two loads share this machine's cores with their clients.
@@ -126,16 +127,48 @@ pub(crate) async fn send(
         .expect("SendMessage");
 }
 
+/// A load phase: how many operations it did in how long, their latencies (sorted, ms; none
+/// for the baseline) and what it cost.
+struct Phase {
+    operations: u64,
+    elapsed: Duration,
+    latencies: Vec<f64>,
+    cost: Cost,
+}
+
+impl Phase {
+    /// Operations per second.
+    fn rate(&self) -> f64 {
+        self.operations as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Several phases as one: their operations over their time, all their latencies, their
+    /// pooled cost.
+    fn pooled(phases: &[Phase]) -> Phase {
+        let mut latencies: Vec<f64> = phases.iter().flat_map(|p| p.latencies.clone()).collect();
+        latencies.sort_by(f64::total_cmp);
+        let costs: Vec<(Cost, u64, Duration)> = phases
+            .iter()
+            .map(|p| (p.cost, p.operations, p.elapsed))
+            .collect();
+        Phase {
+            operations: phases.iter().map(|p| p.operations).sum(),
+            elapsed: phases.iter().map(|p| p.elapsed).sum(),
+            latencies,
+            cost: Cost::pooled(&costs),
+        }
+    }
+}
+
 /// 32 senders, each in its own conversation, for `duration`; at most `rate` messages per
-/// second in all (`None`: as fast as they can). Returns messages/s, sorted latencies and what
-/// the load cost (CPU time; `postmaster` from [`cpu::postmaster`]).
+/// second in all (`None`: as fast as they can). `postmaster` from [`cpu::postmaster`].
 async fn send_load(
     stack: &TestStack,
     senders: &[(String, String)],
     duration: Duration,
     rate: Option<f64>,
     postmaster: Option<u32>,
-) -> (f64, Vec<f64>, Cost) {
+) -> Phase {
     let meter = Meter::start(postmaster);
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let count = Arc::new(AtomicU64::new(0));
@@ -173,15 +206,20 @@ async fn send_load(
     }
     let sent = count.load(Ordering::Relaxed);
     let cost = meter.finish(sent);
-    let rate = sent as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     let mut latencies = latencies.lock().await.clone();
     latencies.sort_by(f64::total_cmp);
-    (rate, latencies, cost)
+    Phase {
+        operations: sent,
+        elapsed,
+        latencies,
+        cost,
+    }
 }
 
-/// The baseline: the same row shape, one row per transaction, `SENDERS` bare connections.
-/// Returns rows/s and what they cost.
-async fn baseline(stack: &TestStack, duration: Duration, postmaster: Option<u32>) -> (f64, Cost) {
+/// Creates the baseline's table: the row shape of a message, with the same unique keys as the
+/// service's primary key and per-conversation sequence.
+async fn baseline_table(stack: &TestStack) {
     let mut conn = stack.db.connect().await;
     conn.batch_execute(
         "CREATE SCHEMA bench; CREATE TABLE bench.baseline (id uuid PRIMARY KEY, conversation_id uuid NOT NULL, \
@@ -190,6 +228,11 @@ async fn baseline(stack: &TestStack, duration: Duration, postmaster: Option<u32>
     )
     .await
     .expect("baseline table");
+}
+
+/// The baseline: the same row shape, one row per transaction, `SENDERS` bare connections,
+/// into the table of [`baseline_table`] (each run in conversations of its own).
+async fn baseline(stack: &TestStack, duration: Duration, postmaster: Option<u32>) -> Phase {
     let count = Arc::new(AtomicU64::new(0));
     let mut connections = Vec::new();
     for _ in 0..SENDERS {
@@ -224,11 +267,19 @@ async fn baseline(stack: &TestStack, duration: Duration, postmaster: Option<u32>
     }
     let rows = count.load(Ordering::Relaxed);
     let cost = meter.finish(rows);
-    (rows as f64 / started.elapsed().as_secs_f64(), cost)
+    Phase {
+        operations: rows,
+        elapsed: started.elapsed(),
+        latencies: Vec::new(),
+        cost,
+    }
 }
 
-/// Runs `baseline`, `send` and `deliver` with senders running for `duration` each.
-pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
+/// Runs `baseline`, `send` and `deliver` with senders running for `duration` each. The
+/// baseline and the peak take turns, `rounds` times, each for its share of `duration`: the
+/// machine's state drifts over a run (the same binary measured 0.66× to 1.15× in single
+/// rounds), and taking turns lets both loads see the same drift.
+pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json::Value>) {
     let stack = TestStack::start().await;
     let tenant = stack.create_tenant("bench").await;
     let owner = stack.login_owner(&tenant).await.access_token;
@@ -241,11 +292,26 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
     }
 
     let postmaster = cpu::postmaster(&mut stack.db.connect().await).await;
-    let (baseline_rate, baseline_cost) = baseline(&stack, duration, postmaster).await;
+    baseline_table(&stack).await;
+    let rounds = rounds.max(1);
+    let turn = duration / rounds;
+    let (mut baselines, mut peaks) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        baselines.push(baseline(&stack, turn, postmaster).await);
+        peaks.push(send_load(&stack, &pairs, turn, None, postmaster).await);
+    }
+    let round_ratios: Vec<f64> = baselines
+        .iter()
+        .zip(&peaks)
+        .map(|(baseline, peak)| peak.rate() / baseline.rate())
+        .collect();
+    let (baseline_phase, peak_phase) = (Phase::pooled(&baselines), Phase::pooled(&peaks));
+    let round_rates = |phases: &[Phase]| phases.iter().map(Phase::rate).collect::<Vec<_>>();
+    let (baseline_rate, baseline_cost) = (baseline_phase.rate(), baseline_phase.cost);
     let (peak, peak_latencies, peak_cost) =
-        send_load(&stack, &pairs, duration, None, postmaster).await;
-    let (half, half_latencies, _) =
-        send_load(&stack, &pairs, duration, Some(peak / 2.0), postmaster).await;
+        (peak_phase.rate(), peak_phase.latencies, peak_phase.cost);
+    let half_phase = send_load(&stack, &pairs, duration, Some(peak / 2.0), postmaster).await;
+    let (half, half_latencies) = (half_phase.rate(), half_phase.latencies);
 
     // deliver: a subscriber in one conversation while the load runs at half the peak.
     let mut subscriber = stack.messaging_client().await;
@@ -304,6 +370,17 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
         },
         Line {
             scenario: "send",
+            metric: format!("peak / baseline, {rounds} rounds"),
+            value: round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            baseline: String::new(),
+            target: String::new(),
+        },
+        Line {
+            scenario: "send",
             metric: "CPU per message: bench + PostgreSQL".into(),
             value: peak_cost.split(),
             baseline: format!("{} per row", baseline_cost.split()),
@@ -355,6 +432,9 @@ pub async fn run(duration: Duration) -> (Vec<Line>, Vec<serde_json::Value>) {
     });
     let mut send_json = serde_json::json!({
         "scenario": "send", "senders": SENDERS, "peak_per_sec": peak, "ratio_to_baseline": ratio,
+        "round_ratios": round_ratios,
+        "round_peaks_per_sec": round_rates(&peaks),
+        "round_baselines_per_sec": round_rates(&baselines),
         "peak_p50_ms": quantile(&peak_latencies, 0.5), "peak_p99_ms": quantile(&peak_latencies, 0.99),
         "half_rate_per_sec": half, "half_p50_ms": quantile(&half_latencies, 0.5),
         "half_p99_ms": quantile(&half_latencies, 0.99),
