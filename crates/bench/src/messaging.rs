@@ -217,8 +217,8 @@ async fn send_load(
     }
 }
 
-/// Creates the baseline's table: the row shape of a message, with the same unique keys as the
-/// service's primary key and per-conversation sequence.
+/// Creates the baseline's table: the row shape of a message, with two of the five indexes of
+/// the service's `messages` (the primary key and the per-conversation sequence).
 async fn baseline_table(stack: &TestStack) {
     let mut conn = stack.db.connect().await;
     conn.batch_execute(
@@ -277,8 +277,8 @@ async fn baseline(stack: &TestStack, duration: Duration, postmaster: Option<u32>
 
 /// Runs `baseline`, `send` and `deliver` with senders running for `duration` each. The
 /// baseline and the peak take turns, `rounds` times, each for its share of `duration`: the
-/// machine's state drifts over a run (the same binary measured 0.66× to 1.15× in single
-/// rounds), and taking turns lets both loads see the same drift.
+/// machine's state drifts over a run (the same binary measured 0.66× to 1.15× with one turn
+/// each), and taking turns lets both loads see the same drift.
 pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json::Value>) {
     let stack = TestStack::start().await;
     let tenant = stack.create_tenant("bench").await;
