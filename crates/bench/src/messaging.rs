@@ -145,7 +145,10 @@ impl Phase {
     /// Several phases as one: their operations over their time, all their latencies, their
     /// pooled cost.
     fn pooled(phases: &[Phase]) -> Phase {
-        let mut latencies: Vec<f64> = phases.iter().flat_map(|p| p.latencies.clone()).collect();
+        let mut latencies: Vec<f64> = phases
+            .iter()
+            .flat_map(|p| p.latencies.iter().copied())
+            .collect();
         latencies.sort_by(f64::total_cmp);
         let costs: Vec<(Cost, u64, Duration)> = phases
             .iter()
