@@ -182,6 +182,7 @@ binds!(6: A.0, B.1, C.2, D.3, E.4, F.5);
 binds!(7: A.0, B.1, C.2, D.3, E.4, F.5, G.6);
 binds!(8: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7);
 binds!(9: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7, I.8);
+binds!(10: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7, I.8, J.9);
 
 impl<B: Binds> QueryFragment<Pg> for Prepared<B> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {

@@ -7,9 +7,10 @@
 //! tenant's committer keeps while sends keep coming; one failing send (not a member, a reused
 //! request id) fails alone, at the price of a second round trip for its batch. The tenant's
 //! event counter is advanced once per batch; its row lock, held to commit, keeps event ids in
-//! commit order across replicas.
+//! commit order across replicas. While no other writer comes between two batches, the second
+//! skips looking up what the first told the committer ([`Known`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use diesel::prelude::*;
@@ -119,6 +120,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
     // pool once none came for `LINGER`: a sender that waits for its reply before sending
     // again finds it still there, and its batch does not pay for the pool's reset.
     let mut held: Option<hafen_store::PooledConnection> = None;
+    let mut known = Known::default();
     loop {
         let next = match queue.try_recv() {
             Ok(send) => Some(send),
@@ -154,7 +156,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
             }
         }
         if let Some(conn) = held.as_mut()
-            && !commit(&messaging, tenant, conn, batch).await
+            && !commit(&messaging, tenant, conn, &mut known, batch).await
         {
             // After a failure the connection may be in any state: a fresh one next time.
             held = None;
@@ -178,11 +180,12 @@ async fn commit(
     messaging: &Messaging,
     tenant: Uuid,
     conn: &AsyncPgConnection,
+    known: &mut Known,
     batch: Vec<Send>,
 ) -> bool {
     let waited = <[Send]>::first(&batch).map(|send| send.queued.elapsed());
     let started = std::time::Instant::now();
-    let outcome = store_batch(conn, &batch).await;
+    let outcome = store_batch(conn, known, &batch).await;
     tracing::debug!(
         tenant_id = %tenant,
         sends = batch.len(),
@@ -257,13 +260,16 @@ const STORE_BATCH: &[&str] = batch_call!(
 );
 
 /// The statement that stores the common batch, where every send is new and from a member:
-/// one call of `store_fresh_messages` (tenant migration `000008_store_fresh_messages`), which
-/// stores all of them or, when a sender is not a member, none; with the arrays of
-/// [`STORE_BATCH`] and each send's place among the batch's sends to its conversation.
+/// one call of `store_fresh_messages` (tenant migrations `000008_store_fresh_messages` and
+/// `000009_store_known_messages`), which stores all of them or, when a sender is not a member,
+/// none; with the arrays of [`STORE_BATCH`], each send's place among the batch's sends to its
+/// conversation, and what the committer knows from its earlier batches ([`Known`]).
 const STORE_FRESH: &[&str] = batch_call!(
     "SELECT true AS inserted, s.* FROM store_fresh_messages(",
     "::integer[], ",
-    "::timestamptz) AS s"
+    "::timestamptz, ",
+    "::bigint, ",
+    "::bigint[]) AS s"
 );
 
 /// The unique index a retry's message fails in [`STORE_FRESH`], which does not look for
@@ -278,10 +284,14 @@ const RETRY_KEY: &str = "messages_request_key";
 /// common one ([`STORE_FRESH`]); when that stores nothing (a sender is not a member) or fails
 /// on a retry (the index of request ids refuses it), it goes again with [`STORE_BATCH`],
 /// looking for retries. Any failure rolls the whole call back.
-async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Stored>, Error> {
-    use diesel::sql_types::{Array, Bool, Bytea, Integer, Timestamptz, Uuid as SqlUuid};
-    use std::collections::HashSet;
-
+async fn store_batch(
+    conn: &AsyncPgConnection,
+    known: &mut Known,
+    sends: &[Send],
+) -> Result<Vec<Stored>, Error> {
+    use diesel::sql_types::{
+        Array, BigInt, Bool, Bytea, Integer, Nullable, Timestamptz, Uuid as SqlUuid,
+    };
     // The first of the sends with the same sender and request id.
     let mut seen = HashSet::new();
     let first: Vec<&Send> = sends
@@ -298,6 +308,7 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
     let places = places(&conversations);
+    let floors = known.floors(&conversations, &senders);
     let at = now();
     // The sends' columns, which both statements take first (see `batch_call!`), then `$rest`.
     macro_rules! columns {
@@ -317,20 +328,28 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
         STORE_FRESH,
         columns!(
             bind::<Array<Integer>, _>(&places),
-            bind::<Timestamptz, _>(at)
+            bind::<Timestamptz, _>(at),
+            bind::<Nullable<BigInt>, _>(known.counter),
+            bind::<Array<Nullable<BigInt>>, _>(&floors)
         ),
     )
     .load::<Stored>(&mut &*conn)
     .await;
     match fresh {
-        Ok(stored) if stored.len() == first.len() => return Ok(stored),
+        Ok(stored) if stored.len() == first.len() => {
+            known.learn(&stored);
+            return Ok(stored);
+        }
         // Not all from members: nothing was stored.
-        Ok(_) => {}
+        Ok(_) => known.forget(),
         Err(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             info,
-        )) if info.constraint_name() == Some(RETRY_KEY) => {}
-        Err(err) => return Err(err.into()),
+        )) if info.constraint_name() == Some(RETRY_KEY) => known.forget(),
+        Err(err) => {
+            known.forget();
+            return Err(err.into());
+        }
     }
     tracing::debug!(
         sends = first.len(),
@@ -342,6 +361,71 @@ async fn store_batch(conn: &AsyncPgConnection, sends: &[Send]) -> Result<Vec<Sto
     )
     .load::<Stored>(&mut &*conn)
     .await?)
+}
+
+/// Most senders (in a conversation) a committer remembers; past that it forgets all it knows
+/// and learns again from its next batches.
+const MAX_KNOWN: usize = 4096;
+
+/// What a committer knows from its own batches stored by `store_fresh_messages`, valid while
+/// no other writer has committed since: the event counter's value after its last batch, and,
+/// as of that batch, the last sequence of each conversation it stored into and which senders
+/// it found to be members there. The call checks the counter under its lock (tenant
+/// migration `000009_store_known_messages` says why that suffices) and probes as usual when
+/// another writer came between; the committer then starts again from that batch.
+#[derive(Default)]
+struct Known {
+    counter: Option<i64>,
+    floors: HashMap<Uuid, i64>,
+    members: HashSet<(Uuid, Uuid)>,
+}
+
+impl Known {
+    /// Each send's conversation's last sequence, where every send of the batch to that
+    /// conversation is from a sender known to be a member; otherwise none.
+    fn floors(&self, conversations: &[Uuid], senders: &[Uuid]) -> Vec<Option<i64>> {
+        let mut unknown = HashSet::new();
+        for (conversation, sender) in conversations.iter().zip(senders) {
+            if !self.members.contains(&(*conversation, *sender)) {
+                unknown.insert(*conversation);
+            }
+        }
+        conversations
+            .iter()
+            .map(|conversation| {
+                self.floors
+                    .get(conversation)
+                    .copied()
+                    .filter(|_| !unknown.contains(conversation))
+            })
+            .collect()
+    }
+
+    /// Takes in a batch that `store_fresh_messages` stored whole: its messages' event ids
+    /// run on from the counter, their sequences are their conversations' last ones, and
+    /// their senders are members. What was known before stays only if the batch's first
+    /// event id follows the counter's last known value: no other writer came between.
+    fn learn(&mut self, stored: &[Stored]) {
+        let ids = stored.iter().filter_map(|s| s.event_id);
+        let (Some(first), Some(last)) = (ids.clone().min(), ids.max()) else {
+            return self.forget();
+        };
+        if self.counter != Some(first - 1) || self.members.len() > MAX_KNOWN {
+            self.floors.clear();
+            self.members.clear();
+        }
+        for Stored { row, .. } in stored {
+            let floor = self.floors.entry(row.conversation_id).or_default();
+            *floor = (*floor).max(row.sequence);
+            self.members.insert((row.conversation_id, row.sender_id));
+        }
+        self.counter = Some(last);
+    }
+
+    /// Forgets everything: the batch went another way, or failed.
+    fn forget(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// Each send's place among the batch's sends to its conversation, counting from 1 in the

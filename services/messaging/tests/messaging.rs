@@ -920,6 +920,74 @@ async fn sends_committed_together_each_get_their_own_answer() {
     assert!(s.history(&s.owner, &private).await.is_empty());
 }
 
+/// A committer stores a batch without looking up its conversations' newest sequences and its
+/// senders' membership when it stored to them before and no other writer has committed since.
+/// A message from another replica, and a sender leaving, are writes in between: the next
+/// sends see them.
+#[tokio::test(flavor = "multi_thread")]
+async fn oc7_sends_after_another_writer_see_its_sequences_and_membership() {
+    let s = setup().await;
+    let mut config = s.stack.secrets.messaging_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    let replica =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_messaging::serve(config, l, sd)).await;
+    let replica_client = MessagingServiceClient::new(replica.channel(&s.stack.secrets).await);
+    let (conversation, other) = (s.group("two replicas").await, s.group("other").await);
+    let on_replica = |conversation: &str| {
+        let mut client = replica_client.clone();
+        let request = with_token(
+            &s.owner,
+            pb::SendMessageRequest {
+                request_id: Uuid::now_v7().to_string(),
+                conversation_id: conversation.to_owned(),
+                body: "from the replica".into(),
+            },
+        );
+        async move { client.send_message(request).await }
+    };
+
+    for body in ["one", "two"] {
+        s.send(&s.member, &conversation, body).await.unwrap();
+    }
+    on_replica(&conversation).await.unwrap();
+    let four = s.send(&s.member, &conversation, "four").await.unwrap();
+    assert_eq!(four.sequence, 4, "after the replica's message");
+    s.send(&s.member, &conversation, "five").await.unwrap();
+
+    // What the committer knew of `other` is gone once another writer came between, even when
+    // its next batch goes to another conversation.
+    s.send(&s.member, &other, "one").await.unwrap();
+    on_replica(&other).await.unwrap();
+    s.send(&s.owner, &conversation, "six").await.unwrap();
+    let three = s.send(&s.member, &other, "three").await.unwrap();
+    assert_eq!(three.sequence, 3, "after the replica's message");
+
+    let left = s
+        .client()
+        .await
+        .remove_member(with_token(
+            &s.member,
+            pb::RemoveMemberRequest {
+                conversation_id: conversation.clone(),
+                user_id: s.member_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.removed);
+    let err = s.send(&s.member, &conversation, "seven").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "no send after leaving");
+
+    let sequences: Vec<u64> = s
+        .history(&s.owner, &conversation)
+        .await
+        .iter()
+        .map(|m| m.sequence)
+        .collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5, 6], "no gap, no repeat");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_keep_delivering_by_polling_when_redis_stops() {
     let mut redis = hafen_testkit::PrivateRedis::start();
