@@ -363,8 +363,8 @@ async fn store_batch(
     .await?)
 }
 
-/// Most senders (in a conversation) a committer remembers; past that it forgets all it knows
-/// and learns again from its next batches.
+/// Most pairs of conversation and sender a committer remembers; past that it forgets all it
+/// knows and learns again from its next batches.
 const MAX_KNOWN: usize = 4096;
 
 /// What a committer knows from its own batches stored by `store_fresh_messages`, valid while
