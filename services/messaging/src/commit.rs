@@ -283,7 +283,8 @@ const RETRY_KEY: &str = "messages_request_key";
 /// once. Sends repeated within the batch go to the statement once. A batch goes first as the
 /// common one ([`STORE_FRESH`]); when that stores nothing (a sender is not a member) or fails
 /// on a retry (the index of request ids refuses it), it goes again with [`STORE_BATCH`],
-/// looking for retries. Any failure rolls the whole call back.
+/// looking for retries. Any failure rolls the whole call back. `known` is what the committer
+/// knows after the batch: what it learned when the common call stored the batch, else nothing.
 async fn store_batch(
     conn: &AsyncPgConnection,
     known: &mut Known,
@@ -308,7 +309,8 @@ async fn store_batch(
     let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
     let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
     let places = places(&conversations);
-    let floors = known.floors(&conversations, &senders);
+    let prior = std::mem::take(known);
+    let floors = prior.floors(&conversations, &senders);
     let at = now();
     // The sends' columns, which both statements take first (see `batch_call!`), then `$rest`.
     macro_rules! columns {
@@ -329,7 +331,7 @@ async fn store_batch(
         columns!(
             bind::<Array<Integer>, _>(&places),
             bind::<Timestamptz, _>(at),
-            bind::<Nullable<BigInt>, _>(known.counter),
+            bind::<Nullable<BigInt>, _>(prior.counter),
             bind::<Array<Nullable<BigInt>>, _>(&floors)
         ),
     )
@@ -337,19 +339,16 @@ async fn store_batch(
     .await;
     match fresh {
         Ok(stored) if stored.len() == first.len() => {
-            known.learn(&stored);
+            *known = prior.learned(&stored);
             return Ok(stored);
         }
         // Not all from members: nothing was stored.
-        Ok(_) => known.forget(),
+        Ok(_) => {}
         Err(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             info,
-        )) if info.constraint_name() == Some(RETRY_KEY) => known.forget(),
-        Err(err) => {
-            known.forget();
-            return Err(err.into());
-        }
+        )) if info.constraint_name() == Some(RETRY_KEY) => {}
+        Err(err) => return Err(err.into()),
     }
     tracing::debug!(
         sends = first.len(),
@@ -405,10 +404,10 @@ impl Known {
     /// run on from the counter, their sequences are their conversations' last ones, and
     /// their senders are members. What was known before stays only if the batch's first
     /// event id follows the counter's last known value: no other writer came between.
-    fn learn(&mut self, stored: &[Stored]) {
+    fn learned(mut self, stored: &[Stored]) -> Self {
         let ids = stored.iter().filter_map(|s| s.event_id);
         let (Some(first), Some(last)) = (ids.clone().min(), ids.max()) else {
-            return self.forget();
+            return Self::default();
         };
         if self.counter != Some(first - 1) || self.members.len() > MAX_KNOWN {
             self.floors.clear();
@@ -420,11 +419,7 @@ impl Known {
             self.members.insert((row.conversation_id, row.sender_id));
         }
         self.counter = Some(last);
-    }
-
-    /// Forgets everything: the batch went another way, or failed.
-    fn forget(&mut self) {
-        *self = Self::default();
+        self
     }
 }
 
