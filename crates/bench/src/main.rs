@@ -22,6 +22,7 @@
 )]
 
 mod cpu;
+mod lean;
 mod login;
 mod messaging;
 mod migrate;

@@ -7,7 +7,9 @@
 //!   and latency; then the same at half that rate, where the latency targets apply. Next to the
 //!   peak, what a message cost in CPU time (this process, which runs the clients and the
 //!   stack, and PostgreSQL) and the cores left idle, beside the same for a baseline row
-//!   (`cpu.rs`): the two loads share this machine's cores with their clients.
+//!   (`cpu.rs`): the two loads share this machine's cores with their clients. The senders are
+//!   lean HTTP/2 clients (`lean.rs`), as the baseline's is a bare PostgreSQL client; each round
+//!   also runs them on the SDK's tonic client, reported beside the peak without a target.
 //! - `deliver`: send → subscriber latency at half of the peak rate.
 //! - `fanout`: one conversation, 1,000 subscribers: time until every subscriber has a message.
 //! - `subscriptions`: 10,000 idle streams on a separate `hafen-messaging` process: its RSS.
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use diesel_async::SimpleAsyncConnection;
 use futures::StreamExt;
+use futures::future::Either;
 use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::messaging::v1 as pb;
 use hafen_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
@@ -26,6 +29,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::cpu::{self, Cost, Meter};
+use crate::lean::LeanClient;
 use crate::{Line, ms, quantile};
 
 /// Concurrent senders of the `send` load (and of the live load in `purge`).
@@ -163,14 +167,25 @@ impl Phase {
     }
 }
 
-/// 32 senders, each in its own conversation, for `duration`; at most `rate` messages per
-/// second in all (`None`: as fast as they can). `postmaster` from [`cpu::postmaster`].
+/// Which client a send load's senders use.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    /// [`LeanClient`]: a load generator that takes little of the cores the service needs.
+    Lean,
+    /// The SDK's client (tonic): what an application built on it costs its own machine.
+    Tonic,
+}
+
+/// 32 senders, each in its own conversation and on its own connection, for `duration`; at
+/// most `rate` messages per second in all (`None`: as fast as they can). `postmaster` from
+/// [`cpu::postmaster`].
 async fn send_load(
     stack: &TestStack,
     senders: &[(String, String)],
     duration: Duration,
     rate: Option<f64>,
     postmaster: Option<u32>,
+    load: Load,
 ) -> Phase {
     let meter = Meter::start(postmaster);
     let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -180,7 +195,12 @@ async fn send_load(
     let mut tasks = Vec::new();
     for (conversation, token) in senders {
         let (conversation, token) = (conversation.clone(), token.clone());
-        let mut client = stack.messaging_client().await;
+        let mut client = match load {
+            Load::Lean => Either::Left(LeanClient::connect(stack).await),
+            Load::Tonic => Either::Right(stack.messaging_client().await),
+        };
+        let authorization: http::HeaderValue =
+            format!("Bearer {token}").parse().expect("token header");
         let (latencies, count) = (latencies.clone(), count.clone());
         tasks.push(tokio::spawn(async move {
             let mut next = Instant::now();
@@ -190,14 +210,21 @@ async fn send_load(
                     tokio::time::sleep_until(next.into()).await;
                     next += interval;
                 }
+                let body = "a benchmark message of ordinary length".to_owned();
                 let at = Instant::now();
-                send(
-                    &mut client,
-                    &token,
-                    &conversation,
-                    "a benchmark message of ordinary length".into(),
-                )
-                .await;
+                match &mut client {
+                    Either::Left(lean) => {
+                        let request = pb::SendMessageRequest {
+                            request_id: Uuid::now_v7().to_string(),
+                            conversation_id: conversation.clone(),
+                            body,
+                        };
+                        lean.send(&authorization, &request)
+                            .await
+                            .expect("SendMessage");
+                    }
+                    Either::Right(tonic) => send(tonic, &token, &conversation, body).await,
+                }
                 mine.push(ms(at.elapsed()));
                 count.fetch_add(1, Ordering::Relaxed);
             }
@@ -298,10 +325,11 @@ pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json:
     baseline_table(&stack).await;
     let rounds = rounds.max(1);
     let turn = duration / rounds;
-    let (mut baselines, mut peaks) = (Vec::new(), Vec::new());
+    let (mut baselines, mut peaks, mut tonic_peaks) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         baselines.push(baseline(&stack, turn, postmaster).await);
-        peaks.push(send_load(&stack, &pairs, turn, None, postmaster).await);
+        peaks.push(send_load(&stack, &pairs, turn, None, postmaster, Load::Lean).await);
+        tonic_peaks.push(send_load(&stack, &pairs, turn, None, postmaster, Load::Tonic).await);
     }
     let round_ratios: Vec<f64> = baselines
         .iter()
@@ -313,7 +341,17 @@ pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json:
     let (baseline_rate, baseline_cost) = (baseline_phase.rate(), baseline_phase.cost);
     let (peak, peak_latencies, peak_cost) =
         (peak_phase.rate(), peak_phase.latencies, peak_phase.cost);
-    let half_phase = send_load(&stack, &pairs, duration, Some(peak / 2.0), postmaster).await;
+    let tonic_phase = Phase::pooled(&tonic_peaks);
+    let (tonic_peak, tonic_cost) = (tonic_phase.rate(), tonic_phase.cost);
+    let half_phase = send_load(
+        &stack,
+        &pairs,
+        duration,
+        Some(peak / 2.0),
+        postmaster,
+        Load::Lean,
+    )
+    .await;
     let (half, half_latencies) = (half_phase.rate(), half_phase.latencies);
 
     // deliver: a subscriber in one conversation while the load runs at half the peak.
@@ -329,7 +367,7 @@ pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json:
     let _ = stream.next().await; // caught up
     let others = pairs[1..].to_vec();
     let rate = peak / 2.0 * (others.len() as f64 / SENDERS as f64);
-    let load = send_load(&stack, &others, duration, Some(rate), None);
+    let load = send_load(&stack, &others, duration, Some(rate), None, Load::Lean);
     let probe = async {
         let mut delivered = Vec::new();
         let mut sender = stack.messaging_client().await;
@@ -391,6 +429,20 @@ pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json:
         },
         Line {
             scenario: "send",
+            metric: "peak with the SDK's tonic client".into(),
+            value: format!("{tonic_peak:.0}/s"),
+            baseline: format!("{baseline_rate:.0}/s ({:.2}x)", tonic_peak / baseline_rate),
+            target: String::new(),
+        },
+        Line {
+            scenario: "send",
+            metric: "CPU per message, tonic client".into(),
+            value: tonic_cost.split(),
+            baseline: String::new(),
+            target: String::new(),
+        },
+        Line {
+            scenario: "send",
             metric: "idle cores: peak / baseline".into(),
             value: idle(peak_cost),
             baseline: idle(baseline_cost),
@@ -438,6 +490,8 @@ pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json:
         "round_ratios": round_ratios,
         "round_peaks_per_sec": round_rates(&peaks),
         "round_baselines_per_sec": round_rates(&baselines),
+        "tonic_peak_per_sec": tonic_peak, "tonic_ratio_to_baseline": tonic_peak / baseline_rate,
+        "round_tonic_peaks_per_sec": round_rates(&tonic_peaks),
         "peak_p50_ms": quantile(&peak_latencies, 0.5), "peak_p99_ms": quantile(&peak_latencies, 0.99),
         "half_rate_per_sec": half, "half_p50_ms": quantile(&half_latencies, 0.5),
         "half_p99_ms": quantile(&half_latencies, 0.99),
@@ -447,6 +501,7 @@ pub async fn run(duration: Duration, rounds: u32) -> (Vec<Line>, Vec<serde_json:
     {
         baseline.extend(baseline_cost.json(""));
         send.extend(peak_cost.json("peak_"));
+        send.extend(tonic_cost.json("tonic_peak_"));
     }
     let json = vec![
         baseline_json,
