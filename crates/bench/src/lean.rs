@@ -82,8 +82,9 @@ impl LeanClient {
             .header("authorization", authorization.clone())
             .body(())
             .map_err(|e| e.to_string())?;
-        let h2 = self.h2.clone().ready().await.map_err(|e| e.to_string())?;
-        self.h2 = h2;
+        std::future::poll_fn(|cx| self.h2.poll_ready(cx))
+            .await
+            .map_err(|e| e.to_string())?;
         let (response, mut body) = self
             .h2
             .send_request(head, false)
