@@ -824,6 +824,9 @@ impl Stack {
             }
         }
         command.envs(urls.iter().copied());
+        if let Some(ca) = &hafen_testkit::TestEnv::get().redis_ca {
+            command.env("HAFEN_REDIS_CA", ca);
+        }
         (command, log)
     }
 
@@ -938,6 +941,7 @@ impl Stack {
                 ("--audit-relay-interval", "200ms".into()),
             ];
             let master_key = ("--master-key-file", secrets.master_key_file().into());
+            let keys_file = ("--keys-file", secrets.keys_file(name).into());
             let platform_token = (
                 "--platform-token-file",
                 secrets.platform_token_file().into(),
@@ -946,7 +950,7 @@ impl Stack {
             match service {
                 Service::Auth => {
                     args.extend(flags(&audit));
-                    args.extend(flags(&[master_key, bcrypt]));
+                    args.extend(flags(&[keys_file, bcrypt]));
                 }
                 Service::Messaging => {
                     args.extend(flags(&auth));
@@ -962,11 +966,15 @@ impl Stack {
                     args.extend(flags(&auth));
                     args.extend(flags(&audit));
                     // Only the purges the test starts.
-                    args.extend(flags(&[platform_token, ("--purge-interval", "1h".into())]));
+                    args.extend(flags(&[
+                        platform_token,
+                        keys_file,
+                        ("--purge-interval", "1h".into()),
+                    ]));
                 }
                 Service::Audit => {
                     args.extend(flags(&auth));
-                    args.extend(flags(&[platform_token]));
+                    args.extend(flags(&[platform_token, keys_file]));
                 }
             }
             command.args(args);

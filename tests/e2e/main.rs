@@ -9,3 +9,4 @@
 mod dc5;
 mod e2e;
 mod foundation;
+mod trust;

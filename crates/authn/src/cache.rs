@@ -5,14 +5,28 @@
 //! - `revoked:<id>`: why a session ended, kept as long as its access token could still be
 //!   presented, so a cache filled a moment before a revocation cannot resurrect it;
 //! - channel `revocations`: `<id> <reason>` per revocation, so services drop cached sessions
-//!   and end open streams at once.
+//!   and end open streams at once; `tenant <id>` when a tenant was deleted, so services
+//!   forget its keys. A publish that fails is retried in the background with back-off
+//!   ([`Redis::announce`]); until it goes through, open streams still end within seconds,
+//!   because they re-check their sessions in PostgreSQL ([`crate::Revocations`]).
 //!
-//! Redis is a cache: when it is down, every lookup falls back to PostgreSQL via the auth
-//! service, and nothing is lost.
+//! Redis is a cache, never an authority: when it is down, every lookup falls back to
+//! PostgreSQL via the auth service, and nothing is lost. A session entry carries an
+//! HMAC-SHA-256 under the session-cache key (derived from the master key, held by every
+//! service that authenticates users), over the entry's full Redis key and its JSON (which
+//! holds the expiry). Whoever can write to Redis cannot forge one: an entry that does not
+//! verify is a miss, and the auth service is asked. Without the key, nothing is cached or
+//! trusted.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
+use hafen_crypto::DataKey;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
@@ -26,14 +40,57 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Where Redis is.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RedisArgs {
-    /// Redis URL for the session cache, revocations and live fan-out, e.g.
-    /// `redis://127.0.0.1:6379/`.
+    /// Redis URL for the session cache, revocations and live fan-out: `rediss://host:port/`
+    /// for TLS (verified against --redis-ca, or the system's roots), `redis://` only where
+    /// plaintext is meant. A `rediss://` link never falls back to plaintext.
     #[arg(long, env = "HAFEN_REDIS_URL", hide_env_values = true)]
     pub redis_url: String,
+
+    /// PEM file of the CA certificates that Redis's certificate must chain to (`rediss://`);
+    /// the system's roots when not given.
+    #[arg(long, env = "HAFEN_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
 
     /// Prefix of every Redis key and channel, so several deployments can share one Redis.
     #[arg(long, env = "HAFEN_REDIS_PREFIX", default_value = "hafen:")]
     pub redis_prefix: String,
+}
+
+impl RedisArgs {
+    /// Whether the link to Redis is TLS.
+    pub fn tls(&self) -> bool {
+        self.redis_url.starts_with("rediss://")
+    }
+
+    /// A client for these settings: TLS for `rediss://` URLs, with the configured CA.
+    pub fn client(&self) -> redis::RedisResult<redis::Client> {
+        if !self.tls() {
+            if self.redis_ca.is_some() {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "--redis-ca needs a rediss:// URL",
+                )));
+            }
+            return redis::Client::open(self.redis_url.as_str());
+        }
+        let root_cert = match &self.redis_ca {
+            Some(path) => Some(std::fs::read(path).map_err(|err| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read --redis-ca",
+                    err.kind().to_string(),
+                ))
+            })?),
+            None => None,
+        };
+        redis::Client::build_with_tls(
+            self.redis_url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert,
+            },
+        )
+    }
 }
 
 /// A lazily connecting, self-reconnecting Redis handle with short timeouts.
@@ -42,6 +99,7 @@ pub struct Redis {
     client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
+    session_key: Option<Arc<DataKey>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -55,7 +113,7 @@ impl std::fmt::Debug for Redis {
 impl Redis {
     /// A handle for `args`. Connects on first use; never fails because Redis is down.
     pub fn new(args: &RedisArgs) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(args.redis_url.as_str())?;
+        let client = args.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
             .set_response_timeout(Some(REDIS_TIMEOUT))
@@ -65,7 +123,41 @@ impl Redis {
             client,
             conn,
             prefix: args.redis_prefix.clone(),
+            session_key: None,
         })
+    }
+
+    /// This handle, caching and trusting session entries MACed under `key` (the
+    /// [`hafen_crypto::Purpose::SessionCache`] sub-key). Without it, no session is cached.
+    pub fn with_session_key(mut self, key: DataKey) -> Self {
+        self.session_key = Some(Arc::new(key));
+        self
+    }
+
+    /// A handle for `args`, after one round trip to check the link: a TLS link to a server
+    /// that does not speak TLS (or whose certificate does not verify) is a configuration
+    /// error and fails here, so a service never starts on a link it was not configured for.
+    /// Redis being down is not an error: it is a cache, and the service starts without it.
+    pub async fn connect(args: &RedisArgs) -> Result<Self, String> {
+        let redis = Self::new(args).map_err(|err| format!("redis: {err}"))?;
+        if args.tls() {
+            match tls_probe(args).await {
+                Probe::Handshake => {}
+                Probe::Unreachable(reason) => {
+                    tracing::warn!(error = %reason, "redis unreachable at start; running without the cache");
+                }
+                Probe::NotTls(reason) => {
+                    return Err(format!(
+                        "redis: the TLS handshake failed ({reason}); the server does not speak \
+                         TLS or its certificate does not verify against --redis-ca. A rediss:// \
+                         link never falls back to plaintext"
+                    ));
+                }
+            }
+        } else {
+            tracing::warn!("the link to redis is plaintext (redis:// URL)");
+        }
+        Ok(redis)
     }
 
     /// The key or channel `name` under this deployment's prefix.
@@ -96,20 +188,29 @@ impl Redis {
         self.key(&format!("revoked:{}", session.simple()))
     }
 
-    /// The cached session and, if any, why it was revoked.
+    /// The cached session, if its entry verifies, and, if any, why it was revoked.
     pub async fn lookup(
         &self,
         session: Uuid,
     ) -> redis::RedisResult<(Option<CachedSession>, Option<RevokeReason>)> {
+        let key = self.session_key(session);
         let (cached, revoked): (Option<String>, Option<String>) = redis::pipe()
-            .get(self.session_key(session))
+            .get(&key)
             .get(self.revoked_key(session))
             .query_async(&mut self.conn())
             .await?;
-        Ok((
-            cached.and_then(|json| serde_json::from_str(&json).ok()),
-            revoked.as_deref().and_then(RevokeReason::parse),
-        ))
+        let verified = cached.and_then(|entry| {
+            let opened = self
+                .session_key
+                .as_deref()
+                .and_then(|mac_key| open_entry(mac_key, &key, &entry))
+                .filter(|cached| cached.session_id == session);
+            if opened.is_none() {
+                tracing::warn!(session_id = %session, "session cache entry failed verification; ignored");
+            }
+            opened
+        });
+        Ok((verified, revoked.as_deref().and_then(RevokeReason::parse)))
     }
 
     /// Caches `session` until its access token expires (unless it was revoked meanwhile).
@@ -118,12 +219,15 @@ impl Redis {
         if ttl <= 0 {
             return Ok(());
         }
-        let Ok(json) = serde_json::to_string(session) else {
+        let Some(mac_key) = self.session_key.as_deref() else {
+            return Ok(());
+        };
+        let key = self.session_key(session.session_id);
+        let Some(entry) = seal_entry(mac_key, &key, session) else {
             return Ok(());
         };
         let mut conn = self.conn();
-        let key = self.session_key(session.session_id);
-        let _: () = conn.set_ex(&key, json, ttl.unsigned_abs()).await?;
+        let _: () = conn.set_ex(&key, entry, ttl.unsigned_abs()).await?;
         // A revocation that landed between the database read and this write wins.
         let revoked: bool = conn.exists(self.revoked_key(session.session_id)).await?;
         if revoked {
@@ -132,8 +236,81 @@ impl Redis {
         Ok(())
     }
 
+    /// Announces that `sessions` ended for `reason` (see [`Redis::revoke`]). When Redis
+    /// cannot be reached, the announcement is retried in the background with back-off until
+    /// it goes through or no access token of these sessions can still be valid
+    /// ([`crate::MAX_ACCESS_TTL`]). Returns whether it went through at once.
+    pub async fn announce(&self, sessions: &[Uuid], reason: RevokeReason) -> bool {
+        if sessions.is_empty() {
+            return true;
+        }
+        let redis = self.clone();
+        let sessions = sessions.to_vec();
+        self.deliver("revocation", move || {
+            let redis = redis.clone();
+            let sessions = sessions.clone();
+            Box::pin(async move { redis.revoke(&sessions, reason, crate::MAX_ACCESS_TTL).await })
+        })
+        .await
+    }
+
+    /// Announces that `tenant` was deleted, so every service forgets its keys; retried like
+    /// [`Redis::announce`].
+    pub async fn announce_tenant_deleted(&self, tenant: Uuid) -> bool {
+        let redis = self.clone();
+        self.deliver("tenant deletion", move || {
+            let redis = redis.clone();
+            Box::pin(async move {
+                redis::cmd("PUBLISH")
+                    .arg(redis.revocation_channel())
+                    .arg(format!("tenant {}", tenant.simple()))
+                    .query_async::<()>(&mut redis.conn())
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// Runs `attempt` once; if it fails, again in the background with back-off (200 ms
+    /// doubling to 10 s) until it succeeds or [`crate::MAX_ACCESS_TTL`] has passed.
+    async fn deliver<F>(&self, what: &'static str, attempt: F) -> bool
+    where
+        F: Fn() -> futures::future::BoxFuture<'static, redis::RedisResult<()>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let first = match attempt().await {
+            Ok(()) => return true,
+            Err(err) => err,
+        };
+        tracing::warn!(what, error = %first, "announcement not delivered to redis; retrying");
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + crate::MAX_ACCESS_TTL;
+            let mut backoff = Duration::from_millis(200);
+            while tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(backoff).await;
+                match attempt().await {
+                    Ok(()) => {
+                        tracing::info!(what, "announcement delivered to redis after retrying");
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::debug!(what, error = %err, "announcement still not delivered")
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            tracing::warn!(
+                what,
+                "announcement given up: no token it concerns is valid any more"
+            );
+        });
+        false
+    }
+
     /// Revokes sessions in the cache: drops them, marks them revoked for `marker_ttl`, and
-    /// announces each on the revocation channel.
+    /// announces each on the revocation channel. One attempt; [`Redis::announce`] retries.
     pub async fn revoke(
         &self,
         sessions: &[Uuid],
@@ -161,6 +338,105 @@ impl Redis {
         }
         pipe.query_async::<()>(&mut self.conn()).await
     }
+}
+
+/// `<base64 MAC>.<JSON>`: the MAC covers the entry's Redis key, a separator and the JSON.
+fn seal_entry(mac_key: &DataKey, redis_key: &str, session: &CachedSession) -> Option<String> {
+    let json = serde_json::to_string(session).ok()?;
+    let mac = entry_mac(mac_key, redis_key, json.as_bytes());
+    Some(format!("{}.{json}", BASE64.encode(mac)))
+}
+
+/// The session of an entry written by [`seal_entry`] under the same key and Redis key.
+fn open_entry(mac_key: &DataKey, redis_key: &str, entry: &str) -> Option<CachedSession> {
+    let (mac, json) = entry.split_once('.')?;
+    let mac = BASE64.decode(mac).ok()?;
+    let expected = entry_mac(mac_key, redis_key, json.as_bytes());
+    if !hafen_crypto::secret::constant_time_eq(&mac, &expected) {
+        return None;
+    }
+    serde_json::from_str(json).ok()
+}
+
+fn entry_mac(mac_key: &DataKey, redis_key: &str, json: &[u8]) -> [u8; 32] {
+    hafen_crypto::secret::keyed_hash(
+        mac_key.expose(),
+        &[b"hafen session cache v1", redis_key.as_bytes(), json],
+    )
+}
+
+/// What a TLS handshake with Redis at start-up found.
+enum Probe {
+    /// The handshake completed: the server speaks TLS with a certificate that verifies.
+    Handshake,
+    /// No TCP connection: Redis is down, which a cache may be.
+    Unreachable(String),
+    /// TCP connected but no TLS handshake completed: the server speaks plaintext, or its
+    /// certificate does not verify. A misconfiguration.
+    NotTls(String),
+}
+
+/// Connects to the server of a `rediss://` URL and completes a TLS handshake with the
+/// configured roots, within a few seconds.
+async fn tls_probe(args: &RedisArgs) -> Probe {
+    let Ok(url) = url::Url::parse(&args.redis_url) else {
+        return Probe::NotTls("not a valid URL".into());
+    };
+    let Some(host) = url
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_owned())
+    else {
+        return Probe::NotTls("the URL names no host".into());
+    };
+    let port = url.port().unwrap_or(6379);
+    let roots = match tls_roots(args.redis_ca.as_deref()) {
+        Ok(roots) => roots,
+        Err(reason) => return Probe::NotTls(reason),
+    };
+    let Ok(name) = rustls::pki_types::ServerName::try_from(host.clone()) else {
+        return Probe::NotTls("the host is not a valid TLS server name".into());
+    };
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = match tokio::time::timeout(
+        REDIS_TIMEOUT * 4,
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(err)) => return Probe::Unreachable(err.kind().to_string()),
+        Err(_) => return Probe::Unreachable("connecting timed out".into()),
+    };
+    match tokio::time::timeout(REDIS_TIMEOUT * 4, connector.connect(name, tcp)).await {
+        Ok(Ok(_)) => Probe::Handshake,
+        Ok(Err(err)) => Probe::NotTls(err.to_string()),
+        Err(_) => Probe::NotTls("no TLS handshake within 2 s".into()),
+    }
+}
+
+fn tls_roots(ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|err| format!("--redis-ca: {err}"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| format!("--redis-ca: {err}"))?;
+            roots.add_parsable_certificates(certs);
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate to verify Redis with".into());
+    }
+    Ok(roots)
 }
 
 /// A session as cached in Redis.

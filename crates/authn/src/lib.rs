@@ -41,7 +41,7 @@ pub use cache::{CachedSession, Redis, RedisArgs};
 pub use layer::{AuthnLayer, AuthnService};
 pub use operator::{OperatorArgs, PlatformToken, TokenFileError};
 pub use principal::{Caller, Principal, Rejection, RevokeReason, Role};
-pub use revocations::Revocations;
+pub use revocations::{Revocations, STREAM_RECHECK};
 
 /// How long this process trusts a session it resolved, before asking Redis again. Bounds how
 /// late a revocation can take effect when the revocation channel itself is down.

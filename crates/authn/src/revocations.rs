@@ -1,6 +1,12 @@
-//! Revocations as they reach this process: from the Redis channel, or recorded directly by
-//! the auth service. Remembered for as long as a revoked access token could still be
-//! presented, and awaited by open streams, which end as soon as their session does (OC5).
+//! Revocations as they reach this process: from the Redis channel, recorded directly by the
+//! auth service, or found in PostgreSQL. Remembered for as long as a revoked access token
+//! could still be presented, and awaited by open streams, which end as soon as their session
+//! does (OC5).
+//!
+//! Redis only speeds this up: a revocation whose announcement was lost still ends every open
+//! stream, because the sessions of open streams are looked up in the control plane every
+//! [`STREAM_RECHECK`] ([`Revocations::recheck_streams`]), in one query for all of them.
+//! Tenant deletions arrive on the same channel, for whoever holds a tenant's keys.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +19,10 @@ use uuid::Uuid;
 use crate::cache::Redis;
 use crate::principal::RevokeReason;
 
+/// How often the sessions of open streams are looked up in PostgreSQL. A stream whose
+/// session ended while its announcement was lost ends within this time and one query.
+pub const STREAM_RECHECK: Duration = Duration::from_secs(4);
+
 /// Revoked sessions known to this process, and a way to wait for one.
 #[derive(Clone)]
 pub struct Revocations {
@@ -22,6 +32,10 @@ pub struct Revocations {
 struct Inner {
     revoked: Mutex<HashMap<Uuid, (RevokeReason, Instant)>>,
     events: broadcast::Sender<(Uuid, RevokeReason)>,
+    /// Sessions open streams wait for, with how many streams wait for each.
+    watched: Mutex<HashMap<Uuid, usize>>,
+    /// Tenants deleted, as announced.
+    tenants_deleted: broadcast::Sender<Uuid>,
     /// How long a revocation is remembered (the longest an access token lives).
     remember: Duration,
 }
@@ -36,10 +50,13 @@ impl Revocations {
     /// Remembers revocations for `remember`.
     pub fn new(remember: Duration) -> Self {
         let (events, _) = broadcast::channel(4096);
+        let (tenants_deleted, _) = broadcast::channel(256);
         Self {
             inner: Arc::new(Inner {
                 revoked: Mutex::new(HashMap::new()),
                 events,
+                watched: Mutex::new(HashMap::new()),
+                tenants_deleted,
                 remember,
             }),
         }
@@ -66,8 +83,20 @@ impl Revocations {
             .map(|(reason, _)| *reason)
     }
 
-    /// Resolves when `session` is revoked, with the reason.
+    /// Records that `tenant` was deleted and tells whoever listens ([`Self::tenant_deletions`]).
+    pub fn record_tenant_deleted(&self, tenant: Uuid) {
+        let _ = self.inner.tenants_deleted.send(tenant);
+    }
+
+    /// Tenant deletions from now on.
+    pub fn tenant_deletions(&self) -> broadcast::Receiver<Uuid> {
+        self.inner.tenants_deleted.subscribe()
+    }
+
+    /// Resolves when `session` is revoked, with the reason. While waiting, the session is
+    /// among those [`Self::recheck_streams`] looks up.
     pub async fn wait(&self, session: Uuid) -> RevokeReason {
+        let _watching = Watching::new(self, session);
         // Subscribe before looking, so a revocation in between is not missed.
         let mut events = self.inner.events.subscribe();
         loop {
@@ -80,6 +109,52 @@ impl Revocations {
                 Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
             }
         }
+    }
+
+    /// The sessions open streams wait for.
+    fn watched(&self) -> Vec<Uuid> {
+        self.inner
+            .watched
+            .lock()
+            .map(|watched| watched.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Looks up, every [`STREAM_RECHECK`] for the life of the process, whether the sessions
+    /// of open streams have ended in the control plane at `pool`, and records those that
+    /// have, which ends their streams. One query per round, whatever the number of streams.
+    pub fn recheck_streams(&self, pool: hafen_store::Pool) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(STREAM_RECHECK);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let watched = this.watched();
+                if watched.is_empty() {
+                    continue;
+                }
+                if let Err(err) = this.recheck(&pool, &watched).await {
+                    tracing::warn!(error = %err, streams = watched.len(), "open streams' sessions not rechecked");
+                }
+            }
+        })
+    }
+
+    async fn recheck(&self, pool: &hafen_store::Pool, watched: &[Uuid]) -> hafen_store::Result<()> {
+        let mut conn = pool.get().await?;
+        for (session, reason) in hafen_store::sessions::ended_among(&mut conn, watched).await? {
+            // A row that is gone went with its tenant (or the deletion replay took it).
+            let reason = reason
+                .as_deref()
+                .and_then(RevokeReason::parse)
+                .unwrap_or(RevokeReason::TenantDeleted);
+            if self.reason(session).is_none() {
+                tracing::info!(session_id = %session, reason = %reason, "ended session found by recheck");
+                self.record(session, reason);
+            }
+        }
+        Ok(())
     }
 
     /// Follows the Redis revocation channel for the life of the process, reconnecting with
@@ -113,6 +188,12 @@ impl Revocations {
             let Some((session, reason)) = payload.split_once(' ') else {
                 continue;
             };
+            if session == "tenant" {
+                if let Ok(tenant) = Uuid::try_parse(reason) {
+                    self.record_tenant_deleted(tenant);
+                }
+                continue;
+            }
             if let (Ok(session), Some(reason)) =
                 (Uuid::try_parse(session), RevokeReason::parse(reason))
             {
@@ -120,5 +201,36 @@ impl Revocations {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts a session as watched while a stream waits for it.
+struct Watching {
+    revocations: Revocations,
+    session: Uuid,
+}
+
+impl Watching {
+    fn new(revocations: &Revocations, session: Uuid) -> Self {
+        if let Ok(mut watched) = revocations.inner.watched.lock() {
+            *watched.entry(session).or_insert(0) += 1;
+        }
+        Self {
+            revocations: revocations.clone(),
+            session,
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Ok(mut watched) = self.revocations.inner.watched.lock()
+            && let Some(count) = watched.get_mut(&self.session)
+        {
+            *count -= 1;
+            if *count == 0 {
+                watched.remove(&self.session);
+            }
+        }
     }
 }

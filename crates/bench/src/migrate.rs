@@ -36,7 +36,7 @@ async fn for_each_tenant(
         let queue = queue.clone();
         let url = url.to_owned();
         workers.push(tokio::task::spawn_blocking(move || {
-            let mut conn = SyncConnection::establish(&url).expect("connect");
+            let mut conn = hafen_store::connect::establish_sync(&url).expect("connect");
             loop {
                 // Its own statement, so the lock is released before the job runs.
                 let next = queue.lock().expect("queue").pop_front();

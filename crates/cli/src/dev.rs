@@ -55,9 +55,15 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Master key file; generated (mode 0600) when missing.
+    /// Master key file; generated (mode 0600) when missing. Only the tenant and messaging
+    /// services read it; the others get key files derived from it, in --keys-dir.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE", default_value = ".dev/master.key")]
     pub master_key_file: PathBuf,
+
+    /// Where the key files of the auth, audit and retention services are written at each
+    /// start (`<service>.keys`, mode 0600), derived from the master key.
+    #[arg(long, env = "HAFEN_DEV_KEYS_DIR", default_value = ".dev/keys")]
+    pub keys_dir: PathBuf,
 
     /// The operator's platform token file; generated (mode 0600) when missing. Send it as
     /// `authorization: Bearer <token>` for operator calls.
@@ -103,10 +109,22 @@ pub async fn run(args: DevArgs) -> ExitCode {
         tracing::error!(error = %err, "development certificates");
         return ExitCode::FAILURE;
     }
-    if let Err(err) = hafen_crypto::MasterKey::load_or_create(&args.master_key_file) {
-        tracing::error!(error = %err, "master key");
-        return ExitCode::FAILURE;
+    let master = match hafen_crypto::MasterKey::load_or_create(&args.master_key_file) {
+        Ok(master) => master,
+        Err(err) => {
+            tracing::error!(error = %err, "master key");
+            return ExitCode::FAILURE;
+        }
+    };
+    for service in [hafen_auth::NAME, hafen_audit::NAME, hafen_retention::NAME] {
+        let purposes = hafen_crypto::subkeys::needed_by(service).unwrap_or_default();
+        let path = args.keys_dir.join(format!("{service}.keys"));
+        if let Err(err) = hafen_crypto::SubKeys::derive(&master, purposes).write(&path) {
+            tracing::error!(error = %err, service, "key file");
+            return ExitCode::FAILURE;
+        }
     }
+    drop(master);
     if let Err(err) = hafen_authn::PlatformToken::load_or_create(&args.platform_token_file) {
         tracing::error!(error = %err, "platform token");
         return ExitCode::FAILURE;
@@ -213,7 +231,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 databases: args.databases.clone(),
                 redis: args.redis.clone(),
                 audit: audit_endpoint.clone(),
-                master_key_file: args.master_key_file.clone(),
+                keys_file: args.keys_dir.join(format!("{}.keys", hafen_auth::NAME)),
                 bcrypt_cost: args.bcrypt_cost,
                 min_password_chars: hafen_crypto::password::DEFAULT_MIN_PASSWORD_CHARS,
                 access_ttl: std::time::Duration::from_secs(15 * 60),
@@ -238,6 +256,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 master_key_file: args.master_key_file.clone(),
                 max_body_bytes: 16 * 1024,
                 stream_poll: std::time::Duration::from_secs(1),
+                key_cache_size: std::num::NonZeroUsize::MIN.saturating_add(9_999),
             },
             messaging,
             shutdown(),
@@ -280,6 +299,9 @@ pub async fn run(args: DevArgs) -> ExitCode {
                     purge_batch: 1000,
                     purge_pause: std::time::Duration::ZERO,
                 },
+                keys_file: args
+                    .keys_dir
+                    .join(format!("{}.keys", hafen_retention::NAME)),
             },
             retention,
             shutdown(),
@@ -301,6 +323,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                     processor_contact: String::new(),
                     backup_policy: "none: a development stack keeps no backups".to_owned(),
                 },
+                keys_file: args.keys_dir.join(format!("{}.keys", hafen_audit::NAME)),
             },
             audit,
             shutdown(),

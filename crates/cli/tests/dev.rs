@@ -80,11 +80,19 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
         .arg(&certs)
         .arg("--master-key-file")
         .arg(tmp.path().join("master.key"))
+        .arg("--keys-dir")
+        .arg(tmp.path().join("keys"))
         .arg("--platform-token-file")
         .arg(tmp.path().join("platform-token"))
         .args(["--bcrypt-cost", "4"])
         .env("HAFEN_DATABASE_URL", db.url())
         .env("HAFEN_REDIS_URL", redis.url())
+        .envs(
+            redis
+                .args()
+                .redis_ca
+                .map(|ca| ("HAFEN_REDIS_CA", ca.into_os_string())),
+        )
         .env("HAFEN_REDIS_PREFIX", redis.prefix())
         .env("HAFEN_LOG_FORMAT", "json")
         .stdout(Stdio::piped())

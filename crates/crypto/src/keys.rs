@@ -141,6 +141,16 @@ impl DataKey {
         Self(master.derive(purpose))
     }
 
+    /// A key from raw bytes (e.g. a derived key read from a key file).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The raw key, for keyed hashes (HMAC) under it. Never log or store what this returns.
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
     /// A fresh random key.
     pub fn generate() -> Result<Self> {
         Ok(Self(Zeroizing::new(random_key()?)))

@@ -7,6 +7,9 @@
 //! - [`secret`]: random tokens, chat codes from an unambiguous alphabet, keyed hashes
 //!   (HMAC-SHA-256) and constant-time comparison.
 //! - [`password`]: the password policy, bcrypt hashing and bcrypt/argon2id verification.
+//! - [`subkeys`]: keys derived from the master key for one purpose each (session cache MACs,
+//!   the chat-code pepper, TOTP secrets, audit signing keys), for services that must not
+//!   hold the master key itself.
 //! - [`totp`]: RFC 6238 one-time passwords, the owner's second factor.
 //!
 //! Nothing here logs; secret values never appear in `Debug` output.
@@ -15,7 +18,9 @@ pub mod error;
 pub mod keys;
 pub mod password;
 pub mod secret;
+pub mod subkeys;
 pub mod totp;
 
 pub use error::{Error, Result};
 pub use keys::{DataKey, MasterKey};
+pub use subkeys::{Purpose, SubKeys};

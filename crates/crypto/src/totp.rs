@@ -53,19 +53,19 @@ pub fn verify(secret: &[u8], code: &str, unix_secs: u64) -> bool {
     })
 }
 
-/// Seals a user's TOTP secret for storage, under a key derived from the master key and bound
-/// to the user's id.
-pub fn seal_secret(master: &crate::MasterKey, user_id: &[u8], secret: &[u8]) -> Result<Vec<u8>> {
-    crate::DataKey::derived(master, "totp secrets").seal(user_id, secret)
+/// Seals a user's TOTP secret for storage, under the TOTP sub-key
+/// ([`crate::subkeys::Purpose::TotpSecrets`]) and bound to the user's id.
+pub fn seal_secret(key: &crate::DataKey, user_id: &[u8], secret: &[u8]) -> Result<Vec<u8>> {
+    key.seal(user_id, secret)
 }
 
 /// Opens what [`seal_secret`] sealed for the same user.
 pub fn open_secret(
-    master: &crate::MasterKey,
+    key: &crate::DataKey,
     user_id: &[u8],
     sealed: &[u8],
 ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-    crate::DataKey::derived(master, "totp secrets").open(user_id, sealed)
+    key.open(user_id, sealed)
 }
 
 /// RFC 4648 base32 without padding, as authenticator apps expect.

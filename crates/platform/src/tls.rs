@@ -326,6 +326,21 @@ mod tests {
     }
 
     #[test]
+    fn the_dev_services_script_issues_a_certificate_for_every_service() {
+        let script = include_str!("../../../scripts/dev-services.sh");
+        let line = script
+            .lines()
+            .find(|line| line.starts_with("SERVICES=("))
+            .expect("scripts/dev-services.sh lists the services");
+        let listed: Vec<&str> = line
+            .trim_start_matches("SERVICES=(")
+            .trim_end_matches(')')
+            .split_whitespace()
+            .collect();
+        assert_eq!(listed, SERVICES, "keep the script's SERVICES in step");
+    }
+
+    #[test]
     fn incomplete_cert_dir_is_a_named_error() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("certs");

@@ -7,8 +7,12 @@ use clap::Args;
 /// Where the database is and how the connection pool behaves.
 #[derive(Args, Clone, Debug)]
 pub struct DatabaseArgs {
-    /// PostgreSQL URL of the main database, e.g. `postgres://hafen_app@127.0.0.1:5432/hafen`.
-    /// Put a password in the environment variable rather than on the command line.
+    /// PostgreSQL URL of the main database, e.g.
+    /// `postgres://hafen_app@db:5432/hafen?sslmode=verify-full&sslrootcert=/etc/hafen/db-ca.pem`.
+    /// TLS as libpq reads the URL: `sslmode` verify-full (the default), verify-ca, require
+    /// or disable (prefer and allow are refused: they fall back to plaintext silently);
+    /// `sslrootcert` the CA file (default: the system's roots). Put a password in the
+    /// environment variable rather than on the command line.
     #[arg(long, env = "HAFEN_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 

@@ -11,6 +11,10 @@ pub enum Error {
     #[error("database pool configuration: {0}")]
     PoolBuild(#[from] diesel_async::pooled_connection::deadpool::BuildError),
 
+    /// The database configuration (its URL or TLS parameters) is invalid.
+    #[error("database configuration: {0}")]
+    Config(String),
+
     /// A connection could not be established.
     #[error("database connection: {0}")]
     Connection(#[from] diesel::ConnectionError),

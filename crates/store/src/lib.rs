@@ -1,6 +1,8 @@
 //! PostgreSQL for Hafen.
 //!
 //! - [`config`]: the `--database-url` and pool settings every service that stores data takes.
+//! - [`connect`]: connections over TLS, configured by the URL's libpq parameters (`sslmode`,
+//!   `sslrootcert`); every connection Hafen opens goes through it.
 //! - [`pool`]: a diesel-async connection pool (deadpool) with wait/create/recycle timeouts and
 //!   a maximum connection age. Connections are reset on return, so a role or search path set
 //!   for one request never leaks into the next.
@@ -20,6 +22,7 @@
 
 pub mod accounts;
 pub mod config;
+pub mod connect;
 pub mod control;
 pub mod databases;
 pub mod error;

@@ -4,13 +4,10 @@
 //! database's `public` schema stays untouched. Runs hold a PostgreSQL advisory lock, so two
 //! replicas or a Helm hook and a developer never migrate at the same time.
 
-use diesel::Connection;
 use diesel::RunQueryDsl;
 use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
-use diesel_async::AsyncPgConnection;
-use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use crate::error::{Error, Result};
@@ -31,7 +28,7 @@ const MIGRATION_LOCK: i64 = 0x6861_6665_6e6d_6967;
 pub async fn migrate_control_plane(url: &str) -> Result<Vec<String>> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)?;
+        let mut conn = crate::connect::establish_sync(&url)?;
         conn.batch_execute(&format!(
             "SELECT pg_advisory_lock({MIGRATION_LOCK}); \
              CREATE SCHEMA IF NOT EXISTS {CONTROL_SCHEMA}; \
@@ -59,7 +56,7 @@ pub async fn migrate_control_plane(url: &str) -> Result<Vec<String>> {
 pub async fn pending_control_plane(url: &str) -> Result<Vec<String>> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)?;
+        let mut conn = crate::connect::establish_sync(&url)?;
         let table = format!("{CONTROL_SCHEMA}.__diesel_schema_migrations");
         let has_table: bool = diesel::select(
             diesel::dsl::sql::<diesel::sql_types::Bool>("to_regclass(")

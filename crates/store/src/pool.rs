@@ -9,7 +9,8 @@ use diesel_async::pooled_connection::{
 use futures::FutureExt;
 
 use crate::config::DatabaseArgs;
-use crate::error::Result;
+use crate::connect::Target;
+use crate::error::{Error, Result};
 
 /// A pool of PostgreSQL connections.
 pub type Pool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnection>;
@@ -25,12 +26,18 @@ pub type PooledConnection = Object<AsyncPgConnection>;
 /// prepared statements diesel has cached.)
 const RESET_ON_RETURN: &str = "RESET ALL; RESET ROLE";
 
-/// Builds a pool for `args`. Connections are opened lazily, on first use.
+/// Builds a pool for `args`, connecting over TLS as its URL says ([`crate::connect`]).
+/// Connections are opened lazily, on first use.
 pub fn build_pool(args: &DatabaseArgs) -> Result<Pool> {
+    let target = Target::parse(&args.database_url).map_err(Error::Config)?;
     let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
     manager_config.recycling_method = RecyclingMethod::CustomFunction(Box::new(|conn| {
         conn.batch_execute(RESET_ON_RETURN).boxed()
     }));
+    manager_config.custom_setup = Box::new(move |_url| {
+        let target = target.clone();
+        async move { target.connect().await }.boxed()
+    });
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
         &args.database_url,
         manager_config,

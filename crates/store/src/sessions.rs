@@ -157,6 +157,31 @@ pub async fn revoke(conn: &mut AsyncPgConnection, id: Uuid, reason: &str) -> Que
     Ok(updated == 1)
 }
 
+/// Of `ids`, the sessions that have ended: `(id, Some(reason))` for a revoked one, and
+/// `(id, None)` for one whose row is gone (deleted with its tenant, or by the deletion
+/// replay). Live sessions are not listed.
+pub async fn ended_among(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> QueryResult<Vec<(Uuid, Option<String>)>> {
+    let rows: Vec<(Uuid, Option<String>, Option<DateTime<Utc>>)> = sessions::table
+        .filter(sessions::id.eq_any(ids))
+        .select((sessions::id, sessions::revoke_reason, sessions::revoked_at))
+        .load(conn)
+        .await?;
+    let mut ended: Vec<(Uuid, Option<String>)> = rows
+        .iter()
+        .filter(|(_, _, revoked_at)| revoked_at.is_some())
+        .map(|(id, reason, _)| (*id, Some(reason.clone().unwrap_or_default())))
+        .collect();
+    ended.extend(
+        ids.iter()
+            .filter(|id| !rows.iter().any(|(row, _, _)| row == *id))
+            .map(|id| (*id, None)),
+    );
+    Ok(ended)
+}
+
 /// Which live sessions of a tenant to end.
 #[derive(Debug, Clone, Copy)]
 pub enum Scope {

@@ -6,7 +6,7 @@
 //! changed migration gets a new template instead of a stale one.
 
 use diesel::{OptionalExtension, QueryableByName};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use hafen_store::DatabaseArgs;
 
 use crate::env::{TestEnv, workspace_root};
@@ -69,7 +69,7 @@ impl TestDatabase {
 
     /// A direct connection as the application role.
     pub async fn connect(&self) -> AsyncPgConnection {
-        AsyncPgConnection::establish(&self.url)
+        hafen_store::connect::establish(&self.url)
             .await
             .expect("connect to test database")
     }
@@ -82,7 +82,7 @@ impl TestDatabase {
 
     /// A direct connection to this database as the superuser.
     pub async fn connect_admin(&self) -> AsyncPgConnection {
-        AsyncPgConnection::establish(&self.admin_url())
+        hafen_store::connect::establish(&self.admin_url())
             .await
             .expect("connect to test database as the admin role")
     }
@@ -101,7 +101,7 @@ impl Drop for TestDatabase {
                 // Tenant roles are cluster-wide: drop those whose schemas lived here.
                 let env = TestEnv::get();
                 let roles = {
-                    let mut conn = AsyncPgConnection::establish(&with_database(
+                    let mut conn = hafen_store::connect::establish(&with_database(
                         &env.admin_database_url,
                         &name,
                     ))
@@ -133,7 +133,7 @@ impl Drop for TestDatabase {
 }
 
 async fn admin_connection(env: &TestEnv) -> AsyncPgConnection {
-    AsyncPgConnection::establish(&env.admin_database_url)
+    hafen_store::connect::establish(&env.admin_database_url)
         .await
         .expect("connect to PostgreSQL as the admin role (HAFEN_ADMIN_DATABASE_URL)")
 }

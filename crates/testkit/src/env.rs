@@ -11,8 +11,10 @@ pub struct TestEnv {
     pub database_url: String,
     /// A superuser, for creating and dropping test databases.
     pub admin_database_url: String,
-    /// Redis.
+    /// Redis (`rediss://` in the development set-up).
     pub redis_url: String,
+    /// The CA Redis's certificate chains to, when not the system's.
+    pub redis_ca: Option<PathBuf>,
 }
 
 impl TestEnv {
@@ -37,6 +39,11 @@ impl TestEnv {
                 database_url: lookup("HAFEN_DATABASE_URL"),
                 admin_database_url: lookup("HAFEN_ADMIN_DATABASE_URL"),
                 redis_url: lookup("HAFEN_REDIS_URL"),
+                redis_ca: std::env::var("HAFEN_REDIS_CA")
+                    .ok()
+                    .or_else(|| file.get("HAFEN_REDIS_CA").cloned())
+                    .filter(|path| !path.is_empty())
+                    .map(PathBuf::from),
             }
         })
     }

@@ -7,34 +7,48 @@ use crate::env::TestEnv;
 /// A key prefix no other test uses; every key under it is deleted on drop.
 #[derive(Debug)]
 pub struct TestRedis {
-    url: String,
-    prefix: String,
+    args: hafen_authn::RedisArgs,
 }
 
 impl TestRedis {
     /// A fresh namespace `test:<uuid>:` on the development Redis.
     pub fn new() -> Self {
         crate::init_test_logging();
+        let env = TestEnv::get();
         Self {
-            url: TestEnv::get().redis_url.clone(),
-            prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+            args: hafen_authn::RedisArgs {
+                redis_url: env.redis_url.clone(),
+                redis_ca: env.redis_ca.clone(),
+                redis_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+            },
         }
     }
 
     /// The Redis URL.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.args.redis_url
     }
 
     /// The prefix every key of this test starts with.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        &self.args.redis_prefix
+    }
+
+    /// Settings that keep every key and channel in this namespace (TLS as configured).
+    pub fn args(&self) -> hafen_authn::RedisArgs {
+        self.args.clone()
+    }
+
+    /// A client of the development Redis, over TLS as configured.
+    pub fn client(&self) -> redis::Client {
+        self.args
+            .client()
+            .expect("valid HAFEN_REDIS_URL and HAFEN_REDIS_CA")
     }
 
     /// A connection manager (reconnects on its own).
     pub async fn connect(&self) -> redis::aio::ConnectionManager {
-        let client = redis::Client::open(self.url.as_str()).expect("valid HAFEN_REDIS_URL");
-        client
+        self.client()
             .get_connection_manager()
             .await
             .expect("connect to Redis (HAFEN_REDIS_URL)")
@@ -43,7 +57,7 @@ impl TestRedis {
     /// Keys currently under this namespace.
     pub async fn keys(&self) -> Vec<String> {
         let mut conn = self.connect().await;
-        scan(&mut conn, &self.prefix).await
+        scan(&mut conn, self.prefix()).await
     }
 }
 
@@ -67,15 +81,15 @@ async fn scan(conn: &mut redis::aio::ConnectionManager, prefix: &str) -> Vec<Str
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let prefix = self.prefix.clone();
+        let args = self.args.clone();
+        let prefix = self.args.redis_prefix.clone();
         let cleaned = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime for cleaning the Redis namespace");
             runtime.block_on(async {
-                let client = redis::Client::open(url.as_str())?;
+                let client = args.client()?;
                 let mut conn = client.get_connection_manager().await?;
                 let keys = scan(&mut conn, &prefix).await;
                 if !keys.is_empty() {
@@ -86,7 +100,10 @@ impl Drop for TestRedis {
         })
         .join();
         if !matches!(cleaned, Ok(Ok(()))) {
-            eprintln!("warning: could not clean Redis namespace {}", self.prefix);
+            eprintln!(
+                "warning: could not clean Redis namespace {}",
+                self.args.redis_prefix
+            );
         }
     }
 }

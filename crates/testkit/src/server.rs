@@ -34,8 +34,14 @@ impl TestSecrets {
         let dir = tempfile::tempdir().expect("temporary directory for secrets");
         pki.write_to(&dir.path().join("certs"))
             .expect("write test certificates");
-        hafen_crypto::MasterKey::load_or_create(&dir.path().join("master.key"))
+        let master = hafen_crypto::MasterKey::load_or_create(&dir.path().join("master.key"))
             .expect("write test master key");
+        for service in ["auth", "audit", "retention"] {
+            let purposes = hafen_crypto::subkeys::needed_by(service).expect("a key file service");
+            hafen_crypto::SubKeys::derive(&master, purposes)
+                .write(&dir.path().join(format!("{service}.keys")))
+                .expect("write a service's key file");
+        }
         let token_path = dir.path().join("platform-token");
         hafen_authn::PlatformToken::load_or_create(&token_path).expect("write platform token");
         let platform_token = std::fs::read_to_string(&token_path).expect("read platform token");
@@ -54,10 +60,7 @@ impl TestSecrets {
 
     /// Redis settings that keep every key and channel in this test's namespace.
     pub fn redis_args(&self) -> hafen_authn::RedisArgs {
-        hafen_authn::RedisArgs {
-            redis_url: self.redis.url().to_owned(),
-            redis_prefix: self.redis.prefix().to_owned(),
-        }
+        self.redis.args()
     }
 
     /// Configuration of the auth service on `database` with these secrets (bcrypt cost 4).
@@ -70,7 +73,7 @@ impl TestSecrets {
             },
             redis: self.redis_args(),
             audit: self.audit_args(),
-            master_key_file: self.master_key_file(),
+            keys_file: self.keys_file(hafen_auth::NAME),
             bcrypt_cost: 4,
             min_password_chars: 10,
             access_ttl: Duration::from_secs(15 * 60),
@@ -78,6 +81,12 @@ impl TestSecrets {
             login_free_attempts: 5,
             login_max_backoff: Duration::from_secs(15 * 60),
         }
+    }
+
+    /// The key file of `service` (auth, audit or retention): the sub-keys it needs, derived
+    /// from the master key (`hafen-tenant derive-keys`).
+    pub fn keys_file(&self, service: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{service}.keys"))
     }
 
     /// The master key file.
@@ -125,6 +134,7 @@ impl TestSecrets {
             master_key_file: self.master_key_file(),
             max_body_bytes: 16 * 1024,
             stream_poll: Duration::from_millis(500),
+            key_cache_size: std::num::NonZeroUsize::new(1000).expect("non-zero"),
         }
     }
 
@@ -195,6 +205,7 @@ impl TestSecrets {
                 processor_contact: "dpo@operator.test".to_owned(),
                 backup_policy: "daily, kept 6 weeks".to_owned(),
             },
+            keys_file: self.keys_file(hafen_audit::NAME),
         }
     }
 
@@ -219,6 +230,7 @@ impl TestSecrets {
                 purge_batch: 100,
                 purge_pause: Duration::ZERO,
             },
+            keys_file: self.keys_file(hafen_retention::NAME),
         }
     }
 

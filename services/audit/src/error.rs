@@ -19,6 +19,9 @@ pub enum Error {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A key file is unusable, or key material failed to open.
+    #[error("keys: {0}")]
+    Keys(#[from] hafen_crypto::Error),
     /// The control plane lacks migrations this build needs.
     #[error("control plane has pending migrations {0:?}: run `hafen-tenant migrate` first")]
     NotMigrated(Vec<String>),

@@ -69,6 +69,12 @@ pub struct Config {
 
     #[command(flatten)]
     pub record: RecordArgs,
+
+    /// File with the keys derived from the master key that this service uses (session-cache, audit-signing),
+    /// written by `hafen-tenant derive-keys --service audit`. This service never holds the
+    /// master key itself.
+    #[arg(long, env = "HAFEN_KEYS_FILE")]
+    pub keys_file: std::path::PathBuf,
 }
 
 /// What the Art. 30 record states about the operator and its measures beyond what the
@@ -117,14 +123,19 @@ where
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
     let token = PlatformToken::load(&config.operator.platform_token_file)
         .map_err(|err| Error::Config(err.to_string()))?;
-    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let keys = hafen_crypto::SubKeys::load(&config.keys_file)?;
+    let redis = Redis::connect(&config.redis)
+        .await
+        .map_err(Error::Config)?
+        .with_session_key(keys.get(hafen_crypto::Purpose::SessionCache)?);
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
+    let databases = Databases::new(&config.databases)?;
+    revocations.recheck_streams(databases.main().clone());
     let authenticator =
         Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
-    let databases = Databases::new(&config.databases)?;
     let log = AuditLog::new(databases.main().clone());
     let deployment = record::Deployment {
         mtls: config.server.tls.mtls,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hafen_authn::{Redis, Revocations, RevokeReason};
-use hafen_crypto::MasterKey;
+use hafen_crypto::{DataKey, Purpose, SubKeys};
 use hafen_platform::cpu::CpuPool;
 use hafen_store::{Databases, TenantId};
 use uuid::Uuid;
@@ -38,8 +38,10 @@ pub(crate) struct Inner {
     pub databases: Databases,
     pub redis: Option<Redis>,
     pub revocations: Revocations,
-    pub master: MasterKey,
-    pub pepper: Zeroizing<[u8; 32]>,
+    /// Seals TOTP secrets.
+    pub totp_key: DataKey,
+    /// Keys chat-code hashes.
+    pub pepper: DataKey,
     pub policy: Policy,
     pub limiter: Limiter,
     /// Low-priority threads for bcrypt and argon2.
@@ -66,7 +68,7 @@ impl Auth {
         databases: Databases,
         redis: Option<Redis>,
         revocations: Revocations,
-        master: MasterKey,
+        keys: &SubKeys,
         policy: Policy,
         limiter: Limiter,
         cpu: CpuPool,
@@ -78,14 +80,13 @@ impl Auth {
                 hafen_crypto::password::hash(&unknowable, cost)
             })
             .await??;
-        let pepper = master.derive("chat code pepper");
         Ok(Self {
             inner: Arc::new(Inner {
                 databases,
                 redis,
                 revocations,
-                master,
-                pepper,
+                totp_key: keys.get(Purpose::TotpSecrets)?,
+                pepper: keys.get(Purpose::ChatCodePepper)?,
                 policy,
                 limiter,
                 cpu,
@@ -174,25 +175,22 @@ impl Auth {
     /// The keyed hash a chat code of `tenant` is stored as.
     pub(crate) fn code_hash(&self, tenant: Uuid, code: &str) -> [u8; 32] {
         hafen_crypto::secret::keyed_hash(
-            self.inner.pepper.as_slice(),
+            self.inner.pepper.expose(),
             &[tenant.as_bytes(), code.as_bytes()],
         )
     }
 
     /// Makes revoked sessions stop working everywhere: in this process at once, and through
-    /// Redis (markers and the revocation channel) in every other service.
+    /// Redis (markers and the revocation channel) in every other service. PostgreSQL already
+    /// says revoked, so Introspect refuses these sessions whatever Redis does; a failed
+    /// publish is retried in the background, and open streams elsewhere recheck their
+    /// sessions in PostgreSQL meanwhile.
     pub(crate) async fn announce(&self, sessions: &[Uuid], reason: RevokeReason) {
         for session in sessions {
             self.inner.revocations.record(*session, reason);
         }
-        if let Some(redis) = &self.inner.redis
-            && let Err(err) = redis
-                .revoke(sessions, reason, hafen_authn::MAX_ACCESS_TTL)
-                .await
-        {
-            // PostgreSQL already says revoked: Introspect refuses these sessions, and caches
-            // expire with the access token; other services learn on their next lookup.
-            tracing::warn!(error = %err, sessions = sessions.len(), "revocation not announced in Redis");
+        if let Some(redis) = &self.inner.redis {
+            redis.announce(sessions, reason).await;
         }
     }
 

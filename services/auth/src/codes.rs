@@ -192,7 +192,7 @@ impl Auth {
         }
         let secret = Zeroizing::new(hafen_crypto::totp::generate_secret()?);
         let sealed =
-            hafen_crypto::totp::seal_secret(&self.inner.master, user.id.as_bytes(), &*secret)?;
+            hafen_crypto::totp::seal_secret(&self.inner.totp_key, user.id.as_bytes(), &*secret)?;
         let id = user.id;
         self.scoped(caller.tenant_id, move |conn| {
             Box::pin(async move {
@@ -230,7 +230,7 @@ impl Auth {
             .clone()
             .ok_or(Error::InvalidState("no TOTP enrollment is pending"))?;
         let secret =
-            hafen_crypto::totp::open_secret(&self.inner.master, user.id.as_bytes(), &pending)?;
+            hafen_crypto::totp::open_secret(&self.inner.totp_key, user.id.as_bytes(), &pending)?;
         if !hafen_crypto::totp::verify(&secret, code, unix_now()) {
             self.inner.limiter.failed(&subject).await;
             return Err(Error::ConfirmationFailed);

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hafen_authn::{Authenticator, AuthnLayer, MAX_ACCESS_TTL, Redis, RedisArgs, Revocations};
-use hafen_crypto::MasterKey;
+use hafen_crypto::{Purpose, SubKeys};
 use hafen_platform::{GrpcServer, ServerArgs, ServiceSpec, TlsMaterial};
 use hafen_proto::auth::v1::auth_service_server::AuthServiceServer;
 use hafen_store::{Databases, DatabasesArgs};
@@ -62,10 +62,11 @@ pub struct Config {
     #[command(flatten)]
     pub audit: hafen_events::AuditEndpointArgs,
 
-    /// File with the master key (base64 of 32 random bytes): chat-code hashes and TOTP
-    /// secrets are keyed by keys derived from it.
-    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
-    pub master_key_file: PathBuf,
+    /// File with the keys derived from the master key that this service uses (session-cache,
+    /// chat-code-pepper, totp-secrets), written by `hafen-tenant derive-keys --service auth`.
+    /// The auth service never holds the master key itself.
+    #[arg(long, env = "HAFEN_KEYS_FILE")]
+    pub keys_file: PathBuf,
 
     /// bcrypt cost of new password hashes (4-31; each step doubles the time).
     #[arg(long, env = "HAFEN_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST,
@@ -108,10 +109,13 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         )));
     }
     let databases = Databases::new(&config.databases)?;
-    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let keys = SubKeys::load(&config.keys_file)?;
+    let redis = Redis::connect(&config.redis)
+        .await
+        .map_err(Error::Config)?
+        .with_session_key(keys.get(Purpose::SessionCache)?);
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
-    let master = MasterKey::load(&config.master_key_file)?;
     let limiter = limits::Limiter::new(
         Some(redis.clone()),
         limits::LimitPolicy {
@@ -127,7 +131,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         databases,
         Some(redis.clone()),
         revocations.clone(),
-        master,
+        &keys,
         Policy {
             bcrypt_cost: config.bcrypt_cost,
             min_password_chars: config.min_password_chars,

@@ -1,9 +1,14 @@
 //! Users' data keys (CB3, BX1): created on first use, wrapped by the tenant key (itself
 //! wrapped by the master key) and kept in the control plane, apart from tenant data.
-//! Unwrapped keys are cached in memory for the life of the process.
+//!
+//! Unwrapped keys are cached in memory, bounded: at most `capacity` tenant keys and as many
+//! user keys, the least recently used going first, and none older than [`KEY_TTL`], so a
+//! key destroyed elsewhere stops being usable here within that time at the latest. A
+//! tenant's keys are dropped as soon as its deletion is announced ([`KeyRing::follow`]).
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -11,9 +16,13 @@ use hafen_crypto::keys::{tenant_key_context, user_key_context};
 use hafen_crypto::{DataKey, MasterKey};
 use hafen_store::Databases;
 use hafen_store::schema::user_keys;
+use lru::LruCache;
 use uuid::Uuid;
 
 use crate::error::Error;
+
+/// How long an unwrapped key is used before it is read (and unwrapped) again.
+pub const KEY_TTL: Duration = Duration::from_secs(300);
 
 /// Where keys come from, and the cache of unwrapped ones.
 #[derive(Clone)]
@@ -24,8 +33,14 @@ pub struct KeyRing {
 struct Inner {
     databases: Databases,
     master: MasterKey,
-    tenants: Mutex<HashMap<Uuid, Arc<DataKey>>>,
-    users: Mutex<HashMap<(Uuid, Uuid), Arc<DataKey>>>,
+    tenants: Mutex<LruCache<Uuid, Cached>>,
+    users: Mutex<LruCache<(Uuid, Uuid), Cached>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    key: Arc<DataKey>,
+    at: Instant,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -34,17 +49,104 @@ impl std::fmt::Debug for KeyRing {
     }
 }
 
+fn fresh<K: std::hash::Hash + Eq>(
+    cache: &Mutex<LruCache<K, Cached>>,
+    key: &K,
+) -> Option<Arc<DataKey>> {
+    let mut cache = cache.lock().ok()?;
+    match cache.get(key) {
+        Some(cached) if cached.at.elapsed() < KEY_TTL => Some(cached.key.clone()),
+        Some(_) => {
+            cache.pop(key);
+            None
+        }
+        None => None,
+    }
+}
+
+fn keep<K: std::hash::Hash + Eq>(cache: &Mutex<LruCache<K, Cached>>, key: K, value: &Arc<DataKey>) {
+    if let Ok(mut cache) = cache.lock() {
+        cache.put(
+            key,
+            Cached {
+                key: value.clone(),
+                at: Instant::now(),
+            },
+        );
+    }
+}
+
 impl KeyRing {
-    /// Keys of the tenants on `databases`, unwrapped with `master`.
-    pub fn new(databases: Databases, master: MasterKey) -> Self {
+    /// Keys of the tenants on `databases`, unwrapped with `master`; at most `capacity`
+    /// tenant keys and `capacity` user keys are held unwrapped.
+    pub fn new(databases: Databases, master: MasterKey, capacity: NonZeroUsize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 databases,
                 master,
-                tenants: Mutex::new(HashMap::new()),
-                users: Mutex::new(HashMap::new()),
+                tenants: Mutex::new(LruCache::new(capacity)),
+                users: Mutex::new(LruCache::new(capacity)),
             }),
         }
+    }
+
+    /// Drops every unwrapped key of `tenant` (its tenant key and its users' keys).
+    pub fn forget_tenant(&self, tenant: Uuid) {
+        if let Ok(mut tenants) = self.inner.tenants.lock() {
+            tenants.pop(&tenant);
+        }
+        if let Ok(mut users) = self.inner.users.lock() {
+            let theirs: Vec<(Uuid, Uuid)> = users
+                .iter()
+                .map(|(key, _)| *key)
+                .filter(|(owner, _)| *owner == tenant)
+                .collect();
+            for key in theirs {
+                users.pop(&key);
+            }
+        }
+    }
+
+    /// Forgets a tenant's keys whenever `revocations` hears of its deletion, for the life of
+    /// the process.
+    pub fn follow(&self, revocations: &hafen_authn::Revocations) -> tokio::task::JoinHandle<()> {
+        let ring = self.clone();
+        let mut deletions = revocations.tenant_deletions();
+        tokio::spawn(async move {
+            loop {
+                match deletions.recv().await {
+                    Ok(tenant) => {
+                        ring.forget_tenant(tenant);
+                        tracing::info!(tenant_id = %tenant, "deleted tenant's keys forgotten");
+                    }
+                    // Missed some: forget everything rather than keep a deleted tenant's key.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => ring.forget_all(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    fn forget_all(&self) {
+        if let Ok(mut tenants) = self.inner.tenants.lock() {
+            tenants.clear();
+        }
+        if let Ok(mut users) = self.inner.users.lock() {
+            users.clear();
+        }
+    }
+
+    /// How many tenant keys and user keys are held unwrapped, and whether `tenant`'s key is
+    /// among them (for tests and monitoring; never the keys).
+    pub fn held(&self, tenant: Uuid) -> (usize, usize, bool) {
+        let (tenants, holds) = self
+            .inner
+            .tenants
+            .lock()
+            .map(|t| (t.len(), t.contains(&tenant)))
+            .unwrap_or_default();
+        let users = self.inner.users.lock().map(|u| u.len()).unwrap_or_default();
+        (tenants, users, holds)
     }
 
     async fn control(&self) -> Result<hafen_store::PooledConnection, Error> {
@@ -52,13 +154,7 @@ impl KeyRing {
     }
 
     async fn tenant_key(&self, tenant: Uuid) -> Result<Arc<DataKey>, Error> {
-        if let Some(key) = self
-            .inner
-            .tenants
-            .lock()
-            .ok()
-            .and_then(|k| k.get(&tenant).cloned())
-        {
+        if let Some(key) = fresh(&self.inner.tenants, &tenant) {
             return Ok(key);
         }
         let wrapped = {
@@ -72,21 +168,13 @@ impl KeyRing {
                 .master
                 .unwrap(&wrapped, &tenant_key_context(tenant.as_bytes()))?,
         );
-        if let Ok(mut keys) = self.inner.tenants.lock() {
-            keys.insert(tenant, key.clone());
-        }
+        keep(&self.inner.tenants, tenant, &key);
         Ok(key)
     }
 
     /// The key of `user` in `tenant`, created (and stored wrapped) on first use.
     pub async fn user_key(&self, tenant: Uuid, user: Uuid) -> Result<Arc<DataKey>, Error> {
-        if let Some(key) = self
-            .inner
-            .users
-            .lock()
-            .ok()
-            .and_then(|k| k.get(&(tenant, user)).cloned())
-        {
+        if let Some(key) = fresh(&self.inner.users, &(tenant, user)) {
             return Ok(key);
         }
         let tenant_key = self.tenant_key(tenant).await?;
@@ -121,9 +209,7 @@ impl KeyRing {
             }
         };
         let key = Arc::new(tenant_key.unwrap(&wrapped, &context)?);
-        if let Ok(mut keys) = self.inner.users.lock() {
-            keys.insert((tenant, user), key.clone());
-        }
+        keep(&self.inner.users, (tenant, user), &key);
         Ok(key)
     }
 }

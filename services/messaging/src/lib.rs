@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use hafen_authn::remote::{AuthEndpointArgs, RemoteIntrospect};
 use hafen_authn::{Authenticator, AuthnLayer, MAX_ACCESS_TTL, Redis, RedisArgs, Revocations};
-use hafen_crypto::MasterKey;
+use hafen_crypto::{MasterKey, Purpose};
 use hafen_platform::{GrpcServer, ServerArgs, ServiceSpec, TlsMaterial};
 use hafen_proto::messaging::v1::messaging_service_server::MessagingServiceServer;
 use hafen_store::{Databases, DatabasesArgs};
@@ -77,6 +77,11 @@ pub struct Config {
     /// fallback while Redis is down).
     #[arg(long, env = "HAFEN_STREAM_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub stream_poll: Duration,
+
+    /// Most tenant keys, and most user keys, held unwrapped in memory; the least recently
+    /// used go first. A deleted tenant's keys are dropped at once.
+    #[arg(long, env = "HAFEN_KEY_CACHE_SIZE", default_value = "10000")]
+    pub key_cache_size: std::num::NonZeroUsize,
 }
 
 /// Serves the messaging service on `listener` until `shutdown` resolves, then drains.
@@ -93,20 +98,30 @@ where
     }
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
     let databases = Databases::new(&config.databases)?;
-    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let master = MasterKey::load(&config.master_key_file)?;
+    let redis = Redis::connect(&config.redis)
+        .await
+        .map_err(Error::Config)?
+        .with_session_key(Purpose::SessionCache.derive(&master));
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    revocations.recheck_streams(databases.main().clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
-    let authenticator =
-        Authenticator::new(None, Some(redis.clone()), Arc::new(resolver), revocations);
-    let master = MasterKey::load(&config.master_key_file)?;
+    let authenticator = Authenticator::new(
+        None,
+        Some(redis.clone()),
+        Arc::new(resolver),
+        revocations.clone(),
+    );
     let hub = hub::Hub::new(Some(redis), config.stream_poll);
     hub.listen();
+    let keys = keys::KeyRing::new(databases.clone(), master, config.key_cache_size);
+    keys.follow(&revocations);
     let messaging = Messaging::new(
         databases.clone(),
         Databases::new(&config.databases)?,
-        keys::KeyRing::new(databases.clone(), master),
+        keys,
         hub.clone(),
         config.max_body_bytes,
     );

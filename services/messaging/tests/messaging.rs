@@ -991,10 +991,7 @@ async fn oc7_sends_after_another_writer_see_its_sequences_and_membership() {
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_keep_delivering_by_polling_when_redis_stops() {
     let mut redis = hafen_testkit::PrivateRedis::start();
-    let redis_args = hafen_authn::RedisArgs {
-        redis_url: redis.url(),
-        redis_prefix: "hafen:".into(),
-    };
+    let redis_args = redis.args("hafen:");
     let stack = TestStack::start_with_redis(Some(redis_args.clone())).await;
     let s = setup_on(stack).await;
     // A second replica of the messaging service: the subscriber is there, the sender is not,
@@ -1037,10 +1034,7 @@ async fn streams_keep_delivering_by_polling_when_redis_stops() {
 #[tokio::test(flavor = "multi_thread")]
 async fn live_events_reach_other_replicas_through_sharded_channels() {
     let redis = hafen_testkit::PrivateRedis::start();
-    let redis_args = hafen_authn::RedisArgs {
-        redis_url: redis.url(),
-        redis_prefix: "hafen:".into(),
-    };
+    let redis_args = redis.args("hafen:");
     let stack = TestStack::start_with_redis(Some(redis_args.clone())).await;
     let s = setup_on(stack).await;
     // A replica that would take a minute to notice anything by polling.
@@ -1063,7 +1057,7 @@ async fn live_events_reach_other_replicas_through_sharded_channels() {
         pb::subscribe_response::Event::CaughtUp(_)
     ));
     // The replica subscribes to its tenant's sharded channel, and to nothing else.
-    let client = redis::Client::open(redis.url()).unwrap();
+    let client = redis.args("hafen:").client().unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let tenant: Uuid = s.tenant.id.parse().unwrap();
     let channel = format!("hafen:events:{{{}}}", tenant.simple());

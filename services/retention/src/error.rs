@@ -21,6 +21,9 @@ pub enum Error {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A key file is unusable, or key material failed to open.
+    #[error("keys: {0}")]
+    Keys(#[from] hafen_crypto::Error),
     /// The control plane lags behind this build; `hafen-tenant migrate` brings it up to date.
     #[error("control plane has pending migrations {0:?}: run `hafen-tenant migrate` first")]
     NotMigrated(Vec<String>),

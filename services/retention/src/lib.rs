@@ -75,6 +75,12 @@ pub struct Config {
 
     #[command(flatten)]
     pub purge: PurgeArgs,
+
+    /// File with the keys derived from the master key that this service uses (session-cache),
+    /// written by `hafen-tenant derive-keys --service retention`. This service never holds the
+    /// master key itself.
+    #[arg(long, env = "HAFEN_KEYS_FILE")]
+    pub keys_file: std::path::PathBuf,
 }
 
 /// How the purge job runs (CB5).
@@ -127,7 +133,7 @@ pub enum Invocation {
     /// Serve gRPC.
     Serve(Box<Cli>),
     /// Replay the deletion log, then exit.
-    ReplayDeletions(ReplayArgs),
+    ReplayDeletions(Box<ReplayArgs>),
 }
 
 impl Cli {
@@ -140,9 +146,9 @@ impl Cli {
     {
         let matches = Self::command().try_get_matches_from(args)?;
         if let Some(("replay-deletions", sub)) = matches.subcommand() {
-            return Ok(Invocation::ReplayDeletions(ReplayArgs::from_arg_matches(
-                sub,
-            )?));
+            return Ok(Invocation::ReplayDeletions(Box::new(
+                ReplayArgs::from_arg_matches(sub)?,
+            )));
         }
         Ok(Invocation::Serve(Box::new(Self::from_arg_matches(
             &matches,
@@ -204,7 +210,11 @@ where
     let databases = Databases::new(&config.databases)?;
     let token = PlatformToken::load(&config.operator.platform_token_file)
         .map_err(|err| Error::Config(err.to_string()))?;
-    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let keys = hafen_crypto::SubKeys::load(&config.keys_file)?;
+    let redis = Redis::connect(&config.redis)
+        .await
+        .map_err(Error::Config)?
+        .with_session_key(keys.get(hafen_crypto::Purpose::SessionCache)?);
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     let revocations = Revocations::new(MAX_ACCESS_TTL);
@@ -250,7 +260,7 @@ where
 pub async fn replay_deletions(args: &ReplayArgs) -> Result<ReplayReport, Error> {
     require_migrated(&args.databases.main.database_url).await?;
     let databases = Databases::new(&args.databases)?;
-    let redis = Redis::new(&args.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let redis = Redis::connect(&args.redis).await.map_err(Error::Config)?;
     Replayer::new(databases, Some(redis), None)
         .replay(args.dry_run, hafen_events::Actor::Operator)
         .await

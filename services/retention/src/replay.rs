@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Text};
 use diesel_async::RunQueryDsl;
-use hafen_authn::{MAX_ACCESS_TTL, Redis, RevokeReason};
+use hafen_authn::{Redis, RevokeReason};
 use hafen_events::{Actor, Event, Relay};
 use hafen_store::control::{self, status};
 use hafen_store::schema::{deletion_log, sessions, tenant_keys, user_keys};
@@ -208,6 +208,9 @@ impl Replayer {
         })
         .await??;
         self.announce(&ended, RevokeReason::TenantDeleted).await;
+        if let Some(redis) = &self.redis {
+            redis.announce_tenant_deleted(tenant).await;
+        }
         tracing::info!(tenant_id = %tenant, "deleted tenant deleted again");
         Ok(true)
     }
@@ -288,13 +291,11 @@ impl Replayer {
         Ok(true)
     }
 
-    /// Tells every service that `sessions` ended (they may be cached since the restore).
+    /// Tells every service that `sessions` ended (they may be cached since the restore);
+    /// retried in the background when Redis is down.
     async fn announce(&self, sessions: &[Uuid], reason: RevokeReason) {
-        if let Some(redis) = &self.redis
-            && let Err(err) = redis.revoke(sessions, reason, MAX_ACCESS_TTL).await
-        {
-            // The sessions are gone from PostgreSQL: cached ones expire with their tokens.
-            tracing::warn!(error = %err, "revocation of replayed deletions not announced");
+        if let Some(redis) = &self.redis {
+            redis.announce(sessions, reason).await;
         }
     }
 }
@@ -312,11 +313,13 @@ fn delete_tenant_blocking(
         if *is_main {
             continue;
         }
-        let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+        let mut placed =
+            hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
         placed.transaction(|conn| drop_everywhere(conn, &tenant))?;
     }
     let on_main = urls.iter().any(|(is_main, _)| *is_main);
-    let mut main = SyncConnection::establish(main_url).map_err(hafen_store::Error::from)?;
+    let mut main =
+        hafen_store::connect::establish_sync(main_url).map_err(hafen_store::Error::from)?;
     main.transaction(|conn| -> Result<_, Error> {
         if on_main {
             drop_everywhere(conn, &tenant)?;

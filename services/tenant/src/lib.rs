@@ -30,7 +30,7 @@ use hafen_authn::{
     Authenticator, AuthnLayer, MAX_ACCESS_TTL, OperatorArgs, PlatformToken, Redis, RedisArgs,
     Revocations,
 };
-use hafen_crypto::MasterKey;
+use hafen_crypto::{MasterKey, Purpose};
 use hafen_platform::{GrpcServer, ServerArgs, TelemetryArgs, TlsMaterial};
 use hafen_proto::tenant::v1::tenant_service_server::TenantServiceServer;
 use hafen_store::{Databases, DatabasesArgs};
@@ -126,7 +126,8 @@ impl Config {
     about = "Tenant provisioning: a PostgreSQL schema and role per tenant",
     long_about = "Tenant provisioning: a PostgreSQL schema and role per tenant.\n\n\
         Without a subcommand it serves gRPC. `migrate` upgrades the control plane and every \
-        tenant schema and exits; run it once per deploy, before the new version serves.",
+        tenant schema and exits; run it once per deploy, before the new version serves. \
+        `derive-keys` writes the key file of a service that must not hold the master key.",
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
@@ -150,6 +151,47 @@ pub enum Command {
     /// Migrate the control plane and every tenant schema to this version, then exit. Exits
     /// non-zero when any tenant failed (the others are migrated regardless).
     Migrate(MigrateArgs),
+    /// Write the keys derived from the master key that one service needs (auth, audit,
+    /// retention) to a file (mode 0600), then exit. Those services get this file, never
+    /// the master key.
+    DeriveKeys(DeriveKeysArgs),
+}
+
+/// Options of `hafen-tenant derive-keys`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeriveKeysArgs {
+    /// The service the keys are for: auth, audit or retention.
+    #[arg(long, env = "HAFEN_KEYS_SERVICE", value_parser = ["auth", "audit", "retention"])]
+    pub service: String,
+
+    /// The master key file.
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// Where to write the key file (the service reads it as its --keys-file).
+    #[arg(long, env = "HAFEN_KEYS_FILE")]
+    pub out: PathBuf,
+}
+
+/// `hafen-tenant derive-keys` on its own, without the serving options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hafen-tenant derive-keys",
+    version,
+    about = "Write the key file of a service that must not hold the master key, then exit"
+)]
+pub struct DeriveKeysCli {
+    #[command(flatten)]
+    pub args: DeriveKeysArgs,
+}
+
+/// Writes the key file `args` asks for.
+pub fn derive_keys(args: &DeriveKeysArgs) -> Result<(), Error> {
+    let purposes = hafen_crypto::subkeys::needed_by(&args.service)
+        .ok_or_else(|| Error::Config(format!("no key file for service `{}`", args.service)))?;
+    let master = MasterKey::load(&args.master_key_file)?;
+    hafen_crypto::SubKeys::derive(&master, purposes).write(&args.out)?;
+    Ok(())
 }
 
 /// `hafen-tenant migrate` on its own: the serving options are not needed (nor parsed) then.
@@ -171,6 +213,8 @@ pub enum Invocation {
     Serve(Box<Cli>),
     /// Migrate and exit.
     Migrate(Box<MigrateArgs>),
+    /// Write a service's key file and exit.
+    DeriveKeys(DeriveKeysArgs),
 }
 
 impl Cli {
@@ -183,9 +227,15 @@ impl Cli {
                 .chain(args.into_iter().skip(2));
             return Invocation::Migrate(Box::new(MigrateCli::parse_from(rest).args));
         }
+        if args.get(1).is_some_and(|a| a == "derive-keys") {
+            let rest = std::iter::once(std::ffi::OsString::from("hafen-tenant derive-keys"))
+                .chain(args.into_iter().skip(2));
+            return Invocation::DeriveKeys(DeriveKeysCli::parse_from(rest).args);
+        }
         let cli = Self::parse_from(args);
         match cli.command {
             Some(Command::Migrate(args)) => Invocation::Migrate(Box::new(args)),
+            Some(Command::DeriveKeys(args)) => Invocation::DeriveKeys(args),
             None => Invocation::Serve(Box::new(cli)),
         }
     }
@@ -222,7 +272,10 @@ where
     let master = MasterKey::load(&config.master_key_file)?;
     let token = PlatformToken::load(&config.operator.platform_token_file)
         .map_err(|err| Error::Config(err.to_string()))?;
-    let redis = Redis::new(&config.redis).map_err(|err| Error::Config(format!("redis: {err}")))?;
+    let redis = Redis::connect(&config.redis)
+        .await
+        .map_err(Error::Config)?
+        .with_session_key(Purpose::SessionCache.derive(&master));
     let databases = Databases::new(&config.databases)?;
     let tenants = Tenants::new(
         databases.clone(),

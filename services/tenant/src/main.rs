@@ -22,6 +22,15 @@ async fn main() -> ExitCode {
             .await;
         }
         Invocation::Migrate(args) => *args,
+        Invocation::DeriveKeys(args) => {
+            return match hafen_tenant::derive_keys(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("{BINARY}: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
         Ok(guard) => guard,

@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
-use diesel::Connection;
 use hafen_store::TenantId;
 use hafen_store::control;
 use hafen_store::tenancy::{self, SyncConnection};
@@ -161,7 +160,7 @@ fn migrate_one(
         let url = urls.get(database).ok_or_else(|| {
             Error::Config(format!("tenant placed on unknown database {database}"))
         })?;
-        let conn = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+        let conn = hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
         connections.insert(database.to_owned(), conn);
     }
     let conn = connections

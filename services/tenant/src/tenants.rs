@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use chrono::{DateTime, Utc};
 use diesel::Connection;
 use diesel::connection::SimpleConnection;
-use hafen_crypto::{DataKey, MasterKey};
+use hafen_crypto::{DataKey, MasterKey, Purpose};
 use hafen_store::accounts::{self, DisplayName, NewChatCode, NewUser, Username};
 use hafen_store::control::{self, NewTenant, TenantRow};
 use hafen_store::tenancy::{self, SyncConnection};
@@ -139,7 +139,9 @@ struct Inner {
     /// Low-priority threads for password hashing.
     cpu: hafen_platform::cpu::CpuPool,
     master: MasterKey,
-    chat_code_pepper: Zeroizing<[u8; 32]>,
+    chat_code_pepper: DataKey,
+    /// Opens the owner's TOTP secret (DeleteTenant's second factor).
+    totp_key: DataKey,
     policy: Policy,
     /// 0: none; otherwise a [`FailPoint`] as `1 + index`.
     fail_at: AtomicU8,
@@ -175,7 +177,8 @@ impl Tenants {
         policy: Policy,
         redis: Option<hafen_authn::Redis>,
     ) -> Self {
-        let chat_code_pepper = master.derive("chat code pepper");
+        let chat_code_pepper = Purpose::ChatCodePepper.derive(&master);
+        let totp_key = Purpose::TotpSecrets.derive(&master);
         Self {
             inner: Arc::new(Inner {
                 databases,
@@ -183,6 +186,7 @@ impl Tenants {
                 cpu: hafen_platform::cpu::CpuPool::new("hafen-tenant-hash"),
                 master,
                 chat_code_pepper,
+                totp_key,
                 policy,
                 fail_at: AtomicU8::new(0),
                 relay: std::sync::OnceLock::new(),
@@ -318,7 +322,7 @@ impl Tenants {
         let owner_id = Uuid::now_v7();
         let code_id = Uuid::now_v7();
         let code = Zeroizing::new(hafen_crypto::secret::chat_code()?);
-        let code_hash = chat_code_hash(inner.chat_code_pepper.as_slice(), &tenant, &code);
+        let code_hash = chat_code_hash(inner.chat_code_pepper.expose(), &tenant, &code);
         let key = DataKey::generate()?;
         let wrapped = inner.master.wrap(&key, &tenant_key_context(&tenant))?;
         let settings = Settings::default().to_json();
@@ -388,7 +392,7 @@ impl Tenants {
             self.fail_if(FailPoint::BeforeCommit, &tenant)
         };
 
-        let mut main = SyncConnection::establish(inner.databases.main_url())
+        let mut main = hafen_store::connect::establish_sync(inner.databases.main_url())
             .map_err(hafen_store::Error::from)?;
         if input.database == DEFAULT_DATABASE {
             main.transaction(|conn| {
@@ -399,7 +403,8 @@ impl Tenants {
             let url = self
                 .database_url(&input.database)
                 .ok_or_else(|| Error::invalid("database", "unknown database"))?;
-            let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+            let mut placed =
+                hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
             let gid = format!("{PREPARED_PREFIX}{}", tenant.schema());
             // PREPARE TRANSACTION ends the transaction on this session; diesel's COMMIT
             // that follows is a no-op (PostgreSQL only warns).
@@ -481,12 +486,10 @@ impl Tenants {
         }
         let tenant = TenantId::from(existing.id);
         let owner = existing.dpa_accepted_by;
-        let pepper = self.inner.chat_code_pepper.clone();
+        let pepper = DataKey::from_bytes(*self.inner.chat_code_pepper.expose());
         let pool = self.pool_for(&existing.database_name)?;
         let issued = hafen_store::with_tenant(&pool, &tenant, move |conn| {
-            Box::pin(
-                async move { reissue_owner_code(conn, &tenant, owner, pepper.as_slice()).await },
-            )
+            Box::pin(async move { reissue_owner_code(conn, &tenant, owner, pepper.expose()).await })
         })
         .await?;
         let (code, code_id) = issued.unwrap_or_default();
@@ -598,18 +601,14 @@ impl Tenants {
         let (deleted_at, sessions) =
             tokio::task::spawn_blocking(move || this.delete_blocking(&current, &event)).await??;
         self.audited();
-        if let Some(redis) = &self.inner.redis
-            && let Err(err) = redis
-                .revoke(
-                    &sessions,
-                    hafen_authn::RevokeReason::TenantDeleted,
-                    hafen_authn::MAX_ACCESS_TTL,
-                )
-                .await
-        {
-            // The sessions are gone from PostgreSQL and the schema with them: cached ones
-            // reach no data and expire with their access tokens.
-            tracing::warn!(error = %err, "revocation of a deleted tenant's sessions not announced");
+        // The sessions are gone from PostgreSQL and the schema with them; the announcements
+        // end cached sessions and drop the tenant's keys in every service (retried when
+        // Redis is down; open streams recheck their sessions meanwhile).
+        if let Some(redis) = &self.inner.redis {
+            redis
+                .announce(&sessions, hafen_authn::RevokeReason::TenantDeleted)
+                .await;
+            redis.announce_tenant_deleted(id).await;
         }
         Ok(deleted_at)
     }
@@ -620,7 +619,7 @@ impl Tenants {
         event: &Event,
     ) -> Result<(DateTime<Utc>, Vec<Uuid>), Error> {
         let tenant = TenantId::from(tenant_row.id);
-        let mut main = SyncConnection::establish(self.inner.databases.main_url())
+        let mut main = hafen_store::connect::establish_sync(self.inner.databases.main_url())
             .map_err(hafen_store::Error::from)?;
         let deleted_at = if tenant_row.database_name == DEFAULT_DATABASE {
             main.transaction(|conn| -> Result<_, Error> {
@@ -635,7 +634,8 @@ impl Tenants {
             let url = self
                 .database_url(&tenant_row.database_name)
                 .ok_or_else(|| Error::Config("tenant placed on an unknown database".into()))?;
-            let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+            let mut placed =
+                hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
             placed.transaction(|conn| tenancy::drop_schema(conn, &tenant))?;
             main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
@@ -695,7 +695,7 @@ impl Tenants {
                 return Err(Error::TotpRequired);
             }
             let secret =
-                hafen_crypto::totp::open_secret(&self.inner.master, owner.as_bytes(), &sealed)?;
+                hafen_crypto::totp::open_secret(&self.inner.totp_key, owner.as_bytes(), &sealed)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -743,10 +743,12 @@ fn resolve_prepared_blocking(
         #[diesel(sql_type = diesel::sql_types::Text)]
         gid: String,
     }
-    let mut main = SyncConnection::establish(main_url).map_err(hafen_store::Error::from)?;
+    let mut main =
+        hafen_store::connect::establish_sync(main_url).map_err(hafen_store::Error::from)?;
     let mut resolved = 0;
     for url in placements.values() {
-        let mut placed = SyncConnection::establish(url).map_err(hafen_store::Error::from)?;
+        let mut placed =
+            hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
         let stale: Vec<Prepared> = diesel::sql_query(
             "SELECT gid FROM pg_prepared_xacts \
              WHERE database = current_database() AND gid LIKE 'hafen\\_provision\\_%' \

@@ -12,7 +12,6 @@ use hafen_platform::status;
 use hafen_proto::tenant::v1 as pb;
 use hafen_proto::tenant::v1::tenant_service_client::TenantServiceClient;
 use hafen_store::TenantId;
-use hafen_store::tenancy::SyncConnection;
 use hafen_tenant::tenants::{FailPoint, Tenants};
 use hafen_testkit::{Channel, TestDatabase, TestSecrets, TestServer};
 use tonic::Code;
@@ -589,7 +588,7 @@ async fn dc2_migrate_all_upgrades_an_old_tenant_and_is_a_no_op_the_second_time()
     let url = stack.db.url().to_owned();
     let schema = old.schema();
     tokio::task::spawn_blocking(move || {
-        let mut conn = SyncConnection::establish(&url).unwrap();
+        let mut conn = hafen_store::connect::establish_sync(&url).unwrap();
         conn.transaction(|conn| {
             diesel::RunQueryDsl::execute(
                 diesel::sql_query(
