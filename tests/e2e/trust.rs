@@ -414,3 +414,75 @@ async fn oc5_a_lost_revocation_still_ends_the_stream_within_6s() {
         Some("DEVICE_WIPED")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc4_internal_rpcs_accept_only_the_services_on_their_allow_lists() {
+    use hafen_proto::audit::v1 as audit_pb;
+    use hafen_proto::audit::v1::audit_service_client::AuditServiceClient;
+    use hafen_proto::auth::v1::auth_service_client::AuthServiceClient;
+    use hafen_proto::retention::v1 as retention_pb;
+    use hafen_proto::retention::v1::retention_service_client::RetentionServiceClient;
+
+    let stack = TestStack::start().await;
+    let denied = |result: &Result<(), tonic::Status>| matches!(result, Err(status) if status.code() == tonic::Code::PermissionDenied);
+    let identities = ["auth", "messaging", "tenant", "retention", "audit", "redis"];
+    for identity in identities {
+        let tls = || stack.secrets.client_tls(Some(identity));
+        let replay = RetentionServiceClient::new(stack.retention.try_channel(tls()).await.unwrap())
+            .replay_deletions(retention_pb::ReplayDeletionsRequest { dry_run: true })
+            .await
+            .map(drop);
+        let introspect = AuthServiceClient::new(stack.auth.try_channel(tls()).await.unwrap())
+            .introspect(auth_pb::IntrospectRequest {
+                access_token: "unknown".to_owned(),
+            })
+            .await
+            .map(drop);
+        let append = AuditServiceClient::new(stack.audit.try_channel(tls()).await.unwrap())
+            .append_events(audit_pb::AppendEventsRequest::default())
+            .await
+            .map(drop);
+        assert_eq!(
+            !denied(&replay),
+            identity == "retention",
+            "{identity} ReplayDeletions: {replay:?}"
+        );
+        assert_eq!(
+            !denied(&introspect),
+            identity != "redis",
+            "{identity} Introspect: {introspect:?}"
+        );
+        assert_eq!(
+            !denied(&append),
+            ["auth", "messaging", "tenant", "retention"].contains(&identity),
+            "{identity} AppendEvents: {append:?}"
+        );
+        if denied(&replay) {
+            let status = replay.unwrap_err();
+            assert_eq!(
+                hafen_platform::status::metadata(&status, "required").as_deref(),
+                Some("internal")
+            );
+        }
+    }
+
+    // A certificate of another CA, even one naming a Hafen service, gets nowhere.
+    let other = hafen_testkit::TestSecrets::generate();
+    let foreign = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            stack.secrets.ca_pem(),
+        ))
+        .domain_name(hafen_platform::tls::DEV_SERVER_NAME)
+        .identity(tonic::transport::Identity::from_pem(
+            std::fs::read_to_string(other.dir().join("retention.pem")).unwrap(),
+            std::fs::read_to_string(other.dir().join("retention-key.pem")).unwrap(),
+        ));
+    let replay = match stack.retention.try_channel(foreign).await {
+        Ok(channel) => RetentionServiceClient::new(channel)
+            .replay_deletions(retention_pb::ReplayDeletionsRequest { dry_run: true })
+            .await
+            .map(drop),
+        Err(err) => Err(tonic::Status::unavailable(err.to_string())),
+    };
+    assert!(replay.is_err(), "a foreign CA's certificate was accepted");
+}

@@ -290,15 +290,35 @@ pub fn require_operator<T>(request: &tonic::Request<T>) -> Result<(), Status> {
     }
 }
 
-/// Only another Hafen service may make this call: it must have presented a client
-/// certificate that the service CA signed (mutual TLS), which rustls has verified.
-pub fn require_service<T>(request: &tonic::Request<T>) -> Result<(), Status> {
-    match request.peer_certs() {
-        Some(certs) if !certs.is_empty() => Ok(()),
-        _ => Err(hafen_platform::status::permission_denied(
-            "internal call: only Hafen services may make it",
-        )),
-    }
+/// Which Hafen service made this call, if it is one of `allowed` (short names such as
+/// `"retention"`): the caller must have presented a client certificate that rustls verified
+/// against the service CA (mutual TLS) and that names the service, `hafen-<service>`, among
+/// its DNS names. Each internal RPC passes its own allow-list; any other caller, another
+/// service's certificate or one of the same CA issued to something else (the database's, say),
+/// gets PERMISSION_DENIED with `required` = `internal`.
+pub fn require_service<T>(
+    request: &tonic::Request<T>,
+    allowed: &[&'static str],
+) -> Result<&'static str, Status> {
+    let denied = || {
+        hafen_platform::status::error(
+            tonic::Code::PermissionDenied,
+            "PERMISSION_DENIED",
+            "internal call: this service's certificate may not make it",
+            &[("required", "internal")],
+        )
+    };
+    let certs = request.peer_certs().ok_or_else(denied)?;
+    let leaf = certs.first().ok_or_else(denied)?;
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|_| denied())?;
+    allowed
+        .iter()
+        .copied()
+        .find(|service| {
+            rustls::pki_types::ServerName::try_from(format!("hafen-{service}"))
+                .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+        })
+        .ok_or_else(denied)
 }
 
 #[cfg(test)]

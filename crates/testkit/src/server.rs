@@ -17,7 +17,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::TestDatabase;
 
 /// A test's own secrets, in a temporary directory: a throwaway CA with a certificate for
-/// every service, a master key, and the operator's platform token.
+/// every service (and one for a Redis server), a master key, the key files of the services
+/// that get no master key, and the operator's platform token.
 #[derive(Debug)]
 pub struct TestSecrets {
     dir: tempfile::TempDir,
@@ -30,7 +31,10 @@ impl TestSecrets {
     /// Generates a new CA, service certificates, master key and platform token.
     pub fn generate() -> Self {
         crate::init_test_logging();
-        let pki = DevPki::generate("Hafen test CA", &SERVICES).expect("generate test PKI");
+        // Like the development CA, this one also certifies a Redis server: a certificate of
+        // the service CA that names no Hafen service.
+        let names: Vec<&str> = SERVICES.iter().copied().chain(["redis"]).collect();
+        let pki = DevPki::generate("Hafen test CA", &names).expect("generate test PKI");
         let dir = tempfile::tempdir().expect("temporary directory for secrets");
         pki.write_to(&dir.path().join("certs"))
             .expect("write test certificates");

@@ -28,6 +28,10 @@ use crate::repo::{ActionFilter, Filter};
 /// Methods that authenticate by client certificate instead of a bearer token.
 pub const INTERNAL: &[&str] = &["AppendEvents"];
 
+/// The services whose certificates may call AppendEvents: those that emit audit events (the
+/// audit service records its own directly).
+pub const EMITTERS: &[&str] = &["auth", "messaging", "tenant", "retention"];
+
 /// The AuditService implementation.
 #[derive(Debug, Clone)]
 pub struct AuditApi {
@@ -365,7 +369,7 @@ impl AuditService for AuditApi {
         &self,
         request: Request<pb::AppendEventsRequest>,
     ) -> Result<Response<pb::AppendEventsResponse>, Status> {
-        hafen_authn::require_service(&request)?;
+        hafen_authn::require_service(&request, EMITTERS)?;
         let events = event::parse_batch(&request.into_inner().events)?;
         let appended = self.log.append(&events).await?;
         tracing::debug!(

@@ -382,7 +382,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        hafen_authn::require_service(&request)?;
+        hafen_authn::require_service(&request, &hafen_platform::tls::SERVICES)?;
         let token = Zeroizing::new(request.into_inner().access_token);
         let response = match self.auth.introspect(&token).await? {
             Introspection::Active(p) => pb::IntrospectResponse {

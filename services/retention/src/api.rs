@@ -20,6 +20,10 @@ use crate::rows::target_of;
 /// The hard maximum, as the API reports it.
 const MAX_DAYS: i32 = MAX_RETENTION_DAYS as i32;
 
+/// The services whose certificates may call ReplayDeletions (besides the operator's token):
+/// the retention service itself, as a restore's last step.
+pub const REPLAYERS: &[&str] = &["retention"];
+
 fn days(value: u32) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
 }
@@ -200,11 +204,13 @@ impl RetentionService for RetentionApi {
                 .into());
             }
             Err(_) => {
-                hafen_authn::require_service(&request).map_err(|_| Error::PermissionDenied {
-                    message: "internal call: only Hafen services and the operator may make it",
-                    required: "internal",
+                let service = hafen_authn::require_service(&request, REPLAYERS).map_err(|_| {
+                    Error::PermissionDenied {
+                        message: "internal call: only the retention service and the operator may make it",
+                        required: "internal",
+                    }
                 })?;
-                Actor::Service("internal")
+                Actor::Service(service)
             }
         };
         let dry_run = request.into_inner().dry_run;

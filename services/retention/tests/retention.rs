@@ -1046,11 +1046,23 @@ async fn replay_deletions_is_internal() {
         "no token, no certificate"
     );
 
-    // Another Hafen service, by its client certificate.
+    // Another Hafen service's certificate is not enough: ReplayDeletions allows the
+    // retention service's identity only.
     let channel = s
         .stack
         .retention
         .try_channel(s.stack.secrets.client_tls(Some("tenant")))
+        .await
+        .unwrap();
+    let err = RetentionServiceClient::new(channel)
+        .replay_deletions(pb::ReplayDeletionsRequest { dry_run: true })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let channel = s
+        .stack
+        .retention
+        .try_channel(s.stack.secrets.client_tls(Some("retention")))
         .await
         .unwrap();
     let report = RetentionServiceClient::new(channel)
