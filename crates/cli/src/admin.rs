@@ -147,9 +147,15 @@ pub enum AuditCommand {
     /// Verify the audit chain on the server, or an exported file offline (--file). Exit code
     /// 10 when a link is broken.
     Verify {
-        /// Verify this export (JSON Lines from `audit export`) without asking the server.
+        /// Verify this export (JSON Lines from `audit export`) without asking the server:
+        /// every hash link and every signed head.
         #[arg(long, env = "HAFEN_AUDIT_FILE")]
         file: Option<PathBuf>,
+        /// With --file: the chain's public key (hex, as the tenant record and VerifyChain
+        /// give it), which every signature must verify with. Without it the export's own key
+        /// is used, which proves consistency but not who signed.
+        #[arg(long, env = "HAFEN_AUDIT_PUBLIC_KEY", requires = "file")]
+        public_key: Option<String>,
     },
     /// List audit events, newest first (ids, actions and outcomes; never content).
     Events {
@@ -478,16 +484,25 @@ async fn chat_code(client: &ClientArgs, command: ChatCodeCommand) -> Outcome {
 
 async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
     match command {
-        AuditCommand::Verify { file: Some(file) } => {
+        AuditCommand::Verify {
+            file: Some(file),
+            public_key,
+        } => {
             let document = std::fs::read_to_string(&file)
                 .map_err(|err| Failure::usage(format!("{}: {err}", file.display())))?;
-            let verified = hafen_events::chain::verify_export(&document)
+            let trusted = public_key
+                .map(|key| hex::decode(key.trim()))
+                .transpose()
+                .map_err(|_| Failure::usage("--public-key: expected hex"))?;
+            let verified = hafen_events::chain::verify_export(&document, trusted.as_deref())
                 .map_err(|err| Failure::new(exit::BROKEN_CHAIN, err))?;
             let broken = verified.broken.clone();
             client.print(
                 json!({
                     "intact": broken.is_none(),
                     "events_checked": verified.events,
+                    "signatures_checked": verified.signatures,
+                    "public_key": verified.public_key,
                     "first_broken_sequence": broken.as_ref().map(|(s, _)| *s),
                     "problem": broken.as_ref().map(|(_, why)| why.clone()),
                     "first_prev_hash": verified.first_prev_hash,
@@ -495,8 +510,10 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                 }),
                 || match &broken {
                     None => format!(
-                        "Intact: {} events; last hash {}",
+                        "Intact: {} events, {} signed heads (key {}); last hash {}",
                         verified.events,
+                        verified.signatures,
+                        verified.public_key.clone().unwrap_or_default(),
                         verified.last_hash.clone().unwrap_or_default()
                     ),
                     Some((sequence, why)) => format!("BROKEN at event {sequence}: {why}"),
@@ -510,7 +527,7 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                 )),
             }
         }
-        AuditCommand::Verify { file: None } => {
+        AuditCommand::Verify { file: None, .. } => {
             let hafen = client.logged_in().await?;
             let result = hafen
                 .audit()
@@ -521,6 +538,9 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                 json!({
                     "intact": verified.intact,
                     "events_checked": verified.events_checked,
+                    "signatures_checked": verified.signatures_checked,
+                    "head_signed": verified.head_signed,
+                    "public_key": hex::encode(&verified.public_key),
                     "first_broken_sequence": verified.first_broken_sequence,
                     "head_sequence": verified.head_sequence,
                     "head_hash": hex::encode(&verified.head_hash),
@@ -528,10 +548,12 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
                 || {
                     if verified.intact {
                         format!(
-                            "Intact: {} events; head {} hash {}",
+                            "Intact: {} events, {} signed heads; head {} hash {}; public key {}",
                             verified.events_checked,
+                            verified.signatures_checked,
                             verified.head_sequence,
-                            hex::encode(&verified.head_hash)
+                            hex::encode(&verified.head_hash),
+                            hex::encode(&verified.public_key)
                         )
                     } else {
                         format!("BROKEN at event {}", verified.first_broken_sequence)

@@ -4,8 +4,13 @@
 //! in RFC 3339 UTC with exactly six fractional digits, and every value a string except
 //! `sequence`. The first event's `prev_hash` is 32 zero bytes ([`GENESIS`]).
 //!
-//! The audit service computes the hashes; [`verify_export`] checks an export offline, exactly
-//! as documented in `hafen.audit.v1.ExportAuditLogResponse`.
+//! Every append signs the chain's new head, as Certificate Transparency signs tree heads: an
+//! Ed25519 signature by the chain's own key over [`head_statement`] (sequence, hash, time).
+//! Whoever can write the audit tables can recompute the hashes after editing an event, but not
+//! the signatures; anyone can check them with the public key alone ([`verify_head`]).
+//!
+//! The audit service computes the hashes and signs; [`verify_export`] checks an export
+//! offline, exactly as documented in `hafen.audit.v1.ExportAuditLogResponse`.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +90,30 @@ impl ChainedEvent {
     }
 }
 
+/// The text a chain head's signature covers, as UTF-8:
+/// `hafen audit head v1\n<chain>\n<sequence>\n<hash, lowercase hex>\n<signed at, RFC 3339>\n`,
+/// where `<chain>` is the tenant id (canonical hyphenated form) or `platform`.
+pub fn head_statement(
+    tenant: Option<Uuid>,
+    sequence: u64,
+    hash: &[u8],
+    signed_at: DateTime<Utc>,
+) -> String {
+    let chain = tenant.map_or_else(|| "platform".to_owned(), |t| t.to_string());
+    format!(
+        "hafen audit head v1\n{chain}\n{sequence}\n{}\n{}\n",
+        hex::encode(hash),
+        rfc3339(signed_at)
+    )
+}
+
+/// Whether `signature` is the Ed25519 signature of `statement` by `public_key` (32 bytes).
+pub fn verify_head(public_key: &[u8], statement: &str, signature: &[u8]) -> bool {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+        .verify(statement.as_bytes(), signature)
+        .is_ok()
+}
+
 /// `SHA-256(prev_hash || canonical)`.
 pub fn link(prev_hash: &[u8], canonical: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -119,6 +148,15 @@ pub struct ExportLine {
     pub hash: String,
     /// Base64 of the exact bytes that were hashed.
     pub canonical: String,
+    /// On a line whose event was a signed head: when it was signed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_signed_at: Option<String>,
+    /// On a signed head's line: base64 of the Ed25519 signature of [`head_statement`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_signature: Option<String>,
+    /// On a signed head's line: the chain's public key, lowercase hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 impl ExportLine {
@@ -140,7 +178,18 @@ impl ExportLine {
             prev_hash: hex::encode(prev_hash),
             hash: hex::encode(hash),
             canonical: base64::engine::general_purpose::STANDARD.encode(event.canonical()),
+            head_signed_at: None,
+            head_signature: None,
+            public_key: None,
         }
+    }
+
+    /// This line with the signature of the head it ends.
+    pub fn signed(mut self, signed_at: DateTime<Utc>, signature: &[u8], public_key: &[u8]) -> Self {
+        self.head_signed_at = Some(rfc3339(signed_at));
+        self.head_signature = Some(base64::engine::general_purpose::STANDARD.encode(signature));
+        self.public_key = Some(hex::encode(public_key));
+        self
     }
 }
 
@@ -153,6 +202,10 @@ pub struct ExportVerification {
     pub first_prev_hash: Option<String>,
     /// The last line's hash (compare with a trusted VerifyChain head_hash), hex.
     pub last_hash: Option<String>,
+    /// Signed heads checked.
+    pub signatures: u64,
+    /// The public key the signatures verified with, hex.
+    pub public_key: Option<String>,
     /// The sequence number of the first broken link, with what is wrong.
     pub broken: Option<(u64, String)>,
 }
@@ -160,12 +213,20 @@ pub struct ExportVerification {
 /// Verifies an export (JSON Lines) without Hafen: every line's hash must be
 /// `SHA-256(prev_hash || canonical)`, its canonical bytes must encode the line's own fields,
 /// each line's `prev_hash` must be the previous line's hash and sequences must follow each
-/// other. Stops at the first broken link.
-pub fn verify_export(document: &str) -> Result<ExportVerification, String> {
+/// other; every signed head must carry a valid signature of [`head_statement`] by one public
+/// key (`trusted_key` when given: take it from the tenant record, not from the export), and
+/// the last line must be a signed head, so nothing after the last signature goes unchecked.
+/// Stops at the first broken link.
+pub fn verify_export(
+    document: &str,
+    trusted_key: Option<&[u8]>,
+) -> Result<ExportVerification, String> {
     let mut result = ExportVerification {
         events: 0,
         first_prev_hash: None,
         last_hash: None,
+        signatures: 0,
+        public_key: trusted_key.map(hex::encode),
         broken: None,
     };
     let mut previous: Option<ExportLine> = None;
@@ -179,7 +240,8 @@ pub fn verify_export(document: &str) -> Result<ExportVerification, String> {
         if result.first_prev_hash.is_none() {
             result.first_prev_hash = Some(line.prev_hash.clone());
         }
-        let problem = check_line(&line, previous.as_ref());
+        let problem =
+            check_line(&line, previous.as_ref()).or_else(|| check_signature(&line, &mut result));
         result.last_hash = Some(line.hash.clone());
         if let Some(problem) = problem {
             result.broken = Some((line.sequence, problem));
@@ -187,7 +249,51 @@ pub fn verify_export(document: &str) -> Result<ExportVerification, String> {
         }
         previous = Some(line);
     }
+    if let Some(last) = previous
+        && last.head_signature.is_none()
+    {
+        result.broken = Some((
+            last.sequence,
+            "the export does not end at a signed head".into(),
+        ));
+    }
     Ok(result)
+}
+
+/// Checks the line's head signature, if it has one; every signature must be by the same key.
+fn check_signature(line: &ExportLine, result: &mut ExportVerification) -> Option<String> {
+    let (Some(signed_at), Some(signature), Some(key)) =
+        (&line.head_signed_at, &line.head_signature, &line.public_key)
+    else {
+        return (line.head_signature.is_some() || line.public_key.is_some())
+            .then(|| "an incomplete head signature".into());
+    };
+    match &result.public_key {
+        Some(expected) if expected != key => {
+            return Some("signed by another key than the chain's".into());
+        }
+        Some(_) => {}
+        None => result.public_key = Some(key.clone()),
+    }
+    let (Ok(public_key), Ok(signature), Ok(signed_at), Ok(hash)) = (
+        hex::decode(key),
+        base64::engine::general_purpose::STANDARD.decode(signature),
+        DateTime::parse_from_rfc3339(signed_at),
+        hex::decode(&line.hash),
+    ) else {
+        return Some("a malformed head signature".into());
+    };
+    let tenant = if line.tenant_id.is_empty() {
+        None
+    } else {
+        Uuid::try_parse(&line.tenant_id).ok()
+    };
+    let statement = head_statement(tenant, line.sequence, &hash, signed_at.with_timezone(&Utc));
+    if !verify_head(&public_key, &statement, &signature) {
+        return Some("the head signature does not verify".into());
+    }
+    result.signatures += 1;
+    None
 }
 
 fn check_line(line: &ExportLine, previous: Option<&ExportLine>) -> Option<String> {
@@ -259,12 +365,32 @@ mod tests {
         }
     }
 
-    fn export(events: &[ChainedEvent]) -> String {
+    fn new_key() -> ring::signature::Ed25519KeyPair {
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    }
+
+    /// An export whose heads are signed by `key` every `every` events, and at the end.
+    fn export(
+        events: &[ChainedEvent],
+        key: &ring::signature::Ed25519KeyPair,
+        every: usize,
+    ) -> String {
+        use ring::signature::KeyPair;
         let mut prev = GENESIS.to_vec();
         let mut out = String::new();
-        for e in events {
+        let signed_at = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
+        for (i, e) in events.iter().enumerate() {
             let hash = e.hash(&prev);
-            out.push_str(&serde_json::to_string(&ExportLine::new(e, &prev, &hash)).unwrap());
+            let mut line = ExportLine::new(e, &prev, &hash);
+            if (i + 1) % every == 0 || i + 1 == events.len() {
+                let statement = head_statement(e.tenant_id, e.sequence, &hash, signed_at);
+                let signature = key.sign(statement.as_bytes());
+                line = line.signed(signed_at, signature.as_ref(), key.public_key().as_ref());
+            }
+            out.push_str(&serde_json::to_string(&line).unwrap());
             out.push('\n');
             prev = hash.to_vec();
         }
@@ -282,16 +408,56 @@ mod tests {
 
     #[test]
     fn bx2_an_export_verifies_offline_and_a_changed_line_is_found() {
+        use ring::signature::KeyPair;
+        let key = new_key();
         let events: Vec<_> = (1..=4).map(event).collect();
-        let document = export(&events);
-        let verified = verify_export(&document).unwrap();
+        let document = export(&events, &key, 2);
+        let verified = verify_export(&document, Some(key.public_key().as_ref())).unwrap();
         assert_eq!(verified.events, 4);
+        assert_eq!(verified.signatures, 2);
         assert_eq!(verified.broken, None);
         assert_eq!(verified.first_prev_hash.unwrap(), hex::encode(GENESIS));
 
         let mut lines: Vec<String> = document.lines().map(String::from).collect();
         lines[2] = lines[2].replace("auth.login.succeeded", "auth.login.failed");
-        let verified = verify_export(&lines.join("\n")).unwrap();
+        let verified = verify_export(&lines.join("\n"), None).unwrap();
         assert_eq!(verified.broken.map(|(s, _)| s), Some(3));
+    }
+
+    #[test]
+    fn bx2_a_consistently_recomputed_export_fails_its_signatures() {
+        use ring::signature::KeyPair;
+        let key = new_key();
+        let mut events: Vec<_> = (1..=4).map(event).collect();
+        let genuine = export(&events, &key, 4);
+        // Rewrite event 2 and recompute every hash after it: the plain chain is consistent,
+        // but the signed head at 4 no longer matches.
+        events[1].action = "auth.login.failed".into();
+        let forged_hashes = export(&events, &new_key(), 4);
+        let genuine_last = genuine.lines().last().unwrap().to_owned();
+        let mut forged: Vec<String> = forged_hashes.lines().map(String::from).collect();
+        let signed: ExportLine = serde_json::from_str(&genuine_last).unwrap();
+        let mut last: ExportLine = serde_json::from_str(&forged[3]).unwrap();
+        last.head_signed_at = signed.head_signed_at;
+        last.head_signature = signed.head_signature;
+        last.public_key = signed.public_key;
+        forged[3] = serde_json::to_string(&last).unwrap();
+        let verified = verify_export(&forged.join("\n"), Some(key.public_key().as_ref())).unwrap();
+        assert_eq!(verified.broken.map(|(s, _)| s), Some(4));
+        // Re-signed with a key of the forger's: refused against the chain's real key.
+        let verified = verify_export(&forged_hashes, Some(key.public_key().as_ref())).unwrap();
+        assert!(
+            verified
+                .broken
+                .is_some_and(|(_, why)| why.contains("another key"))
+        );
+        // And an export that stops after the last signature is refused.
+        let unsigned_tail: String = genuine.lines().take(3).collect::<Vec<_>>().join("\n");
+        let verified = verify_export(&unsigned_tail, None).unwrap();
+        assert!(
+            verified
+                .broken
+                .is_some_and(|(_, why)| why.contains("signed head"))
+        );
     }
 }

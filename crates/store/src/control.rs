@@ -51,6 +51,9 @@ pub struct TenantRow {
     pub updated_at: DateTime<Utc>,
     /// Deletion time.
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The public key (Ed25519) that signs the heads of the tenant's audit chain; set by the
+    /// audit service with the chain's first event.
+    pub audit_public_key: Option<Vec<u8>>,
 }
 
 /// A tenant row to insert.

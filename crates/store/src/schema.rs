@@ -21,6 +21,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         deleted_at -> Nullable<Timestamptz>,
+        audit_public_key -> Nullable<Bytea>,
     }
 }
 
@@ -224,6 +225,25 @@ diesel::table! {
         chain -> Uuid,
         sequence -> BigInt,
         hash -> Bytea,
+    }
+}
+
+diesel::table! {
+    hafen.audit_keys (chain) {
+        chain -> Uuid,
+        public_key -> Bytea,
+        wrapped_private_key -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    hafen.audit_signed_heads (chain, sequence) {
+        chain -> Uuid,
+        sequence -> BigInt,
+        hash -> Bytea,
+        signed_at -> Timestamptz,
+        signature -> Bytea,
     }
 }
 

@@ -63,6 +63,8 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "__diesel_schema_migrations",
             "audit_events",
             "audit_heads",
+            "audit_keys",
+            "audit_signed_heads",
             "deletion_log",
             "outbox",
             "sessions",

@@ -178,6 +178,9 @@ fn verification(v: &Verification) -> pb::VerifyChainResponse {
         head_sequence: v.head_sequence,
         head_hash: v.head_hash.clone(),
         verify_time: Some(hafen_platform::timestamp(hafen_store::now())),
+        signatures_checked: v.signatures_checked,
+        head_signed: v.head_signed,
+        public_key: v.public_key.clone(),
     }
 }
 

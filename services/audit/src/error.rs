@@ -19,6 +19,9 @@ pub enum Error {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// Signing a chain head failed (a key could not be made or read).
+    #[error("signing: {0}")]
+    Signing(&'static str),
     /// A key file is unusable, or key material failed to open.
     #[error("keys: {0}")]
     Keys(#[from] hafen_crypto::Error),

@@ -5,6 +5,8 @@
 //! Rows are read in batches on a fresh pooled connection each, so a slow client holds no
 //! connection; the stream stops as soon as the client goes away.
 
+use std::collections::HashMap;
+
 use hafen_events::chain::ExportLine;
 use hafen_proto::audit::v1 as pb;
 use sha2::{Digest, Sha256};
@@ -14,6 +16,7 @@ use tonic::Status;
 
 use crate::event::Chain;
 use crate::log::AuditLog;
+use crate::repo::SignedHead;
 
 /// Chunks hold at most this many bytes, unless a single line is longer (it then travels
 /// alone: a chunk always ends at a line boundary).
@@ -98,10 +101,25 @@ pub fn stream(
                     }
                 };
                 let Some(newest) = rows.last() else { break };
+                let (signed, key) = match log
+                    .signed_heads_between(chain, after, newest.sequence)
+                    .await
+                {
+                    Ok(signed) => signed,
+                    Err(err) => {
+                        let _ = tx.send(Err(Status::from(err))).await;
+                        return;
+                    }
+                };
+                let signed: HashMap<i64, SignedHead> =
+                    signed.into_iter().map(|h| (h.sequence, h)).collect();
                 after = newest.sequence;
                 for row in &rows {
                     let event = row.chained_lossy();
-                    let line = ExportLine::new(&event, &row.prev_hash, &row.hash);
+                    let mut line = ExportLine::new(&event, &row.prev_hash, &row.hash);
+                    if let (Some(head), Some(key)) = (signed.get(&row.sequence), &key) {
+                        line = line.signed(head.signed_at, &head.signature, key);
+                    }
                     let bytes = serde_json::to_vec(&line).unwrap_or_default();
                     if let Some(chunk) = chunker.push(&bytes)
                         && tx.send(Ok(chunk)).await.is_err()

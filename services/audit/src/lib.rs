@@ -20,6 +20,7 @@ pub mod export;
 pub mod log;
 pub mod record;
 pub mod repo;
+pub mod signing;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -136,7 +137,10 @@ where
     revocations.recheck_streams(databases.main().clone());
     let authenticator =
         Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
-    let log = AuditLog::new(databases.main().clone());
+    let log = AuditLog::new(
+        databases.main().clone(),
+        signing::Signer::new(keys.get(hafen_crypto::Purpose::AuditSigning)?),
+    );
     let deployment = record::Deployment {
         mtls: config.server.tls.mtls,
     };

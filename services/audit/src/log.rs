@@ -4,10 +4,15 @@
 //! An append is one transaction: the heads of every chain the batch touches are locked in
 //! ascending chain order (so concurrent batches never deadlock), event ids already stored are
 //! dropped as duplicates, and each new event gets the next sequence number, its predecessor's
-//! hash and `SHA-256(prev_hash || canonical)`. Verification recomputes every hash from the
-//! stored columns, in batches, so a changed column breaks exactly that event's link.
+//! hash and `SHA-256(prev_hash || canonical)`; then each touched chain's new head is signed
+//! with the chain's Ed25519 key ([`crate::signing`]) and the signed head stored, in the same
+//! transaction. Verification recomputes every hash from the stored columns, in batches, so a
+//! changed column breaks exactly that event's link, and checks every signed head against the
+//! row it signs: a chain edited and recomputed consistently breaks at the first signed head
+//! after the edit, and a head without a signature is not intact either.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
@@ -18,7 +23,8 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::event::{Chain, NewEvent};
-use crate::repo::{self, EventRow, Filter, Head, NewRow};
+use crate::repo::{self, EventRow, Filter, Head, NewRow, SignedHead};
+use crate::signing::Signer;
 
 /// Rows read per query while verifying or exporting.
 pub const READ_BATCH: i64 = 1000;
@@ -47,12 +53,20 @@ pub struct Verification {
     pub head_hash: Vec<u8>,
     /// How many links are broken (for the log; the API reports the first).
     pub broken_links: u64,
+    /// Signed heads whose signature verified and whose hash is the stored event's.
+    pub signatures_checked: u64,
+    /// Whether the head is a signed head (always true for a chain appended to since the
+    /// chains were signed; false for an empty chain).
+    pub head_signed: bool,
+    /// The chain's public key; empty before its first append.
+    pub public_key: Vec<u8>,
 }
 
 /// The audit log over the control plane's chain tables.
 #[derive(Clone)]
 pub struct AuditLog {
     pool: Pool,
+    signer: Arc<Signer>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -62,9 +76,13 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// The log stored in the database behind `pool` (the main database).
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    /// The log stored in the database behind `pool` (the main database), signing heads
+    /// with `signer`.
+    pub fn new(pool: Pool, signer: Signer) -> Self {
+        Self {
+            pool,
+            signer: Arc::new(signer),
+        }
     }
 
     async fn conn(&self) -> Result<hafen_store::PooledConnection, Error> {
@@ -80,7 +98,7 @@ impl AuditLog {
         let mut conn = self.conn().await?;
         let conn: &mut AsyncPgConnection = &mut conn;
         AnsiTransactionManager::begin_transaction(conn).await?;
-        match append_in(conn, events).await {
+        match append_in(conn, events, &self.signer).await {
             Ok(appended) => {
                 AnsiTransactionManager::commit_transaction(conn).await?;
                 Ok(appended)
@@ -128,19 +146,55 @@ impl AuditLog {
         // are complete even while appends continue.
         let head = repo::head(&mut conn, chain.key()).await?;
         let until = head.as_ref().map_or(i64::MAX, |h| h.sequence);
+        let key = self
+            .signer
+            .verified_public_key(&mut conn, chain.key())
+            .await?;
+        let key_consistent = key.as_ref().is_none_or(|(_, consistent)| *consistent);
         let mut verifier = Verifier::default();
+        let mut signatures = Signatures::new(chain, key.map(|(public_key, _)| public_key));
+        if !key_consistent {
+            // The stored public key is not the one the chain's sealed key has: someone
+            // replaced it, so nothing from the first event on can be vouched for.
+            signatures.first_bad = Some(1);
+        }
         let mut after = 0;
         loop {
             let rows = repo::rows_between(&mut conn, chain.key(), after, until, READ_BATCH).await?;
             for row in &rows {
                 verifier.check(row);
             }
+            let full = rows.len() as i64 == READ_BATCH;
+            let signed_until = match rows.last() {
+                Some(last) if full => last.sequence,
+                _ => until,
+            };
+            let signed =
+                repo::signed_heads_between(&mut conn, chain.key(), after, signed_until).await?;
+            signatures.check(&rows, &signed);
             match rows.last() {
-                Some(last) if rows.len() as i64 == READ_BATCH => after = last.sequence,
+                Some(last) if full => after = last.sequence,
                 _ => break,
             }
         }
-        Ok(verifier.finish(head.as_ref()))
+        Ok(signatures.finish(verifier.finish(head.as_ref())))
+    }
+
+    /// `chain`'s signed heads with `after < sequence <= until`, and its public key.
+    pub async fn signed_heads_between(
+        &self,
+        chain: Chain,
+        after: i64,
+        until: i64,
+    ) -> Result<(Vec<SignedHead>, Option<Vec<u8>>), Error> {
+        let mut conn = self.conn().await?;
+        let heads = repo::signed_heads_between(&mut conn, chain.key(), after, until).await?;
+        let key = self
+            .signer
+            .verified_public_key(&mut conn, chain.key())
+            .await?
+            .map(|(key, _)| key);
+        Ok((heads, key))
     }
 
     /// The tenant row with `id`, whatever its status.
@@ -163,7 +217,17 @@ impl AuditLog {
         let Some(head) = repo::head(&mut conn, chain.key()).await? else {
             return Ok(None);
         };
-        Ok(repo::sequence_range(&mut conn, chain.key(), start, end, head.sequence).await?)
+        let Some((first, last)) =
+            repo::sequence_range(&mut conn, chain.key(), start, end, head.sequence).await?
+        else {
+            return Ok(None);
+        };
+        // To the next signed head, so the whole export is covered by a signature.
+        let signed = repo::next_signed_sequence(&mut conn, chain.key(), last)
+            .await?
+            .filter(|signed| *signed <= head.sequence)
+            .unwrap_or(last);
+        Ok(Some((first, signed)))
     }
 
     /// Up to [`READ_BATCH`] events of `chain` with `after < sequence <= until`, ascending.
@@ -178,7 +242,11 @@ impl AuditLog {
     }
 }
 
-async fn append_in(conn: &mut AsyncPgConnection, events: &[NewEvent]) -> Result<Appended, Error> {
+async fn append_in(
+    conn: &mut AsyncPgConnection,
+    events: &[NewEvent],
+    signer: &Signer,
+) -> Result<Appended, Error> {
     let mut result = Appended::default();
     let mut seen = HashSet::new();
     let mut fresh = Vec::with_capacity(events.len());
@@ -239,9 +307,94 @@ async fn append_in(conn: &mut AsyncPgConnection, events: &[NewEvent]) -> Result<
     for chain in moved {
         if let Some(head) = heads.get(&chain) {
             repo::set_head(conn, chain, head).await?;
+            let key = signer.key(conn, chain).await?;
+            let (signed_at, signature) =
+                crate::signing::sign(&key, chain, head.sequence, &head.hash);
+            repo::insert_signed_head(
+                conn,
+                &SignedHead {
+                    chain,
+                    sequence: head.sequence,
+                    hash: head.hash.clone(),
+                    signed_at,
+                    signature,
+                },
+            )
+            .await?;
         }
     }
     Ok(result)
+}
+
+/// Checks a chain's signed heads batch by batch, against the rows read in the same range.
+struct Signatures {
+    chain: Chain,
+    public_key: Option<Vec<u8>>,
+    checked: u64,
+    first_bad: Option<u64>,
+    last_signed: i64,
+}
+
+impl Signatures {
+    fn new(chain: Chain, public_key: Option<Vec<u8>>) -> Self {
+        Self {
+            chain,
+            public_key,
+            checked: 0,
+            first_bad: None,
+            last_signed: 0,
+        }
+    }
+
+    /// A signed head is good when its hash is the stored event's at its sequence and its
+    /// signature verifies with the chain's public key.
+    fn check(&mut self, rows: &[EventRow], signed: &[SignedHead]) {
+        let hashes: HashMap<i64, &[u8]> = rows
+            .iter()
+            .map(|row| (row.sequence, row.hash.as_slice()))
+            .collect();
+        for head in signed {
+            let sequence = u64::try_from(head.sequence).unwrap_or_default();
+            let statement = hafen_events::chain::head_statement(
+                self.chain.tenant(),
+                sequence,
+                &head.hash,
+                head.signed_at,
+            );
+            let good = hashes.get(&head.sequence) == Some(&head.hash.as_slice())
+                && self.public_key.as_deref().is_some_and(|key| {
+                    hafen_events::chain::verify_head(key, &statement, &head.signature)
+                });
+            if good {
+                self.checked += 1;
+                self.last_signed = self.last_signed.max(head.sequence);
+            } else {
+                self.first_bad.get_or_insert(sequence);
+            }
+        }
+    }
+
+    fn finish(self, mut result: Verification) -> Verification {
+        result.signatures_checked = self.checked;
+        result.public_key = self.public_key.unwrap_or_default();
+        result.head_signed = result.head_sequence > 0
+            && u64::try_from(self.last_signed).ok() == Some(result.head_sequence);
+        let unsigned_head =
+            (result.head_sequence > 0 && !result.head_signed).then_some(result.head_sequence);
+        let first = [
+            (!result.intact).then_some(result.first_broken_sequence),
+            self.first_bad,
+            unsigned_head,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(first) = first {
+            result.intact = false;
+            result.first_broken_sequence = first;
+        }
+        result
+    }
 }
 
 impl Default for Head {
@@ -332,6 +485,9 @@ impl Verifier {
             head_sequence,
             head_hash,
             broken_links: self.broken_links,
+            signatures_checked: 0,
+            head_signed: false,
+            public_key: Vec::new(),
         }
     }
 }

@@ -466,6 +466,7 @@ mod tests {
             created_at: now,
             updated_at: now,
             deleted_at: None,
+            audit_public_key: None,
         }
     }
 

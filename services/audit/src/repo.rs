@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use hafen_events::chain::{ChainedEvent, GENESIS};
 use hafen_proto::audit::v1 as pb;
-use hafen_store::schema::{audit_events, audit_heads};
+use hafen_store::schema::{audit_events, audit_heads, audit_signed_heads};
 use uuid::Uuid;
 
 use crate::event::{Chain, actor_kind, outcome};
@@ -260,6 +260,72 @@ pub async fn rows_between(
         .limit(limit)
         .select(EventRow::as_select())
         .load(conn)
+        .await
+}
+
+/// A signed head: the chain's head after one append, with its signature.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = audit_signed_heads)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct SignedHead {
+    /// The chain key.
+    pub chain: Uuid,
+    /// The head's sequence number.
+    pub sequence: i64,
+    /// The head's hash.
+    pub hash: Vec<u8>,
+    /// When it was signed.
+    pub signed_at: DateTime<Utc>,
+    /// Ed25519 signature of the head statement.
+    pub signature: Vec<u8>,
+}
+
+/// Stores a signed head.
+pub async fn insert_signed_head(
+    conn: &mut AsyncPgConnection,
+    head: &SignedHead,
+) -> QueryResult<()> {
+    diesel::insert_into(audit_signed_heads::table)
+        .values((
+            audit_signed_heads::chain.eq(head.chain),
+            audit_signed_heads::sequence.eq(head.sequence),
+            audit_signed_heads::hash.eq(&head.hash),
+            audit_signed_heads::signed_at.eq(head.signed_at),
+            audit_signed_heads::signature.eq(&head.signature),
+        ))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// `chain`'s signed heads with `after < sequence <= until`, ascending.
+pub async fn signed_heads_between(
+    conn: &mut AsyncPgConnection,
+    chain: Uuid,
+    after: i64,
+    until: i64,
+) -> QueryResult<Vec<SignedHead>> {
+    audit_signed_heads::table
+        .filter(audit_signed_heads::chain.eq(chain))
+        .filter(audit_signed_heads::sequence.gt(after))
+        .filter(audit_signed_heads::sequence.le(until))
+        .order(audit_signed_heads::sequence.asc())
+        .select(SignedHead::as_select())
+        .load(conn)
+        .await
+}
+
+/// The first of `chain`'s signed heads at or after `sequence`.
+pub async fn next_signed_sequence(
+    conn: &mut AsyncPgConnection,
+    chain: Uuid,
+    sequence: i64,
+) -> QueryResult<Option<i64>> {
+    audit_signed_heads::table
+        .filter(audit_signed_heads::chain.eq(chain))
+        .filter(audit_signed_heads::sequence.ge(sequence))
+        .select(diesel::dsl::min(audit_signed_heads::sequence))
+        .first(conn)
         .await
 }
 

@@ -276,6 +276,136 @@ async fn bx2_editing_one_stored_event_breaks_exactly_that_link() {
     assert_eq!(gap.first_broken_sequence, deleted);
 }
 
+/// The owner's export of the whole chain.
+async fn export_all(s: &Setup) -> String {
+    let stream = s
+        .client()
+        .await
+        .export_audit_log(with_token(&s.owner, pb::ExportAuditLogRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    String::from_utf8(collect_export(stream).await.0).unwrap()
+}
+
+/// Rewrites the event at `sequence` of `chain` as someone who can write the audit tables
+/// would: the action changed, then every hash from there to the head recomputed and the head
+/// row moved, so the plain hash chain is consistent again. Returns the new head hash.
+async fn rewrite_and_recompute(stack: &TestStack, chain: Uuid, sequence: i64) -> Vec<u8> {
+    let mut conn = stack.db.connect().await;
+    let rows = hafen_audit::repo::rows_between(&mut conn, chain, 0, i64::MAX, 100_000)
+        .await
+        .unwrap();
+    let mut prev = hafen_events::chain::GENESIS.to_vec();
+    for mut row in rows {
+        if row.sequence == sequence {
+            row.action = "test.probe.rewritten".into();
+        }
+        if row.sequence >= sequence {
+            let hash = row.chained().unwrap().hash(&prev).to_vec();
+            diesel::sql_query(
+                "UPDATE hafen.audit_events SET action = $3, prev_hash = $4, hash = $5 \
+                 WHERE chain = $1 AND sequence = $2",
+            )
+            .bind::<SqlUuid, _>(chain)
+            .bind::<BigInt, _>(row.sequence)
+            .bind::<diesel::sql_types::Text, _>(&row.action)
+            .bind::<diesel::sql_types::Bytea, _>(&prev)
+            .bind::<diesel::sql_types::Bytea, _>(&hash)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            prev = hash;
+        } else {
+            prev = row.hash;
+        }
+    }
+    diesel::sql_query("UPDATE hafen.audit_heads SET hash = $2 WHERE chain = $1")
+        .bind::<SqlUuid, _>(chain)
+        .bind::<diesel::sql_types::Bytea, _>(&prev)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    prev
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx2_a_chain_rewritten_and_recomputed_in_sql_is_detected_online_and_offline() {
+    let mut s = setup().await;
+    let tenant = s.tenant.id.clone();
+    let chain = Uuid::parse_str(&tenant).unwrap();
+    for _ in 0..2 {
+        let batch: Vec<_> = (0..5)
+            .map(|_| event(&tenant, "test.probe.signed"))
+            .collect();
+        assert_eq!(s.append(batch).await.appended, 5);
+    }
+    let before = s.verify().await;
+    assert!(before.intact, "{before:?}");
+    assert!(before.head_signed);
+    assert!(before.signatures_checked >= 2, "{before:?}");
+    assert_eq!(before.public_key.len(), 32);
+    // The tenant record carries the same public key: take it from there, not the export.
+    let record = s
+        .stack
+        .tenant_client()
+        .await
+        .get_tenant(s.stack.secrets.operator(tenant_pb::GetTenantRequest {
+            tenant_id: tenant.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.audit_public_key, before.public_key);
+
+    let edited = s.list("test.probe.signed").await[2].sequence;
+    let genuine = export_all(&s).await;
+    let offline = hafen_events::chain::verify_export(&genuine, Some(&before.public_key)).unwrap();
+    assert_eq!(offline.broken, None);
+    assert!(offline.signatures >= 2);
+
+    let forged_head = rewrite_and_recompute(&s.stack, chain, i64::try_from(edited).unwrap()).await;
+    let after = s.verify().await;
+    assert!(
+        !after.intact,
+        "a consistently recomputed chain must not verify: {after:?}"
+    );
+    assert!(
+        after.first_broken_sequence >= edited
+            && after.first_broken_sequence <= before.head_sequence,
+        "broken at the first signed head after the edit: {after:?}"
+    );
+    assert_eq!(
+        after.head_hash, forged_head,
+        "the plain chain itself is consistent"
+    );
+
+    // Offline: the export of the rewritten chain fails its signatures against the record's
+    // key (its hash links alone would pass).
+    let rewritten = export_all(&s).await;
+    let offline =
+        hafen_events::chain::verify_export(&rewritten, Some(&record.audit_public_key)).unwrap();
+    let (at, why) = offline
+        .broken
+        .expect("the rewritten export must not verify");
+    assert!(at >= edited, "{at} {why}");
+    assert!(why.contains("signature"), "{why}");
+
+    // Replacing the stored public key (and the record's) with another does not help: the
+    // service checks against the key its sealed private key has.
+    let mut conn = s.stack.db.connect().await;
+    diesel::sql_query("UPDATE hafen.audit_keys SET public_key = $2 WHERE chain = $1")
+        .bind::<SqlUuid, _>(chain)
+        .bind::<diesel::sql_types::Bytea, _>(vec![7u8; 32])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let replaced = s.verify().await;
+    assert!(!replaced.intact);
+    assert_eq!(replaced.first_broken_sequence, 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bx2_an_export_verifies_offline() {
     let mut s = setup().await;
@@ -300,7 +430,7 @@ async fn bx2_an_export_verifies_offline() {
     let text = String::from_utf8(document).unwrap();
     assert_eq!(last.events_exported, text.lines().count() as u64);
 
-    let verified = hafen_events::chain::verify_export(&text).unwrap();
+    let verified = hafen_events::chain::verify_export(&text, None).unwrap();
     assert_eq!(verified.broken, None, "the export verifies offline");
     assert_eq!(
         verified.first_prev_hash.as_deref(),
@@ -357,7 +487,7 @@ async fn bx2_an_export_verifies_offline() {
         .into_inner();
     let (part, _) = collect_export(stream).await;
     let part = String::from_utf8(part).unwrap();
-    let verified = hafen_events::chain::verify_export(&part).unwrap();
+    let verified = hafen_events::chain::verify_export(&part, None).unwrap();
     assert_eq!(verified.broken, None);
     assert!(verified.events >= 1);
 
@@ -376,7 +506,7 @@ async fn bx2_an_export_verifies_offline() {
     let (platform, _) = collect_export(stream).await;
     let platform = String::from_utf8(platform).unwrap();
     assert!(
-        hafen_events::chain::verify_export(&platform)
+        hafen_events::chain::verify_export(&platform, None)
             .unwrap()
             .broken
             .is_none()
@@ -1136,7 +1266,7 @@ async fn bx2_a_long_export_is_chunked_and_still_verifies() {
     assert!(chunks > 10, "{chunks} chunks");
     assert_eq!(last.sha256, Sha256::digest(&document).to_vec());
     let text = String::from_utf8(document).unwrap();
-    let offline = hafen_events::chain::verify_export(&text).unwrap();
+    let offline = hafen_events::chain::verify_export(&text, None).unwrap();
     assert_eq!(offline.broken, None);
     assert!(offline.events >= verified.events_checked);
 }

@@ -305,5 +305,6 @@ pub fn to_proto(row: &TenantRow) -> pb::Tenant {
         create_time: Some(timestamp(row.created_at)),
         update_time: Some(timestamp(row.updated_at)),
         delete_time: row.deleted_at.map(timestamp),
+        audit_public_key: row.audit_public_key.clone().unwrap_or_default(),
     }
 }

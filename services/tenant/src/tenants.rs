@@ -448,6 +448,7 @@ impl Tenants {
             created_at: now,
             updated_at: now,
             deleted_at: None,
+            audit_public_key: None,
         };
         Ok(Created {
             tenant: tenant_row,
