@@ -486,3 +486,97 @@ async fn oc4_internal_rpcs_accept_only_the_services_on_their_allow_lists() {
     };
     assert!(replay.is_err(), "a foreign CA's certificate was accepted");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr7_the_record_states_only_measures_in_force() {
+    use hafen_proto::audit::v1 as audit_pb;
+
+    let record_of = |json: &str| -> serde_json::Value { serde_json::from_str(json).unwrap() };
+
+    // Every link TLS: the record says so, from what the five services report.
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("record-tls").await;
+    let record = stack
+        .audit_client()
+        .await
+        .get_processing_record(
+            stack
+                .secrets
+                .operator(audit_pb::GetProcessingRecordRequest {
+                    tenant_id: tenant.id.clone(),
+                }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let tls = record_of(&record.json);
+    let measures = &tls["technical_organisational_measures"];
+    assert_eq!(measures["links"]["database_encrypted"], true, "{measures}");
+    assert_eq!(measures["links"]["redis_encrypted"], true);
+    assert_eq!(
+        measures["links"]["reporting_services"],
+        serde_json::json!(["audit", "auth", "messaging", "retention", "tenant"])
+    );
+    assert!(
+        measures["transport_encryption"]
+            .as_str()
+            .unwrap()
+            .contains("TLS to the PostgreSQL databases (sslmode verify-full")
+    );
+    assert!(
+        !record.markdown.contains("erasing a user"),
+        "user erasure does not exist yet"
+    );
+
+    // The audit service alone, on a PostgreSQL whose link is plaintext (sslmode=disable).
+    let plain = PrivatePostgres::start_plaintext();
+    let url = plain.url("disable");
+    hafen_store::migrate::migrate_control_plane(&url)
+        .await
+        .unwrap();
+    let tenant_id = Uuid::now_v7();
+    let mut conn = hafen_store::connect::establish(&url).await.unwrap();
+    diesel::sql_query(
+        "INSERT INTO hafen.tenants (id, slug, display_name, status, region, dpa_version, \
+         dpa_accepted_at, dpa_accepted_by, database_name, settings, created_at, updated_at) \
+         VALUES ($1, 'plain', 'Plain GmbH', 'active', 'eu-central', '2025-01', now(), $1, \
+         'default', '{}'::jsonb, now(), now())",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(tenant_id)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let secrets = hafen_testkit::TestSecrets::generate();
+    let unused = hafen_testkit::TestDatabase::create().await;
+    let mut config = secrets.audit_config(&unused);
+    config.databases.main = hafen_store::DatabaseArgs::new(url);
+    let audit = hafen_testkit::TestServer::spawn(|l, s| hafen_audit::serve(config, l, s)).await;
+    let record = hafen_proto::audit::v1::audit_service_client::AuditServiceClient::new(
+        audit.channel(&secrets).await,
+    )
+    .get_processing_record(secrets.operator(audit_pb::GetProcessingRecordRequest {
+        tenant_id: tenant_id.to_string(),
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    let plaintext = record_of(&record.json);
+    let measures = &plaintext["technical_organisational_measures"];
+    assert_eq!(measures["links"]["database_encrypted"], false, "{measures}");
+    assert_eq!(measures["links"]["weakest_database_sslmode"], "disable");
+    let transport = measures["transport_encryption"].as_str().unwrap();
+    assert!(!transport.contains("PostgreSQL"), "{transport}");
+    assert!(
+        !record.markdown.contains("PostgreSQL databases"),
+        "{}",
+        record.markdown
+    );
+    // Only the audit service reported: it states no deletion it does not carry out.
+    assert!(
+        !plaintext["retention"]["accounts"]
+            .as_str()
+            .unwrap()
+            .contains("destroys"),
+        "{plaintext}"
+    );
+}

@@ -14,6 +14,8 @@
 //!   lives.
 //! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
 //! - [`sessions`]: sessions, the truth behind access tokens.
+//! - [`facts`]: what each running service reports about itself (link security, measures),
+//!   the source of the Art. 30 record's technical measures.
 //! - [`settings`]: tenant settings as stored, with their defaults.
 //! - [`schema`]: diesel table definitions.
 //!
@@ -26,6 +28,7 @@ pub mod connect;
 pub mod control;
 pub mod databases;
 pub mod error;
+pub mod facts;
 pub mod migrate;
 pub mod outbox;
 pub mod pool;

@@ -229,6 +229,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    hafen.service_facts (service, instance) {
+        service -> Text,
+        instance -> Uuid,
+        reported_at -> Timestamptz,
+        facts -> Jsonb,
+    }
+}
+
+diesel::table! {
     hafen.audit_keys (chain) {
         chain -> Uuid,
         public_key -> Bytea,

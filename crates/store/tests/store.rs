@@ -67,6 +67,7 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "audit_signed_heads",
             "deletion_log",
             "outbox",
+            "service_facts",
             "sessions",
             "tenant_keys",
             "tenants",

@@ -22,7 +22,7 @@ use crate::RecordArgs;
 use crate::error::Error;
 use crate::event::{self, Chain};
 use crate::log::{AuditLog, Verification};
-use crate::record::{self, Deployment};
+use crate::record;
 use crate::repo::{ActionFilter, Filter};
 
 /// Methods that authenticate by client certificate instead of a bearer token.
@@ -38,23 +38,16 @@ pub struct AuditApi {
     log: AuditLog,
     authenticator: Authenticator,
     record: RecordArgs,
-    deployment: Deployment,
 }
 
 impl AuditApi {
     /// The adapter over `log`; export streams end through `authenticator`'s revocations;
-    /// `record` and `deployment` feed the Art. 30 record.
-    pub fn new(
-        log: AuditLog,
-        authenticator: Authenticator,
-        record: RecordArgs,
-        deployment: Deployment,
-    ) -> Self {
+    /// `record` and what the running services report feed the Art. 30 record.
+    pub fn new(log: AuditLog, authenticator: Authenticator, record: RecordArgs) -> Self {
         Self {
             log,
             authenticator,
             record,
-            deployment,
         }
     }
 }
@@ -325,7 +318,8 @@ impl AuditService for AuditApi {
             return Err(Error::NotFound("tenant").into());
         };
         let now = hafen_store::now();
-        let built = record::build(&row, &self.record, self.deployment);
+        let facts = self.log.service_facts().await?;
+        let built = record::build(&row, &self.record, &facts);
         if operator {
             let event = Event::new(Some(tenant), Actor::Operator, "audit.record.generated")
                 .target("tenant", tenant);

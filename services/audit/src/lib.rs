@@ -141,10 +141,18 @@ where
         databases.main().clone(),
         signing::Signer::new(keys.get(hafen_crypto::Purpose::AuditSigning)?),
     );
-    let deployment = record::Deployment {
-        mtls: config.server.tls.mtls,
-    };
-    let api = AuditApi::new(log, authenticator.clone(), config.record, deployment);
+    hafen_store::facts::start_reporting(
+        databases.main().clone(),
+        hafen_store::facts::ServiceFacts::new(
+            NAME,
+            config.server.tls.mtls,
+            &config.databases,
+            Some(config.redis.tls()),
+            &[hafen_store::facts::measure::SIGNED_AUDIT_CHAIN],
+        ),
+    )
+    .await;
+    let api = AuditApi::new(log, authenticator.clone(), config.record);
     let layer = AuthnLayer::new(authenticator, api::INTERNAL);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
         .add_service(

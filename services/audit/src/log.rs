@@ -197,6 +197,12 @@ impl AuditLog {
         Ok((heads, key))
     }
 
+    /// What the running service instances report about themselves (GR7).
+    pub async fn service_facts(&self) -> Result<Vec<hafen_store::facts::ServiceFacts>, Error> {
+        let mut conn = self.conn().await?;
+        Ok(hafen_store::facts::current(&mut conn).await?)
+    }
+
     /// The tenant row with `id`, whatever its status.
     pub async fn tenant(&self, id: Uuid) -> Result<Option<TenantRow>, Error> {
         let mut conn = self.conn().await?;

@@ -1,25 +1,21 @@
 //! The record of processing activities (GDPR Art. 30, GR7), built from the tenant's live
 //! configuration: its control-plane row (name, slug, region, accepted DPA), its settings
-//! (retention period, masking rules, features), the operator's [`RecordArgs`], and what this
-//! deployment enforces (TLS, mutual TLS between services). [`build`] is pure, so what the
-//! record says about a configuration is tested without a database.
+//! (retention period, masking rules, features), the operator's [`RecordArgs`], and what the
+//! running services report about themselves ([`hafen_store::facts`]: how each secures its
+//! links, which deletions and other measures it carries out). A technical measure is stated
+//! only when those reports show it in force, never from fixed text. [`build`] is pure, so
+//! what the record says about a configuration is tested without a database.
 //!
 //! The record names no person: the controller appears by its organisation name, never by
 //! the user who accepted the DPA.
 
 use chrono::{DateTime, Utc};
 use hafen_store::control::TenantRow;
+use hafen_store::facts::{ServiceFacts, measure};
 use hafen_store::settings::{MAX_RETENTION_DAYS, Settings};
 use serde::Serialize;
 
 use crate::RecordArgs;
-
-/// What the deployment enforces beyond the tenant's settings.
-#[derive(Debug, Clone, Copy)]
-pub struct Deployment {
-    /// Services authenticate each other with client certificates.
-    pub mtls: bool,
-}
 
 /// The record. Its top-level fields are the JSON document's top-level keys.
 #[derive(Debug, Clone, Serialize)]
@@ -114,10 +110,12 @@ pub struct ThirdCountryTransfers {
 /// Technical and organisational measures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Measures {
-    /// Encryption in transit.
+    /// Encryption in transit, as the running services report their links.
     pub transport_encryption: String,
     /// Mutual TLS between the services.
     pub mutual_tls_between_services: bool,
+    /// The reports the measures are taken from.
+    pub links: Links,
     /// Encryption at rest.
     pub encryption_at_rest: String,
     /// Separation of tenants.
@@ -130,6 +128,19 @@ pub struct Measures {
     pub backups: String,
     /// The audit log.
     pub audit_log: String,
+}
+
+/// How the running services' links are secured, as they report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Links {
+    /// The services that reported (one entry per service, however many instances).
+    pub reporting_services: Vec<String>,
+    /// Every reported database link is encrypted.
+    pub database_encrypted: bool,
+    /// The weakest `sslmode` reported for a database link.
+    pub weakest_database_sslmode: String,
+    /// Every reported Redis link is TLS.
+    pub redis_encrypted: bool,
 }
 
 /// Masking rules as configured (UL1, UL2).
@@ -150,8 +161,14 @@ pub struct Masking {
 /// Builds `tenant`'s record from its configuration. The record states only the
 /// configuration, so two records of an unchanged configuration are identical; the time of
 /// generation travels beside it.
-pub fn build(tenant: &TenantRow, processor: &RecordArgs, deployment: Deployment) -> Record {
+pub fn build(tenant: &TenantRow, processor: &RecordArgs, facts: &[ServiceFacts]) -> Record {
     let settings = Settings::from_json(&tenant.settings);
+    let reports = |measure: &str| {
+        facts
+            .iter()
+            .any(|f| f.measures.iter().any(|m| m == measure))
+    };
+    let (transport_encryption, links, mutual_tls) = transport(facts);
     let webchat = settings.features.webchat;
     let mut purposes = vec![
         "Internal business communication of the controller's organisation: conversations, \
@@ -246,9 +263,10 @@ pub fn build(tenant: &TenantRow, processor: &RecordArgs, deployment: Deployment)
             legal_holds: "A legal hold on a conversation or user pauses deletion until it is \
                           lifted; setting and lifting it are audited"
                 .into(),
-            accounts: "Until the account or the tenant is deleted; deletion destroys the user's \
-                       or tenant's keys, so backups can no longer be read"
-                .into(),
+            accounts: accounts_retention(
+                reports(measure::TENANT_DELETION),
+                reports(measure::USER_ERASURE),
+            ),
             audit_events: "Kept as a hash chain for accountability; ids and actions only".into(),
         },
         third_country_transfers: ThirdCountryTransfers {
@@ -261,18 +279,17 @@ pub fn build(tenant: &TenantRow, processor: &RecordArgs, deployment: Deployment)
             ),
         },
         technical_organisational_measures: Measures {
-            transport_encryption: if deployment.mtls {
-                "TLS 1.2 or 1.3 for every connection; mutual TLS (client certificates from the \
-                 service CA) between the services"
+            transport_encryption,
+            mutual_tls_between_services: mutual_tls,
+            links,
+            encryption_at_rest: if reports(measure::ENCRYPTED_MESSAGES) {
+                "Message bodies encrypted with AES-256-GCM under per-user keys; user keys \
+                 wrapped by the tenant key, tenant keys by a master key that never enters the \
+                 database"
                     .into()
             } else {
-                "TLS 1.2 or 1.3 for every connection".into()
+                "Not stated: no running messaging service has reported it".into()
             },
-            mutual_tls_between_services: deployment.mtls,
-            encryption_at_rest: "Message bodies encrypted with AES-256-GCM under per-user keys; \
-                                 user keys wrapped by the tenant key, tenant keys by a master \
-                                 key that never enters the database"
-                .into(),
             tenant_isolation:
                 "Each tenant's data lives in its own PostgreSQL schema, owned by its \
                                own database role; every query runs in the tenant's scope"
@@ -294,12 +311,90 @@ pub fn build(tenant: &TenantRow, processor: &RecordArgs, deployment: Deployment)
                              wipe of devices; back-off after failed logins"
                 .into(),
             backups: processor.backup_policy.clone(),
-            audit_log: "Security-relevant actions and every operator access are recorded in a \
-                        per-tenant hash chain (SHA-256) that can be verified and exported for \
-                        offline verification"
-                .into(),
+            audit_log: if reports(measure::SIGNED_AUDIT_CHAIN) {
+                "Security-relevant actions and every operator access are recorded in a \
+                 per-tenant hash chain (SHA-256) whose every head is signed (Ed25519); it can \
+                 be verified, and exported for offline verification with the public key alone"
+                    .into()
+            } else {
+                "Not stated: no running audit service has reported it".into()
+            },
         },
     }
+}
+
+/// What the reports say about the links: the statement, the details, and whether mutual TLS
+/// holds between all reporting services.
+fn transport(facts: &[ServiceFacts]) -> (String, Links, bool) {
+    let mut services: Vec<String> = facts.iter().map(|f| f.service.clone()).collect();
+    services.sort();
+    services.dedup();
+    let any = !facts.is_empty();
+    let services_tls = any && facts.iter().all(|f| f.service_tls);
+    let mutual_tls = services_tls && facts.iter().all(|f| f.mutual_tls);
+    let database_encrypted = any && facts.iter().all(ServiceFacts::database_encrypted);
+    let redis_reports: Vec<bool> = facts.iter().filter_map(|f| f.redis_tls).collect();
+    let redis_encrypted = !redis_reports.is_empty() && redis_reports.iter().all(|tls| *tls);
+    let weakest = facts
+        .iter()
+        .map(|f| f.database_sslmode.clone())
+        .min_by_key(|mode| match mode.as_str() {
+            "verify-full" => 3,
+            "verify-ca" => 2,
+            "require" => 1,
+            _ => 0,
+        })
+        .unwrap_or_default();
+    let mut parts = Vec::new();
+    if services_tls {
+        parts.push(if mutual_tls {
+            "TLS 1.2 or 1.3 for client connections and between the services, which \
+             authenticate each other with client certificates naming each service"
+                .to_owned()
+        } else {
+            "TLS 1.2 or 1.3 for client connections and between the services".to_owned()
+        });
+    }
+    if database_encrypted {
+        parts.push(format!(
+            "TLS to the PostgreSQL databases (sslmode {weakest} or stricter)"
+        ));
+    }
+    if redis_encrypted {
+        parts.push("TLS to Redis".to_owned());
+    }
+    let statement = if parts.is_empty() {
+        "Not stated: no running service has reported encrypted links".to_owned()
+    } else {
+        parts.join("; ")
+    };
+    (
+        statement,
+        Links {
+            reporting_services: services,
+            database_encrypted,
+            weakest_database_sslmode: weakest,
+            redis_encrypted,
+        },
+        mutual_tls,
+    )
+}
+
+/// How long accounts are kept, by the deletions that exist.
+fn accounts_retention(tenant_deletion: bool, user_erasure: bool) -> String {
+    let mut text = String::from("Until the tenant is deleted");
+    if tenant_deletion {
+        text.push_str(
+            "; deleting the tenant drops its schema and database role and destroys its keys, \
+             so its data can no longer be read",
+        );
+    }
+    if user_erasure {
+        text.push_str("; erasing a user destroys the user's key");
+    } else {
+        text.push_str("; single users can be deactivated, and are deleted with the tenant");
+    }
+    text
 }
 
 impl Record {
@@ -470,6 +565,73 @@ mod tests {
         }
     }
 
+    /// Reports of all five services, configured alike.
+    fn running(mutual_tls: bool, database_sslmode: &str, redis_tls: bool) -> Vec<ServiceFacts> {
+        [
+            ("auth", measure::REMOTE_WIPE),
+            ("messaging", measure::ENCRYPTED_MESSAGES),
+            ("tenant", measure::TENANT_DELETION),
+            ("retention", measure::RETENTION_PURGE),
+            ("audit", measure::SIGNED_AUDIT_CHAIN),
+        ]
+        .into_iter()
+        .map(|(service, measure)| ServiceFacts {
+            service: service.into(),
+            service_tls: true,
+            mutual_tls,
+            database_sslmode: database_sslmode.into(),
+            redis_tls: Some(redis_tls),
+            measures: vec![measure.into()],
+        })
+        .collect()
+    }
+
+    #[test]
+    fn gr7_the_record_states_only_measures_the_running_services_report() {
+        let row = tenant(&Settings::default());
+        let all = build(&row, &args(), &running(true, "verify-full", true));
+        let m = &all.technical_organisational_measures;
+        assert!(
+            m.transport_encryption.contains("PostgreSQL"),
+            "{}",
+            m.transport_encryption
+        );
+        assert!(m.transport_encryption.contains("Redis"));
+        assert!(m.links.database_encrypted && m.links.redis_encrypted);
+        assert!(all.retention.accounts.contains("destroys its keys"));
+        assert!(
+            !all.retention.accounts.contains("erasing a user"),
+            "no service erases users: {}",
+            all.retention.accounts
+        );
+
+        // One service with a plaintext database link: no database TLS is claimed.
+        let mut mixed = running(true, "verify-full", true);
+        mixed[1].database_sslmode = "disable".into();
+        let record = build(&row, &args(), &mixed);
+        let m = &record.technical_organisational_measures;
+        assert!(
+            !m.transport_encryption.contains("PostgreSQL"),
+            "{}",
+            m.transport_encryption
+        );
+        assert!(!m.links.database_encrypted);
+        assert_eq!(m.links.weakest_database_sslmode, "disable");
+        assert!(
+            !record
+                .to_markdown(hafen_store::now())
+                .contains("TLS to the PostgreSQL")
+        );
+
+        // Nothing reported: nothing claimed.
+        let none = build(&row, &args(), &[]);
+        let m = &none.technical_organisational_measures;
+        assert!(m.transport_encryption.starts_with("Not stated"));
+        assert!(m.encryption_at_rest.starts_with("Not stated"));
+        assert!(!m.mutual_tls_between_services);
+        assert!(!none.retention.accounts.contains("destroys"));
+    }
+
     fn args() -> RecordArgs {
         RecordArgs {
             processor_name: "Operator GmbH".into(),
@@ -491,7 +653,7 @@ mod tests {
             replacement: String::new(),
         });
         let row = tenant(&settings);
-        let record = build(&row, &args(), Deployment { mtls: true });
+        let record = build(&row, &args(), &running(true, "verify-full", true));
         let json: serde_json::Value = serde_json::from_str(&record.to_json()).unwrap();
         let keys: Vec<&str> = json
             .as_object()
@@ -545,7 +707,11 @@ mod tests {
             features: hafen_store::settings::Features { webchat: true },
             ..Default::default()
         };
-        let record = build(&tenant(&settings), &args(), Deployment { mtls: false });
+        let record = build(
+            &tenant(&settings),
+            &args(),
+            &running(false, "verify-full", true),
+        );
         assert!(record.purposes.iter().any(|p| p.contains("Website chat")));
         assert!(
             !record

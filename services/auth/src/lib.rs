@@ -125,6 +125,17 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         },
     );
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    hafen_store::facts::start_reporting(
+        databases.main().clone(),
+        hafen_store::facts::ServiceFacts::new(
+            NAME,
+            config.server.tls.mtls,
+            &config.databases,
+            Some(config.redis.tls()),
+            &[hafen_store::facts::measure::REMOTE_WIPE],
+        ),
+    )
+    .await;
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     let auth = Auth::new(

@@ -116,6 +116,17 @@ where
     );
     let hub = hub::Hub::new(Some(redis), config.stream_poll);
     hub.listen();
+    hafen_store::facts::start_reporting(
+        databases.main().clone(),
+        hafen_store::facts::ServiceFacts::new(
+            NAME,
+            config.server.tls.mtls,
+            &config.databases,
+            Some(config.redis.tls()),
+            &[hafen_store::facts::measure::ENCRYPTED_MESSAGES],
+        ),
+    )
+    .await;
     let keys = keys::KeyRing::new(databases.clone(), master, config.key_cache_size);
     keys.follow(&revocations);
     let messaging = Messaging::new(

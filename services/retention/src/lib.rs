@@ -228,6 +228,20 @@ where
         revocations,
     );
 
+    hafen_store::facts::start_reporting(
+        databases.main().clone(),
+        hafen_store::facts::ServiceFacts::new(
+            NAME,
+            config.server.tls.mtls,
+            &config.databases,
+            Some(config.redis.tls()),
+            &[
+                hafen_store::facts::measure::RETENTION_PURGE,
+                hafen_store::facts::measure::DELETION_REPLAY,
+            ],
+        ),
+    )
+    .await;
     let policies = Policies::new(databases.clone(), Some(relay.clone()));
     let purger = Purger::new(databases.clone(), config.purge.clone(), Some(relay.clone()));
     let replayer = Replayer::new(databases, Some(redis), Some(relay));

@@ -293,6 +293,17 @@ where
     let relay = hafen_events::Relay::spawn(BINARY, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     tenants.set_relay(relay);
+    hafen_store::facts::start_reporting(
+        databases.main().clone(),
+        hafen_store::facts::ServiceFacts::new(
+            NAME,
+            config.server.tls.mtls,
+            &config.databases,
+            Some(config.redis.tls()),
+            &[hafen_store::facts::measure::TENANT_DELETION],
+        ),
+    )
+    .await;
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
