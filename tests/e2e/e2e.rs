@@ -96,6 +96,117 @@ async fn e2e_microservices_mode_five_processes_with_mutual_tls() {
     run(Mode::Micro).await;
 }
 
+/// BX5 at the most verbose levels an operator might set: the whole stack in one process at
+/// `HAFEN_LOG=debug,tokio_postgres=trace` through logins, a send and a remote wipe. No line
+/// carries a password, token, chat code, message body or a statement's bind parameters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bx5_at_debug_and_trace_levels_no_secret_reaches_the_logs() {
+    let secrets = TestSecrets::generate();
+    let db = TestDatabase::create_empty().await;
+    let mut stack =
+        Stack::start_logging(Mode::Dev, &secrets, &db, Some("debug,tokio_postgres=trace")).await;
+    let config = stack.config(&secrets);
+    let mut secret_values: Vec<String> = vec![
+        OWNER_PASSWORD.into(),
+        ALICE_PASSWORD.into(),
+        secrets.platform_token().into(),
+    ];
+    let body = format!("bx5 body {}", uuid::Uuid::new_v4().simple());
+    let scenario = async {
+        let operator = Hafen::connect(config.clone()).expect("SDK configuration");
+        operator.act_as_operator(secrets.platform_token());
+        let answer = operator
+            .tenant()
+            .create_tenant(tenant_pb::CreateTenantRequest {
+                slug: "bx5-debug".into(),
+                display_name: "Debug Logging".into(),
+                owner_username: "owner".into(),
+                owner_display_name: "The Owner".into(),
+                owner_password: OWNER_PASSWORD.into(),
+                dpa_version: "2025-01".into(),
+                region: "eu-central".into(),
+                ..Default::default()
+            })
+            .await;
+        let created = ok(&operator, answer, "CreateTenant").await;
+        secret_values.push(created.owner_chat_code.clone());
+        let owner = device(
+            &config,
+            "bx5-debug",
+            "owner",
+            OWNER_PASSWORD,
+            &created.owner_chat_code,
+        )
+        .await;
+        let alice = create_user(&owner, "alice", "Alice", ALICE_PASSWORD).await;
+        let code = issue_chat_code(&owner, &alice, "alice phone").await;
+        secret_values.push(code.clone());
+        let phone = device(&config, "bx5-debug", "alice", ALICE_PASSWORD, &code).await;
+        for hafen in [&owner, &phone] {
+            let session = hafen.session().expect("logged in");
+            let token = session.access_token().to_owned();
+            // The secret part, and the whole token.
+            secret_values.push(token.split('.').nth(1).unwrap_or_default().to_owned());
+            secret_values.push(token);
+        }
+        let answer = owner
+            .messaging()
+            .create_conversation(pb::CreateConversationRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                kind: pb::ConversationKind::Group as i32,
+                title: "Debug".into(),
+                member_user_ids: vec![alice.clone()],
+            })
+            .await;
+        let conversation = ok(&owner, answer, "CreateConversation")
+            .await
+            .conversation_id;
+        send(&phone, &conversation, &body).await;
+        let history = owner.history(&conversation, 10).await.expect("history");
+        assert!(history.iter().any(|m| m.body == body));
+        let mut events = phone.subscribe(None);
+        caught_up(&mut events).await;
+        let answer = owner
+            .auth()
+            .revoke_chat_code(auth_pb::RevokeChatCodeRequest {
+                chat_code_id: phone.session().expect("logged in").chat_code_id,
+            })
+            .await;
+        ok(&owner, answer, "RevokeChatCode").await;
+        loop {
+            match tokio::time::timeout(EVENT_TIMEOUT, events.next()).await {
+                Ok(Some(Ok(_))) => continue,
+                Ok(_) => break,
+                Err(_) => panic!("the wiped phone's stream did not end"),
+            }
+        }
+    };
+    tokio::time::timeout(SCENARIO_TIMEOUT, scenario)
+        .await
+        .expect("the scenario finished in time");
+    stack.stop().await;
+
+    let log = std::fs::read_to_string(stack.log_dir().join("hafen-dev.log")).expect("the log");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.iter().filter(|l| l.contains("\"DEBUG\"")).count() > 10,
+        "the stack logged at debug level"
+    );
+    for line in &lines {
+        for secret in &secret_values {
+            assert!(
+                !line.contains(secret.as_str()),
+                "a secret in the log: {line}"
+            );
+        }
+        assert!(!line.contains(&body), "a message body in the log: {line}");
+        assert!(
+            !line.contains("with parameters"),
+            "a statement's bind parameters in the log: {line}"
+        );
+    }
+}
+
 async fn run(mode: Mode) {
     let secrets = TestSecrets::generate();
     // Empty: the stack migrates it (`hafen dev` itself, or `hafen admin migrate`).
@@ -737,17 +848,30 @@ struct Stack {
     ports: [u16; 5],
     processes: Vec<Process>,
     logs: Option<tempfile::TempDir>,
+    /// `HAFEN_LOG` of the processes, when not their default (`info`).
+    log_filter: Option<&'static str>,
 }
 
 impl Stack {
     /// Starts the stack of `mode` on `db`, trying other ports when one was taken meanwhile.
     async fn start(mode: Mode, secrets: &TestSecrets, db: &TestDatabase) -> Self {
+        Self::start_logging(mode, secrets, db, None).await
+    }
+
+    /// [`Stack::start`] with the processes logging at `log_filter` (`HAFEN_LOG`), as JSON.
+    async fn start_logging(
+        mode: Mode,
+        secrets: &TestSecrets,
+        db: &TestDatabase,
+        log_filter: Option<&'static str>,
+    ) -> Self {
         for attempt in 1..=START_ATTEMPTS {
             let mut stack = Stack {
                 mode,
                 ports: free_ports(),
                 processes: Vec::new(),
                 logs: Some(tempfile::tempdir().expect("a directory for the logs")),
+                log_filter,
             };
             match mode {
                 Mode::Dev => stack.spawn_dev(secrets, db),
@@ -824,6 +948,11 @@ impl Stack {
             }
         }
         command.envs(urls.iter().copied());
+        if let Some(filter) = self.log_filter {
+            command
+                .env("HAFEN_LOG", filter)
+                .env("HAFEN_LOG_FORMAT", "json");
+        }
         if let Some(ca) = &hafen_testkit::TestEnv::get().redis_ca {
             command.env("HAFEN_REDIS_CA", ca);
         }

@@ -3,7 +3,8 @@
 //! Logs go to standard error as JSON or human-readable lines. When
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans and metrics are also exported over OTLP/gRPC.
 //! Only ids ever go into log fields and span attributes: never message bodies, passwords,
-//! tokens or chat codes (BX5).
+//! tokens or chat codes (BX5), at any level. Dependencies that log the values they handle
+//! below INFO ([`VALUE_LOGGERS`]) are capped at INFO whatever the filter asks for.
 
 use std::io::IsTerminal;
 
@@ -12,6 +13,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::FilterFn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -40,6 +42,21 @@ impl TelemetryGuard {
             tracing::warn!(error = %err, "flushing metrics failed");
         }
     }
+}
+
+/// Targets that log the values they handle at DEBUG or TRACE: `tokio_postgres` logs every
+/// statement's bind parameters (password hashes, sealed bodies, token digests). Their events
+/// below INFO are dropped even when `--log-filter` asks for them.
+pub const VALUE_LOGGERS: &[&str] = &["tokio_postgres", "postgres_protocol"];
+
+/// A global filter that drops [`VALUE_LOGGERS`]' events below INFO.
+pub fn without_logged_values() -> FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool + Clone> {
+    tracing_subscriber::filter::filter_fn(|meta: &tracing::Metadata<'_>| {
+        *meta.level() <= tracing::Level::INFO
+            || !VALUE_LOGGERS
+                .iter()
+                .any(|target| meta.target().starts_with(target))
+    })
 }
 
 /// Installs the global tracing subscriber for a process named `service` (e.g. `hafen-auth`).
@@ -92,6 +109,7 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
 
     tracing_subscriber::registry()
         .with(filter)
+        .with(without_logged_values())
         .with(fmt_json)
         .with(fmt_pretty)
         .with(otel)
