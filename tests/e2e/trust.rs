@@ -8,7 +8,6 @@ use std::time::Duration;
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
 use hafen_proto::auth::v1 as auth_pb;
-use hafen_proto::common::v1::Role;
 use hafen_proto::messaging::v1 as pb;
 use hafen_proto::tenant::v1 as tenant_pb;
 use hafen_testkit::{PrivatePostgres, PrivateRedis, TestStack, with_token};
@@ -16,40 +15,6 @@ use redis::AsyncCommands;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use uuid::Uuid;
-
-/// Creates a member with a password and a chat code in `tenant`, as its owner.
-async fn member(stack: &TestStack, owner_token: &str, username: &str) -> (String, String, String) {
-    let mut auth = stack.auth_client().await;
-    let user = auth
-        .create_user(with_token(
-            owner_token,
-            auth_pb::CreateUserRequest {
-                username: username.to_owned(),
-                display_name: username.to_owned(),
-                role: Role::Member as i32,
-                credential: Some(auth_pb::create_user_request::Credential::Password(
-                    "member password 1".to_owned(),
-                )),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("CreateUser")
-        .into_inner();
-    let code = auth
-        .issue_chat_code(with_token(
-            owner_token,
-            auth_pb::IssueChatCodeRequest {
-                user_id: user.user_id.clone(),
-                device_label: "phone".to_owned(),
-            },
-        ))
-        .await
-        .expect("IssueChatCode")
-        .into_inner();
-    let chat_code_id = code.chat_code.map(|c| c.chat_code_id).unwrap_or_default();
-    (user.user_id, code.code, chat_code_id)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bx3_a_forged_session_cache_entry_is_refused() {
@@ -347,7 +312,9 @@ async fn oc5_a_lost_revocation_still_ends_the_stream_within_6s() {
     let stack = TestStack::start_with_redis(Some(redis.args("hafen:"))).await;
     let tenant = stack.create_tenant("lost-revocation").await;
     let owner = stack.login_owner(&tenant).await;
-    let (_, code, code_id) = member(&stack, &owner.access_token, "device").await;
+    let (_, code, code_id) = stack
+        .create_member(&owner.access_token, "device", "member password 1")
+        .await;
     let device = stack
         .login(&tenant.slug, "device", "member password 1", &code)
         .await

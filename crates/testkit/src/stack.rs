@@ -211,6 +211,50 @@ impl TestStack {
             .map(tonic::Response::into_inner)
     }
 
+    /// Creates a member `username` with `password` and a chat code for one device, as the
+    /// owner (or an admin) holding `admin_token`; returns the user's id, the chat code and
+    /// the chat code's id.
+    pub async fn create_member(
+        &self,
+        admin_token: &str,
+        username: &str,
+        password: &str,
+    ) -> (String, String, String) {
+        let mut auth = self.auth_client().await;
+        let user = auth
+            .create_user(with_token(
+                admin_token,
+                auth_pb::CreateUserRequest {
+                    username: username.to_owned(),
+                    display_name: username.to_owned(),
+                    role: hafen_proto::common::v1::Role::Member as i32,
+                    credential: Some(auth_pb::create_user_request::Credential::Password(
+                        password.to_owned(),
+                    )),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("CreateUser")
+            .into_inner();
+        let issued = auth
+            .issue_chat_code(with_token(
+                admin_token,
+                auth_pb::IssueChatCodeRequest {
+                    user_id: user.user_id.clone(),
+                    device_label: format!("{username}'s device"),
+                },
+            ))
+            .await
+            .expect("IssueChatCode")
+            .into_inner();
+        let code_id = issued
+            .chat_code
+            .map(|code| code.chat_code_id)
+            .unwrap_or_default();
+        (user.user_id, issued.code, code_id)
+    }
+
     /// Logs the owner of `tenant` in.
     pub async fn login_owner(&self, tenant: &TestTenant) -> auth_pb::LoginResponse {
         self.login(&tenant.slug, "owner", OWNER_PASSWORD, &tenant.owner_code)
