@@ -12,10 +12,14 @@
 //! - [`status`]: gRPC statuses with `google.rpc.ErrorInfo` (domain `hafen`) for error mapping.
 //! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS and an
 //!   ordered drain.
+//! - [`check`]: every request decoded against its contract before a handler sees it: bad
+//!   protobuf, invalid UTF-8, NUL characters and oversized messages refused with
+//!   INVALID_ARGUMENT or RESOURCE_EXHAUSTED and the field named.
 //!
 //! A service's `main` parses its configuration and hands over to [`run`], which binds the
 //! listener, serves until a signal arrives, drains, and flushes telemetry.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 mod conn;

@@ -63,8 +63,9 @@ impl GrpcServer {
         }
     }
 
-    /// Adds a tonic service; health reports it SERVING and reflection lists it.
-    pub fn add_service<S>(mut self, service: S) -> Self
+    /// Adds a tonic service; health reports it SERVING and reflection lists it. Its requests
+    /// are checked against the contract first ([`crate::check`]), up to tonic's default size.
+    pub fn add_service<S>(self, service: S) -> Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService
@@ -74,7 +75,24 @@ impl GrpcServer {
             + 'static,
         S::Future: Send + 'static,
     {
-        self.routes = self.routes.add_service(service);
+        self.add_service_with_limit(service, crate::check::DEFAULT_MAX_REQUEST_BYTES)
+    }
+
+    /// [`GrpcServer::add_service`] for a service that accepts request messages of up to
+    /// `max_request_bytes` (its tonic server must decode as much).
+    pub fn add_service_with_limit<S>(mut self, service: S, max_request_bytes: usize) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes = self
+            .routes
+            .add_service(crate::check::Checked::new(service, max_request_bytes));
         self.service_names.push(S::NAME);
         self
     }

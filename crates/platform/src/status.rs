@@ -47,6 +47,15 @@ pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
     )
 }
 
+/// INVALID_ARGUMENT with `reason` (e.g. `MALFORMED_REQUEST`) and `metadata`.
+pub fn invalid_argument_reason(
+    reason: &str,
+    message: impl Into<String>,
+    metadata: &[(&str, &str)],
+) -> Status {
+    error(Code::InvalidArgument, reason, message, metadata)
+}
+
 /// Parses a required UUID field; INVALID_FIELD naming `field` when empty or malformed.
 pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
     if value.is_empty() {

@@ -155,8 +155,9 @@ where
     let api = AuditApi::new(log, authenticator.clone(), config.record);
     let layer = AuthnLayer::new(authenticator, api::INTERNAL);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .add_service(
+        .add_service_with_limit(
             layer.wrap(AuditServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)),
+            MAX_REQUEST_BYTES,
         )
         .serve(listener, shutdown)
         .await?;
