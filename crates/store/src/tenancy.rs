@@ -259,6 +259,30 @@ pub fn drop_schema(conn: &mut SyncConnection, tenant: &TenantId) -> Result<()> {
     Ok(())
 }
 
+/// Whether a legal hold is in force anywhere in `tenant`'s schema, inside the caller's
+/// transaction. Takes a SHARE lock on the schema's `legal_holds` first, so a hold being set
+/// at the same moment either committed before (and is seen) or waits until this transaction
+/// ends. A tenant without schema has no holds.
+pub fn holds_in_force(conn: &mut SyncConnection, tenant: &TenantId) -> Result<bool> {
+    use diesel::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
+    if !role_exists(conn, &tenant.schema())? {
+        return Ok(false);
+    }
+    enter_sync(conn, tenant)?;
+    conn.batch_execute("LOCK TABLE legal_holds IN SHARE MODE")?;
+    let held: Found = diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM legal_holds WHERE lifted_at IS NULL) AS found",
+    )
+    .get_result(conn)?;
+    leave_sync(conn)?;
+    Ok(held.found)
+}
+
 /// Applies pending tenant migrations to `tenant`'s schema, in one transaction; returns the
 /// versions applied (none when the schema is current).
 pub fn migrate_schema(conn: &mut SyncConnection, tenant: &TenantId) -> Result<Vec<String>> {

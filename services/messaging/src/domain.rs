@@ -604,6 +604,10 @@ impl Messaging {
         let row = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    // Held evidence is kept as it is: no rewriting either.
+                    if under_hold(conn, conversation, me).await? {
+                        return Err(Error::LegalHold);
+                    }
                     let event = next_event_id(conn).await?;
                     let at = now();
                     let row: MessageRow = diesel::update(
@@ -669,18 +673,7 @@ impl Messaging {
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
                     // A legal claim takes precedence over erasure (GDPR Art. 17(3)(e)).
-                    let held: bool = diesel::select(diesel::dsl::exists(
-                        legal_holds::table
-                            .filter(legal_holds::lifted_at.is_null())
-                            .filter(
-                                legal_holds::conversation_id
-                                    .eq(conversation)
-                                    .or(legal_holds::user_id.eq(sender)),
-                            ),
-                    ))
-                    .get_result(conn)
-                    .await?;
-                    if held {
+                    if under_hold(conn, conversation, sender).await? {
                         return Err(Error::LegalHold);
                     }
                     if let Some(event) = &by_admin {
@@ -1064,4 +1057,25 @@ async fn append_event(
     let id = next_event_id(conn).await?;
     insert_event(conn, id, conversation, kind, message, detail, now()).await?;
     Ok(id)
+}
+
+/// Whether a legal hold in force covers `conversation` or the messages of `sender`. Run in the
+/// transaction that changes a message: a hold set by then is seen (SetLegalHold commits
+/// before it answers).
+async fn under_hold(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    sender: Uuid,
+) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        legal_holds::table
+            .filter(legal_holds::lifted_at.is_null())
+            .filter(
+                legal_holds::conversation_id
+                    .eq(conversation)
+                    .or(legal_holds::user_id.eq(sender)),
+            ),
+    ))
+    .get_result(conn)
+    .await
 }

@@ -1554,3 +1554,84 @@ async fn cb5_a_message_edited_while_its_batch_runs_is_still_purged() {
         format!("SELECT count(*) AS n FROM {schema}.messages WHERE conversation_id = '{group}'");
     assert_eq!(count(&s.stack, &left).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr3_a_legal_hold_stops_tenant_deletion_and_the_rewriting_of_held_messages() {
+    use pb::set_legal_hold_request::Target;
+    let s = setup().await;
+    let conversation = s.group("evidence").await;
+    let message = s.send(&s.member, &conversation, "as it was said").await;
+    s.hold(Target::UserId(s.member_id.clone()), true, "litigation")
+        .await
+        .unwrap();
+
+    let edit = s
+        .stack
+        .messaging_client()
+        .await
+        .edit_message(with_token(
+            &s.member,
+            msg_pb::EditMessageRequest {
+                message_id: message.clone(),
+                body: "as I would rather have said it".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(edit.code(), Code::FailedPrecondition);
+    assert_eq!(status::reason(&edit).as_deref(), Some("LEGAL_HOLD_ACTIVE"));
+
+    let mut tenants = s.stack.tenant_client().await;
+    let by_owner = tenants
+        .delete_tenant(with_token(
+            &s.owner,
+            tenant_pb::DeleteTenantRequest {
+                confirm_slug: s.tenant.slug.clone(),
+                password: OWNER_PASSWORD.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status::reason(&by_owner).as_deref(),
+        Some("LEGAL_HOLD_ACTIVE"),
+        "{by_owner:?}"
+    );
+    let operator_delete = || {
+        s.stack
+            .secrets
+            .operator(tenant_pb::DeleteTenantRequest {
+                tenant_id: s.tenant.id.clone(),
+                confirm_slug: s.tenant.slug.clone(),
+                ..Default::default()
+            })
+    };
+    let by_operator = tenants.delete_tenant(operator_delete()).await.unwrap_err();
+    assert_eq!(by_operator.code(), Code::FailedPrecondition);
+    assert_eq!(status::reason(&by_operator).as_deref(), Some("LEGAL_HOLD_ACTIVE"));
+    // Nothing was deleted: the held message reads as it was said.
+    let history = s
+        .stack
+        .messaging_client()
+        .await
+        .list_messages(with_token(
+            &s.owner,
+            msg_pb::ListMessagesRequest {
+                conversation_id: conversation.clone(),
+                direction: msg_pb::Direction::Forward as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(history[0].body, "as it was said");
+
+    // Lifted, the hold no longer stands in the way.
+    s.hold(Target::UserId(s.member_id.clone()), false, "")
+        .await
+        .unwrap();
+    tenants.delete_tenant(operator_delete()).await.unwrap();
+}

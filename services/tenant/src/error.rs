@@ -64,6 +64,10 @@ pub enum Error {
     #[error("totp_code required")]
     TotpRequired,
 
+    /// A legal hold is in force somewhere in the tenant: it is not deleted.
+    #[error("a legal hold is in force")]
+    LegalHold,
+
     /// No such tenant (or deleted, where only active ones qualify).
     #[error("tenant not found")]
     NotFound,
@@ -142,6 +146,12 @@ impl From<Error> for Status {
                 "TOTP_REQUIRED",
                 "the owner enrolled TOTP: send a current totp_code",
                 &[("field", "totp_code")],
+            ),
+            Error::LegalHold => status::error(
+                Code::FailedPrecondition,
+                "LEGAL_HOLD_ACTIVE",
+                "a legal hold is in force in this tenant; lift it before deleting the tenant",
+                &[],
             ),
             Error::Denied(status) => *status,
             Error::Database(ref db) if hafen_store::is_unique_violation(db, "tenants_slug_key") => {

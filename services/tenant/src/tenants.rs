@@ -625,6 +625,9 @@ impl Tenants {
         let deleted_at = if tenant_row.database_name == DEFAULT_DATABASE {
             main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
+                if tenancy::holds_in_force(conn, &tenant)? {
+                    return Err(Error::LegalHold);
+                }
                 tenancy::drop_schema(conn, &tenant)?;
                 hafen_events::record_sync(conn, event)?;
                 Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
@@ -637,7 +640,12 @@ impl Tenants {
                 .ok_or_else(|| Error::Config("tenant placed on an unknown database".into()))?;
             let mut placed =
                 hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
-            placed.transaction(|conn| tenancy::drop_schema(conn, &tenant))?;
+            placed.transaction(|conn| -> Result<_, Error> {
+                if tenancy::holds_in_force(conn, &tenant)? {
+                    return Err(Error::LegalHold);
+                }
+                Ok(tenancy::drop_schema(conn, &tenant)?)
+            })?;
             main.transaction(|conn| -> Result<_, Error> {
                 control::blocking::lock_active(conn, tenant.as_uuid())?.ok_or(Error::NotFound)?;
                 hafen_events::record_sync(conn, event)?;
