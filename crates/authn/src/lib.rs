@@ -17,10 +17,12 @@
 //!
 //! - [`operator`]: the platform token. [`token`]: minting and parsing access tokens.
 //! - [`cache`]: Redis. [`revocations`]: revoked sessions and waiting for them.
+//! - [`limits`]: brute-force protection, atomic in Redis, per process when Redis is down.
 //! - [`principal`]: roles, principals, revocation reasons and how they map to statuses.
 
 pub mod cache;
 mod layer;
+pub mod limits;
 pub mod operator;
 pub mod principal;
 pub mod remote;

@@ -238,6 +238,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 refresh_ttl: std::time::Duration::from_secs(30 * 24 * 3600),
                 login_free_attempts: 5,
                 login_max_backoff: std::time::Duration::from_secs(15 * 60),
+                trusted_proxies: Vec::new(),
+                client_address_header: "x-forwarded-for".to_owned(),
             },
             auth,
             shutdown(),

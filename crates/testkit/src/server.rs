@@ -84,6 +84,8 @@ impl TestSecrets {
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             login_free_attempts: 5,
             login_max_backoff: Duration::from_secs(15 * 60),
+            trusted_proxies: Vec::new(),
+            client_address_header: "x-forwarded-for".to_owned(),
         }
     }
 

@@ -74,7 +74,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let client = request.remote_addr().map(|addr| addr.ip());
+        let client = self.auth.policy().client_address.of(&request);
         let r = request.into_inner();
         required("tenant_slug", &r.tenant_slug, 40)?;
         required("username", &r.username, 64)?;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::limits::Limiter;
+use hafen_authn::limits::Limiter;
 
 /// What the service enforces.
 #[derive(Debug, Clone)]
@@ -26,6 +26,8 @@ pub struct Policy {
     pub access_ttl: Duration,
     /// Lifetime of refresh tokens.
     pub refresh_ttl: Duration,
+    /// Where a caller's address comes from, for rate limiting.
+    pub client_address: hafen_platform::net::ClientAddress,
 }
 
 /// The auth domain service.

@@ -220,10 +220,12 @@ impl Auth {
 
     /// Completes TOTP enrollment with a current code.
     pub async fn confirm_totp(&self, caller: &Principal, code: &str) -> Result<UserRow, Error> {
-        let subject = [format!("totp:{}", caller.user_id)];
-        if let Some(wait) = self.inner.limiter.blocked(&subject).await {
-            return Err(Error::RateLimited(wait));
-        }
+        let subject = format!("totp:{}", caller.user_id);
+        self.inner
+            .limiter
+            .acquire(&subject)
+            .await
+            .map_err(Error::RateLimited)?;
         let user = self.user(caller.tenant_id, caller.user_id).await?;
         let pending = user
             .totp_pending
@@ -232,10 +234,9 @@ impl Auth {
         let secret =
             hafen_crypto::totp::open_secret(&self.inner.totp_key, user.id.as_bytes(), &pending)?;
         if !hafen_crypto::totp::verify(&secret, code, unix_now()) {
-            self.inner.limiter.failed(&subject).await;
             return Err(Error::ConfirmationFailed);
         }
-        self.inner.limiter.succeeded(&subject[0]).await;
+        self.inner.limiter.succeeded(&subject).await;
         let id = user.id;
         let tenant = caller.tenant_id;
         let updated = self

@@ -5,7 +5,7 @@
 //!
 //! - [`auth`]: shared state and helpers; [`sessions`]: login, refresh, logout, introspection,
 //!   wipe confirmation; [`users`]: accounts; [`codes`]: chat codes, remote wipe and TOTP;
-//!   [`limits`]: the Redis rate limiter.
+//!   brute-force limits come from `hafen_authn::limits`.
 //! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! PostgreSQL is the truth of sessions; Redis caches them and carries revocations to every
@@ -16,7 +16,6 @@ mod api;
 pub mod auth;
 pub mod codes;
 mod error;
-pub mod limits;
 pub mod rows;
 pub mod sessions;
 pub mod users;
@@ -89,6 +88,19 @@ pub struct Config {
     #[arg(long, env = "HAFEN_LOGIN_FREE_ATTEMPTS", default_value_t = 5)]
     pub login_free_attempts: u32,
 
+    /// Proxies (comma-separated addresses or networks, e.g. `10.0.0.0/8`) whose client-address
+    /// header is believed for rate limiting; from any other peer the TCP address counts.
+    #[arg(long, env = "HAFEN_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<hafen_platform::net::Cidr>,
+
+    /// The header a trusted proxy puts the client's address in; its last address counts.
+    #[arg(
+        long,
+        env = "HAFEN_CLIENT_ADDRESS_HEADER",
+        default_value = "x-forwarded-for"
+    )]
+    pub client_address_header: String,
+
     /// The longest login back-off.
     #[arg(long, env = "HAFEN_LOGIN_MAX_BACKOFF", default_value = "15m", value_parser = humantime::parse_duration)]
     pub login_max_backoff: Duration,
@@ -116,12 +128,12 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         .with_session_key(keys.get(Purpose::SessionCache)?);
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
-    let limiter = limits::Limiter::new(
+    let limiter = hafen_authn::limits::Limiter::new(
         Some(redis.clone()),
-        limits::LimitPolicy {
+        hafen_authn::limits::LimitPolicy {
             free_attempts: config.login_free_attempts,
             max_delay: config.login_max_backoff,
-            ..limits::LimitPolicy::default()
+            ..hafen_authn::limits::LimitPolicy::default()
         },
     );
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
@@ -148,6 +160,10 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
             min_password_chars: config.min_password_chars,
             access_ttl: config.access_ttl,
             refresh_ttl: config.refresh_ttl,
+            client_address: hafen_platform::net::ClientAddress {
+                trusted_proxies: config.trusted_proxies.clone(),
+                header: config.client_address_header.to_lowercase(),
+            },
         },
         limiter,
         hafen_platform::cpu::CpuPool::new("hafen-auth-hash"),

@@ -70,25 +70,22 @@ fn ttl(duration: std::time::Duration) -> chrono::Duration {
 impl Auth {
     /// Opens a session. Every failure is the same LOGIN_FAILED, after the same hashing work,
     /// so nothing tells which factor was wrong or whether the user exists.
+    ///
+    /// Guessing is limited without letting a guesser lock the real user out. Every attempt is
+    /// counted before the password is checked: per client address, which backs off outright
+    /// (the guesser's address, not the user's), and per tenant and username. Once a username
+    /// backs off, an attempt goes on only with a chat code of an active device of that
+    /// account, counted per device: the second factor proves the device, so the user logs in
+    /// from their own device while a guesser without one is refused (RATE_LIMITED).
     pub async fn login(&self, input: LoginInput) -> Result<LoggedIn, Error> {
-        let subjects: Vec<String> = [
-            Some(format!(
-                "login-user:{}:{}",
-                input.tenant_slug,
-                input.username.to_lowercase()
-            )),
-            input.client.map(|ip| format!("login-addr:{ip}")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if let Some(wait) = self.inner.limiter.blocked(&subjects).await {
-            let tenant = self.active_tenant(&input.tenant_slug).await.ok().flatten();
-            let event = Event::new(tenant, Actor::UnknownUser, "auth.login.failed")
-                .denied()
-                .attribute("reason", "rate_limited");
-            self.record_alone(&event).await;
-            return Err(Error::RateLimited(wait));
+        if let Some(ip) = input.client
+            && let Err(wait) = self
+                .inner
+                .limiter
+                .acquire(&format!("login-addr:{ip}"))
+                .await
+        {
+            return Err(self.rate_limited(&input.tenant_slug, wait).await);
         }
 
         let tenant = self.active_tenant(&input.tenant_slug).await?;
@@ -108,6 +105,27 @@ impl Auth {
             Some((user, code)) => (Some(user), code),
             None => (None, None),
         };
+        let account = format!(
+            "login-user:{}:{}",
+            input.tenant_slug,
+            input.username.to_lowercase()
+        );
+        let device = match self.inner.limiter.acquire(&account).await {
+            Ok(()) => None,
+            Err(wait) => {
+                let known = code
+                    .as_ref()
+                    .filter(|_| user.as_ref().is_some_and(UserRow::is_active));
+                let Some(known) = known else {
+                    return Err(self.rate_limited(&input.tenant_slug, wait).await);
+                };
+                let device = format!("login-device:{}", known.id);
+                if let Err(wait) = self.inner.limiter.acquire(&device).await {
+                    return Err(self.rate_limited(&input.tenant_slug, wait).await);
+                }
+                Some(device)
+            }
+        };
         let stored = user
             .as_ref()
             .filter(|u| u.is_active())
@@ -116,7 +134,6 @@ impl Auth {
         let user_id = user.as_ref().map(|u| u.id);
         let (Some(tenant), Some(user), Some(code), true) = (tenant, user, code, verified.matches)
         else {
-            self.inner.limiter.failed(&subjects).await;
             // The user's id when the username exists, so an admin sees attacks on an
             // account; nothing that was typed.
             let actor = user_id.map_or(Actor::UnknownUser, Actor::User);
@@ -124,8 +141,12 @@ impl Auth {
                 .await;
             return Err(Error::LoginFailed);
         };
-        if let Some(user_subject) = <[String]>::first(&subjects) {
-            self.inner.limiter.succeeded(user_subject).await;
+        self.inner.limiter.succeeded(&account).await;
+        if let Some(device) = &device {
+            self.inner.limiter.succeeded(device).await;
+        }
+        if let Some(ip) = input.client {
+            self.inner.limiter.refund(&format!("login-addr:{ip}")).await;
         }
 
         if verified.needs_rehash {
@@ -191,6 +212,16 @@ impl Auth {
             tenant_id: tenant,
             chat_code_id: code.id,
         })
+    }
+
+    /// Audits a login refused for its back-off and says how long to wait.
+    async fn rate_limited(&self, slug: &str, wait: std::time::Duration) -> Error {
+        let tenant = self.active_tenant(slug).await.ok().flatten();
+        let event = Event::new(tenant, Actor::UnknownUser, "auth.login.failed")
+            .denied()
+            .attribute("reason", "rate_limited");
+        self.record_alone(&event).await;
+        Error::RateLimited(wait)
     }
 
     /// The id of the active tenant with `slug`.

@@ -422,19 +422,20 @@ impl Auth {
         caller: &Principal,
         password: Zeroizing<String>,
     ) -> Result<UserRow, Error> {
-        let subject = [format!("confirm:{}", caller.user_id)];
-        if let Some(wait) = self.inner.limiter.blocked(&subject).await {
-            return Err(Error::RateLimited(wait));
-        }
+        let subject = format!("confirm:{}", caller.user_id);
+        self.inner
+            .limiter
+            .acquire(&subject)
+            .await
+            .map_err(Error::RateLimited)?;
         let user = self.user(caller.tenant_id, caller.user_id).await?;
         let verified = self
             .verify(password, Some(user.password_hash.clone()))
             .await?;
         if !verified.matches {
-            self.inner.limiter.failed(&subject).await;
             return Err(Error::ConfirmationFailed);
         }
-        self.inner.limiter.succeeded(&subject[0]).await;
+        self.inner.limiter.succeeded(&subject).await;
         Ok(user)
     }
 

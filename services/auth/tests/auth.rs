@@ -911,3 +911,150 @@ async fn bx5_tokens_passwords_and_chat_codes_never_reach_the_logs() {
         }
     }
 }
+
+/// An auth service beside `stack`'s, on the same database and Redis, that believes the
+/// `x-forwarded-for` of calls from loopback (as if behind a proxy), so tests can play
+/// clients at different addresses.
+async fn behind_a_proxy(stack: &TestStack) -> hafen_testkit::TestServer {
+    let mut config = stack.secrets.auth_config(&stack.db);
+    config.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    hafen_testkit::TestServer::spawn(|l, s| hafen_auth::serve(config, l, s)).await
+}
+
+/// Logs in through `server` as a client at `address`.
+async fn login_from(
+    server: &hafen_testkit::TestServer,
+    stack: &TestStack,
+    address: &str,
+    username: &str,
+    password: &str,
+    code: &str,
+) -> Result<pb::LoginResponse, tonic::Status> {
+    let mut request = tonic::Request::new(pb::LoginRequest {
+        tenant_slug: "acme".into(),
+        username: username.into(),
+        password: password.into(),
+        chat_code: code.into(),
+        device_label: String::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-forwarded-for", address.parse().unwrap());
+    pb::auth_service_client::AuthServiceClient::new(server.channel(&stack.secrets).await)
+        .login(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc2_guessing_passwords_slows_the_guesser_but_never_locks_the_user_out() {
+    let (stack, _tenant, owner) = setup().await;
+    let (_, code) = member(&stack, &owner, "target", "target password").await;
+    let proxied = behind_a_proxy(&stack).await;
+    let no_device = "ABCDEFGHJK";
+
+    // One guesser: its address backs off after the free attempts.
+    for attempt in 0..8 {
+        let err = login_from(
+            &proxied,
+            &stack,
+            "10.0.0.1",
+            "target",
+            "guess guess!",
+            no_device,
+        )
+        .await
+        .unwrap_err();
+        let expected = if attempt < 5 {
+            "LOGIN_FAILED"
+        } else {
+            "RATE_LIMITED"
+        };
+        assert_eq!(reason(&err), expected, "attempt {attempt}");
+    }
+    // Guessers spread over many addresses: the username backs off for them too…
+    let spread = login_from(
+        &proxied,
+        &stack,
+        "10.0.9.9",
+        "target",
+        "guess guess!",
+        no_device,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&spread), "RATE_LIMITED");
+    // …but not for the user on their own device, whose chat code the account knows.
+    login_from(
+        &proxied,
+        &stack,
+        "10.0.0.2",
+        "target",
+        "target password",
+        &code,
+    )
+    .await
+    .expect("the real user logs in while the username backs off");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc2_parallel_guesses_reach_bcrypt_no_more_often_than_allowed() {
+    let (stack, _tenant, owner) = setup().await;
+    member(&stack, &owner, "parallel", "parallel password").await;
+    let proxied = behind_a_proxy(&stack).await;
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let channel = proxied.channel(&stack.secrets).await;
+        guesses.spawn(async move {
+            let mut request = tonic::Request::new(pb::LoginRequest {
+                tenant_slug: "acme".into(),
+                username: "parallel".into(),
+                password: "guess guess!".into(),
+                chat_code: "ABCDEFGHJK".into(),
+                device_label: String::new(),
+            });
+            request
+                .metadata_mut()
+                .insert("x-forwarded-for", format!("10.1.0.{i}").parse().unwrap());
+            pb::auth_service_client::AuthServiceClient::new(channel)
+                .login(request)
+                .await
+                .unwrap_err()
+        });
+    }
+    let mut checked = 0;
+    let mut limited = 0;
+    while let Some(answer) = guesses.join_next().await {
+        match reason(&answer.unwrap()).as_str() {
+            "LOGIN_FAILED" => checked += 1,
+            "RATE_LIMITED" => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        checked <= 5,
+        "{checked} guesses reached bcrypt; 5 are allowed"
+    );
+    assert_eq!(checked + limited, 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc2_with_redis_down_the_limiter_still_limits() {
+    let mut redis = hafen_testkit::PrivateRedis::start();
+    let stack = TestStack::start_with_redis(Some(redis.args("hafen:"))).await;
+    let tenant = stack.create_tenant("acme").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let (_, code) = member(&stack, &owner, "target", "target password").await;
+    redis.stop();
+    let mut answers = Vec::new();
+    for _ in 0..7 {
+        let err = stack
+            .login("acme", "target", "guess guess!", &code)
+            .await
+            .unwrap_err();
+        answers.push(reason(&err));
+    }
+    assert_eq!(&answers[..5], ["LOGIN_FAILED"; 5]);
+    assert_eq!(answers[6], "RATE_LIMITED", "never fails open: {answers:?}");
+    let _ = tenant;
+}

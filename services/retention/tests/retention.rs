@@ -1599,17 +1599,18 @@ async fn gr3_a_legal_hold_stops_tenant_deletion_and_the_rewriting_of_held_messag
         "{by_owner:?}"
     );
     let operator_delete = || {
-        s.stack
-            .secrets
-            .operator(tenant_pb::DeleteTenantRequest {
-                tenant_id: s.tenant.id.clone(),
-                confirm_slug: s.tenant.slug.clone(),
-                ..Default::default()
-            })
+        s.stack.secrets.operator(tenant_pb::DeleteTenantRequest {
+            tenant_id: s.tenant.id.clone(),
+            confirm_slug: s.tenant.slug.clone(),
+            ..Default::default()
+        })
     };
     let by_operator = tenants.delete_tenant(operator_delete()).await.unwrap_err();
     assert_eq!(by_operator.code(), Code::FailedPrecondition);
-    assert_eq!(status::reason(&by_operator).as_deref(), Some("LEGAL_HOLD_ACTIVE"));
+    assert_eq!(
+        status::reason(&by_operator).as_deref(),
+        Some("LEGAL_HOLD_ACTIVE")
+    );
     // Nothing was deleted: the held message reads as it was said.
     let history = s
         .stack
