@@ -35,12 +35,13 @@ pub fn code_at(secret: &[u8], unix_secs: u64) -> String {
     format!("{:06}", binary % 10u32.pow(DIGITS))
 }
 
-/// Whether `code` is valid for `secret` at `unix_secs`, allowing one step of clock drift
-/// either way. Compared in constant time.
-pub fn verify(secret: &[u8], code: &str, unix_secs: u64) -> bool {
+/// The time step (`unix_secs / 30`) whose code `code` is, for `secret` around `unix_secs`
+/// (one step of clock drift either way); `None` when it is none of them. Callers record the
+/// step, so a code is accepted once (see `hafen_store::accounts::use_totp_step`).
+pub fn matching_step(secret: &[u8], code: &str, unix_secs: u64) -> Option<u64> {
     let code = code.trim();
     if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
-        return false;
+        return None;
     }
     [
         unix_secs.saturating_sub(STEP_SECS),
@@ -48,9 +49,16 @@ pub fn verify(secret: &[u8], code: &str, unix_secs: u64) -> bool {
         unix_secs + STEP_SECS,
     ]
     .iter()
-    .fold(false, |found, &t| {
-        found | constant_time_eq(code_at(secret, t).as_bytes(), code.as_bytes())
+    .fold(None, |found, &t| {
+        let matches = constant_time_eq(code_at(secret, t).as_bytes(), code.as_bytes());
+        if matches { Some(t / STEP_SECS) } else { found }
     })
+}
+
+/// Whether `code` is valid for `secret` at `unix_secs`, allowing one step of clock drift
+/// either way. Compared in constant time.
+pub fn verify(secret: &[u8], code: &str, unix_secs: u64) -> bool {
+    matching_step(secret, code, unix_secs).is_some()
 }
 
 /// Seals a user's TOTP secret for storage, under the TOTP sub-key

@@ -56,6 +56,18 @@ pub fn invalid_argument_reason(
     error(Code::InvalidArgument, reason, message, metadata)
 }
 
+/// RESOURCE_EXHAUSTED with reason `RATE_LIMITED`: too many attempts; retry after `wait`
+/// (metadata `retry_after_seconds`, at least 1).
+pub fn rate_limited(wait: std::time::Duration) -> Status {
+    let seconds = wait.as_secs().max(1).to_string();
+    error(
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+        format!("too many attempts; retry in {seconds} s"),
+        &[("retry_after_seconds", &seconds)],
+    )
+}
+
 /// Parses a required UUID field; INVALID_FIELD naming `field` when empty or malformed.
 pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
     if value.is_empty() {

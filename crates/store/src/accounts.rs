@@ -157,6 +157,30 @@ pub fn insert_user_with_code(
     Ok(())
 }
 
+/// Records that a TOTP code of time step `step` confirmed an action of `user`, inside the
+/// caller's tenant scope; false when a code of this step or a later one was used already
+/// (a replay), which the caller refuses.
+pub async fn use_totp_step(
+    conn: &mut crate::AsyncPgConnection,
+    user: uuid::Uuid,
+    step: u64,
+) -> diesel::QueryResult<bool> {
+    use diesel::{BoolExpressionMethods, ExpressionMethods, QueryDsl};
+
+    use crate::schema::users;
+    let step = i64::try_from(step).unwrap_or(i64::MAX);
+    let update = diesel::update(
+        users::table.find(user).filter(
+            users::totp_last_step
+                .is_null()
+                .or(users::totp_last_step.lt(step)),
+        ),
+    )
+    .set(users::totp_last_step.eq(step));
+    let updated = diesel_async::RunQueryDsl::execute(update, conn).await?;
+    Ok(updated == 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,6 +78,7 @@ diesel::table! {
         totp_pending -> Nullable<Bytea>,
         totp_enabled_at -> Nullable<Timestamptz>,
         create_request_id -> Nullable<Uuid>,
+        totp_last_step -> Nullable<BigInt>,
     }
 }
 

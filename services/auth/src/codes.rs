@@ -233,15 +233,19 @@ impl Auth {
             .ok_or(Error::InvalidState("no TOTP enrollment is pending"))?;
         let secret =
             hafen_crypto::totp::open_secret(&self.inner.totp_key, user.id.as_bytes(), &pending)?;
-        if !hafen_crypto::totp::verify(&secret, code, unix_now()) {
+        let Some(step) = hafen_crypto::totp::matching_step(&secret, code, unix_now()) else {
             return Err(Error::ConfirmationFailed);
-        }
+        };
         self.inner.limiter.succeeded(&subject).await;
         let id = user.id;
         let tenant = caller.tenant_id;
         let updated = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    // The confirming code is used up: it cannot confirm anything else.
+                    if !hafen_store::accounts::use_totp_step(conn, id, step).await? {
+                        return Err(Error::ConfirmationFailed);
+                    }
                     let event = Event::new(Some(tenant), Actor::User(id), "auth.totp.enabled")
                         .target("user", id);
                     hafen_events::record(conn, &event).await?;

@@ -118,15 +118,7 @@ impl From<Error> for Status {
                 "login failed: check tenant, username, password and chat code",
                 &[],
             ),
-            Error::RateLimited(wait) => {
-                let seconds = wait.as_secs().max(1).to_string();
-                status::error(
-                    Code::ResourceExhausted,
-                    "RATE_LIMITED",
-                    format!("too many failed attempts; retry in {seconds} s"),
-                    &[("retry_after_seconds", &seconds)],
-                )
-            }
+            Error::RateLimited(wait) => status::rate_limited(wait),
             Error::NotFound(resource) => status::not_found(resource),
             Error::AlreadyExists(field) => {
                 status::already_exists(field, format!("{field} is already taken"))

@@ -648,10 +648,15 @@ async fn gr3_the_owner_deletes_the_tenant_with_password_and_totp() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
+    // The code that confirmed the enrollment is used up; the next step's code is current
+    // too (one step of clock drift is allowed) and has not been used.
     tenants
         .delete_tenant(with_token(
             &owner,
-            delete(OWNER_PASSWORD, hafen_crypto::totp::code_at(&secret, now())),
+            delete(
+                OWNER_PASSWORD,
+                hafen_crypto::totp::code_at(&secret, now() + 30),
+            ),
         ))
         .await
         .expect("password and a current TOTP code delete the tenant");
@@ -1057,4 +1062,85 @@ async fn oc2_with_redis_down_the_limiter_still_limits() {
     assert_eq!(&answers[..5], ["LOGIN_FAILED"; 5]);
     assert_eq!(answers[6], "RATE_LIMITED", "never fails open: {answers:?}");
     let _ = tenant;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr3_owner_confirmations_are_rate_limited_and_a_totp_code_confirms_once() {
+    let (stack, tenant, owner) = setup().await;
+    let mut tenants = stack.tenant_client().await;
+    let delete = |password: &str, totp: &str| tenant_pb::DeleteTenantRequest {
+        tenant_id: String::new(),
+        confirm_slug: tenant.slug.clone(),
+        password: password.into(),
+        totp_code: totp.into(),
+    };
+    // Without TOTP enrolled, a TOTP code is an error, not silently ignored; so is a code that
+    // cannot be one.
+    for totp in ["123456", &"9".repeat(10_000)] {
+        let err = tenants
+            .delete_tenant(with_token(&owner, delete(OWNER_PASSWORD, totp)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(field(&err), "totp_code");
+    }
+    // Wrong passwords: counted like logins, then RATE_LIMITED.
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let err = tenants
+            .delete_tenant(with_token(&owner, delete("wrong password!", "")))
+            .await
+            .unwrap_err();
+        answers.push(reason(&err));
+    }
+    assert_eq!(&answers[..5], ["CONFIRMATION_FAILED"; 5]);
+    assert_eq!(answers[5], "RATE_LIMITED", "{answers:?}");
+
+    // A second tenant, whose owner enrolls TOTP: the enrolling code cannot confirm again.
+    let other = stack.create_tenant("replay").await;
+    let owner = stack.login_owner(&other).await.access_token;
+    let mut auth = stack.auth_client().await;
+    let enrolled = auth
+        .enroll_totp(with_token(
+            &owner,
+            pb::EnrollTotpRequest {
+                password: OWNER_PASSWORD.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = base32_decode(&enrolled.secret_base32);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let code = hafen_crypto::totp::code_at(&secret, now);
+    auth.confirm_totp(with_token(
+        &owner,
+        pb::ConfirmTotpRequest { code: code.clone() },
+    ))
+    .await
+    .unwrap();
+    let replayed = tenants
+        .delete_tenant(with_token(
+            &owner,
+            tenant_pb::DeleteTenantRequest {
+                confirm_slug: other.slug.clone(),
+                password: OWNER_PASSWORD.into(),
+                totp_code: code,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&replayed),
+        "CONFIRMATION_FAILED",
+        "a code confirms once"
+    );
+    assert!(
+        get_own_tenant(&stack, &owner).await.is_ok(),
+        "nothing deleted"
+    );
 }

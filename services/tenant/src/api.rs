@@ -214,6 +214,12 @@ impl TenantService for TenantApi {
                         Error::invalid("password", "the owner confirms with the password").into(),
                     );
                 }
+                let code = request.totp_code.trim();
+                if !code.is_empty()
+                    && (code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    return Err(Error::invalid("totp_code", "six digits, or empty").into());
+                }
                 self.tenants
                     .verify_owner(
                         id,

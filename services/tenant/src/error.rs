@@ -64,6 +64,10 @@ pub enum Error {
     #[error("totp_code required")]
     TotpRequired,
 
+    /// Too many confirmations were tried; wait this long.
+    #[error("rate limited")]
+    RateLimited(std::time::Duration),
+
     /// A legal hold is in force somewhere in the tenant: it is not deleted.
     #[error("a legal hold is in force")]
     LegalHold,
@@ -147,6 +151,7 @@ impl From<Error> for Status {
                 "the owner enrolled TOTP: send a current totp_code",
                 &[("field", "totp_code")],
             ),
+            Error::RateLimited(wait) => status::rate_limited(wait),
             Error::LegalHold => status::error(
                 Code::FailedPrecondition,
                 "LEGAL_HOLD_ACTIVE",

@@ -139,6 +139,8 @@ struct Inner {
     /// Low-priority threads for password hashing.
     cpu: hafen_platform::cpu::CpuPool,
     master: MasterKey,
+    /// Limits the owner's password confirmations (DeleteTenant), with the auth service's.
+    limiter: hafen_authn::limits::Limiter,
     chat_code_pepper: DataKey,
     /// Opens the owner's TOTP secret (DeleteTenant's second factor).
     totp_key: DataKey,
@@ -179,12 +181,17 @@ impl Tenants {
     ) -> Self {
         let chat_code_pepper = Purpose::ChatCodePepper.derive(&master);
         let totp_key = Purpose::TotpSecrets.derive(&master);
+        let limiter = hafen_authn::limits::Limiter::new(
+            redis.clone(),
+            hafen_authn::limits::LimitPolicy::default(),
+        );
         Self {
             inner: Arc::new(Inner {
                 databases,
                 redis,
                 cpu: hafen_platform::cpu::CpuPool::new("hafen-tenant-hash"),
                 master,
+                limiter,
                 chat_code_pepper,
                 totp_key,
                 policy,
@@ -669,6 +676,14 @@ impl Tenants {
         use diesel_async::RunQueryDsl;
         use hafen_store::schema::users;
 
+        // Counted with the owner's other confirmations (ChangePassword): one budget for
+        // guessing their password.
+        let subject = format!("confirm:{owner}");
+        self.inner
+            .limiter
+            .acquire(&subject)
+            .await
+            .map_err(Error::RateLimited)?;
         let tenant_id = TenantId::from(tenant);
         let pool = self.inner.databases.tenant_pool(&tenant_id).await?;
         let (hash, totp, role): (String, Option<Vec<u8>>, String) =
@@ -699,19 +714,51 @@ impl Tenants {
         if !verified.matches {
             return Err(Error::ConfirmationFailed);
         }
-        if let Some(sealed) = totp {
-            if totp_code.is_empty() {
-                return Err(Error::TotpRequired);
+        self.inner.limiter.succeeded(&subject).await;
+        match totp {
+            Some(sealed) => {
+                if totp_code.is_empty() {
+                    return Err(Error::TotpRequired);
+                }
+                // TOTP guesses are counted apart, as ConfirmTotp counts them.
+                let guesses = format!("totp:{owner}");
+                self.inner
+                    .limiter
+                    .acquire(&guesses)
+                    .await
+                    .map_err(Error::RateLimited)?;
+                let secret = hafen_crypto::totp::open_secret(
+                    &self.inner.totp_key,
+                    owner.as_bytes(),
+                    &sealed,
+                )?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let step = hafen_crypto::totp::matching_step(&secret, totp_code, now)
+                    .ok_or(Error::ConfirmationFailed)?;
+                // A code confirms once: the same code cannot be replayed within its window.
+                let fresh = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(
+                            hafen_store::accounts::use_totp_step(conn, owner, step).await?,
+                        )
+                    })
+                })
+                .await?;
+                if !fresh {
+                    return Err(Error::ConfirmationFailed);
+                }
+                self.inner.limiter.succeeded(&guesses).await;
             }
-            let secret =
-                hafen_crypto::totp::open_secret(&self.inner.totp_key, owner.as_bytes(), &sealed)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
-            if !hafen_crypto::totp::verify(&secret, totp_code, now) {
-                return Err(Error::ConfirmationFailed);
+            None if !totp_code.is_empty() => {
+                return Err(Error::invalid(
+                    "totp_code",
+                    "the owner has not enrolled TOTP: leave it empty",
+                ));
             }
+            None => {}
         }
         Ok(())
     }
