@@ -211,8 +211,17 @@ impl MessagingService for MessagingApi {
                     .parse::<i64>()
                     .map_err(|_| Error::invalid("page_token", "not a token from a previous page"))?
             }
-            None => i64::try_from(r.start_sequence)
-                .map_err(|_| Error::invalid("start_sequence", "too large"))?,
+            None => {
+                let start = i64::try_from(r.start_sequence)
+                    .map_err(|_| Error::invalid("start_sequence", "too large"))?;
+                // start_sequence is inclusive; the position the domain takes is the one just
+                // before (forward) or after (backward) the first message to return.
+                match (start, forward) {
+                    (0, _) => 0,
+                    (start, true) => start - 1,
+                    (start, false) => start.saturating_add(1),
+                }
+            }
         };
         let limit = paging::page_size(r.page_size)?;
         let (messages, more) = self

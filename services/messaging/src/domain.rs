@@ -538,7 +538,8 @@ impl Messaging {
 
     /// Sends a message: masked and encrypted here, then numbered and logged by the tenant's
     /// group commit, and returned only once committed. A retry with the same request id
-    /// returns the first.
+    /// returns the first; the same request id with another conversation or body is
+    /// [`Error::RequestIdConflict`].
     pub async fn send(
         &self,
         caller: &Principal,
@@ -571,9 +572,13 @@ impl Messaging {
             })
             .await?;
         if row.id != id {
-            // A retry: the first message's body is the one stored.
+            // A retry: the first message's body is the one stored, and it must be this one.
             let mut views = self.views(caller.tenant_id, vec![row]).await?;
-            return views.pop().ok_or(Error::NotFound("message"));
+            let first = views.pop().ok_or(Error::NotFound("message"))?;
+            if first.conversation_id != conversation || first.body != body {
+                return Err(Error::RequestIdConflict);
+            }
+            return Ok(first);
         }
         Ok(row.view(body))
     }

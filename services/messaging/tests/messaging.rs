@@ -1347,3 +1347,104 @@ async fn direct_conversations_are_unique_per_pair_and_members_can_leave_groups()
     let err = s.send(&s.member, &group, "still here?").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "no access after leaving");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_a_request_id_reused_for_another_message_is_request_id_conflict() {
+    let s = &setup().await;
+    let conversation = s.group("idempotent").await;
+    let other = s.group("elsewhere").await;
+    let send = |conversation: &str, body: &str, request_id: &str| {
+        let request = pb::SendMessageRequest {
+            request_id: request_id.into(),
+            conversation_id: conversation.into(),
+            body: body.into(),
+        };
+        let token = s.owner.clone();
+        async move {
+            s.client()
+                .await
+                .send_message(with_token(&token, request))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let request_id = Uuid::now_v7().to_string();
+    let first = send(&conversation, "the first", &request_id).await.unwrap();
+    let retried = send(&conversation, "the first", &request_id).await.unwrap();
+    assert_eq!(
+        retried.message_id, first.message_id,
+        "a retry returns the first"
+    );
+    for (to, body) in [(&conversation, "another body"), (&other, "the first")] {
+        let err = send(to, body, &request_id).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        assert_eq!(
+            hafen_platform::status::reason(&err).as_deref(),
+            Some("REQUEST_ID_CONFLICT")
+        );
+    }
+    assert_eq!(
+        s.history(&s.owner, &conversation).await.len(),
+        1,
+        "nothing more stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_list_messages_start_sequence_is_inclusive() {
+    let s = &setup().await;
+    let conversation = s.group("numbers").await;
+    for i in 1..=6 {
+        s.send(&s.owner, &conversation, &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let page = |direction: pb::Direction, start: u64| {
+        let request = pb::ListMessagesRequest {
+            conversation_id: conversation.clone(),
+            direction: direction as i32,
+            start_sequence: start,
+            page_size: 2,
+            ..Default::default()
+        };
+        let token = s.owner.clone();
+        async move {
+            let page = s
+                .client()
+                .await
+                .list_messages(with_token(&token, request))
+                .await
+                .unwrap()
+                .into_inner();
+            (
+                page.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+                page.next_page_token,
+            )
+        }
+    };
+    assert_eq!(page(pb::Direction::Forward, 4).await.0, [4, 5]);
+    assert_eq!(page(pb::Direction::Backward, 4).await.0, [4, 3]);
+    assert_eq!(page(pb::Direction::Forward, 0).await.0, [1, 2]);
+    assert_eq!(page(pb::Direction::Backward, 0).await.0, [6, 5]);
+    assert_eq!(page(pb::Direction::Forward, 6).await.0, [6]);
+    // A page token continues after the last message returned, with nothing repeated.
+    let (_, token) = page(pb::Direction::Forward, 3).await;
+    let next = s
+        .client()
+        .await
+        .list_messages(with_token(
+            &s.owner,
+            pb::ListMessagesRequest {
+                conversation_id: conversation.clone(),
+                direction: pb::Direction::Forward as i32,
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let sequences: Vec<_> = next.messages.iter().map(|m| m.sequence).collect();
+    assert_eq!(sequences, [5, 6]);
+}
