@@ -6,7 +6,8 @@
 //!   presented, so a cache filled a moment before a revocation cannot resurrect it;
 //! - channel `revocations`: `<id> <reason>` per revocation, so services drop cached sessions
 //!   and end open streams at once; `tenant <id>` when a tenant was deleted, so services
-//!   forget its keys. A publish that fails is retried in the background with back-off
+//!   forget its keys; `settings <id>` when its settings changed, so caches of them are
+//!   dropped. A publish that fails is retried in the background with back-off
 //!   ([`Redis::announce`]); until it goes through, open streams still end within seconds,
 //!   because they re-check their sessions in PostgreSQL ([`crate::Revocations`]).
 //!
@@ -264,6 +265,23 @@ impl Redis {
                 redis::cmd("PUBLISH")
                     .arg(redis.revocation_channel())
                     .arg(format!("tenant {}", tenant.simple()))
+                    .query_async::<()>(&mut redis.conn())
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// Announces that `tenant`'s settings changed, so every service drops what it cached of
+    /// them; retried like [`Redis::announce`].
+    pub async fn announce_settings_changed(&self, tenant: Uuid) -> bool {
+        let redis = self.clone();
+        self.deliver("settings change", move || {
+            let redis = redis.clone();
+            Box::pin(async move {
+                redis::cmd("PUBLISH")
+                    .arg(redis.revocation_channel())
+                    .arg(format!("settings {}", tenant.simple()))
                     .query_async::<()>(&mut redis.conn())
                     .await
             })

@@ -6,7 +6,8 @@
 //! Redis only speeds this up: a revocation whose announcement was lost still ends every open
 //! stream, because the sessions of open streams are looked up in the control plane every
 //! [`STREAM_RECHECK`] ([`Revocations::recheck_streams`]), in one query for all of them.
-//! Tenant deletions arrive on the same channel, for whoever holds a tenant's keys.
+//! Tenant deletions arrive on the same channel, for whoever holds a tenant's keys, and
+//! settings changes, for whoever caches a tenant's settings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,11 @@ struct Inner {
     watched: Mutex<HashMap<Uuid, usize>>,
     /// Tenants deleted, as announced.
     tenants_deleted: broadcast::Sender<Uuid>,
+    /// Tenants whose settings changed, as announced.
+    settings_changed: broadcast::Sender<Uuid>,
+    /// Since when the Redis channel has been followed without a break; `None` while it is
+    /// not (announcements are lost meanwhile).
+    following_since: Mutex<Option<Instant>>,
     /// How long a revocation is remembered (the longest an access token lives).
     remember: Duration,
 }
@@ -51,12 +57,15 @@ impl Revocations {
     pub fn new(remember: Duration) -> Self {
         let (events, _) = broadcast::channel(4096);
         let (tenants_deleted, _) = broadcast::channel(256);
+        let (settings_changed, _) = broadcast::channel(256);
         Self {
             inner: Arc::new(Inner {
                 revoked: Mutex::new(HashMap::new()),
                 events,
                 watched: Mutex::new(HashMap::new()),
                 tenants_deleted,
+                settings_changed,
+                following_since: Mutex::new(None),
                 remember,
             }),
         }
@@ -86,6 +95,33 @@ impl Revocations {
     /// Records that `tenant` was deleted and tells whoever listens ([`Self::tenant_deletions`]).
     pub fn record_tenant_deleted(&self, tenant: Uuid) {
         let _ = self.inner.tenants_deleted.send(tenant);
+    }
+
+    /// Records that `tenant`'s settings changed and tells whoever listens.
+    pub fn record_settings_changed(&self, tenant: Uuid) {
+        let _ = self.inner.settings_changed.send(tenant);
+    }
+
+    /// Settings changes from now on.
+    pub fn settings_changes(&self) -> broadcast::Receiver<Uuid> {
+        self.inner.settings_changed.subscribe()
+    }
+
+    /// Since when announcements have arrived without a break (the Redis channel followed);
+    /// `None` while they do not. A cache that relies on announcements may trust an entry
+    /// made since then, and must let older ones expire on their own.
+    pub fn following_since(&self) -> Option<Instant> {
+        self.inner
+            .following_since
+            .lock()
+            .ok()
+            .and_then(|since| *since)
+    }
+
+    fn set_following(&self, following: bool) {
+        if let Ok(mut since) = self.inner.following_since.lock() {
+            *since = following.then(Instant::now);
+        }
     }
 
     /// Tenant deletions from now on.
@@ -164,7 +200,9 @@ impl Revocations {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match this.follow(&redis).await {
+                let followed = this.follow(&redis).await;
+                this.set_following(false);
+                match followed {
                     Ok(()) => backoff = Duration::from_millis(100),
                     Err(err) => {
                         tracing::warn!(error = %err, "revocation channel unavailable; retrying");
@@ -179,6 +217,7 @@ impl Revocations {
     async fn follow(&self, redis: &Redis) -> redis::RedisResult<()> {
         let mut pubsub = redis.client().get_async_pubsub().await?;
         pubsub.subscribe(redis.revocation_channel()).await?;
+        self.set_following(true);
         tracing::debug!("following the revocation channel");
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
@@ -191,6 +230,12 @@ impl Revocations {
             if session == "tenant" {
                 if let Ok(tenant) = Uuid::try_parse(reason) {
                     self.record_tenant_deleted(tenant);
+                }
+                continue;
+            }
+            if session == "settings" {
+                if let Ok(tenant) = Uuid::try_parse(reason) {
+                    self.record_settings_changed(tenant);
                 }
                 continue;
             }

@@ -28,8 +28,13 @@ use crate::rows::{
     kind,
 };
 
-/// How long a tenant's settings (masking rules) are cached.
-const SETTINGS_TTL: Duration = Duration::from_secs(5);
+/// How long a tenant's settings (masking rules) are cached when no announcement of their
+/// changes can arrive (no Redis channel followed): a change takes this long at most.
+const SETTINGS_TTL: Duration = Duration::from_secs(1);
+
+/// How long cached settings are kept while changes are announced: each change drops them at
+/// once, so this only bounds how long a lost announcement could go unnoticed.
+const SETTINGS_TTL_FOLLOWED: Duration = Duration::from_secs(60);
 /// Most users AddMembers or CreateConversation takes at once.
 const MAX_MEMBERS_PER_CALL: usize = 500;
 
@@ -107,6 +112,10 @@ pub(crate) struct Inner {
     pub max_body_bytes: usize,
     committer: crate::commit::Committer,
     settings: Mutex<HashMap<Uuid, (Arc<TenantRules>, Instant)>>,
+    /// Bumped by every dropped setting, so a read that raced with a change is not cached.
+    settings_epoch: std::sync::atomic::AtomicU64,
+    /// Where settings changes are announced, and how long to cache while they are not.
+    settings_followed: std::sync::OnceLock<(hafen_authn::Revocations, Duration)>,
     /// Delivers the outbox to the audit service.
     relay: std::sync::OnceLock<hafen_events::Relay>,
 }
@@ -137,6 +146,8 @@ impl Messaging {
                 max_body_bytes,
                 committer: crate::commit::Committer::default(),
                 settings: Mutex::new(HashMap::new()),
+                settings_epoch: std::sync::atomic::AtomicU64::new(0),
+                settings_followed: std::sync::OnceLock::new(),
                 relay: std::sync::OnceLock::new(),
             }),
         }
@@ -194,7 +205,61 @@ impl Messaging {
         hafen_store::with_tenant(&pool, &tenant, f).await
     }
 
-    /// The tenant's settings and compiled masking rules (cached for a few seconds).
+    /// Drops cached settings whenever `revocations` hears of a change, for the life of the
+    /// process; while it does not follow the announcements, cached settings live at most
+    /// `unfollowed_ttl` (the streams' poll interval).
+    pub fn follow_settings(
+        &self,
+        revocations: &hafen_authn::Revocations,
+        unfollowed_ttl: Duration,
+    ) {
+        let _ = self
+            .inner
+            .settings_followed
+            .set((revocations.clone(), unfollowed_ttl));
+        let mut changes = revocations.settings_changes();
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let changed = changes.recv().await;
+                this.inner
+                    .settings_epoch
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let Ok(mut cache) = this.inner.settings.lock() else {
+                    return;
+                };
+                match changed {
+                    Ok(tenant) => {
+                        cache.remove(&tenant);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => cache.clear(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    fn settings_epoch(&self) -> u64 {
+        // Called by path: diesel's `load` is in scope too.
+        std::sync::atomic::AtomicU64::load(
+            &self.inner.settings_epoch,
+            std::sync::atomic::Ordering::Acquire,
+        )
+    }
+
+    /// How long settings cached at `at` may be used: long when every change since then was
+    /// announced to this process, else the short fallback.
+    fn settings_ttl(&self, at: Instant) -> Duration {
+        match self.inner.settings_followed.get() {
+            Some((revocations, unfollowed)) => match revocations.following_since() {
+                Some(since) if since <= at => SETTINGS_TTL_FOLLOWED,
+                _ => *unfollowed,
+            },
+            None => SETTINGS_TTL,
+        }
+    }
+
+    /// The tenant's settings and compiled masking rules (cached until they change).
     async fn settings(&self, tenant: Uuid) -> Result<Arc<TenantRules>, Error> {
         if let Some((cached, at)) = self
             .inner
@@ -202,10 +267,14 @@ impl Messaging {
             .lock()
             .ok()
             .and_then(|s| s.get(&tenant).cloned())
-            && at.elapsed() < SETTINGS_TTL
+            && at.elapsed() < self.settings_ttl(at)
         {
             return Ok(cached);
         }
+        let epoch = self.settings_epoch();
+        // The entry's age counts from before the read: a change between it and the insert is
+        // what the epoch or the short TTL must catch.
+        let read_at = Instant::now();
         let row = {
             let mut conn = self.inner.databases.main_connection().await?;
             hafen_store::control::find(&mut conn, tenant).await?
@@ -215,8 +284,11 @@ impl Messaging {
             .ok_or(Error::Store(hafen_store::Error::UnknownTenant))?;
         let masker = Masker::new(&settings.masking);
         let entry = Arc::new((settings, masker));
-        if let Ok(mut cache) = self.inner.settings.lock() {
-            cache.insert(tenant, (entry.clone(), Instant::now()));
+        // Not cached when a change was announced while reading: it may predate it.
+        if let Ok(mut cache) = self.inner.settings.lock()
+            && self.settings_epoch() == epoch
+        {
+            cache.insert(tenant, (entry.clone(), read_at));
         }
         Ok(entry)
     }

@@ -137,6 +137,7 @@ where
         config.max_body_bytes,
     );
     hub.attach(messaging.clone());
+    messaging.follow_settings(&revocations, config.stream_poll);
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     messaging.set_relay(relay);

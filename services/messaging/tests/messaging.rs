@@ -400,7 +400,6 @@ async fn ul2_masked_personal_data_never_reaches_the_database() {
         ))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await; // the masking rules are cached 5 s
     let conversation = s.group("billing").await;
     let sent = s
         .send(
@@ -1447,4 +1446,80 @@ async fn contract_list_messages_start_sequence_is_inclusive() {
         .into_inner();
     let sequences: Vec<_> = next.messages.iter().map(|m| m.sequence).collect();
     assert_eq!(sequences, [5, 6]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ul2_settings_changes_take_effect_for_the_next_message_in_every_replica() {
+    let s = setup().await;
+    // A second replica, with a slow poll: only the announcement can tell it in time.
+    let mut config = s.stack.secrets.messaging_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.stream_poll = Duration::from_secs(60);
+    let replica =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_messaging::serve(config, l, sd)).await;
+    let mut on_replica = MessagingServiceClient::new(replica.channel(&s.stack.secrets).await);
+    let conversation = s.group("settings").await;
+    let send = |body: &str| pb::SendMessageRequest {
+        request_id: Uuid::now_v7().to_string(),
+        conversation_id: conversation.clone(),
+        body: body.into(),
+    };
+    let webchat = || pb::CreateConversationRequest {
+        kind: pb::ConversationKind::Webchat as i32,
+        title: "visitor".into(),
+        ..Default::default()
+    };
+    // Both replicas have the settings cached: e-mail addresses unmasked, webchat off.
+    for client in [&mut s.client().await, &mut on_replica] {
+        let sent = client
+            .send_message(with_token(&s.owner, send("mail jane@example.eu")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!sent.masked);
+        let err = client
+            .create_conversation(with_token(&s.owner, webchat()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            hafen_platform::status::reason(&err).as_deref(),
+            Some("FEATURE_DISABLED")
+        );
+    }
+    s.stack
+        .tenant_client()
+        .await
+        .update_tenant_settings(with_token(
+            &s.owner,
+            hafen_proto::tenant::v1::UpdateTenantSettingsRequest {
+                settings: Some(hafen_proto::tenant::v1::TenantSettings {
+                    masking: Some(hafen_proto::tenant::v1::MaskingSettings {
+                        email: true,
+                        ..Default::default()
+                    }),
+                    features: Some(hafen_proto::tenant::v1::Features { webchat: true }),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["masking.email".into(), "features.webchat".into()],
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    // The very next message, on either replica, is masked; webchat is on.
+    for client in [&mut on_replica, &mut s.client().await] {
+        let sent = client
+            .send_message(with_token(&s.owner, send("mail jane@example.eu")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(sent.masked, "{}", sent.body);
+        assert!(!sent.body.contains("jane@example.eu"));
+        client
+            .create_conversation(with_token(&s.owner, webchat()))
+            .await
+            .expect("webchat is on at once");
+    }
 }

@@ -582,6 +582,10 @@ impl Tenants {
         })
         .await?;
         self.audited();
+        // Every service that caches the settings drops them (messaging's masking rules).
+        if let Some(redis) = &self.inner.redis {
+            redis.announce_settings_changed(id).await;
+        }
         Ok(updated)
     }
 
