@@ -249,14 +249,14 @@ async fn bx1_unwrapped_keys_are_bounded_and_forgotten_when_their_tenant_is_delet
         placements: Vec::new(),
     })
     .unwrap();
-    let ring = hafen_messaging::keys::KeyRing::new(
+    let ring = hafen_store::keyring::KeyRing::new(
         databases,
         stack.secrets.master_key(),
         std::num::NonZeroUsize::new(2).unwrap(),
     );
     let revocations = hafen_authn::Revocations::new(Duration::from_secs(60));
     revocations.listen(hafen_authn::Redis::new(&stack.secrets.redis_args()).unwrap());
-    ring.follow(&revocations);
+    ring.follow(revocations.tenant_deletions());
     let id = |t: &hafen_testkit::TestTenant| Uuid::parse_str(&t.id).unwrap();
     let owner = |t: &hafen_testkit::TestTenant| Uuid::parse_str(&t.owner_id).unwrap();
 

@@ -27,6 +27,14 @@ pub enum Error {
     #[error("unknown tenant")]
     UnknownTenant,
 
+    /// The tenant's key is gone (the tenant was deleted): nothing of it can be read.
+    #[error("the tenant's key is destroyed")]
+    KeyDestroyed,
+
+    /// A key did not unwrap or a key could not be made.
+    #[error("keys: {0}")]
+    Crypto(#[from] hafen_crypto::Error),
+
     /// A migration failed; nothing of it was applied.
     #[error("migration: {0}")]
     Migration(String),

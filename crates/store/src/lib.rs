@@ -13,6 +13,7 @@
 //! - [`databases`]: the main database and the placement databases, and where each tenant
 //!   lives.
 //! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
+//! - [`keyring`]: users' data keys, unwrapped through the tenant keys, cached bounded.
 //! - [`sessions`]: sessions, the truth behind access tokens.
 //! - [`facts`]: what each running service reports about itself (link security, measures),
 //!   the source of the Art. 30 record's technical measures.
@@ -29,6 +30,7 @@ pub mod control;
 pub mod databases;
 pub mod error;
 pub mod facts;
+pub mod keyring;
 pub mod migrate;
 pub mod outbox;
 pub mod pool;

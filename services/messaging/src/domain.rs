@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::hub::Hub;
-use crate::keys::{KeyRing, body_context};
+use hafen_store::keyring::{KeyRing, body_context};
 use crate::mask::Masker;
 use crate::rows::{
     ConversationRow, ConversationView, EventRow, Membership, MessageRow, MessageView, event_kind,

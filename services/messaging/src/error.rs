@@ -21,10 +21,6 @@ pub enum Error {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
-    /// A key needed to read or write a body is gone (erased user or deleted tenant).
-    #[error("the data key is destroyed")]
-    KeyDestroyed,
-
     /// A request field is missing or malformed.
     #[error("{field}: {message}")]
     InvalidField {
@@ -102,7 +98,7 @@ impl From<Error> for Status {
                 tracing::warn!(error = %err, "database unavailable");
                 status::unavailable("database unavailable; retry later")
             }
-            Error::Store(hafen_store::Error::UnknownTenant) | Error::KeyDestroyed => {
+            Error::Store(hafen_store::Error::UnknownTenant | hafen_store::Error::KeyDestroyed) => {
                 status::unauthenticated("the session's tenant no longer exists")
             }
             other => status::internal(&other),

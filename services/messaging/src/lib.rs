@@ -3,7 +3,8 @@
 //! (CB3, BX1), edits and tombstones (CB4), history for every device (OC7), and resumable
 //! live streams (BX4) that end when their session is revoked (OC5).
 //!
-//! - [`domain`]: conversations and messages; [`keys`]: users' data keys; [`mask`]: masking;
+//! - [`domain`]: conversations and messages (users' data keys come from
+//!   `hafen_store::keyring`); [`mask`]: masking;
 //!   [`hub`]: live delivery and subscriptions; [`rows`]: rows and their API forms.
 //! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
@@ -15,7 +16,6 @@ mod commit;
 pub mod domain;
 mod error;
 pub mod hub;
-pub mod keys;
 pub mod mask;
 pub mod rows;
 
@@ -127,8 +127,8 @@ where
         ),
     )
     .await;
-    let keys = keys::KeyRing::new(databases.clone(), master, config.key_cache_size);
-    keys.follow(&revocations);
+    let keys = hafen_store::keyring::KeyRing::new(databases.clone(), master, config.key_cache_size);
+    keys.follow(revocations.tenant_deletions());
     let messaging = Messaging::new(
         databases.clone(),
         Databases::new(&config.databases)?,

@@ -1,5 +1,7 @@
 //! Users' data keys (CB3, BX1): created on first use, wrapped by the tenant key (itself
-//! wrapped by the master key) and kept in the control plane, apart from tenant data.
+//! wrapped by the master key) and kept in the control plane, apart from tenant data. The
+//! services that hold the master key (messaging, which seals bodies; tenant, which exports
+//! them) read keys through a [`KeyRing`].
 //!
 //! Unwrapped keys are cached in memory, bounded: at most `capacity` tenant keys and as many
 //! user keys, the least recently used going first, and none older than [`KEY_TTL`], so a
@@ -14,12 +16,12 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use hafen_crypto::keys::{tenant_key_context, user_key_context};
 use hafen_crypto::{DataKey, MasterKey};
-use hafen_store::Databases;
-use hafen_store::schema::user_keys;
 use lru::LruCache;
 use uuid::Uuid;
 
+use crate::Databases;
 use crate::error::Error;
+use crate::schema::user_keys;
 
 /// How long an unwrapped key is used before it is read (and unwrapped) again.
 pub const KEY_TTL: Duration = Duration::from_secs(300);
@@ -107,11 +109,13 @@ impl KeyRing {
         }
     }
 
-    /// Forgets a tenant's keys whenever `revocations` hears of its deletion, for the life of
-    /// the process.
-    pub fn follow(&self, revocations: &hafen_authn::Revocations) -> tokio::task::JoinHandle<()> {
+    /// Forgets a tenant's keys whenever `deletions` (announced tenant deletions, e.g.
+    /// `hafen_authn::Revocations::tenant_deletions`) names it, for the life of the process.
+    pub fn follow(
+        &self,
+        mut deletions: tokio::sync::broadcast::Receiver<Uuid>,
+    ) -> tokio::task::JoinHandle<()> {
         let ring = self.clone();
-        let mut deletions = revocations.tenant_deletions();
         tokio::spawn(async move {
             loop {
                 match deletions.recv().await {
@@ -149,7 +153,7 @@ impl KeyRing {
         (tenants, users, holds)
     }
 
-    async fn control(&self) -> Result<hafen_store::PooledConnection, Error> {
+    async fn control(&self) -> Result<crate::PooledConnection, Error> {
         Ok(self.inner.databases.main_connection().await?)
     }
 
@@ -159,7 +163,7 @@ impl KeyRing {
         }
         let wrapped = {
             let mut conn = self.control().await?;
-            hafen_store::control::wrapped_key(&mut conn, tenant)
+            crate::control::wrapped_key(&mut conn, tenant)
                 .await?
                 .ok_or(Error::KeyDestroyed)?
         };
