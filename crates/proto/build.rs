@@ -30,8 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // Services implement the RPCs they support; the rest answer UNIMPLEMENTED.
-        .generate_default_stubs(true)
+        // Every RPC of a contract must be implemented: a missing one fails the build instead
+        // of answering UNIMPLEMENTED.
+        .generate_default_stubs(false)
         .compile_fds(fds)?;
     Ok(())
 }

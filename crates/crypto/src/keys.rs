@@ -53,6 +53,12 @@ impl std::fmt::Debug for DataKey {
     }
 }
 
+impl Clone for MasterKey {
+    fn clone(&self) -> Self {
+        Self(Zeroizing::new(*self.0))
+    }
+}
+
 impl MasterKey {
     /// A master key from raw bytes.
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {

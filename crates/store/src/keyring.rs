@@ -154,7 +154,7 @@ impl KeyRing {
     }
 
     async fn control(&self) -> Result<crate::PooledConnection, Error> {
-        Ok(self.inner.databases.main_connection().await?)
+        self.inner.databases.main_connection().await
     }
 
     async fn tenant_key(&self, tenant: Uuid) -> Result<Arc<DataKey>, Error> {

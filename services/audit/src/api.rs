@@ -217,6 +217,8 @@ impl AuditApi {
 
 #[tonic::async_trait]
 impl AuditService for AuditApi {
+    type ExportAuditLogStream = BoxStream<pb::ExportAuditLogResponse>;
+
     async fn list_events(
         &self,
         request: Request<pb::ListEventsRequest>,
@@ -335,7 +337,7 @@ impl AuditService for AuditApi {
     async fn export_audit_log(
         &self,
         request: Request<pb::ExportAuditLogRequest>,
-    ) -> Result<Response<BoxStream<pb::ExportAuditLogResponse>>, Status> {
+    ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
         let reader = reader(&request)?;
         let r = request.into_inner();
         let (start, end) = time_range(r.start_time.as_ref(), r.end_time.as_ref())?;

@@ -45,6 +45,8 @@ fn parse_ids(field: &str, values: &[String]) -> Result<Vec<Uuid>, Error> {
 
 #[tonic::async_trait]
 impl MessagingService for MessagingApi {
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
     async fn create_conversation(
         &self,
         request: Request<pb::CreateConversationRequest>,
@@ -241,7 +243,7 @@ impl MessagingService for MessagingApi {
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
-    ) -> Result<Response<BoxStream<pb::SubscribeResponse>>, Status> {
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = user(&request)?.clone();
         let after = request.into_inner().after;
         let cursor = if after.is_empty() {

@@ -21,12 +21,12 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::hub::Hub;
-use hafen_store::keyring::{KeyRing, body_context};
 use crate::mask::Masker;
 use crate::rows::{
     ConversationRow, ConversationView, EventRow, Membership, MessageRow, MessageView, event_kind,
     kind,
 };
+use hafen_store::keyring::{KeyRing, body_context};
 
 /// How long a tenant's settings (masking rules) are cached when no announcement of their
 /// changes can arrive (no Redis channel followed): a change takes this long at most.

@@ -23,12 +23,16 @@ use crate::tenants::{DEFAULT_DATABASE, NewTenantInput, Slug, Tenants};
 #[derive(Debug, Clone)]
 pub struct TenantApi {
     tenants: Tenants,
+    authenticator: hafen_authn::Authenticator,
 }
 
 impl TenantApi {
-    /// The adapter over `tenants`.
-    pub fn new(tenants: Tenants) -> Self {
-        Self { tenants }
+    /// The adapter over `tenants`; export streams end through `authenticator`'s revocations.
+    pub fn new(tenants: Tenants, authenticator: hafen_authn::Authenticator) -> Self {
+        Self {
+            tenants,
+            authenticator,
+        }
     }
 }
 
@@ -64,6 +68,44 @@ impl TenantApi {
 
 #[tonic::async_trait]
 impl TenantService for TenantApi {
+    type ExportTenantStream = tonic::codegen::BoxStream<pb::ExportTenantResponse>;
+
+    async fn export_tenant(
+        &self,
+        request: Request<pb::ExportTenantRequest>,
+    ) -> Result<Response<Self::ExportTenantStream>, Status> {
+        let principal = match caller(&request)? {
+            Caller::User(principal) if principal.role == Role::Owner => principal.clone(),
+            Caller::User(_) => {
+                return Err(hafen_platform::status::permission_denied(
+                    "only the owner exports the organisation",
+                ));
+            }
+            Caller::Operator => {
+                return Err(hafen_platform::status::permission_denied(
+                    "operators cannot export tenant content (TM2)",
+                ));
+            }
+        };
+        let requested = request.get_ref().chunk_size;
+        if requested < 0 {
+            return Err(Error::invalid("chunk_size", "must not be negative").into());
+        }
+        let chunks = self
+            .tenants
+            .export(
+                principal.tenant_id,
+                principal.user_id,
+                crate::export::chunk_size(requested),
+            )
+            .await?;
+        Ok(Response::new(hafen_authn::end_on_revocation(
+            tokio_stream::wrappers::ReceiverStream::new(chunks),
+            self.authenticator.clone(),
+            principal.session_id,
+        )))
+    }
+
     async fn create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,

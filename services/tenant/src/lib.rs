@@ -6,6 +6,7 @@
 //! - [`tenants`]: the domain — provisioning in one transaction, reads, settings, deletion.
 //! - [`settings`]: tenant settings, their defaults and validation.
 //! - [`migrate`]: migrations across all tenants.
+//! - [`export`]: the owner's export of the organisation as a streamed ZIP (GR5).
 //! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
@@ -13,6 +14,7 @@
 
 mod api;
 mod error;
+pub mod export;
 pub mod migrate;
 pub mod settings;
 pub mod tenants;
@@ -310,9 +312,12 @@ where
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let authenticator =
         Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
-    let layer = AuthnLayer::new(authenticator, &[]);
+    let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(BINARY, tls, config.server.drain_timeout)
-        .add_service(layer.wrap(TenantServiceServer::new(TenantApi::new(tenants))))
+        .add_service(layer.wrap(TenantServiceServer::new(TenantApi::new(
+            tenants,
+            authenticator,
+        ))))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -139,6 +139,8 @@ struct Inner {
     /// Low-priority threads for password hashing.
     cpu: hafen_platform::cpu::CpuPool,
     master: MasterKey,
+    /// Users' keys, for reading message bodies into an export (GR5).
+    keys: hafen_store::keyring::KeyRing,
     /// Limits the owner's password confirmations (DeleteTenant), with the auth service's.
     limiter: hafen_authn::limits::Limiter,
     chat_code_pepper: DataKey,
@@ -180,6 +182,11 @@ impl Tenants {
         redis: Option<hafen_authn::Redis>,
     ) -> Self {
         let chat_code_pepper = Purpose::ChatCodePepper.derive(&master);
+        let keys = hafen_store::keyring::KeyRing::new(
+            databases.clone(),
+            master.clone(),
+            std::num::NonZeroUsize::MIN.saturating_add(999),
+        );
         let totp_key = Purpose::TotpSecrets.derive(&master);
         let limiter = hafen_authn::limits::Limiter::new(
             redis.clone(),
@@ -191,6 +198,7 @@ impl Tenants {
                 redis,
                 cpu: hafen_platform::cpu::CpuPool::new("hafen-tenant-hash"),
                 master,
+                keys,
                 limiter,
                 chat_code_pepper,
                 totp_key,
@@ -546,6 +554,39 @@ impl Tenants {
         let more = rows.len() > limit;
         rows.truncate(limit);
         Ok((rows, more))
+    }
+
+    /// Streams the export of `tenant` for its `owner` (GR5; see [`crate::export`]), after
+    /// recording it in the audit log: chunks of at most `chunk` bytes.
+    pub async fn export(
+        &self,
+        tenant: Uuid,
+        owner: Uuid,
+        chunk: usize,
+    ) -> Result<
+        tokio::sync::mpsc::Receiver<
+            Result<hafen_proto::tenant::v1::ExportTenantResponse, tonic::Status>,
+        >,
+        Error,
+    > {
+        let event = Event::new(Some(tenant), Actor::User(owner), "tenant.exported")
+            .target("tenant", tenant);
+        hafen_store::in_transaction(self.pool(), move |conn| {
+            Box::pin(async move {
+                hafen_events::record(conn, &event).await?;
+                Ok::<_, Error>(())
+            })
+        })
+        .await?;
+        self.audited();
+        tracing::info!(tenant_id = %tenant, "tenant export started");
+        Ok(crate::export::stream(
+            self.inner.databases.clone(),
+            self.inner.keys.clone(),
+            TenantId::from(tenant),
+            owner,
+            chunk,
+        ))
     }
 
     /// Applies a settings update (field mask relative to `TenantSettings`).

@@ -1049,3 +1049,173 @@ async fn bx5_passwords_chat_codes_and_tokens_never_reach_the_logs() {
         assert!(!logged.contains(secret), "a secret reached the logs");
     }
 }
+
+/// Collects an export's chunks, checking offsets, size and hash; returns the archive.
+async fn collect_archive(mut stream: tonic::Streaming<pb::ExportTenantResponse>) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut archive = Vec::new();
+    let mut last = None;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assert!(last.is_none(), "nothing after the last chunk");
+        assert_eq!(chunk.offset, archive.len() as u64);
+        archive.extend_from_slice(&chunk.data);
+        if chunk.last_chunk {
+            last = Some(chunk);
+        }
+    }
+    let last = last.expect("a last chunk");
+    assert_eq!(last.total_size, archive.len() as u64);
+    assert_eq!(last.sha256, sha2::Sha256::digest(&archive).to_vec());
+    archive
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gr5_the_owner_exports_what_the_owner_may_read_and_nothing_else() {
+    use hafen_proto::messaging::v1 as msg;
+    use hafen_testkit::with_token;
+
+    let stack = hafen_testkit::TestStack::start().await;
+    let tenant = stack.create_tenant("export").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let login = |name: &'static str| {
+        let stack = &stack;
+        let owner = owner.clone();
+        async move {
+            let (id, code, _) = stack.create_member(&owner, name, "member password 1").await;
+            let token = stack
+                .login("export", name, "member password 1", &code)
+                .await
+                .unwrap()
+                .access_token;
+            (id, token)
+        }
+    };
+    let (alice, alice_token) = login("alice").await;
+    let (bob, bob_token) = login("bob").await;
+    let mut messaging = stack.messaging_client().await;
+    let conversation =
+        |token: &str, kind: msg::ConversationKind, title: &str, members: Vec<String>| {
+            with_token(
+                token,
+                msg::CreateConversationRequest {
+                    kind: kind as i32,
+                    title: title.into(),
+                    member_user_ids: members,
+                    ..Default::default()
+                },
+            )
+        };
+    let send = |token: &str, conversation: &str, body: &str| {
+        with_token(
+            token,
+            msg::SendMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                conversation_id: conversation.into(),
+                body: body.into(),
+            },
+        )
+    };
+    let team = messaging
+        .create_conversation(conversation(
+            &owner,
+            msg::ConversationKind::Group,
+            "team",
+            vec![alice.clone()],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    messaging
+        .send_message(send(&owner, &team, "agenda for monday"))
+        .await
+        .unwrap();
+    messaging
+        .send_message(send(&alice_token, &team, "card 4111 1111 1111 1111 please"))
+        .await
+        .unwrap();
+    let private = messaging
+        .create_conversation(conversation(
+            &alice_token,
+            msg::ConversationKind::Direct,
+            "",
+            vec![bob.clone()],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    messaging
+        .send_message(send(&bob_token, &private, "between alice and bob only"))
+        .await
+        .unwrap();
+
+    let mut tenants = stack.tenant_client().await;
+    let stream = tenants
+        .export_tenant(with_token(
+            &owner,
+            pb::ExportTenantRequest {
+                chunk_size: 16 * 1024,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let archive = collect_archive(stream).await;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).unwrap();
+    let mut files = std::collections::BTreeMap::new();
+    for i in 0..zip.len() {
+        let mut file = zip.by_index(i).unwrap();
+        let name = file.name().unwrap().into_owned();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).unwrap();
+        files.insert(name, text);
+    }
+    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "README.txt",
+            "conversations.json",
+            &format!("messages/{team}.jsonl"),
+            "tenant.json",
+            "users.json",
+        ],
+        "the owner's conversation, and no other"
+    );
+    let all: String = files.values().cloned().collect();
+    assert!(
+        !all.contains("between alice and bob only"),
+        "no private message of others"
+    );
+    assert!(
+        !all.contains(&private),
+        "not even the id of their conversation"
+    );
+    assert!(!all.contains("$2"), "no password hash");
+    let messages: Vec<serde_json::Value> = files[&format!("messages/{team}.jsonl")]
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(messages[0]["body"], "agenda for monday", "decrypted");
+    assert_eq!(
+        messages[1]["body"], "card [card] please",
+        "as stored: masked"
+    );
+    let users: serde_json::Value = serde_json::from_str(&files["users.json"]).unwrap();
+    assert_eq!(users.as_array().unwrap().len(), 3);
+    let record: serde_json::Value = serde_json::from_str(&files["tenant.json"]).unwrap();
+    assert_eq!(record["slug"], "export");
+
+    // Nobody else exports: not a member, not the operator (TM2).
+    let member = tenants
+        .export_tenant(with_token(&alice_token, pb::ExportTenantRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(member.code(), Code::PermissionDenied);
+    let operator = tenants
+        .export_tenant(stack.secrets.operator(pb::ExportTenantRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(operator.code(), Code::PermissionDenied);
+}
