@@ -85,6 +85,13 @@ pub enum TenantCommand {
         #[arg(long, env = "HAFEN_CONFIRM_SLUG")]
         confirm: String,
     },
+    /// Recover an owner who lost every device: wipes the owner's devices and prints one new
+    /// chat code, once, to hand to the owner over a verified channel (audited in the
+    /// organisation's chain; you never learn the owner's password).
+    RecoverOwner {
+        /// The organisation's slug.
+        slug: String,
+    },
 }
 
 /// `hafen admin user`.
@@ -335,6 +342,36 @@ async fn tenant(client: &ClientArgs, command: TenantCommand) -> Outcome {
             client.print(
                 json!({"tenant_id": deleted.tenant_id, "delete_time": time(deleted.delete_time.as_ref())}),
                 || format!("Deleted {slug} ({}).", deleted.tenant_id),
+            );
+        }
+        TenantCommand::RecoverOwner { slug } => {
+            let result = hafen
+                .tenant()
+                .get_tenant(tenant_pb::GetTenantRequest {
+                    tenant_id: String::new(),
+                    slug: slug.clone(),
+                })
+                .await;
+            let tenant = hafen.check(result).await?;
+            let result = hafen
+                .tenant()
+                .recover_owner(tenant_pb::RecoverOwnerRequest {
+                    tenant_id: tenant.tenant_id.clone(),
+                })
+                .await;
+            let recovered = hafen.check(result).await?;
+            client.print(
+                json!({
+                    "tenant_id": tenant.tenant_id,
+                    "owner_chat_code": recovered.owner_chat_code,
+                    "owner_chat_code_id": recovered.owner_chat_code_id,
+                }),
+                || {
+                    format!(
+                        "The owner of {slug} has a new chat code (shown once): {}\nTheir other devices are wiped.",
+                        recovered.owner_chat_code
+                    )
+                },
             );
         }
     }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_authn::{Principal, RevokeReason};
+use hafen_authn::{Principal, RevokeReason, Role};
 use hafen_events::{Actor, Event};
 use hafen_store::accounts::DeviceLabel;
 use hafen_store::schema::{chat_codes, users};
@@ -34,6 +34,11 @@ impl Auth {
     ) -> Result<IssuedCode, Error> {
         require_admin(caller)?;
         let user = self.user(caller.tenant_id, user_id).await?;
+        // Only the owner manages the owner's devices: an admin must not be able to lock the
+        // owner out or add a device of theirs (recovery is an operator act, TenantService).
+        if user.role() == Role::Owner && caller.role != Role::Owner {
+            return Err(Error::OwnerProtected);
+        }
         if !user.is_active() {
             return Err(Error::InvalidState("the user is deactivated"));
         }
@@ -124,6 +129,7 @@ impl Auth {
     /// the code again after creating its session). Idempotent.
     pub async fn revoke_code(&self, caller: &Principal, code_id: Uuid) -> Result<CodeRow, Error> {
         let own_or_admin = caller.role.is_admin();
+        let caller_is_owner = caller.role == Role::Owner;
         let caller_id = caller.user_id;
         let tenant = caller.tenant_id;
         let row = self
@@ -140,6 +146,16 @@ impl Auth {
                         return Err(Error::PermissionDenied(
                             "members may revoke their own chat codes only",
                         ));
+                    }
+                    if !caller_is_owner && row.user_id != caller_id {
+                        let role: String = users::table
+                            .find(row.user_id)
+                            .select(users::role)
+                            .first(conn)
+                            .await?;
+                        if role == hafen_store::accounts::role::OWNER {
+                            return Err(Error::OwnerProtected);
+                        }
                     }
                     if row.state != code_state::ACTIVE {
                         return Ok(row);

@@ -1144,3 +1144,116 @@ async fn gr3_owner_confirmations_are_rate_limited_and_a_totp_code_confirms_once(
         "nothing deleted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc2_only_the_owner_manages_the_owners_devices_and_the_operator_recovers_a_lost_owner() {
+    let (stack, tenant, owner) = setup().await;
+    let mut auth = stack.auth_client().await;
+    let admin = auth
+        .create_user(with_token(
+            &owner,
+            pb::CreateUserRequest {
+                username: "deputy".into(),
+                display_name: "Deputy".into(),
+                role: hafen_proto::common::v1::Role::Admin as i32,
+                credential: Some(pb::create_user_request::Credential::Password(
+                    "deputy password".into(),
+                )),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let code = auth
+        .issue_chat_code(with_token(
+            &owner,
+            pb::IssueChatCodeRequest {
+                user_id: admin.user_id.clone(),
+                device_label: "desk".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    let deputy = stack
+        .login("acme", "deputy", "deputy password", &code)
+        .await
+        .unwrap()
+        .access_token;
+
+    // An admin can neither add a device to the owner nor wipe one of the owner's.
+    let issue = auth
+        .issue_chat_code(with_token(
+            &deputy,
+            pb::IssueChatCodeRequest {
+                user_id: tenant.owner_id.clone(),
+                device_label: "planted".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&issue), "OWNER_PROTECTED");
+    let revoke = auth
+        .revoke_chat_code(with_token(
+            &deputy,
+            pb::RevokeChatCodeRequest {
+                chat_code_id: tenant.owner_code_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&revoke), "OWNER_PROTECTED");
+    stack
+        .login("acme", "owner", OWNER_PASSWORD, &tenant.owner_code)
+        .await
+        .expect("the owner's device still logs in");
+
+    // The owner lost every device: the operator recovers them with one new code, which
+    // alone logs nobody in; the owner's old devices are wiped.
+    let mut tenants = stack.tenant_client().await;
+    let not_admins = tenants
+        .recover_owner(with_token(
+            &deputy,
+            tenant_pb::RecoverOwnerRequest {
+                tenant_id: tenant.id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(not_admins.code(), Code::PermissionDenied);
+    let recovered = tenants
+        .recover_owner(stack.secrets.operator(tenant_pb::RecoverOwnerRequest {
+            tenant_id: tenant.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let wiped = get_own_tenant(&stack, &owner).await.unwrap_err();
+    assert_eq!(reason(&wiped), "DEVICE_WIPED");
+    let old = stack
+        .login("acme", "owner", OWNER_PASSWORD, &tenant.owner_code)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&old), "LOGIN_FAILED");
+    let wrong_password = stack
+        .login(
+            "acme",
+            "owner",
+            "not the password",
+            &recovered.owner_chat_code,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&wrong_password), "LOGIN_FAILED");
+    let back = stack
+        .login("acme", "owner", OWNER_PASSWORD, &recovered.owner_chat_code)
+        .await
+        .expect("the owner logs in with the new code");
+    assert!(get_own_tenant(&stack, &back.access_token).await.is_ok());
+    assert!(
+        get_own_tenant(&stack, &deputy).await.is_ok(),
+        "others unaffected"
+    );
+}

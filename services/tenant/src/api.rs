@@ -226,6 +226,19 @@ impl TenantService for TenantApi {
         Ok(Response::new(to_proto(&row)))
     }
 
+    async fn recover_owner(
+        &self,
+        request: Request<pb::RecoverOwnerRequest>,
+    ) -> Result<Response<pb::RecoverOwnerResponse>, Status> {
+        require_operator(&request)?;
+        let tenant = parse_uuid("tenant_id", &request.get_ref().tenant_id)?;
+        let (code, code_id) = self.tenants.recover_owner(tenant).await?;
+        Ok(Response::new(pb::RecoverOwnerResponse {
+            owner_chat_code: code.to_string(),
+            owner_chat_code_id: code_id.to_string(),
+        }))
+    }
+
     async fn delete_tenant(
         &self,
         request: Request<pb::DeleteTenantRequest>,

@@ -32,6 +32,9 @@ pub use hafen_store::DEFAULT_DATABASE;
 /// Device label of the owner's first chat code.
 const OWNER_DEVICE_LABEL: &str = "first device";
 
+/// The label of the chat code an operator's recovery issues.
+const RECOVERED_DEVICE_LABEL: &str = "recovered by the operator";
+
 /// Prefix of the two-phase-commit ids of provisioning on another database.
 const PREPARED_PREFIX: &str = "hafen_provision_";
 
@@ -554,6 +557,85 @@ impl Tenants {
         let more = rows.len() > limit;
         rows.truncate(limit);
         Ok((rows, more))
+    }
+
+    /// Recovers the owner of `tenant` who lost every device: revokes all of the owner's chat
+    /// codes (ending their sessions: a remote wipe) and issues one new code, returned once.
+    /// Audited in the tenant's chain as the operator's act.
+    pub async fn recover_owner(&self, tenant: Uuid) -> Result<(Zeroizing<String>, Uuid), Error> {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use hafen_store::schema::{chat_codes, users};
+
+        let row = self.get(tenant).await?;
+        if row.status != control::status::ACTIVE {
+            return Err(Error::NotFound);
+        }
+        let tenant_id = TenantId::from(tenant);
+        let pool = self.pool_for(&row.database_name)?;
+        let pepper = DataKey::from_bytes(*self.inner.chat_code_pepper.expose());
+        let code = Zeroizing::new(hafen_crypto::secret::chat_code()?);
+        let hash = chat_code_hash(pepper.expose(), &tenant_id, &code);
+        let (owner, code_id) = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
+            Box::pin(async move {
+                let owner: Uuid = users::table
+                    .filter(users::role.eq(accounts::role::OWNER))
+                    .select(users::id)
+                    .first(conn)
+                    .await?;
+                let now = Utc::now();
+                diesel::update(
+                    chat_codes::table
+                        .filter(chat_codes::user_id.eq(owner))
+                        .filter(chat_codes::state.eq("active")),
+                )
+                .set((
+                    chat_codes::state.eq("revoked"),
+                    chat_codes::revoked_at.eq(now),
+                ))
+                .execute(conn)
+                .await?;
+                let id = Uuid::now_v7();
+                diesel::insert_into(chat_codes::table)
+                    .values(&NewChatCode {
+                        id,
+                        user_id: owner,
+                        device_label: RECOVERED_DEVICE_LABEL,
+                        code_hash: &hash,
+                        state: "active",
+                        created_at: now,
+                    })
+                    .execute(conn)
+                    .await?;
+                let event = Event::new(Some(tenant), Actor::Operator, "tenant.owner.recovered")
+                    .target("user", owner)
+                    .attribute("chat_code_id", id);
+                hafen_events::record(conn, &event).await?;
+                Ok::<_, Error>((owner, id))
+            })
+        })
+        .await?;
+        let ended = {
+            let mut conn = self.inner.databases.main_connection().await?;
+            hafen_store::sessions::revoke_all(
+                &mut conn,
+                tenant,
+                hafen_store::sessions::Scope::User {
+                    user: owner,
+                    keep: None,
+                },
+                hafen_authn::RevokeReason::DeviceWiped.as_str(),
+            )
+            .await?
+        };
+        if let Some(redis) = &self.inner.redis {
+            redis
+                .announce(&ended, hafen_authn::RevokeReason::DeviceWiped)
+                .await;
+        }
+        self.audited();
+        tracing::info!(tenant_id = %tenant, chat_code_id = %code_id, sessions = ended.len(), "owner recovered by the operator");
+        Ok((code, code_id))
     }
 
     /// Streams the export of `tenant` for its `owner` (GR5; see [`crate::export`]), after
