@@ -68,6 +68,23 @@ pub fn rate_limited(wait: std::time::Duration) -> Status {
     )
 }
 
+/// RESOURCE_EXHAUSTED with reason `OVERLOADED`: the service turns work away for now; retry
+/// after `wait` (a `google.rpc.RetryInfo` detail, and metadata `retry_after_ms`).
+pub fn overloaded(wait: std::time::Duration) -> Status {
+    let millis = wait.as_millis().to_string();
+    let mut details = ErrorDetails::with_error_info(
+        "OVERLOADED",
+        DOMAIN,
+        HashMap::from([("retry_after_ms".to_owned(), millis)]),
+    );
+    details.set_retry_info(Some(wait));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "the service is overloaded; retry shortly",
+        details,
+    )
+}
+
 /// Parses a required UUID field; INVALID_FIELD naming `field` when empty or malformed.
 pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
     if value.is_empty() {
@@ -124,6 +141,12 @@ pub fn permission_denied(message: impl Into<String>) -> Status {
 /// UNAVAILABLE with reason `UNAVAILABLE`: a dependency is down; the client may retry.
 pub fn unavailable(message: impl Into<String>) -> Status {
     error(Code::Unavailable, "UNAVAILABLE", message, &[])
+}
+
+/// UNAVAILABLE for a database that cannot be reached or went away; the cause is logged here.
+pub fn database_unavailable(cause: &dyn std::error::Error) -> Status {
+    tracing::warn!(error = %cause, "database unavailable");
+    unavailable("database unavailable; retry later")
 }
 
 /// INTERNAL with reason `INTERNAL`. The cause is logged here, with its error chain, and never

@@ -40,5 +40,35 @@ pub enum Error {
     Migration(String),
 }
 
+impl Error {
+    /// Whether the database could not be reached or went away (UNAVAILABLE for clients, a
+    /// retry may succeed), as opposed to a query or configuration that is wrong.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Pool(_) | Self::Connection(_) => true,
+            Self::Query(err) => unavailable(err),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a query failed because the database could not be reached or went away: the
+/// connection broke or closed (no SQLSTATE), or the server is shutting down, starting up or
+/// terminated the session (SQLSTATE class 57, which diesel reports by message only).
+pub fn unavailable(err: &diesel::result::Error) -> bool {
+    use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand, Unknown};
+    match err {
+        diesel::result::Error::DatabaseError(ClosedConnection | UnableToSendCommand, _) => true,
+        diesel::result::Error::DatabaseError(Unknown, info) => {
+            let message = info.message();
+            message.starts_with("terminating connection")
+                || message.starts_with("the database system is")
+                || message.starts_with("canceling statement due to conflict with recovery")
+        }
+        diesel::result::Error::BrokenTransactionManager => true,
+        _ => false,
+    }
+}
+
 /// Result with the store [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -43,7 +43,7 @@ pub mod tenancy;
 pub use config::DatabaseArgs;
 pub use databases::{DEFAULT_DATABASE, Databases, DatabasesArgs};
 pub use diesel_async::AsyncPgConnection;
-pub use error::{Error, Result};
+pub use error::{Error, Result, unavailable};
 pub use pool::{Pool, PooledConnection};
 pub use tenancy::{TenantId, in_transaction, with_tenant};
 

@@ -19,24 +19,30 @@ const TEMPLATE_LOCK: i64 = 0x6861_6665_6e74_706c;
 pub struct TestDatabase {
     name: String,
     url: String,
+    env: TestEnv,
 }
 
 impl TestDatabase {
     /// Creates a database holding the migrated control plane, owned by the application role.
     pub async fn create() -> Self {
+        Self::create_in(TestEnv::get()).await
+    }
+
+    /// [`TestDatabase::create`] on the server `env` names (e.g. a
+    /// [`crate::PrivatePostgres`]).
+    pub async fn create_in(env: &TestEnv) -> Self {
         crate::init_test_logging();
-        let template = ensure_template(TestEnv::get()).await;
-        Self::create_from(&template).await
+        let template = ensure_template(env).await;
+        Self::create_from(env, &template).await
     }
 
     /// Creates an empty database (nothing migrated), owned by the application role.
     pub async fn create_empty() -> Self {
         crate::init_test_logging();
-        Self::create_from("template0").await
+        Self::create_from(TestEnv::get(), "template0").await
     }
 
-    async fn create_from(template: &str) -> Self {
-        let env = TestEnv::get();
+    async fn create_from(env: &TestEnv, template: &str) -> Self {
         let name = format!("hafen_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = admin_connection(env).await;
         admin
@@ -47,7 +53,11 @@ impl TestDatabase {
             .await
             .expect("create test database");
         let url = with_database(&env.database_url, &name);
-        Self { name, url }
+        Self {
+            name,
+            url,
+            env: env.clone(),
+        }
     }
 
     /// URL of this database for the application role.
@@ -77,7 +87,7 @@ impl TestDatabase {
     /// The superuser's URL of this database (tenant schemas are out of reach of the
     /// application role outside a tenant scope).
     pub fn admin_url(&self) -> String {
-        with_database(&TestEnv::get().admin_database_url, &self.name)
+        with_database(&self.env.admin_database_url, &self.name)
     }
 
     /// A direct connection to this database as the superuser.
@@ -91,6 +101,7 @@ impl TestDatabase {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let env = self.env.clone();
         // Drop runs outside any async context we could await in: use a thread of our own.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -99,7 +110,7 @@ impl Drop for TestDatabase {
                 .expect("runtime for dropping the test database");
             runtime.block_on(async {
                 // Tenant roles are cluster-wide: drop those whose schemas lived here.
-                let env = TestEnv::get();
+                let env = &env;
                 let roles = {
                     let mut conn = hafen_store::connect::establish(&with_database(
                         &env.admin_database_url,

@@ -1,63 +1,104 @@
-//! A PostgreSQL server of a test's own, for tests of what Hafen does with a server that is
-//! set up differently from the development one (which speaks only TLS).
+//! A PostgreSQL server of a test's own, for tests that stop the database on purpose or need one
+//! set up differently from the development server (which speaks only TLS).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// A throwaway PostgreSQL cluster on a free loopback port, plaintext only (`ssl=off`), with
-/// trust authentication; stopped and removed on drop. Runs as the `postgres` user when the
-/// tests run as root (PostgreSQL refuses root).
+use crate::env::{TestEnv, workspace_root};
+
+/// A throwaway PostgreSQL cluster on a free loopback port, with trust authentication, the
+/// application role `hafen_app` and a database `hafen` it owns; stopped and removed on drop.
+/// Runs as the `postgres` user when the tests run as root (PostgreSQL refuses root).
 #[derive(Debug)]
 pub struct PrivatePostgres {
     bindir: PathBuf,
+    root: PathBuf,
     data: PathBuf,
     port: u16,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
 impl PrivatePostgres {
-    /// Creates the cluster and starts it (a second or two).
+    /// A server that speaks only TLS, with the development PostgreSQL certificate (from
+    /// `.dev/certs`, made by `scripts/dev-services.sh up`), as the development server does.
+    pub fn start() -> Self {
+        Self::create(true)
+    }
+
+    /// A server that speaks only plaintext (`ssl=off`).
     pub fn start_plaintext() -> Self {
+        Self::create(false)
+    }
+
+    fn create(tls: bool) -> Self {
         crate::init_test_logging();
         let bindir = bindir();
         let dir = tempfile::tempdir().expect("a directory for PostgreSQL");
-        let data = dir.path().join("data");
-        let root = is_root();
-        if root {
-            chown_postgres(dir.path());
-        }
+        let root = dir.path().to_path_buf();
+        let data = root.join("data");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        if tls {
+            let certs = workspace_root().join(".dev/certs");
+            std::fs::copy(certs.join("postgres.pem"), root.join("server.pem"))
+                .expect("the development PostgreSQL certificate (scripts/dev-services.sh up)");
+            std::fs::copy(certs.join("postgres-key.pem"), root.join("server-key.pem"))
+                .expect("its key");
+            std::fs::write(
+                root.join("pg_hba.conf"),
+                "hostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            set_mode(&root.join("server-key.pem"), 0o600);
+        }
+        if is_root() {
+            chown_postgres(&root);
+        }
         run(
-            root,
             Command::new(bindir.join("initdb"))
                 .arg("-D")
                 .arg(&data)
                 .args(["-U", "postgres", "--auth=trust", "-N", "--encoding=UTF8"]),
             "initdb",
         );
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' \
-             -c ssl=off -c fsync=off"
-        );
-        run(
-            root,
-            Command::new(bindir.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-o", &options, "-w", "-t", "30"])
-                .arg("-l")
-                .arg(dir.path().join("postgres.log"))
-                .arg("start"),
-            "pg_ctl start",
-        );
-        Self {
+        let server = Self {
             bindir,
+            root,
             data,
             port,
+            tls,
             _dir: dir,
+        };
+        server.resume();
+        for statement in [
+            "CREATE ROLE hafen_app LOGIN CREATEROLE NOINHERIT",
+            "CREATE DATABASE hafen OWNER hafen_app",
+        ] {
+            run(
+                Command::new("psql").arg(server.admin_url()).args([
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    statement,
+                ]),
+                "creating the application role and database",
+            );
+        }
+        server
+    }
+
+    fn ssl_params(&self) -> String {
+        if self.tls {
+            format!(
+                "sslmode=verify-full&sslrootcert={}",
+                workspace_root().join(".dev/certs/ca.pem").display()
+            )
+        } else {
+            "sslmode=disable".to_owned()
         }
     }
 
@@ -68,19 +109,80 @@ impl PrivatePostgres {
             self.port
         )
     }
+
+    fn admin_url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?{}",
+            self.port,
+            self.ssl_params()
+        )
+    }
+
+    /// Where tests find this server, for [`crate::TestDatabase::create_in`] (Redis stays the
+    /// development one).
+    pub fn env(&self) -> TestEnv {
+        let dev = TestEnv::get();
+        TestEnv {
+            database_url: format!(
+                "postgres://hafen_app@127.0.0.1:{}/hafen?{}",
+                self.port,
+                self.ssl_params()
+            ),
+            admin_database_url: self.admin_url(),
+            redis_url: dev.redis_url.clone(),
+            redis_ca: dev.redis_ca.clone(),
+        }
+    }
+
+    /// Stops the server (fast shutdown: open connections are terminated), keeping its data.
+    pub fn stop(&self) {
+        let _ = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the server again on its port, with its data.
+    pub fn resume(&self) {
+        let mut options = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories='' -c fsync=off \
+             -c max_prepared_transactions=16",
+            self.port
+        );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={root}/server.pem -c ssl_key_file={root}/server-key.pem \
+                 -c hba_file={root}/pg_hba.conf",
+                root = self.root.display()
+            ));
+        } else {
+            options.push_str(" -c ssl=off");
+        }
+        let log = self.root.join("postgres.log");
+        let status = self.pg_ctl(&[
+            "-o",
+            &options,
+            "-w",
+            "-t",
+            "30",
+            "-l",
+            &log.display().to_string(),
+            "start",
+        ]);
+        assert!(status, "pg_ctl start failed");
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> bool {
+        let mut command = Command::new(self.bindir.join("pg_ctl"));
+        command.arg("-D").arg(&self.data).args(args);
+        as_cluster_user(&mut command)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
 }
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let mut command = Command::new(self.bindir.join("pg_ctl"));
-        command
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = as_cluster_user(is_root(), &mut command)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 }
 
@@ -99,17 +201,22 @@ fn is_root() -> bool {
     rustix::process::getuid().is_root()
 }
 
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
 fn chown_postgres(path: &Path) {
     let status = Command::new("chown")
-        .arg("postgres")
+        .args(["-R", "postgres"])
         .arg(path)
         .status()
         .expect("chown");
     assert!(status.success(), "chown postgres failed");
 }
 
-fn as_cluster_user(root: bool, command: &mut Command) -> Command {
-    if root {
+fn as_cluster_user(command: &mut Command) -> Command {
+    if is_root() {
         let mut wrapped = Command::new("runuser");
         wrapped
             .args(["-u", "postgres", "--"])
@@ -123,8 +230,8 @@ fn as_cluster_user(root: bool, command: &mut Command) -> Command {
     }
 }
 
-fn run(root: bool, command: &mut Command, what: &str) {
-    let output = as_cluster_user(root, command)
+fn run(command: &mut Command, what: &str) {
+    let output = as_cluster_user(command)
         .output()
         .unwrap_or_else(|err| panic!("{what}: {err}"));
     assert!(

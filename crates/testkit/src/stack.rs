@@ -56,8 +56,14 @@ impl TestStack {
 
     /// Starts the services on `redis` instead (e.g. a [`crate::PrivateRedis`] to stop later).
     pub async fn start_with_redis(redis: Option<hafen_authn::RedisArgs>) -> Self {
+        Self::start_on(crate::TestEnv::get(), redis).await
+    }
+
+    /// Starts the services on a database of the PostgreSQL server `env` names (e.g. a
+    /// [`crate::PrivatePostgres`] to stop later), and on `redis` when given.
+    pub async fn start_on(env: &crate::TestEnv, redis: Option<hafen_authn::RedisArgs>) -> Self {
         let secrets = TestSecrets::generate();
-        let db = TestDatabase::create().await;
+        let db = TestDatabase::create_in(env).await;
         let redis = redis.unwrap_or_else(|| secrets.redis_args());
         // The audit service first, on a listener bound now, so the others know its address.
         let mut audit_config = secrets.audit_config(&db);

@@ -80,9 +80,9 @@ impl From<Error> for Status {
             Error::InvalidField { field, message } => status::invalid_field(&field, message),
             Error::NotFound(resource) => status::not_found(resource),
             Error::PermissionDenied(message) => status::permission_denied(message),
-            Error::Store(hafen_store::Error::Pool(_)) => {
-                tracing::warn!(error = %err, "database unavailable");
-                status::unavailable("database unavailable; retry later")
+            Error::Store(ref store) if store.is_unavailable() => status::database_unavailable(&err),
+            Error::Database(ref db) if hafen_store::unavailable(db) => {
+                status::database_unavailable(&err)
             }
             Error::Database(ref db) | Error::Store(hafen_store::Error::Query(ref db))
                 if is_transient(db) =>

@@ -145,9 +145,9 @@ impl From<Error> for Status {
                 &[],
             ),
             Error::Rejected(rejection) => rejection.into(),
-            Error::Store(hafen_store::Error::Pool(_)) => {
-                tracing::warn!(error = %err, "database unavailable");
-                status::unavailable("database unavailable; retry later")
+            Error::Store(ref store) if store.is_unavailable() => status::database_unavailable(&err),
+            Error::Database(ref db) if hafen_store::unavailable(db) => {
+                status::database_unavailable(&err)
             }
             Error::Store(hafen_store::Error::UnknownTenant) => {
                 status::unauthenticated("the session's tenant no longer exists")

@@ -46,10 +46,15 @@ pub(crate) struct Send {
     pub queued: std::time::Instant,
 }
 
+/// Sends a tenant's committer holds before new ones are turned away (RESOURCE_EXHAUSTED):
+/// far above what one committer stores in a second, so only a stalled database or a flood
+/// reaches it, and then the queue (and memory) stops growing.
+pub(crate) const MAX_QUEUED_SENDS: usize = 10_000;
+
 /// One batching task per tenant that sends.
 #[derive(Default)]
 pub(crate) struct Committer {
-    queues: Mutex<HashMap<Uuid, mpsc::UnboundedSender<Send>>>,
+    queues: Mutex<HashMap<Uuid, mpsc::Sender<Send>>>,
 }
 
 impl Committer {
@@ -65,22 +70,23 @@ impl Committer {
             let mut queues = self
                 .queues
                 .lock()
-                .map_err(|_| Error::Config("committer lock poisoned".into()))?;
+                .map_err(|_| Error::Bug("committer lock poisoned"))?;
             queues
                 .entry(tenant)
                 .or_insert_with(|| {
-                    let (queue, receiver) = mpsc::unbounded_channel();
+                    let (queue, receiver) = mpsc::channel(MAX_QUEUED_SENDS);
                     commit_thread().spawn(run(messaging.clone(), tenant, receiver));
                     queue
                 })
                 .clone()
         };
-        queue
-            .send(send(reply))
-            .map_err(|_| Error::Config("commit queue closed".into()))?;
+        queue.try_send(send(reply)).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the commit thread"),
+        })?;
         result
             .await
-            .map_err(|_| Error::Config("commit task ended".into()))?
+            .map_err(|_| Error::Unavailable("the commit thread"))?
     }
 }
 
@@ -115,7 +121,7 @@ fn commit_thread() -> tokio::runtime::Handle {
         .unwrap_or_else(tokio::runtime::Handle::current)
 }
 
-async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedReceiver<Send>) {
+async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::Receiver<Send>) {
     // The connection stays with this committer while sends keep coming, and goes back to the
     // pool once none came for `LINGER`: a sender that waits for its reply before sending
     // again finds it still there, and its batch does not pay for the pool's reset.
@@ -164,14 +170,19 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::UnboundedRecei
     }
 }
 
-/// Answers every send of `batch` with `err`.
+/// Answers every send of `batch` for `err`: UNAVAILABLE when the database could not be
+/// reached or went away (a retry may succeed), INTERNAL otherwise.
 fn fail(tenant: Uuid, batch: Vec<Send>, err: &Error) {
     tracing::warn!(tenant_id = %tenant, error = %err, sends = batch.len(), "batch not committed");
+    let unavailable = err.is_unavailable();
     let shared = err.to_string();
     for send in batch {
-        let _ = send
-            .reply
-            .send(Err(Error::Config(format!("commit failed: {shared}"))));
+        let answer = if unavailable {
+            Error::Unavailable("the database")
+        } else {
+            Error::CommitFailed(shared.clone())
+        };
+        let _ = send.reply.send(Err(answer));
     }
 }
 

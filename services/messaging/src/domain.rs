@@ -306,7 +306,7 @@ impl Messaging {
                     let key = self.inner.keys.user_key(tenant, row.sender_id).await?;
                     let plain = key.open(&body_context(row.id, row.conversation_id), sealed)?;
                     String::from_utf8(plain.to_vec())
-                        .map_err(|_| Error::Config("body is not UTF-8".into()))?
+                        .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
                 }
                 None => String::new(),
             };

@@ -18,9 +18,22 @@ pub enum Error {
     /// A query failed.
     #[error("database: {0}")]
     Database(#[from] diesel::result::Error),
-    /// The configuration is unusable.
+    /// The configuration is unusable (at start-up).
     #[error("configuration: {0}")]
     Config(String),
+    /// A dependency could not be reached: the database, the commit thread. A retry may
+    /// succeed.
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+    /// A tenant's sends queue up faster than they are stored: the sender should back off.
+    #[error("too many sends queued")]
+    Overloaded,
+    /// A batch of sends failed for a reason other than an unreachable database.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
+    /// An invariant of this service broke (a bug).
+    #[error("internal: {0}")]
+    Bug(&'static str),
     /// A request field is missing or malformed.
     #[error("{field}: {message}")]
     InvalidField {
@@ -65,6 +78,18 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether a dependency was unreachable (UNAVAILABLE): the database, the commit thread.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Store(err) => err.is_unavailable(),
+            Self::Database(err) => hafen_store::unavailable(err),
+            _ => false,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
@@ -91,12 +116,17 @@ impl From<Error> for Status {
                 "the conversation or the sender is under legal hold",
                 &[],
             ),
+            Error::Unavailable(what) => {
+                tracing::warn!(dependency = what, "unavailable");
+                status::unavailable(format!("{what} is unavailable; retry later"))
+            }
+            Error::Overloaded => status::overloaded(std::time::Duration::from_secs(1)),
             Error::ShuttingDown => {
                 status::unavailable("the server is shutting down; resubscribe with the last cursor")
             }
-            Error::Store(hafen_store::Error::Pool(_)) => {
-                tracing::warn!(error = %err, "database unavailable");
-                status::unavailable("database unavailable; retry later")
+            Error::Store(ref store) if store.is_unavailable() => status::database_unavailable(&err),
+            Error::Database(ref db) if hafen_store::unavailable(db) => {
+                status::database_unavailable(&err)
             }
             Error::Store(hafen_store::Error::UnknownTenant | hafen_store::Error::KeyDestroyed) => {
                 status::unauthenticated("the session's tenant no longer exists")

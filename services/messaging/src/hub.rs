@@ -368,14 +368,14 @@ impl Hub {
             .messaging
             .get()
             .cloned()
-            .ok_or_else(|| Error::Config("hub not attached".into()))?;
+            .ok_or_else(|| Error::Bug("hub not attached"))?;
         if let Some((joined, _)) = self.join(tenant, None)? {
             return Ok(joined);
         }
         let position = messaging.head(tenant).await?;
         let (joined, started) = self
             .join(tenant, Some(position))?
-            .ok_or_else(|| Error::Config("feed not started".into()))?;
+            .ok_or_else(|| Error::Bug("feed not started"))?;
         if started {
             tokio::spawn(run_feed(self.clone(), messaging, joined.1.feed.clone()));
             self.inner.feeds_changed.notify_one();
@@ -391,7 +391,7 @@ impl Hub {
             .inner
             .feeds
             .lock()
-            .map_err(|_| Error::Config("hub lock poisoned".into()))?;
+            .map_err(|_| Error::Bug("hub lock poisoned"))?;
         let (feed, started) = match (feeds.get(&tenant), start) {
             (Some(feed), _) => (feed.clone(), false),
             (None, None) => return Ok(None),

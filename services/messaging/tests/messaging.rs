@@ -1523,3 +1523,51 @@ async fn ul2_settings_changes_take_effect_for_the_next_message_in_every_replica(
             .expect("webchat is on at once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_postgresql_down_during_sends_is_unavailable_and_sends_resume() {
+    let postgres = hafen_testkit::PrivatePostgres::start();
+    let s = setup_on(TestStack::start_on(&postgres.env(), None).await).await;
+    let conversation = s.group("outage").await;
+    s.send(&s.owner, &conversation, "before").await.unwrap();
+
+    postgres.stop();
+    for attempt in 0..5 {
+        let err = s
+            .send(&s.owner, &conversation, "during")
+            .await
+            .expect_err("no send is stored while the database is down");
+        assert_eq!(
+            err.code(),
+            tonic::Code::Unavailable,
+            "attempt {attempt}: {err:?}"
+        );
+        assert_eq!(
+            hafen_platform::status::reason(&err).as_deref(),
+            Some("UNAVAILABLE")
+        );
+    }
+
+    postgres.resume();
+    let back = tokio::time::Instant::now();
+    loop {
+        match s.send(&s.owner, &conversation, "after").await {
+            Ok(_) => break,
+            Err(err) => {
+                assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+                assert!(
+                    back.elapsed() < Duration::from_secs(5),
+                    "sends succeed within 5 s of the restart"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let bodies: Vec<String> = s
+        .history(&s.owner, &conversation)
+        .await
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(bodies, ["before", "after"]);
+}

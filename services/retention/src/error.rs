@@ -100,9 +100,9 @@ impl From<Error> for Status {
                 &[("required", required)],
             ),
             Error::ShuttingDown => status::unavailable("the server is shutting down; retry later"),
-            Error::Store(hafen_store::Error::Pool(_) | hafen_store::Error::Connection(_)) => {
-                tracing::warn!(error = %err, "database unavailable");
-                status::unavailable("database unavailable; retry later")
+            Error::Store(ref store) if store.is_unavailable() => status::database_unavailable(&err),
+            Error::Database(ref db) if hafen_store::unavailable(db) => {
+                status::database_unavailable(&err)
             }
             Error::Store(hafen_store::Error::UnknownTenant) => {
                 status::unauthenticated("the session's tenant no longer exists")

@@ -162,9 +162,9 @@ impl From<Error> for Status {
             Error::Database(ref db) if hafen_store::is_unique_violation(db, "tenants_slug_key") => {
                 Status::from(Error::SlugTaken)
             }
-            Error::Store(hafen_store::Error::Pool(_)) => {
-                tracing::warn!(error = %err, "database unavailable");
-                status::unavailable("database unavailable; retry later")
+            Error::Store(ref store) if store.is_unavailable() => status::database_unavailable(&err),
+            Error::Database(ref db) if hafen_store::unavailable(db) => {
+                status::database_unavailable(&err)
             }
             other => status::internal(&other),
         }
