@@ -90,7 +90,12 @@ async fn contract_a_nul_in_any_string_field_of_any_rpc_is_invalid_argument_namin
         let Some(server) = server(&stack, service.full_name()) else {
             continue;
         };
-        let channel = server.channel(&stack.secrets).await;
+        // With a service's certificate too, so internal methods (AppendEvents) get past
+        // their callers' check to the contract check.
+        let channel = server
+            .try_channel(stack.secrets.client_tls(Some("messaging")))
+            .await
+            .unwrap();
         for method in service.methods().filter(|m| !m.is_client_streaming()) {
             let path = format!("/{}/{}", service.full_name(), method.name());
             for field in string_paths(&method.input(), 4) {
@@ -185,4 +190,61 @@ impl prost::Message for Raw {
     fn clear(&mut self) {
         self.0.clear();
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_large_messages_are_refused_unread_and_internal_ones_only_from_their_callers() {
+    let stack = TestStack::start().await;
+    let big = Raw(vec![0xff; 5 * 1024 * 1024]);
+    let call = |tls, path: &'static str| {
+        let big = big.clone();
+        let server = &stack.audit;
+        async move {
+            let channel = server.try_channel(tls).await.unwrap();
+            let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+            grpc.ready().await.unwrap();
+            grpc.unary(
+                tonic::Request::new(big),
+                PathAndQuery::from_static(path),
+                ProstCodec::<Raw, ()>::default(),
+            )
+            .await
+            .expect_err("refused")
+        }
+    };
+    // A public method: over the 4 MiB limit, refused from the frame header.
+    let public = call(
+        stack.secrets.client_tls(None),
+        "/hafen.audit.v1.AuditService/ListEvents",
+    )
+    .await;
+    assert_eq!(public.code(), tonic::Code::ResourceExhausted, "{public:?}");
+    assert_eq!(
+        hafen_platform::status::reason(&public).as_deref(),
+        Some("REQUEST_TOO_LARGE")
+    );
+    // AppendEvents takes 24 MiB, but only from the services that emit events: anyone else
+    // is refused before the body is read.
+    for identity in [None, Some("audit"), Some("redis")] {
+        let denied = call(
+            stack.secrets.client_tls(identity),
+            "/hafen.audit.v1.AuditService/AppendEvents",
+        )
+        .await;
+        assert_eq!(
+            denied.code(),
+            tonic::Code::PermissionDenied,
+            "{identity:?}: {denied:?}"
+        );
+    }
+    let read = call(
+        stack.secrets.client_tls(Some("messaging")),
+        "/hafen.audit.v1.AuditService/AppendEvents",
+    )
+    .await;
+    assert_eq!(
+        hafen_platform::status::reason(&read).as_deref(),
+        Some("MALFORMED_REQUEST"),
+        "an emitter's large message is read (and this one is no protobuf): {read:?}"
+    );
 }

@@ -311,16 +311,7 @@ pub fn require_service<T>(
         )
     };
     let certs = request.peer_certs().ok_or_else(denied)?;
-    let leaf = certs.first().ok_or_else(denied)?;
-    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|_| denied())?;
-    allowed
-        .iter()
-        .copied()
-        .find(|service| {
-            rustls::pki_types::ServerName::try_from(format!("hafen-{service}"))
-                .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
-        })
-        .ok_or_else(denied)
+    hafen_platform::identity::service_of(&certs, allowed).ok_or_else(denied)
 }
 
 #[cfg(test)]

@@ -257,6 +257,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 auth: auth_endpoint.clone(),
                 master_key_file: args.master_key_file.clone(),
                 max_body_bytes: 16 * 1024,
+                max_queued_sends: 10_000,
                 stream_poll: std::time::Duration::from_secs(1),
                 key_cache_size: std::num::NonZeroUsize::MIN.saturating_add(9_999),
             },

@@ -115,18 +115,39 @@ pub enum Scheme {
     Argon2id,
 }
 
-/// Recognises a stored or imported hash; `None` for anything Hafen does not accept.
+/// The bcrypt costs Hafen accepts: higher ones make one login stall a core for seconds.
+pub const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=14;
+
+/// The largest argon2id memory cost accepted, in KiB (64 MiB).
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 64 * 1024;
+
+/// The largest argon2id time cost (iterations) accepted.
+pub const MAX_ARGON2_ITERATIONS: u32 = 10;
+
+/// The largest argon2id parallelism accepted.
+pub const MAX_ARGON2_LANES: u32 = 4;
+
+/// Recognises a stored or imported hash; `None` for anything Hafen does not accept, which
+/// includes hashes whose parameters are beyond [`BCRYPT_COSTS`] or the argon2id limits: one
+/// login must not stall the service or exhaust its memory.
 pub fn scheme(stored: &str) -> Option<Scheme> {
     if let Some(rest) = ["$2a$", "$2b$", "$2y$"]
         .iter()
         .find_map(|prefix| stored.strip_prefix(prefix))
     {
         let cost = rest.get(..2)?.parse::<u32>().ok()?;
-        return (stored.len() == 60 && rest.as_bytes().get(2) == Some(&b'$'))
-            .then_some(Scheme::Bcrypt(cost));
+        return (stored.len() == 60
+            && rest.as_bytes().get(2) == Some(&b'$')
+            && BCRYPT_COSTS.contains(&cost))
+        .then_some(Scheme::Bcrypt(cost));
     }
-    if stored.starts_with("$argon2id$") && PasswordHash::new(stored).is_ok() {
-        return Some(Scheme::Argon2id);
+    if stored.starts_with("$argon2id$") {
+        let parsed = PasswordHash::new(stored).ok()?;
+        let params = argon2::Params::try_from(&parsed).ok()?;
+        let bounded = params.m_cost() <= MAX_ARGON2_MEMORY_KIB
+            && params.t_cost() <= MAX_ARGON2_ITERATIONS
+            && params.p_cost() <= MAX_ARGON2_LANES;
+        return bounded.then_some(Scheme::Argon2id);
     }
     None
 }

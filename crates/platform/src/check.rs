@@ -10,7 +10,10 @@
 //! - a NUL character in any string field, at any depth (`INVALID_FIELD`): PostgreSQL cannot
 //!   store one, and no Hafen string has a use for it;
 //! - a message larger than the service accepts (`RESOURCE_EXHAUSTED`, `REQUEST_TOO_LARGE`),
-//!   refused from the frame header before the body is read.
+//!   refused from the frame header before the body is read;
+//! - a call of an internal method ([`InternalMethod`], which may take larger messages) from a
+//!   caller whose client certificate names none of the services allowed to make it
+//!   (`PERMISSION_DENIED`), before anything of its body is read.
 //!
 //! The bytes the handler decodes are the very bytes checked. Calls of other services
 //! (health, reflection), client streams, compressed messages and non-gRPC content types pass
@@ -57,21 +60,46 @@ fn request_type(path: &str) -> Option<MessageDescriptor> {
     (!method.is_client_streaming()).then(|| method.input())
 }
 
+/// An internal method: only the services named may call it, and it may take larger messages.
+#[derive(Debug, Clone, Copy)]
+pub struct InternalMethod {
+    /// The method's name, e.g. `AppendEvents`.
+    pub method: &'static str,
+    /// Its largest request message.
+    pub max_request_bytes: usize,
+    /// The services whose client certificates may call it.
+    pub callers: &'static [&'static str],
+}
+
 /// A service whose requests are checked first (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Checked<S> {
     inner: S,
     max_request_bytes: usize,
+    internal: &'static [InternalMethod],
 }
 
 impl<S> Checked<S> {
-    /// `inner`, accepting request messages of up to `max_request_bytes`.
-    pub fn new(inner: S, max_request_bytes: usize) -> Self {
+    /// `inner`, accepting request messages of up to `max_request_bytes`, and larger ones for
+    /// the `internal` methods from their callers only.
+    pub fn new(inner: S, max_request_bytes: usize, internal: &'static [InternalMethod]) -> Self {
         Self {
             inner,
             max_request_bytes,
+            internal,
         }
     }
+}
+
+/// The peer certificates of the connection `request` came on, if it presented any.
+fn peer_certs(
+    request: &http::Request<Body>,
+) -> Option<std::sync::Arc<Vec<rustls::pki_types::CertificateDer<'static>>>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
 }
 
 impl<S: NamedService> NamedService for Checked<S> {
@@ -109,7 +137,25 @@ where
         let Some(descriptor) = descriptor else {
             return Box::pin(inner.call(request));
         };
-        let max = self.max_request_bytes;
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        let max = match self.internal.iter().find(|m| m.method == method) {
+            Some(internal) => {
+                let allowed = peer_certs(&request).is_some_and(|certs| {
+                    crate::identity::service_of(&certs, internal.callers).is_some()
+                });
+                if !allowed {
+                    let denied = status::error(
+                        tonic::Code::PermissionDenied,
+                        "PERMISSION_DENIED",
+                        "internal call: this service's certificate may not make it",
+                        &[("required", "internal")],
+                    );
+                    return Box::pin(async move { Ok(denied.into_http()) });
+                }
+                internal.max_request_bytes
+            }
+            None => self.max_request_bytes,
+        };
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let bytes = match read_frame(body, max).await {

@@ -4,7 +4,9 @@
 //! busy thread per login on a machine with few cores, and the scheduler then shares the cores
 //! between them and the async workers: every other call waits. These threads run at the
 //! lowest scheduling priority (nice 19) and are no more than the cores, so hashing gets all
-//! the CPU that is idle and the async workers get the CPU whenever they need it.
+//! the CPU that is idle and the async workers get the CPU whenever they need it. The queue in
+//! front of them is bounded: beyond it, work is turned away at once ([`TaskFailed::Overloaded`],
+//! RESOURCE_EXHAUSTED for clients) instead of piling up memory and waiting time.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -12,10 +14,14 @@ use std::sync::{Arc, Mutex};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Jobs queued per thread before new ones are turned away: at bcrypt's default cost a core
+/// hashes about four passwords a second, so a full queue is several seconds of work.
+pub const QUEUED_PER_THREAD: usize = 32;
+
 /// The pool; cheap to clone.
 #[derive(Clone)]
 pub struct CpuPool {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::SyncSender<Job>,
 }
 
 impl std::fmt::Debug for CpuPool {
@@ -24,16 +30,28 @@ impl std::fmt::Debug for CpuPool {
     }
 }
 
-/// The work was lost: its thread panicked.
+/// Why work did not run.
 #[derive(Debug, thiserror::Error)]
-#[error("CPU pool task failed")]
-pub struct TaskFailed;
+pub enum TaskFailed {
+    /// Its thread panicked, or the pool is gone.
+    #[error("CPU pool task failed")]
+    Lost,
+    /// The queue is full: the pool is busy for a while; retry later.
+    #[error("CPU pool overloaded")]
+    Overloaded,
+}
 
 impl CpuPool {
-    /// A pool of one low-priority thread per core, named `<name>-<n>`.
+    /// A pool of one low-priority thread per core, named `<name>-<n>`, queueing at most
+    /// [`QUEUED_PER_THREAD`] jobs per thread.
     pub fn new(name: &str) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        let (jobs, queue) = mpsc::channel::<Job>();
+        Self::with_limits(name, threads, threads * QUEUED_PER_THREAD)
+    }
+
+    /// A pool of `threads` low-priority threads queueing at most `queued` jobs.
+    pub fn with_limits(name: &str, threads: usize, queued: usize) -> Self {
+        let (jobs, queue) = mpsc::sync_channel::<Job>(queued);
         let queue = Arc::new(Mutex::new(queue));
         for n in 0..threads {
             let queue = queue.clone();
@@ -72,8 +90,11 @@ impl CpuPool {
                 let _ = done.send(value);
             }
         });
-        self.jobs.send(job).map_err(|_| TaskFailed)?;
-        result.await.map_err(|_| TaskFailed)
+        self.jobs.try_send(job).map_err(|err| match err {
+            mpsc::TrySendError::Full(_) => TaskFailed::Overloaded,
+            mpsc::TrySendError::Disconnected(_) => TaskFailed::Lost,
+        })?;
+        result.await.map_err(|_| TaskFailed::Lost)
     }
 }
 
@@ -101,5 +122,31 @@ mod tests {
             .await
             .unwrap();
         assert!(name.unwrap().starts_with("test-"));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_turns_work_away_at_once() {
+        let pool = CpuPool::with_limits("bounded", 1, 1);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(move || wait.recv().is_ok()).await }
+        });
+        // The thread takes the first job; the second waits in the queue; the third is refused.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(|| 2).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(matches!(pool.run(|| 3).await, Err(TaskFailed::Overloaded)));
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap().unwrap());
+        assert_eq!(queued.await.unwrap().unwrap(), 2, "queued work still runs");
+        assert_eq!(
+            pool.run(|| 4).await.unwrap(),
+            4,
+            "and the pool takes work again"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //! - [`cpu`]: low-priority threads for CPU-heavy work (password hashing).
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
+//! - [`identity`]: which Hafen service a caller's client certificate names.
 //! - [`net`]: the client's address, from the TCP peer or a trusted proxy's header.
 //! - [`paging`]: page sizes and opaque page tokens (AIP-158).
 //! - [`status`]: gRPC statuses with `google.rpc.ErrorInfo` (domain `hafen`) for error mapping.
@@ -26,6 +27,7 @@ pub mod config;
 mod conn;
 pub mod cpu;
 pub mod error;
+pub mod identity;
 pub mod net;
 pub mod paging;
 pub mod server;

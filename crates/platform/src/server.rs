@@ -75,12 +75,17 @@ impl GrpcServer {
             + 'static,
         S::Future: Send + 'static,
     {
-        self.add_service_with_limit(service, crate::check::DEFAULT_MAX_REQUEST_BYTES)
+        self.add_service_with_internal(service, &[])
     }
 
-    /// [`GrpcServer::add_service`] for a service that accepts request messages of up to
-    /// `max_request_bytes` (its tonic server must decode as much).
-    pub fn add_service_with_limit<S>(mut self, service: S, max_request_bytes: usize) -> Self
+    /// [`GrpcServer::add_service`] for a service with internal methods: only their callers
+    /// get past the check, and only they may send larger messages (the service's tonic server
+    /// must decode as much).
+    pub fn add_service_with_internal<S>(
+        mut self,
+        service: S,
+        internal: &'static [crate::check::InternalMethod],
+    ) -> Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService
@@ -90,9 +95,11 @@ impl GrpcServer {
             + 'static,
         S::Future: Send + 'static,
     {
-        self.routes = self
-            .routes
-            .add_service(crate::check::Checked::new(service, max_request_bytes));
+        self.routes = self.routes.add_service(crate::check::Checked::new(
+            service,
+            crate::check::DEFAULT_MAX_REQUEST_BYTES,
+            internal,
+        ));
         self.service_names.push(S::NAME);
         self
     }

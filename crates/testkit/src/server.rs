@@ -139,6 +139,7 @@ impl TestSecrets {
             auth: self.auth_args(),
             master_key_file: self.master_key_file(),
             max_body_bytes: 16 * 1024,
+            max_queued_sends: 10_000,
             stream_poll: Duration::from_millis(500),
             key_cache_size: std::num::NonZeroUsize::new(1000).expect("non-zero"),
         }

@@ -155,9 +155,13 @@ where
     let api = AuditApi::new(log, authenticator.clone(), config.record);
     let layer = AuthnLayer::new(authenticator, api::INTERNAL);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .add_service_with_limit(
+        .add_service_with_internal(
             layer.wrap(AuditServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)),
-            MAX_REQUEST_BYTES,
+            &[hafen_platform::check::InternalMethod {
+                method: "AppendEvents",
+                max_request_bytes: MAX_REQUEST_BYTES,
+                callers: api::EMITTERS,
+            }],
         )
         .serve(listener, shutdown)
         .await?;

@@ -152,6 +152,9 @@ impl From<Error> for Status {
             Error::Store(hafen_store::Error::UnknownTenant) => {
                 status::unauthenticated("the session's tenant no longer exists")
             }
+            Error::Cpu(hafen_platform::cpu::TaskFailed::Overloaded) => {
+                status::overloaded(std::time::Duration::from_secs(1))
+            }
             other => status::internal(&other),
         }
     }

@@ -105,7 +105,8 @@ impl Auth {
                 if hafen_crypto::password::scheme(&hash).is_none() {
                     return Err(Error::invalid(
                         "password_hash",
-                        "must be a bcrypt ($2a$/$2b$/$2y$) or argon2id PHC hash",
+                        "must be a bcrypt hash ($2a$/$2b$/$2y$, cost 4-14) or an argon2id PHC \
+                         hash (m at most 65536 KiB, t at most 10, p at most 4)",
                     ));
                 }
                 hash

@@ -1257,3 +1257,56 @@ async fn oc2_only_the_owner_manages_the_owners_devices_and_the_operator_recovers
         "others unaffected"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oc3_imported_hashes_beyond_the_cost_limits_are_refused() {
+    let (stack, _tenant, owner) = setup().await;
+    let mut auth = stack.auth_client().await;
+    let salt_and_hash = "c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+    let bcrypt_tail = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0";
+    for (hash, accepted) in [
+        (format!("$2b$12${bcrypt_tail}"), true),
+        (format!("$2b$15${bcrypt_tail}"), false),
+        (format!("$2b$31${bcrypt_tail}"), false),
+        (format!("$2b$03${bcrypt_tail}"), false),
+        (
+            format!("$argon2id$v=19$m=65536,t=3,p=4${salt_and_hash}"),
+            true,
+        ),
+        (
+            format!("$argon2id$v=19$m=1048576,t=3,p=1${salt_and_hash}"),
+            false,
+        ),
+        (
+            format!("$argon2id$v=19$m=19456,t=100,p=1${salt_and_hash}"),
+            false,
+        ),
+        (
+            format!("$argon2id$v=19$m=19456,t=2,p=8${salt_and_hash}"),
+            false,
+        ),
+    ] {
+        let created = auth
+            .create_user(with_token(
+                &owner,
+                pb::CreateUserRequest {
+                    username: format!("imported{}", uuid::Uuid::now_v7().simple()),
+                    display_name: "Imported".into(),
+                    role: hafen_proto::common::v1::Role::Member as i32,
+                    credential: Some(pb::create_user_request::Credential::PasswordHash(
+                        hash.clone(),
+                    )),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        match (created, accepted) {
+            (Ok(_), true) => {}
+            (Err(err), false) => {
+                assert_eq!(err.code(), Code::InvalidArgument, "{hash}");
+                assert_eq!(field(&err), "password_hash");
+            }
+            (other, _) => panic!("{hash}: {other:?}"),
+        }
+    }
+}

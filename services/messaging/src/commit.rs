@@ -46,15 +46,23 @@ pub(crate) struct Send {
     pub queued: std::time::Instant,
 }
 
-/// Sends a tenant's committer holds before new ones are turned away (RESOURCE_EXHAUSTED):
-/// far above what one committer stores in a second, so only a stalled database or a flood
-/// reaches it, and then the queue (and memory) stops growing.
-pub(crate) const MAX_QUEUED_SENDS: usize = 10_000;
-
-/// One batching task per tenant that sends.
-#[derive(Default)]
+/// One batching task per tenant that sends. Each holds at most `capacity` sends before new
+/// ones are turned away (RESOURCE_EXHAUSTED OVERLOADED): far above what one committer stores
+/// in a second, so only a stalled database or a flood reaches it, and then the queue (and
+/// memory) stops growing.
 pub(crate) struct Committer {
     queues: Mutex<HashMap<Uuid, mpsc::Sender<Send>>>,
+    capacity: usize,
+}
+
+impl Committer {
+    /// Committers queueing at most `capacity` sends each.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            queues: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
 }
 
 impl Committer {
@@ -74,7 +82,7 @@ impl Committer {
             queues
                 .entry(tenant)
                 .or_insert_with(|| {
-                    let (queue, receiver) = mpsc::channel(MAX_QUEUED_SENDS);
+                    let (queue, receiver) = mpsc::channel(self.capacity);
                     commit_thread().spawn(run(messaging.clone(), tenant, receiver));
                     queue
                 })

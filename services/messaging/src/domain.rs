@@ -136,6 +136,7 @@ impl Messaging {
         keys: KeyRing,
         hub: Hub,
         max_body_bytes: usize,
+        max_queued_sends: usize,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -144,7 +145,7 @@ impl Messaging {
                 keys,
                 hub,
                 max_body_bytes,
-                committer: crate::commit::Committer::default(),
+                committer: crate::commit::Committer::new(max_queued_sends),
                 settings: Mutex::new(HashMap::new()),
                 settings_epoch: std::sync::atomic::AtomicU64::new(0),
                 settings_followed: std::sync::OnceLock::new(),

@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "HAFEN_STREAM_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub stream_poll: Duration,
 
+    /// Most sends of one tenant waiting to be stored; beyond, sends are answered
+    /// RESOURCE_EXHAUSTED (OVERLOADED, with a retry delay) until the queue drains.
+    #[arg(long, env = "HAFEN_MAX_QUEUED_SENDS", default_value_t = 10_000)]
+    pub max_queued_sends: usize,
+
     /// Most tenant keys, and most user keys, held unwrapped in memory; the least recently
     /// used go first. A deleted tenant's keys are dropped at once.
     #[arg(long, env = "HAFEN_KEY_CACHE_SIZE", default_value = "10000")]
@@ -135,6 +140,7 @@ where
         keys,
         hub.clone(),
         config.max_body_bytes,
+        config.max_queued_sends,
     );
     hub.attach(messaging.clone());
     messaging.follow_settings(&revocations, config.stream_poll);

@@ -1571,3 +1571,62 @@ async fn contract_postgresql_down_during_sends_is_unavailable_and_sends_resume()
         .collect();
     assert_eq!(bodies, ["before", "after"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_a_tenants_commit_queue_is_bounded_and_drains() {
+    use diesel_async::SimpleAsyncConnection;
+    let s = setup().await;
+    let conversation = s.group("queue").await;
+    // A replica whose committers queue at most 2 sends.
+    let mut config = s.stack.secrets.messaging_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.max_queued_sends = 2;
+    let replica =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_messaging::serve(config, l, sd)).await;
+    let channel = replica.channel(&s.stack.secrets).await;
+    // The database stalls: nothing can be stored while this transaction holds the table.
+    let schema = hafen_store::TenantId::from(Uuid::parse_str(&s.tenant.id).unwrap()).schema();
+    let mut blocker = s.stack.db.connect_admin().await;
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {schema}.messages IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let mut client = MessagingServiceClient::new(channel.clone());
+        let request = with_token(
+            &s.owner,
+            pb::SendMessageRequest {
+                request_id: Uuid::now_v7().to_string(),
+                conversation_id: conversation.clone(),
+                body: format!("queued {i}"),
+            },
+        );
+        sends.spawn(async move { client.send_message(request).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let (mut stored, mut overloaded) = (0, 0);
+    while let Some(answer) = sends.join_next().await {
+        match answer.unwrap() {
+            Ok(_) => stored += 1,
+            Err(err) => {
+                assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+                assert_eq!(
+                    hafen_platform::status::reason(&err).as_deref(),
+                    Some("OVERLOADED")
+                );
+                overloaded += 1;
+            }
+        }
+    }
+    assert!(overloaded > 0, "the queue stopped growing");
+    assert!(
+        stored > 0,
+        "what was queued is stored once the database answers"
+    );
+    assert_eq!(s.history(&s.owner, &conversation).await.len(), stored);
+}

@@ -166,6 +166,9 @@ impl From<Error> for Status {
             Error::Database(ref db) if hafen_store::unavailable(db) => {
                 status::database_unavailable(&err)
             }
+            Error::Cpu(hafen_platform::cpu::TaskFailed::Overloaded) => {
+                status::overloaded(std::time::Duration::from_secs(1))
+            }
             other => status::internal(&other),
         }
     }
