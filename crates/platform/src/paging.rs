@@ -23,6 +23,17 @@ pub fn page_size(requested: i32) -> Result<usize, Status> {
     }
 }
 
+/// What a page token records of its request, so a token is refused with other filters or
+/// another page size: the requested `page_size` and the request's filter parts.
+pub fn filter(page_size: i32, parts: &[&str]) -> String {
+    let mut recorded = page_size.to_string();
+    for part in parts {
+        recorded.push('|');
+        recorded.push_str(part);
+    }
+    recorded
+}
+
 /// Encodes the parts of a page token (none may contain a newline).
 pub fn encode(parts: &[&str]) -> String {
     URL_SAFE_NO_PAD.encode(parts.join("\n"))

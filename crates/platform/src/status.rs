@@ -12,6 +12,37 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `ErrorInfo.domain` of every Hafen error.
 pub const DOMAIN: &str = "hafen";
 
+/// The longest message a status carries; longer ones are cut (a message never echoes input
+/// beyond a short excerpt, and must fit a client's header limits).
+const MAX_MESSAGE_BYTES: usize = 256;
+
+/// At most the first 32 characters of `input`, marked when cut: what an error message may
+/// quote of something a client sent.
+pub fn excerpt(input: &str) -> String {
+    let mut chars = input.chars();
+    let head: String = chars
+        .by_ref()
+        .take(32)
+        .filter(|c| !c.is_control())
+        .collect();
+    if chars.next().is_some() {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
+fn bounded(message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
 /// A status with `code`, a message, and an `ErrorInfo` with `reason` and `metadata`.
 pub fn error(
     code: Code,
@@ -25,7 +56,7 @@ pub fn error(
         .collect();
     Status::with_error_details(
         code,
-        message,
+        bounded(message.into()),
         ErrorDetails::with_error_info(reason, DOMAIN, metadata),
     )
 }
@@ -33,7 +64,7 @@ pub fn error(
 /// INVALID_ARGUMENT with reason `INVALID_FIELD`, naming `field` in the `ErrorInfo` metadata
 /// and in a `BadRequest` field violation.
 pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
-    let description = description.into();
+    let description = bounded(description.into());
     let mut details = ErrorDetails::with_error_info(
         "INVALID_FIELD",
         DOMAIN,
@@ -42,7 +73,7 @@ pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
     details.add_bad_request_violation(field, description.clone());
     Status::with_error_details(
         Code::InvalidArgument,
-        format!("{field}: {description}"),
+        bounded(format!("{field}: {description}")),
         details,
     )
 }
@@ -83,6 +114,40 @@ pub fn overloaded(wait: std::time::Duration) -> Status {
         "the service is overloaded; retry shortly",
         details,
     )
+}
+
+/// INVALID_ARGUMENT for a new password in `field` that breaks the policy: PASSWORD_TOO_LONG
+/// with metadata `max_bytes`, or PASSWORD_TOO_WEAK with `rule` (`min_length`, with
+/// `min_length`, or `common_password`).
+pub fn password_refused(field: &str, violation: hafen_crypto::password::PolicyViolation) -> Status {
+    use hafen_crypto::password::{MAX_PASSWORD_BYTES, PolicyViolation};
+    match violation {
+        PolicyViolation::TooLong => error(
+            Code::InvalidArgument,
+            "PASSWORD_TOO_LONG",
+            format!("{field}: at most {MAX_PASSWORD_BYTES} bytes"),
+            &[
+                ("field", field),
+                ("max_bytes", &MAX_PASSWORD_BYTES.to_string()),
+            ],
+        ),
+        PolicyViolation::TooShort(min) => error(
+            Code::InvalidArgument,
+            "PASSWORD_TOO_WEAK",
+            format!("{field}: at least {min} characters"),
+            &[
+                ("field", field),
+                ("rule", "min_length"),
+                ("min_length", &min.to_string()),
+            ],
+        ),
+        PolicyViolation::TooCommon => error(
+            Code::InvalidArgument,
+            "PASSWORD_TOO_WEAK",
+            format!("{field}: one of the most common passwords"),
+            &[("field", field), ("rule", "common_password")],
+        ),
+    }
 }
 
 /// Parses a required UUID field; INVALID_FIELD naming `field` when empty or malformed.

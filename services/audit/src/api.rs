@@ -243,7 +243,8 @@ impl AuditService for AuditApi {
             action: action_filter(&r.action)?,
         };
         let limit = paging::page_size(r.page_size)?;
-        let fingerprint = fingerprint(&filter, r.oldest_first);
+        let fingerprint =
+            hafen_platform::paging::filter(r.page_size, &[&fingerprint(&filter, r.oldest_first)]);
         let after = match paging::decode(&r.page_token, 2)? {
             None => None,
             Some(parts) => {

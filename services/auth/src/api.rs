@@ -55,7 +55,10 @@ fn password(field: &'static str, value: String) -> Result<Zeroizing<String>, Err
         return Err(Error::invalid(field, "required"));
     }
     if value.len() > hafen_crypto::password::MAX_PASSWORD_BYTES {
-        return Err(Error::PasswordTooLong(field));
+        return Err(Error::PasswordRefused {
+            field,
+            violation: hafen_crypto::password::PolicyViolation::TooLong,
+        });
     }
     Ok(value)
 }
@@ -179,7 +182,7 @@ impl AuthService for AuthApi {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
         let limit = paging::page_size(r.page_size)?;
-        let filter = u8::from(r.include_deactivated).to_string();
+        let filter = paging::filter(r.page_size, &[&u8::from(r.include_deactivated).to_string()]);
         let after = match paging::decode(&r.page_token, 3)? {
             Some(parts) => {
                 paging::same_filter(&parts[2], &filter)?;
@@ -235,9 +238,11 @@ impl AuthService for AuthApi {
                         })?);
                 }
                 other => {
-                    return Err(
-                        Error::invalid("update_mask", format!("unknown path `{other}`")).into(),
-                    );
+                    return Err(Error::invalid(
+                        "update_mask",
+                        format!("unknown path `{}`", hafen_platform::status::excerpt(other)),
+                    )
+                    .into());
                 }
             }
         }
@@ -313,14 +318,15 @@ impl AuthService for AuthApi {
             Some(parse_uuid("user_id", &r.user_id)?)
         };
         let limit = paging::page_size(r.page_size)?;
-        let after = TimeKey::decode(&r.page_token, &r.user_id)?.map(|k| (k.at, k.id));
+        let filter = paging::filter(r.page_size, &[&r.user_id]);
+        let after = TimeKey::decode(&r.page_token, &filter)?.map(|k| (k.at, k.id));
         let (rows, more) = self.auth.list_codes(&caller, user_id, after, limit).await?;
         let next_page_token = match (more, rows.last()) {
             (true, Some(last)) => TimeKey {
                 at: last.created_at,
                 id: last.id,
             }
-            .encode(&r.user_id),
+            .encode(&filter),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListChatCodesResponse {

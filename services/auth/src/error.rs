@@ -40,16 +40,13 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// A password is over 72 bytes.
-    #[error("{0}: at most 72 bytes")]
-    PasswordTooLong(&'static str),
-    /// A new password breaks the policy.
-    #[error("{field}: {reason}")]
-    PasswordTooWeak {
+    /// A new password breaks the policy (too long for bcrypt, too short, too common).
+    #[error("{field}: {violation}")]
+    PasswordRefused {
         /// The field.
         field: &'static str,
         /// Which rule.
-        reason: String,
+        violation: hafen_crypto::password::PolicyViolation,
     },
     /// Login failed; never says which factor.
     #[error("login failed")]
@@ -100,18 +97,9 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
             Error::InvalidField { field, message } => status::invalid_field(&field, message),
-            Error::PasswordTooLong(field) => status::error(
-                Code::InvalidArgument,
-                "PASSWORD_TOO_LONG",
-                format!("{field}: at most 72 bytes"),
-                &[("field", field)],
-            ),
-            Error::PasswordTooWeak { field, reason } => status::error(
-                Code::InvalidArgument,
-                "PASSWORD_TOO_WEAK",
-                format!("{field}: {reason}"),
-                &[("field", field)],
-            ),
+            Error::PasswordRefused { field, violation } => {
+                status::password_refused(field, violation)
+            }
             Error::LoginFailed => status::error(
                 Code::Unauthenticated,
                 "LOGIN_FAILED",

@@ -60,15 +60,8 @@ pub fn require_admin(caller: &Principal) -> Result<(), Error> {
 impl Auth {
     /// Checks a new password against the policy (the error names `field`).
     pub fn check_new_password(&self, field: &'static str, password: &str) -> Result<(), Error> {
-        use hafen_crypto::password::{PolicyViolation, check_policy};
-        match check_policy(password, self.inner.policy.min_password_chars) {
-            Ok(()) => Ok(()),
-            Err(PolicyViolation::TooLong) => Err(Error::PasswordTooLong(field)),
-            Err(other) => Err(Error::PasswordTooWeak {
-                field,
-                reason: other.to_string(),
-            }),
-        }
+        hafen_crypto::password::check_policy(password, self.inner.policy.min_password_chars)
+            .map_err(|violation| Error::PasswordRefused { field, violation })
     }
 
     /// Creates an account in the caller's tenant.

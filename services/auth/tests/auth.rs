@@ -1310,3 +1310,76 @@ async fn oc3_imported_hashes_beyond_the_cost_limits_are_refused() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_refresh_passwords_and_echoes_do_what_the_protos_say() {
+    let (stack, tenant, owner) = setup().await;
+    let mut auth = stack.auth_client().await;
+
+    // After Refresh the previous access token stops working at once, the new one works.
+    let session = stack.login_owner(&tenant).await;
+    let refreshed = auth
+        .refresh(pb::RefreshRequest {
+            refresh_token: session.refresh_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let old = get_own_tenant(&stack, &session.access_token)
+        .await
+        .unwrap_err();
+    assert_eq!(old.code(), Code::Unauthenticated);
+    assert!(
+        get_own_tenant(&stack, &refreshed.access_token)
+            .await
+            .is_ok()
+    );
+
+    // A refused password says which rule, with its parameter.
+    let create = |password: &str| {
+        with_token(
+            &owner,
+            pb::CreateUserRequest {
+                username: format!("u{}", uuid::Uuid::now_v7().simple()),
+                display_name: "New".into(),
+                role: hafen_proto::common::v1::Role::Member as i32,
+                credential: Some(pb::create_user_request::Credential::Password(
+                    password.into(),
+                )),
+                ..Default::default()
+            },
+        )
+    };
+    let meta = |err: &tonic::Status, key: &str| status::metadata(err, key).unwrap_or_default();
+    let short = auth.create_user(create("short")).await.unwrap_err();
+    assert_eq!(reason(&short), "PASSWORD_TOO_WEAK");
+    assert_eq!(
+        (meta(&short, "rule"), meta(&short, "min_length")),
+        ("min_length".into(), "10".into())
+    );
+    let common = auth.create_user(create("Password123")).await.unwrap_err();
+    assert_eq!(meta(&common, "rule"), "common_password");
+    let long = auth.create_user(create(&"x".repeat(73))).await.unwrap_err();
+    assert_eq!(reason(&long), "PASSWORD_TOO_LONG");
+    assert_eq!(meta(&long, "max_bytes"), "72");
+
+    // An error never echoes more than a short excerpt of the input.
+    let huge = "p".repeat(1_000_000);
+    let err = auth
+        .update_user(with_token(
+            &owner,
+            pb::UpdateUserRequest {
+                user: Some(pb::User {
+                    user_id: tenant.owner_id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec![huge.clone()],
+                }),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "update_mask");
+    assert!(err.message().len() < 300, "{} bytes", err.message().len());
+}

@@ -61,13 +61,16 @@ impl MessagingService for MessagingApi {
             _ => return Err(Error::invalid("kind", "DIRECT, GROUP, CHANNEL or WEBCHAT").into()),
         };
         let title = r.title.trim().to_owned();
-        if title.chars().count() > 100 || title.chars().any(char::is_control) {
+        if title.chars().count() > 200 || title.chars().any(char::is_control) {
             return Err(
-                Error::invalid("title", "at most 100 characters, no control characters").into(),
+                Error::invalid("title", "at most 200 characters, no control characters").into(),
             );
         }
         if matches!(kind, kind::GROUP | kind::CHANNEL) && title.is_empty() {
             return Err(Error::invalid("title", "groups and channels need a title").into());
+        }
+        if kind == kind::DIRECT && !title.is_empty() {
+            return Err(Error::invalid("title", "a direct conversation has no title").into());
         }
         let request_id = if r.request_id.is_empty() {
             None
@@ -97,7 +100,8 @@ impl MessagingService for MessagingApi {
         let caller = user(&request)?.clone();
         let r = request.into_inner();
         let limit = paging::page_size(r.page_size)?;
-        let after = TimeKey::decode(&r.page_token, "")?.map(|k| (k.at, k.id));
+        let filter = paging::filter(r.page_size, &[]);
+        let after = TimeKey::decode(&r.page_token, &filter)?.map(|k| (k.at, k.id));
         let (views, more) = self
             .messaging
             .list_conversations(&caller, after, limit)
@@ -107,7 +111,7 @@ impl MessagingService for MessagingApi {
                 at: last.row.created_at,
                 id: last.row.id,
             }
-            .encode(""),
+            .encode(&filter),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListConversationsResponse {
@@ -205,7 +209,10 @@ impl MessagingService for MessagingApi {
             Ok(pb::Direction::Backward) => false,
             Err(_) => return Err(Error::invalid("direction", "FORWARD or BACKWARD").into()),
         };
-        let filter = format!("{}:{}", r.conversation_id, u8::from(forward));
+        let filter = paging::filter(
+            r.page_size,
+            &[&r.conversation_id, &u8::from(forward).to_string()],
+        );
         let start = match paging::decode(&r.page_token, 2)? {
             Some(parts) => {
                 paging::same_filter(&parts[1], &filter)?;

@@ -556,15 +556,18 @@ impl Messaging {
         user: Uuid,
     ) -> Result<(ConversationView, bool), Error> {
         let me = caller.user_id;
-        if user != me && !caller.role.is_admin() {
-            return Err(Error::PermissionDenied(
-                "only admins remove others; anyone may leave",
-            ));
-        }
+        let admin = caller.role.is_admin();
         let result = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    // Visibility first: someone who may not see the conversation learns
+                    // nothing about it, not even that removing is not theirs to do.
                     let row = visible_conversation(conn, conversation, me).await?;
+                    if user != me && !admin {
+                        return Err(Error::PermissionDenied(
+                            "only admins remove others; anyone may leave",
+                        ));
+                    }
                     if row.kind == kind::DIRECT {
                         return Err(Error::InvalidState(
                             "direct conversations have fixed members",

@@ -1630,3 +1630,113 @@ async fn contract_a_tenants_commit_queue_is_bounded_and_drains() {
     );
     assert_eq!(s.history(&s.owner, &conversation).await.len(), stored);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx4_caught_up_on_a_fresh_stream_carries_a_cursor_to_resume_from() {
+    let s = setup().await;
+    let conversation = s.group("fresh").await;
+    s.send(&s.owner, &conversation, "old news").await.unwrap();
+    let mut stream = s
+        .client()
+        .await
+        .subscribe(with_token(&s.member, pb::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let caught_up = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        caught_up.event,
+        Some(pb::subscribe_response::Event::CaughtUp(_))
+    ));
+    assert!(!caught_up.cursor.is_empty(), "a cursor to resume from");
+    drop(stream);
+    // Resumed from it: what was sent since, and nothing from before.
+    s.send(&s.owner, &conversation, "since").await.unwrap();
+    let mut resumed = s
+        .client()
+        .await
+        .subscribe(with_token(
+            &s.member,
+            pb::SubscribeRequest {
+                after: caught_up.cursor,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    match next_event(&mut resumed).await {
+        pb::subscribe_response::Event::MessageCreated(m) => assert_eq!(m.body, "since"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_smaller_deviations_titles_visibility_and_page_tokens() {
+    let s = setup().await;
+    // A direct conversation has no title.
+    let err = s
+        .client()
+        .await
+        .create_conversation(with_token(
+            &s.owner,
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Direct as i32,
+                title: "a title".into(),
+                member_user_ids: vec![s.member_id.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        hafen_platform::status::metadata(&err, "field").as_deref(),
+        Some("title")
+    );
+    // Removing from a group one may not see: NOT_FOUND, as every other call answers.
+    let private = s.owners_only().await;
+    let err = s
+        .client()
+        .await
+        .remove_member(with_token(
+            &s.member,
+            pb::RemoveMemberRequest {
+                conversation_id: private.clone(),
+                user_id: s.owner_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    // A page token belongs to its page size.
+    for title in ["one", "two", "three"] {
+        s.group(title).await;
+    }
+    let list = |page_size: i32, page_token: String| {
+        let request = with_token(
+            &s.owner,
+            pb::ListConversationsRequest {
+                page_size,
+                page_token,
+            },
+        );
+        async {
+            s.client()
+                .await
+                .list_conversations(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let first = list(1, String::new()).await.unwrap();
+    assert!(!first.next_page_token.is_empty());
+    assert!(list(1, first.next_page_token.clone()).await.is_ok());
+    let err = list(2, first.next_page_token).await.unwrap_err();
+    assert_eq!(
+        hafen_platform::status::metadata(&err, "field").as_deref(),
+        Some("page_token")
+    );
+}

@@ -172,14 +172,15 @@ impl RetentionService for RetentionApi {
         }
         let r = request.into_inner();
         let limit = paging::page_size(r.page_size)?;
-        let after = TimeKey::decode(&r.page_token, "")?.map(|k| (k.at, k.id));
+        let filter = paging::filter(r.page_size, &[]);
+        let after = TimeKey::decode(&r.page_token, &filter)?.map(|k| (k.at, k.id));
         let (runs, more) = self.purger.list(caller.tenant_id, after, limit).await?;
         let next_page_token = match (more, runs.last()) {
             (true, Some(last)) => TimeKey {
                 at: last.started_at,
                 id: last.id,
             }
-            .encode(""),
+            .encode(&filter),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListPurgeRunsResponse {

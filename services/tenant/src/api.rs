@@ -138,12 +138,11 @@ impl TenantService for TenantApi {
             request.slug.is_empty(),
         ) {
             (Caller::User(principal), true, true) => self.tenants.get(principal.tenant_id).await?,
-            (Caller::User(_), _, _) => {
-                return Err(Error::invalid(
-                    "tenant_id",
-                    "must be empty: a user reads their own tenant",
-                )
-                .into());
+            (Caller::User(_), tenant_id_empty, _) => {
+                let field = if tenant_id_empty { "slug" } else { "tenant_id" };
+                return Err(
+                    Error::invalid(field, "must be empty: a user reads their own tenant").into(),
+                );
             }
             (Caller::Operator, false, true) => {
                 let row = self
@@ -158,10 +157,10 @@ impl TenantService for TenantApi {
                 self.operator_read(row.id).await;
                 row
             }
-            (Caller::Operator, _, _) => {
-                return Err(
-                    Error::invalid("tenant_id", "set exactly one of tenant_id and slug").into(),
-                );
+            (Caller::Operator, tenant_id_empty, _) => {
+                // Both set names the second; neither names the one usually sent.
+                let field = if tenant_id_empty { "tenant_id" } else { "slug" };
+                return Err(Error::invalid(field, "set exactly one of tenant_id and slug").into());
             }
         };
         Ok(Response::new(to_proto(&row)))
@@ -174,7 +173,11 @@ impl TenantService for TenantApi {
         require_operator(&request)?;
         let request = request.into_inner();
         let limit = paging::page_size(request.page_size)?;
-        let filter = if request.show_deleted { "deleted" } else { "" };
+        let filter = paging::filter(
+            request.page_size,
+            &[if request.show_deleted { "deleted" } else { "" }],
+        );
+        let filter = filter.as_str();
         let after = TimeKey::decode(&request.page_token, filter)?;
         let (rows, more) = self
             .tenants
@@ -224,6 +227,24 @@ impl TenantService for TenantApi {
             .await?;
         tracing::info!(tenant_id = %id, "tenant settings updated");
         Ok(Response::new(to_proto(&row)))
+    }
+
+    async fn get_provisioning_options(
+        &self,
+        request: Request<pb::GetProvisioningOptionsRequest>,
+    ) -> Result<Response<pb::ProvisioningOptions>, Status> {
+        require_operator(&request)?;
+        let policy = self.tenants.policy();
+        Ok(Response::new(pb::ProvisioningOptions {
+            dpa_versions: policy.dpa_versions.clone(),
+            regions: policy.regions.clone(),
+            databases: self
+                .tenants
+                .database_names()
+                .into_iter()
+                .filter(|name| name != DEFAULT_DATABASE)
+                .collect(),
+        }))
     }
 
     async fn recover_owner(

@@ -40,13 +40,9 @@ pub enum Error {
     #[error("settings.retention_days: at most 730 days")]
     RetentionTooLong,
 
-    /// The owner's password is over 72 bytes.
-    #[error("owner_password: at most 72 bytes")]
-    PasswordTooLong,
-
-    /// The owner's password breaks the policy.
+    /// The owner's new password breaks the policy.
     #[error("owner_password: {0}")]
-    PasswordTooWeak(String),
+    PasswordRefused(hafen_crypto::password::PolicyViolation),
 
     /// The slug is taken.
     #[error("slug is taken")]
@@ -124,18 +120,9 @@ impl From<Error> for Status {
                 "settings.retention_days: at most 730 days (CB5)",
                 &[("field", "settings.retention_days"), ("max_days", "730")],
             ),
-            Error::PasswordTooLong => status::error(
-                Code::InvalidArgument,
-                "PASSWORD_TOO_LONG",
-                "owner_password: at most 72 bytes",
-                &[("field", "owner_password")],
-            ),
-            Error::PasswordTooWeak(reason) => status::error(
-                Code::InvalidArgument,
-                "PASSWORD_TOO_WEAK",
-                format!("owner_password: {reason}"),
-                &[("field", "owner_password")],
-            ),
+            Error::PasswordRefused(violation) => {
+                status::password_refused("owner_password", violation)
+            }
             Error::SlugTaken => status::already_exists("slug", "a tenant with this slug exists"),
             Error::RequestIdConflict => status::request_id_conflict(),
             Error::NotFound => status::not_found("tenant"),

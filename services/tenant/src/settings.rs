@@ -95,7 +95,7 @@ impl SettingsExt for Settings {
                 _ => {
                     return Err(Error::invalid(
                         "update_mask",
-                        format!("unknown path `{path}`"),
+                        format!("unknown path `{}`", hafen_platform::status::excerpt(path)),
                     ));
                 }
             }

@@ -285,8 +285,7 @@ impl Tenants {
         match hafen_crypto::password::check_policy(&input.owner_password, policy.min_password_chars)
         {
             Ok(()) => Ok(()),
-            Err(hafen_crypto::password::PolicyViolation::TooLong) => Err(Error::PasswordTooLong),
-            Err(other) => Err(Error::PasswordTooWeak(other.to_string())),
+            Err(violation) => Err(Error::PasswordRefused(violation)),
         }
     }
 

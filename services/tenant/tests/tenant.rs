@@ -1219,3 +1219,59 @@ async fn gr5_the_owner_exports_what_the_owner_may_read_and_nothing_else() {
         .unwrap_err();
     assert_eq!(operator.code(), Code::PermissionDenied);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_tenant_errors_name_the_field_sent_and_choices_are_discoverable() {
+    use hafen_testkit::with_token;
+    let stack = hafen_testkit::TestStack::start().await;
+    let tenant = stack.create_tenant("choices").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let mut tenants = stack.tenant_client().await;
+    let err = tenants
+        .get_tenant(with_token(
+            &owner,
+            pb::GetTenantRequest {
+                slug: "choices".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status::metadata(&err, "field").as_deref(),
+        Some("slug"),
+        "the field that was sent"
+    );
+    let options = tenants
+        .get_provisioning_options(stack.secrets.operator(pb::GetProvisioningOptionsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(options.dpa_versions, ["2025-01"]);
+    assert_eq!(options.regions, ["eu-central"]);
+    assert!(options.databases.is_empty(), "no placement databases here");
+    let member = tenants
+        .get_provisioning_options(with_token(&owner, pb::GetProvisioningOptionsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(member.code(), Code::PermissionDenied);
+    // A megabyte of update mask comes back as a short message.
+    let err = tenants
+        .update_tenant_settings(with_token(
+            &owner,
+            pb::UpdateTenantSettingsRequest {
+                settings: Some(pb::TenantSettings::default()),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["x".repeat(1_000_000)],
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status::metadata(&err, "field").as_deref(),
+        Some("update_mask")
+    );
+    assert!(err.message().len() < 300);
+}
