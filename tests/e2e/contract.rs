@@ -162,6 +162,56 @@ async fn contract_garbage_protobuf_and_invalid_utf8_are_invalid_argument_with_er
             None => assert_eq!(reason.as_deref(), Some("MALFORMED_REQUEST")),
         }
     }
+    // Another content type changes nothing: tonic decodes the body as protobuf all the same,
+    // so it is checked all the same.
+    for content_type in ["application/grpc+json", "text/plain"] {
+        let mut grpc = tonic::client::Grpc::new(ContentType(channel.clone(), content_type));
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                tonic::Request::new(Raw(b"\x0a\x02a\x00".to_vec())),
+                login.clone(),
+                ProstCodec::<Raw, ()>::default(),
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (
+                status.code(),
+                hafen_platform::status::metadata(&status, "field")
+            ),
+            (tonic::Code::InvalidArgument, Some("tenant_slug".to_owned())),
+            "{content_type}: {status:?}"
+        );
+    }
+}
+
+/// A channel that sends every request with the given content type.
+#[derive(Clone, Debug)]
+struct ContentType(tonic::transport::Channel, &'static str);
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for ContentType {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(
+        &mut self,
+        mut request: tonic::codegen::http::Request<tonic::body::Body>,
+    ) -> Self::Future {
+        request.headers_mut().insert(
+            tonic::codegen::http::header::CONTENT_TYPE,
+            tonic::codegen::http::HeaderValue::from_static(self.1),
+        );
+        self.0.call(request)
+    }
 }
 
 /// A message whose encoding is the given bytes, as they are.

@@ -1,12 +1,13 @@
 //! Requests checked against their contract before any handler sees them.
 //!
-//! Every unary or server-streaming call of a Hafen RPC is decoded once more here, against the
-//! descriptors the contracts compile to ([`hafen_proto::FILE_DESCRIPTOR_SET`]), so that bad
-//! input is refused the same way in every service, with `INVALID_ARGUMENT` and an `ErrorInfo`
-//! naming the field, instead of surfacing as `INTERNAL` from deep below:
+//! Every unary or server-streaming call of a Hafen RPC is walked once here, in its wire format,
+//! against the descriptors the contracts compile to ([`hafen_proto::FILE_DESCRIPTOR_SET`]),
+//! whatever content type it claims, so that bad input is refused the same way in every
+//! service, with `INVALID_ARGUMENT` and an `ErrorInfo` naming the field, instead of surfacing
+//! as `INTERNAL` from deep below:
 //!
-//! - a message that is not valid protobuf, or a string field that is not UTF-8
-//!   (`MALFORMED_REQUEST`, or `INVALID_FIELD` when the field is known);
+//! - a message that is not valid protobuf (`MALFORMED_REQUEST`), or a string field, at any
+//!   depth, that is not UTF-8 (`INVALID_FIELD`);
 //! - a NUL character in any string field, at any depth (`INVALID_FIELD`): PostgreSQL cannot
 //!   store one, and no Hafen string has a use for it;
 //! - a message larger than the service accepts (`RESOURCE_EXHAUSTED`, `REQUEST_TOO_LARGE`),
@@ -15,9 +16,9 @@
 //!   caller whose client certificate names none of the services allowed to make it
 //!   (`PERMISSION_DENIED`), before anything of its body is read.
 //!
-//! The bytes the handler decodes are the very bytes checked. Calls of other services
-//! (health, reflection), client streams, compressed messages and non-gRPC content types pass
-//! through untouched.
+//! The bytes the handler decodes are the very bytes checked; the walk builds nothing, so
+//! checking costs no memory beyond the request's own bytes. Calls of other services (health,
+//! reflection), client streams and compressed messages pass through untouched.
 
 use std::convert::Infallible;
 use std::sync::OnceLock;
@@ -26,7 +27,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, Value};
+use prost_reflect::{DescriptorPool, MessageDescriptor};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
@@ -126,15 +127,8 @@ where
         // The clone serves the next call; the ready one serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let is_grpc = request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == "application/grpc" || v == "application/grpc+proto");
-        let descriptor = is_grpc
-            .then(|| request_type(request.uri().path()))
-            .flatten();
-        let Some(descriptor) = descriptor else {
+        // Whatever the content type says: tonic decodes the body as protobuf regardless.
+        let Some(descriptor) = request_type(request.uri().path()) else {
             return Box::pin(inner.call(request));
         };
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
@@ -209,7 +203,22 @@ fn too_large(max: usize) -> Status {
     )
 }
 
-/// Checks the one message in `bytes` (a gRPC frame) against `descriptor`.
+/// How deep messages may nest, as prost's own decoder allows.
+const MAX_DEPTH: u32 = 100;
+
+/// What is wrong with a request message.
+enum Problem {
+    /// Not valid protobuf for the method.
+    Malformed,
+    /// The string field at this path is not UTF-8.
+    NotUtf8(String),
+    /// The string field at this path holds a NUL character.
+    Nul(String),
+}
+
+/// Checks the one message in `bytes` (a gRPC frame) against `descriptor`, walking the wire
+/// format directly: nothing is decoded into memory, so a request costs no more to check than
+/// its own bytes.
 fn check(descriptor: &MessageDescriptor, bytes: &[u8]) -> Result<(), Status> {
     if bytes.len() < FRAME_HEADER {
         // No message at all: tonic answers that itself.
@@ -219,100 +228,156 @@ fn check(descriptor: &MessageDescriptor, bytes: &[u8]) -> Result<(), Status> {
         // Compressed: Hafen's servers accept no compression, and tonic says so.
         return Ok(());
     }
-    let message = &bytes[FRAME_HEADER..];
-    let decoded = DynamicMessage::decode(descriptor.clone(), message)
-        .map_err(|_| malformed(descriptor, message))?;
     let mut path = String::new();
-    match find_nul(&decoded, &mut path) {
-        Some(field) => Err(status::invalid_field(
+    match walk(descriptor, &bytes[FRAME_HEADER..], &mut path, 0) {
+        Ok(()) => Ok(()),
+        Err(Problem::Nul(field)) => Err(status::invalid_field(
             &field,
             "must not contain a NUL character",
         )),
-        None => Ok(()),
-    }
-}
-
-/// INVALID_ARGUMENT for a message that does not decode: `INVALID_FIELD` naming a top-level
-/// string field that is not UTF-8, otherwise `MALFORMED_REQUEST`.
-fn malformed(descriptor: &MessageDescriptor, message: &[u8]) -> Status {
-    match non_utf8_field(descriptor, message) {
-        Some(field) => status::invalid_field(&field, "must be UTF-8"),
-        None => status::invalid_argument_reason(
+        Err(Problem::NotUtf8(field)) => Err(status::invalid_field(&field, "must be UTF-8")),
+        Err(Problem::Malformed) => Err(status::invalid_argument_reason(
             "MALFORMED_REQUEST",
             "the request message is not valid protobuf for this method",
             &[],
-        ),
+        )),
     }
 }
 
-/// The first top-level string field of `message` whose bytes are not UTF-8, read straight
-/// from the wire format (the decoder does not say which field failed).
-fn non_utf8_field(descriptor: &MessageDescriptor, mut message: &[u8]) -> Option<String> {
+/// Walks one encoded `message` of type `descriptor`, whose path is `path`
+/// (`masking.custom_patterns[2]`). The fields of a map entry take the map field's path.
+fn walk(
+    descriptor: &MessageDescriptor,
+    mut message: &[u8],
+    path: &mut String,
+    depth: u32,
+) -> Result<(), Problem> {
     use prost::encoding::decode_varint;
-    while !message.is_empty() {
-        let key = decode_varint(&mut message).ok()?;
-        let number = u32::try_from(key >> 3).ok()?;
-        match key & 7 {
-            0 => {
-                decode_varint(&mut message).ok()?;
-            }
-            1 => message = message.get(8..)?,
-            5 => message = message.get(4..)?,
-            2 => {
-                let length = usize::try_from(decode_varint(&mut message).ok()?).ok()?;
-                let value = message.get(..length)?;
-                message = message.get(length..)?;
-                let field = descriptor.get_field(number);
-                if let Some(field) = field
-                    && field.kind() == prost_reflect::Kind::String
-                    && std::str::from_utf8(value).is_err()
-                {
-                    return Some(field.name().to_owned());
-                }
-            }
-            _ => return None,
-        }
+    if depth > MAX_DEPTH {
+        return Err(Problem::Malformed);
     }
-    None
-}
-
-/// The path (`masking.custom_patterns[2].name`) of the first string field that holds a NUL,
-/// in field-number order.
-fn find_nul(message: &DynamicMessage, path: &mut String) -> Option<String> {
-    for (field, value) in message.fields() {
+    let map_entry = descriptor.is_map_entry();
+    // How many elements each repeated field had so far, for the index in the path.
+    let mut seen: Vec<(u32, usize)> = Vec::new();
+    while !message.is_empty() {
+        let key = decode_varint(&mut message).map_err(|_| Problem::Malformed)?;
+        let number = u32::try_from(key >> 3).map_err(|_| Problem::Malformed)?;
+        let wire = key & 7;
+        if number == 0 {
+            return Err(Problem::Malformed);
+        }
+        let value = match wire {
+            0 => {
+                decode_varint(&mut message).map_err(|_| Problem::Malformed)?;
+                None
+            }
+            1 => {
+                message = message.get(8..).ok_or(Problem::Malformed)?;
+                None
+            }
+            5 => {
+                message = message.get(4..).ok_or(Problem::Malformed)?;
+                None
+            }
+            2 => {
+                let length = decode_varint(&mut message).map_err(|_| Problem::Malformed)?;
+                let length = usize::try_from(length).map_err(|_| Problem::Malformed)?;
+                let value = message.get(..length).ok_or(Problem::Malformed)?;
+                message = &message[length..];
+                Some(value)
+            }
+            // Groups do not exist in proto3; nothing else is a wire type.
+            _ => return Err(Problem::Malformed),
+        };
+        // Unknown fields are skipped, as the decoder does.
+        let Some(field) = descriptor.get_field(number) else {
+            continue;
+        };
         let start = path.len();
-        if !path.is_empty() {
-            path.push('.');
+        if !map_entry {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(field.name());
+            if field.is_list() {
+                let index = match seen.iter_mut().find(|(n, _)| *n == number) {
+                    Some((_, count)) => {
+                        *count += 1;
+                        *count - 1
+                    }
+                    None => {
+                        seen.push((number, 1));
+                        0
+                    }
+                };
+                path.push_str(&format!("[{index}]"));
+            }
         }
-        path.push_str(field.name());
-        if let Some(found) = nul_in(value, path) {
-            return Some(found);
-        }
+        walk_field(&field, wire, value, path, depth)?;
         path.truncate(start);
     }
-    None
+    Ok(())
 }
 
-fn nul_in(value: &Value, path: &mut String) -> Option<String> {
-    match value {
-        Value::String(text) if text.contains('\0') => Some(path.clone()),
-        Value::Message(inner) => find_nul(inner, path),
-        Value::List(items) => items.iter().enumerate().find_map(|(index, item)| {
-            let start = path.len();
-            path.push_str(&format!("[{index}]"));
-            let found = nul_in(item, path);
-            path.truncate(start);
-            found
-        }),
-        Value::Map(entries) => entries.iter().find_map(|(key, item)| {
-            if let MapKey::String(key) = key
-                && key.contains('\0')
-            {
-                return Some(path.clone());
+/// Checks one field's value against its declared kind: the wire type must fit, strings must
+/// be UTF-8 without NUL, and messages are walked in turn.
+fn walk_field(
+    field: &prost_reflect::FieldDescriptor,
+    wire: u64,
+    value: Option<&[u8]>,
+    path: &mut String,
+    depth: u32,
+) -> Result<(), Problem> {
+    use prost_reflect::Kind;
+    // A repeated scalar may come packed, as one length-delimited run.
+    let packed = |width: Option<usize>| -> Result<(), Problem> {
+        let Some(mut run) = value.filter(|_| field.is_list()) else {
+            return Err(Problem::Malformed);
+        };
+        match width {
+            Some(width) if run.len() % width == 0 => Ok(()),
+            Some(_) => Err(Problem::Malformed),
+            None => {
+                while !run.is_empty() {
+                    prost::encoding::decode_varint(&mut run).map_err(|_| Problem::Malformed)?;
+                }
+                Ok(())
             }
-            nul_in(item, path)
-        }),
-        _ => None,
+        }
+    };
+    match field.kind() {
+        Kind::String => {
+            let bytes = value.ok_or(Problem::Malformed)?;
+            let text = std::str::from_utf8(bytes).map_err(|_| Problem::NotUtf8(path.clone()))?;
+            if text.contains('\0') {
+                return Err(Problem::Nul(path.clone()));
+            }
+            Ok(())
+        }
+        Kind::Bytes => value.map(|_| ()).ok_or(Problem::Malformed),
+        Kind::Message(inner) => {
+            let bytes = value.ok_or(Problem::Malformed)?;
+            walk(&inner, bytes, path, depth + 1)
+        }
+        Kind::Double | Kind::Fixed64 | Kind::Sfixed64 => match wire {
+            1 => Ok(()),
+            _ => packed(Some(8)),
+        },
+        Kind::Float | Kind::Fixed32 | Kind::Sfixed32 => match wire {
+            5 => Ok(()),
+            _ => packed(Some(4)),
+        },
+        Kind::Int32
+        | Kind::Int64
+        | Kind::Uint32
+        | Kind::Uint64
+        | Kind::Sint32
+        | Kind::Sint64
+        | Kind::Bool
+        | Kind::Enum(_) => match wire {
+            0 => Ok(()),
+            _ => packed(None),
+        },
     }
 }
 
@@ -405,5 +470,62 @@ mod tests {
         let err = check(&login, &truncated).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(status::reason(&err).is_some(), "ErrorInfo present");
+    }
+
+    #[test]
+    fn the_walk_finds_problems_at_any_depth_and_accepts_what_prost_accepts() {
+        let update = descriptor("hafen.tenant.v1.UpdateTenantSettingsRequest");
+        let settings = hafen_proto::tenant::v1::TenantSettings {
+            masking: Some(hafen_proto::tenant::v1::MaskingSettings {
+                custom_patterns: vec![
+                    hafen_proto::tenant::v1::CustomPattern {
+                        name: "one".into(),
+                        regex: "a+".into(),
+                        ..Default::default()
+                    },
+                    hafen_proto::tenant::v1::CustomPattern {
+                        name: "two".into(),
+                        regex: "PLACEHOLDER".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request = hafen_proto::tenant::v1::UpdateTenantSettingsRequest {
+            settings: Some(settings),
+            ..Default::default()
+        };
+        let good = frame(&request);
+        assert!(check(&update, &good).is_ok(), "a valid message passes");
+        // The same message with invalid UTF-8 in the second pattern's regex.
+        let at = good
+            .windows(11)
+            .position(|w| w == b"PLACEHOLDER")
+            .unwrap_or_else(|| panic!("placeholder encoded"));
+        let mut bad = good.clone();
+        bad[at] = 0xff;
+        let err = check(&update, &bad).unwrap_err();
+        assert_eq!(
+            status::metadata(&err, "field").as_deref(),
+            Some("settings.masking.custom_patterns[1].regex")
+        );
+        assert_eq!(status::reason(&err).as_deref(), Some("INVALID_FIELD"));
+
+        // Unknown fields are skipped; a known field with the wrong wire type is malformed.
+        let login = descriptor("hafen.auth.v1.LoginRequest");
+        let unknown = [0, 0, 0, 0, 3, 0xf8, 0x01, 7];
+        assert!(check(&login, &unknown).is_ok());
+        let wrong_wire = [0, 0, 0, 0, 2, 0x08, 1];
+        let err = check(&login, &wrong_wire).unwrap_err();
+        assert_eq!(status::reason(&err).as_deref(), Some("MALFORMED_REQUEST"));
+        let zero_tag = [0, 0, 0, 0, 2, 0x00, 1];
+        assert!(check(&login, &zero_tag).is_err());
+
+        // Nesting deeper than the decoder allows is refused, not recursed into for ever.
+        let mut path = String::new();
+        assert!(walk(&login, &[], &mut path, MAX_DEPTH + 1).is_err());
+        assert!(walk(&login, &[], &mut path, MAX_DEPTH).is_ok());
     }
 }
