@@ -13,9 +13,10 @@
 //!
 //! Other users' direct, group and website-chat conversations are not in it, not even by id.
 //!
-//! Rows are read page by page while a ZIP writer on a blocking thread compresses them into
-//! chunks, both sides behind bounded channels: memory does not grow with the tenant, and a
-//! slow client slows the export instead of filling the server.
+//! Rows (users, conversations, messages) are read page by page while a ZIP writer on a
+//! blocking thread compresses them into chunks, both sides behind bounded channels: memory
+//! does not grow with the tenant, and a slow client slows the export instead of filling the
+//! server.
 
 use std::io::Write;
 
@@ -69,6 +70,9 @@ enum Piece {
     File(String, bool),
     /// Bytes of the current file.
     Bytes(Vec<u8>),
+    /// Everything was given: the archive may be finished. Without it the writer never writes
+    /// the end of the archive, so a failed export cannot pass for a complete one.
+    End,
 }
 
 /// Streams the export of `tenant` for `owner`: chunks of the archive, the last one with the
@@ -86,13 +90,17 @@ pub fn stream(
     let writer = tokio::task::spawn_blocking(move || write_archive(to_write, writer_chunks, chunk));
     tokio::spawn(async move {
         let read = read_all(&databases, &keys, &tenant, owner, &pieces).await;
-        drop(pieces);
         if let Err(err) = read {
             tracing::warn!(tenant_id = %tenant, error = %err, "tenant export failed");
-            writer.abort();
+            // The writer stops without finishing the archive; its chunks so far are sent
+            // before the error, which ends the stream without a last chunk.
+            drop(pieces);
+            let _ = writer.await;
             let _ = chunks.send(Err(Status::from(err))).await;
             return;
         }
+        let _ = pieces.send(Piece::End).await;
+        drop(pieces);
         match writer.await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
@@ -125,12 +133,19 @@ fn write_archive(
     };
     let mut zip = zip::ZipWriter::new_stream(sink);
     let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-    while let Some(piece) = pieces.blocking_recv() {
-        match piece {
-            Piece::File(name, large) => zip
+    loop {
+        match pieces.blocking_recv() {
+            Some(Piece::File(name, large)) => zip
                 .start_file(name, options.large_file(large))
                 .map_err(std::io::Error::other)?,
-            Piece::Bytes(bytes) => zip.write_all(&bytes)?,
+            Some(Piece::Bytes(bytes)) => zip.write_all(&bytes)?,
+            Some(Piece::End) => break,
+            None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "export given up before its end",
+                ));
+            }
         }
     }
     let sink = zip.finish().map_err(std::io::Error::other)?.into_inner();
@@ -270,49 +285,42 @@ async fn read_all(
     give(Piece::Bytes(bytes)).await?;
 
     let pool = databases.tenant_pool(tenant).await?;
-    let (users, shared) = hafen_store::with_tenant(&pool, tenant, move |conn| {
-        Box::pin(async move {
-            let users: Vec<UserRow> = users::table
-                .order(users::created_at.asc())
-                .select((
-                    users::id,
-                    users::username,
-                    users::display_name,
-                    users::role,
-                    users::status,
-                    users::created_at,
-                    users::deactivated_at,
-                    users::totp_enabled_at,
-                ))
-                .load(conn)
-                .await?;
-            // The owner's conversations, and every channel.
-            let mine = members::table
-                .filter(members::user_id.eq(owner))
-                .select(members::conversation_id);
-            let shared: Vec<ConversationRow> = conversations::table
-                .filter(
-                    conversations::id
-                        .eq_any(mine)
-                        .or(conversations::kind.eq("channel")),
-                )
-                .order(conversations::created_at.asc())
-                .select((
-                    conversations::id,
-                    conversations::kind,
-                    conversations::title,
-                    conversations::creator_id,
-                    conversations::created_at,
-                ))
-                .load(conn)
-                .await?;
-            Ok::<_, Error>((users, shared))
+
+    // users.json, one page of users at a time.
+    give(Piece::File("users.json".into(), false)).await?;
+    let mut list = JsonList::default();
+    let mut after: Option<(DateTime<Utc>, Uuid)> = None;
+    loop {
+        let page: Vec<UserRow> = hafen_store::with_tenant(&pool, tenant, move |conn| {
+            Box::pin(async move {
+                let mut query = users::table
+                    .order((users::created_at.asc(), users::id.asc()))
+                    .limit(PAGE)
+                    .select((
+                        users::id,
+                        users::username,
+                        users::display_name,
+                        users::role,
+                        users::status,
+                        users::created_at,
+                        users::deactivated_at,
+                        users::totp_enabled_at,
+                    ))
+                    .into_boxed();
+                if let Some((at, id)) = after {
+                    query = query.filter(
+                        users::created_at
+                            .gt(at)
+                            .or(users::created_at.eq(at).and(users::id.gt(id))),
+                    );
+                }
+                Ok::<_, Error>(query.load(conn).await?)
+            })
         })
-    })
-    .await?;
-    let users_json: Vec<_> = users
-        .iter()
-        .map(|u| {
+        .await?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.created_at, last.id));
+        let items = page.iter().map(|u| {
             json!({
                 "user_id": u.id,
                 "username": u.username,
@@ -323,49 +331,156 @@ async fn read_all(
                 "deactivated_at": u.deactivated_at.map(time),
                 "totp_enrolled": u.totp_enabled_at.is_some(),
             })
-        })
-        .collect();
-    let (name, bytes) = file("users.json", json!(users_json));
-    give(Piece::File(name, false)).await?;
-    give(Piece::Bytes(bytes)).await?;
+        });
+        give(Piece::Bytes(list.items(items))).await?;
+        if (page.len() as i64) < PAGE {
+            break;
+        }
+    }
+    give(Piece::Bytes(list.end())).await?;
 
-    let ids: Vec<Uuid> = shared.iter().map(|c| c.id).collect();
-    let membership: Vec<(Uuid, Uuid)> = hafen_store::with_tenant(&pool, tenant, move |conn| {
-        Box::pin(async move {
-            Ok::<_, Error>(
-                members::table
-                    .filter(members::conversation_id.eq_any(ids))
-                    .order((members::conversation_id, members::joined_at))
-                    .select((members::conversation_id, members::user_id))
-                    .load(conn)
-                    .await?,
-            )
+    // conversations.json, a page of conversations with their members at a time.
+    give(Piece::File("conversations.json".into(), false)).await?;
+    let mut list = JsonList::default();
+    let mut after = None;
+    loop {
+        let page = shared_page(&pool, tenant, owner, after).await?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.created_at, last.id));
+        let ids: Vec<Uuid> = page.iter().map(|c| c.id).collect();
+        let membership: Vec<(Uuid, Uuid)> = hafen_store::with_tenant(&pool, tenant, move |conn| {
+            Box::pin(async move {
+                Ok::<_, Error>(
+                    members::table
+                        .filter(members::conversation_id.eq_any(ids))
+                        .order((members::conversation_id, members::joined_at))
+                        .select((members::conversation_id, members::user_id))
+                        .load(conn)
+                        .await?,
+                )
+            })
         })
-    })
-    .await?;
-    let conversations_json: Vec<_> = shared
-        .iter()
-        .map(|c| {
-            let of: Vec<Uuid> = membership
-                .iter()
-                .filter(|(conversation, _)| *conversation == c.id)
-                .map(|(_, user)| *user)
-                .collect();
+        .await?;
+        let mut of: std::collections::HashMap<Uuid, Vec<Uuid>> = std::collections::HashMap::new();
+        for (conversation, user) in membership {
+            of.entry(conversation).or_default().push(user);
+        }
+        let items = page.iter().map(|c| {
             json!({
                 "conversation_id": c.id,
                 "kind": c.kind,
                 "title": c.title,
                 "creator_user_id": c.creator_id,
                 "created_at": time(c.created_at),
-                "member_user_ids": of,
+                "member_user_ids": of.remove(&c.id).unwrap_or_default(),
             })
-        })
-        .collect();
-    let (name, bytes) = file("conversations.json", json!(conversations_json));
-    give(Piece::File(name, false)).await?;
-    give(Piece::Bytes(bytes)).await?;
+        });
+        give(Piece::Bytes(list.items(items))).await?;
+        if (page.len() as i64) < PAGE {
+            break;
+        }
+    }
+    give(Piece::Bytes(list.end())).await?;
 
-    for conversation in &shared {
+    // messages/<id>.jsonl per conversation, the conversations paged once more.
+    let mut after = None;
+    loop {
+        let shared = shared_page(&pool, tenant, owner, after).await?;
+        let Some(last) = shared.last() else { break };
+        after = Some((last.created_at, last.id));
+        write_messages(&pool, keys, tenant, &shared, &give).await?;
+        if (shared.len() as i64) < PAGE {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A page of the conversations in the export (the owner's, and every channel), after the
+/// `(created_at, id)` given.
+async fn shared_page(
+    pool: &hafen_store::Pool,
+    tenant: &TenantId,
+    owner: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+) -> Result<Vec<ConversationRow>, Error> {
+    hafen_store::with_tenant(pool, tenant, move |conn| {
+        Box::pin(async move {
+            let mine = members::table
+                .filter(members::user_id.eq(owner))
+                .select(members::conversation_id);
+            let mut query = conversations::table
+                .filter(
+                    conversations::id
+                        .eq_any(mine)
+                        .or(conversations::kind.eq("channel")),
+                )
+                .order((conversations::created_at.asc(), conversations::id.asc()))
+                .limit(PAGE)
+                .select((
+                    conversations::id,
+                    conversations::kind,
+                    conversations::title,
+                    conversations::creator_id,
+                    conversations::created_at,
+                ))
+                .into_boxed();
+            if let Some((at, id)) = after {
+                query = query.filter(
+                    conversations::created_at
+                        .gt(at)
+                        .or(conversations::created_at
+                            .eq(at)
+                            .and(conversations::id.gt(id))),
+                );
+            }
+            Ok::<_, Error>(query.load(conn).await?)
+        })
+    })
+    .await
+}
+
+/// A JSON array written a few items at a time.
+#[derive(Default)]
+struct JsonList {
+    started: bool,
+}
+
+impl JsonList {
+    /// The bytes of `items`, continuing the array.
+    fn items(&mut self, items: impl Iterator<Item = serde_json::Value>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for item in items {
+            out.extend_from_slice(if self.started { b",\n" } else { b"[\n" });
+            self.started = true;
+            serde_json::to_writer_pretty(&mut out, &item).unwrap_or_default();
+        }
+        out
+    }
+
+    /// The bytes that close the array (an empty one if no item came).
+    fn end(self) -> Vec<u8> {
+        if self.started {
+            b"\n]\n".to_vec()
+        } else {
+            b"[]\n".to_vec()
+        }
+    }
+}
+
+/// The messages of `shared`, one JSON Lines file per conversation.
+async fn write_messages<F, Fut>(
+    pool: &hafen_store::Pool,
+    keys: &KeyRing,
+    tenant: &TenantId,
+    shared: &[ConversationRow],
+    give: &F,
+) -> Result<(), Error>
+where
+    F: Fn(Piece) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
+    for conversation in shared {
         give(Piece::File(
             format!("messages/{}.jsonl", conversation.id),
             true,
@@ -374,7 +489,7 @@ async fn read_all(
         let mut after = 0_i64;
         loop {
             let id = conversation.id;
-            let page: Vec<MessageRow> = hafen_store::with_tenant(&pool, tenant, move |conn| {
+            let page: Vec<MessageRow> = hafen_store::with_tenant(pool, tenant, move |conn| {
                 Box::pin(async move {
                     Ok::<_, Error>(
                         messages::table
@@ -432,4 +547,56 @@ async fn read_all(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(pieces: Vec<Piece>) -> (std::io::Result<()>, Vec<pb::ExportTenantResponse>) {
+        let (give, take) = mpsc::channel(pieces.len().max(1));
+        let (chunks, mut out) = mpsc::channel(1024);
+        for piece in pieces {
+            assert!(give.try_send(piece).is_ok(), "room for every piece");
+        }
+        drop(give);
+        let result = write_archive(take, chunks, MIN_CHUNK);
+        let mut sent = Vec::new();
+        while let Ok(chunk) = out.try_recv() {
+            sent.push(chunk.unwrap_or_else(|status| panic!("no error from the writer: {status}")));
+        }
+        (result, sent)
+    }
+
+    #[test]
+    fn gr5_an_export_given_up_never_ends_with_a_last_chunk() {
+        // Bytes that do not compress, so that chunks are sent before the end.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let noise: Vec<u8> = (0..400_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[3]
+            })
+            .collect();
+        let (result, sent) = written(vec![
+            Piece::File("a.bin".into(), false),
+            Piece::Bytes(noise.clone()),
+        ]);
+        assert!(result.is_err(), "no end given: the writer fails");
+        assert!(!sent.is_empty(), "chunks went out before the failure");
+        assert!(sent.iter().all(|chunk| !chunk.last_chunk));
+
+        let (result, sent) = written(vec![
+            Piece::File("a.bin".into(), false),
+            Piece::Bytes(noise),
+            Piece::End,
+        ]);
+        assert!(result.is_ok());
+        let last = sent.last().unwrap_or_else(|| panic!("chunks"));
+        assert!(last.last_chunk);
+        let all: Vec<u8> = sent.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(last.sha256, Sha256::digest(&all).to_vec());
+    }
 }
