@@ -36,6 +36,7 @@ async fn bx3_a_forged_session_cache_entry_is_refused() {
         "chat_code_id": tenant.owner_code_id,
         "access_digest": hex_digest(secret),
         "expires_at": chrono_in(600),
+        "cached_at": chrono_in(0),
     })
     .to_string();
     let key = format!("{}session:{}", redis.prefix(), session.simple());
@@ -44,6 +45,7 @@ async fn bx3_a_forged_session_cache_entry_is_refused() {
         entry.clone(),
         format!("{}.{entry}", "A".repeat(43)),
         format!("{}={}", "QUJD".repeat(10), entry),
+        format!("{}.{}=.{entry}", i64::MAX, "A".repeat(43)),
     ];
     for forged in forgeries {
         let () = conn.set_ex(&key, &forged, 600).await.unwrap();
@@ -79,9 +81,14 @@ async fn bx3_a_forged_session_cache_entry_is_refused() {
         .await
         .unwrap();
     let genuine = genuine.expect("the real session is cached");
-    let (mac, json) = genuine.split_once('.').expect("MAC.JSON");
-    assert_eq!(mac.len(), 44, "a base64 HMAC-SHA-256");
-    assert!(json.starts_with('{'));
+    let mut parts = genuine.splitn(3, '.');
+    let (expiry, mac, json) = (parts.next(), parts.next(), parts.next());
+    assert!(
+        expiry.is_some_and(|ms| ms.parse::<i64>().is_ok()),
+        "EXPIRY.MAC.JSON"
+    );
+    assert_eq!(mac.map(str::len), Some(44), "a base64 HMAC-SHA-256");
+    assert!(json.is_some_and(|json| json.starts_with('{')));
 }
 
 fn hex_digest(secret: &str) -> String {

@@ -15,20 +15,21 @@
 //! PostgreSQL via the auth service, and nothing is lost. A session entry carries an
 //! HMAC-SHA-256 under the session-cache key (derived from the master key, held by every
 //! service that authenticates users), over the entry's full Redis key and its JSON (which
-//! holds the expiry). Whoever can write to Redis cannot forge one: an entry that does not
-//! verify is a miss, and the auth service is asked. Without the key, nothing is cached or
-//! trusted.
+//! holds the expiry and when the database vouched for it). Whoever can write to Redis cannot
+//! forge one: an entry that does not verify is a miss, and the auth service is asked; an
+//! entry they captured and put back is trusted for [`CACHE_FRESH`] after it was made at
+//! most. Without the key, nothing is cached or trusted.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
 use hafen_crypto::DataKey;
-use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -37,6 +38,33 @@ use crate::principal::{Principal, RevokeReason, Role};
 
 /// How long Redis may take before a call gives up and falls back.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Announcements retried in the background at once, at most; more are left to the
+/// PostgreSQL re-checks.
+const MAX_RETRYING: usize = 1024;
+
+/// How long a session cache entry is trusted after the database vouched for it.
+pub const CACHE_FRESH: Duration = Duration::from_secs(60);
+
+/// How far another replica's clock may run ahead of this one's.
+const CLOCK_SKEW_SECS: i64 = 5;
+
+/// Writes a session entry (KEYS[1]) unless the session is marked revoked (KEYS[2]) or the
+/// entry there is for a later access token: ARGV[1] is the entry, ARGV[2] its access token's
+/// expiry in Unix milliseconds (also the entry's prefix), ARGV[3] its lifetime in seconds.
+const STORE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local at = tonumber(string.match(current, '^(%d+)%.'))
+  if at and at > tonumber(ARGV[2]) then return 0 end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+";
 
 /// Where Redis is.
 #[derive(clap::Args, Clone, Debug)]
@@ -101,6 +129,8 @@ pub struct Redis {
     conn: ConnectionManager,
     prefix: String,
     session_key: Option<Arc<DataKey>>,
+    /// Announcements being retried in the background ([`Redis::deliver`]).
+    retrying: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -125,6 +155,7 @@ impl Redis {
             conn,
             prefix: args.redis_prefix.clone(),
             session_key: None,
+            retrying: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -205,7 +236,7 @@ impl Redis {
                 .session_key
                 .as_deref()
                 .and_then(|mac_key| open_entry(mac_key, &key, &entry))
-                .filter(|cached| cached.session_id == session);
+                .filter(|cached| cached.session_id == session && cached.fresh(Utc::now()));
             if opened.is_none() {
                 tracing::warn!(session_id = %session, "session cache entry failed verification; ignored");
             }
@@ -214,27 +245,47 @@ impl Redis {
         Ok((verified, revoked.as_deref().and_then(RevokeReason::parse)))
     }
 
-    /// Caches `session` until its access token expires (unless it was revoked meanwhile).
-    pub async fn store(&self, session: &CachedSession) -> redis::RedisResult<()> {
-        let ttl = (session.expires_at - Utc::now()).num_seconds();
+    /// Caches `session` for at most [`CACHE_FRESH`], and never past its access token's expiry.
+    /// Atomically: nothing is written when the session was revoked meanwhile, or when the
+    /// entry there is for a later access token (a Refresh that overtook an introspection
+    /// which read the row before it). Returns whether the entry was written.
+    pub async fn store(&self, session: &CachedSession) -> redis::RedisResult<bool> {
+        let ttl = (session.expires_at - Utc::now())
+            .num_seconds()
+            .min(CACHE_FRESH.as_secs().try_into().unwrap_or(i64::MAX));
         if ttl <= 0 {
-            return Ok(());
+            return Ok(false);
         }
         let Some(mac_key) = self.session_key.as_deref() else {
-            return Ok(());
+            return Ok(false);
         };
         let key = self.session_key(session.session_id);
         let Some(entry) = seal_entry(mac_key, &key, session) else {
-            return Ok(());
+            return Ok(false);
         };
-        let mut conn = self.conn();
-        let _: () = conn.set_ex(&key, entry, ttl.unsigned_abs()).await?;
-        // A revocation that landed between the database read and this write wins.
-        let revoked: bool = conn.exists(self.revoked_key(session.session_id)).await?;
-        if revoked {
-            let _: () = conn.del(&key).await?;
-        }
-        Ok(())
+        let written: i64 = redis::Script::new(STORE)
+            .key(&key)
+            .key(self.revoked_key(session.session_id))
+            .arg(entry)
+            .arg(session.expires_at.timestamp_millis())
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// [`Redis::store`] for the entry of a just refreshed session: until it is written, the
+    /// previous access token could still be accepted from the cache, so a failed write is
+    /// retried in the background like an announcement.
+    pub async fn replace(&self, session: &CachedSession) -> bool {
+        let redis = self.clone();
+        let session = session.clone();
+        self.deliver("session replacement", move || {
+            let redis = redis.clone();
+            let session = session.clone();
+            Box::pin(async move { redis.store(&session).await.map(|_| ()) })
+        })
+        .await
     }
 
     /// Announces that `sessions` ended for `reason` (see [`Redis::revoke`]). When Redis
@@ -290,7 +341,8 @@ impl Redis {
     }
 
     /// Runs `attempt` once; if it fails, again in the background with back-off (200 ms
-    /// doubling to 10 s) until it succeeds or [`crate::MAX_ACCESS_TTL`] has passed.
+    /// doubling to 10 s) until it succeeds or [`crate::MAX_ACCESS_TTL`] has passed. At most
+    /// [`MAX_RETRYING`] are retried at once: during a long outage the rest are dropped.
     async fn deliver<F>(&self, what: &'static str, attempt: F) -> bool
     where
         F: Fn() -> futures::future::BoxFuture<'static, redis::RedisResult<()>>
@@ -302,8 +354,17 @@ impl Redis {
             Ok(()) => return true,
             Err(err) => err,
         };
+        let pending = Arc::clone(&self.retrying);
+        if pending.fetch_add(1, Ordering::AcqRel) >= MAX_RETRYING {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            // Open streams still end within seconds (they re-check PostgreSQL) and cache
+            // entries age out after CACHE_FRESH: nothing is lost but speed.
+            tracing::warn!(what, error = %first, "announcement not delivered to redis; too many retrying already");
+            return false;
+        }
         tracing::warn!(what, error = %first, "announcement not delivered to redis; retrying");
         tokio::spawn(async move {
+            let _done = Retrying(pending);
             let give_up = tokio::time::Instant::now() + crate::MAX_ACCESS_TTL;
             let mut backoff = Duration::from_millis(200);
             while tokio::time::Instant::now() < give_up {
@@ -358,15 +419,22 @@ impl Redis {
     }
 }
 
-/// `<base64 MAC>.<JSON>`: the MAC covers the entry's Redis key, a separator and the JSON.
+/// `<expiry ms>.<base64 MAC>.<JSON>`: the MAC covers the entry's Redis key, a separator and
+/// the JSON.
 fn seal_entry(mac_key: &DataKey, redis_key: &str, session: &CachedSession) -> Option<String> {
     let json = serde_json::to_string(session).ok()?;
     let mac = entry_mac(mac_key, redis_key, json.as_bytes());
-    Some(format!("{}.{json}", BASE64.encode(mac)))
+    Some(format!(
+        "{}.{}.{json}",
+        session.expires_at.timestamp_millis(),
+        BASE64.encode(mac)
+    ))
 }
 
-/// The session of an entry written by [`seal_entry`] under the same key and Redis key.
+/// The session of an entry written by [`seal_entry`] under the same key and Redis key. The
+/// leading expiry is only for [`STORE`]'s ordering; the one that counts is inside the MAC.
 fn open_entry(mac_key: &DataKey, redis_key: &str, entry: &str) -> Option<CachedSession> {
+    let (_, entry) = entry.split_once('.')?;
     let (mac, json) = entry.split_once('.')?;
     let mac = BASE64.decode(mac).ok()?;
     let expected = entry_mac(mac_key, redis_key, json.as_bytes());
@@ -457,6 +525,15 @@ fn tls_roots(ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, Stri
     Ok(roots)
 }
 
+/// Counts one background retry of [`Redis::deliver`] while it lives.
+struct Retrying(Arc<AtomicUsize>);
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A session as cached in Redis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedSession {
@@ -474,6 +551,8 @@ pub struct CachedSession {
     pub access_digest: String,
     /// When the access token expires.
     pub expires_at: DateTime<Utc>,
+    /// When this entry was made from the database's answer.
+    pub cached_at: DateTime<Utc>,
 }
 
 impl CachedSession {
@@ -487,7 +566,17 @@ impl CachedSession {
             chat_code_id: principal.chat_code_id,
             access_digest: hex::encode(digest),
             expires_at: principal.expires_at,
+            cached_at: Utc::now(),
         }
+    }
+
+    /// Whether the entry is young enough to trust at `now`: an entry replayed into Redis
+    /// (after its session was revoked and the marker removed) is worth [`CACHE_FRESH`] at
+    /// most.
+    pub fn fresh(&self, now: DateTime<Utc>) -> bool {
+        let age = now - self.cached_at;
+        age < chrono::Duration::from_std(CACHE_FRESH).unwrap_or_default()
+            && age > -chrono::Duration::seconds(CLOCK_SKEW_SECS)
     }
 
     /// The principal, if `digest` is this session's current access token.

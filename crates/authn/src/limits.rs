@@ -70,12 +70,14 @@ pub struct Limiter {
 
 /// The per-process limiter's state: per subject, its count, its back-off deadline and when
 /// it may be forgotten.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Local {
     subjects: HashMap<String, (u32, Instant, Instant)>,
+    capacity: usize,
 }
 
-/// Most subjects the per-process limiter remembers; beyond, the expired go first, then all.
+/// Most subjects the per-process limiter remembers; beyond, the expired go first, then those
+/// not backing off, and then new subjects wait.
 const LOCAL_SUBJECTS: usize = 100_000;
 
 impl Limiter {
@@ -85,7 +87,10 @@ impl Limiter {
             redis,
             script: Arc::new(redis::Script::new(ACQUIRE)),
             policy,
-            local: Arc::new(Mutex::new(Local::default())),
+            local: Arc::new(Mutex::new(Local {
+                subjects: HashMap::new(),
+                capacity: LOCAL_SUBJECTS,
+            })),
         }
     }
 
@@ -128,10 +133,16 @@ impl Limiter {
         let Ok(mut local) = self.local.lock() else {
             return Err(self.policy.base_delay);
         };
-        if local.subjects.len() >= LOCAL_SUBJECTS {
+        let capacity = local.capacity;
+        if local.subjects.len() >= capacity && !local.subjects.contains_key(subject) {
+            // Full: forget what has run out, then what is not backing off. A back-off is never
+            // forgotten early; with the table full of them, new subjects wait instead.
             local.subjects.retain(|_, (_, _, forget)| *forget > now);
-            if local.subjects.len() >= LOCAL_SUBJECTS {
-                local.subjects.clear();
+            if local.subjects.len() >= capacity {
+                local.subjects.retain(|_, (_, until, _)| *until > now);
+            }
+            if local.subjects.len() >= capacity {
+                return Err(self.policy.base_delay);
             }
         }
         let entry =
@@ -252,5 +263,31 @@ mod tests {
         let wait = limiter.acquire_locally("subject").unwrap_err();
         assert!(wait <= Duration::from_secs(1) && wait > Duration::ZERO);
         assert!(limiter.acquire_locally("another").is_ok(), "per subject");
+    }
+
+    #[test]
+    fn the_local_limiter_never_forgets_a_back_off_to_make_room() {
+        let limiter = Limiter::new(None, LimitPolicy::default());
+        if let Ok(mut local) = limiter.local.lock() {
+            local.capacity = 3;
+        }
+        for _ in 0..6 {
+            let _ = limiter.acquire_locally("guesser");
+        }
+        assert!(limiter.acquire_locally("guesser").is_err(), "backing off");
+        assert!(limiter.acquire_locally("a").is_ok());
+        assert!(limiter.acquire_locally("b").is_ok());
+        // Full: "a" and "b" (not backing off) make room; the guesser's back-off stays.
+        assert!(limiter.acquire_locally("c").is_ok());
+        assert!(limiter.acquire_locally("guesser").is_err());
+        for _ in 0..6 {
+            let _ = limiter.acquire_locally("other guesser");
+        }
+        if let Ok(mut local) = limiter.local.lock() {
+            local.capacity = 2;
+        }
+        // Full of back-offs: a new subject waits rather than wiping them.
+        assert!(limiter.acquire_locally("d").is_err());
+        assert!(limiter.acquire_locally("guesser").is_err());
     }
 }

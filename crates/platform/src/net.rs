@@ -68,23 +68,44 @@ pub struct ClientAddress {
 
 impl ClientAddress {
     /// The client's address of `request`: the TCP peer's, unless the peer is a trusted proxy
-    /// that named one in the header.
+    /// that named one in the header. Of several header lines, the last counts (a proxy that
+    /// adds a line of its own leaves the client's lines before it); IPv4-mapped IPv6
+    /// addresses (a dual-stack listener's) count as the IPv4 address they are.
     pub fn of<T>(&self, request: &tonic::Request<T>) -> Option<IpAddr> {
-        let peer = request.remote_addr().map(|addr| addr.ip())?;
+        let peer = request.remote_addr().map(|addr| addr.ip().to_canonical())?;
+        Some(self.resolve(peer, request.metadata()))
+    }
+
+    fn resolve(&self, peer: IpAddr, metadata: &tonic::metadata::MetadataMap) -> IpAddr {
         if !self
             .trusted_proxies
             .iter()
             .any(|proxy| proxy.contains(peer))
         {
-            return Some(peer);
+            return peer;
         }
-        let forwarded = request
-            .metadata()
-            .get(self.header.as_str())
+        let forwarded = metadata
+            .get_all(self.header.as_str())
+            .iter()
+            .next_back()
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.rsplit(',').next())
-            .and_then(|last| last.trim().parse::<IpAddr>().ok());
-        Some(forwarded.unwrap_or(peer))
+            .and_then(|last| last.trim().parse::<IpAddr>().ok())
+            .map(|address| address.to_canonical());
+        forwarded.unwrap_or(peer)
+    }
+}
+
+/// What rate limits count a client address under: an IPv4 address as it is, an IPv6 address
+/// by its /64, the smallest network one subscriber is given, so that rotating through one's
+/// own addresses gains nothing.
+pub fn limit_subject(address: IpAddr) -> String {
+    match address.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = u128::from(v6) & (u128::MAX << 64);
+            format!("{}/64", std::net::Ipv6Addr::from(network))
+        }
     }
 }
 
@@ -110,5 +131,47 @@ mod tests {
         assert!(all.contains(IpAddr::from([8, 8, 8, 8])));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nonsense".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn the_client_address_is_the_last_line_of_a_trusted_proxy_and_canonical() {
+        let proxies = ClientAddress {
+            trusted_proxies: vec![
+                "10.0.0.0/8"
+                    .parse()
+                    .unwrap_or_else(|e: String| panic!("{e}")),
+            ],
+            header: "x-forwarded-for".into(),
+        };
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.append(
+            "x-forwarded-for",
+            "1.1.1.1".parse().unwrap_or_else(|_| panic!()),
+        );
+        metadata.append(
+            "x-forwarded-for",
+            "2.2.2.2, 3.3.3.3".parse().unwrap_or_else(|_| panic!()),
+        );
+        // The proxy's address as a dual-stack listener reports it.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap_or_else(|_| panic!());
+        let peer = mapped.to_canonical();
+        assert_eq!(proxies.resolve(peer, &metadata), IpAddr::from([3, 3, 3, 3]));
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            proxies.resolve(IpAddr::from([192, 0, 2, 1]), &metadata),
+            IpAddr::from([192, 0, 2, 1])
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_by_their_64() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap_or_else(|_| panic!());
+        let other: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap_or_else(|_| panic!());
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap_or_else(|_| panic!());
+        assert_eq!(limit_subject(one), limit_subject(other));
+        assert_ne!(limit_subject(one), limit_subject(elsewhere));
+        assert_eq!(limit_subject(one), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap_or_else(|_| panic!());
+        assert_eq!(limit_subject(mapped), "192.0.2.7");
     }
 }

@@ -82,7 +82,10 @@ impl Auth {
             && let Err(wait) = self
                 .inner
                 .limiter
-                .acquire(&format!("login-addr:{ip}"))
+                .acquire(&format!(
+                    "login-addr:{}",
+                    hafen_platform::net::limit_subject(ip)
+                ))
                 .await
         {
             return Err(self.rate_limited(&input.tenant_slug, wait).await);
@@ -146,7 +149,13 @@ impl Auth {
             self.inner.limiter.succeeded(device).await;
         }
         if let Some(ip) = input.client {
-            self.inner.limiter.refund(&format!("login-addr:{ip}")).await;
+            self.inner
+                .limiter
+                .refund(&format!(
+                    "login-addr:{}",
+                    hafen_platform::net::limit_subject(ip)
+                ))
+                .await;
         }
 
         if verified.needs_rehash {
@@ -331,7 +340,13 @@ impl Auth {
         )
         .await?;
         if let Some(row) = rotated {
-            self.cache(&principal(&row)?, &access.digest).await;
+            // The entry of the previous access token is replaced (retried until it is), so
+            // that token stops being accepted from the cache.
+            if let Some(redis) = &self.inner.redis {
+                redis
+                    .replace(&CachedSession::new(&principal(&row)?, &access.digest))
+                    .await;
+            }
             return Ok(Issued {
                 session_id,
                 access_token: access.token,
