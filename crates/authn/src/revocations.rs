@@ -217,10 +217,21 @@ impl Revocations {
     async fn follow(&self, redis: &Redis) -> redis::RedisResult<()> {
         let mut pubsub = redis.client().get_async_pubsub().await?;
         pubsub.subscribe(redis.revocation_channel()).await?;
+        // A subscription can go quiet without closing (a half-open connection): the process
+        // hears its own heartbeat on the channel, or stops trusting that it follows it.
+        let heartbeat = tokio::spawn(heartbeat(redis.clone()));
+        let _stop = AbortOnDrop(heartbeat);
         self.set_following(true);
         tracing::debug!("following the revocation channel");
         let mut messages = pubsub.on_message();
-        while let Some(message) = messages.next().await {
+        loop {
+            let Ok(message) = tokio::time::timeout(CHANNEL_SILENCE, messages.next()).await else {
+                tracing::warn!("revocation channel silent, heartbeats included; resubscribing");
+                return Ok(());
+            };
+            let Some(message) = message else {
+                return Ok(());
+            };
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
@@ -245,7 +256,37 @@ impl Revocations {
                 self.record(session, reason);
             }
         }
-        Ok(())
+    }
+}
+
+/// How often each process publishes a heartbeat on the revocation channel.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long the channel may be silent before the subscription is given up as dead.
+const CHANNEL_SILENCE: Duration = Duration::from_secs(15);
+
+/// Publishes `ping` on the revocation channel every [`HEARTBEAT`]; subscribers ignore it.
+async fn heartbeat(redis: Redis) {
+    let mut every = tokio::time::interval(HEARTBEAT);
+    loop {
+        every.tick().await;
+        let published: redis::RedisResult<()> = redis::cmd("PUBLISH")
+            .arg(redis.revocation_channel())
+            .arg("ping")
+            .query_async(&mut redis.conn())
+            .await;
+        if let Err(err) = published {
+            tracing::debug!(error = %err, "revocation channel heartbeat not published");
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

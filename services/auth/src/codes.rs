@@ -252,7 +252,6 @@ impl Auth {
         let Some(step) = hafen_crypto::totp::matching_step(&secret, code, unix_now()) else {
             return Err(Error::ConfirmationFailed);
         };
-        self.inner.limiter.succeeded(&subject).await;
         let id = user.id;
         let tenant = caller.tenant_id;
         let updated = self
@@ -282,6 +281,8 @@ impl Auth {
                 })
             })
             .await?;
+        // Only a code that was not used before clears the count of guesses.
+        self.inner.limiter.succeeded(&subject).await;
         self.audited();
         tracing::info!(tenant_id = %caller.tenant_id, user_id = %id, "TOTP enrolled");
         Ok(updated)

@@ -1143,6 +1143,24 @@ async fn gr3_owner_confirmations_are_rate_limited_and_a_totp_code_confirms_once(
         get_own_tenant(&stack, &owner).await.is_ok(),
         "nothing deleted"
     );
+
+    // A deletion refused for another reason does not use up the code it came with.
+    let next = hafen_crypto::totp::code_at(&secret, now + 30);
+    let with = |slug: &str| tenant_pb::DeleteTenantRequest {
+        confirm_slug: slug.into(),
+        password: OWNER_PASSWORD.into(),
+        totp_code: next.clone(),
+        ..Default::default()
+    };
+    let wrong_slug = tenants
+        .delete_tenant(with_token(&owner, with("not-the-slug")))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&wrong_slug), "confirm_slug");
+    tenants
+        .delete_tenant(with_token(&owner, with(&other.slug)))
+        .await
+        .expect("the code was not used by the refused attempt");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -297,6 +297,9 @@ impl TenantService for TenantApi {
                     return Err(Error::invalid("totp_code", "six digits, or empty").into());
                 }
                 self.tenants
+                    .check_deletable(id, &request.confirm_slug)
+                    .await?;
+                self.tenants
                     .verify_owner(
                         id,
                         principal.user_id,

@@ -308,6 +308,9 @@ where
     .await;
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    // ExportTenant streams end when their session does, even if the announcement is lost.
+    revocations.recheck_streams(databases.main().clone());
+    tenants.follow_deletions(revocations.tenant_deletions());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let authenticator =

@@ -212,6 +212,11 @@ impl Tenants {
         }
     }
 
+    /// Forgets a tenant's keys when another replica announces its deletion.
+    pub fn follow_deletions(&self, deletions: tokio::sync::broadcast::Receiver<Uuid>) {
+        self.inner.keys.follow(deletions);
+    }
+
     /// Wakes `relay` whenever audit events were committed.
     pub fn set_relay(&self, relay: hafen_events::Relay) {
         let _ = self.inner.relay.set(relay);
@@ -720,16 +725,7 @@ impl Tenants {
         confirm_slug: &str,
         actor: Actor,
     ) -> Result<DateTime<Utc>, Error> {
-        let current = self.get(id).await?;
-        if current.status != control::status::ACTIVE {
-            return Err(Error::NotFound);
-        }
-        if current.slug.as_deref() != Some(confirm_slug) {
-            return Err(Error::invalid(
-                "confirm_slug",
-                "does not match the tenant's slug",
-            ));
-        }
+        let current = self.check_deletable(id, confirm_slug).await?;
         let this = self.clone();
         let event = Event::new(Some(id), actor, "tenant.deleted").target("tenant", id);
         let (deleted_at, sessions) =
@@ -745,6 +741,45 @@ impl Tenants {
             redis.announce_tenant_deleted(id).await;
         }
         Ok(deleted_at)
+    }
+
+    /// The tenant, if a deletion confirmed with `confirm_slug` can go ahead: it is active, the
+    /// slug matches and no legal hold is in force. Checked before the owner's confirmation,
+    /// so that a deletion refused anyway does not use up their TOTP code; the deletion itself
+    /// checks the holds again, under a lock.
+    pub async fn check_deletable(&self, id: Uuid, confirm_slug: &str) -> Result<TenantRow, Error> {
+        use diesel::dsl::count_star;
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use hafen_store::schema::legal_holds;
+        let current = self.get(id).await?;
+        if current.status != control::status::ACTIVE {
+            return Err(Error::NotFound);
+        }
+        if current.slug.as_deref() != Some(confirm_slug) {
+            return Err(Error::invalid(
+                "confirm_slug",
+                "does not match the tenant's slug",
+            ));
+        }
+        let tenant = TenantId::from(id);
+        let pool = self.inner.databases.tenant_pool(&tenant).await?;
+        let held: i64 = hafen_store::with_tenant(&pool, &tenant, move |conn| {
+            Box::pin(async move {
+                Ok::<_, Error>(
+                    legal_holds::table
+                        .filter(legal_holds::lifted_at.is_null())
+                        .select(count_star())
+                        .first(conn)
+                        .await?,
+                )
+            })
+        })
+        .await?;
+        if held > 0 {
+            return Err(Error::LegalHold);
+        }
+        Ok(current)
     }
 
     fn delete_blocking(
