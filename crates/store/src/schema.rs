@@ -248,6 +248,12 @@ diesel::table! {
 }
 
 diesel::table! {
+    hafen.audit_unsigned_chains (chain) {
+        chain -> Uuid,
+    }
+}
+
+diesel::table! {
     hafen.audit_signed_heads (chain, sequence) {
         chain -> Uuid,
         sequence -> BigInt,

@@ -65,6 +65,7 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "audit_heads",
             "audit_keys",
             "audit_signed_heads",
+            "audit_unsigned_chains",
             "deletion_log",
             "outbox",
             "service_facts",

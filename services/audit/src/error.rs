@@ -22,6 +22,10 @@ pub enum Error {
     /// Signing a chain head failed (a key could not be made or read).
     #[error("signing: {0}")]
     Signing(&'static str),
+    /// A chain has events but its signing key is gone (removed from the database): it is not
+    /// keyed anew, since a new key would make a rewritten history look signed.
+    #[error("the chain's signing key is gone; its history cannot be vouched for")]
+    ChainKeyLost,
     /// A key file is unusable, or key material failed to open.
     #[error("keys: {0}")]
     Keys(#[from] hafen_crypto::Error),
@@ -89,6 +93,10 @@ impl From<Error> for Status {
             {
                 tracing::warn!(error = %err, "database call failed; the client retries");
                 status::unavailable("database busy or unreachable; retry later")
+            }
+            Error::ChainKeyLost => {
+                tracing::error!(error = %err, "audit append refused");
+                status::invalid_state(err.to_string())
             }
             other => status::internal(&other),
         }

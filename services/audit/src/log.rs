@@ -271,6 +271,11 @@ async fn append_in(
     for (chain, head) in &mut heads {
         *head = repo::lock_head(conn, *chain).await?;
     }
+    let empty_before: HashSet<Uuid> = heads
+        .iter()
+        .filter(|(_, head)| head.sequence == 0)
+        .map(|(chain, _)| *chain)
+        .collect();
     // Read after the locks: a concurrent batch with the same events has committed by now.
     let ids: Vec<Uuid> = fresh.iter().map(|e| e.event_id).collect();
     let stored: HashSet<Uuid> = repo::stored_ids(conn, &ids).await?.into_iter().collect();
@@ -313,7 +318,9 @@ async fn append_in(
     for chain in moved {
         if let Some(head) = heads.get(&chain) {
             repo::set_head(conn, chain, head).await?;
-            let key = signer.key(conn, chain).await?;
+            let key = signer
+                .key(conn, chain, empty_before.contains(&chain))
+                .await?;
             let (signed_at, signature) =
                 crate::signing::sign(&key, chain, head.sequence, &head.hash);
             repo::insert_signed_head(

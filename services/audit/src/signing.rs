@@ -5,9 +5,10 @@
 //! record gets the public key too. Every append signs the chain's new head with it
 //! ([`hafen_events::chain::head_statement`]).
 //!
-//! Unsealed keys are cached, at most [`CACHED_KEYS`] of them, least recently used first out.
-//! Only keys read back from the database are cached, so a key created in a transaction that
-//! rolled back is never used again.
+//! Unsealed keys are cached, at most [`CACHED_KEYS`] of them, least recently used first out,
+//! with the sealed bytes they came from; every append reads the sealed key again and uses the
+//! cached one only while it is still what is stored. Only keys read back from the database
+//! are cached, so a key created in a transaction that rolled back is never used again.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use hafen_crypto::DataKey;
-use hafen_store::schema::{audit_keys, tenants};
+use hafen_store::schema::{audit_keys, audit_unsigned_chains, tenants};
 use lru::LruCache;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use uuid::Uuid;
@@ -24,13 +25,16 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::event::Chain;
 
+/// A chain's sealed key as stored, and the key it unseals to.
+type Unsealed = (Vec<u8>, Arc<Ed25519KeyPair>);
+
 /// Most unsealed signing keys held in memory.
 pub const CACHED_KEYS: usize = 10_000;
 
 /// Signs chain heads with each chain's key.
 pub struct Signer {
     seal: DataKey,
-    keys: Mutex<LruCache<Uuid, Arc<Ed25519KeyPair>>>,
+    keys: Mutex<LruCache<Uuid, Unsealed>>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -93,24 +97,19 @@ impl Signer {
         Ok(Some((derived, consistent)))
     }
 
-    /// `chain`'s key. A chain gets one with its first append (or its first since chains
-    /// were signed), inside the caller's transaction; the caller holds the chain's head lock,
-    /// so no other append creates one meanwhile. A chain that has signed heads but no key
-    /// any more gets none: its history cannot be vouched for, and a new key would make a
-    /// rewritten chain look signed.
+    /// `chain`'s key. A chain gets one with the append of its first event (`first_append`),
+    /// or, if it had events before chains were signed, with its next append (it is listed in
+    /// `audit_unsigned_chains` until then), inside the caller's transaction; the caller holds
+    /// the chain's head lock, so no other append creates one meanwhile. Any other chain
+    /// without a key gets none: its key is gone, its history cannot be vouched for, and a new
+    /// key would make a rewritten chain look signed.
     pub async fn key(
         &self,
         conn: &mut AsyncPgConnection,
         chain: Uuid,
+        first_append: bool,
     ) -> Result<Arc<Ed25519KeyPair>, Error> {
-        if let Some(key) = self
-            .keys
-            .lock()
-            .ok()
-            .and_then(|mut k| k.get(&chain).cloned())
-        {
-            return Ok(key);
-        }
+        // Read every time, cached or not: a key removed from the database stops signing.
         let stored: Option<Vec<u8>> = audit_keys::table
             .find(chain)
             .select(audit_keys::wrapped_private_key)
@@ -118,23 +117,33 @@ impl Signer {
             .await
             .optional()?;
         if let Some(wrapped) = stored {
+            let cached = self.keys.lock().ok().and_then(|mut keys| {
+                keys.get(&chain)
+                    .filter(|(sealed, _)| *sealed == wrapped)
+                    .map(|(_, key)| key.clone())
+            });
+            if let Some(key) = cached {
+                return Ok(key);
+            }
             let pkcs8 = self.seal.open(&context(chain), &wrapped)?;
             let key = Arc::new(
                 Ed25519KeyPair::from_pkcs8(&pkcs8)
                     .map_err(|_| Error::Signing("a stored signing key does not parse"))?,
             );
             if let Ok(mut keys) = self.keys.lock() {
-                keys.put(chain, key.clone());
+                keys.put(chain, (wrapped, key.clone()));
             }
             return Ok(key);
         }
-        if crate::repo::next_signed_sequence(conn, chain, 1)
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.pop(&chain);
+        }
+        let unsigned_before = diesel::delete(audit_unsigned_chains::table.find(chain))
+            .execute(conn)
             .await?
-            .is_some()
-        {
-            return Err(Error::Signing(
-                "the chain was signed before but its key is gone; refusing to re-key it",
-            ));
+            > 0;
+        if !first_append && !unsigned_before {
+            return Err(Error::ChainKeyLost);
         }
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .map_err(|_| Error::Signing("no signing key could be generated"))?;

@@ -1270,3 +1270,55 @@ async fn bx2_a_long_export_is_chunked_and_still_verifies() {
     assert_eq!(offline.broken, None);
     assert!(offline.events >= verified.events_checked);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx2_a_chain_whose_key_was_removed_is_never_keyed_anew() {
+    let mut s = setup().await;
+    let tenant = s.tenant.id.clone();
+    let chain = Uuid::parse_str(&tenant).unwrap();
+    let batch: Vec<_> = (0..3).map(|_| event(&tenant, "test.probe.rekey")).collect();
+    assert_eq!(s.append(batch).await.appended, 3);
+
+    // Whoever can write the database removes the key and the signed heads, hoping the next
+    // append signs a history of their making with a fresh key.
+    let mut conn = s.stack.db.connect().await;
+    for statement in [
+        "DELETE FROM hafen.audit_signed_heads WHERE chain = $1",
+        "DELETE FROM hafen.audit_keys WHERE chain = $1",
+    ] {
+        diesel::sql_query(statement)
+            .bind::<SqlUuid, _>(chain)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let refused = s
+        .internal
+        .append_events(pb::AppendEventsRequest {
+            events: vec![event(&tenant, "test.probe.rekey")],
+        })
+        .await
+        .expect_err("no new key for a chain with history");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason(&refused), "INVALID_STATE");
+    assert_eq!(
+        s.list("test.probe.rekey").await.len(),
+        3,
+        "nothing of the batch stored"
+    );
+    let keys = diesel::sql_query("SELECT count(*) AS n FROM hafen.audit_keys WHERE chain = $1")
+        .bind::<SqlUuid, _>(chain)
+        .get_result::<Count>(&mut conn)
+        .await
+        .unwrap()
+        .n;
+    assert_eq!(keys, 0);
+
+    // A chain's first event still gets its key.
+    let other = s.stack.create_tenant("audit-fresh").await;
+    let appended = s
+        .append(vec![event(&other.id, "test.probe.rekey")])
+        .await
+        .appended;
+    assert_eq!(appended, 1);
+}

@@ -27,3 +27,11 @@ CREATE TABLE audit_signed_heads (
 -- The tenant record carries its chain's public key, so owners and auditors have it from a
 -- source other than the export they verify.
 ALTER TABLE tenants ADD COLUMN audit_public_key bytea;
+
+-- Chains with events but no key yet: they get their key with their next append. Any other
+-- chain gets a key only with its first event, so a chain whose key was removed is never
+-- keyed anew (a new key would make a rewritten history look signed).
+CREATE TABLE audit_unsigned_chains (
+    chain uuid PRIMARY KEY
+);
+INSERT INTO audit_unsigned_chains SELECT DISTINCT chain FROM audit_events;
