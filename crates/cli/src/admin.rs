@@ -534,18 +534,29 @@ async fn audit(client: &ClientArgs, command: AuditCommand) -> Outcome {
             let verified = hafen_events::chain::verify_export(&document, trusted.as_deref())
                 .map_err(|err| Failure::new(exit::BROKEN_CHAIN, err))?;
             let broken = verified.broken.clone();
+            let key_trusted = trusted.is_some();
             client.print(
                 json!({
                     "intact": broken.is_none(),
                     "events_checked": verified.events,
                     "signatures_checked": verified.signatures,
                     "public_key": verified.public_key,
+                    "public_key_trusted": key_trusted,
                     "first_broken_sequence": broken.as_ref().map(|(s, _)| *s),
                     "problem": broken.as_ref().map(|(_, why)| why.clone()),
                     "first_prev_hash": verified.first_prev_hash,
                     "last_hash": verified.last_hash,
                 }),
                 || match &broken {
+                    None if !key_trusted => format!(
+                        "Consistent: {} events, {} signed heads (key {}, taken from the export \
+                         itself); last hash {}. This does not prove who signed: compare the key \
+                         with the tenant record's, or pass it with --public-key",
+                        verified.events,
+                        verified.signatures,
+                        verified.public_key.clone().unwrap_or_default(),
+                        verified.last_hash.clone().unwrap_or_default()
+                    ),
                     None => format!(
                         "Intact: {} events, {} signed heads (key {}); last hash {}",
                         verified.events,

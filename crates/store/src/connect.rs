@@ -211,16 +211,24 @@ fn client_config(mode: SslMode, root_cert: Option<&str>) -> Result<ClientConfig,
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|err| format!("TLS: {err}"))?;
-    let roots = Arc::new(roots(root_cert)?);
+    // Only the verifying modes need CA roots: `require` works on a host without any.
     let config = match mode {
-        SslMode::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
-        SslMode::VerifyCa | SslMode::Require | SslMode::Disable => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Lenient {
-                chain_to: (mode == SslMode::VerifyCa).then_some(roots),
-                algorithms: provider.signature_verification_algorithms,
-            }))
+        SslMode::VerifyFull => builder
+            .with_root_certificates(Arc::new(roots(root_cert)?))
             .with_no_client_auth(),
+        SslMode::VerifyCa | SslMode::Require | SslMode::Disable => {
+            let chain_to = match mode {
+                SslMode::VerifyCa => Some(Arc::new(roots(root_cert)?)),
+                _ => None,
+            };
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Lenient {
+                    chain_to,
+                    algorithms: provider.signature_verification_algorithms,
+                }))
+                .with_no_client_auth()
+        }
     };
     Ok(config)
 }
@@ -338,6 +346,15 @@ mod tests {
         match Target::parse("postgres://u@h/db") {
             Ok(target) => assert_eq!(target.ssl_mode(), SslMode::VerifyFull),
             Err(err) => assert!(err.contains("sslrootcert"), "{err}"),
+        }
+    }
+
+    #[test]
+    fn oc4_only_the_verifying_modes_need_ca_roots() {
+        assert!(client_config(SslMode::Require, Some("/nonexistent/ca.pem")).is_ok());
+        for verifying in [SslMode::VerifyCa, SslMode::VerifyFull] {
+            let err = client_config(verifying, Some("/nonexistent/ca.pem")).unwrap_err();
+            assert!(err.contains("sslrootcert"), "{verifying}: {err}");
         }
     }
 }

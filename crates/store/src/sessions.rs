@@ -174,9 +174,10 @@ pub async fn ended_among(
         .filter(|(_, _, revoked_at)| revoked_at.is_some())
         .map(|(id, reason, _)| (*id, Some(reason.clone().unwrap_or_default())))
         .collect();
+    let found: std::collections::HashSet<Uuid> = rows.iter().map(|(id, _, _)| *id).collect();
     ended.extend(
         ids.iter()
-            .filter(|id| !rows.iter().any(|(row, _, _)| row == *id))
+            .filter(|id| !found.contains(*id))
             .map(|id| (*id, None)),
     );
     Ok(ended)
