@@ -13,7 +13,7 @@ LOAD_ENV := set -a && source .dev/env && set +a
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Install what is missing (PostgreSQL, Redis, cargo-nextest, rustfmt, clippy) and start the dev services
+setup: ## Install what is missing (PostgreSQL, Redis, cargo-nextest, cargo-machete, rustfmt, clippy) and start the dev services
 	@scripts/setup.sh
 	@$(DEV_SERVICES) up
 
@@ -34,10 +34,12 @@ bench: ## Run the benchmarks (release build, durable PostgreSQL); prints a table
 	$(CARGO) build --release --quiet --bin hafen-bench --bin hafen-messaging
 	$(LOAD_ENV) && target/release/hafen-bench $(BENCH_ARGS)
 
-lint: ## cargo fmt --check and clippy with warnings denied
+lint: ## cargo fmt --check, cargo machete (unused dependencies), clippy and rustdoc with warnings denied
 	@scripts/setup.sh --toolchain-only
 	$(CARGO) fmt --all --check
+	$(CARGO) machete
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

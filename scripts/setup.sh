@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the tools the build and the tests need when they are missing:
-# rustfmt and clippy (rustup components), and — unless --toolchain-only — cargo-nextest (from
-# crates.io) and Python 3 with venv and pip (apt-get; the DC5 test generates a Python client
-# from proto/ in a virtualenv). PostgreSQL and Redis are installed by dev-services.sh.
+# rustfmt and clippy (rustup components) and cargo-machete (from crates.io, for `make lint`),
+# and — unless --toolchain-only — cargo-nextest (from crates.io) and Python 3 with venv and pip
+# (apt-get; the DC5 test generates a Python client from proto/ in a virtualenv). PostgreSQL and
+# Redis are installed by dev-services.sh.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -17,6 +18,9 @@ python_venv_works() {
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' >/dev/null 2>&1
 }
 
+# Pinned: a newer cargo-machete may judge differently and fail `make lint` on unchanged code.
+CARGO_MACHETE_VERSION=0.9.2
+
 command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 for component in rustfmt clippy; do
@@ -25,6 +29,11 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+if [[ "$(cargo machete --version 2>/dev/null)" != "$CARGO_MACHETE_VERSION" ]]; then
+    log "installing cargo-machete $CARGO_MACHETE_VERSION (a minute, once)"
+    cargo install --locked --version "$CARGO_MACHETE_VERSION" cargo-machete
+fi
 
 if [[ "${1:-}" != "--toolchain-only" ]]; then
     if ! cargo nextest --version >/dev/null 2>&1; then

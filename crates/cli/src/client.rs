@@ -58,23 +58,23 @@ pub struct ClientArgs {
     #[arg(long, env = "HAFEN_HOST", default_value = "127.0.0.1", global = true)]
     pub host: String,
 
-    /// URL of the auth service (default: https://<host>:50051).
+    /// URL of the auth service (default: `https://<host>:50051`).
     #[arg(long, env = "HAFEN_AUTH_URL", global = true)]
     pub auth_url: Option<String>,
 
-    /// URL of the messaging service (default: https://<host>:50052).
+    /// URL of the messaging service (default: `https://<host>:50052`).
     #[arg(long, env = "HAFEN_MESSAGING_URL", global = true)]
     pub messaging_url: Option<String>,
 
-    /// URL of the tenant service (default: https://<host>:50053).
+    /// URL of the tenant service (default: `https://<host>:50053`).
     #[arg(long, env = "HAFEN_TENANT_URL", global = true)]
     pub tenant_url: Option<String>,
 
-    /// URL of the retention service (default: https://<host>:50054).
+    /// URL of the retention service (default: `https://<host>:50054`).
     #[arg(long, env = "HAFEN_RETENTION_URL", global = true)]
     pub retention_url: Option<String>,
 
-    /// URL of the audit service (default: https://<host>:50055).
+    /// URL of the audit service (default: `https://<host>:50055`).
     #[arg(long, env = "HAFEN_AUDIT_URL", global = true)]
     pub audit_url: Option<String>,
 
