@@ -12,9 +12,19 @@
 //! (PostgreSQL re-parses them when it changed), so a tenant scope entered on a pooled
 //! connection applies to them too.
 //!
+//! A [`Statement`] is the same for a statement written out whole, as in a `.sql` file, with
+//! its parameters numbered (`$1`, `$2`, a number used as often as needed) and bound in that
+//! order.
+//!
 //! ```
 //! use diesel::sql_types::Text;
-//! use hafen_store::prepared::{Prepared, bind};
+//! use hafen_store::prepared::{Prepared, Statement, bind};
+//!
+//! let statement = Statement::new(
+//!     "SELECT set_config('role', $1, true), set_config('search_path', $1, true)",
+//!     (bind::<Text, _>("t_0"),),
+//! );
+//! # let _ = statement;
 //!
 //! // `$1` and `$2` go where the parts meet: SELECT set_config('role', $1, true), …
 //! let statement = Prepared::new(
@@ -110,6 +120,9 @@ pub trait Binds {
     /// How many there are.
     const COUNT: usize;
 
+    /// The parameter at `index` (from 0).
+    fn get(&self, index: usize) -> Option<&dyn BindOne>;
+
     /// Writes `parts` with the parameters between them.
     fn walk<'b>(
         &'b self,
@@ -137,6 +150,10 @@ where
 impl Binds for () {
     const COUNT: usize = 0;
 
+    fn get(&self, _index: usize) -> Option<&dyn BindOne> {
+        None
+    }
+
     fn walk<'b>(
         &'b self,
         parts: &'static [&'static str],
@@ -151,6 +168,13 @@ macro_rules! binds {
     ($count:literal: $($name:ident . $index:tt),+) => {
         impl<$($name: BindOne),+> Binds for ($($name,)+) {
             const COUNT: usize = $count;
+
+            fn get(&self, index: usize) -> Option<&dyn BindOne> {
+                match index {
+                    $($index => Some(&self.$index),)+
+                    _ => None,
+                }
+            }
 
             fn walk<'b>(
                 &'b self,
@@ -183,6 +207,7 @@ binds!(7: A.0, B.1, C.2, D.3, E.4, F.5, G.6);
 binds!(8: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7);
 binds!(9: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7, I.8);
 binds!(10: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7, I.8, J.9);
+binds!(11: A.0, B.1, C.2, D.3, E.4, F.5, G.6, H.7, I.8, J.9, K.10);
 
 impl<B: Binds> QueryFragment<Pg> for Prepared<B> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -200,6 +225,65 @@ impl<B> QueryId for Prepared<B> {
 impl<B: Binds> Query for Prepared<B> {
     type SqlType = Untyped;
 }
+
+/// A statement of fixed text with numbered parameters (`$1`, …, each number as often as
+/// needed), bound to `binds` in order; see the module documentation. Every `$` followed by
+/// digits is a parameter, wherever it stands: no dollar quoting, and no such text in comments.
+/// diesel numbers the parameters it sends by their places, so the text PostgreSQL prepares
+/// has one parameter per place, each with its number's value.
+#[derive(Debug, Clone)]
+pub struct Statement<B> {
+    sql: &'static str,
+    binds: B,
+}
+
+impl<B: Binds> Statement<B> {
+    /// The statement `sql` with `binds` for `$1`, `$2`, ….
+    pub fn new(sql: &'static str, binds: B) -> Self {
+        Self { sql, binds }
+    }
+}
+
+impl<B: Binds> QueryFragment<Pg> for Statement<B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let mut rest = self.sql;
+        while let Some(at) = rest.find('$') {
+            let after = &rest[at + 1..];
+            let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                out.push_sql(&rest[..=at]);
+                rest = after;
+                continue;
+            }
+            out.push_sql(&rest[..at]);
+            let number: usize = after[..digits].parse().unwrap_or_default();
+            let bind = number
+                .checked_sub(1)
+                .and_then(|index| self.binds.get(index))
+                .ok_or_else(|| {
+                    diesel::result::Error::QueryBuilderError(
+                        format!("parameter ${number} has no value").into(),
+                    )
+                })?;
+            bind.push(&mut out)?;
+            rest = &after[digits..];
+        }
+        out.push_sql(rest);
+        Ok(())
+    }
+}
+
+/// No static id: diesel caches the statement by its text (and parameter types).
+impl<B> QueryId for Statement<B> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<B: Binds> Query for Statement<B> {
+    type SqlType = Untyped;
+}
+
+impl<B, Conn> diesel::RunQueryDsl<Conn> for Statement<B> {}
 
 /// Runs on blocking connections too (migrations).
 impl<B, Conn> diesel::RunQueryDsl<Conn> for Prepared<B> {}
@@ -231,6 +315,25 @@ mod tests {
         );
         assert_eq!(sql(&statement), "SELECT $1 + $2 AS n, $3::text");
         assert_eq!(sql(&Prepared::text(&["COMMIT"])), "COMMIT");
+    }
+
+    #[test]
+    fn a_statement_binds_each_parameter_where_it_stands() {
+        let statement = Statement::new(
+            "SELECT $2 + $1 AS n, $2::text, '$' AS d",
+            (bind::<BigInt, _>(1_i64), bind::<BigInt, _>(2_i64)),
+        );
+        let shown = diesel::debug_query::<Pg, _>(&statement).to_string();
+        assert_eq!(
+            shown,
+            "SELECT $1 + $2 AS n, $3::text, '$' AS d -- binds: [2, 1, 2]"
+        );
+        assert!(
+            QueryFragment::<Pg>::is_safe_to_cache_prepared(&statement, &Pg).unwrap_or_default()
+        );
+        let missing = Statement::new("SELECT $3", (bind::<BigInt, _>(1_i64),));
+        let mut sql = diesel::pg::PgQueryBuilder::default();
+        assert!(QueryFragment::<Pg>::to_sql(&missing, &mut sql, &Pg).is_err());
     }
 
     #[test]
