@@ -13,16 +13,11 @@ use hafen_testkit::{Channel, TestDatabase, TestSecrets, TestServer};
 use crate::{Line, ms, quantile};
 
 /// The tenant-schema DDL, sent raw by the baseline: every tenant migration.
-const TENANT_DDL: [&str; 9] = [
-    include_str!("../../store/migrations/tenant/2026-11-22-000001_accounts/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-22-000002_auth/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-22-000003_messaging/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-22-000004_retention/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-22-000005_message_references/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-22-000006_message_events/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-22-000007_store_messages/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-23-000008_store_fresh_messages/up.sql"),
-    include_str!("../../store/migrations/tenant/2026-11-23-000009_store_known_messages/up.sql"),
+const TENANT_DDL: [&str; 4] = [
+    include_str!("../../store/migrations/tenant/2026-12-02-000001_accounts/up.sql"),
+    include_str!("../../store/migrations/tenant/2026-12-02-000002_messaging/up.sql"),
+    include_str!("../../store/migrations/tenant/2026-12-02-000003_retention/up.sql"),
+    include_str!("../../store/migrations/tenant/2026-12-02-000004_store_messages/up.sql"),
 ];
 
 /// Target of the issue: at most this many ms per tenant.

@@ -142,7 +142,7 @@ diesel::table! {
         created_at -> Timestamptz,
         edited_at -> Nullable<Timestamptz>,
         deleted_at -> Nullable<Timestamptz>,
-        event_id -> Nullable<BigInt>,
+        event_id -> BigInt,
     }
 }
 

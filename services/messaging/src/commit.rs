@@ -3,27 +3,28 @@
 //! only after that commit. A lone send waits for nothing; under load, batches form by
 //! themselves.
 //!
-//! A batch costs one round trip, whatever its size (see `store_batch`), on a connection the
-//! tenant's committer keeps while sends keep coming; one failing send (not a member, a reused
-//! request id) fails alone, at the price of a second round trip for its batch. The tenant's
-//! event counter is advanced once per batch; its row lock, held to commit, keeps event ids in
-//! commit order across replicas. While no other writer comes between two batches, the second
-//! skips looking up what the first told the committer ([`Known`]).
+//! A batch is one call of the tenant schema's `store_messages` ([`repo::store_messages`]),
+//! one round trip whatever its size, on a connection the tenant's committer keeps while sends
+//! keep coming; one failing send (not a member, a reused request id) fails alone, at the price
+//! of a second call for its batch. The tenant's event counter is advanced once per batch; its
+//! row lock, held to commit, keeps event ids in commit order across replicas. While no other
+//! writer comes between two batches, the second skips looking up what the first told the
+//! committer ([`Known`]). Committed messages go to this process's live feed at once
+//! ([`Hub::committed`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::prepared::{Prepared, bind};
-use hafen_store::{AsyncPgConnection, now};
+use hafen_store::prepared::{INDEX_PROBES_ONLY_FOR_SESSION, Prepared};
+use hafen_store::{AsyncPgConnection, Databases, TenantId, now};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::domain::Messaging;
 use crate::error::Error;
-use crate::hub::Delivery;
-use crate::rows::{EventRow, MessageRow, event_kind};
+use crate::feed::{Delivery, Hub};
+use crate::repo::{self, Batch};
+use crate::rows::MessageRow;
 
 /// Most sends committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -53,23 +54,31 @@ pub(crate) struct Send {
 pub(crate) struct Committer {
     queues: Mutex<HashMap<Uuid, mpsc::Sender<Send>>>,
     capacity: usize,
+    shared: Arc<Shared>,
+}
+
+/// What every tenant's committer uses.
+struct Shared {
+    /// The committers' pools: their connections are driven on the commit thread.
+    databases: Databases,
+    hub: Hub,
 }
 
 impl Committer {
-    /// Committers queueing at most `capacity` sends each.
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// Committers queueing at most `capacity` sends each, storing through connections of
+    /// `databases` (pools of their own, see [`commit_thread`]) and handing what they stored
+    /// to `hub`.
+    pub(crate) fn new(databases: Databases, hub: Hub, capacity: usize) -> Self {
         Self {
             queues: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
+            shared: Arc::new(Shared { databases, hub }),
         }
     }
-}
 
-impl Committer {
     /// Queues `send` for `tenant` and waits for its commit.
     pub async fn submit(
         &self,
-        messaging: &Messaging,
         tenant: Uuid,
         send: impl FnOnce(oneshot::Sender<Result<MessageRow, Error>>) -> Send,
     ) -> Result<MessageRow, Error> {
@@ -83,7 +92,7 @@ impl Committer {
                 .entry(tenant)
                 .or_insert_with(|| {
                     let (queue, receiver) = mpsc::channel(self.capacity);
-                    commit_thread().spawn(run(messaging.clone(), tenant, receiver));
+                    commit_thread().spawn(run(Arc::clone(&self.shared), tenant, receiver));
                     queue
                 })
                 .clone()
@@ -103,7 +112,7 @@ impl Committer {
 /// next batch going out limits its sends; on the request runtime that answer would wait in
 /// line behind the request tasks whenever they keep the workers busy. The committers' work
 /// between two round trips is small, and their connections (from their own pools, see
-/// [`Messaging::commit_connection`]) are driven on this thread too. Falls back to the calling
+/// [`connection`]) are driven on this thread too. Falls back to the calling
 /// runtime if the thread cannot be started.
 fn commit_thread() -> tokio::runtime::Handle {
     static THREAD: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
@@ -129,7 +138,25 @@ fn commit_thread() -> tokio::runtime::Handle {
         .unwrap_or_else(tokio::runtime::Handle::current)
 }
 
-async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::Receiver<Send>) {
+/// A connection to `tenant`'s database from the committers' pools, in the tenant's scope and
+/// under `INDEX_PROBES_ONLY` for the whole session (see
+/// [`hafen_store::tenancy::enter_session`]): for the tenant's committer alone, until it gives
+/// the connection back (the pool then resets both).
+async fn connection(
+    databases: &Databases,
+    tenant: Uuid,
+) -> Result<hafen_store::PooledConnection, Error> {
+    let tenant = TenantId::from(tenant);
+    let conn = databases.tenant_connection(&tenant).await?;
+    let (scoped, planned) = futures::join!(
+        hafen_store::tenancy::enter_session(&conn, &tenant),
+        Prepared::text(INDEX_PROBES_ONLY_FOR_SESSION).execute(&mut &*conn),
+    );
+    scoped.and(planned)?;
+    Ok(conn)
+}
+
+async fn run(shared: Arc<Shared>, tenant: Uuid, mut queue: mpsc::Receiver<Send>) {
     // The connection stays with this committer while sends keep coming, and goes back to the
     // pool once none came for `LINGER`: a sender that waits for its reply before sending
     // again finds it still there, and its batch does not pay for the pool's reset.
@@ -161,7 +188,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::Receiver<Send>
             }
         }
         if held.is_none() {
-            match messaging.commit_connection(tenant).await {
+            match connection(&shared.databases, tenant).await {
                 Ok(conn) => held = Some(conn),
                 Err(err) => {
                     fail(tenant, batch, &err);
@@ -170,7 +197,7 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::Receiver<Send>
             }
         }
         if let Some(conn) = held.as_mut()
-            && !commit(&messaging, tenant, conn, &mut known, batch).await
+            && !commit(&shared.hub, tenant, conn, &mut known, batch).await
         {
             // After a failure the connection may be in any state: a fresh one next time.
             held = None;
@@ -179,16 +206,20 @@ async fn run(messaging: Messaging, tenant: Uuid, mut queue: mpsc::Receiver<Send>
 }
 
 /// Answers every send of `batch` for `err`: UNAVAILABLE when the database could not be
-/// reached or went away (a retry may succeed), INTERNAL otherwise.
+/// reached, went away or gave up on the batch for a reason a retry may not meet (a
+/// serialization failure, a timeout), INTERNAL otherwise (a bug).
 fn fail(tenant: Uuid, batch: Vec<Send>, err: &Error) {
-    tracing::warn!(tenant_id = %tenant, error = %err, sends = batch.len(), "batch not committed");
     let unavailable = err.is_unavailable();
-    let shared = err.to_string();
+    if unavailable {
+        tracing::warn!(tenant_id = %tenant, error = %err, sends = batch.len(), "batch not committed");
+    } else {
+        tracing::error!(tenant_id = %tenant, error = %err, sends = batch.len(), "batch failed");
+    }
     for send in batch {
         let answer = if unavailable {
             Error::Unavailable("the database")
         } else {
-            Error::CommitFailed(shared.clone())
+            Error::BatchFailed
         };
         let _ = send.reply.send(Err(answer));
     }
@@ -196,15 +227,15 @@ fn fail(tenant: Uuid, batch: Vec<Send>, err: &Error) {
 
 /// Stores `batch`; false when the transaction failed.
 async fn commit(
-    messaging: &Messaging,
+    hub: &Hub,
     tenant: Uuid,
     conn: &AsyncPgConnection,
     known: &mut Known,
-    batch: Vec<Send>,
+    mut batch: Vec<Send>,
 ) -> bool {
     let waited = <[Send]>::first(&batch).map(|send| send.queued.elapsed());
     let started = std::time::Instant::now();
-    let outcome = store_batch(conn, known, &batch).await;
+    let outcome = store_batch(conn, known, &mut batch).await;
     tracing::debug!(
         tenant_id = %tenant,
         sends = batch.len(),
@@ -217,12 +248,9 @@ async fn commit(
             let last = stored
                 .iter()
                 .filter(|s| s.inserted)
-                .filter_map(|s| s.event_id)
+                .map(|s| s.row.event_id)
                 .max();
-            messaging
-                .inner
-                .hub
-                .committed(tenant, last, || deliveries(&batch, &stored));
+            hub.committed(tenant, last, || deliveries(&batch, &stored));
             let results = fates(&batch, stored);
             for (send, result) in batch.into_iter().zip(results) {
                 let _ = send.reply.send(result);
@@ -236,161 +264,97 @@ async fn commit(
     }
 }
 
-/// A row the batch statement returns: a message it inserted, or an earlier one with the same
-/// sender and request id (a retry).
-#[derive(QueryableByName)]
+/// A message `store_messages` returned: one it stored (`inserted`), or an earlier one with
+/// the same sender and request id (a retry).
 struct Stored {
-    #[diesel(sql_type = diesel::sql_types::Bool)]
     inserted: bool,
-    /// The id of the message's creation event (none for messages stored before event ids
-    /// moved into the message row).
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
-    event_id: Option<i64>,
-    #[diesel(embed)]
     row: MessageRow,
 }
 
-/// The text of a call of a tenant function that stores a batch: `$head`, the casts of the
-/// sends' columns (bound in this order by `columns!` in [`store_batch`]), then `$rest`.
-macro_rules! batch_call {
-    ($head:literal, $($rest:literal),+) => {
-        &[
-            $head,
-            "::uuid[], ",
-            "::uuid[], ",
-            "::uuid[], ",
-            "::uuid[], ",
-            "::bytea[], ",
-            "::boolean[], ",
-            $($rest),+
-        ]
-    };
-}
-
-/// The statement that stores a batch in general: one call of the tenant schema's
-/// `store_messages` (tenant migration `000007_store_messages`, which documents what it does),
-/// with one array per column of the sends, the time, and whether to look for retries (the
-/// committer always asks it to). It returns the new messages (`inserted`) and the earlier
-/// ones of retries; a send whose sender is not a member of its conversation gets no row.
-const STORE_BATCH: &[&str] = batch_call!(
-    "SELECT s.is_new AS inserted, (s.message).* FROM store_messages(",
-    "::timestamptz, ",
-    "::boolean) AS s"
-);
-
-/// The statement that stores the common batch, where every send is new and from a member:
-/// one call of `store_fresh_messages` (tenant migrations `000008_store_fresh_messages` and
-/// `000009_store_known_messages`), which stores all of them or, when a sender is not a member,
-/// none; with the arrays of [`STORE_BATCH`], each send's place among the batch's sends to its
-/// conversation, and what the committer knows from its earlier batches ([`Known`]).
-const STORE_FRESH: &[&str] = batch_call!(
-    "SELECT true AS inserted, s.* FROM store_fresh_messages(",
-    "::integer[], ",
-    "::timestamptz, ",
-    "::bigint, ",
-    "::bigint[]) AS s"
-);
-
-/// The unique index a retry's message fails in [`STORE_FRESH`], which does not look for
-/// retries.
-const RETRY_KEY: &str = "messages_request_key";
-
-/// Stores a batch in a transaction of its own: one statement in an implicit transaction on a
-/// connection scoped to the tenant for the whole session ([`hafen_store::tenancy::enter_session`]),
-/// so one round trip and one answer from PostgreSQL whatever the batch's size. The statements
-/// have a fixed text (rows travel as one array per column), so each connection prepares them
-/// once. Sends repeated within the batch go to the statement once. A batch goes first as the
-/// common one ([`STORE_FRESH`]); when that stores nothing (a sender is not a member) or fails
-/// on a retry (the index of request ids refuses it), it goes again with [`STORE_BATCH`],
-/// looking for retries. Any failure rolls the whole call back. `known` is what the committer
-/// knows after the batch: what it learned when the common call stored the batch, else nothing.
+/// Stores a batch in a transaction of its own: one call in an implicit transaction on a
+/// connection scoped to the tenant for the whole session
+/// ([`hafen_store::tenancy::enter_session`]), so one round trip and one answer from
+/// PostgreSQL whatever the batch's size. Sends repeated within the batch go to the call once.
+/// A batch goes first as the common one (all new, all from members, stored whole); when that
+/// stores nothing (a sender is not a member) or fails on a retry (the index of request ids
+/// refuses it), it goes again looking for retries. Any failure rolls the whole call back.
+/// `known` is what the committer knows after the batch: what it learned when the common call
+/// stored the batch, else nothing.
 async fn store_batch(
     conn: &AsyncPgConnection,
     known: &mut Known,
-    sends: &[Send],
+    sends: &mut [Send],
 ) -> Result<Vec<Stored>, Error> {
-    use diesel::sql_types::{
-        Array, BigInt, Bool, Bytea, Integer, Nullable, Timestamptz, Uuid as SqlUuid,
-    };
     // The first of the sends with the same sender and request id.
     let mut seen = HashSet::new();
-    let first: Vec<&Send> = sends
-        .iter()
+    let first: Vec<&mut Send> = sends
+        .iter_mut()
         .filter(|s| seen.insert((s.sender, s.request_id)))
         .collect();
-    let column = |f: fn(&Send) -> Uuid| first.iter().map(|s| f(s)).collect::<Vec<Uuid>>();
-    let (ids, conversations, senders, request_ids) = (
-        column(|s| s.id),
-        column(|s| s.conversation),
-        column(|s| s.sender),
-        column(|s| s.request_id),
-    );
-    let ciphertexts: Vec<&[u8]> = first.iter().map(|s| s.sealed.as_slice()).collect();
-    let masked: Vec<bool> = first.iter().map(|s| s.masked).collect();
-    let places = places(&conversations);
+    let conversations: Vec<Uuid> = first.iter().map(|s| s.conversation).collect();
+    let senders: Vec<Uuid> = first.iter().map(|s| s.sender).collect();
     let prior = std::mem::take(known);
-    let floors = prior.floors(&conversations, &senders);
-    let at = now();
-    // The sends' columns, which both statements take first (see `batch_call!`), then `$rest`.
-    macro_rules! columns {
-        ($($rest:expr),+) => {
-            (
-                bind::<Array<SqlUuid>, _>(&ids),
-                bind::<Array<SqlUuid>, _>(&conversations),
-                bind::<Array<SqlUuid>, _>(&senders),
-                bind::<Array<SqlUuid>, _>(&request_ids),
-                bind::<Array<Bytea>, _>(&ciphertexts),
-                bind::<Array<Bool>, _>(&masked),
-                $($rest),+
-            )
-        };
-    }
-    let fresh = Prepared::new(
-        STORE_FRESH,
-        columns!(
-            bind::<Array<Integer>, _>(&places),
-            bind::<Timestamptz, _>(at),
-            bind::<Nullable<BigInt>, _>(prior.counter),
-            bind::<Array<Nullable<BigInt>>, _>(&floors)
-        ),
-    )
-    .load::<Stored>(&mut &*conn)
-    .await;
-    match fresh {
-        Ok(stored) if stored.len() == first.len() => {
+    let batch = Batch {
+        ids: first.iter().map(|s| s.id).collect(),
+        places: places(&conversations),
+        floors: prior.floors(&conversations, &senders),
+        conversations,
+        senders,
+        request_ids: first.iter().map(|s| s.request_id).collect(),
+        masked: first.iter().map(|s| s.masked).collect(),
+        ciphertexts: first
+            .into_iter()
+            .map(|s| std::mem::take(&mut s.sealed))
+            .collect(),
+        at: now(),
+        counter: prior.counter,
+    };
+    match repo::store_messages(conn, &batch, false).await {
+        Ok(rows) if rows.len() == batch.ids.len() => {
+            let stored: Vec<Stored> = rows
+                .into_iter()
+                .map(|row| Stored {
+                    inserted: true,
+                    row,
+                })
+                .collect();
             *known = prior.learned(&stored);
             return Ok(stored);
         }
         // Not all from members: nothing was stored.
         Ok(_) => {}
-        Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            info,
-        )) if info.constraint_name() == Some(RETRY_KEY) => {}
+        Err(err) if hafen_store::is_unique_violation(&err, RETRY_KEY) => {}
         Err(err) => return Err(err.into()),
     }
     tracing::debug!(
-        sends = first.len(),
-        "batch holds a retry or a non-member's send: stored again by store_messages"
+        sends = batch.ids.len(),
+        "batch holds a retry or a non-member's send: stored again, looking for retries"
     );
-    Ok(Prepared::new(
-        STORE_BATCH,
-        columns!(bind::<Timestamptz, _>(at), bind::<Bool, _>(true)),
-    )
-    .load::<Stored>(&mut &*conn)
-    .await?)
+    // A new message has the id its send was given; an earlier one, its first send's.
+    let ids: HashSet<Uuid> = batch.ids.iter().copied().collect();
+    let rows = repo::store_messages(conn, &batch, true).await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Stored {
+            inserted: ids.contains(&row.id),
+            row,
+        })
+        .collect())
 }
+
+/// The unique index a retry's message fails when the call does not look for retries.
+const RETRY_KEY: &str = "messages_request_key";
 
 /// Most pairs of conversation and sender a committer remembers; past that it forgets all it
 /// knows and learns again from its next batches.
 const MAX_KNOWN: usize = 4096;
 
-/// What a committer knows from its own batches stored by `store_fresh_messages`, valid while
-/// no other writer has committed since: the event counter's value after its last batch, and,
-/// as of that batch, the last sequence of each conversation it stored into and which senders
-/// it found to be members there. The call checks the counter under its lock (tenant
-/// migration `000009_store_known_messages` says why that suffices) and probes as usual when
-/// another writer came between; the committer then starts again from that batch.
+/// What a committer knows from its own batches stored whole, valid while no other writer has
+/// committed since: the event counter's value after its last batch, and, as of that batch, the
+/// last sequence of each conversation it stored into and which senders it found to be members
+/// there. The call checks the counter under its lock (tenant migration
+/// `000004_store_messages` says why that suffices) and probes as usual when another writer
+/// came between; the committer then starts again from that batch.
 #[derive(Default)]
 struct Known {
     counter: Option<i64>,
@@ -419,12 +383,12 @@ impl Known {
             .collect()
     }
 
-    /// Takes in a batch that `store_fresh_messages` stored whole: its messages' event ids
+    /// Takes in a batch that was stored whole: its messages' event ids
     /// run on from the counter, their sequences are their conversations' last ones, and
     /// their senders are members. What was known before stays only if the batch's first
     /// event id follows the counter's last known value: no other writer came between.
     fn learned(mut self, stored: &[Stored]) -> Self {
-        let ids = stored.iter().filter_map(|s| s.event_id);
+        let ids = stored.iter().map(|s| s.row.event_id);
         let (Some(first), Some(last)) = (ids.clone().min(), ids.max()) else {
             return Self::default();
         };
@@ -463,18 +427,10 @@ fn deliveries(sends: &[Send], stored: &[Stored]) -> Vec<Delivery> {
     let mut deliveries: Vec<Delivery> = stored
         .iter()
         .filter(|s| s.inserted)
-        .filter_map(|Stored { event_id, row, .. }| {
-            let event = EventRow {
-                id: (*event_id)?,
-                conversation_id: row.conversation_id,
-                kind: event_kind::CREATED.to_owned(),
-                message_id: Some(row.id),
-                detail: None,
-                created_at: row.created_at,
-            };
+        .filter_map(|Stored { row, .. }| {
             let body = (*bodies.get(&row.id)?).to_owned();
             Some(Delivery {
-                event,
+                event: row.creation(),
                 message: Some(row.view(body)),
             })
         })

@@ -18,9 +18,13 @@ pub enum Error {
     /// A query failed.
     #[error("database: {0}")]
     Database(#[from] diesel::result::Error),
-    /// The configuration is unusable (at start-up).
+    /// The configuration is unusable, or a dependency it names cannot be used (at start-up
+    /// only).
     #[error("configuration: {0}")]
     Config(String),
+    /// The control plane lacks migrations this build needs (at start-up).
+    #[error("control plane has pending migrations {0:?}: run `hafen-tenant migrate` first")]
+    NotMigrated(Vec<String>),
     /// A dependency could not be reached: the database, the commit thread. A retry may
     /// succeed.
     #[error("{0} unavailable")]
@@ -28,9 +32,13 @@ pub enum Error {
     /// A tenant's sends queue up faster than they are stored: the sender should back off.
     #[error("too many sends queued")]
     Overloaded,
-    /// A batch of sends failed for a reason other than an unreachable database.
-    #[error("commit failed: {0}")]
-    CommitFailed(String),
+    /// A batch of sends failed for a reason other than the database's availability (a bug;
+    /// the cause is logged with the batch).
+    #[error("a batch of sends failed")]
+    BatchFailed,
+    /// A live stream fell out of its feed (the feed ended); the client resubscribes.
+    #[error("the stream was closed")]
+    StreamClosed,
     /// An invariant of this service broke (a bug).
     #[error("internal: {0}")]
     Bug(&'static str),
@@ -79,14 +87,38 @@ impl Error {
 }
 
 impl Error {
-    /// Whether a dependency was unreachable (UNAVAILABLE): the database, the commit thread.
+    /// Whether a dependency was unreachable or gave up on the call (UNAVAILABLE): the
+    /// database (gone, or a serialization failure, deadlock or timeout a retry may not meet),
+    /// the pool, the commit thread.
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unavailable(_) => true,
+            Self::Store(hafen_store::Error::Query(err)) | Self::Database(err) => {
+                hafen_store::unavailable(err) || transient(err)
+            }
             Self::Store(err) => err.is_unavailable(),
-            Self::Database(err) => hafen_store::unavailable(err),
             _ => false,
         }
+    }
+}
+
+/// A query PostgreSQL gave up on for now: a serialization failure or deadlock (SQLSTATE class
+/// 40), a statement or lock timeout, or a resource it lacks (class 53: connections, memory,
+/// disk).
+fn transient(err: &diesel::result::Error) -> bool {
+    use diesel::result::DatabaseErrorKind::{SerializationFailure, Unknown};
+    match err {
+        diesel::result::Error::DatabaseError(SerializationFailure, _) => true,
+        diesel::result::Error::DatabaseError(Unknown, info) => {
+            let message = info.message();
+            message.starts_with("deadlock detected")
+                || message.starts_with("canceling statement due to")
+                || message.starts_with("could not obtain lock")
+                || message.starts_with("out of memory")
+                || message.starts_with("could not extend file")
+                || message.starts_with("sorry, too many clients")
+        }
+        _ => false,
     }
 }
 
@@ -124,10 +156,10 @@ impl From<Error> for Status {
             Error::ShuttingDown => {
                 status::unavailable("the server is shutting down; resubscribe with the last cursor")
             }
-            Error::Store(ref store) if store.is_unavailable() => status::database_unavailable(&err),
-            Error::Database(ref db) if hafen_store::unavailable(db) => {
-                status::database_unavailable(&err)
+            Error::StreamClosed => {
+                status::unavailable("the stream was closed; resubscribe with the last cursor")
             }
+            ref unavailable if unavailable.is_unavailable() => status::database_unavailable(&err),
             Error::Store(hafen_store::Error::UnknownTenant | hafen_store::Error::KeyDestroyed) => {
                 status::unauthenticated("the session's tenant no longer exists")
             }

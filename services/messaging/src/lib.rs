@@ -3,21 +3,37 @@
 //! (CB3, BX1), edits and tombstones (CB4), history for every device (OC7), and resumable
 //! live streams (BX4) that end when their session is revoked (OC5).
 //!
-//! - [`domain`]: conversations and messages (users' data keys come from
-//!   `hafen_store::keyring`); [`mask`]: masking;
-//!   [`hub`]: live delivery and subscriptions; [`rows`]: rows and their API forms.
-//! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
+//! Its modules, each depending only on those below it:
+//!
+//! - `api`: the gRPC adapter: parses requests into domain types, calls [`Messaging`],
+//!   converts the results to the API's forms; `error`: the one mapping of errors to statuses.
+//! - [`Messaging`] (`service`), with its operations in `conversations` and `messages`: the
+//!   domain, its rules and transactions.
+//! - `commit`: the group commit of sends; `feed`: live fan-out and replay of the event log,
+//!   as domain events; `settings`: tenants' settings cached; `keys`: message bodies sealed
+//!   and opened; [`mask`]: masking.
+//! - `repo`: every SQL statement of the service; `rows`: its rows and their domain forms.
+//!
+//! SendMessage, for instance: `api::send_message` parses the request, `Messaging::send`
+//! (`messages.rs`) masks and seals the body and queues it with the tenant's committer, which
+//! stores its batch with `repo::store_messages`: one call of the tenant schema's function
+//! `store_messages` (tenant migration `000004_store_messages`).
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
 //! resolves, so the `hafen-messaging` binary, `hafen dev` and the tests run the same code.
 
 mod api;
 mod commit;
-pub mod domain;
+mod conversations;
 mod error;
-pub mod hub;
+mod feed;
+mod keys;
 pub mod mask;
-pub mod rows;
+mod messages;
+mod repo;
+mod rows;
+mod service;
+mod settings;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -33,8 +49,8 @@ use hafen_store::{Databases, DatabasesArgs};
 use tokio::net::TcpListener;
 
 pub use api::MessagingApi;
-pub use domain::Messaging;
 pub use error::Error;
+pub use service::Messaging;
 
 /// Short name: the development certificate is `<dev certs dir>/messaging.pem`.
 pub const NAME: &str = "messaging";
@@ -97,9 +113,7 @@ where
     let pending =
         hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
     if !pending.is_empty() {
-        return Err(Error::Config(format!(
-            "control plane has pending migrations {pending:?}: run `hafen-tenant migrate` first"
-        )));
+        return Err(Error::NotMigrated(pending));
     }
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
     let databases = Databases::new(&config.databases)?;
@@ -119,8 +133,6 @@ where
         Arc::new(resolver),
         revocations.clone(),
     );
-    let hub = hub::Hub::new(Some(redis), config.stream_poll);
-    hub.listen();
     hafen_store::facts::start_reporting(
         databases.main().clone(),
         hafen_store::facts::ServiceFacts::new(
@@ -134,19 +146,33 @@ where
     .await;
     let keys = hafen_store::keyring::KeyRing::new(databases.clone(), master, config.key_cache_size);
     keys.follow(revocations.tenant_deletions());
-    let messaging = Messaging::new(
+    let bodies = keys::Bodies::new(keys);
+    let hub = feed::Hub::new(
+        Some(redis),
+        config.stream_poll,
         databases.clone(),
+        bodies.clone(),
+    );
+    hub.listen();
+    let rules = settings::TenantRules::new(databases.clone());
+    rules.follow(&revocations, config.stream_poll);
+    // The committers get pools of their own: their connections are driven on their thread.
+    let committer = commit::Committer::new(
         Databases::new(&config.databases)?,
-        keys,
         hub.clone(),
-        config.max_body_bytes,
         config.max_queued_sends,
     );
-    hub.attach(messaging.clone());
-    messaging.follow_settings(&revocations, config.stream_poll);
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
-    messaging.set_relay(relay);
+    let messaging = Messaging::new(service::Parts {
+        databases,
+        bodies,
+        rules,
+        hub: hub.clone(),
+        committer,
+        max_body_bytes: config.max_body_bytes,
+        relay: Some(relay),
+    });
     // Streams end with UNAVAILABLE as soon as shutdown begins, before the drain: a client
     // resubscribes elsewhere with its cursor instead of waiting to be cut off.
     let closing = hub.clone();

@@ -1,9 +1,7 @@
-//! Rows of the messaging tables and their API forms.
+//! Rows of the messaging tables, and the domain's forms of them.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use hafen_platform::timestamp;
-use hafen_proto::messaging::v1 as pb;
 use hafen_store::schema::{conversations, events, messages};
 use uuid::Uuid;
 
@@ -31,7 +29,7 @@ pub struct ConversationRow {
     pub direct_key: Option<String>,
     /// As stored: a floor under the next sequence (the purge raises it when it removes a
     /// conversation's newest messages). The last sequence is the higher of it and the
-    /// newest message's; `view` in `domain.rs` fills that in.
+    /// newest message's; [`crate::repo::conversation_views`] fills that in.
     pub last_sequence: i64,
     pub create_request_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
@@ -43,36 +41,9 @@ pub struct ConversationRow {
 #[derive(Debug, Clone)]
 pub struct ConversationView {
     pub row: ConversationRow,
+    /// Its members, in the order they joined.
     pub members: Vec<Uuid>,
     pub caller_is_member: bool,
-}
-
-impl ConversationView {
-    /// The API form. Member ids are listed for direct and group conversations only.
-    pub fn to_proto(&self) -> pb::Conversation {
-        let row = &self.row;
-        pb::Conversation {
-            conversation_id: row.id.to_string(),
-            kind: match row.kind.as_str() {
-                kind::DIRECT => pb::ConversationKind::Direct,
-                kind::GROUP => pb::ConversationKind::Group,
-                kind::CHANNEL => pb::ConversationKind::Channel,
-                _ => pb::ConversationKind::Webchat,
-            } as i32,
-            title: row.title.clone(),
-            create_time: Some(timestamp(row.created_at)),
-            update_time: Some(timestamp(row.updated_at)),
-            last_sequence: u64::try_from(row.last_sequence).unwrap_or_default(),
-            member_count: i32::try_from(self.members.len()).unwrap_or(i32::MAX),
-            member_user_ids: if matches!(row.kind.as_str(), kind::DIRECT | kind::GROUP) {
-                self.members.iter().map(Uuid::to_string).collect()
-            } else {
-                Vec::new()
-            },
-            caller_is_member: self.caller_is_member,
-            creator_user_id: row.creator_id.to_string(),
-        }
-    }
 }
 
 /// A message row: the body only as ciphertext, none once deleted.
@@ -90,6 +61,8 @@ pub struct MessageRow {
     pub created_at: DateTime<Utc>,
     pub edited_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The id of its creation event.
+    pub event_id: i64,
 }
 
 impl MessageRow {
@@ -105,6 +78,18 @@ impl MessageRow {
             created_at: self.created_at,
             edited_at: self.edited_at,
             deleted_at: self.deleted_at,
+        }
+    }
+
+    /// Its creation event, as the log holds it.
+    pub fn creation(&self) -> EventRow {
+        EventRow {
+            id: self.event_id,
+            conversation_id: self.conversation_id,
+            kind: event_kind::CREATED.to_owned(),
+            message_id: Some(self.id),
+            detail: None,
+            created_at: self.created_at,
         }
     }
 }
@@ -123,26 +108,9 @@ pub struct MessageView {
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
-impl MessageView {
-    /// The API form.
-    pub fn to_proto(&self) -> pb::Message {
-        pb::Message {
-            message_id: self.id.to_string(),
-            conversation_id: self.conversation_id.to_string(),
-            sequence: u64::try_from(self.sequence).unwrap_or_default(),
-            sender_user_id: self.sender_id.to_string(),
-            body: self.body.clone(),
-            create_time: Some(timestamp(self.created_at)),
-            edit_time: self.edited_at.map(timestamp),
-            delete_time: self.deleted_at.map(timestamp),
-            masked: self.masked,
-        }
-    }
-}
-
-/// Event kinds as stored.
+/// Event kinds as the log holds them.
 pub mod event_kind {
-    /// A message was sent.
+    /// A message was sent (kept in the message row, not in `events`).
     pub const CREATED: &str = "message_created";
     /// A message was edited.
     pub const EDITED: &str = "message_edited";
@@ -152,7 +120,7 @@ pub mod event_kind {
     pub const MEMBERSHIP: &str = "membership_changed";
 }
 
-/// An event row.
+/// An event of the log: a row of `events`, or a message's creation.
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = events)]
 #[diesel(check_for_backend(diesel::pg::Pg))]

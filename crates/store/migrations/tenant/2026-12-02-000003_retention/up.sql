@@ -1,9 +1,5 @@
--- Retention (CB5): a conversation's own, shorter period; legal holds that keep data from
--- being purged or deleted; and the purge runs, counts only.
-
-ALTER TABLE conversations
-    ADD COLUMN retention_days integer CHECK (retention_days BETWEEN 1 AND 730),
-    ADD COLUMN retention_updated_at timestamptz;
+-- Retention (CB5): legal holds that keep data from being purged or deleted, and the purge
+-- runs, counts only. A conversation's own period is a column of `conversations`.
 
 CREATE TABLE legal_holds (
     id              uuid PRIMARY KEY,
@@ -42,6 +38,3 @@ CREATE TABLE purge_runs (
 CREATE INDEX purge_runs_started_idx ON purge_runs (started_at DESC, id DESC);
 -- At most one run per tenant at a time.
 CREATE UNIQUE INDEX purge_runs_running_key ON purge_runs ((true)) WHERE state = 'running';
-
--- The purge removes a message's events with it.
-CREATE INDEX events_message_idx ON events (message_id) WHERE message_id IS NOT NULL;

@@ -1,1 +1,0 @@
-DROP FUNCTION store_messages(uuid[], uuid[], uuid[], uuid[], bytea[], boolean[], timestamptz, boolean);

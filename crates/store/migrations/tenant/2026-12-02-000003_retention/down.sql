@@ -1,0 +1,2 @@
+DROP TABLE purge_runs;
+DROP TABLE legal_holds;

@@ -1,0 +1,1 @@
+DROP FUNCTION store_messages(uuid[], uuid[], uuid[], uuid[], bytea[], boolean[], integer[], timestamptz, bigint, bigint[], boolean);
