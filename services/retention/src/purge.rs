@@ -83,85 +83,18 @@ impl Trigger {
     }
 }
 
-/// Advances the run's heartbeat and counts (`$1` the run; `$2`-`$4` the counts so far) if
-/// the run is still running; every batch begins with it, and deletes nothing otherwise.
-const CLAIM: &str = "\
-    WITH claim AS ( \
-        UPDATE purge_runs \
-        SET heartbeat_at = now(), messages_deleted = $2, conversations_touched = $3, \
-            held_skipped = $4 \
-        WHERE id = $1 AND state = 'running' \
-        RETURNING id), \
-    candidates AS MATERIALIZED (";
-
-/// Whether a candidate is held: its conversation, or its sender.
-const HELD: &str = "\
-    (m.conversation_id IN (SELECT h.conversation_id FROM legal_holds h \
-                           WHERE h.lifted_at IS NULL AND h.conversation_id IS NOT NULL) \
-     OR m.sender_id IN (SELECT h.user_id FROM legal_holds h \
-                        WHERE h.lifted_at IS NULL AND h.user_id IS NOT NULL)) AS held";
-
-/// Examines the tenant's messages older than the tenant's cut-off (`$5`), after the keyset
-/// position (`$6`, `$7`), oldest first, `$8` at a time.
-const TENANT_CANDIDATES: &str = "\
-    FROM messages m \
-    WHERE EXISTS (SELECT 1 FROM claim) \
-      AND m.created_at < $5 AND m.created_at >= $6 AND (m.created_at, m.id) > ($6, $7) \
-    ORDER BY m.created_at, m.id \
-    LIMIT $8";
-
-/// Examines conversation `$7`'s messages between the tenant's cut-off (`$6`; everything
-/// older was done in the tenant's scope) and the conversation's (`$5`), after sequence `$9`,
-/// `$8` at a time.
-const CONVERSATION_CANDIDATES: &str = "\
-    FROM messages m \
-    WHERE EXISTS (SELECT 1 FROM claim) \
-      AND m.conversation_id = $7 AND m.sequence > $9 AND m.created_at < $5 AND m.created_at >= $6 \
-    ORDER BY m.sequence \
-    LIMIT $8";
-
-/// Deletes the unheld candidates and their events in the same statement, and reports.
-/// Raises each conversation's sequence floor (`conversations.last_sequence`) to the highest
-/// sequence deleted: sends number after the newest message left, or after the floor, so a
-/// conversation purged to its last message never gives a sequence twice.
+/// A batch in the tenant's scope, and in one conversation's (see the module documentation).
+/// Both raise each conversation's sequence floor (`conversations.last_sequence`) to the
+/// highest sequence deleted: sends number after the newest message left, or after the floor,
+/// so a conversation purged to its last message never gives a sequence twice.
 ///
 /// Messages are deleted by the `ctid` the candidate scan read, in one TID scan, and events by
 /// one index scan over the array of ids: no per-row join. A message that a concurrent edit
 /// moved to a new version between the scan and the delete is not deleted (its old `ctid` no
 /// longer matches); the batch reports fewer deletions than unheld candidates, and the run
 /// examines the same range once more.
-const DELETE_AND_REPORT: &str = "), \
-    gone_events AS ( \
-        DELETE FROM events e \
-        WHERE e.message_id IS NOT NULL \
-          AND e.message_id = ANY (ARRAY(SELECT id FROM candidates WHERE NOT held))), \
-    gone AS ( \
-        DELETE FROM messages m \
-        WHERE m.ctid = ANY (ARRAY(SELECT tid FROM candidates WHERE NOT held)) \
-        RETURNING m.conversation_id, m.sequence), \
-    floors AS ( \
-        UPDATE conversations c SET last_sequence = greatest(c.last_sequence, \
-            (SELECT max(g.sequence) FROM gone g WHERE g.conversation_id = c.id)) \
-        WHERE c.id = ANY (ARRAY(SELECT DISTINCT conversation_id FROM gone))) \
-    SELECT c.claimed, c.examined, c.held, g.deleted, g.conversations, \
-           c.last_at, c.last_id, c.last_sequence \
-    FROM (SELECT (SELECT count(*) FROM claim) AS claimed, \
-                 count(*) AS examined, \
-                 count(*) FILTER (WHERE held) AS held, \
-                 (array_agg(created_at ORDER BY created_at DESC, id DESC))[1] AS last_at, \
-                 (array_agg(id ORDER BY created_at DESC, id DESC))[1] AS last_id, \
-                 max(sequence) AS last_sequence \
-          FROM candidates) c, \
-         (SELECT count(*) AS deleted, array_agg(DISTINCT conversation_id) AS conversations \
-          FROM gone) g";
-
-/// The whole batch statement for one kind of scope.
-fn batch_sql(candidates: &str) -> String {
-    format!(
-        "{CLAIM}SELECT m.ctid AS tid, m.id, m.conversation_id, m.created_at, m.sequence, {HELD} \
-         {candidates}{DELETE_AND_REPORT}"
-    )
-}
+const TENANT_BATCH: &str = include_str!("purge/tenant_batch.sql");
+const CONVERSATION_BATCH: &str = include_str!("purge/conversation_batch.sql");
 
 /// What one batch did.
 #[derive(Debug, QueryableByName)]
@@ -707,7 +640,7 @@ fn batch_statement(
     limit: i64,
 ) -> diesel::query_builder::BoxedSqlQuery<'static, diesel::pg::Pg, diesel::query_builder::SqlQuery>
 {
-    let claim = |sql: String| {
+    let claim = |sql: &'static str| {
         diesel::sql_query(sql)
             .into_boxed()
             .bind::<diesel::sql_types::Uuid, _>(run)
@@ -716,7 +649,7 @@ fn batch_statement(
             .bind::<BigInt, _>(progress.held)
     };
     match cursor {
-        Cursor::Tenant { cutoff, at, id } => claim(batch_sql(TENANT_CANDIDATES))
+        Cursor::Tenant { cutoff, at, id } => claim(TENANT_BATCH)
             .bind::<Timestamptz, _>(cutoff)
             .bind::<Timestamptz, _>(at)
             .bind::<diesel::sql_types::Uuid, _>(id)
@@ -726,7 +659,7 @@ fn batch_statement(
             tenant_cutoff,
             id,
             after,
-        } => claim(batch_sql(CONVERSATION_CANDIDATES))
+        } => claim(CONVERSATION_BATCH)
             .bind::<Timestamptz, _>(cutoff)
             .bind::<Timestamptz, _>(tenant_cutoff)
             .bind::<diesel::sql_types::Uuid, _>(id)
@@ -751,11 +684,10 @@ mod tests {
 
     #[test]
     fn batch_statements_are_complete() {
-        for candidates in [TENANT_CANDIDATES, CONVERSATION_CANDIDATES] {
-            let sql = batch_sql(candidates);
+        for sql in [TENANT_BATCH, CONVERSATION_BATCH] {
             assert_eq!(sql.matches('(').count(), sql.matches(')').count(), "{sql}");
             assert!(sql.contains("DELETE FROM events"));
-            assert!(sql.contains("EXISTS (SELECT 1 FROM claim)"));
+            assert!(sql.contains("EXISTS (SELECT FROM claim)"));
         }
     }
 }
