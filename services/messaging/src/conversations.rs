@@ -185,20 +185,8 @@ impl Messaging {
                     let at = now();
                     let added = repo::add_members(conn, conversation, &users, at).await?;
                     if !added.is_empty() {
-                        let detail = Membership {
-                            added: added.clone(),
-                            removed: Vec::new(),
-                            actor: Some(me),
-                        };
-                        repo::append_event(
-                            conn,
-                            conversation,
-                            event_kind::MEMBERSHIP,
-                            None,
-                            Some(&detail),
-                            at,
-                        )
-                        .await?;
+                        log_membership(conn, conversation, added.clone(), Vec::new(), me, at)
+                            .await?;
                         repo::touch(conn, conversation, at).await?;
                     }
                     let row = visible_conversation(conn, conversation, me).await?;
@@ -238,20 +226,7 @@ impl Messaging {
                     let removed = repo::remove_member(conn, conversation, user).await?;
                     if removed {
                         let at = now();
-                        let detail = Membership {
-                            added: Vec::new(),
-                            removed: vec![user],
-                            actor: Some(me),
-                        };
-                        repo::append_event(
-                            conn,
-                            conversation,
-                            event_kind::MEMBERSHIP,
-                            None,
-                            Some(&detail),
-                            at,
-                        )
-                        .await?;
+                        log_membership(conn, conversation, Vec::new(), vec![user], me, at).await?;
                         repo::touch(conn, conversation, at).await?;
                     }
                     let row = repo::conversation(conn, conversation)
@@ -264,6 +239,25 @@ impl Messaging {
         self.inner.hub.wake(caller.tenant_id);
         Ok(result)
     }
+}
+
+/// Appends the event of a membership change of `conversation` by `actor`.
+async fn log_membership(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    added: Vec<Uuid>,
+    removed: Vec<Uuid>,
+    actor: Uuid,
+    at: DateTime<Utc>,
+) -> Result<(), Error> {
+    let detail = Membership {
+        added,
+        removed,
+        actor: Some(actor),
+    };
+    let kind = event_kind::MEMBERSHIP;
+    repo::append_event(conn, conversation, kind, None, Some(&detail), at).await?;
+    Ok(())
 }
 
 /// A conversation the caller may know of: one they belong to, or any channel.

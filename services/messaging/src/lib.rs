@@ -164,7 +164,7 @@ where
     );
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
-    let messaging = Messaging::new(service::Parts {
+    let messaging = Messaging::new(service::Inner {
         databases,
         bodies,
         rules,

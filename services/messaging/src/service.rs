@@ -23,12 +23,14 @@ pub struct Messaging {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// What the messaging service is made of.
 pub(crate) struct Inner {
     pub databases: Databases,
     pub bodies: Bodies,
     pub rules: TenantRules,
     pub hub: Hub,
     pub committer: Committer,
+    /// Largest message body, in bytes of UTF-8.
     pub max_body_bytes: usize,
     /// Delivers the outbox to the audit service.
     pub relay: Option<hafen_events::Relay>,
@@ -40,40 +42,11 @@ impl std::fmt::Debug for Messaging {
     }
 }
 
-/// What the messaging service is made of; see [`Messaging::new`].
-pub(crate) struct Parts {
-    pub databases: Databases,
-    pub bodies: Bodies,
-    pub rules: TenantRules,
-    pub hub: Hub,
-    pub committer: Committer,
-    /// Largest message body, in bytes of UTF-8.
-    pub max_body_bytes: usize,
-    pub relay: Option<hafen_events::Relay>,
-}
-
 impl Messaging {
-    /// The service over `parts`.
-    pub(crate) fn new(parts: Parts) -> Self {
-        let Parts {
-            databases,
-            bodies,
-            rules,
-            hub,
-            committer,
-            max_body_bytes,
-            relay,
-        } = parts;
+    /// The service made of `inner`.
+    pub(crate) fn new(inner: Inner) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                databases,
-                bodies,
-                rules,
-                hub,
-                committer,
-                max_body_bytes,
-                relay,
-            }),
+            inner: Arc::new(inner),
         }
     }
 
