@@ -10,7 +10,7 @@ use diesel_async::RunQueryDsl;
 use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::messaging::v1 as pb;
 use hafen_proto::tenant::v1 as tenant_pb;
-use hafen_testkit::{PrivatePostgres, PrivateRedis, TestStack, with_token};
+use hafen_testkit::{PrivatePostgres, PrivateRedis, TestStack, eventually, with_token};
 use redis::AsyncCommands;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
@@ -282,8 +282,13 @@ async fn bx1_unwrapped_keys_are_bounded_and_forgotten_when_their_tenant_is_delet
     // The newest is held; its deletion is announced, and its keys go.
     let deleted = &tenants[2];
     assert!(ring.held(id(deleted)).2);
-    // Give the listener its subscription before the announcement.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The listener follows the channel before the announcement, or would miss it.
+    eventually(
+        "the revocation channel is followed",
+        Duration::from_secs(10),
+        || std::future::ready(revocations.following_since()),
+    )
+    .await;
     stack
         .tenant_client()
         .await
@@ -294,14 +299,12 @@ async fn bx1_unwrapped_keys_are_bounded_and_forgotten_when_their_tenant_is_delet
         }))
         .await
         .expect("DeleteTenant");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ring.held(id(deleted)).2 {
-        assert!(
-            Instant::now() < deadline,
-            "the deleted tenant's key was not forgotten"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the deleted tenant's key is forgotten",
+        Duration::from_secs(5),
+        || std::future::ready((!ring.held(id(deleted)).2).then_some(())),
+    )
+    .await;
     assert!(
         ring.user_key(id(deleted), owner(deleted)).await.is_err(),
         "and cannot be had again"
@@ -319,13 +322,9 @@ async fn oc5_a_lost_revocation_still_ends_the_stream_within_6s() {
     let stack = TestStack::start_with_redis(Some(redis.args("hafen:"))).await;
     let tenant = stack.create_tenant("lost-revocation").await;
     let owner = stack.login_owner(&tenant).await;
-    let (_, code, code_id) = stack
-        .create_member(&owner.access_token, "device", "member password 1")
+    let (member, device) = stack
+        .create_logged_in_member(&tenant, &owner.access_token, "device", "member password 1")
         .await;
-    let device = stack
-        .login(&tenant.slug, "device", "member password 1", &code)
-        .await
-        .expect("member login");
     let mut stream = stack
         .messaging_client()
         .await
@@ -349,7 +348,7 @@ async fn oc5_a_lost_revocation_still_ends_the_stream_within_6s() {
         .revoke_chat_code(with_token(
             &owner.access_token,
             auth_pb::RevokeChatCodeRequest {
-                chat_code_id: code_id,
+                chat_code_id: member.chat_code_id,
             },
         ))
         .await

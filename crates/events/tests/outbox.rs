@@ -97,6 +97,8 @@ async fn bx6_events_wait_in_the_outbox_while_audit_is_down_and_arrive_once() {
         .login(&tenant.slug, "owner", "wrong password!", &tenant.owner_code)
         .await;
     assert!(failed.is_err());
+    // Not a wait for something to happen but for nothing to: the relay (every 200 ms) gets
+    // a few rounds in which it must deliver nothing while the audit service is away.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
         waiting(&stack, id).await,
@@ -184,6 +186,8 @@ async fn bx6_an_event_commits_and_rolls_back_with_its_change() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    // Not a wait for something to happen but for nothing to: had the failed insert left an
+    // event, the relay (every 200 ms) would have delivered it to the chain by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(waiting(&stack, id).await, 0);
     assert_eq!(chain(&stack, id).await, before);

@@ -46,34 +46,6 @@ async fn owner(stack: &TestStack, tenant: &TestTenant, messaging: &str) -> Hafen
     hafen
 }
 
-/// A member with a fresh device: (user id, chat code).
-async fn member(owner: &Hafen, username: &str) -> (String, String) {
-    let user = owner
-        .auth()
-        .create_user(auth_pb::CreateUserRequest {
-            username: username.into(),
-            display_name: username.into(),
-            role: hafen_sdk::proto::common::v1::Role::Member as i32,
-            credential: Some(auth_pb::create_user_request::Credential::Password(
-                "member password".into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let code = owner
-        .auth()
-        .issue_chat_code(auth_pb::IssueChatCodeRequest {
-            user_id: user.user_id.clone(),
-            device_label: "phone".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (user.user_id, code.code)
-}
-
 async fn group(hafen: &Hafen, title: &str, members: Vec<String>) -> String {
     hafen
         .messaging()
@@ -120,8 +92,14 @@ async fn bx4_the_sdk_subscription_resumes_after_the_server_restarts() {
     let again = replica_config.clone();
     let mut replica = TestServer::spawn(|l, s| hafen_messaging::serve(replica_config, l, s)).await;
     let sender = owner(&stack, &tenant, &stack.messaging.uri()).await;
-    let (member_id, code) = member(&sender, "reader").await;
-    let conversation = group(&sender, "resumable", vec![member_id]).await;
+    let member = stack
+        .create_member(
+            sender.session().unwrap().access_token(),
+            "reader",
+            "member password",
+        )
+        .await;
+    let conversation = group(&sender, "resumable", vec![member.user_id]).await;
 
     let reader = Hafen::connect(config(&stack, &replica.uri())).unwrap();
     reader
@@ -129,7 +107,7 @@ async fn bx4_the_sdk_subscription_resumes_after_the_server_restarts() {
             tenant: tenant.slug.clone(),
             username: "reader".into(),
             password: "member password".into(),
-            chat_code: code,
+            chat_code: member.chat_code,
             device_label: String::new(),
         })
         .await
@@ -175,7 +153,13 @@ async fn oc5_a_wiped_device_runs_its_handler_confirms_and_refuses_calls() {
     let stack = TestStack::start().await;
     let tenant = stack.create_tenant("sdk-wipe").await;
     let admin = owner(&stack, &tenant, &stack.messaging.uri()).await;
-    let (member_id, code) = member(&admin, "lost-phone").await;
+    let member = stack
+        .create_member(
+            admin.session().unwrap().access_token(),
+            "lost-phone",
+            "member password",
+        )
+        .await;
     let device = Hafen::connect(config(&stack, &stack.messaging.uri())).unwrap();
     let wiped = Arc::new(AtomicUsize::new(0));
     let seen = wiped.clone();
@@ -187,7 +171,7 @@ async fn oc5_a_wiped_device_runs_its_handler_confirms_and_refuses_calls() {
             tenant: tenant.slug.clone(),
             username: "lost-phone".into(),
             password: "member password".into(),
-            chat_code: code,
+            chat_code: member.chat_code,
             device_label: String::new(),
         })
         .await
@@ -206,7 +190,7 @@ async fn oc5_a_wiped_device_runs_its_handler_confirms_and_refuses_calls() {
     let codes = admin
         .auth()
         .list_chat_codes(auth_pb::ListChatCodesRequest {
-            user_id: member_id,
+            user_id: member.user_id,
             ..Default::default()
         })
         .await

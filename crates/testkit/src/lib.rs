@@ -9,7 +9,9 @@
 //! - [`TestServer`]: any service started on `127.0.0.1:0` with TLS, a connected tonic
 //!   [`Channel`], and an orderly shutdown.
 //! - [`TestStack`]: the auth and tenant services together, with helpers to create tenants
-//!   and log in.
+//!   and members ([`TestMember`]) and log in.
+//! - [`eventually`]: waits, bounded, for a condition the test can observe, where sleeping
+//!   would only hope it holds.
 //!
 //! Where PostgreSQL and Redis are comes from `HAFEN_DATABASE_URL`, `HAFEN_ADMIN_DATABASE_URL`
 //! and `HAFEN_REDIS_URL`, or from `.dev/env`, which `scripts/dev-services.sh up` writes.
@@ -28,6 +30,7 @@ mod redis_ns;
 mod redis_server;
 mod server;
 mod stack;
+mod wait;
 
 use std::sync::Once;
 
@@ -37,7 +40,8 @@ pub use postgres_server::PrivatePostgres;
 pub use redis_ns::TestRedis;
 pub use redis_server::PrivateRedis;
 pub use server::{Service, TestSecrets, TestServer};
-pub use stack::{OWNER_PASSWORD, TestStack, TestTenant, with_token};
+pub use stack::{OWNER_PASSWORD, TestMember, TestStack, TestTenant, with_token};
+pub use wait::eventually;
 
 mod database;
 pub use database::TestDatabase;

@@ -26,6 +26,21 @@ pub struct TestTenant {
     pub owner_code_id: String,
 }
 
+/// A member created by [`TestStack::create_member`]: who they are and what they log in with.
+#[derive(Debug, Clone)]
+pub struct TestMember {
+    /// The user's id.
+    pub user_id: String,
+    /// The username.
+    pub username: String,
+    /// The password.
+    pub password: String,
+    /// The chat code of the member's one device.
+    pub chat_code: String,
+    /// Its id.
+    pub chat_code_id: String,
+}
+
 /// The five services on port 0 with TLS, sharing a fresh database and Redis namespace;
 /// every service resolves tokens through `auth` and delivers its audit events to `audit`.
 #[derive(Debug)]
@@ -218,14 +233,13 @@ impl TestStack {
     }
 
     /// Creates a member `username` with `password` and a chat code for one device, as the
-    /// owner (or an admin) holding `admin_token`; returns the user's id, the chat code and
-    /// the chat code's id.
+    /// owner (or an admin) holding `admin_token`; logs nobody in.
     pub async fn create_member(
         &self,
         admin_token: &str,
         username: &str,
         password: &str,
-    ) -> (String, String, String) {
+    ) -> TestMember {
         let mut auth = self.auth_client().await;
         let user = auth
             .create_user(with_token(
@@ -254,11 +268,47 @@ impl TestStack {
             .await
             .expect("IssueChatCode")
             .into_inner();
-        let code_id = issued
+        let chat_code_id = issued
             .chat_code
             .map(|code| code.chat_code_id)
             .unwrap_or_default();
-        (user.user_id, issued.code, code_id)
+        TestMember {
+            user_id: user.user_id,
+            username: username.to_owned(),
+            password: password.to_owned(),
+            chat_code: issued.code,
+            chat_code_id,
+        }
+    }
+
+    /// Logs `member` of `tenant` in on its device, opening a session.
+    pub async fn login_member(
+        &self,
+        tenant: &TestTenant,
+        member: &TestMember,
+    ) -> auth_pb::LoginResponse {
+        self.login(
+            &tenant.slug,
+            &member.username,
+            &member.password,
+            &member.chat_code,
+        )
+        .await
+        .expect("member login")
+    }
+
+    /// [`TestStack::create_member`] in `tenant`, then [`TestStack::login_member`]: a member
+    /// with a chat code and a session.
+    pub async fn create_logged_in_member(
+        &self,
+        tenant: &TestTenant,
+        admin_token: &str,
+        username: &str,
+        password: &str,
+    ) -> (TestMember, auth_pb::LoginResponse) {
+        let member = self.create_member(admin_token, username, password).await;
+        let session = self.login_member(tenant, &member).await;
+        (member, session)
     }
 
     /// Logs the owner of `tenant` in.

@@ -17,7 +17,6 @@ use diesel_async::RunQueryDsl;
 use hafen_platform::status;
 use hafen_proto::audit::v1 as pb;
 use hafen_proto::audit::v1::audit_service_client::AuditServiceClient;
-use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::tenant::v1 as tenant_pb;
 use hafen_testkit::{Channel, TestStack, TestTenant, with_token};
 use sha2::{Digest, Sha256};
@@ -93,40 +92,11 @@ impl Setup {
 
     /// A member's access token.
     async fn member(&self) -> String {
-        let mut auth = self.stack.auth_client().await;
-        let member = auth
-            .create_user(with_token(
-                &self.owner,
-                auth_pb::CreateUserRequest {
-                    username: "colleague".into(),
-                    display_name: "Colleague".into(),
-                    role: hafen_proto::common::v1::Role::Member as i32,
-                    credential: Some(auth_pb::create_user_request::Credential::Password(
-                        "colleague password".into(),
-                    )),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let code = auth
-            .issue_chat_code(with_token(
-                &self.owner,
-                auth_pb::IssueChatCodeRequest {
-                    user_id: member.user_id,
-                    device_label: "phone".into(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .code;
-        self.stack
-            .login(&self.tenant.slug, "colleague", "colleague password", &code)
-            .await
-            .unwrap()
-            .access_token
+        let (_, session) = self
+            .stack
+            .create_logged_in_member(&self.tenant, &self.owner, "colleague", "colleague password")
+            .await;
+        session.access_token
     }
 }
 

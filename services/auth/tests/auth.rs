@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hafen_platform::status;
 use hafen_proto::auth::v1 as pb;
 use hafen_proto::tenant::v1 as tenant_pb;
-use hafen_testkit::{OWNER_PASSWORD, TestStack, TestTenant, with_token};
+use hafen_testkit::{OWNER_PASSWORD, TestStack, TestTenant, eventually, with_token};
 use tonic::Code;
 
 fn reason(status: &tonic::Status) -> String {
@@ -21,44 +21,6 @@ fn reason(status: &tonic::Status) -> String {
 
 fn field(status: &tonic::Status) -> String {
     status::metadata(status, "field").unwrap_or_default()
-}
-
-/// Creates a member with `password` and a chat code for them; returns (user id, code).
-async fn member(
-    stack: &TestStack,
-    owner_token: &str,
-    username: &str,
-    password: &str,
-) -> (String, String) {
-    let mut auth = stack.auth_client().await;
-    let user = auth
-        .create_user(with_token(
-            owner_token,
-            pb::CreateUserRequest {
-                username: username.into(),
-                display_name: format!("User {username}"),
-                role: hafen_proto::common::v1::Role::Member as i32,
-                credential: Some(pb::create_user_request::Credential::Password(
-                    password.into(),
-                )),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let code = auth
-        .issue_chat_code(with_token(
-            owner_token,
-            pb::IssueChatCodeRequest {
-                user_id: user.user_id.clone(),
-                device_label: "work phone".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    (user.user_id, code.code)
 }
 
 async fn get_own_tenant(
@@ -83,8 +45,13 @@ async fn setup() -> (TestStack, TestTenant, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn oc2_login_needs_username_password_and_this_users_chat_code() {
     let (stack, tenant, owner) = setup().await;
-    let (_, anna_code) = member(&stack, &owner, "member-a", "member a password").await;
-    let (_, _other_code) = member(&stack, &owner, "member-b", "member b password").await;
+    let anna_code = stack
+        .create_member(&owner, "member-a", "member a password")
+        .await
+        .chat_code;
+    stack
+        .create_member(&owner, "member-b", "member b password")
+        .await;
 
     let ok = stack
         .login("acme", "member-a", "member a password", &anna_code)
@@ -242,7 +209,10 @@ async fn user_tenant(stack: &TestStack, token: &str) -> uuid::Uuid {
 #[tokio::test(flavor = "multi_thread")]
 async fn oc5_revoking_a_chat_code_wipes_the_device_everywhere() {
     let (stack, _tenant, owner) = setup().await;
-    let (_, code) = member(&stack, &owner, "traveller", "traveller password").await;
+    let code = stack
+        .create_member(&owner, "traveller", "traveller password")
+        .await
+        .chat_code;
     let device = stack
         .login("acme", "traveller", "traveller password", &code)
         .await
@@ -258,7 +228,13 @@ async fn oc5_revoking_a_chat_code_wipes_the_device_everywhere() {
         revocations.listen(redis.clone());
         revocations
     };
-    tokio::time::sleep(Duration::from_millis(200)).await; // the subscription is in place
+    // An announcement made before the subscription would be missed.
+    eventually(
+        "the revocation channel is followed",
+        Duration::from_secs(10),
+        || std::future::ready(other_service.following_since()),
+    )
+    .await;
     let session: uuid::Uuid = device.session_id.parse().unwrap();
     let stream_end = tokio::spawn({
         let watch = other_service.clone();
@@ -421,7 +397,10 @@ async fn refresh_tokens_rotate_and_reuse_revokes_the_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn gr6_deactivation_ends_sessions_and_blocks_login_until_reactivated() {
     let (stack, _tenant, owner) = setup().await;
-    let (user_id, code) = member(&stack, &owner, "leaver", "leaver password 1").await;
+    let leaver = stack
+        .create_member(&owner, "leaver", "leaver password 1")
+        .await;
+    let (user_id, code) = (leaver.user_id, leaver.chat_code);
     let session = stack
         .login("acme", "leaver", "leaver password 1", &code)
         .await
@@ -483,7 +462,10 @@ async fn gr6_deactivation_ends_sessions_and_blocks_login_until_reactivated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn brute_force_is_slowed_down_and_recovers() {
     let (stack, _tenant, owner) = setup().await;
-    let (_, code) = member(&stack, &owner, "target", "target password").await;
+    let code = stack
+        .create_member(&owner, "target", "target password")
+        .await
+        .chat_code;
     for _ in 0..5 {
         let err = stack
             .login("acme", "target", "guess guess!", &code)
@@ -505,17 +487,31 @@ async fn brute_force_is_slowed_down_and_recovers() {
         .unwrap();
     assert!(retry_after >= 1);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    stack
-        .login("acme", "target", "target password", &code)
-        .await
-        .expect("after the back-off the right password works");
+    // Refused attempts count nothing, so trying again until the back-off ends is harmless.
+    eventually(
+        "after the back-off the right password works",
+        Duration::from_secs(retry_after + 10),
+        || async {
+            match stack
+                .login("acme", "target", "target password", &code)
+                .await
+            {
+                Ok(session) => Some(session),
+                Err(err) if reason(&err) == "RATE_LIMITED" => None,
+                Err(err) => panic!("after the back-off the right password works: {err:?}"),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn change_password_ends_other_sessions_and_needs_the_old_one() {
     let (stack, _tenant, owner) = setup().await;
-    let (_, code) = member(&stack, &owner, "changer", "first password").await;
+    let code = stack
+        .create_member(&owner, "changer", "first password")
+        .await
+        .chat_code;
     let one = stack
         .login("acme", "changer", "first password", &code)
         .await
@@ -634,7 +630,10 @@ async fn gr3_the_owner_deletes_the_tenant_with_password_and_totp() {
         assert_eq!(reason(&err), "CONFIRMATION_FAILED");
     }
     // A member may not delete the organisation.
-    let (_, code) = member(&stack, &owner, "plain", "plain password").await;
+    let code = stack
+        .create_member(&owner, "plain", "plain password")
+        .await
+        .chat_code;
     let plain = stack
         .login("acme", "plain", "plain password", &code)
         .await
@@ -872,7 +871,10 @@ async fn bad_input_gets_a_clear_status_and_writes_nothing() {
 async fn bx5_tokens_passwords_and_chat_codes_never_reach_the_logs() {
     let logs = hafen_testkit::LogCapture::install();
     let (stack, tenant, owner) = setup().await;
-    let (_, code) = member(&stack, &owner, "quiet", "quiet password").await;
+    let code = stack
+        .create_member(&owner, "quiet", "quiet password")
+        .await
+        .chat_code;
     let session = stack
         .login("acme", "quiet", "quiet password", &code)
         .await
@@ -954,7 +956,10 @@ async fn login_from(
 #[tokio::test(flavor = "multi_thread")]
 async fn oc2_guessing_passwords_slows_the_guesser_but_never_locks_the_user_out() {
     let (stack, _tenant, owner) = setup().await;
-    let (_, code) = member(&stack, &owner, "target", "target password").await;
+    let code = stack
+        .create_member(&owner, "target", "target password")
+        .await
+        .chat_code;
     let proxied = behind_a_proxy(&stack).await;
     let no_device = "ABCDEFGHJK";
 
@@ -1005,7 +1010,9 @@ async fn oc2_guessing_passwords_slows_the_guesser_but_never_locks_the_user_out()
 #[tokio::test(flavor = "multi_thread")]
 async fn oc2_parallel_guesses_reach_bcrypt_no_more_often_than_allowed() {
     let (stack, _tenant, owner) = setup().await;
-    member(&stack, &owner, "parallel", "parallel password").await;
+    stack
+        .create_member(&owner, "parallel", "parallel password")
+        .await;
     let proxied = behind_a_proxy(&stack).await;
     let mut guesses = tokio::task::JoinSet::new();
     for i in 0..50 {
@@ -1049,7 +1056,10 @@ async fn oc2_with_redis_down_the_limiter_still_limits() {
     let stack = TestStack::start_with_redis(Some(redis.args("hafen:"))).await;
     let tenant = stack.create_tenant("acme").await;
     let owner = stack.login_owner(&tenant).await.access_token;
-    let (_, code) = member(&stack, &owner, "target", "target password").await;
+    let code = stack
+        .create_member(&owner, "target", "target password")
+        .await
+        .chat_code;
     redis.stop();
     let mut answers = Vec::new();
     for _ in 0..7 {

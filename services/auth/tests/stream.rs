@@ -18,7 +18,7 @@ use hafen_authn::remote::RemoteIntrospect;
 use hafen_authn::{Authenticator, AuthnLayer, Redis, Revocations};
 use hafen_platform::{GrpcServer, TlsMaterial};
 use hafen_proto::auth::v1 as pb;
-use hafen_testkit::{TestServer, TestStack, with_token};
+use hafen_testkit::{TestServer, TestStack, eventually, with_token};
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -116,7 +116,8 @@ async fn oc5_an_open_stream_on_another_service_ends_with_device_wiped() {
     let mut endpoint = secrets.tenant_config(&stack.db, &[]).auth;
     endpoint.auth_endpoint = stack.auth.uri();
     let resolver = RemoteIntrospect::new(&endpoint, &tls).unwrap();
-    let authenticator = Authenticator::new(None, Some(redis), Arc::new(resolver), revocations);
+    let authenticator =
+        Authenticator::new(None, Some(redis), Arc::new(resolver), revocations.clone());
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     let ticker = layer.wrap(Ticker { authenticator });
     let server = TestServer::spawn(|listener, shutdown| {
@@ -125,7 +126,13 @@ async fn oc5_an_open_stream_on_another_service_ends_with_device_wiped() {
             .serve(listener, shutdown)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // the revocation channel is followed
+    // An announcement made before the subscription would be missed.
+    eventually(
+        "the revocation channel is followed",
+        Duration::from_secs(10),
+        || std::future::ready(revocations.following_since()),
+    )
+    .await;
 
     let mut grpc = tonic::client::Grpc::new(server.channel(secrets).await);
     grpc.ready().await.unwrap();

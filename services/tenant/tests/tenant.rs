@@ -1078,16 +1078,13 @@ async fn gr5_the_owner_exports_what_the_owner_may_read_and_nothing_else() {
     let tenant = stack.create_tenant("export").await;
     let owner = stack.login_owner(&tenant).await.access_token;
     let login = |name: &'static str| {
-        let stack = &stack;
+        let (stack, tenant) = (&stack, &tenant);
         let owner = owner.clone();
         async move {
-            let (id, code, _) = stack.create_member(&owner, name, "member password 1").await;
-            let token = stack
-                .login("export", name, "member password 1", &code)
-                .await
-                .unwrap()
-                .access_token;
-            (id, token)
+            let (member, session) = stack
+                .create_logged_in_member(tenant, &owner, name, "member password 1")
+                .await;
+            (member.user_id, session.access_token)
         }
     };
     let (alice, alice_token) = login("alice").await;
