@@ -29,7 +29,7 @@ pub struct ConversationRow {
     pub direct_key: Option<String>,
     /// As stored: a floor under the next sequence (the purge raises it when it removes a
     /// conversation's newest messages). The last sequence is the higher of it and the
-    /// newest message's; [`crate::repo::conversation_views`] fills that in.
+    /// newest message's; `repo::conversation_views` fills that in.
     pub last_sequence: i64,
     pub create_request_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,

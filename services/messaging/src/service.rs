@@ -1,6 +1,6 @@
-//! The messaging domain: what the adapter calls. Its operations are in [`crate::conversations`]
-//! and [`crate::messages`]; every write appends to the tenant's event log in its transaction,
-//! and wakes the live feeds after commit ([`crate::feed`]).
+//! The messaging domain: what the adapter calls. Its operations are in `conversations.rs`
+//! and `messages.rs`; every write appends to the tenant's event log in its transaction,
+//! and wakes the live feeds after commit (`feed`).
 
 use std::sync::Arc;
 
