@@ -32,7 +32,7 @@ CERTS="$DEV/certs"
 ENV_FILE="$DEV/env"
 # The services that get a certificate of their own; keep in step with
 # hafen_platform::tls::SERVICES (a test compares them).
-SERVICES=(auth messaging tenant retention audit)
+SERVICES=(auth messaging tenant retention audit webchat)
 APP_ROLE="hafen_app"
 APP_DB="hafen"
 

@@ -2,8 +2,8 @@
 //! only through the Rust SDK (`hafen_sdk`):
 //!
 //! - `dev`: one process, `hafen dev`, which migrates the database itself;
-//! - `micro`: five processes `hafen-auth`, `hafen-messaging`, `hafen-tenant`,
-//!   `hafen-retention` and `hafen-audit`, with mutual TLS between them, after
+//! - `micro`: six processes `hafen-auth`, `hafen-messaging`, `hafen-tenant`,
+//!   `hafen-retention`, `hafen-audit` and `hafen-webchat`, with mutual TLS between them, after
 //!   `hafen admin migrate`.
 //!
 //! Both run the same scenario: an operator creates a tenant; its owner creates two users and
@@ -71,7 +71,7 @@ const BOB_PASSWORD: &str = "bob password for e2e";
 /// How the stack is deployed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// `hafen dev`: all five services in one process.
+    /// `hafen dev`: all six services in one process.
     Dev,
     /// One process per service.
     Micro,
@@ -92,7 +92,7 @@ async fn e2e_dev_mode_the_whole_stack_in_one_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e2e_microservices_mode_five_processes_with_mutual_tls() {
+async fn e2e_microservices_mode_six_processes_with_mutual_tls() {
     run(Mode::Micro).await;
 }
 
@@ -845,7 +845,7 @@ struct StartFailure {
 /// and keeps their directory.
 struct Stack {
     mode: Mode,
-    ports: [u16; 5],
+    ports: [u16; 6],
     processes: Vec<Process>,
     logs: Option<tempfile::TempDir>,
     /// `HAFEN_LOG` of the processes, when not their default (`info`).
@@ -987,6 +987,7 @@ impl Stack {
             ("--tenant-port", Service::Tenant),
             ("--retention-port", Service::Retention),
             ("--audit-port", Service::Audit),
+            ("--webchat-port", Service::Webchat),
         ] {
             args.push(flag.into());
             args.push(self.port(service).to_string().into());
@@ -1105,6 +1106,11 @@ impl Stack {
                     args.extend(flags(&auth));
                     args.extend(flags(&[platform_token, keys_file]));
                 }
+                Service::Webchat => {
+                    args.extend(flags(&auth));
+                    args.extend(flags(&audit));
+                    args.extend(flags(&[master_key]));
+                }
             }
             command.args(args);
             self.spawn(&binary, command, log);
@@ -1220,16 +1226,16 @@ fn flags(pairs: &[(&str, OsString)]) -> Vec<OsString> {
         .collect()
 }
 
-/// Five loopback ports that were free a moment ago.
-fn free_ports() -> [u16; 5] {
-    let listeners: Vec<std::net::TcpListener> = (0..5)
+/// Six loopback ports that were free a moment ago.
+fn free_ports() -> [u16; 6] {
+    let listeners: Vec<std::net::TcpListener> = (0..6)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
         .collect();
     let ports: Vec<u16> = listeners
         .iter()
         .map(|l| l.local_addr().expect("bound").port())
         .collect();
-    ports.try_into().expect("five ports")
+    ports.try_into().expect("six ports")
 }
 
 /// A binary of the workspace, from next to this test executable

@@ -135,6 +135,11 @@ async fn dc1_audit_serves_health_and_reflection_over_tls() {
 }
 
 #[tokio::test]
+async fn dc1_webchat_serves_health_and_reflection_over_tls() {
+    assert_serving_and_reflected(Service::Webchat).await;
+}
+
+#[tokio::test]
 async fn oc4_plaintext_connection_is_refused() {
     let (certs, _db, server) = start(Service::Auth).await;
     let channel = Endpoint::from_shared(format!("http://{}", server.addr()))
@@ -247,6 +252,7 @@ fn dc1_every_binary_help_parses() {
         hafen_tenant::command(),
         hafen_retention::command(),
         hafen_audit::command(),
+        hafen_webchat::command(),
         hafen_cli::command(),
     ] {
         let name = command.get_name().to_owned();
@@ -281,6 +287,7 @@ fn dc1_every_flag_has_a_hafen_environment_variable() {
         hafen_tenant::command(),
         hafen_retention::command(),
         hafen_audit::command(),
+        hafen_webchat::command(),
         hafen_cli::command(),
     ] {
         check(&command, command.get_name());

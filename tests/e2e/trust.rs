@@ -233,6 +233,7 @@ fn tm2_only_services_that_wrap_data_keys_take_the_master_key() {
     };
     assert!(takes_master(hafen_tenant::command()));
     assert!(takes_master(hafen_messaging::command()));
+    assert!(takes_master(hafen_webchat::command()));
     for (name, command) in [
         ("auth", hafen_auth::command()),
         ("audit", hafen_audit::command()),
@@ -466,7 +467,7 @@ async fn gr7_the_record_states_only_measures_in_force() {
 
     let record_of = |json: &str| -> serde_json::Value { serde_json::from_str(json).unwrap() };
 
-    // Every link TLS: the record says so, from what the five services report.
+    // Every link TLS: the record says so, from what the six services report.
     let stack = TestStack::start().await;
     let tenant = stack.create_tenant("record-tls").await;
     let record = stack
@@ -488,7 +489,14 @@ async fn gr7_the_record_states_only_measures_in_force() {
     assert_eq!(measures["links"]["redis_encrypted"], true);
     assert_eq!(
         measures["links"]["reporting_services"],
-        serde_json::json!(["audit", "auth", "messaging", "retention", "tenant"])
+        serde_json::json!([
+            "audit",
+            "auth",
+            "messaging",
+            "retention",
+            "tenant",
+            "webchat"
+        ])
     );
     assert!(
         measures["transport_encryption"]

@@ -13,11 +13,12 @@ use hafen_testkit::{Channel, TestDatabase, TestSecrets, TestServer};
 use crate::{Line, ms, quantile};
 
 /// The tenant-schema DDL, sent raw by the baseline: every tenant migration.
-const TENANT_DDL: [&str; 4] = [
+const TENANT_DDL: [&str; 5] = [
     include_str!("../../store/migrations/tenant/2026-12-02-000001_accounts/up.sql"),
     include_str!("../../store/migrations/tenant/2026-12-02-000002_messaging/up.sql"),
     include_str!("../../store/migrations/tenant/2026-12-02-000003_retention/up.sql"),
     include_str!("../../store/migrations/tenant/2026-12-02-000004_store_messages/up.sql"),
+    include_str!("../../store/migrations/tenant/2026-12-02-000005_webchat/up.sql"),
 ];
 
 /// Target of the issue: at most this many ms per tenant.

@@ -1,4 +1,4 @@
-//! `hafen dev`: all five services in one process.
+//! `hafen dev`: all six services in one process.
 //!
 //! Each service runs the same `serve` function as its own binary, on its own port, with its
 //! own certificate from the development CA; they share one shutdown signal and drain together.
@@ -43,6 +43,10 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_AUDIT_PORT", default_value_t = 50055)]
     pub audit_port: u16,
 
+    /// Port of the webchat service.
+    #[arg(long, env = "HAFEN_WEBCHAT_PORT", default_value_t = 50056)]
+    pub webchat_port: u16,
+
     /// Where the development CA and service certificates are generated (once) and read.
     #[arg(long, env = "HAFEN_DEV_CERTS_DIR", default_value = ".dev/certs")]
     pub dev_certs_dir: PathBuf,
@@ -55,8 +59,8 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Master key file; generated (mode 0600) when missing. Only the tenant and messaging
-    /// services read it; the others get key files derived from it, in --keys-dir.
+    /// Master key file; generated (mode 0600) when missing. Only the tenant, messaging and
+    /// webchat services read it; the others get key files derived from it, in --keys-dir.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE", default_value = ".dev/master.key")]
     pub master_key_file: PathBuf,
 
@@ -161,6 +165,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         (hafen_tenant::NAME, args.tenant_port),
         (hafen_retention::NAME, args.retention_port),
         (hafen_audit::NAME, args.audit_port),
+        (hafen_webchat::NAME, args.webchat_port),
     ];
     let mut listeners = Vec::with_capacity(ports.len());
     for (name, port) in ports {
@@ -197,7 +202,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
         drain_timeout: args.drain_timeout,
     };
 
-    let Ok([auth, messaging, tenant, retention, audit]) = <[_; 5]>::try_from(listeners) else {
+    let Ok([auth, messaging, tenant, retention, audit, webchat]) = <[_; 6]>::try_from(listeners)
+    else {
         return ExitCode::FAILURE;
     };
     // Services call each other on loopback when they listen on every address.
@@ -262,6 +268,23 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 key_cache_size: std::num::NonZeroUsize::MIN.saturating_add(9_999),
             },
             messaging,
+            shutdown(),
+        ),
+    );
+    spawn(
+        &mut tasks,
+        hafen_webchat::NAME,
+        hafen_webchat::serve(
+            hafen_webchat::Config {
+                server: server(hafen_webchat::NAME),
+                databases: args.databases.clone(),
+                redis: args.redis.clone(),
+                audit: audit_endpoint.clone(),
+                auth: auth_endpoint.clone(),
+                master_key_file: args.master_key_file.clone(),
+                key_cache_size: std::num::NonZeroUsize::MIN.saturating_add(9_999),
+            },
+            webchat,
             shutdown(),
         ),
     );
@@ -381,11 +404,15 @@ fn print_banner(args: &DevArgs, ports: &[(&str, u16)]) {
         args.dev_certs_dir.join("ca.pem").display()
     );
     for (name, port) in ports {
-        let grpc = format!(
-            "hafen.{name}.v1.{}{}Service",
-            name[..1].to_uppercase(),
-            &name[1..]
-        );
+        let grpc = if *name == hafen_webchat::NAME {
+            "hafen.webchat.v1.VisitorService, WidgetService".to_owned()
+        } else {
+            format!(
+                "hafen.{name}.v1.{}{}Service",
+                name[..1].to_uppercase(),
+                &name[1..]
+            )
+        };
         println!("  {name:<10} {}:{port:<6} {grpc}", args.host);
     }
     println!(

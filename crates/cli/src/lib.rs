@@ -41,7 +41,7 @@ pub struct Cli {
 /// `hafen`'s subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run all five services in one process, each on its own loopback port (development and
+    /// Run all six services in one process, each on its own loopback port (development and
     /// single-host mode). Migrates the control plane first.
     Dev(dev::DevArgs),
     /// Sign this device in with tenant, username, password and chat code; the session is

@@ -1,4 +1,4 @@
-//! `hafen`: the command-line entry point. `hafen dev` runs all five services in one process.
+//! `hafen`: the command-line entry point. `hafen dev` runs all six services in one process.
 
 use std::process::ExitCode;
 

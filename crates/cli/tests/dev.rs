@@ -1,4 +1,4 @@
-//! `hafen dev` as a user runs it: one process, five services on their ports, TLS with the
+//! `hafen dev` as a user runs it: one process, six services on their ports, TLS with the
 //! development CA, an orderly exit on SIGTERM (GR1: the single-binary mode).
 
 #![allow(
@@ -30,7 +30,7 @@ impl Drop for Guard {
 }
 
 fn free_ports() -> Vec<u16> {
-    let listeners: Vec<_> = (0..5)
+    let listeners: Vec<_> = (0..6)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     listeners
@@ -76,6 +76,7 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
         .args(["--tenant-port", &ports[2].to_string()])
         .args(["--retention-port", &ports[3].to_string()])
         .args(["--audit-port", &ports[4].to_string()])
+        .args(["--webchat-port", &ports[5].to_string()])
         .arg("--dev-certs-dir")
         .arg(&certs)
         .arg("--master-key-file")
@@ -153,10 +154,14 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
         .read_to_string(&mut banner)
         .await
         .unwrap();
-    for (port, service) in ports
-        .iter()
-        .zip(["auth", "messaging", "tenant", "retention", "audit"])
-    {
+    for (port, service) in ports.iter().zip([
+        "auth",
+        "messaging",
+        "tenant",
+        "retention",
+        "audit",
+        "webchat",
+    ]) {
         assert!(
             banner.contains(&format!(":{port}")) && banner.contains(service),
             "the banner names {service} on {port}: {banner}"

@@ -21,7 +21,14 @@ use crate::config::TlsArgs;
 use crate::error::{Error, Result};
 
 /// The short names of Hafen's services; each gets its own development certificate.
-pub const SERVICES: [&str; 5] = ["auth", "messaging", "tenant", "retention", "audit"];
+pub const SERVICES: [&str; 6] = [
+    "auth",
+    "messaging",
+    "tenant",
+    "retention",
+    "audit",
+    "webchat",
+];
 
 /// The DNS name every development certificate carries, and the name clients verify by default.
 pub const DEV_SERVER_NAME: &str = "localhost";

@@ -57,3 +57,10 @@ pub mod audit {
         tonic::include_proto!("hafen.audit.v1");
     }
 }
+
+/// The website chat: widgets and visitors (`hafen.webchat.v1`).
+pub mod webchat {
+    pub mod v1 {
+        tonic::include_proto!("hafen.webchat.v1");
+    }
+}

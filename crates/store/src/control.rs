@@ -218,7 +218,7 @@ pub mod blocking {
     use uuid::Uuid;
 
     use super::{NewTenant, TenantRow, status};
-    use crate::schema::{deletion_log, sessions, tenant_keys, tenants, user_keys};
+    use crate::schema::{deletion_log, sessions, tenant_keys, tenants, user_keys, widget_routes};
     use crate::tenancy::SyncConnection;
 
     /// Inserts a tenant row and its wrapped key (provisioning, inside its transaction).
@@ -240,7 +240,7 @@ pub mod blocking {
     }
 
     /// Marks a tenant deleted: clears its slug, name and settings, destroys its key and its
-    /// users' keys, deletes its sessions, and writes the deletion-log entry (deletion, inside its transaction).
+    /// users' (and visitors') keys, deletes its sessions and its widgets' routes, and writes the deletion-log entry (deletion, inside its transaction).
     /// Returns the deletion time and the ids of the deleted sessions.
     pub fn mark_deleted(
         conn: &mut SyncConnection,
@@ -249,6 +249,8 @@ pub mod blocking {
         let now = crate::now();
         diesel::delete(tenant_keys::table.filter(tenant_keys::tenant_id.eq(id))).execute(conn)?;
         diesel::delete(user_keys::table.filter(user_keys::tenant_id.eq(id))).execute(conn)?;
+        diesel::delete(widget_routes::table.filter(widget_routes::tenant_id.eq(id)))
+            .execute(conn)?;
         let ended: Vec<Uuid> = diesel::delete(sessions::table.filter(sessions::tenant_id.eq(id)))
             .returning(sessions::id)
             .get_results(conn)?;

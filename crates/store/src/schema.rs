@@ -263,6 +263,69 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    hafen.widget_routes (widget_id) {
+        widget_id -> Uuid,
+        tenant_id -> Uuid,
+    }
+}
+
+diesel::table! {
+    widgets (id) {
+        id -> Uuid,
+        enabled -> Bool,
+        settings -> Jsonb,
+        visit_lifetime_days -> Integer,
+        create_request_id -> Nullable<Uuid>,
+        created_by -> Uuid,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    consent_texts (widget_id, version) {
+        widget_id -> Uuid,
+        version -> Integer,
+        text -> Text,
+        text_sha256 -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    visits (id) {
+        id -> Uuid,
+        widget_id -> Uuid,
+        token_sha256 -> Bytea,
+        created_at -> Timestamptz,
+        last_seen_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    consent_records (id) {
+        id -> Uuid,
+        visit_id -> Uuid,
+        version -> Integer,
+        text_sha256 -> Bytea,
+        granted -> Bool,
+        decided_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    visit_fields (visit_id, key) {
+        visit_id -> Uuid,
+        key -> Text,
+        sealed -> Bytea,
+        personal -> Bool,
+        released_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(chat_codes -> users (user_id));
 diesel::joinable!(members -> conversations (conversation_id));
 diesel::joinable!(messages -> conversations (conversation_id));
@@ -274,5 +337,10 @@ diesel::allow_tables_to_appear_in_same_query!(
     messages,
     events,
     legal_holds,
-    purge_runs
+    purge_runs,
+    widgets,
+    consent_texts,
+    visits,
+    consent_records,
+    visit_fields
 );

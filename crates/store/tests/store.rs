@@ -72,7 +72,8 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "sessions",
             "tenant_keys",
             "tenants",
-            "user_keys"
+            "user_keys",
+            "widget_routes"
         ]
     );
     assert!(

@@ -145,6 +145,23 @@ impl TestSecrets {
         }
     }
 
+    /// Configuration of the webchat service on `database` with these secrets; it resolves
+    /// admins' tokens through an auth service that the caller points `auth.auth_endpoint` at.
+    pub fn webchat_config(&self, database: &TestDatabase) -> hafen_webchat::Config {
+        hafen_webchat::Config {
+            server: self.server_args(hafen_webchat::NAME),
+            databases: hafen_store::DatabasesArgs {
+                main: database.args(),
+                placements: Vec::new(),
+            },
+            redis: self.redis_args(),
+            audit: self.audit_args(),
+            auth: self.auth_args(),
+            master_key_file: self.master_key_file(),
+            key_cache_size: std::num::NonZeroUsize::new(1000).expect("non-zero"),
+        }
+    }
+
     /// Configuration of the tenant service on `database`, with further `placements`, using
     /// these secrets (bcrypt cost 4: tests need not be slow).
     pub fn tenant_config(
@@ -289,7 +306,7 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).expect("read test certificate")
 }
 
-/// One of Hafen's five services.
+/// One of Hafen's six services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     /// `hafen.auth.v1.AuthService`.
@@ -302,16 +319,19 @@ pub enum Service {
     Retention,
     /// `hafen.audit.v1.AuditService`.
     Audit,
+    /// `hafen.webchat.v1.VisitorService` and `WidgetService`.
+    Webchat,
 }
 
 impl Service {
-    /// All five.
-    pub const ALL: [Service; 5] = [
+    /// All six.
+    pub const ALL: [Service; 6] = [
         Service::Auth,
         Service::Messaging,
         Service::Tenant,
         Service::Retention,
         Service::Audit,
+        Service::Webchat,
     ];
 
     /// The short name (`auth`, …).
@@ -322,11 +342,15 @@ impl Service {
             Service::Tenant => hafen_tenant::NAME,
             Service::Retention => hafen_retention::NAME,
             Service::Audit => hafen_audit::NAME,
+            Service::Webchat => hafen_webchat::NAME,
         }
     }
 
-    /// The fully-qualified gRPC service name.
+    /// The fully-qualified gRPC service name (the webchat service's visitor-facing one).
     pub fn grpc_name(self) -> String {
+        if self == Service::Webchat {
+            return "hafen.webchat.v1.VisitorService".to_owned();
+        }
         let name = self.name();
         let pascal = format!("{}{}", name[..1].to_uppercase(), &name[1..]);
         format!("hafen.{name}.v1.{pascal}Service")
@@ -373,6 +397,11 @@ impl TestServer {
                 let database = database.expect("the audit service needs a TestDatabase");
                 let config = secrets.audit_config(database);
                 Self::spawn(|l, s| hafen_audit::serve(config, l, s)).await
+            }
+            Service::Webchat => {
+                let database = database.expect("the webchat service needs a TestDatabase");
+                let config = secrets.webchat_config(database);
+                Self::spawn(|l, s| hafen_webchat::serve(config, l, s)).await
             }
         }
     }

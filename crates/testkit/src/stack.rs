@@ -1,4 +1,4 @@
-//! Running all five services over one database, for tests that log in.
+//! Running all six services over one database, for tests that log in.
 
 use hafen_proto::auth::v1 as auth_pb;
 use hafen_proto::auth::v1::auth_service_client::AuthServiceClient;
@@ -41,7 +41,7 @@ pub struct TestMember {
     pub chat_code_id: String,
 }
 
-/// The five services on port 0 with TLS, sharing a fresh database and Redis namespace;
+/// The six services on port 0 with TLS, sharing a fresh database and Redis namespace;
 /// every service resolves tokens through `auth` and delivers its audit events to `audit`.
 #[derive(Debug)]
 pub struct TestStack {
@@ -59,6 +59,8 @@ pub struct TestStack {
     pub audit: TestServer,
     /// The retention service.
     pub retention: TestServer,
+    /// The webchat service, resolving admins' tokens through `auth`.
+    pub webchat: TestServer,
     /// How the audit service was configured, to start it again after [`TestStack::stop_audit`].
     audit_config: hafen_audit::Config,
 }
@@ -113,10 +115,15 @@ impl TestStack {
             TestServer::spawn(|l, s| hafen_messaging::serve(messaging_config, l, s)).await;
         let mut retention_config = secrets.retention_config(&db);
         retention_config.auth.auth_endpoint = auth.uri();
-        retention_config.audit.audit_endpoint = audit_endpoint;
-        retention_config.redis = redis;
+        retention_config.audit.audit_endpoint = audit_endpoint.clone();
+        retention_config.redis = redis.clone();
         let retention =
             TestServer::spawn(|l, s| hafen_retention::serve(retention_config, l, s)).await;
+        let mut webchat_config = secrets.webchat_config(&db);
+        webchat_config.auth.auth_endpoint = auth.uri();
+        webchat_config.audit.audit_endpoint = audit_endpoint;
+        webchat_config.redis = redis;
+        let webchat = TestServer::spawn(|l, s| hafen_webchat::serve(webchat_config, l, s)).await;
         Self {
             secrets,
             db,
@@ -125,6 +132,7 @@ impl TestStack {
             messaging,
             audit,
             retention,
+            webchat,
             audit_config: audit_again,
         }
     }
@@ -166,6 +174,24 @@ impl TestStack {
     ) -> hafen_proto::audit::v1::audit_service_client::AuditServiceClient<Channel> {
         hafen_proto::audit::v1::audit_service_client::AuditServiceClient::new(
             self.audit.channel(&self.secrets).await,
+        )
+    }
+
+    /// A client of the webchat service's WidgetService (tenants' admins).
+    pub async fn widget_client(
+        &self,
+    ) -> hafen_proto::webchat::v1::widget_service_client::WidgetServiceClient<Channel> {
+        hafen_proto::webchat::v1::widget_service_client::WidgetServiceClient::new(
+            self.webchat.channel(&self.secrets).await,
+        )
+    }
+
+    /// A client of the webchat service's VisitorService (visitors).
+    pub async fn visitor_client(
+        &self,
+    ) -> hafen_proto::webchat::v1::visitor_service_client::VisitorServiceClient<Channel> {
+        hafen_proto::webchat::v1::visitor_service_client::VisitorServiceClient::new(
+            self.webchat.channel(&self.secrets).await,
         )
     }
 

@@ -30,7 +30,7 @@ pub const INTERNAL: &[&str] = &["AppendEvents"];
 
 /// The services whose certificates may call AppendEvents: those that emit audit events (the
 /// audit service records its own directly).
-pub const EMITTERS: &[&str] = &["auth", "messaging", "tenant", "retention"];
+pub const EMITTERS: &[&str] = &["auth", "messaging", "tenant", "retention", "webchat"];
 
 /// The AuditService implementation.
 #[derive(Debug, Clone)]

@@ -565,7 +565,7 @@ mod tests {
         }
     }
 
-    /// Reports of all five services, configured alike.
+    /// Reports of all six services, configured alike.
     fn running(mutual_tls: bool, database_sslmode: &str, redis_tls: bool) -> Vec<ServiceFacts> {
         [
             ("auth", measure::REMOTE_WIPE),

@@ -1,0 +1,214 @@
+//! The gRPC adapters of `hafen.webchat.v1`: WidgetService (tenants' admins, access tokens)
+//! and VisitorService (visitors, visitor tokens). Each RPC runs in a span with ids only: no
+//! token, origin, field value or address.
+
+use std::sync::Arc;
+
+use hafen_authn::user;
+use hafen_platform::paging;
+use hafen_proto::webchat::v1 as pb;
+use hafen_proto::webchat::v1::visitor_service_server::VisitorService;
+use hafen_proto::webchat::v1::widget_service_server::WidgetService;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::Service;
+use crate::error::Error;
+use crate::visits::Visitor;
+use crate::widgets::parse_id;
+
+/// WidgetService.
+#[derive(Clone)]
+pub struct WidgetApi {
+    service: Arc<Service>,
+}
+
+impl WidgetApi {
+    pub(crate) fn new(service: Arc<Service>) -> Self {
+        Self { service }
+    }
+}
+
+impl std::fmt::Debug for WidgetApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WidgetApi").finish_non_exhaustive()
+    }
+}
+
+#[tonic::async_trait]
+impl WidgetService for WidgetApi {
+    #[instrument(name = "CreateWidget", skip_all)]
+    async fn create_widget(
+        &self,
+        request: Request<pb::CreateWidgetRequest>,
+    ) -> Result<Response<pb::Widget>, Status> {
+        let caller = user(&request)?.clone();
+        let widget = self
+            .service
+            .create_widget(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(widget))
+    }
+
+    #[instrument(name = "UpdateWidget", skip_all)]
+    async fn update_widget(
+        &self,
+        request: Request<pb::UpdateWidgetRequest>,
+    ) -> Result<Response<pb::Widget>, Status> {
+        let caller = user(&request)?.clone();
+        let widget = self
+            .service
+            .update_widget(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(widget))
+    }
+
+    #[instrument(name = "PublishConsentText", skip_all)]
+    async fn publish_consent_text(
+        &self,
+        request: Request<pb::PublishConsentTextRequest>,
+    ) -> Result<Response<pb::ConsentText>, Status> {
+        let caller = user(&request)?.clone();
+        let text = self
+            .service
+            .publish_consent_text(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(text))
+    }
+
+    #[instrument(name = "GetWidget", skip_all)]
+    async fn get_widget(
+        &self,
+        request: Request<pb::GetWidgetRequest>,
+    ) -> Result<Response<pb::Widget>, Status> {
+        let caller = user(&request)?.clone();
+        let widget = self
+            .service
+            .get_widget(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(widget))
+    }
+
+    #[instrument(name = "ListWidgets", skip_all)]
+    async fn list_widgets(
+        &self,
+        request: Request<pb::ListWidgetsRequest>,
+    ) -> Result<Response<pb::ListWidgetsResponse>, Status> {
+        let caller = user(&request)?.clone();
+        let r = request.into_inner();
+        let limit = paging::page_size(r.page_size)?;
+        let filter = paging::filter(r.page_size, &[]);
+        let after = match paging::decode(&r.page_token, 2)? {
+            Some(parts) => {
+                paging::same_filter(&parts[1], &filter)?;
+                Some(Uuid::try_parse(&parts[0]).map_err(|_| {
+                    Error::invalid("page_token", "not a token from a previous page")
+                })?)
+            }
+            None => None,
+        };
+        let (widgets, next) = self.service.list_widgets(&caller, after, limit).await?;
+        Ok(Response::new(pb::ListWidgetsResponse {
+            widgets,
+            next_page_token: next
+                .map(|id| paging::encode(&[&id.to_string(), &filter]))
+                .unwrap_or_default(),
+        }))
+    }
+}
+
+/// VisitorService.
+#[derive(Clone)]
+pub struct VisitorApi {
+    service: Arc<Service>,
+}
+
+impl VisitorApi {
+    pub(crate) fn new(service: Arc<Service>) -> Self {
+        Self { service }
+    }
+
+    /// The visitor whose token the call carries (`authorization: Visitor <token>`).
+    async fn visitor<T>(&self, request: &Request<T>) -> Result<Visitor, Error> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Visitor "))
+            .ok_or(Error::Unauthenticated(
+                "a visitor token is required: authorization: Visitor <token>",
+            ))?;
+        let visitor = self.service.visitor(token, origin(request)).await?;
+        let span = tracing::Span::current();
+        span.record("tenant_id", tracing::field::display(visitor.tenant));
+        span.record("visit_id", tracing::field::display(visitor.visit.id));
+        Ok(visitor)
+    }
+}
+
+impl std::fmt::Debug for VisitorApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VisitorApi").finish_non_exhaustive()
+    }
+}
+
+/// The `Origin` a browser sent, if any.
+fn origin<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("origin")
+        .map(|value| value.to_str().unwrap_or("invalid"))
+}
+
+#[tonic::async_trait]
+impl VisitorService for VisitorApi {
+    #[instrument(name = "GetWidgetConfig", skip_all)]
+    async fn get_widget_config(
+        &self,
+        request: Request<pb::GetWidgetConfigRequest>,
+    ) -> Result<Response<pb::WidgetConfig>, Status> {
+        let widget = parse_id("widget_id", &request.get_ref().widget_id)?;
+        let config = self.service.widget_config(widget, origin(&request)).await?;
+        Ok(Response::new(config))
+    }
+
+    #[instrument(name = "StartVisit", skip_all)]
+    async fn start_visit(
+        &self,
+        request: Request<pb::StartVisitRequest>,
+    ) -> Result<Response<pb::StartVisitResponse>, Status> {
+        let widget = parse_id("widget_id", &request.get_ref().widget_id)?;
+        let started = self
+            .service
+            .start_visit(widget, &request.get_ref().visitor_token, origin(&request))
+            .await?;
+        Ok(Response::new(started))
+    }
+
+    #[instrument(name = "GiveConsent", skip_all, fields(tenant_id, visit_id))]
+    async fn give_consent(
+        &self,
+        request: Request<pb::GiveConsentRequest>,
+    ) -> Result<Response<pb::ConsentRecord>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let record = self
+            .service
+            .give_consent(&visitor, request.into_inner())
+            .await?;
+        Ok(Response::new(record))
+    }
+
+    #[instrument(name = "SubmitFields", skip_all, fields(tenant_id, visit_id))]
+    async fn submit_fields(
+        &self,
+        request: Request<pb::SubmitFieldsRequest>,
+    ) -> Result<Response<pb::SubmitFieldsResponse>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let stored = self
+            .service
+            .submit_fields(&visitor, request.into_inner())
+            .await?;
+        Ok(Response::new(stored))
+    }
+}

@@ -1,0 +1,163 @@
+//! Hafen's webchat service (`hafen.webchat.v1`): the website chat, the only service that faces
+//! anonymous visitors (CB1, CB2, CB7, CB8, UL3, UL5).
+//!
+//! - `widgets`: widgets as tenants' admins configure them (WidgetService), validated, with
+//!   versioned consent texts; `origin`: where a widget may be embedded.
+//! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService).
+//! - `api`: the gRPC adapters; `error`: the one mapping of errors to statuses.
+//!
+//! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
+//! resolves, so the `hafen-webchat` binary, `hafen dev` and the tests run the same code.
+
+mod api;
+mod error;
+mod origin;
+mod visits;
+mod widgets;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use hafen_authn::remote::{AuthEndpointArgs, RemoteIntrospect};
+use hafen_authn::{Authenticator, AuthnLayer, MAX_ACCESS_TTL, Redis, RedisArgs, Revocations};
+use hafen_crypto::{MasterKey, Purpose};
+use hafen_platform::{GrpcServer, ServerArgs, ServiceSpec, TlsMaterial};
+use hafen_proto::webchat::v1::visitor_service_server::VisitorServiceServer;
+use hafen_proto::webchat::v1::widget_service_server::WidgetServiceServer;
+use hafen_store::keyring::KeyRing;
+use hafen_store::{AsyncPgConnection, Databases, DatabasesArgs, TenantId};
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+pub use api::{VisitorApi, WidgetApi};
+pub use error::Error;
+
+/// Short name: the development certificate is `<dev certs dir>/webchat.pem`.
+pub const NAME: &str = "webchat";
+
+/// How the `hafen-webchat` binary presents itself on the command line.
+pub const SPEC: ServiceSpec = ServiceSpec {
+    binary: "hafen-webchat",
+    about: "The website chat: widgets, anonymous visits, consent records",
+    default_listen: "127.0.0.1:50056",
+};
+
+/// Configuration of the webchat service.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub databases: DatabasesArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub audit: hafen_events::AuditEndpointArgs,
+
+    #[command(flatten)]
+    pub auth: AuthEndpointArgs,
+
+    /// File with the master key (base64 of 32 random bytes) that wraps tenant keys, which
+    /// wrap the visitors' keys that encrypt what visitors give.
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// Most tenant keys, and most visitor keys, held unwrapped in memory; the least recently
+    /// used go first. A deleted tenant's keys are dropped at once.
+    #[arg(long, env = "HAFEN_KEY_CACHE_SIZE", default_value = "10000")]
+    pub key_cache_size: std::num::NonZeroUsize,
+}
+
+/// What the handlers share.
+pub(crate) struct Service {
+    pub databases: Databases,
+    pub keys: KeyRing,
+    /// Delivers the outbox to the audit service.
+    pub relay: Option<hafen_events::Relay>,
+}
+
+impl Service {
+    /// Runs `f` in a transaction in `tenant`'s scope.
+    pub(crate) async fn scoped<R, F>(&self, tenant: Uuid, f: F) -> Result<R, Error>
+    where
+        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<R, Error>>,
+    {
+        let tenant = TenantId::from(tenant);
+        let pool = self.databases.tenant_pool(&tenant).await?;
+        hafen_store::with_tenant(&pool, &tenant, f).await
+    }
+
+    /// Wakes the relay after audit events were committed.
+    pub(crate) fn audited(&self) {
+        if let Some(relay) = &self.relay {
+            relay.wake();
+        }
+    }
+}
+
+/// Serves the webchat service on `listener` until `shutdown` resolves, then drains.
+pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), Error>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let pending =
+        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    if !pending.is_empty() {
+        return Err(Error::NotMigrated(pending));
+    }
+    let tls = TlsMaterial::load(&config.server.tls, NAME)?;
+    let databases = Databases::new(&config.databases)?;
+    let master = MasterKey::load(&config.master_key_file)?;
+    let redis = Redis::connect(&config.redis)
+        .await
+        .map_err(Error::Config)?
+        .with_session_key(Purpose::SessionCache.derive(&master));
+    let revocations = Revocations::new(MAX_ACCESS_TTL);
+    revocations.listen(redis.clone());
+    let resolver = RemoteIntrospect::new(&config.auth, &tls)
+        .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
+    let authenticator = Authenticator::new(
+        None,
+        Some(redis.clone()),
+        Arc::new(resolver),
+        revocations.clone(),
+    );
+    hafen_store::facts::start_reporting(
+        databases.main().clone(),
+        hafen_store::facts::ServiceFacts::new(
+            NAME,
+            config.server.tls.mtls,
+            &config.databases,
+            Some(config.redis.tls()),
+            &[],
+        ),
+    )
+    .await;
+    let keys = KeyRing::new(databases.clone(), master, config.key_cache_size);
+    keys.follow(revocations.tenant_deletions());
+    let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
+        .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
+    let service = Arc::new(Service {
+        databases,
+        keys,
+        relay: Some(relay),
+    });
+    let layer = AuthnLayer::new(authenticator, &[]);
+    GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .add_service(layer.wrap(WidgetServiceServer::new(WidgetApi::new(service.clone()))))
+        // Visitors carry their own tokens, checked by the handlers.
+        .add_service(VisitorServiceServer::new(VisitorApi::new(service)))
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The `hafen-webchat` command line, for `--help` checks.
+pub fn command() -> clap::Command {
+    hafen_platform::ServiceCli::<Config>::command_for(&SPEC)
+}

@@ -1,0 +1,457 @@
+//! Visits (CB1, CB2, CB8, UL3): anonymous visitors of a widget, their consent answers and the
+//! fields they chose to give. A visitor token is `<widget>.<visit>.<secret>`: the widget's id
+//! (public) leads to the tenant, and only the token's SHA-256 is stored with the visit.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use hafen_events::{Actor, Event};
+use hafen_proto::webchat::v1 as pb;
+use hafen_store::schema::{consent_records, visit_fields, visits, widget_routes};
+use hafen_store::settings::Settings as TenantSettings;
+use hafen_store::{AsyncPgConnection, now};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::Service;
+use crate::error::Error;
+use crate::widgets::{self, Settings, WidgetRow};
+
+/// Most fields in one SubmitFields, and longest value in characters.
+const MAX_FIELDS: usize = 20;
+const MAX_VALUE_CHARS: usize = 1000;
+
+/// A widget that serves visitors: enabled, of an active tenant with the webchat feature on.
+pub struct LiveWidget {
+    pub tenant: Uuid,
+    pub row: WidgetRow,
+    pub settings: Settings,
+}
+
+/// A visitor, authenticated by their token.
+pub struct Visitor {
+    pub tenant: Uuid,
+    pub widget: LiveWidget,
+    pub visit: VisitRow,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = visits)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct VisitRow {
+    pub id: Uuid,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = consent_records)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct ConsentRow {
+    pub id: Uuid,
+    pub version: i32,
+    pub text_sha256: Vec<u8>,
+    pub granted: bool,
+    pub decided_at: DateTime<Utc>,
+}
+
+impl ConsentRow {
+    fn to_proto(&self) -> pb::ConsentRecord {
+        pb::ConsentRecord {
+            version: self.version,
+            text_sha256: self.text_sha256.clone(),
+            granted: self.granted,
+            decide_time: Some(hafen_platform::timestamp(self.decided_at)),
+        }
+    }
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The widget and visit a token names, if it has the token's shape.
+fn token_ids(token: &str) -> Option<(Uuid, Uuid)> {
+    let mut parts = token.splitn(3, '.');
+    let widget = Uuid::try_parse(parts.next()?).ok()?;
+    let visit = Uuid::try_parse(parts.next()?).ok()?;
+    let secret = parts.next()?;
+    (secret.len() == 43).then_some((widget, visit))
+}
+
+/// The associated data of a field value: its visit and key.
+fn field_context(visit: Uuid, key: &str) -> Vec<u8> {
+    [visit.as_bytes().as_slice(), key.as_bytes()].concat()
+}
+
+/// The latest consent answer of `visit`.
+async fn latest_consent(
+    conn: &mut AsyncPgConnection,
+    visit: Uuid,
+) -> Result<Option<ConsentRow>, Error> {
+    Ok(consent_records::table
+        .filter(consent_records::visit_id.eq(visit))
+        .order((
+            consent_records::decided_at.desc(),
+            consent_records::id.desc(),
+        ))
+        .select(ConsentRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+impl Service {
+    /// Widget `id` as it serves visitors from `origin` (a browser's `Origin` header, when
+    /// there is one). A widget that does not serve visitors is NOT_FOUND, whatever the reason.
+    pub async fn live_widget(&self, id: Uuid, origin: Option<&str>) -> Result<LiveWidget, Error> {
+        let tenant = {
+            let mut conn = self.databases.main_connection().await?;
+            let tenant: Option<Uuid> = widget_routes::table
+                .find(id)
+                .select(widget_routes::tenant_id)
+                .first(&mut conn)
+                .await
+                .optional()?;
+            match tenant {
+                Some(tenant) => hafen_store::control::find(&mut conn, tenant)
+                    .await?
+                    .filter(|row| row.status == hafen_store::control::status::ACTIVE),
+                None => None,
+            }
+        };
+        let Some(tenant) = tenant else {
+            return Err(Error::NotFound("widget"));
+        };
+        let tenant_settings = tenant.settings;
+        let tenant = tenant.id;
+        if !TenantSettings::from_json(&tenant_settings).features.webchat {
+            return Err(Error::NotFound("widget"));
+        }
+        let row = self
+            .scoped(tenant, move |conn| Box::pin(widgets::find(conn, id)))
+            .await?
+            .filter(|row| row.enabled)
+            .ok_or(Error::NotFound("widget"))?;
+        let settings = row.settings()?;
+        if let Some(origin) = origin
+            && !settings.allows_origin(origin)
+        {
+            return Err(Error::PermissionDenied(
+                "this page's origin may not embed the widget",
+            ));
+        }
+        Ok(LiveWidget {
+            tenant,
+            row,
+            settings,
+        })
+    }
+
+    /// The visitor whose token is `token`, calling from `origin`.
+    pub async fn visitor(&self, token: &str, origin: Option<&str>) -> Result<Visitor, Error> {
+        let refused = || Error::Unauthenticated("no valid visitor token; start a visit");
+        let (widget, visit) = token_ids(token).ok_or_else(refused)?;
+        let widget = match self.live_widget(widget, origin).await {
+            Ok(widget) => widget,
+            Err(Error::NotFound(_)) => return Err(refused()),
+            Err(err) => return Err(err),
+        };
+        let hash = token_hash(token);
+        let visit = self
+            .scoped(widget.tenant, move |conn| {
+                Box::pin(async move {
+                    Ok(visits::table
+                        .find(visit)
+                        .filter(visits::token_sha256.eq(hash))
+                        .filter(visits::expires_at.gt(now()))
+                        .select(VisitRow::as_select())
+                        .first(conn)
+                        .await
+                        .optional()?)
+                })
+            })
+            .await?
+            .ok_or_else(refused)?;
+        Ok(Visitor {
+            tenant: widget.tenant,
+            widget,
+            visit,
+        })
+    }
+
+    /// GetWidgetConfig.
+    pub async fn widget_config(
+        &self,
+        id: Uuid,
+        origin: Option<&str>,
+    ) -> Result<pb::WidgetConfig, Error> {
+        let live = self.live_widget(id, origin).await?;
+        let text = self
+            .scoped(live.tenant, move |conn| {
+                Box::pin(widgets::current_text(conn, id))
+            })
+            .await?;
+        let s = &live.settings;
+        Ok(pb::WidgetConfig {
+            widget_id: id.to_string(),
+            privacy_policy_url: s.privacy_policy_url.clone(),
+            welcome_message: s.welcome_message.clone(),
+            offline_message: s.offline_message.clone(),
+            pre_chat_fields: s
+                .pre_chat_fields
+                .iter()
+                .map(widgets::Field::to_proto)
+                .collect(),
+            consent_text: Some(text.to_proto()),
+            business_hours: Some(s.business_hours.to_proto()),
+            allow_anonymous_chat: s.allow_anonymous_chat,
+        })
+    }
+
+    /// StartVisit: resumes the visit of `token` if it is valid for this widget, else opens
+    /// a new one.
+    pub async fn start_visit(
+        &self,
+        widget: Uuid,
+        token: &str,
+        origin: Option<&str>,
+    ) -> Result<pb::StartVisitResponse, Error> {
+        let live = self.live_widget(widget, origin).await?;
+        let lifetime = Duration::days(i64::from(live.row.visit_lifetime_days));
+        let resumable = token_ids(token)
+            .filter(|(w, _)| *w == widget)
+            .map(|(_, v)| v);
+        let (token, hash) = match resumable {
+            Some(_) => (token.to_owned(), token_hash(token)),
+            None => {
+                let secret = hafen_crypto::secret::random_token()?;
+                let visit = Uuid::now_v7();
+                let token = format!("{}.{}.{secret}", widget.simple(), visit.simple());
+                let hash = token_hash(&token);
+                (token, hash)
+            }
+        };
+        let new_id = token_ids(&token)
+            .map(|(_, v)| v)
+            .ok_or(Error::Bug("token shape"))?;
+        let resume = resumable.is_some();
+        let (visit, resumed, consent) = self
+            .scoped(live.tenant, move |conn| {
+                Box::pin(async move {
+                    let at = now();
+                    if resume {
+                        let resumed: Option<VisitRow> = diesel::update(
+                            visits::table
+                                .find(new_id)
+                                .filter(visits::token_sha256.eq(&hash))
+                                .filter(visits::expires_at.gt(at)),
+                        )
+                        .set((
+                            visits::last_seen_at.eq(at),
+                            visits::expires_at.eq(at + lifetime),
+                        ))
+                        .returning(VisitRow::as_returning())
+                        .get_result(conn)
+                        .await
+                        .optional()?;
+                        if let Some(visit) = resumed {
+                            let consent = latest_consent(conn, visit.id).await?;
+                            return Ok((Some(visit), true, consent));
+                        }
+                        // Expired or unknown: a new visit, with a new token.
+                        return Ok((None, false, None));
+                    }
+                    let visit: VisitRow = diesel::insert_into(visits::table)
+                        .values((
+                            visits::id.eq(new_id),
+                            visits::widget_id.eq(widget),
+                            visits::token_sha256.eq(&hash),
+                            visits::created_at.eq(at),
+                            visits::last_seen_at.eq(at),
+                            visits::expires_at.eq(at + lifetime),
+                        ))
+                        .returning(VisitRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    Ok((Some(visit), false, None))
+                })
+            })
+            .await?;
+        let Some(visit) = visit else {
+            // The token to resume was not valid: start afresh.
+            return Box::pin(self.start_visit(widget, "", origin)).await;
+        };
+        let current = self
+            .scoped(live.tenant, move |conn| {
+                Box::pin(widgets::current_text(conn, widget))
+            })
+            .await?;
+        Ok(pb::StartVisitResponse {
+            visit_id: visit.id.to_string(),
+            visitor_token: token,
+            resumed,
+            expire_time: Some(hafen_platform::timestamp(visit.expires_at)),
+            consent: consent
+                .filter(|c| c.version == current.version)
+                .map(|c| c.to_proto()),
+        })
+    }
+
+    /// GiveConsent.
+    pub async fn give_consent(
+        &self,
+        visitor: &Visitor,
+        request: pb::GiveConsentRequest,
+    ) -> Result<pb::ConsentRecord, Error> {
+        if request.version < 1 {
+            return Err(Error::invalid("version", "a consent text version, from 1"));
+        }
+        let (tenant, widget, visit) = (visitor.tenant, visitor.widget.row.id, visitor.visit.id);
+        let granted = request.granted;
+        let record = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    let current = widgets::current_text(conn, widget).await?;
+                    if current.version != request.version {
+                        return Err(Error::InvalidState(
+                            "not the widget's current consent text; ask with the current one",
+                        ));
+                    }
+                    let row: ConsentRow = diesel::insert_into(consent_records::table)
+                        .values((
+                            consent_records::id.eq(Uuid::now_v7()),
+                            consent_records::visit_id.eq(visit),
+                            consent_records::version.eq(current.version),
+                            consent_records::text_sha256.eq(&current.text_sha256),
+                            consent_records::granted.eq(granted),
+                            consent_records::decided_at.eq(now()),
+                        ))
+                        .returning(ConsentRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    if !granted {
+                        // Declined (or withdrawn): nothing personal stays.
+                        diesel::delete(
+                            visit_fields::table
+                                .filter(visit_fields::visit_id.eq(visit))
+                                .filter(visit_fields::personal.eq(true)),
+                        )
+                        .execute(conn)
+                        .await?;
+                    }
+                    let action = if granted {
+                        "webchat.consent.granted"
+                    } else {
+                        "webchat.consent.declined"
+                    };
+                    let event = Event::new(Some(tenant), Actor::Service(crate::NAME), action)
+                        .target("visit", visit)
+                        .attribute("widget_id", widget)
+                        .attribute("version", i64::from(row.version))
+                        .attribute("consent_record_id", row.id);
+                    hafen_events::record(conn, &event).await?;
+                    Ok(row)
+                })
+            })
+            .await?;
+        self.audited();
+        Ok(record.to_proto())
+    }
+
+    /// SubmitFields.
+    pub async fn submit_fields(
+        &self,
+        visitor: &Visitor,
+        request: pb::SubmitFieldsRequest,
+    ) -> Result<pb::SubmitFieldsResponse, Error> {
+        if request.fields.is_empty() || request.fields.len() > MAX_FIELDS {
+            return Err(Error::invalid("fields", "1 to 20 fields"));
+        }
+        let settings = &visitor.widget.settings;
+        let mut keys = HashSet::new();
+        let mut personal_sent = false;
+        for (i, field) in request.fields.iter().enumerate() {
+            let declared = settings.field(&field.key).ok_or_else(|| {
+                Error::invalid(format!("fields[{i}].key"), "not a field of this widget")
+            })?;
+            if !keys.insert(field.key.as_str()) {
+                return Err(Error::invalid(format!("fields[{i}].key"), "sent twice"));
+            }
+            let chars = field.value.chars().count();
+            if field.value.trim().is_empty()
+                || chars > MAX_VALUE_CHARS
+                || field.value.chars().any(char::is_control)
+            {
+                return Err(Error::invalid(
+                    format!("fields[{i}].value"),
+                    "1 to 1,000 characters, no control characters",
+                ));
+            }
+            if declared.personal {
+                if !field.released {
+                    return Err(Error::invalid(
+                        format!("fields[{i}].released"),
+                        "a personal field is sent only once the visitor releases it",
+                    ));
+                }
+                personal_sent = true;
+            }
+        }
+        let (tenant, widget, visit) = (visitor.tenant, visitor.widget.row.id, visitor.visit.id);
+        let key = self.keys.user_key(tenant, visit).await?;
+        let mut sealed = Vec::with_capacity(request.fields.len());
+        for field in &request.fields {
+            let personal = settings.field(&field.key).is_some_and(|f| f.personal);
+            let value = key.seal(&field_context(visit, &field.key), field.value.as_bytes())?;
+            sealed.push((field.key.clone(), value, personal));
+        }
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                if personal_sent {
+                    let current = widgets::current_text(conn, widget).await?;
+                    let consented = latest_consent(conn, visit)
+                        .await?
+                        .is_some_and(|c| c.granted && c.version == current.version);
+                    if !consented {
+                        return Err(Error::ConsentRequired);
+                    }
+                }
+                let at = now();
+                for (key, value, personal) in sealed {
+                    let released = personal.then_some(at);
+                    diesel::insert_into(visit_fields::table)
+                        .values((
+                            visit_fields::visit_id.eq(visit),
+                            visit_fields::key.eq(&key),
+                            visit_fields::sealed.eq(&value),
+                            visit_fields::personal.eq(personal),
+                            visit_fields::released_at.eq(released),
+                            visit_fields::updated_at.eq(at),
+                        ))
+                        .on_conflict((visit_fields::visit_id, visit_fields::key))
+                        .do_update()
+                        .set((
+                            visit_fields::sealed.eq(&value),
+                            visit_fields::personal.eq(personal),
+                            visit_fields::released_at.eq(released),
+                            visit_fields::updated_at.eq(at),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+                let stored: Vec<String> = visit_fields::table
+                    .filter(visit_fields::visit_id.eq(visit))
+                    .order(visit_fields::key.asc())
+                    .select(visit_fields::key)
+                    .load(conn)
+                    .await?;
+                Ok(pb::SubmitFieldsResponse {
+                    stored_keys: stored,
+                })
+            })
+        })
+        .await
+    }
+}

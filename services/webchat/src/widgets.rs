@@ -1,0 +1,688 @@
+//! Widgets (CB7, UL5): what a tenant embeds in its website, configured by its admins. Each
+//! widget's settings are validated whole; its consent texts are versioned (a new text is a new
+//! row). Every change is audited in its transaction.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use hafen_authn::Principal;
+use hafen_events::{Actor, Event};
+use hafen_proto::webchat::v1 as pb;
+use hafen_store::schema::{consent_texts, widget_routes, widgets};
+use hafen_store::settings::Settings as TenantSettings;
+use hafen_store::{AsyncPgConnection, now};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::Service;
+use crate::error::Error;
+use crate::origin::{AllowedOrigin, valid_https_url};
+
+/// Most allowed origins, and most pre-chat fields, of a widget.
+const MAX_ORIGINS: usize = 20;
+const MAX_FIELDS: usize = 20;
+/// Longest consent text, in characters.
+const MAX_CONSENT_CHARS: usize = 10_000;
+/// A visit's lifetime when the widget does not say.
+const DEFAULT_LIFETIME_DAYS: i32 = 30;
+
+/// A widget's settings as stored (`widgets.settings`), validated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    pub name: String,
+    pub allowed_origins: Vec<String>,
+    pub privacy_policy_url: String,
+    pub pre_chat_fields: Vec<Field>,
+    pub welcome_message: String,
+    pub offline_message: String,
+    pub business_hours: Hours,
+    pub allow_anonymous_chat: bool,
+}
+
+/// A pre-chat field.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Field {
+    pub key: String,
+    pub label: String,
+    pub personal: bool,
+    pub purpose: String,
+    pub required: bool,
+}
+
+/// Opening hours.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hours {
+    pub time_zone: String,
+    pub intervals: Vec<Interval>,
+}
+
+/// One opening interval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Interval {
+    pub weekday: i32,
+    pub open: String,
+    pub close: String,
+}
+
+impl Settings {
+    /// Whether `origin` (a browser's `Origin` header) may embed the widget.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins
+            .iter()
+            .filter_map(|entry| AllowedOrigin::parse(entry))
+            .any(|entry| entry.allows(origin))
+    }
+
+    /// The declared field with `key`.
+    pub fn field(&self, key: &str) -> Option<&Field> {
+        self.pre_chat_fields.iter().find(|field| field.key == key)
+    }
+
+    pub fn to_proto(&self, lifetime_days: i32) -> pb::WidgetSettings {
+        pb::WidgetSettings {
+            name: self.name.clone(),
+            allowed_origins: self.allowed_origins.clone(),
+            privacy_policy_url: self.privacy_policy_url.clone(),
+            pre_chat_fields: self.pre_chat_fields.iter().map(Field::to_proto).collect(),
+            welcome_message: self.welcome_message.clone(),
+            offline_message: self.offline_message.clone(),
+            business_hours: Some(self.business_hours.to_proto()),
+            visit_lifetime_days: lifetime_days,
+            allow_anonymous_chat: self.allow_anonymous_chat,
+        }
+    }
+}
+
+impl Field {
+    pub fn to_proto(&self) -> pb::PreChatField {
+        pb::PreChatField {
+            key: self.key.clone(),
+            label: self.label.clone(),
+            personal: self.personal,
+            purpose: self.purpose.clone(),
+            required: self.required,
+        }
+    }
+}
+
+impl Hours {
+    pub fn to_proto(&self) -> pb::BusinessHours {
+        pb::BusinessHours {
+            time_zone: self.time_zone.clone(),
+            intervals: self
+                .intervals
+                .iter()
+                .map(|i| pb::OpeningInterval {
+                    weekday: i.weekday,
+                    open: i.open.clone(),
+                    close: i.close.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Checks `text` is 1 to `max` characters (`min` 0 allows empty) without control characters
+/// other than line breaks.
+fn text(field: &str, text: &str, min: usize, max: usize) -> Result<String, Error> {
+    let count = text.chars().count();
+    if count < min || count > max {
+        return Err(Error::invalid(field, format!("{min} to {max} characters")));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
+    {
+        return Err(Error::invalid(field, "no control characters"));
+    }
+    Ok(text.to_owned())
+}
+
+/// "HH:MM", 24-hour; minutes since midnight.
+fn clock(field: &str, value: &str) -> Result<u32, Error> {
+    let parsed = value.split_once(':').and_then(|(h, m)| {
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (value.len() == 5 && h < 24 && m < 60).then_some(h * 60 + m)
+    });
+    parsed.ok_or_else(|| Error::invalid(field, "HH:MM, 24-hour"))
+}
+
+/// Validates settings from an admin's request; `max_days` is the tenant's retention period.
+/// Returns them with the visit lifetime in days.
+pub fn validate(
+    settings: Option<pb::WidgetSettings>,
+    max_days: i32,
+) -> Result<(Settings, i32), Error> {
+    let s = settings.ok_or_else(|| Error::invalid("settings", "required"))?;
+    let name = text("settings.name", s.name.trim(), 1, 100)?;
+    if s.allowed_origins.is_empty() || s.allowed_origins.len() > MAX_ORIGINS {
+        return Err(Error::invalid(
+            "settings.allowed_origins",
+            "1 to 20 origins",
+        ));
+    }
+    for (i, origin) in s.allowed_origins.iter().enumerate() {
+        if AllowedOrigin::parse(origin).is_none() {
+            return Err(Error::invalid(
+                format!("settings.allowed_origins[{i}]"),
+                "https://host[:port] or https://*.domain, lowercase, no path",
+            ));
+        }
+    }
+    if !valid_https_url(&s.privacy_policy_url) {
+        return Err(Error::invalid(
+            "settings.privacy_policy_url",
+            "required: an https URL of the website's privacy policy",
+        ));
+    }
+    if s.pre_chat_fields.len() > MAX_FIELDS {
+        return Err(Error::invalid("settings.pre_chat_fields", "at most 20"));
+    }
+    let mut fields: Vec<Field> = Vec::with_capacity(s.pre_chat_fields.len());
+    for (i, field) in s.pre_chat_fields.iter().enumerate() {
+        let at = |name: &str| format!("settings.pre_chat_fields[{i}].{name}");
+        let key_ok = (1..=40).contains(&field.key.len())
+            && field
+                .key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !key_ok {
+            return Err(Error::invalid(at("key"), "1-40 of a-z, 0-9 and _"));
+        }
+        if fields.iter().any(|f| f.key == field.key) {
+            return Err(Error::invalid(at("key"), "keys must be unique"));
+        }
+        fields.push(Field {
+            key: field.key.clone(),
+            label: text(&at("label"), field.label.trim(), 1, 200)?,
+            personal: field.personal,
+            purpose: text(&at("purpose"), field.purpose.trim(), 1, 500)?,
+            required: field.required,
+        });
+    }
+    let hours = s.business_hours.unwrap_or_default();
+    let zone_ok = hours.time_zone.is_empty()
+        || (hours.time_zone.len() <= 64
+            && hours
+                .time_zone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b)));
+    if !zone_ok {
+        return Err(Error::invalid(
+            "settings.business_hours.time_zone",
+            "an IANA time zone such as Europe/Berlin",
+        ));
+    }
+    let mut intervals = Vec::with_capacity(hours.intervals.len());
+    for (i, interval) in hours.intervals.iter().enumerate() {
+        let at = |name: &str| format!("settings.business_hours.intervals[{i}].{name}");
+        if !(1..=7).contains(&interval.weekday) {
+            return Err(Error::invalid(at("weekday"), "1 (Monday) to 7 (Sunday)"));
+        }
+        if clock(&at("open"), &interval.open)? >= clock(&at("close"), &interval.close)? {
+            return Err(Error::invalid(at("close"), "after open"));
+        }
+        intervals.push(Interval {
+            weekday: interval.weekday,
+            open: interval.open.clone(),
+            close: interval.close.clone(),
+        });
+    }
+    let lifetime = match s.visit_lifetime_days {
+        0 => DEFAULT_LIFETIME_DAYS.min(max_days),
+        days if days < 0 => {
+            return Err(Error::invalid(
+                "settings.visit_lifetime_days",
+                "0 (30 days) or a number of days",
+            ));
+        }
+        days if days > max_days => return Err(Error::LifetimeTooLong(max_days)),
+        days => days,
+    };
+    Ok((
+        Settings {
+            name,
+            allowed_origins: s.allowed_origins,
+            privacy_policy_url: s.privacy_policy_url,
+            pre_chat_fields: fields,
+            welcome_message: text("settings.welcome_message", &s.welcome_message, 0, 1000)?,
+            offline_message: text("settings.offline_message", &s.offline_message, 0, 1000)?,
+            business_hours: Hours {
+                time_zone: hours.time_zone,
+                intervals,
+            },
+            allow_anonymous_chat: s.allow_anonymous_chat,
+        },
+        lifetime,
+    ))
+}
+
+/// A widget row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = widgets)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct WidgetRow {
+    pub id: Uuid,
+    pub enabled: bool,
+    pub settings: serde_json::Value,
+    pub visit_lifetime_days: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl WidgetRow {
+    /// Its settings; stored ones always parse (they were validated).
+    pub fn settings(&self) -> Result<Settings, Error> {
+        serde_json::from_value(self.settings.clone())
+            .map_err(|_| Error::Bug("stored widget settings do not parse"))
+    }
+}
+
+/// A consent text row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = consent_texts)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct ConsentTextRow {
+    pub version: i32,
+    pub text: String,
+    pub text_sha256: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl ConsentTextRow {
+    pub fn to_proto(&self) -> pb::ConsentText {
+        pb::ConsentText {
+            version: self.version,
+            text: self.text.clone(),
+            text_sha256: self.text_sha256.clone(),
+            create_time: Some(hafen_platform::timestamp(self.created_at)),
+        }
+    }
+}
+
+/// The widget `id` of the tenant in scope.
+pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<WidgetRow>, Error> {
+    Ok(widgets::table
+        .find(id)
+        .select(WidgetRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The widget's current consent text (its newest version).
+pub async fn current_text(
+    conn: &mut AsyncPgConnection,
+    widget: Uuid,
+) -> Result<ConsentTextRow, Error> {
+    consent_texts::table
+        .filter(consent_texts::widget_id.eq(widget))
+        .order(consent_texts::version.desc())
+        .select(ConsentTextRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(Error::Bug("a widget without a consent text"))
+}
+
+/// Adds version `version` of `widget`'s consent text.
+async fn insert_text(
+    conn: &mut AsyncPgConnection,
+    widget: Uuid,
+    version: i32,
+    text: &str,
+    at: DateTime<Utc>,
+) -> Result<ConsentTextRow, Error> {
+    Ok(diesel::insert_into(consent_texts::table)
+        .values((
+            consent_texts::widget_id.eq(widget),
+            consent_texts::version.eq(version),
+            consent_texts::text.eq(text),
+            consent_texts::text_sha256.eq(Sha256::digest(text.as_bytes()).to_vec()),
+            consent_texts::created_at.eq(at),
+        ))
+        .returning(ConsentTextRow::as_returning())
+        .get_result(conn)
+        .await?)
+}
+
+/// The API form of a widget with its current consent text.
+fn widget_proto(row: &WidgetRow, text: &ConsentTextRow) -> Result<pb::Widget, Error> {
+    Ok(pb::Widget {
+        widget_id: row.id.to_string(),
+        settings: Some(row.settings()?.to_proto(row.visit_lifetime_days)),
+        enabled: row.enabled,
+        consent_text: Some(text.to_proto()),
+        create_time: Some(hafen_platform::timestamp(row.created_at)),
+        update_time: Some(hafen_platform::timestamp(row.updated_at)),
+    })
+}
+
+fn admin_only(caller: &Principal) -> Result<(), Error> {
+    if caller.role.is_admin() {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(
+            "only admins and the owner configure widgets",
+        ))
+    }
+}
+
+fn consent_text(field: &str, value: &str) -> Result<String, Error> {
+    if value.trim().is_empty() {
+        return Err(Error::invalid(field, "required"));
+    }
+    text(field, value, 1, MAX_CONSENT_CHARS)
+}
+
+fn widget_event(caller: &Principal, action: &'static str, widget: Uuid) -> Event {
+    Event::new(Some(caller.tenant_id), Actor::User(caller.user_id), action).target("widget", widget)
+}
+
+impl Service {
+    /// The tenant's retention period, the longest a visit may live.
+    async fn retention_days(&self, tenant: Uuid) -> Result<i32, Error> {
+        let mut conn = self.databases.main_connection().await?;
+        let row = hafen_store::control::find(&mut conn, tenant)
+            .await?
+            .ok_or(Error::Store(hafen_store::Error::UnknownTenant))?;
+        let settings = TenantSettings::from_json(&row.settings);
+        Ok(i32::try_from(settings.retention_days).unwrap_or(730))
+    }
+
+    /// CreateWidget.
+    pub async fn create_widget(
+        &self,
+        caller: &Principal,
+        request: pb::CreateWidgetRequest,
+    ) -> Result<pb::Widget, Error> {
+        admin_only(caller)?;
+        let request_id = match request.request_id.as_str() {
+            "" => None,
+            id => Some(
+                Uuid::try_parse(id).map_err(|_| Error::invalid("request_id", "must be a UUID"))?,
+            ),
+        };
+        let max_days = self.retention_days(caller.tenant_id).await?;
+        let (settings, lifetime) = validate(request.settings, max_days)?;
+        let text = consent_text("consent_text", &request.consent_text)?;
+        let enabled = request.enabled;
+        let stored = serde_json::to_value(&settings)
+            .map_err(|_| Error::Bug("widget settings do not serialise"))?;
+        let (me, tenant) = (caller.user_id, caller.tenant_id);
+        let event_caller = caller.clone();
+        // The route goes first, in the control plane (the tenant's role has no rights there):
+        // a widget is never without its route, and a route whose widget was not created
+        // leads nowhere.
+        let id = Uuid::now_v7();
+        {
+            let mut conn = self.databases.main_connection().await?;
+            diesel::insert_into(widget_routes::table)
+                .values((
+                    widget_routes::widget_id.eq(id),
+                    widget_routes::tenant_id.eq(tenant),
+                ))
+                .execute(&mut conn)
+                .await?;
+        }
+        let widget = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    if let Some(request_id) = request_id
+                        && let Some(existing) = widgets::table
+                            .filter(widgets::create_request_id.eq(request_id))
+                            .select(WidgetRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?
+                    {
+                        let text = current_text(conn, existing.id).await?;
+                        return widget_proto(&existing, &text);
+                    }
+                    let at = now();
+                    let row: WidgetRow = diesel::insert_into(widgets::table)
+                        .values((
+                            widgets::id.eq(id),
+                            widgets::enabled.eq(enabled),
+                            widgets::settings.eq(&stored),
+                            widgets::visit_lifetime_days.eq(lifetime),
+                            widgets::create_request_id.eq(request_id),
+                            widgets::created_by.eq(me),
+                            widgets::created_at.eq(at),
+                            widgets::updated_at.eq(at),
+                        ))
+                        .returning(WidgetRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    let text = insert_text(conn, id, 1, &text, at).await?;
+                    hafen_events::record(
+                        conn,
+                        &widget_event(&event_caller, "webchat.widget.created", id)
+                            .attribute("enabled", enabled),
+                    )
+                    .await?;
+                    widget_proto(&row, &text)
+                })
+            })
+            .await?;
+        self.audited();
+        Ok(widget)
+    }
+
+    /// UpdateWidget.
+    pub async fn update_widget(
+        &self,
+        caller: &Principal,
+        request: pb::UpdateWidgetRequest,
+    ) -> Result<pb::Widget, Error> {
+        admin_only(caller)?;
+        let id = parse_id("widget_id", &request.widget_id)?;
+        let max_days = self.retention_days(caller.tenant_id).await?;
+        let (settings, lifetime) = validate(request.settings, max_days)?;
+        let enabled = request.enabled;
+        let stored = serde_json::to_value(&settings)
+            .map_err(|_| Error::Bug("widget settings do not serialise"))?;
+        let event_caller = caller.clone();
+        let widget = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    let row: WidgetRow = diesel::update(widgets::table.find(id))
+                        .set((
+                            widgets::enabled.eq(enabled),
+                            widgets::settings.eq(&stored),
+                            widgets::visit_lifetime_days.eq(lifetime),
+                            widgets::updated_at.eq(now()),
+                        ))
+                        .returning(WidgetRow::as_returning())
+                        .get_result(conn)
+                        .await
+                        .optional()?
+                        .ok_or(Error::NotFound("widget"))?;
+                    hafen_events::record(
+                        conn,
+                        &widget_event(&event_caller, "webchat.widget.updated", id)
+                            .attribute("enabled", enabled),
+                    )
+                    .await?;
+                    let text = current_text(conn, id).await?;
+                    widget_proto(&row, &text)
+                })
+            })
+            .await?;
+        self.audited();
+        Ok(widget)
+    }
+
+    /// PublishConsentText.
+    pub async fn publish_consent_text(
+        &self,
+        caller: &Principal,
+        request: pb::PublishConsentTextRequest,
+    ) -> Result<pb::ConsentText, Error> {
+        admin_only(caller)?;
+        let id = parse_id("widget_id", &request.widget_id)?;
+        let text = consent_text("text", &request.text)?;
+        let event_caller = caller.clone();
+        let published = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    // Locks the widget: two publications get consecutive versions.
+                    diesel::update(widgets::table.find(id))
+                        .set(widgets::updated_at.eq(now()))
+                        .execute(conn)
+                        .await?;
+                    if find(conn, id).await?.is_none() {
+                        return Err(Error::NotFound("widget"));
+                    }
+                    let current = current_text(conn, id).await?;
+                    let row = insert_text(conn, id, current.version + 1, &text, now()).await?;
+                    hafen_events::record(
+                        conn,
+                        &widget_event(&event_caller, "webchat.consent_text.published", id)
+                            .attribute("version", i64::from(row.version)),
+                    )
+                    .await?;
+                    Ok(row.to_proto())
+                })
+            })
+            .await?;
+        self.audited();
+        Ok(published)
+    }
+
+    /// GetWidget.
+    pub async fn get_widget(
+        &self,
+        caller: &Principal,
+        request: pb::GetWidgetRequest,
+    ) -> Result<pb::Widget, Error> {
+        let id = parse_id("widget_id", &request.widget_id)?;
+        admin_only(caller)?;
+        self.scoped(caller.tenant_id, move |conn| {
+            Box::pin(async move {
+                let row = find(conn, id).await?.ok_or(Error::NotFound("widget"))?;
+                let text = current_text(conn, id).await?;
+                widget_proto(&row, &text)
+            })
+        })
+        .await
+    }
+
+    /// ListWidgets: oldest first, after the widget id of the page token.
+    pub async fn list_widgets(
+        &self,
+        caller: &Principal,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<(Vec<pb::Widget>, Option<Uuid>), Error> {
+        admin_only(caller)?;
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        self.scoped(caller.tenant_id, move |conn| {
+            Box::pin(async move {
+                let mut query = widgets::table
+                    .order(widgets::id.asc())
+                    .select(WidgetRow::as_select())
+                    .limit(fetch)
+                    .into_boxed();
+                if let Some(after) = after {
+                    query = query.filter(widgets::id.gt(after));
+                }
+                let mut rows: Vec<WidgetRow> = query.load(conn).await?;
+                let more = rows.len() > limit;
+                rows.truncate(limit);
+                let mut out = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let text = current_text(conn, row.id).await?;
+                    out.push(widget_proto(row, &text)?);
+                }
+                let next = if more {
+                    rows.last().map(|r| r.id)
+                } else {
+                    None
+                };
+                Ok((out, next))
+            })
+        })
+        .await
+    }
+}
+
+/// A UUID field.
+pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
+    Uuid::try_parse(value).map_err(|_| Error::invalid(field, "must be a UUID"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> pb::WidgetSettings {
+        pb::WidgetSettings {
+            name: "Shop".into(),
+            allowed_origins: vec!["https://shop.example.com".into()],
+            privacy_policy_url: "https://shop.example.com/privacy".into(),
+            pre_chat_fields: vec![pb::PreChatField {
+                key: "email".into(),
+                label: "E-mail".into(),
+                personal: true,
+                purpose: "To answer you by e-mail".into(),
+                required: false,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn field_of(result: Result<(Settings, i32), Error>) -> String {
+        match result {
+            Err(Error::InvalidField { field, .. }) => field,
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn cb7_a_widget_needs_a_privacy_link_and_every_bad_setting_is_named() {
+        let (valid, lifetime) = validate(Some(settings()), 730).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(lifetime, 30);
+        assert_eq!(valid.pre_chat_fields.len(), 1);
+
+        let mut s = settings();
+        s.privacy_policy_url = String::new();
+        assert_eq!(
+            field_of(validate(Some(s), 730)),
+            "settings.privacy_policy_url"
+        );
+        let mut s = settings();
+        s.allowed_origins.push("http://shop.example.com".into());
+        assert_eq!(
+            field_of(validate(Some(s), 730)),
+            "settings.allowed_origins[1]"
+        );
+        let mut s = settings();
+        s.pre_chat_fields[0].key = "E-Mail".into();
+        assert_eq!(
+            field_of(validate(Some(s), 730)),
+            "settings.pre_chat_fields[0].key"
+        );
+        let mut s = settings();
+        s.business_hours = Some(pb::BusinessHours {
+            time_zone: "Europe/Berlin".into(),
+            intervals: vec![pb::OpeningInterval {
+                weekday: 1,
+                open: "18:00".into(),
+                close: "09:00".into(),
+            }],
+        });
+        assert_eq!(
+            field_of(validate(Some(s), 730)),
+            "settings.business_hours.intervals[0].close"
+        );
+        let mut s = settings();
+        s.visit_lifetime_days = 90;
+        assert!(matches!(
+            validate(Some(s), 60),
+            Err(Error::LifetimeTooLong(60))
+        ));
+        assert_eq!(field_of(validate(None, 730)), "settings");
+    }
+}

@@ -1,0 +1,715 @@
+//! The website chat against real PostgreSQL and Redis over TLS: widgets, anonymous visits,
+//! consent records and released fields (CB2, CB7, CB8, UL3, UL5).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::RunQueryDsl;
+use hafen_platform::status;
+use hafen_proto::tenant::v1 as tenant_pb;
+use hafen_proto::webchat::v1 as pb;
+use hafen_testkit::{TestStack, TestTenant, with_token};
+use std::time::Duration;
+
+use tonic::Code;
+
+const ORIGIN: &str = "https://shop.example.com";
+
+struct Setup {
+    stack: TestStack,
+    tenant: TestTenant,
+    owner: String,
+}
+
+async fn setup() -> Setup {
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("shop").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let s = Setup {
+        stack,
+        tenant,
+        owner,
+    };
+    s.webchat_feature(true).await;
+    s
+}
+
+fn settings() -> pb::WidgetSettings {
+    pb::WidgetSettings {
+        name: "Shop".into(),
+        allowed_origins: vec![ORIGIN.into(), "https://*.example.org".into()],
+        privacy_policy_url: "https://shop.example.com/privacy".into(),
+        pre_chat_fields: vec![
+            pb::PreChatField {
+                key: "email".into(),
+                label: "E-mail".into(),
+                personal: true,
+                purpose: "To answer by e-mail".into(),
+                required: false,
+            },
+            pb::PreChatField {
+                key: "topic".into(),
+                label: "Topic".into(),
+                personal: false,
+                purpose: "To route the chat".into(),
+                required: true,
+            },
+        ],
+        welcome_message: "Hello!".into(),
+        allow_anonymous_chat: true,
+        ..Default::default()
+    }
+}
+
+/// A request from a browser on `origin`.
+fn from<T>(origin: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("origin", origin.parse().unwrap());
+    request
+}
+
+/// A visitor's request from the shop's pages.
+fn visitor<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = from(ORIGIN, message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Visitor {token}").parse().unwrap());
+    request
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status::reason(status).unwrap_or_default()
+}
+
+fn field(status: &tonic::Status) -> String {
+    status::metadata(status, "field").unwrap_or_default()
+}
+
+impl Setup {
+    async fn webchat_feature(&self, on: bool) {
+        self.stack
+            .tenant_client()
+            .await
+            .update_tenant_settings(with_token(
+                &self.owner,
+                tenant_pb::UpdateTenantSettingsRequest {
+                    settings: Some(tenant_pb::TenantSettings {
+                        features: Some(tenant_pb::Features { webchat: on }),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["features.webchat".into()],
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn widget(&self, enabled: bool) -> pb::Widget {
+        self.stack
+            .widget_client()
+            .await
+            .create_widget(with_token(
+                &self.owner,
+                pb::CreateWidgetRequest {
+                    settings: Some(settings()),
+                    enabled,
+                    consent_text: "We store what you give us to answer you.".into(),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn visit(&self, widget: &pb::Widget) -> pb::StartVisitResponse {
+        self.stack
+            .visitor_client()
+            .await
+            .start_visit(from(
+                ORIGIN,
+                pb::StartVisitRequest {
+                    widget_id: widget.widget_id.clone(),
+                    visitor_token: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn consent(&self, token: &str, version: i32, granted: bool) -> pb::ConsentRecord {
+        self.stack
+            .visitor_client()
+            .await
+            .give_consent(visitor(token, pb::GiveConsentRequest { version, granted }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn submit(
+        &self,
+        token: &str,
+        fields: &[(&str, &str, bool)],
+    ) -> Result<pb::SubmitFieldsResponse, tonic::Status> {
+        self.stack
+            .visitor_client()
+            .await
+            .submit_fields(visitor(
+                token,
+                pb::SubmitFieldsRequest {
+                    fields: fields
+                        .iter()
+                        .map(|(key, value, released)| pb::FieldValue {
+                            key: (*key).into(),
+                            value: (*value).into(),
+                            released: *released,
+                        })
+                        .collect(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `statement` in the tenant's schema, as the database holds it.
+    async fn count(&self, statement: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let schema = format!("t_{}", self.tenant.id.replace('-', ""));
+        let mut conn = self.stack.db.connect_admin().await;
+        diesel::sql_query(statement.replace("{schema}", &schema))
+            .get_result::<Count>(&mut conn)
+            .await
+            .unwrap()
+            .n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb7_the_privacy_link_is_required_and_returned_by_get_widget_config() {
+    let s = setup().await;
+    let mut widgets = s.stack.widget_client().await;
+    let mut missing = settings();
+    missing.privacy_policy_url = String::new();
+    let refused = widgets
+        .create_widget(with_token(
+            &s.owner,
+            pb::CreateWidgetRequest {
+                settings: Some(missing),
+                consent_text: "Consent".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(field(&refused), "settings.privacy_policy_url");
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.widgets").await,
+        0
+    );
+
+    let widget = s.widget(true).await;
+    let config = s
+        .stack
+        .visitor_client()
+        .await
+        .get_widget_config(from(
+            ORIGIN,
+            pb::GetWidgetConfigRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        config.privacy_policy_url,
+        "https://shop.example.com/privacy"
+    );
+    assert_eq!(config.pre_chat_fields.len(), 2);
+    let text = config.consent_text.unwrap();
+    assert_eq!(text.version, 1);
+    assert_eq!(text.text_sha256.len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ul5_a_widget_serves_visitors_only_when_it_and_the_tenant_feature_are_on() {
+    let s = setup().await;
+    let off = s.widget(false).await;
+    let on = s.widget(true).await;
+    let mut visitors = s.stack.visitor_client().await;
+    let config = |widget: &pb::Widget| {
+        from(
+            ORIGIN,
+            pb::GetWidgetConfigRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        )
+    };
+    let refused = visitors.get_widget_config(config(&off)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    assert!(visitors.get_widget_config(config(&on)).await.is_ok());
+    s.webchat_feature(false).await;
+    let refused = visitors.get_widget_config(config(&on)).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::NotFound,
+        "the tenant switched webchat off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb2_consent_declined_stores_nothing_personal_and_granted_is_recorded_with_its_event() {
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    let version = widget.consent_text.as_ref().unwrap().version;
+    let visit = s.visit(&widget).await;
+    let token = &visit.visitor_token;
+
+    // Before any answer, and after declining, personal fields are refused.
+    let refused = s.submit(token, &[("email", "jane@example.eu", true)]).await;
+    assert_eq!(reason(&refused.unwrap_err()), "CONSENT_REQUIRED");
+    let declined = s.consent(token, version, false).await;
+    assert!(!declined.granted);
+    let refused = s.submit(token, &[("email", "jane@example.eu", true)]).await;
+    assert_eq!(reason(&refused.unwrap_err()), "CONSENT_REQUIRED");
+    // A field that is not personal may still be given (anonymous chat).
+    let stored = s
+        .submit(token, &[("topic", "delivery", false)])
+        .await
+        .unwrap();
+    assert_eq!(stored.stored_keys, ["topic"]);
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visit_fields WHERE personal")
+            .await,
+        0,
+        "nothing personal stored after a decline"
+    );
+
+    let granted = s.consent(token, version, true).await;
+    assert!(granted.granted);
+    assert_eq!(
+        granted.text_sha256,
+        widget.consent_text.as_ref().unwrap().text_sha256
+    );
+    assert!(granted.decide_time.is_some());
+    let stored = s
+        .submit(token, &[("email", "jane@example.eu", true)])
+        .await
+        .unwrap();
+    assert_eq!(stored.stored_keys, ["email", "topic"]);
+    // What the database holds: the answer with its version and text hash, the field sealed
+    // (the address never in clear), and the audit event in the outbox or already chained.
+    assert_eq!(
+        s.count(
+            "SELECT count(*) AS n FROM {schema}.consent_records \
+             WHERE granted AND version = 1 AND length(text_sha256) = 32"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        s.count(
+            "SELECT count(*) AS n FROM {schema}.visit_fields \
+             WHERE key = 'email' AND released_at IS NOT NULL \
+               AND position('jane@example.eu'::bytea in sealed) = 0"
+        )
+        .await,
+        1
+    );
+    // Each answer's event reaches the tenant's audit chain (written to the outbox in the
+    // answer's transaction, relayed from there), with ids only.
+    hafen_testkit::eventually(
+        "both consent events chained",
+        Duration::from_secs(10),
+        || async {
+            let chained = s
+                .count(
+                    "SELECT count(*) AS n FROM hafen.audit_events \
+                 WHERE action IN ('webchat.consent.granted', 'webchat.consent.declined') \
+                   AND target_type = 'visit'",
+                )
+                .await;
+            (chained >= 2).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        s.count(
+            "SELECT count(*) AS n FROM hafen.audit_events \
+             WHERE action LIKE 'webchat.%' AND attributes::text LIKE '%jane%'"
+        )
+        .await,
+        0
+    );
+
+    // Withdrawn: the personal field goes.
+    s.consent(token, version, false).await;
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visit_fields WHERE personal")
+            .await,
+        0
+    );
+
+    // A new consent text makes the old answer not current.
+    let published = s
+        .stack
+        .widget_client()
+        .await
+        .publish_consent_text(with_token(
+            &s.owner,
+            pb::PublishConsentTextRequest {
+                widget_id: widget.widget_id.clone(),
+                text: "A new text.".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.version, 2);
+    let stale = s
+        .stack
+        .visitor_client()
+        .await
+        .give_consent(visitor(
+            token,
+            pb::GiveConsentRequest {
+                version: 1,
+                granted: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&stale), "INVALID_STATE");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ul3_an_unreleased_or_undeclared_field_is_refused_and_nothing_is_stored() {
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    let visit = s.visit(&widget).await;
+    let token = &visit.visitor_token;
+    s.consent(token, 1, true).await;
+
+    let refused = s
+        .submit(
+            token,
+            &[("topic", "returns", false), ("email", "a@b.eu", false)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(field(&refused), "fields[1].released");
+    let refused = s
+        .submit(token, &[("phone", "+49 30 1234567", true)])
+        .await
+        .unwrap_err();
+    assert_eq!(field(&refused), "fields[0].key");
+    for (value, why) in [("", "empty"), ("a\u{7}b", "control character")] {
+        let refused = s
+            .submit(token, &[("topic", value, false)])
+            .await
+            .unwrap_err();
+        assert_eq!(field(&refused), "fields[0].value", "{why}");
+    }
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visit_fields")
+            .await,
+        0,
+        "all or nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb8_no_address_user_agent_or_referrer_is_stored_and_a_foreign_origin_is_refused() {
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    let mut visitors = s.stack.visitor_client().await;
+    for origin in [
+        "https://evil.example.net",
+        "https://shop.example.com.evil.net",
+        "http://shop.example.com",
+        "https://example.org",
+    ] {
+        let refused = visitors
+            .start_visit(from(
+                origin,
+                pb::StartVisitRequest {
+                    widget_id: widget.widget_id.clone(),
+                    visitor_token: String::new(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{origin}");
+    }
+    // A wildcard origin is allowed; the call carries what browsers send.
+    let mut request = from(
+        "https://help.example.org",
+        pb::StartVisitRequest {
+            widget_id: widget.widget_id.clone(),
+            visitor_token: String::new(),
+        },
+    );
+    for (header, value) in [
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) UniqueAgent/42",
+        ),
+        ("referer", "https://help.example.org/unique-referrer-page"),
+        ("x-forwarded-for", "203.0.113.77"),
+    ] {
+        request
+            .metadata_mut()
+            .insert(header, value.parse().unwrap());
+    }
+    let visit = visitors.start_visit(request).await.unwrap().into_inner();
+    // A token from another page's origin is refused too.
+    let mut foreign = tonic::Request::new(pb::GiveConsentRequest {
+        version: 1,
+        granted: true,
+    });
+    foreign
+        .metadata_mut()
+        .insert("origin", "https://evil.example.net".parse().unwrap());
+    foreign.metadata_mut().insert(
+        "authorization",
+        format!("Visitor {}", visit.visitor_token).parse().unwrap(),
+    );
+    let refused = visitors.give_consent(foreign).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // Nothing of it in any table of the database: every text column of every row.
+    #[derive(QueryableByName)]
+    struct Dump {
+        #[diesel(sql_type = Text)]
+        dump: String,
+    }
+    let mut conn = s.stack.db.connect_admin().await;
+    let tables: Vec<Dump> = diesel::sql_query(
+        "SELECT format('SELECT coalesce(string_agg(t::text, chr(10)), '''') AS dump FROM %I.%I t', \
+                table_schema, table_name) AS dump \
+         FROM information_schema.tables \
+         WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema')",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    for table in tables {
+        let rows: Dump = diesel::sql_query(&table.dump)
+            .get_result(&mut conn)
+            .await
+            .unwrap();
+        for needle in ["UniqueAgent", "unique-referrer-page", "203.0.113.77"] {
+            assert!(
+                !rows.dump.contains(needle),
+                "{needle} stored: {}",
+                table.dump
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb8_a_visit_resumes_with_its_token_and_a_token_reaches_nothing_elsewhere() {
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    let first = s.visit(&widget).await;
+    let resumed = s
+        .stack
+        .visitor_client()
+        .await
+        .start_visit(from(
+            ORIGIN,
+            pb::StartVisitRequest {
+                widget_id: widget.widget_id.clone(),
+                visitor_token: first.visitor_token.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resumed.resumed);
+    assert_eq!(resumed.visit_id, first.visit_id);
+    assert_eq!(resumed.visitor_token, first.visitor_token);
+
+    // A forged secret for the same visit starts a new visit, never the old one.
+    let forged = format!(
+        "{}{}",
+        &first.visitor_token[..first.visitor_token.len() - 1],
+        if first.visitor_token.ends_with('A') {
+            'B'
+        } else {
+            'A'
+        }
+    );
+    let other = s
+        .stack
+        .visitor_client()
+        .await
+        .start_visit(from(
+            ORIGIN,
+            pb::StartVisitRequest {
+                widget_id: widget.widget_id.clone(),
+                visitor_token: forged.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!other.resumed);
+    assert_ne!(other.visit_id, first.visit_id);
+    let refused = s
+        .stack
+        .visitor_client()
+        .await
+        .give_consent(visitor(
+            &forged,
+            pb::GiveConsentRequest {
+                version: 1,
+                granted: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // Another tenant's widget with this token: nothing.
+    let other_tenant = s.stack.create_tenant("other").await;
+    let other_owner = s.stack.login_owner(&other_tenant).await.access_token;
+    let elsewhere = Setup {
+        stack: s.stack,
+        tenant: other_tenant,
+        owner: other_owner,
+    };
+    elsewhere.webchat_feature(true).await;
+    let foreign_widget = elsewhere.widget(true).await;
+    let mut token = first.visitor_token.clone();
+    token.replace_range(..32, &foreign_widget.widget_id.replace('-', ""));
+    let refused = elsewhere
+        .stack
+        .visitor_client()
+        .await
+        .give_consent(visitor(
+            &token,
+            pb::GiveConsentRequest {
+                version: 1,
+                granted: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    // An access token is not a visitor token, and a visitor token not an access token.
+    let refused = elsewhere
+        .stack
+        .visitor_client()
+        .await
+        .give_consent(visitor(
+            &elsewhere.owner,
+            pb::GiveConsentRequest {
+                version: 1,
+                granted: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let refused = elsewhere
+        .stack
+        .widget_client()
+        .await
+        .list_widgets(with_token(
+            &first.visitor_token,
+            pb::ListWidgetsRequest::default(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webchat_widget_admin_rpcs_name_bad_fields_and_are_for_admins() {
+    let s = setup().await;
+    let mut widgets = s.stack.widget_client().await;
+    let mut bad_origin = settings();
+    bad_origin.allowed_origins = vec![ORIGIN.into(), "https://shop.example.com/path".into()];
+    let mut long_visit = settings();
+    long_visit.visit_lifetime_days = 731;
+    for (settings, consent, expected) in [
+        (Some(bad_origin), "Consent", "settings.allowed_origins[1]"),
+        (Some(settings()), "  ", "consent_text"),
+        (None, "Consent", "settings"),
+        (Some(long_visit), "Consent", "visit_lifetime_days"),
+    ] {
+        let refused = widgets
+            .create_widget(with_token(
+                &s.owner,
+                pb::CreateWidgetRequest {
+                    settings,
+                    consent_text: consent.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{expected}");
+        assert_eq!(field(&refused), expected);
+    }
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.widgets").await,
+        0
+    );
+
+    let widget = s.widget(false).await;
+    let listed = widgets
+        .list_widgets(with_token(&s.owner, pb::ListWidgetsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.widgets.len(), 1);
+    let mut changed = settings();
+    changed.welcome_message = "Moin!".into();
+    let updated = widgets
+        .update_widget(with_token(
+            &s.owner,
+            pb::UpdateWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+                settings: Some(changed),
+                enabled: true,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.enabled);
+    assert_eq!(updated.settings.unwrap().welcome_message, "Moin!");
+
+    let (_, member) = s
+        .stack
+        .create_logged_in_member(&s.tenant, &s.owner, "agent", "agent password 1")
+        .await;
+    let refused = widgets
+        .get_widget(with_token(
+            &member.access_token,
+            pb::GetWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+}
