@@ -109,6 +109,13 @@ impl KeyRing {
         }
     }
 
+    /// Drops the unwrapped key of `user` (or visitor) of `tenant`, after it was destroyed.
+    pub fn forget_user(&self, tenant: Uuid, user: Uuid) {
+        if let Ok(mut users) = self.inner.users.lock() {
+            users.pop(&(tenant, user));
+        }
+    }
+
     /// Forgets a tenant's keys whenever `deletions` (announced tenant deletions, e.g.
     /// `hafen_authn::Revocations::tenant_deletions`) names it, for the life of the process.
     pub fn follow(

@@ -128,7 +128,10 @@ impl Replayer {
         let erased_users: BTreeSet<(Uuid, Uuid)> = entries
             .iter()
             .filter_map(|(kind, tenant, user)| match (kind.as_str(), user) {
-                ("user", Some(user)) if !deleted_tenants.contains(tenant) => Some((*tenant, *user)),
+                // A visitor's key is kept under their visit's id, like a user's.
+                ("user" | "visitor", Some(user)) if !deleted_tenants.contains(tenant) => {
+                    Some((*tenant, *user))
+                }
                 _ => None,
             })
             .collect();

@@ -211,4 +211,44 @@ impl VisitorService for VisitorApi {
             .await?;
         Ok(Response::new(stored))
     }
+
+    #[instrument(name = "GetMyData", skip_all, fields(tenant_id, visit_id))]
+    async fn get_my_data(
+        &self,
+        request: Request<pb::GetMyDataRequest>,
+    ) -> Result<Response<pb::MyData>, Status> {
+        let visitor = self.visitor(&request).await?;
+        Ok(Response::new(self.service.my_data(&visitor).await?))
+    }
+
+    #[instrument(name = "CorrectMyData", skip_all, fields(tenant_id, visit_id))]
+    async fn correct_my_data(
+        &self,
+        request: Request<pb::CorrectMyDataRequest>,
+    ) -> Result<Response<pb::MyData>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let corrected = self
+            .service
+            .correct_my_data(&visitor, request.into_inner())
+            .await?;
+        Ok(Response::new(corrected))
+    }
+
+    #[instrument(name = "ExportMyData", skip_all, fields(tenant_id, visit_id))]
+    async fn export_my_data(
+        &self,
+        request: Request<pb::ExportMyDataRequest>,
+    ) -> Result<Response<pb::ExportMyDataResponse>, Status> {
+        let visitor = self.visitor(&request).await?;
+        Ok(Response::new(self.service.export_my_data(&visitor).await?))
+    }
+
+    #[instrument(name = "DeleteMyData", skip_all, fields(tenant_id, visit_id))]
+    async fn delete_my_data(
+        &self,
+        request: Request<pb::DeleteMyDataRequest>,
+    ) -> Result<Response<pb::DeleteMyDataResponse>, Status> {
+        let visitor = self.visitor(&request).await?;
+        Ok(Response::new(self.service.delete_my_data(&visitor).await?))
+    }
 }

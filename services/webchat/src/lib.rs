@@ -3,7 +3,8 @@
 //!
 //! - `widgets`: widgets as tenants' admins configure them (WidgetService), validated, with
 //!   versioned consent texts; `origin`: where a widget may be embedded.
-//! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService).
+//! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
+//!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
 //! - `api`: the gRPC adapters; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
@@ -12,6 +13,7 @@
 mod api;
 mod error;
 mod origin;
+mod selfservice;
 mod visits;
 mod widgets;
 

@@ -57,7 +57,7 @@ pub struct ConsentRow {
 }
 
 impl ConsentRow {
-    fn to_proto(&self) -> pb::ConsentRecord {
+    pub(crate) fn to_proto(&self) -> pb::ConsentRecord {
         pb::ConsentRecord {
             version: self.version,
             text_sha256: self.text_sha256.clone(),
@@ -81,7 +81,7 @@ fn token_ids(token: &str) -> Option<(Uuid, Uuid)> {
 }
 
 /// The associated data of a field value: its visit and key.
-fn field_context(visit: Uuid, key: &str) -> Vec<u8> {
+pub(crate) fn field_context(visit: Uuid, key: &str) -> Vec<u8> {
     [visit.as_bytes().as_slice(), key.as_bytes()].concat()
 }
 
@@ -366,13 +366,25 @@ impl Service {
         visitor: &Visitor,
         request: pb::SubmitFieldsRequest,
     ) -> Result<pb::SubmitFieldsResponse, Error> {
-        if request.fields.is_empty() || request.fields.len() > MAX_FIELDS {
+        let stored_keys = self.store_fields(visitor, request.fields, false).await?;
+        Ok(pb::SubmitFieldsResponse { stored_keys })
+    }
+
+    /// Stores `fields` of the visit, all or nothing (with `only_stored`, each must be held
+    /// already: a correction); returns the keys the visit then holds.
+    pub(crate) async fn store_fields(
+        &self,
+        visitor: &Visitor,
+        fields: Vec<pb::FieldValue>,
+        only_stored: bool,
+    ) -> Result<Vec<String>, Error> {
+        if fields.is_empty() || fields.len() > MAX_FIELDS {
             return Err(Error::invalid("fields", "1 to 20 fields"));
         }
         let settings = &visitor.widget.settings;
         let mut keys = HashSet::new();
         let mut personal_sent = false;
-        for (i, field) in request.fields.iter().enumerate() {
+        for (i, field) in fields.iter().enumerate() {
             let declared = settings.field(&field.key).ok_or_else(|| {
                 Error::invalid(format!("fields[{i}].key"), "not a field of this widget")
             })?;
@@ -401,8 +413,8 @@ impl Service {
         }
         let (tenant, widget, visit) = (visitor.tenant, visitor.widget.row.id, visitor.visit.id);
         let key = self.keys.user_key(tenant, visit).await?;
-        let mut sealed = Vec::with_capacity(request.fields.len());
-        for field in &request.fields {
+        let mut sealed = Vec::with_capacity(fields.len());
+        for field in &fields {
             let personal = settings.field(&field.key).is_some_and(|f| f.personal);
             let value = key.seal(&field_context(visit, &field.key), field.value.as_bytes())?;
             sealed.push((field.key.clone(), value, personal));
@@ -416,6 +428,21 @@ impl Service {
                         .is_some_and(|c| c.granted && c.version == current.version);
                     if !consented {
                         return Err(Error::ConsentRequired);
+                    }
+                }
+                if only_stored {
+                    let keys: Vec<&str> = sealed.iter().map(|(key, _, _)| key.as_str()).collect();
+                    let held: Vec<String> = visit_fields::table
+                        .filter(visit_fields::visit_id.eq(visit))
+                        .filter(visit_fields::key.eq_any(&keys))
+                        .select(visit_fields::key)
+                        .load(conn)
+                        .await?;
+                    if let Some(i) = keys.iter().position(|key| !held.iter().any(|h| h == key)) {
+                        return Err(Error::invalid(
+                            format!("fields[{i}].key"),
+                            "not stored: only fields given before are corrected",
+                        ));
                     }
                 }
                 let at = now();
@@ -447,9 +474,7 @@ impl Service {
                     .select(visit_fields::key)
                     .load(conn)
                     .await?;
-                Ok(pb::SubmitFieldsResponse {
-                    stored_keys: stored,
-                })
+                Ok(stored)
             })
         })
         .await

@@ -713,3 +713,151 @@ async fn webchat_widget_admin_rpcs_name_bad_fields_and_are_for_admins() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb9_a_visitor_gets_corrects_exports_and_deletes_their_data() {
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    let visit = s.visit(&widget).await;
+    let token = visit.visitor_token.clone();
+    s.consent(&token, 1, true).await;
+    s.submit(
+        &token,
+        &[
+            ("email", "jane@example.eu", true),
+            ("topic", "returns", false),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut visitors = s.stack.visitor_client().await;
+
+    let mine = visitors
+        .get_my_data(visitor(&token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.visit_id, visit.visit_id);
+    let values: Vec<(&str, &str, bool)> = mine
+        .fields
+        .iter()
+        .map(|f| (f.key.as_str(), f.value.as_str(), f.released))
+        .collect();
+    assert_eq!(
+        values,
+        [
+            ("email", "jane@example.eu", true),
+            ("topic", "returns", false)
+        ]
+    );
+    assert_eq!(mine.consent_records.len(), 1);
+
+    // Correct: only what is stored, by the rules of SubmitFields.
+    let refused = visitors
+        .correct_my_data(visitor(
+            &token,
+            pb::CorrectMyDataRequest {
+                fields: vec![pb::FieldValue {
+                    key: "phone".into(),
+                    value: "1".into(),
+                    released: true,
+                }],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&refused), "fields[0].key");
+    let corrected = visitors
+        .correct_my_data(visitor(
+            &token,
+            pb::CorrectMyDataRequest {
+                fields: vec![pb::FieldValue {
+                    key: "email".into(),
+                    value: "jane.doe@example.eu".into(),
+                    released: true,
+                }],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(corrected.fields[0].value, "jane.doe@example.eu");
+
+    let export = visitors
+        .export_my_data(visitor(&token, pb::ExportMyDataRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let document: serde_json::Value = serde_json::from_str(&export.json).unwrap();
+    assert_eq!(document["visit_id"], visit.visit_id.as_str());
+    assert_eq!(document["fields"][0]["value"], "jane.doe@example.eu");
+    assert_eq!(document["consent_records"][0]["granted"], true);
+    assert_eq!(
+        export.file_name,
+        format!("hafen-visit-{}.json", visit.visit_id)
+    );
+
+    // Delete: the key goes first, and with it every sealed value; the token dies.
+    let sealed_before = s
+        .count("SELECT count(*) AS n FROM {schema}.visit_fields WHERE length(sealed) > 0")
+        .await;
+    assert_eq!(sealed_before, 2);
+    visitors
+        .delete_my_data(visitor(&token, pb::DeleteMyDataRequest {}))
+        .await
+        .unwrap();
+    let keys = s
+        .count(&format!(
+            "SELECT count(*) AS n FROM hafen.user_keys WHERE user_id = '{}'",
+            visit.visit_id
+        ))
+        .await;
+    assert_eq!(
+        keys, 0,
+        "the visitor's key is destroyed: nothing sealed under it opens"
+    );
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM hafen.deletion_log \
+             WHERE kind = 'visitor' AND user_id = '{}'",
+            visit.visit_id
+        ))
+        .await,
+        1,
+        "a restore re-applies the deletion"
+    );
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visit_fields")
+            .await,
+        0
+    );
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visits").await,
+        0
+    );
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.consent_records")
+            .await,
+        1,
+        "the consent answer stays, as proof that consent was asked"
+    );
+    let dead = visitors
+        .get_my_data(visitor(&token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(dead.code(), Code::Unauthenticated);
+    hafen_testkit::eventually(
+        "the deletion is audited",
+        Duration::from_secs(10),
+        || async {
+            let chained = s
+                .count(
+                    "SELECT count(*) AS n FROM hafen.audit_events \
+                 WHERE action = 'webchat.visitor.data_deleted'",
+                )
+                .await;
+            (chained == 1).then_some(())
+        },
+    )
+    .await;
+}

@@ -41,10 +41,13 @@ CREATE TABLE visits (
 CREATE INDEX visits_expires_idx ON visits (expires_at);
 
 -- Every answer to a consent text: the version and the hash of the text answered, granted or
--- declined, and when. The latest answer of a visit counts.
+-- declined, and when. The latest answer of a visit counts. The answers outlive their visit
+-- when the visitor deletes their data (no foreign key): Art. 7(1) GDPR requires showing that
+-- consent was asked and given, and they hold nothing personal. They go with the tenant's
+-- retention period.
 CREATE TABLE consent_records (
     id          uuid PRIMARY KEY,
-    visit_id    uuid NOT NULL REFERENCES visits (id),
+    visit_id    uuid NOT NULL,
     version     integer NOT NULL,
     text_sha256 bytea NOT NULL CHECK (length(text_sha256) = 32),
     granted     boolean NOT NULL,

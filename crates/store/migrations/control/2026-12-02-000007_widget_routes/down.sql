@@ -1,1 +1,0 @@
-DROP TABLE widget_routes;
