@@ -30,15 +30,19 @@ pub enum Purpose {
     TotpSecrets,
     /// Wrapping the audit chains' signing keys: the audit service.
     AuditSigning,
+    /// Keyed hashes of client addresses, so rate limits never hold an address: the webchat
+    /// service.
+    AddressHashing,
 }
 
 impl Purpose {
     /// Every purpose.
-    pub const ALL: [Purpose; 4] = [
+    pub const ALL: [Purpose; 5] = [
         Self::SessionCache,
         Self::ChatCodePepper,
         Self::TotpSecrets,
         Self::AuditSigning,
+        Self::AddressHashing,
     ];
 
     /// The name in key files and on the command line.
@@ -48,6 +52,7 @@ impl Purpose {
             Self::ChatCodePepper => "chat-code-pepper",
             Self::TotpSecrets => "totp-secrets",
             Self::AuditSigning => "audit-signing",
+            Self::AddressHashing => "address-hashing",
         }
     }
 
@@ -58,6 +63,7 @@ impl Purpose {
             Self::ChatCodePepper => "chat code pepper",
             Self::TotpSecrets => "totp secrets",
             Self::AuditSigning => "audit signing keys",
+            Self::AddressHashing => "address hashing",
         }
     }
 

@@ -159,6 +159,14 @@ impl TestSecrets {
             auth: self.auth_args(),
             master_key_file: self.master_key_file(),
             key_cache_size: std::num::NonZeroUsize::new(1000).expect("non-zero"),
+            limits: hafen_webchat::limits::LimitArgs {
+                visits_per_address: 1000,
+                visits_per_widget: 1000,
+                calls_per_visitor: 1000,
+                limit_window: Duration::from_secs(60),
+                trusted_proxies: Vec::new(),
+                client_address_header: "x-forwarded-for".to_owned(),
+            },
         }
     }
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::Service;
 use crate::error::Error;
+use crate::limits::Subject;
 use crate::visits::Visitor;
 use crate::widgets::parse_id;
 
@@ -140,6 +141,11 @@ impl VisitorApi {
                 "a visitor token is required: authorization: Visitor <token>",
             ))?;
         let visitor = self.service.visitor(token, origin(request)).await?;
+        self.service
+            .limits
+            .count(Subject::Visitor(visitor.visit.id))
+            .await
+            .map_err(Error::RateLimited)?;
         let span = tracing::Span::current();
         span.record("tenant_id", tracing::field::display(visitor.tenant));
         span.record("visit_id", tracing::field::display(visitor.visit.id));
@@ -179,6 +185,17 @@ impl VisitorService for VisitorApi {
         request: Request<pb::StartVisitRequest>,
     ) -> Result<Response<pb::StartVisitResponse>, Status> {
         let widget = parse_id("widget_id", &request.get_ref().widget_id)?;
+        let limits = &self.service.limits;
+        if let Some(address) = limits.address(&request) {
+            limits
+                .count(Subject::Address(address))
+                .await
+                .map_err(Error::RateLimited)?;
+        }
+        limits
+            .count(Subject::Widget(widget))
+            .await
+            .map_err(Error::RateLimited)?;
         let started = self
             .service
             .start_visit(widget, &request.get_ref().visitor_token, origin(&request))

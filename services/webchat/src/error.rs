@@ -50,6 +50,9 @@ pub enum Error {
     /// Personal data without consent to the current text.
     #[error("consent to the current consent text is required for personal fields")]
     ConsentRequired,
+    /// A limit was passed; the call may be made again after the wait.
+    #[error("too many calls; retry later")]
+    RateLimited(std::time::Duration),
     /// An invariant broke (a bug).
     #[error("internal: {0}")]
     Bug(&'static str),
@@ -91,6 +94,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(message) => status::permission_denied(message),
             Error::Unauthenticated(message) => status::unauthenticated(message),
             Error::InvalidState(message) => status::invalid_state(message),
+            Error::RateLimited(wait) => status::rate_limited(wait),
             Error::ConsentRequired => status::error(
                 Code::FailedPrecondition,
                 "CONSENT_REQUIRED",

@@ -5,6 +5,7 @@
 //!   versioned consent texts; `origin`: where a widget may be embedded.
 //! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
 //!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
+//! - [`limits`]: abuse limits per widget, visit and (hashed) client address.
 //! - `api`: the gRPC adapters; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
@@ -12,6 +13,7 @@
 
 mod api;
 mod error;
+pub mod limits;
 mod origin;
 mod selfservice;
 mod visits;
@@ -64,6 +66,9 @@ pub struct Config {
     #[command(flatten)]
     pub auth: AuthEndpointArgs,
 
+    #[command(flatten)]
+    pub limits: limits::LimitArgs,
+
     /// File with the master key (base64 of 32 random bytes) that wraps tenant keys, which
     /// wrap the visitors' keys that encrypt what visitors give.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
@@ -79,6 +84,7 @@ pub struct Config {
 pub(crate) struct Service {
     pub databases: Databases,
     pub keys: KeyRing,
+    pub limits: limits::Limits,
     /// Delivers the outbox to the audit service.
     pub relay: Option<hafen_events::Relay>,
 }
@@ -140,13 +146,19 @@ where
         ),
     )
     .await;
-    let keys = KeyRing::new(databases.clone(), master, config.key_cache_size);
+    let keys = KeyRing::new(databases.clone(), master.clone(), config.key_cache_size);
     keys.follow(revocations.tenant_deletions());
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
+    let limits = limits::Limits::new(
+        config.limits.clone(),
+        Some(redis.clone()),
+        Purpose::AddressHashing.derive(&master),
+    );
     let service = Arc::new(Service {
         databases,
         keys,
+        limits,
         relay: Some(relay),
     });
     let layer = AuthnLayer::new(authenticator, &[]);

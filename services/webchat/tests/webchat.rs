@@ -861,3 +861,78 @@ async fn cb9_a_visitor_gets_corrects_exports_and_deletes_their_data() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webchat_abuse_limits_are_hit_and_recover() {
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    // A webchat server of its own with small limits in a short window, beside the stack's.
+    let mut config = s.stack.secrets.webchat_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.audit.audit_endpoint = s.stack.audit.uri();
+    config.limits.visits_per_address = 3;
+    config.limits.calls_per_visitor = 4;
+    config.limits.limit_window = Duration::from_secs(2);
+    let server =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_webchat::serve(config, l, sd)).await;
+    let mut visitors = pb::visitor_service_client::VisitorServiceClient::new(
+        server.channel(&s.stack.secrets).await,
+    );
+    let start = || {
+        from(
+            ORIGIN,
+            pb::StartVisitRequest {
+                widget_id: widget.widget_id.clone(),
+                visitor_token: String::new(),
+            },
+        )
+    };
+
+    // Per address: the fourth visit in a window is refused, with the time to wait.
+    let mut token = String::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        match visitors.start_visit(start()).await {
+            Ok(visit) => token = visit.into_inner().visitor_token,
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a limit is reached");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "RATE_LIMITED");
+    hafen_testkit::eventually("visits start again", Duration::from_secs(10), || {
+        let mut visitors = visitors.clone();
+        let request = start();
+        async move { visitors.start_visit(request).await.ok() }
+    })
+    .await;
+
+    // Per visitor: calls beyond the limit are refused, then allowed again.
+    let mut refused = None;
+    for _ in 0..10 {
+        if let Err(err) = visitors
+            .get_my_data(visitor(&token, pb::GetMyDataRequest {}))
+            .await
+        {
+            refused = Some(err);
+            break;
+        }
+    }
+    assert_eq!(
+        refused.expect("a visitor's limit is reached").code(),
+        Code::ResourceExhausted
+    );
+    hafen_testkit::eventually(
+        "the visitor is served again",
+        Duration::from_secs(10),
+        || {
+            let mut visitors = visitors.clone();
+            let request = visitor(&token, pb::GetMyDataRequest {});
+            async move { visitors.get_my_data(request).await.ok() }
+        },
+    )
+    .await;
+}
