@@ -8,6 +8,7 @@
 //! - [`replay`]: the deletion log applied again after a backup restore
 //!   (`hafen-retention replay-deletions`, or the internal ReplayDeletions RPC).
 //! - [`rows`]: rows of the retention tables and their API forms.
+//! - `visits`: the website chat's part of a purge: expired visits and old consent answers.
 //! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod purge;
 pub mod replay;
 pub mod rows;
+mod visits;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -165,6 +165,8 @@ struct Progress {
     deleted: i64,
     held: i64,
     touched: HashSet<Uuid>,
+    /// The website chat's part.
+    visits: crate::visits::Purged,
 }
 
 impl Progress {
@@ -525,6 +527,8 @@ impl Purger {
                 }
             }
         }
+        progress.visits =
+            crate::visits::purge(&self.inner.databases, tenant, run.started_at, cutoff).await?;
         Ok(())
     }
 
@@ -592,6 +596,7 @@ impl Purger {
         let pool = self.pool(&tenant_id).await?;
         let (id, deleted, touched, held) =
             (run.id, progress.deleted, progress.touched(), progress.held);
+        let visits = progress.visits;
         let ended = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
             Box::pin(async move {
                 let at = now();
@@ -617,7 +622,9 @@ impl Purger {
                 .await
                 .optional()?
                 .ok_or(Error::TakenOver(id))?;
-                let mut event = completed_event(tenant, &ended, trigger.actor());
+                let mut event = completed_event(tenant, &ended, trigger.actor())
+                    .attribute("visits_deleted", visits.visits)
+                    .attribute("consent_records_deleted", visits.consent_records);
                 if !succeeded {
                     event = event.failed();
                 }

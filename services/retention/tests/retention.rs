@@ -518,6 +518,8 @@ async fn cb5_expired_messages_are_purged_younger_and_held_ones_remain() {
         ("conversations_touched", "3"),
         ("held_skipped", "4"),
         ("purge_run_id", run.purge_run_id.as_str()),
+        ("visits_deleted", "0"),
+        ("consent_records_deleted", "0"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

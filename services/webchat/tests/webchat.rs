@@ -936,3 +936,107 @@ async fn webchat_abuse_limits_are_hit_and_recover() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors_keys() {
+    use hafen_proto::retention::v1 as retention_pb;
+
+    let s = setup().await;
+    let widget = s.widget(true).await;
+    let old = s.visit(&widget).await;
+    let current = s.visit(&widget).await;
+    for visit in [&old, &current] {
+        s.consent(&visit.visitor_token, 1, true).await;
+        s.submit(&visit.visitor_token, &[("email", "jane@example.eu", true)])
+            .await
+            .unwrap();
+    }
+    let keys_of = |visit: &pb::StartVisitResponse| {
+        format!(
+            "SELECT count(*) AS n FROM hafen.user_keys WHERE user_id = '{}'",
+            visit.visit_id
+        )
+    };
+    assert_eq!(s.count(&keys_of(&old)).await, 1);
+    // One visit past its lifetime, and one consent answer older than the tenant's period.
+    let schema = format!("t_{}", s.tenant.id.replace('-', ""));
+    let mut admin = s.stack.db.connect_admin().await;
+    diesel::sql_query(format!(
+        "UPDATE {schema}.visits SET expires_at = now() - interval '1 day' WHERE id = '{}'; ",
+        old.visit_id
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    diesel::sql_query(format!(
+        "UPDATE {schema}.consent_records SET decided_at = now() - interval '800 days' \
+         WHERE visit_id = '{}'",
+        current.visit_id
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let mut retention = s.stack.retention_client().await;
+    let run = retention
+        .run_purge(with_token(&s.owner, retention_pb::RunPurgeRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    hafen_testkit::eventually("the purge run ends", Duration::from_secs(20), || {
+        let mut retention = retention.clone();
+        let owner = s.owner.clone();
+        let id = run.purge_run_id.clone();
+        async move {
+            let runs = retention
+                .list_purge_runs(with_token(
+                    &owner,
+                    retention_pb::ListPurgeRunsRequest::default(),
+                ))
+                .await
+                .ok()?
+                .into_inner();
+            runs.purge_runs.into_iter().find(|r| {
+                r.purge_run_id == id && r.state == retention_pb::PurgeRunState::Succeeded as i32
+            })
+        }
+    })
+    .await;
+
+    assert_eq!(
+        s.count(&keys_of(&old)).await,
+        0,
+        "the expired visitor's key is gone"
+    );
+    assert_eq!(s.count(&keys_of(&current)).await, 1);
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM {{schema}}.visits WHERE id = '{}'",
+            old.visit_id
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM {{schema}}.visit_fields WHERE visit_id = '{}'",
+            old.visit_id
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.consent_records")
+            .await,
+        1,
+        "the old visit's answer stays (recent), the old answer of the current visit goes"
+    );
+    let dead = s
+        .stack
+        .visitor_client()
+        .await
+        .get_my_data(visitor(&old.visitor_token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(dead.code(), Code::Unauthenticated);
+}
