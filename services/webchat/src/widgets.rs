@@ -569,7 +569,7 @@ impl Service {
         .await
     }
 
-    /// ListWidgets: oldest first, after the widget id of the page token.
+    /// ListWidgets: oldest first, after the widget id of the page token; two queries a page.
     pub async fn list_widgets(
         &self,
         caller: &Principal,
@@ -591,10 +591,23 @@ impl Service {
                 let mut rows: Vec<WidgetRow> = query.load(conn).await?;
                 let more = rows.len() > limit;
                 rows.truncate(limit);
+                // Every widget's current text in one query: its newest version.
+                let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+                let texts: Vec<(Uuid, ConsentTextRow)> = consent_texts::table
+                    .filter(consent_texts::widget_id.eq_any(&ids))
+                    .distinct_on(consent_texts::widget_id)
+                    .order((consent_texts::widget_id, consent_texts::version.desc()))
+                    .select((consent_texts::widget_id, ConsentTextRow::as_select()))
+                    .load(conn)
+                    .await?;
+                let texts: std::collections::HashMap<Uuid, ConsentTextRow> =
+                    texts.into_iter().collect();
                 let mut out = Vec::with_capacity(rows.len());
                 for row in &rows {
-                    let text = current_text(conn, row.id).await?;
-                    out.push(widget_proto(row, &text)?);
+                    let text = texts
+                        .get(&row.id)
+                        .ok_or(Error::Bug("a widget without a consent text"))?;
+                    out.push(widget_proto(row, text)?);
                 }
                 let next = if more {
                     rows.last().map(|r| r.id)

@@ -1040,3 +1040,55 @@ async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors
         .unwrap_err();
     assert_eq!(dead.code(), Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webchat_widgets_list_page_by_page_with_their_current_consent_texts() {
+    let s = setup().await;
+    let first = s.widget(true).await;
+    let second = s.widget(false).await;
+    let mut widgets = s.stack.widget_client().await;
+    widgets
+        .publish_consent_text(with_token(
+            &s.owner,
+            pb::PublishConsentTextRequest {
+                widget_id: second.widget_id.clone(),
+                text: "Version two.".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = widgets
+            .list_widgets(with_token(
+                &s.owner,
+                pb::ListWidgetsRequest {
+                    page_size: 1,
+                    page_token: token.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        for widget in page.widgets {
+            let text = widget.consent_text.unwrap();
+            seen.push((widget.widget_id, text.version, text.text));
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        seen,
+        [
+            (
+                first.widget_id,
+                1,
+                "We store what you give us to answer you.".to_owned()
+            ),
+            (second.widget_id, 2, "Version two.".to_owned()),
+        ]
+    );
+}
