@@ -197,6 +197,23 @@ impl Redis {
         format!("{}{name}", self.prefix)
     }
 
+    /// The tenant's sharded channel of event-log wake-ups: whoever writes to a tenant's log
+    /// publishes on it after commit (SPUBLISH), and the messaging service's feeds follow it.
+    /// The braces make the tenant id the cluster hash tag.
+    pub fn events_channel(&self, tenant: uuid::Uuid) -> String {
+        self.key(&format!("events:{{{}}}", tenant.simple()))
+    }
+
+    /// Wakes the feeds of `tenant` on every replica (see [`Redis::events_channel`]); an empty
+    /// message: they read what is new from the database.
+    pub async fn publish_events(&self, tenant: uuid::Uuid) -> redis::RedisResult<()> {
+        redis::cmd("SPUBLISH")
+            .arg(self.events_channel(tenant))
+            .arg("")
+            .query_async(&mut self.conn())
+            .await
+    }
+
     /// A multiplexed connection (cheap to clone).
     pub fn conn(&self) -> ConnectionManager {
         self.conn.clone()

@@ -11,7 +11,7 @@
 //!   domain, its rules and transactions.
 //! - `commit`: the group commit of sends; `feed`: live fan-out and replay of the event log,
 //!   as domain events; `settings`: tenants' settings cached; `keys`: message bodies sealed
-//!   and opened; [`mask`]: masking.
+//!   and opened; masking is `hafen_store::masking`, shared with the webchat service.
 //! - `repo`: every SQL statement of the service; `rows`: its rows and their domain forms.
 //!
 //! SendMessage, for instance: `api::send_message` parses the request, `Messaging::send`
@@ -28,7 +28,6 @@ mod conversations;
 mod error;
 mod feed;
 mod keys;
-pub mod mask;
 mod messages;
 mod repo;
 mod rows;

@@ -13,7 +13,7 @@ use hafen_store::settings::Settings;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::mask::Masker;
+use hafen_store::masking::Masker;
 
 /// How long a tenant's settings are cached when no announcement of their changes can arrive
 /// (no channel followed): a change takes this long at most.

@@ -15,7 +15,7 @@ use super::Hub;
 impl Hub {
     /// The tenant's sharded channel. The braces make the tenant id the cluster hash tag.
     fn channel(redis: &Redis, tenant: Uuid) -> String {
-        redis.key(&format!("events:{{{}}}", tenant.simple()))
+        redis.events_channel(tenant)
     }
 
     /// The tenant named by a channel, if it is one of ours.

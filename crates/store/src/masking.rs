@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use hafen_store::settings::Masking;
+use crate::settings::Masking;
 use regex::Regex;
 
 #[expect(
@@ -152,7 +152,7 @@ fn iban_valid(candidate: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hafen_store::settings::CustomPattern;
+    use crate::settings::CustomPattern;
 
     fn all() -> Masker {
         Masker::new(&Masking {
