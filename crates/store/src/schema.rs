@@ -301,6 +301,8 @@ diesel::table! {
         created_at -> Timestamptz,
         last_seen_at -> Timestamptz,
         expires_at -> Timestamptz,
+        conversation_id -> Nullable<Uuid>,
+        agent_id -> Nullable<Uuid>,
     }
 }
 

@@ -1,12 +1,12 @@
-//! The website chat's part of a purge (CB5): visits past their lifetime go, with their fields
-//! and their visitor's key (destroyed first, so whatever was sealed under it is unreadable
+//! The website chat's part of a purge (CB5): visits past their lifetime go, with their fields,
+//! their messages' bodies (tombstones stay) and their visitor's key (destroyed first, so whatever was sealed under it is unreadable
 //! even where a row survives); consent answers go once they are older than the tenant's
 //! retention period.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::schema::{consent_records, user_keys, visit_fields, visits};
+use hafen_store::schema::{consent_records, messages, user_keys, visit_fields, visits};
 use hafen_store::{Databases, TenantId};
 use uuid::Uuid;
 
@@ -67,6 +67,18 @@ pub async fn purge(
                 diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq_any(&ids)))
                     .execute(conn)
                     .await?;
+                // Their messages can no longer be read (the key is gone): tombstones.
+                diesel::update(
+                    messages::table
+                        .filter(messages::sender_id.eq_any(&ids))
+                        .filter(messages::deleted_at.is_null()),
+                )
+                .set((
+                    messages::ciphertext.eq(None::<Vec<u8>>),
+                    messages::deleted_at.eq(Some(now)),
+                ))
+                .execute(conn)
+                .await?;
                 // Only visits still expired: one resumed meanwhile stays (its key is gone,
                 // so what it held is unreadable; it starts again empty).
                 Ok::<_, Error>(

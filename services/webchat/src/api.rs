@@ -9,6 +9,8 @@ use hafen_platform::paging;
 use hafen_proto::webchat::v1 as pb;
 use hafen_proto::webchat::v1::visitor_service_server::VisitorService;
 use hafen_proto::webchat::v1::widget_service_server::WidgetService;
+use tokio_stream::StreamExt;
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
@@ -267,5 +269,43 @@ impl VisitorService for VisitorApi {
     ) -> Result<Response<pb::DeleteMyDataResponse>, Status> {
         let visitor = self.visitor(&request).await?;
         Ok(Response::new(self.service.delete_my_data(&visitor).await?))
+    }
+
+    #[instrument(name = "SendVisitorMessage", skip_all, fields(tenant_id, visit_id))]
+    async fn send_visitor_message(
+        &self,
+        request: Request<pb::SendVisitorMessageRequest>,
+    ) -> Result<Response<pb::VisitMessage>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let sent = self
+            .service
+            .send_visitor_message(&visitor, request.into_inner())
+            .await?;
+        Ok(Response::new(sent))
+    }
+
+    type SubscribeVisitStream = BoxStream<pb::SubscribeVisitResponse>;
+
+    #[instrument(name = "SubscribeVisit", skip_all, fields(tenant_id, visit_id))]
+    async fn subscribe_visit(
+        &self,
+        request: Request<pb::SubscribeVisitRequest>,
+    ) -> Result<Response<Self::SubscribeVisitStream>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let after = match request.get_ref().after.as_str() {
+            "" => 0,
+            after => after
+                .parse::<i64>()
+                .ok()
+                .filter(|cursor| *cursor >= 0)
+                .ok_or_else(|| Error::invalid("after", "not a cursor from this stream"))?,
+        };
+        let poll = self.service.stream_poll;
+        let receiver = Arc::clone(&self.service)
+            .subscribe_visit(visitor, after, poll)
+            .await;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver)
+            .map(|item| item.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -50,6 +50,12 @@ pub enum Error {
     /// Personal data without consent to the current text.
     #[error("consent to the current consent text is required for personal fields")]
     ConsentRequired,
+    /// No agent can take the chat.
+    #[error("no agent is available")]
+    AgentUnavailable,
+    /// A message body over the limit, in bytes.
+    #[error("body: more than {0} bytes")]
+    BodyTooLarge(usize),
     /// A limit was passed; the call may be made again after the wait.
     #[error("too many calls; retry later")]
     RateLimited(std::time::Duration),
@@ -95,6 +101,18 @@ impl From<Error> for Status {
             Error::Unauthenticated(message) => status::unauthenticated(message),
             Error::InvalidState(message) => status::invalid_state(message),
             Error::RateLimited(wait) => status::rate_limited(wait),
+            Error::AgentUnavailable => status::error(
+                Code::FailedPrecondition,
+                "AGENT_UNAVAILABLE",
+                "no agent can take the chat now",
+                &[],
+            ),
+            Error::BodyTooLarge(limit) => status::error(
+                Code::InvalidArgument,
+                "BODY_TOO_LARGE",
+                format!("body: at most {limit} bytes"),
+                &[("field", "body"), ("max_bytes", &limit.to_string())],
+            ),
             Error::ConsentRequired => status::error(
                 Code::FailedPrecondition,
                 "CONSENT_REQUIRED",

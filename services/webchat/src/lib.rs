@@ -3,6 +3,7 @@
 //!
 //! - `widgets`: widgets as tenants' admins configure them (WidgetService), validated, with
 //!   versioned consent texts; `origin`: where a widget may be embedded.
+//! - `chat`: a visit's chat with the organisation's agents (a webchat conversation);
 //! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
 //!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
 //! - [`limits`]: abuse limits per widget, visit and (hashed) client address.
@@ -12,6 +13,7 @@
 //! resolves, so the `hafen-webchat` binary, `hafen dev` and the tests run the same code.
 
 mod api;
+mod chat;
 mod error;
 pub mod limits;
 mod origin;
@@ -74,6 +76,10 @@ pub struct Config {
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
 
+    /// How often a visitor's stream looks for new messages of their chat.
+    #[arg(long, env = "HAFEN_STREAM_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub stream_poll: std::time::Duration,
+
     /// Most tenant keys, and most visitor keys, held unwrapped in memory; the least recently
     /// used go first. A deleted tenant's keys are dropped at once.
     #[arg(long, env = "HAFEN_KEY_CACHE_SIZE", default_value = "10000")]
@@ -85,6 +91,10 @@ pub(crate) struct Service {
     pub databases: Databases,
     pub keys: KeyRing,
     pub limits: limits::Limits,
+    /// Wakes the messaging service's feeds after a visitor's message.
+    pub redis: Option<Redis>,
+    /// How often visitors' streams poll their chat.
+    pub stream_poll: std::time::Duration,
     /// Delivers the outbox to the audit service.
     pub relay: Option<hafen_events::Relay>,
 }
@@ -159,6 +169,8 @@ where
         databases,
         keys,
         limits,
+        redis: Some(redis),
+        stream_poll: config.stream_poll,
         relay: Some(relay),
     });
     let layer = AuthnLayer::new(authenticator, &[]);

@@ -6,7 +6,9 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use hafen_events::{Actor, Event};
 use hafen_proto::webchat::v1 as pb;
-use hafen_store::schema::{consent_records, deletion_log, user_keys, visit_fields, visits};
+use hafen_store::schema::{
+    consent_records, deletion_log, event_counter, events, messages, user_keys, visit_fields, visits,
+};
 use hafen_store::{AsyncPgConnection, now};
 use uuid::Uuid;
 
@@ -154,7 +156,8 @@ impl Service {
         })
     }
 
-    /// DeleteMyData: the key first (with its deletion-log entry), then the rows.
+    /// DeleteMyData: the key first (with its deletion-log entry), then the rows; the
+    /// visitor's messages stay as tombstones in the agent's conversation.
     pub async fn delete_my_data(
         &self,
         visitor: &Visitor,
@@ -199,6 +202,37 @@ impl Service {
                 diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq(visit)))
                     .execute(conn)
                     .await?;
+                // The visitor's messages become tombstones, each a deletion in the log, so
+                // the agent's streams show them gone.
+                let gone: Vec<(Uuid, Uuid)> = diesel::update(
+                    messages::table
+                        .filter(messages::sender_id.eq(visit))
+                        .filter(messages::deleted_at.is_null()),
+                )
+                .set((
+                    messages::ciphertext.eq(None::<Vec<u8>>),
+                    messages::deleted_at.eq(Some(now())),
+                ))
+                .returning((messages::id, messages::conversation_id))
+                .get_results(conn)
+                .await?;
+                for (message, conversation) in gone {
+                    let event: i64 = diesel::update(event_counter::table)
+                        .set(event_counter::last_id.eq(event_counter::last_id + 1))
+                        .returning(event_counter::last_id)
+                        .get_result(conn)
+                        .await?;
+                    diesel::insert_into(events::table)
+                        .values((
+                            events::id.eq(event),
+                            events::conversation_id.eq(conversation),
+                            events::kind.eq("message_deleted"),
+                            events::message_id.eq(Some(message)),
+                            events::created_at.eq(now()),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
                 diesel::delete(visits::table.find(visit))
                     .execute(conn)
                     .await?;

@@ -28,6 +28,8 @@ pub struct LiveWidget {
     pub tenant: Uuid,
     pub row: WidgetRow,
     pub settings: Settings,
+    /// The organisation's settings (masking rules among them).
+    pub tenant_settings: TenantSettings,
 }
 
 /// A visitor, authenticated by their token.
@@ -126,7 +128,8 @@ impl Service {
         };
         let tenant_settings = tenant.settings;
         let tenant = tenant.id;
-        if !TenantSettings::from_json(&tenant_settings).features.webchat {
+        let tenant_settings = TenantSettings::from_json(&tenant_settings);
+        if !tenant_settings.features.webchat {
             return Err(Error::NotFound("widget"));
         }
         let row = self
@@ -146,6 +149,7 @@ impl Service {
             tenant,
             row,
             settings,
+            tenant_settings,
         })
     }
 

@@ -8,7 +8,7 @@ use diesel_async::RunQueryDsl;
 use hafen_authn::Principal;
 use hafen_events::{Actor, Event};
 use hafen_proto::webchat::v1 as pb;
-use hafen_store::schema::{consent_texts, widget_routes, widgets};
+use hafen_store::schema::{consent_texts, users, widget_routes, widgets};
 use hafen_store::settings::Settings as TenantSettings;
 use hafen_store::{AsyncPgConnection, now};
 use serde::{Deserialize, Serialize};
@@ -19,9 +19,10 @@ use crate::Service;
 use crate::error::Error;
 use crate::origin::{AllowedOrigin, valid_https_url};
 
-/// Most allowed origins, and most pre-chat fields, of a widget.
+/// Most allowed origins, pre-chat fields and agents of a widget.
 const MAX_ORIGINS: usize = 20;
 const MAX_FIELDS: usize = 20;
+const MAX_AGENTS: usize = 50;
 /// Longest consent text, in characters.
 const MAX_CONSENT_CHARS: usize = 10_000;
 /// A visit's lifetime when the widget does not say.
@@ -38,6 +39,9 @@ pub struct Settings {
     pub offline_message: String,
     pub business_hours: Hours,
     pub allow_anonymous_chat: bool,
+    /// The users who answer its chats.
+    #[serde(default)]
+    pub agents: Vec<Uuid>,
 }
 
 /// A pre-chat field.
@@ -90,6 +94,7 @@ impl Settings {
             business_hours: Some(self.business_hours.to_proto()),
             visit_lifetime_days: lifetime_days,
             allow_anonymous_chat: self.allow_anonymous_chat,
+            agent_user_ids: self.agents.iter().map(Uuid::to_string).collect(),
         }
     }
 }
@@ -229,6 +234,16 @@ pub fn validate(
             close: interval.close.clone(),
         });
     }
+    if s.agent_user_ids.len() > MAX_AGENTS {
+        return Err(Error::invalid("settings.agent_user_ids", "at most 50"));
+    }
+    let mut agents: Vec<Uuid> = Vec::with_capacity(s.agent_user_ids.len());
+    for (i, id) in s.agent_user_ids.iter().enumerate() {
+        let id = parse_id(&format!("settings.agent_user_ids[{i}]"), id)?;
+        if !agents.contains(&id) {
+            agents.push(id);
+        }
+    }
     let lifetime = match s.visit_lifetime_days {
         0 => DEFAULT_LIFETIME_DAYS.min(max_days),
         days if days < 0 => {
@@ -253,6 +268,7 @@ pub fn validate(
                 intervals,
             },
             allow_anonymous_chat: s.allow_anonymous_chat,
+            agents,
         },
         lifetime,
     ))
@@ -359,6 +375,26 @@ fn widget_proto(row: &WidgetRow, text: &ConsentTextRow) -> Result<pb::Widget, Er
     })
 }
 
+/// Refuses agents that are not active users of the tenant.
+async fn require_agents(conn: &mut AsyncPgConnection, agents: &[Uuid]) -> Result<(), Error> {
+    if agents.is_empty() {
+        return Ok(());
+    }
+    let active: Vec<Uuid> = users::table
+        .filter(users::id.eq_any(agents))
+        .filter(users::status.eq("active"))
+        .select(users::id)
+        .load(conn)
+        .await?;
+    match agents.iter().position(|agent| !active.contains(agent)) {
+        Some(i) => Err(Error::invalid(
+            format!("settings.agent_user_ids[{i}]"),
+            "not an active user of the organisation",
+        )),
+        None => Ok(()),
+    }
+}
+
 fn admin_only(caller: &Principal) -> Result<(), Error> {
     if caller.role.is_admin() {
         Ok(())
@@ -410,6 +446,7 @@ impl Service {
         let enabled = request.enabled;
         let stored = serde_json::to_value(&settings)
             .map_err(|_| Error::Bug("widget settings do not serialise"))?;
+        let agents = settings.agents.clone();
         let (me, tenant) = (caller.user_id, caller.tenant_id);
         let event_caller = caller.clone();
         // The route goes first, in the control plane (the tenant's role has no rights there):
@@ -440,6 +477,7 @@ impl Service {
                         let text = current_text(conn, existing.id).await?;
                         return widget_proto(&existing, &text);
                     }
+                    require_agents(conn, &agents).await?;
                     let at = now();
                     let row: WidgetRow = diesel::insert_into(widgets::table)
                         .values((
@@ -483,10 +521,12 @@ impl Service {
         let enabled = request.enabled;
         let stored = serde_json::to_value(&settings)
             .map_err(|_| Error::Bug("widget settings do not serialise"))?;
+        let agents = settings.agents.clone();
         let event_caller = caller.clone();
         let widget = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
+                    require_agents(conn, &agents).await?;
                     let row: WidgetRow = diesel::update(widgets::table.find(id))
                         .set((
                             widgets::enabled.eq(enabled),

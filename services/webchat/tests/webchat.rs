@@ -1092,3 +1092,179 @@ async fn webchat_widgets_list_page_by_page_with_their_current_consent_texts() {
         ]
     );
 }
+
+async fn next_event(
+    stream: &mut tonic::Streaming<hafen_proto::messaging::v1::SubscribeResponse>,
+) -> hafen_proto::messaging::v1::SubscribeResponse {
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("open")
+        .expect("ok")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb1_a_visitor_without_an_account_chats_with_an_agent_both_ways() {
+    use hafen_proto::messaging::v1 as msg_pb;
+    use tokio_stream::StreamExt;
+
+    let s = setup().await;
+    let (agent, agent_session) = s
+        .stack
+        .create_logged_in_member(&s.tenant, &s.owner, "agent", "agent password 1")
+        .await;
+    let agent_token = agent_session.access_token;
+    let mut with_agent = settings();
+    with_agent.agent_user_ids = vec![agent.user_id.clone()];
+    let widget = s
+        .stack
+        .widget_client()
+        .await
+        .create_widget(with_token(
+            &s.owner,
+            pb::CreateWidgetRequest {
+                settings: Some(with_agent),
+                enabled: true,
+                consent_text: "Consent".into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The agent follows their conversations through MessagingService.
+    let mut agent_stream = s
+        .stack
+        .messaging_client()
+        .await
+        .subscribe(with_token(
+            &agent_token,
+            msg_pb::SubscribeRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut agent_stream).await.event,
+        Some(msg_pb::subscribe_response::Event::CaughtUp(_))
+    ));
+
+    let visit = s.visit(&widget).await;
+    let token = visit.visitor_token.clone();
+    let mut visitors = s.stack.visitor_client().await;
+    let send = |body: &str, request_id: &str| {
+        visitor(
+            &token,
+            pb::SendVisitorMessageRequest {
+                request_id: request_id.into(),
+                body: body.into(),
+            },
+        )
+    };
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let sent = visitors
+        .send_visitor_message(send("Hello, my card is 4111 1111 1111 1111", &request_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(sent.from_visitor);
+    assert!(sent.masked, "card numbers are always masked: {}", sent.body);
+    assert!(!sent.body.contains("4111 1111"));
+    assert_eq!(sent.sequence, 1);
+    // A retry returns the first message.
+    let again = visitors
+        .send_visitor_message(send("Hello, my card is 4111 1111 1111 1111", &request_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.message_id, sent.message_id);
+
+    // The agent is added to the chat and gets the message, live.
+    let mut conversation = None;
+    let mut received = None;
+    while received.is_none() {
+        match next_event(&mut agent_stream).await.event {
+            Some(msg_pb::subscribe_response::Event::MembershipChanged(changed)) => {
+                let chat = changed.conversation.unwrap();
+                assert_eq!(chat.kind, msg_pb::ConversationKind::Webchat as i32);
+                conversation = Some(chat.conversation_id);
+            }
+            Some(msg_pb::subscribe_response::Event::MessageCreated(message)) => {
+                received = Some(message);
+            }
+            _ => {}
+        }
+    }
+    let received = received.unwrap();
+    let conversation = conversation.expect("the chat was announced first");
+    assert_eq!(received.message_id, sent.message_id);
+    assert_eq!(received.body, sent.body);
+    assert_eq!(received.sender_user_id, visit.visit_id);
+
+    // The visitor's stream replays, catches up, and gets the agent's answer live.
+    let mut visitor_stream = visitors
+        .subscribe_visit(visitor(&token, pb::SubscribeVisitRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = Vec::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), visitor_stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match item.event.unwrap() {
+            pb::subscribe_visit_response::Event::MessageCreated(m) => replayed.push(m.message_id),
+            pb::subscribe_visit_response::Event::CaughtUp(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(replayed, std::slice::from_ref(&sent.message_id));
+    let answer = s
+        .stack
+        .messaging_client()
+        .await
+        .send_message(with_token(
+            &agent_token,
+            msg_pb::SendMessageRequest {
+                conversation_id: conversation,
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "Hello! How can I help?".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let live = tokio::time::timeout(Duration::from_secs(10), visitor_stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match live.event.unwrap() {
+        pb::subscribe_visit_response::Event::MessageCreated(m) => {
+            assert_eq!(m.message_id, answer.message_id);
+            assert_eq!(m.body, "Hello! How can I help?");
+            assert!(!m.from_visitor);
+            assert_eq!(m.sequence, 2);
+        }
+        other => panic!("the agent's answer, not {other:?}"),
+    }
+
+    // Without an agent, the first message is refused with AGENT_UNAVAILABLE.
+    let lonely = s.widget(true).await;
+    let other = s.visit(&lonely).await;
+    let refused = visitors
+        .send_visitor_message(visitor(
+            &other.visitor_token,
+            pb::SendVisitorMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "Anyone?".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "AGENT_UNAVAILABLE");
+}

@@ -29,7 +29,9 @@
 --   conversation are all known or all probed (the caller gives them the same floor, or none).
 -- - `true`, any batch: a send with the same sender and request id as a stored message (a
 --   retry) returns that message instead, a send from a non-member is left out, and the rest
---   are stored, numbered here. `p_places`, `p_counter` and `p_floors` are not used.
+--   are stored, numbered here. `p_places`, `p_counter` and `p_floors` are not used. Here the
+--   visitor of a website-chat conversation (`visits.conversation_id`) counts as a member too:
+--   the webchat service stores its visitors' messages this way.
 --
 -- Returns the stored messages and, for retries, the earlier ones (the caller tells them apart
 -- by id: a send's new message has the id it was given).
@@ -108,11 +110,12 @@ BEGIN
                 SELECT m.sequence FROM messages m WHERE m.conversation_id = c.id
                 ORDER BY m.sequence DESC LIMIT 1)) AS last_sequence
             FROM conversations c WHERE c.id = i.conversation_id LIMIT 1) c
-        CROSS JOIN LATERAL (
-            SELECT FROM members b
-            WHERE b.conversation_id = i.conversation_id AND b.user_id = i.sender_id LIMIT 1) b
         WHERE NOT EXISTS (SELECT FROM earlier e
                           WHERE (e.m).sender_id = i.sender_id AND (e.m).request_id = i.request_id)
+          AND (EXISTS (SELECT FROM members b
+                       WHERE b.conversation_id = i.conversation_id AND b.user_id = i.sender_id)
+               OR EXISTS (SELECT FROM visits v
+                          WHERE v.id = i.sender_id AND v.conversation_id = i.conversation_id))
     ), counted AS (
         UPDATE event_counter SET last_id = last_id + (SELECT count(*) FROM fresh)
         WHERE EXISTS (SELECT FROM fresh)

@@ -30,15 +30,22 @@ CREATE TABLE consent_texts (
 -- SHA-256; the visitor's data key (which encrypts their field values) is kept with the users'
 -- keys, under the visit's id.
 CREATE TABLE visits (
-    id           uuid PRIMARY KEY,
-    widget_id    uuid NOT NULL REFERENCES widgets (id),
-    token_sha256 bytea NOT NULL UNIQUE CHECK (length(token_sha256) = 32),
-    created_at   timestamptz NOT NULL,
-    last_seen_at timestamptz NOT NULL,
-    expires_at   timestamptz NOT NULL
+    id              uuid PRIMARY KEY,
+    widget_id       uuid NOT NULL REFERENCES widgets (id),
+    token_sha256    bytea NOT NULL UNIQUE CHECK (length(token_sha256) = 32),
+    created_at      timestamptz NOT NULL,
+    last_seen_at    timestamptz NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    -- The visit's chat (a conversation of kind webchat, its agent the one member) and the agent
+    -- it was routed to; set with the visitor's first message. The visitor sends into it as the
+    -- sender `id` (store_messages counts them as a member).
+    conversation_id uuid UNIQUE REFERENCES conversations (id),
+    agent_id        uuid REFERENCES users (id)
 );
 
 CREATE INDEX visits_expires_idx ON visits (expires_at);
+-- Routing counts each agent's open chats.
+CREATE INDEX visits_agent_idx ON visits (agent_id, expires_at) WHERE agent_id IS NOT NULL;
 
 -- Every answer to a consent text: the version and the hash of the text answered, granted or
 -- declined, and when. The latest answer of a visit counts. The answers outlive their visit

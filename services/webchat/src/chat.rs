@@ -1,0 +1,413 @@
+//! A visit's chat with the organisation (CB1): a conversation of kind webchat in the tenant's
+//! schema, its agent the one member, the visitor its other sender. Visitors' messages are
+//! masked, sealed under the visitor's key and stored by the tenant schema's `store_messages`
+//! (the messaging service's own send path, which counts a visit's visitor as a member); the
+//! messaging service's feeds are woken through Redis, so agents get them like any message.
+//! The visitor reads the chat's part of the event log from here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{
+    Array, BigInt, Bool, Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
+use diesel_async::RunQueryDsl;
+use hafen_proto::webchat::v1 as pb;
+use hafen_store::keyring::body_context;
+use hafen_store::masking::Masker;
+use hafen_store::prepared::{Statement, bind};
+use hafen_store::schema::{conversations, event_counter, events, members, messages, users, visits};
+use hafen_store::{AsyncPgConnection, now};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::Service;
+use crate::error::Error;
+use crate::visits::Visitor;
+
+/// Largest message body, in bytes of UTF-8.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// Log entries read per query of a stream.
+const PAGE: i64 = 200;
+
+/// A message row.
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = messages)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+struct MessageRow {
+    id: Uuid,
+    sequence: i64,
+    sender_id: Uuid,
+    ciphertext: Option<Vec<u8>>,
+    masked: bool,
+    created_at: DateTime<Utc>,
+    edited_at: Option<DateTime<Utc>>,
+    deleted_at: Option<DateTime<Utc>>,
+}
+
+/// One entry of a chat's part of the event log.
+#[derive(Debug, QueryableByName)]
+struct LogEntry {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = SqlUuid)]
+    message_id: Uuid,
+}
+
+/// The log of one conversation after `$2`, at most `$3` entries: messages' creations (kept in
+/// their rows) and their edits and deletions (rows of `events`), in id order.
+const CHAT_LOG: &str = "\
+    SELECT * FROM ( \
+        (SELECT m.event_id AS id, 'message_created' AS kind, m.id AS message_id \
+         FROM messages m WHERE m.conversation_id = $1 AND m.event_id > $2 \
+         ORDER BY m.event_id LIMIT $3) \
+        UNION ALL \
+        (SELECT e.id, e.kind, e.message_id FROM events e \
+         WHERE e.conversation_id = $1 AND e.id > $2 AND e.message_id IS NOT NULL \
+         ORDER BY e.id LIMIT $3) \
+    ) log ORDER BY id LIMIT $3";
+
+/// One call of the tenant schema's `store_messages` (tenant migration `000004`), looking for
+/// retries: a visitor's sends are few, and a retry must return the first message.
+const STORE: &str = "SELECT * FROM store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+impl MessageRow {
+    fn to_proto(&self, visit: Uuid, body: String) -> pb::VisitMessage {
+        pb::VisitMessage {
+            message_id: self.id.to_string(),
+            sequence: u64::try_from(self.sequence).unwrap_or_default(),
+            from_visitor: self.sender_id == visit,
+            body,
+            masked: self.masked,
+            create_time: Some(hafen_platform::timestamp(self.created_at)),
+            edit_time: self.edited_at.map(hafen_platform::timestamp),
+            delete_time: self.deleted_at.map(hafen_platform::timestamp),
+        }
+    }
+}
+
+impl Service {
+    /// The visit's chat, opened on its first message: routed to the widget's agent with the
+    /// fewest open chats, or the agent the visit had.
+    async fn chat(&self, visitor: &Visitor) -> Result<Uuid, Error> {
+        let visit = visitor.visit.id;
+        let agents = visitor.widget.settings.agents.clone();
+        let title = visitor.widget.settings.name.clone();
+        self.scoped(visitor.tenant, move |conn| {
+            Box::pin(async move {
+                // The visit's row, locked: two first messages at once open one chat.
+                let (conversation, agent): (Option<Uuid>, Option<Uuid>) = visits::table
+                    .find(visit)
+                    .select((visits::conversation_id, visits::agent_id))
+                    .for_update()
+                    .first(conn)
+                    .await?;
+                if let Some(conversation) = conversation {
+                    return Ok(conversation);
+                }
+                let agent = match agent {
+                    Some(agent) => agent,
+                    None => least_busy(conn, &agents)
+                        .await?
+                        .ok_or(Error::AgentUnavailable)?,
+                };
+                let at = now();
+                let id = Uuid::now_v7();
+                diesel::insert_into(conversations::table)
+                    .values((
+                        conversations::id.eq(id),
+                        conversations::kind.eq("webchat"),
+                        conversations::title.eq(&title),
+                        conversations::creator_id.eq(agent),
+                        conversations::created_at.eq(at),
+                        conversations::updated_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await?;
+                diesel::insert_into(members::table)
+                    .values((
+                        members::conversation_id.eq(id),
+                        members::user_id.eq(agent),
+                        members::joined_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await?;
+                let event: i64 = diesel::update(event_counter::table)
+                    .set(event_counter::last_id.eq(event_counter::last_id + 1))
+                    .returning(event_counter::last_id)
+                    .get_result(conn)
+                    .await?;
+                let detail = serde_json::json!({"added": [agent], "removed": [], "actor": null});
+                diesel::insert_into(events::table)
+                    .values((
+                        events::id.eq(event),
+                        events::conversation_id.eq(id),
+                        events::kind.eq("membership_changed"),
+                        events::detail.eq(Some(detail)),
+                        events::created_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await?;
+                diesel::update(visits::table.find(visit))
+                    .set((visits::conversation_id.eq(id), visits::agent_id.eq(agent)))
+                    .execute(conn)
+                    .await?;
+                Ok(id)
+            })
+        })
+        .await
+    }
+
+    /// SendVisitorMessage.
+    pub async fn send_visitor_message(
+        &self,
+        visitor: &Visitor,
+        request: pb::SendVisitorMessageRequest,
+    ) -> Result<pb::VisitMessage, Error> {
+        let request_id = Uuid::try_parse(&request.request_id)
+            .map_err(|_| Error::invalid("request_id", "required: a UUID"))?;
+        if request.body.trim().is_empty() {
+            return Err(Error::invalid("body", "must not be empty"));
+        }
+        if request.body.len() > MAX_BODY_BYTES {
+            return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
+        }
+        let (tenant, visit) = (visitor.tenant, visitor.visit.id);
+        let conversation = self.chat(visitor).await?;
+        let masker = Masker::new(&visitor.widget.tenant_settings.masking);
+        let (body, masked) = masker.apply(&request.body);
+        let id = Uuid::now_v7();
+        let key = self.keys.user_key(tenant, visit).await?;
+        let sealed = key.seal(&body_context(id, conversation), body.as_bytes())?;
+        let stored: Vec<MessageRow> = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    Ok(Statement::new(
+                        STORE,
+                        (
+                            bind::<Array<SqlUuid>, _>(vec![id]),
+                            bind::<Array<SqlUuid>, _>(vec![conversation]),
+                            bind::<Array<SqlUuid>, _>(vec![visit]),
+                            bind::<Array<SqlUuid>, _>(vec![request_id]),
+                            bind::<Array<Bytea>, _>(vec![sealed]),
+                            bind::<Array<Bool>, _>(vec![masked]),
+                            bind::<Array<Integer>, _>(vec![1]),
+                            bind::<Timestamptz, _>(now()),
+                            bind::<Nullable<BigInt>, _>(None::<i64>),
+                            bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>]),
+                            bind::<Bool, _>(true),
+                        ),
+                    )
+                    .load(conn)
+                    .await?)
+                })
+            })
+            .await?;
+        let row = stored
+            .into_iter()
+            .next()
+            .ok_or(Error::Bug("a visitor's message was not stored"))?;
+        if row.id == id {
+            self.wake(tenant).await;
+            return Ok(row.to_proto(visit, body));
+        }
+        // A retry: the first message, as stored (the visit's, in its chat).
+        let body = match &row.ciphertext {
+            Some(sealed) => {
+                let plain = key.open(&body_context(row.id, conversation), sealed)?;
+                String::from_utf8(plain.to_vec())
+                    .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
+            }
+            None => String::new(),
+        };
+        Ok(row.to_proto(visit, body))
+    }
+
+    /// Wakes the messaging service's feeds of `tenant`; when Redis is down they poll.
+    async fn wake(&self, tenant: Uuid) {
+        if let Some(redis) = &self.redis
+            && let Err(err) = redis.publish_events(tenant).await
+        {
+            tracing::debug!(error = %err, "event notification not published; feeds poll");
+        }
+    }
+
+    /// Up to [`PAGE`] entries of the visit's chat after `after`, with their messages opened;
+    /// `None` when the visit is gone.
+    async fn chat_after(
+        &self,
+        visitor: &Visitor,
+        after: i64,
+    ) -> Result<Option<Vec<(LogEntry, MessageRow, String)>>, Error> {
+        let visit = visitor.visit.id;
+        let read = self
+            .scoped(visitor.tenant, move |conn| {
+                Box::pin(async move { read_chat(conn, visit, after).await })
+            })
+            .await?;
+        let Some((conversation, entries, rows)) = read else {
+            return Ok(None);
+        };
+        let mut by_id: HashMap<Uuid, MessageRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Some(row) = by_id.get(&entry.message_id).cloned() else {
+                continue; // purged since
+            };
+            let body = match &row.ciphertext {
+                Some(sealed) => {
+                    let key = self.keys.user_key(visitor.tenant, row.sender_id).await?;
+                    let plain = key.open(&body_context(row.id, conversation), sealed)?;
+                    String::from_utf8(plain.to_vec())
+                        .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
+                }
+                None => String::new(),
+            };
+            by_id.insert(row.id, row.clone());
+            out.push((entry, row, body));
+        }
+        Ok(Some(out))
+    }
+
+    /// SubscribeVisit: replays the chat after `after`, then follows it, polling every
+    /// `poll`, until the visit ends or the receiver goes away.
+    pub async fn subscribe_visit(
+        self: std::sync::Arc<Self>,
+        visitor: Visitor,
+        after: i64,
+        poll: Duration,
+    ) -> mpsc::Receiver<Result<pb::SubscribeVisitResponse, Error>> {
+        let (out, receiver) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let visit = visitor.visit.id;
+            let mut last = after;
+            let mut caught_up = false;
+            loop {
+                let page = match self.chat_after(&visitor, last).await {
+                    Ok(Some(page)) => page,
+                    Ok(None) => {
+                        let _ = out
+                            .send(Err(Error::Unauthenticated("the visit has ended")))
+                            .await;
+                        return;
+                    }
+                    Err(err) => {
+                        let _ = out.send(Err(err)).await;
+                        return;
+                    }
+                };
+                let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
+                for (entry, row, body) in page {
+                    use pb::subscribe_visit_response::Event;
+                    let message = row.to_proto(visit, body);
+                    let event = match entry.kind.as_str() {
+                        "message_created" => Event::MessageCreated(message),
+                        "message_edited" => Event::MessageEdited(message),
+                        _ => Event::MessageDeleted(message),
+                    };
+                    last = entry.id;
+                    let item = pb::SubscribeVisitResponse {
+                        cursor: last.to_string(),
+                        event: Some(event),
+                    };
+                    if out.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                if !caught_up {
+                    caught_up = true;
+                    let item = pb::SubscribeVisitResponse {
+                        cursor: last.to_string(),
+                        event: Some(pb::subscribe_visit_response::Event::CaughtUp(
+                            pb::CaughtUp {},
+                        )),
+                    };
+                    if out.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    () = out.closed() => return,
+                    () = tokio::time::sleep(poll) => {}
+                }
+            }
+        });
+        receiver
+    }
+}
+
+/// The agent among `agents` (active users) with the fewest open chats.
+async fn least_busy(conn: &mut AsyncPgConnection, agents: &[Uuid]) -> Result<Option<Uuid>, Error> {
+    if agents.is_empty() {
+        return Ok(None);
+    }
+    let active: Vec<Uuid> = users::table
+        .filter(users::id.eq_any(agents))
+        .filter(users::status.eq("active"))
+        .select(users::id)
+        .load(conn)
+        .await?;
+    let open: Vec<Option<Uuid>> = visits::table
+        .filter(visits::agent_id.eq_any(&active))
+        .filter(visits::expires_at.gt(now()))
+        .select(visits::agent_id)
+        .load(conn)
+        .await?;
+    let mut load: HashMap<Uuid, usize> = active.iter().map(|a| (*a, 0)).collect();
+    for agent in open.into_iter().flatten() {
+        *load.entry(agent).or_default() += 1;
+    }
+    // Ties go to the agent listed first.
+    Ok(agents
+        .iter()
+        .filter(|agent| load.contains_key(agent))
+        .min_by_key(|agent| load.get(agent).copied().unwrap_or_default())
+        .copied())
+}
+
+/// The visit's conversation, its log after `after` and the messages it names; `None` when
+/// the visit is gone.
+async fn read_chat(
+    conn: &mut AsyncPgConnection,
+    visit: Uuid,
+    after: i64,
+) -> Result<Option<(Uuid, Vec<LogEntry>, Vec<MessageRow>)>, Error> {
+    let found: Option<Option<Uuid>> = visits::table
+        .find(visit)
+        .filter(visits::expires_at.gt(now()))
+        .select(visits::conversation_id)
+        .first(conn)
+        .await
+        .optional()?;
+    let Some(conversation) = found else {
+        return Ok(None);
+    };
+    let Some(conversation) = conversation else {
+        return Ok(Some((Uuid::nil(), Vec::new(), Vec::new())));
+    };
+    let entries: Vec<LogEntry> = Statement::new(
+        CHAT_LOG,
+        (
+            bind::<SqlUuid, _>(conversation),
+            bind::<BigInt, _>(after),
+            bind::<BigInt, _>(PAGE),
+        ),
+    )
+    .load(conn)
+    .await?;
+    let ids: Vec<Uuid> = entries.iter().map(|e| e.message_id).collect();
+    let rows: Vec<MessageRow> = messages::table
+        .filter(messages::id.eq_any(&ids))
+        .select(MessageRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(Some((conversation, entries, rows)))
+}
