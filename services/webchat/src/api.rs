@@ -93,6 +93,19 @@ impl WidgetService for WidgetApi {
         Ok(Response::new(widget))
     }
 
+    #[instrument(name = "GetVisitorFields", skip_all)]
+    async fn get_visitor_fields(
+        &self,
+        request: Request<pb::GetVisitorFieldsRequest>,
+    ) -> Result<Response<pb::GetVisitorFieldsResponse>, Status> {
+        let caller = user(&request)?.clone();
+        let fields = self
+            .service
+            .visitor_fields(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(fields))
+    }
+
     #[instrument(name = "ListWidgets", skip_all)]
     async fn list_widgets(
         &self,
@@ -307,5 +320,31 @@ impl VisitorService for VisitorApi {
         let stream = tokio_stream::wrappers::ReceiverStream::new(receiver)
             .map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[instrument(name = "EditVisitorMessage", skip_all, fields(tenant_id, visit_id))]
+    async fn edit_visitor_message(
+        &self,
+        request: Request<pb::EditVisitorMessageRequest>,
+    ) -> Result<Response<pb::VisitMessage>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let edited = self
+            .service
+            .edit_visitor_message(&visitor, request.into_inner())
+            .await?;
+        Ok(Response::new(edited))
+    }
+
+    #[instrument(name = "DeleteVisitorMessage", skip_all, fields(tenant_id, visit_id))]
+    async fn delete_visitor_message(
+        &self,
+        request: Request<pb::DeleteVisitorMessageRequest>,
+    ) -> Result<Response<pb::VisitMessage>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let deleted = self
+            .service
+            .delete_visitor_message(&visitor, request.into_inner())
+            .await?;
+        Ok(Response::new(deleted))
     }
 }

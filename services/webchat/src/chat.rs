@@ -18,7 +18,10 @@ use hafen_proto::webchat::v1 as pb;
 use hafen_store::keyring::body_context;
 use hafen_store::masking::Masker;
 use hafen_store::prepared::{Statement, bind};
-use hafen_store::schema::{conversations, event_counter, events, members, messages, users, visits};
+use hafen_store::schema::{
+    conversations, event_counter, events, legal_holds, members, messages, users, visit_fields,
+    visits,
+};
 use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -410,4 +413,201 @@ async fn read_chat(
         .load(conn)
         .await?;
     Ok(Some((conversation, entries, rows)))
+}
+
+/// A visitor's own message in `visit`'s chat, for a change: its conversation, and whether it
+/// is deleted. Refuses what is not theirs, and what a legal hold keeps.
+async fn own_message(
+    conn: &mut AsyncPgConnection,
+    visit: Uuid,
+    message: Uuid,
+) -> Result<(Uuid, bool), Error> {
+    let found: Option<(Uuid, Option<DateTime<Utc>>)> = messages::table
+        .find(message)
+        .filter(messages::sender_id.eq(visit))
+        .select((messages::conversation_id, messages::deleted_at))
+        .first(conn)
+        .await
+        .optional()?;
+    let (conversation, deleted_at) = found.ok_or(Error::NotFound("message"))?;
+    let held: bool = diesel::select(diesel::dsl::exists(
+        legal_holds::table
+            .filter(legal_holds::lifted_at.is_null())
+            .filter(legal_holds::conversation_id.eq(conversation)),
+    ))
+    .get_result(conn)
+    .await?;
+    if held {
+        return Err(Error::LegalHold);
+    }
+    Ok((conversation, deleted_at.is_some()))
+}
+
+/// Appends the event of a change of `message` (edited or deleted).
+async fn log_change(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    message: Uuid,
+    kind: &str,
+) -> Result<(), Error> {
+    let event: i64 = diesel::update(event_counter::table)
+        .set(event_counter::last_id.eq(event_counter::last_id + 1))
+        .returning(event_counter::last_id)
+        .get_result(conn)
+        .await?;
+    diesel::insert_into(events::table)
+        .values((
+            events::id.eq(event),
+            events::conversation_id.eq(conversation),
+            events::kind.eq(kind),
+            events::message_id.eq(Some(message)),
+            events::created_at.eq(now()),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+impl Service {
+    /// EditVisitorMessage.
+    pub async fn edit_visitor_message(
+        &self,
+        visitor: &Visitor,
+        request: pb::EditVisitorMessageRequest,
+    ) -> Result<pb::VisitMessage, Error> {
+        let message = crate::widgets::parse_id("message_id", &request.message_id)?;
+        if request.body.trim().is_empty() {
+            return Err(Error::invalid("body", "must not be empty"));
+        }
+        if request.body.len() > MAX_BODY_BYTES {
+            return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
+        }
+        let (tenant, visit) = (visitor.tenant, visitor.visit.id);
+        let masker = Masker::new(&visitor.widget.tenant_settings.masking);
+        let (body, masked) = masker.apply(&request.body);
+        let key = self.keys.user_key(tenant, visit).await?;
+        let sealed_body = body.clone();
+        let row = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    let (conversation, deleted) = own_message(conn, visit, message).await?;
+                    if deleted {
+                        return Err(Error::InvalidState("the message is deleted"));
+                    }
+                    let sealed =
+                        key.seal(&body_context(message, conversation), sealed_body.as_bytes())?;
+                    let row: MessageRow = diesel::update(messages::table.find(message))
+                        .set((
+                            messages::ciphertext.eq(Some(sealed)),
+                            messages::masked.eq(masked),
+                            messages::edited_at.eq(Some(now())),
+                        ))
+                        .returning(MessageRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    log_change(conn, conversation, message, "message_edited").await?;
+                    Ok(row)
+                })
+            })
+            .await?;
+        self.wake(tenant).await;
+        Ok(row.to_proto(visit, body))
+    }
+
+    /// DeleteVisitorMessage.
+    pub async fn delete_visitor_message(
+        &self,
+        visitor: &Visitor,
+        request: pb::DeleteVisitorMessageRequest,
+    ) -> Result<pb::VisitMessage, Error> {
+        let message = crate::widgets::parse_id("message_id", &request.message_id)?;
+        let (tenant, visit) = (visitor.tenant, visitor.visit.id);
+        let (row, changed) = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    let (conversation, deleted) = own_message(conn, visit, message).await?;
+                    if deleted {
+                        let row = messages::table
+                            .find(message)
+                            .select(MessageRow::as_select())
+                            .first(conn)
+                            .await?;
+                        return Ok((row, false));
+                    }
+                    let row: MessageRow = diesel::update(messages::table.find(message))
+                        .set((
+                            messages::ciphertext.eq(None::<Vec<u8>>),
+                            messages::deleted_at.eq(Some(now())),
+                        ))
+                        .returning(MessageRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    log_change(conn, conversation, message, "message_deleted").await?;
+                    Ok((row, true))
+                })
+            })
+            .await?;
+        if changed {
+            self.wake(tenant).await;
+        }
+        Ok(row.to_proto(visit, String::new()))
+    }
+
+    /// GetVisitorFields: for the chat's agents (members), admins and the owner.
+    pub async fn visitor_fields(
+        &self,
+        caller: &hafen_authn::Principal,
+        request: pb::GetVisitorFieldsRequest,
+    ) -> Result<pb::GetVisitorFieldsResponse, Error> {
+        let conversation = crate::widgets::parse_id("conversation_id", &request.conversation_id)?;
+        let (me, admin) = (caller.user_id, caller.role.is_admin());
+        let (visit, rows) = self
+            .scoped(caller.tenant_id, move |conn| {
+                Box::pin(async move {
+                    let visit: Option<Uuid> = visits::table
+                        .filter(visits::conversation_id.eq(conversation))
+                        .select(visits::id)
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    let member: bool = diesel::select(diesel::dsl::exists(
+                        members::table
+                            .filter(members::conversation_id.eq(conversation))
+                            .filter(members::user_id.eq(me)),
+                    ))
+                    .get_result(conn)
+                    .await?;
+                    let Some(visit) = visit.filter(|_| member || admin) else {
+                        return Err(Error::NotFound("conversation"));
+                    };
+                    let rows: Vec<(String, Vec<u8>, Option<DateTime<Utc>>)> = visit_fields::table
+                        .filter(visit_fields::visit_id.eq(visit))
+                        .order(visit_fields::key.asc())
+                        .select((
+                            visit_fields::key,
+                            visit_fields::sealed,
+                            visit_fields::released_at,
+                        ))
+                        .load(conn)
+                        .await?;
+                    Ok((visit, rows))
+                })
+            })
+            .await?;
+        let key = self.keys.user_key(caller.tenant_id, visit).await?;
+        let mut fields = Vec::with_capacity(rows.len());
+        for (name, sealed, released_at) in rows {
+            let plain = key.open(&crate::visits::field_context(visit, &name), &sealed)?;
+            fields.push(pb::FieldValue {
+                key: name,
+                value: String::from_utf8(plain.to_vec())
+                    .map_err(|_| Error::Bug("a stored field is not UTF-8"))?,
+                released: released_at.is_some(),
+            });
+        }
+        Ok(pb::GetVisitorFieldsResponse {
+            visit_id: visit.to_string(),
+            fields,
+        })
+    }
 }

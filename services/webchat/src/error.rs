@@ -50,6 +50,9 @@ pub enum Error {
     /// Personal data without consent to the current text.
     #[error("consent to the current consent text is required for personal fields")]
     ConsentRequired,
+    /// A legal hold keeps the message as it is.
+    #[error("under legal hold")]
+    LegalHold,
     /// No agent can take the chat.
     #[error("no agent is available")]
     AgentUnavailable,
@@ -101,6 +104,12 @@ impl From<Error> for Status {
             Error::Unauthenticated(message) => status::unauthenticated(message),
             Error::InvalidState(message) => status::invalid_state(message),
             Error::RateLimited(wait) => status::rate_limited(wait),
+            Error::LegalHold => status::error(
+                Code::FailedPrecondition,
+                "LEGAL_HOLD_ACTIVE",
+                "the chat is under legal hold",
+                &[],
+            ),
             Error::AgentUnavailable => status::error(
                 Code::FailedPrecondition,
                 "AGENT_UNAVAILABLE",

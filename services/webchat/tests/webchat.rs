@@ -1253,6 +1253,110 @@ async fn cb1_a_visitor_without_an_account_chats_with_an_agent_both_ways() {
         other => panic!("the agent's answer, not {other:?}"),
     }
 
+    // The agent sees what the visitor gave and released, nobody else in the team does.
+    s.consent(&token, 1, true).await;
+    s.submit(
+        &token,
+        &[
+            ("email", "jane@example.eu", true),
+            ("topic", "returns", false),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut widgets = s.stack.widget_client().await;
+    let seen = widgets
+        .get_visitor_fields(with_token(
+            &agent_token,
+            pb::GetVisitorFieldsRequest {
+                conversation_id: received.conversation_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.visit_id, visit.visit_id);
+    let fields: Vec<(&str, &str, bool)> = seen
+        .fields
+        .iter()
+        .map(|f| (f.key.as_str(), f.value.as_str(), f.released))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("email", "jane@example.eu", true),
+            ("topic", "returns", false)
+        ]
+    );
+    let (_, colleague) = s
+        .stack
+        .create_logged_in_member(&s.tenant, &s.owner, "colleague", "colleague password 1")
+        .await;
+    let hidden = widgets
+        .get_visitor_fields(with_token(
+            &colleague.access_token,
+            pb::GetVisitorFieldsRequest {
+                conversation_id: received.conversation_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+
+    // The visitor edits and deletes their own message; the agent's stream follows.
+    let edited = visitors
+        .edit_visitor_message(visitor(
+            &token,
+            pb::EditVisitorMessageRequest {
+                message_id: sent.message_id.clone(),
+                body: "Hello, sorry, wrong card".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(edited.edit_time.is_some());
+    visitors
+        .delete_visitor_message(visitor(
+            &token,
+            pb::DeleteVisitorMessageRequest {
+                message_id: sent.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut changes = Vec::new();
+    while changes.len() < 2 {
+        match next_event(&mut agent_stream).await.event {
+            Some(msg_pb::subscribe_response::Event::MessageEdited(m)) => {
+                changes.push(format!("edited {}", m.body));
+            }
+            Some(msg_pb::subscribe_response::Event::MessageDeleted(m)) => {
+                changes.push(format!("deleted {}", m.body));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        changes,
+        ["edited Hello, sorry, wrong card", "deleted "],
+        "in order, the deletion without a body"
+    );
+    let not_theirs = visitors
+        .delete_visitor_message(visitor(
+            &token,
+            pb::DeleteVisitorMessageRequest {
+                message_id: answer.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        not_theirs.code(),
+        Code::NotFound,
+        "the agent's message is not theirs"
+    );
+
     // Without an agent, the first message is refused with AGENT_UNAVAILABLE.
     let lonely = s.widget(true).await;
     let other = s.visit(&lonely).await;
