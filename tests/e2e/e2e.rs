@@ -166,6 +166,16 @@ async fn bx5_at_debug_and_trace_levels_no_secret_reaches_the_logs() {
         assert!(history.iter().any(|m| m.body == body));
         let mut events = phone.subscribe(None);
         caught_up(&mut events).await;
+        // A website visitor: their token, address, browser, page and what they give must not
+        // reach the logs either (CB8).
+        let owner_token = owner
+            .session()
+            .expect("logged in")
+            .access_token()
+            .to_owned();
+        let visitor_values =
+            webchat_visit(&secrets, stack.port(Service::Webchat), &owner, &owner_token).await;
+        secret_values.extend(visitor_values);
         let answer = owner
             .auth()
             .revoke_chat_code(auth_pb::RevokeChatCodeRequest {
@@ -205,6 +215,159 @@ async fn bx5_at_debug_and_trace_levels_no_secret_reaches_the_logs() {
             "a statement's bind parameters in the log: {line}"
         );
     }
+}
+
+/// A visit of a website-chat widget the owner creates on the webchat service at `port`, as a
+/// browser makes it; returns what must never be logged (the visitor's token, address, browser,
+/// page, e-mail address and message).
+async fn webchat_visit(
+    secrets: &TestSecrets,
+    port: u16,
+    owner: &Hafen,
+    owner_token: &str,
+) -> Vec<String> {
+    use hafen_proto::webchat::v1 as web_pb;
+    use hafen_proto::webchat::v1::visitor_service_client::VisitorServiceClient;
+    use hafen_proto::webchat::v1::widget_service_client::WidgetServiceClient;
+
+    let answer = owner
+        .tenant()
+        .update_tenant_settings(tenant_pb::UpdateTenantSettingsRequest {
+            settings: Some(tenant_pb::TenantSettings {
+                features: Some(tenant_pb::Features { webchat: true }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["features.webchat".into()],
+            }),
+            ..Default::default()
+        })
+        .await;
+    ok(owner, answer, "UpdateTenantSettings").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .tls_config(secrets.client_tls(None))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("the webchat service");
+    let mut create = tonic::Request::new(web_pb::CreateWidgetRequest {
+        settings: Some(web_pb::WidgetSettings {
+            name: "Shop".into(),
+            allowed_origins: vec!["https://shop.example.com".into()],
+            privacy_policy_url: "https://shop.example.com/privacy".into(),
+            pre_chat_fields: vec![web_pb::PreChatField {
+                key: "email".into(),
+                label: "E-mail".into(),
+                personal: true,
+                purpose: "To answer by e-mail".into(),
+                required: false,
+            }],
+            ..Default::default()
+        }),
+        enabled: true,
+        consent_text: "We store what you give us to answer you.".into(),
+        request_id: String::new(),
+    });
+    create.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {owner_token}").parse().expect("metadata"),
+    );
+    let widget = WidgetServiceClient::new(channel.clone())
+        .create_widget(create)
+        .await
+        .expect("CreateWidget")
+        .into_inner();
+    const ADDRESS: &str = "198.51.100.73";
+    const AGENT: &str = "Mozilla/5.0 BrowserOfVisitor/77";
+    const PAGE: &str = "https://shop.example.com/visitor-page-bx5";
+    /// `message` as a browser on the shop's pages sends it, with the visitor's `token`.
+    fn with<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let headers = request.metadata_mut();
+        for (name, value) in [
+            ("origin", "https://shop.example.com".to_owned()),
+            ("user-agent", AGENT.to_owned()),
+            ("referer", PAGE.to_owned()),
+            ("x-forwarded-for", ADDRESS.to_owned()),
+        ] {
+            headers.insert(name, value.parse().expect("metadata"));
+        }
+        if let Some(token) = token {
+            headers.insert(
+                "authorization",
+                format!("Visitor {token}").parse().expect("metadata"),
+            );
+        }
+        request
+    }
+    let mut visitors = VisitorServiceClient::new(channel);
+    let visit = visitors
+        .start_visit(with(
+            None,
+            web_pb::StartVisitRequest {
+                widget_id: widget.widget_id.clone(),
+                visitor_token: String::new(),
+            },
+        ))
+        .await
+        .expect("StartVisit")
+        .into_inner();
+    let token = visit.visitor_token.clone();
+    visitors
+        .give_consent(with(
+            Some(&token),
+            web_pb::GiveConsentRequest {
+                version: 1,
+                granted: true,
+            },
+        ))
+        .await
+        .expect("GiveConsent");
+    let email = "visitor-bx5@example.eu";
+    visitors
+        .submit_fields(with(
+            Some(&token),
+            web_pb::SubmitFieldsRequest {
+                fields: vec![web_pb::FieldValue {
+                    key: "email".into(),
+                    value: email.into(),
+                    released: true,
+                }],
+            },
+        ))
+        .await
+        .expect("SubmitFields");
+    // No agent: refused, and logged without anything of the visitor.
+    let message = "visitor bx5 message text";
+    let refused = visitors
+        .send_visitor_message(with(
+            Some(&token),
+            web_pb::SendVisitorMessageRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                body: message.into(),
+            },
+        ))
+        .await;
+    assert!(refused.is_err(), "no agent takes the chat");
+    visitors
+        .get_my_data(with(Some(&token), web_pb::GetMyDataRequest {}))
+        .await
+        .expect("GetMyData");
+    visitors
+        .delete_my_data(with(Some(&token), web_pb::DeleteMyDataRequest {}))
+        .await
+        .expect("DeleteMyData");
+    let secret = token.rsplit('.').next().unwrap_or_default().to_owned();
+    vec![
+        token,
+        secret,
+        ADDRESS.into(),
+        AGENT.into(),
+        PAGE.into(),
+        email.into(),
+        message.into(),
+    ]
 }
 
 async fn run(mode: Mode) {
