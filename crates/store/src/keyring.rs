@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::Databases;
 use crate::error::Error;
-use crate::schema::user_keys;
+use crate::schema::{deletion_log, user_keys};
 
 /// How long an unwrapped key is used before it is read (and unwrapped) again.
 pub const KEY_TTL: Duration = Duration::from_secs(300);
@@ -183,7 +183,8 @@ impl KeyRing {
         Ok(key)
     }
 
-    /// The key of `user` in `tenant`, created (and stored wrapped) on first use.
+    /// The key of `user` in `tenant`, created (and stored wrapped) on first use, unless the
+    /// user (or visitor) was erased: then [`Error::KeyDestroyed`].
     pub async fn user_key(&self, tenant: Uuid, user: Uuid) -> Result<Arc<DataKey>, Error> {
         if let Some(key) = fresh(&self.inner.users, &(tenant, user)) {
             return Ok(key);
@@ -200,6 +201,18 @@ impl KeyRing {
         let wrapped = match stored {
             Some(wrapped) => wrapped,
             None => {
+                // An erased user's or visitor's key is never made again: what was sealed
+                // under the old one stays unreadable, and nothing new is sealed for them.
+                let erased: bool = diesel::select(diesel::dsl::exists(
+                    deletion_log::table
+                        .filter(deletion_log::tenant_id.eq(tenant))
+                        .filter(deletion_log::user_id.eq(user)),
+                ))
+                .get_result(&mut conn)
+                .await?;
+                if erased {
+                    return Err(Error::KeyDestroyed);
+                }
                 let fresh = DataKey::generate()?;
                 let wrapped = tenant_key.wrap(&fresh, &context)?;
                 // Two first sends at once: whichever insert wins, both use the stored key.

@@ -1,12 +1,15 @@
-//! The website chat's part of a purge (CB5): visits past their lifetime go, with their fields,
-//! their messages' bodies (tombstones stay) and their visitor's key (destroyed first, so whatever was sealed under it is unreadable
+//! The website chat's part of a purge (CB5): visits past their lifetime go (unless a legal
+//! hold keeps their chat), with their fields, their messages' bodies (tombstones stay) and
+//! their visitor's key, written to the deletion log (destroyed first, so whatever was sealed under it is unreadable
 //! even where a row survives); consent answers go once they are older than the tenant's
 //! retention period.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::schema::{consent_records, messages, user_keys, visit_fields, visits};
+use hafen_store::schema::{
+    consent_records, deletion_log, legal_holds, messages, user_keys, visit_fields, visits,
+};
 use hafen_store::{Databases, TenantId};
 use uuid::Uuid;
 
@@ -22,8 +25,8 @@ pub struct Purged {
     pub consent_records: i64,
 }
 
-/// Deletes `tenant`'s visits that expired before `now`, and its consent answers decided
-/// before `cutoff`.
+/// Deletes `tenant`'s visits that expired before `now`, and the consent answers decided
+/// before `cutoff` of visits that are gone.
 pub async fn purge(
     databases: &Databases,
     tenant: Uuid,
@@ -33,75 +36,63 @@ pub async fn purge(
     let tenant_id = TenantId::from(tenant);
     let pool = databases.tenant_pool(&tenant_id).await?;
     let mut purged = Purged::default();
+    // Keyset over (expiry, id), so held visits, which stay, are passed only once.
+    let mut after: Option<(DateTime<Utc>, Uuid)> = None;
     loop {
-        let expired: Vec<Uuid> = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
+        let (page, held) = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
             Box::pin(async move {
-                Ok::<_, Error>(
-                    visits::table
-                        .filter(visits::expires_at.lt(now))
-                        .order(visits::expires_at.asc())
-                        .select(visits::id)
-                        .limit(BATCH)
-                        .load(conn)
-                        .await?,
-                )
-            })
-        })
-        .await?;
-        if expired.is_empty() {
-            break;
-        }
-        {
-            let mut conn = databases.main_connection().await?;
-            diesel::delete(
-                user_keys::table
-                    .filter(user_keys::tenant_id.eq(tenant))
-                    .filter(user_keys::user_id.eq_any(&expired)),
-            )
-            .execute(&mut conn)
-            .await?;
-        }
-        let ids = expired.clone();
-        let deleted = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
-            Box::pin(async move {
-                diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq_any(&ids)))
-                    .execute(conn)
+                let mut query = visits::table
+                    .filter(visits::expires_at.lt(now))
+                    .order((visits::expires_at.asc(), visits::id.asc()))
+                    .select((visits::id, visits::expires_at, visits::conversation_id))
+                    .limit(BATCH)
+                    .into_boxed();
+                if let Some((at, id)) = after {
+                    query = query.filter(
+                        visits::expires_at
+                            .gt(at)
+                            .or(visits::expires_at.eq(at).and(visits::id.gt(id))),
+                    );
+                }
+                let page: Vec<(Uuid, DateTime<Utc>, Option<Uuid>)> = query.load(conn).await?;
+                // A legal hold on a visit's chat keeps the visit (its key, its messages).
+                let chats: Vec<Uuid> = page.iter().filter_map(|(_, _, chat)| *chat).collect();
+                let held: Vec<Option<Uuid>> = legal_holds::table
+                    .filter(legal_holds::lifted_at.is_null())
+                    .filter(legal_holds::conversation_id.eq_any(&chats))
+                    .select(legal_holds::conversation_id)
+                    .load(conn)
                     .await?;
-                // Their messages can no longer be read (the key is gone): tombstones.
-                diesel::update(
-                    messages::table
-                        .filter(messages::sender_id.eq_any(&ids))
-                        .filter(messages::deleted_at.is_null()),
-                )
-                .set((
-                    messages::ciphertext.eq(None::<Vec<u8>>),
-                    messages::deleted_at.eq(Some(now)),
-                ))
-                .execute(conn)
-                .await?;
-                // Only visits still expired: one resumed meanwhile stays (its key is gone,
-                // so what it held is unreadable; it starts again empty).
-                Ok::<_, Error>(
-                    diesel::delete(
-                        visits::table
-                            .filter(visits::id.eq_any(&ids))
-                            .filter(visits::expires_at.lt(now)),
-                    )
-                    .execute(conn)
-                    .await?,
-                )
+                Ok::<_, Error>((page, held.into_iter().flatten().collect::<Vec<Uuid>>()))
             })
         })
         .await?;
-        purged.visits += i64::try_from(deleted).unwrap_or(i64::MAX);
-        if i64::try_from(expired.len()).unwrap_or(i64::MAX) < BATCH {
+        let Some(&(last_id, last_at, _)) = page.last() else {
+            break;
+        };
+        after = Some((last_at, last_id));
+        let expired: Vec<Uuid> = page
+            .iter()
+            .filter(|(_, _, chat)| chat.is_none_or(|chat| !held.contains(&chat)))
+            .map(|(id, _, _)| *id)
+            .collect();
+        if !expired.is_empty() {
+            purged.visits += purge_visits(databases, &pool, tenant, expired, now).await?;
+        }
+        if i64::try_from(page.len()).unwrap_or(i64::MAX) < BATCH {
             break;
         }
     }
     purged.consent_records = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
         Box::pin(async move {
+            // Only answers of visits that are gone: a visit that holds fields keeps the
+            // proof that consent was given for them.
             let deleted = diesel::delete(
-                consent_records::table.filter(consent_records::decided_at.lt(cutoff)),
+                consent_records::table
+                    .filter(consent_records::decided_at.lt(cutoff))
+                    .filter(diesel::dsl::not(diesel::dsl::exists(
+                        visits::table.filter(visits::id.eq(consent_records::visit_id)),
+                    ))),
             )
             .execute(conn)
             .await?;
@@ -110,4 +101,83 @@ pub async fn purge(
     })
     .await?;
     Ok(purged)
+}
+
+/// Destroys the keys of `expired` visits (each in the deletion log, as a visitor who deleted
+/// their data), then deletes their rows; returns how many visits went.
+async fn purge_visits(
+    databases: &Databases,
+    pool: &hafen_store::Pool,
+    tenant: Uuid,
+    expired: Vec<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<i64, Error> {
+    {
+        use diesel_async::AsyncConnection as _;
+        let mut conn = databases.main_connection().await?;
+        let ids = expired.clone();
+        conn.transaction::<_, Error, _>(async move |conn| {
+            diesel::delete(
+                user_keys::table
+                    .filter(user_keys::tenant_id.eq(tenant))
+                    .filter(user_keys::user_id.eq_any(&ids)),
+            )
+            .execute(conn)
+            .await?;
+            let logged: Vec<Option<Uuid>> = deletion_log::table
+                .filter(deletion_log::tenant_id.eq(tenant))
+                .filter(deletion_log::user_id.eq_any(&ids))
+                .select(deletion_log::user_id)
+                .load(conn)
+                .await?;
+            let entries: Vec<_> = ids
+                .iter()
+                .filter(|id| !logged.contains(&Some(**id)))
+                .map(|id| {
+                    (
+                        deletion_log::id.eq(Uuid::now_v7()),
+                        deletion_log::kind.eq("visitor"),
+                        deletion_log::tenant_id.eq(tenant),
+                        deletion_log::user_id.eq(Some(*id)),
+                        deletion_log::deleted_at.eq(now),
+                    )
+                })
+                .collect();
+            if !entries.is_empty() {
+                diesel::insert_into(deletion_log::table)
+                    .values(entries)
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let tenant_id = TenantId::from(tenant);
+    let deleted = hafen_store::with_tenant(pool, &tenant_id, move |conn| {
+        Box::pin(async move {
+            diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq_any(&expired)))
+                .execute(conn)
+                .await?;
+            // Their messages can no longer be read (the key is gone): tombstones.
+            diesel::update(
+                messages::table
+                    .filter(messages::sender_id.eq_any(&expired))
+                    .filter(messages::deleted_at.is_null()),
+            )
+            .set((
+                messages::ciphertext.eq(None::<Vec<u8>>),
+                messages::deleted_at.eq(Some(now)),
+            ))
+            .execute(conn)
+            .await?;
+            Ok::<_, Error>(
+                diesel::delete(visits::table.filter(visits::id.eq_any(&expired)))
+                    .execute(conn)
+                    .await?,
+            )
+        })
+    })
+    .await?;
+    Ok(i64::try_from(deleted).unwrap_or(i64::MAX))
 }

@@ -145,8 +145,18 @@ impl VisitorApi {
         Self { service }
     }
 
-    /// The visitor whose token the call carries (`authorization: Visitor <token>`).
+    /// The visitor whose token the call carries (`authorization: Visitor <token>`), on a
+    /// widget that serves visitors from the call's origin.
     async fn visitor<T>(&self, request: &Request<T>) -> Result<Visitor, Error> {
+        self.authenticated(request, true).await
+    }
+
+    /// The visitor of the call, for their data rights: whatever the widget's state.
+    async fn visitor_with_rights<T>(&self, request: &Request<T>) -> Result<Visitor, Error> {
+        self.authenticated(request, false).await
+    }
+
+    async fn authenticated<T>(&self, request: &Request<T>, live: bool) -> Result<Visitor, Error> {
         let token = request
             .metadata()
             .get("authorization")
@@ -155,7 +165,11 @@ impl VisitorApi {
             .ok_or(Error::Unauthenticated(
                 "a visitor token is required: authorization: Visitor <token>",
             ))?;
-        let visitor = self.service.visitor(token, origin(request)).await?;
+        let visitor = if live {
+            self.service.visitor(token, origin(request)).await?
+        } else {
+            self.service.visitor_with_rights(token).await?
+        };
         self.service
             .limits
             .count(Subject::Visitor(visitor.visit.id))
@@ -249,7 +263,7 @@ impl VisitorService for VisitorApi {
         &self,
         request: Request<pb::GetMyDataRequest>,
     ) -> Result<Response<pb::MyData>, Status> {
-        let visitor = self.visitor(&request).await?;
+        let visitor = self.visitor_with_rights(&request).await?;
         Ok(Response::new(self.service.my_data(&visitor).await?))
     }
 
@@ -258,7 +272,7 @@ impl VisitorService for VisitorApi {
         &self,
         request: Request<pb::CorrectMyDataRequest>,
     ) -> Result<Response<pb::MyData>, Status> {
-        let visitor = self.visitor(&request).await?;
+        let visitor = self.visitor_with_rights(&request).await?;
         let corrected = self
             .service
             .correct_my_data(&visitor, request.into_inner())
@@ -271,7 +285,7 @@ impl VisitorService for VisitorApi {
         &self,
         request: Request<pb::ExportMyDataRequest>,
     ) -> Result<Response<pb::ExportMyDataResponse>, Status> {
-        let visitor = self.visitor(&request).await?;
+        let visitor = self.visitor_with_rights(&request).await?;
         Ok(Response::new(self.service.export_my_data(&visitor).await?))
     }
 
@@ -280,7 +294,7 @@ impl VisitorService for VisitorApi {
         &self,
         request: Request<pb::DeleteMyDataRequest>,
     ) -> Result<Response<pb::DeleteMyDataResponse>, Status> {
-        let visitor = self.visitor(&request).await?;
+        let visitor = self.visitor_with_rights(&request).await?;
         Ok(Response::new(self.service.delete_my_data(&visitor).await?))
     }
 

@@ -99,17 +99,45 @@ impl Service {
     /// fewest open chats, or the agent the visit had.
     async fn chat(&self, visitor: &Visitor) -> Result<Uuid, Error> {
         let visit = visitor.visit.id;
-        let agents = visitor.widget.settings.agents.clone();
-        let title = visitor.widget.settings.name.clone();
+        let widget = visitor.widget.row.id;
+        let settings = &visitor.widget.settings;
+        let agents = settings.agents.clone();
+        let title = settings.name.clone();
+        let anonymous = settings.allow_anonymous_chat;
+        let required: Vec<String> = settings
+            .pre_chat_fields
+            .iter()
+            .filter(|field| field.required)
+            .map(|field| field.key.clone())
+            .collect();
         self.scoped(visitor.tenant, move |conn| {
             Box::pin(async move {
-                // The visit's row, locked: two first messages at once open one chat.
+                // The visit's row, locked: two first messages at once open one chat, and a
+                // withdrawal of consent is not overtaken.
                 let (conversation, agent): (Option<Uuid>, Option<Uuid>) = visits::table
                     .find(visit)
                     .select((visits::conversation_id, visits::agent_id))
                     .for_update()
                     .first(conn)
                     .await?;
+                // The widget's conditions, at every message: consent to the current text
+                // unless it allows anonymous chats, and the required pre-chat fields given.
+                if !anonymous && !crate::visits::consented(conn, widget, visit).await? {
+                    return Err(Error::ConsentRequired);
+                }
+                if !required.is_empty() {
+                    let given: Vec<String> = visit_fields::table
+                        .filter(visit_fields::visit_id.eq(visit))
+                        .filter(visit_fields::key.eq_any(&required))
+                        .select(visit_fields::key)
+                        .load(conn)
+                        .await?;
+                    if required.iter().any(|key| !given.contains(key)) {
+                        return Err(Error::InvalidState(
+                            "a required pre-chat field is missing; give it with SubmitFields",
+                        ));
+                    }
+                }
                 if let Some(conversation) = conversation {
                     return Ok(conversation);
                 }
@@ -426,21 +454,30 @@ async fn own_message(
         .find(message)
         .filter(messages::sender_id.eq(visit))
         .select((messages::conversation_id, messages::deleted_at))
+        .for_update()
         .first(conn)
         .await
         .optional()?;
     let (conversation, deleted_at) = found.ok_or(Error::NotFound("message"))?;
-    let held: bool = diesel::select(diesel::dsl::exists(
+    if held(conn, conversation).await? {
+        return Err(Error::LegalHold);
+    }
+    Ok((conversation, deleted_at.is_some()))
+}
+
+/// Whether a legal hold in force covers `conversation`. Its SHARE lock on the holds makes a
+/// hold committed before it seen, and one placed meanwhile wait for this transaction.
+pub(crate) async fn held(conn: &mut AsyncPgConnection, conversation: Uuid) -> Result<bool, Error> {
+    diesel::sql_query("LOCK TABLE legal_holds IN SHARE MODE")
+        .execute(conn)
+        .await?;
+    Ok(diesel::select(diesel::dsl::exists(
         legal_holds::table
             .filter(legal_holds::lifted_at.is_null())
             .filter(legal_holds::conversation_id.eq(conversation)),
     ))
     .get_result(conn)
-    .await?;
-    if held {
-        return Err(Error::LegalHold);
-    }
-    Ok((conversation, deleted_at.is_some()))
+    .await?)
 }
 
 /// Appends the event of a change of `message` (edited or deleted).
@@ -560,7 +597,7 @@ impl Service {
         request: pb::GetVisitorFieldsRequest,
     ) -> Result<pb::GetVisitorFieldsResponse, Error> {
         let conversation = crate::widgets::parse_id("conversation_id", &request.conversation_id)?;
-        let (me, admin) = (caller.user_id, caller.role.is_admin());
+        let (me, admin, tenant) = (caller.user_id, caller.role.is_admin(), caller.tenant_id);
         let (visit, rows) = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
@@ -590,10 +627,19 @@ impl Service {
                         ))
                         .load(conn)
                         .await?;
+                    let event = hafen_events::Event::new(
+                        Some(tenant),
+                        hafen_events::Actor::User(me),
+                        "webchat.visitor.fields_read",
+                    )
+                    .target("visit", visit)
+                    .attribute("conversation_id", conversation);
+                    hafen_events::record(conn, &event).await?;
                     Ok((visit, rows))
                 })
             })
             .await?;
+        self.audited();
         let key = self.keys.user_key(caller.tenant_id, visit).await?;
         let mut fields = Vec::with_capacity(rows.len());
         for (name, sealed, released_at) in rows {

@@ -156,14 +156,38 @@ impl Service {
         })
     }
 
-    /// DeleteMyData: the key first (with its deletion-log entry), then the rows; the
-    /// visitor's messages stay as tombstones in the agent's conversation.
+    /// DeleteMyData, in three steps, each leaving nothing a later one needs undone: the
+    /// visit ends (its token dies; refused while a legal hold keeps its chat), then the key is
+    /// destroyed with its deletion-log entry, then the rows go (the visitor's messages stay as
+    /// tombstones in the agent's conversation). Should the last step fail, the visit is
+    /// expired: the next purge removes what is left, unreadable meanwhile.
     pub async fn delete_my_data(
         &self,
         visitor: &Visitor,
     ) -> Result<pb::DeleteMyDataResponse, Error> {
         let (tenant, visit) = (visitor.tenant, visitor.visit.id);
         let at = now();
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                let conversation: Option<Uuid> = visits::table
+                    .find(visit)
+                    .select(visits::conversation_id)
+                    .for_update()
+                    .first(conn)
+                    .await?;
+                if let Some(conversation) = conversation
+                    && crate::chat::held(conn, conversation).await?
+                {
+                    return Err(Error::LegalHold);
+                }
+                diesel::update(visits::table.find(visit))
+                    .set(visits::expires_at.eq(at))
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await?;
         {
             use diesel_async::AsyncConnection as _;
             let mut conn = self.databases.main_connection().await?;

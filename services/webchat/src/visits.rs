@@ -87,6 +87,33 @@ pub(crate) fn field_context(visit: Uuid, key: &str) -> Vec<u8> {
     [visit.as_bytes().as_slice(), key.as_bytes()].concat()
 }
 
+/// Locks `visit`'s row for the rest of the transaction: changes of one visit's consent, fields
+/// and chat happen one after the other.
+pub(crate) async fn lock_visit(conn: &mut AsyncPgConnection, visit: Uuid) -> Result<(), Error> {
+    let found: Option<Uuid> = visits::table
+        .find(visit)
+        .select(visits::id)
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    found
+        .map(drop)
+        .ok_or(Error::Unauthenticated("the visit has ended"))
+}
+
+/// Whether `visit`'s latest consent answer grants the current text of `widget`.
+pub(crate) async fn consented(
+    conn: &mut AsyncPgConnection,
+    widget: Uuid,
+    visit: Uuid,
+) -> Result<bool, Error> {
+    let current = widgets::current_text(conn, widget).await?;
+    Ok(latest_consent(conn, visit)
+        .await?
+        .is_some_and(|c| c.granted && c.version == current.version))
+}
+
 /// The latest consent answer of `visit`.
 async fn latest_consent(
     conn: &mut AsyncPgConnection,
@@ -108,6 +135,18 @@ impl Service {
     /// Widget `id` as it serves visitors from `origin` (a browser's `Origin` header, when
     /// there is one). A widget that does not serve visitors is NOT_FOUND, whatever the reason.
     pub async fn live_widget(&self, id: Uuid, origin: Option<&str>) -> Result<LiveWidget, Error> {
+        self.widget(id, origin, true).await
+    }
+
+    /// Widget `id`; with `live`, only while it serves visitors from `origin` (see
+    /// [`Service::live_widget`]); without, whatever its state (a visitor's data rights do not
+    /// depend on it).
+    async fn widget(
+        &self,
+        id: Uuid,
+        origin: Option<&str>,
+        live: bool,
+    ) -> Result<LiveWidget, Error> {
         let tenant = {
             let mut conn = self.databases.main_connection().await?;
             let tenant: Option<Uuid> = widget_routes::table
@@ -129,13 +168,13 @@ impl Service {
         let tenant_settings = tenant.settings;
         let tenant = tenant.id;
         let tenant_settings = TenantSettings::from_json(&tenant_settings);
-        if !tenant_settings.features.webchat {
+        if live && !tenant_settings.features.webchat {
             return Err(Error::NotFound("widget"));
         }
         let row = self
             .scoped(tenant, move |conn| Box::pin(widgets::find(conn, id)))
             .await?
-            .filter(|row| row.enabled)
+            .filter(|row| row.enabled || !live)
             .ok_or(Error::NotFound("widget"))?;
         let settings = row.settings()?;
         if let Some(origin) = origin
@@ -155,9 +194,24 @@ impl Service {
 
     /// The visitor whose token is `token`, calling from `origin`.
     pub async fn visitor(&self, token: &str, origin: Option<&str>) -> Result<Visitor, Error> {
+        self.visitor_of(token, origin, true).await
+    }
+
+    /// The visitor whose token is `token`, for their data rights (see, correct, export,
+    /// delete): whatever the state of the widget, the feature or the allowed origins.
+    pub async fn visitor_with_rights(&self, token: &str) -> Result<Visitor, Error> {
+        self.visitor_of(token, None, false).await
+    }
+
+    async fn visitor_of(
+        &self,
+        token: &str,
+        origin: Option<&str>,
+        live: bool,
+    ) -> Result<Visitor, Error> {
         let refused = || Error::Unauthenticated("no valid visitor token; start a visit");
         let (widget, visit) = token_ids(token).ok_or_else(refused)?;
-        let widget = match self.live_widget(widget, origin).await {
+        let widget = match self.widget(widget, origin, live).await {
             Ok(widget) => widget,
             Err(Error::NotFound(_)) => return Err(refused()),
             Err(err) => return Err(err),
@@ -317,6 +371,7 @@ impl Service {
         let record = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
+                    lock_visit(conn, visit).await?;
                     let current = widgets::current_text(conn, widget).await?;
                     if current.version != request.version {
                         return Err(Error::InvalidState(
@@ -425,6 +480,9 @@ impl Service {
         }
         self.scoped(tenant, move |conn| {
             Box::pin(async move {
+                // Serialised with GiveConsent: a decline cannot slip between the check and the
+                // insert.
+                lock_visit(conn, visit).await?;
                 if personal_sent {
                     let current = widgets::current_text(conn, widget).await?;
                     let consented = latest_consent(conn, visit)

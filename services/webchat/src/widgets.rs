@@ -449,9 +449,37 @@ impl Service {
         let agents = settings.agents.clone();
         let (me, tenant) = (caller.user_id, caller.tenant_id);
         let event_caller = caller.clone();
+        // A retry, or agents that are not active users, end here, before a route is written.
+        let checked_agents = agents.clone();
+        let existing = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    require_agents(conn, &checked_agents).await?;
+                    let Some(request_id) = request_id else {
+                        return Ok(None);
+                    };
+                    let found = widgets::table
+                        .filter(widgets::create_request_id.eq(request_id))
+                        .select(WidgetRow::as_select())
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    match found {
+                        Some(row) => {
+                            let text = current_text(conn, row.id).await?;
+                            Ok(Some(widget_proto(&row, &text)?))
+                        }
+                        None => Ok(None),
+                    }
+                })
+            })
+            .await?;
+        if let Some(widget) = existing {
+            return Ok(widget);
+        }
         // The route goes first, in the control plane (the tenant's role has no rights there):
         // a widget is never without its route, and a route whose widget was not created
-        // leads nowhere.
+        // (a failure in between) leads nowhere.
         let id = Uuid::now_v7();
         {
             let mut conn = self.databases.main_connection().await?;
