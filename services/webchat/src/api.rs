@@ -330,7 +330,7 @@ impl VisitorService for VisitorApi {
         let poll = self.service.stream_poll;
         let receiver = Arc::clone(&self.service)
             .subscribe_visit(visitor, after, poll)
-            .await;
+            .await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(receiver)
             .map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))

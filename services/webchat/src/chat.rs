@@ -36,6 +36,49 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Log entries read per query of a stream.
 const PAGE: i64 = 200;
 
+/// Streams one visit may hold open at once, in this process.
+const MAX_STREAMS_PER_VISIT: usize = 2;
+
+/// How long a visitor's stream lives; the visitor then resubscribes with its cursor.
+const MAX_STREAM_AGE: Duration = Duration::from_secs(3600);
+
+/// One of a visit's open streams, given back when the stream ends.
+pub(crate) struct StreamSlot {
+    service: std::sync::Arc<Service>,
+    visit: Uuid,
+}
+
+impl StreamSlot {
+    fn take(service: &std::sync::Arc<Service>, visit: Uuid) -> Result<Self, Error> {
+        let mut open = service
+            .streams
+            .lock()
+            .map_err(|_| Error::Bug("stream count poisoned"))?;
+        let count = open.entry(visit).or_default();
+        if *count >= MAX_STREAMS_PER_VISIT {
+            return Err(Error::RateLimited(Duration::from_secs(1)));
+        }
+        *count += 1;
+        Ok(Self {
+            service: std::sync::Arc::clone(service),
+            visit,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.service.streams.lock()
+            && let Some(count) = open.get_mut(&self.visit)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.visit);
+            }
+        }
+    }
+}
+
 /// A message row.
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = messages)]
@@ -312,9 +355,12 @@ impl Service {
         visitor: Visitor,
         after: i64,
         poll: Duration,
-    ) -> mpsc::Receiver<Result<pb::SubscribeVisitResponse, Error>> {
+    ) -> Result<mpsc::Receiver<Result<pb::SubscribeVisitResponse, Error>>, Error> {
+        let slot = StreamSlot::take(&self, visitor.visit.id)?;
         let (out, receiver) = mpsc::channel(64);
+        let ends = tokio::time::Instant::now() + MAX_STREAM_AGE;
         tokio::spawn(async move {
+            let _slot = slot;
             let visit = visitor.visit.id;
             let mut last = after;
             let mut caught_up = false;
@@ -365,13 +411,17 @@ impl Service {
                         return;
                     }
                 }
+                if tokio::time::Instant::now() >= ends {
+                    let _ = out.send(Err(Error::StreamAged)).await;
+                    return;
+                }
                 tokio::select! {
                     () = out.closed() => return,
                     () = tokio::time::sleep(poll) => {}
                 }
             }
         });
-        receiver
+        Ok(receiver)
     }
 }
 

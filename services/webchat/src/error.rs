@@ -53,6 +53,9 @@ pub enum Error {
     /// A legal hold keeps the message as it is.
     #[error("under legal hold")]
     LegalHold,
+    /// A visitor's stream reached its age; the visitor resubscribes with its cursor.
+    #[error("the stream ended; resubscribe with the last cursor")]
+    StreamAged,
     /// No agent can take the chat.
     #[error("no agent is available")]
     AgentUnavailable,
@@ -104,6 +107,9 @@ impl From<Error> for Status {
             Error::Unauthenticated(message) => status::unauthenticated(message),
             Error::InvalidState(message) => status::invalid_state(message),
             Error::RateLimited(wait) => status::rate_limited(wait),
+            Error::StreamAged => {
+                status::unavailable("the stream ended; resubscribe with the last cursor")
+            }
             Error::LegalHold => status::error(
                 Code::FailedPrecondition,
                 "LEGAL_HOLD_ACTIVE",

@@ -95,6 +95,8 @@ pub(crate) struct Service {
     pub redis: Option<Redis>,
     /// How often visitors' streams poll their chat.
     pub stream_poll: std::time::Duration,
+    /// Each visit's open streams (see `chat::StreamSlot`).
+    pub streams: std::sync::Mutex<std::collections::HashMap<Uuid, usize>>,
     /// Delivers the outbox to the audit service.
     pub relay: Option<hafen_events::Relay>,
 }
@@ -171,6 +173,7 @@ where
         limits,
         redis: Some(redis),
         stream_poll: config.stream_poll,
+        streams: std::sync::Mutex::default(),
         relay: Some(relay),
     });
     let layer = AuthnLayer::new(authenticator, &[]);

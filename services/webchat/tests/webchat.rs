@@ -1298,6 +1298,17 @@ async fn cb1_a_visitor_without_an_account_chats_with_an_agent_both_ways() {
         other => panic!("the agent's answer, not {other:?}"),
     }
 
+    // At most two streams per visit.
+    let _second = visitors
+        .subscribe_visit(visitor(&token, pb::SubscribeVisitRequest::default()))
+        .await
+        .unwrap();
+    let third = visitors
+        .subscribe_visit(visitor(&token, pb::SubscribeVisitRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted);
+
     // The agent sees what the visitor gave and released, nobody else in the team does.
     s.consent(&token, 1, true).await;
     s.submit(
