@@ -211,22 +211,8 @@ impl Service {
                     ))
                     .execute(conn)
                     .await?;
-                let event: i64 = diesel::update(event_counter::table)
-                    .set(event_counter::last_id.eq(event_counter::last_id + 1))
-                    .returning(event_counter::last_id)
-                    .get_result(conn)
-                    .await?;
                 let detail = serde_json::json!({"added": [agent], "removed": [], "actor": null});
-                diesel::insert_into(events::table)
-                    .values((
-                        events::id.eq(event),
-                        events::conversation_id.eq(id),
-                        events::kind.eq("membership_changed"),
-                        events::detail.eq(Some(detail)),
-                        events::created_at.eq(at),
-                    ))
-                    .execute(conn)
-                    .await?;
+                append_event(conn, id, "membership_changed", None, Some(detail)).await?;
                 diesel::update(visits::table.find(visit))
                     .set((visits::conversation_id.eq(id), visits::agent_id.eq(agent)))
                     .execute(conn)
@@ -537,6 +523,19 @@ async fn log_change(
     message: Uuid,
     kind: &str,
 ) -> Result<(), Error> {
+    append_event(conn, conversation, kind, Some(message), None).await
+}
+
+/// Appends an event of `kind` for `conversation` to the tenant's log, with the next id of the
+/// event counter (whose row stays locked until the transaction ends, so ids follow commit
+/// order).
+pub(crate) async fn append_event(
+    conn: &mut AsyncPgConnection,
+    conversation: Uuid,
+    kind: &str,
+    message: Option<Uuid>,
+    detail: Option<serde_json::Value>,
+) -> Result<(), Error> {
     let event: i64 = diesel::update(event_counter::table)
         .set(event_counter::last_id.eq(event_counter::last_id + 1))
         .returning(event_counter::last_id)
@@ -547,7 +546,8 @@ async fn log_change(
             events::id.eq(event),
             events::conversation_id.eq(conversation),
             events::kind.eq(kind),
-            events::message_id.eq(Some(message)),
+            events::message_id.eq(message),
+            events::detail.eq(detail),
             events::created_at.eq(now()),
         ))
         .execute(conn)

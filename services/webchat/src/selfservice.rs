@@ -7,7 +7,7 @@ use diesel_async::RunQueryDsl;
 use hafen_events::{Actor, Event};
 use hafen_proto::webchat::v1 as pb;
 use hafen_store::schema::{
-    consent_records, deletion_log, event_counter, events, messages, user_keys, visit_fields, visits,
+    consent_records, deletion_log, messages, user_keys, visit_fields, visits,
 };
 use hafen_store::{AsyncPgConnection, now};
 use uuid::Uuid;
@@ -241,21 +241,14 @@ impl Service {
                 .get_results(conn)
                 .await?;
                 for (message, conversation) in gone {
-                    let event: i64 = diesel::update(event_counter::table)
-                        .set(event_counter::last_id.eq(event_counter::last_id + 1))
-                        .returning(event_counter::last_id)
-                        .get_result(conn)
-                        .await?;
-                    diesel::insert_into(events::table)
-                        .values((
-                            events::id.eq(event),
-                            events::conversation_id.eq(conversation),
-                            events::kind.eq("message_deleted"),
-                            events::message_id.eq(Some(message)),
-                            events::created_at.eq(now()),
-                        ))
-                        .execute(conn)
-                        .await?;
+                    crate::chat::append_event(
+                        conn,
+                        conversation,
+                        "message_deleted",
+                        Some(message),
+                        None,
+                    )
+                    .await?;
                 }
                 diesel::delete(visits::table.find(visit))
                     .execute(conn)

@@ -507,7 +507,7 @@ impl Service {
                     }
                     require_agents(conn, &agents).await?;
                     let at = now();
-                    let row: WidgetRow = diesel::insert_into(widgets::table)
+                    let row: Option<WidgetRow> = diesel::insert_into(widgets::table)
                         .values((
                             widgets::id.eq(id),
                             widgets::enabled.eq(enabled),
@@ -518,9 +518,21 @@ impl Service {
                             widgets::created_at.eq(at),
                             widgets::updated_at.eq(at),
                         ))
+                        .on_conflict_do_nothing()
                         .returning(WidgetRow::as_returning())
                         .get_result(conn)
-                        .await?;
+                        .await
+                        .optional()?;
+                    let Some(row) = row else {
+                        // A concurrent call with the same request id made it first.
+                        let existing = widgets::table
+                            .filter(widgets::create_request_id.eq(request_id))
+                            .select(WidgetRow::as_select())
+                            .first(conn)
+                            .await?;
+                        let text = current_text(conn, existing.id).await?;
+                        return widget_proto(&existing, &text);
+                    };
                     let text = insert_text(conn, id, 1, &text, at).await?;
                     hafen_events::record(
                         conn,

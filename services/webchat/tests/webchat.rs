@@ -674,7 +674,24 @@ async fn webchat_widget_admin_rpcs_name_bad_fields_and_are_for_admins() {
         0
     );
 
-    let widget = s.widget(false).await;
+    // The same request id twice at once: one widget, returned to both.
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let create = || {
+        let mut client = widgets.clone();
+        let request = with_token(
+            &s.owner,
+            pb::CreateWidgetRequest {
+                settings: Some(settings()),
+                enabled: false,
+                consent_text: "Consent".into(),
+                request_id: request_id.clone(),
+            },
+        );
+        async move { client.create_widget(request).await.unwrap().into_inner() }
+    };
+    let (first, second) = tokio::join!(create(), create());
+    assert_eq!(first.widget_id, second.widget_id);
+    let widget = first;
     let listed = widgets
         .list_widgets(with_token(&s.owner, pb::ListWidgetsRequest::default()))
         .await
