@@ -334,8 +334,9 @@ impl Service {
         Ok(Some(out))
     }
 
-    /// SubscribeVisit: replays the chat after `after`, then follows it, polling every
-    /// `poll`, until the visit ends or the receiver goes away.
+    /// SubscribeVisit: replays the chat after `after`, then follows it, woken by the
+    /// tenant's event channel (and polling every `poll`), until the visit ends or the receiver
+    /// goes away.
     pub async fn subscribe_visit(
         self: std::sync::Arc<Self>,
         visitor: Visitor,
@@ -345,12 +346,17 @@ impl Service {
         let slot = StreamSlot::take(&self, visitor.visit.id)?;
         let (out, receiver) = mpsc::channel(64);
         let ends = tokio::time::Instant::now() + MAX_STREAM_AGE;
+        let registration = self.wakes.register(visitor.tenant);
         tokio::spawn(async move {
             let _slot = slot;
             let visit = visitor.visit.id;
             let mut last = after;
             let mut caught_up = false;
             loop {
+                // Registered before the read: a change committed during it wakes the wait.
+                let woken = registration.notify.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
                 let page = match self.chat_after(&visitor, last).await {
                     Ok(Some(page)) => page,
                     Ok(None) => {
@@ -403,6 +409,7 @@ impl Service {
                 }
                 tokio::select! {
                     () = out.closed() => return,
+                    () = &mut woken => {}
                     () = tokio::time::sleep(poll) => {}
                 }
             }

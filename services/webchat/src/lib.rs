@@ -4,6 +4,7 @@
 //! - `widgets`: widgets as tenants' admins configure them (WidgetService), validated, with
 //!   versioned consent texts; `origin`: where a widget may be embedded.
 //! - `chat`: a visit's chat with the organisation's agents (a webchat conversation);
+//!   `wakes`: its streams woken through the tenant's event channel;
 //! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
 //!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
 //! - [`limits`]: abuse limits per widget, visit and (hashed) client address.
@@ -19,6 +20,7 @@ pub mod limits;
 mod origin;
 mod selfservice;
 mod visits;
+mod wakes;
 mod widgets;
 
 use std::future::Future;
@@ -95,6 +97,8 @@ pub(crate) struct Service {
     pub redis: Option<Redis>,
     /// How often visitors' streams poll their chat.
     pub stream_poll: std::time::Duration,
+    /// What wakes visitors' streams when their tenant's log changed.
+    pub wakes: Arc<wakes::Wakes>,
     /// Each visit's open streams (see `chat::StreamSlot`).
     pub streams: std::sync::Mutex<std::collections::HashMap<Uuid, usize>>,
     /// Delivers the outbox to the audit service.
@@ -167,12 +171,15 @@ where
         Some(redis.clone()),
         Purpose::AddressHashing.derive(&master),
     );
+    let wakes = Arc::new(wakes::Wakes::default());
+    wakes.listen(redis.clone(), config.stream_poll);
     let service = Arc::new(Service {
         databases,
         keys,
         limits,
         redis: Some(redis),
         stream_poll: config.stream_poll,
+        wakes,
         streams: std::sync::Mutex::default(),
         relay: Some(relay),
     });

@@ -1559,3 +1559,117 @@ async fn cb2_no_chat_without_consent_where_required_and_a_legal_hold_stops_delet
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
+    use hafen_proto::messaging::v1 as msg_pb;
+    use tokio_stream::StreamExt;
+
+    let s = setup().await;
+    let (agent, agent_session) = s
+        .stack
+        .create_logged_in_member(&s.tenant, &s.owner, "agent", "agent password 1")
+        .await;
+    let mut with_agent = settings();
+    with_agent.agent_user_ids = vec![agent.user_id.clone()];
+    let widget = s
+        .stack
+        .widget_client()
+        .await
+        .create_widget(with_token(
+            &s.owner,
+            pb::CreateWidgetRequest {
+                settings: Some(with_agent),
+                enabled: true,
+                consent_text: "Consent".into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // A webchat server whose streams would poll only once a minute.
+    let mut config = s.stack.secrets.webchat_config(&s.stack.db);
+    config.auth.auth_endpoint = s.stack.auth.uri();
+    config.audit.audit_endpoint = s.stack.audit.uri();
+    config.stream_poll = Duration::from_secs(60);
+    let server =
+        hafen_testkit::TestServer::spawn(|l, sd| hafen_webchat::serve(config, l, sd)).await;
+    let mut visitors = pb::visitor_service_client::VisitorServiceClient::new(
+        server.channel(&s.stack.secrets).await,
+    );
+    let visit = s.visit(&widget).await;
+    let token = visit.visitor_token.clone();
+    s.submit(&token, &[("topic", "returns", false)])
+        .await
+        .unwrap();
+    let sent = visitors
+        .send_visitor_message(visitor(
+            &token,
+            pb::SendVisitorMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "Hello".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = visitors
+        .subscribe_visit(visitor(&token, pb::SubscribeVisitRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let item = stream.next().await.unwrap().unwrap();
+        if matches!(
+            item.event,
+            Some(pb::subscribe_visit_response::Event::CaughtUp(_))
+        ) {
+            break;
+        }
+    }
+    // The agent finds the chat in their conversations and answers.
+    let chats = s
+        .stack
+        .messaging_client()
+        .await
+        .list_conversations(with_token(
+            &agent_session.access_token,
+            msg_pb::ListConversationsRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let chat = chats
+        .conversations
+        .iter()
+        .find(|c| c.kind == msg_pb::ConversationKind::Webchat as i32)
+        .expect("the agent's chat")
+        .conversation_id
+        .clone();
+    assert_eq!(sent.sequence, 1);
+    s.stack
+        .messaging_client()
+        .await
+        .send_message(with_token(
+            &agent_session.access_token,
+            msg_pb::SendMessageRequest {
+                conversation_id: chat,
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "Right here".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let item = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("woken long before the minute's poll")
+        .unwrap()
+        .unwrap();
+    match item.event.unwrap() {
+        pb::subscribe_visit_response::Event::MessageCreated(m) => {
+            assert_eq!(m.body, "Right here");
+        }
+        other => panic!("the answer, not {other:?}"),
+    }
+}
