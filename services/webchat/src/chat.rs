@@ -278,11 +278,7 @@ impl Service {
         }
         // A retry: the first message, as stored (the visit's, in its chat).
         let body = match &row.ciphertext {
-            Some(sealed) => {
-                let plain = key.open(&body_context(row.id, conversation), sealed)?;
-                String::from_utf8(plain.to_vec())
-                    .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
-            }
+            Some(sealed) => open_text(&key, &body_context(row.id, conversation), sealed)?,
             None => String::new(),
         };
         Ok(row.to_proto(visit, body))
@@ -313,22 +309,20 @@ impl Service {
         let Some((conversation, entries, rows)) = read else {
             return Ok(None);
         };
-        let mut by_id: HashMap<Uuid, MessageRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+        let by_id: HashMap<Uuid, MessageRow> = rows.into_iter().map(|r| (r.id, r)).collect();
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
+            // A message named twice (created, then edited) is opened for each entry.
             let Some(row) = by_id.get(&entry.message_id).cloned() else {
                 continue; // purged since
             };
             let body = match &row.ciphertext {
                 Some(sealed) => {
                     let key = self.keys.user_key(visitor.tenant, row.sender_id).await?;
-                    let plain = key.open(&body_context(row.id, conversation), sealed)?;
-                    String::from_utf8(plain.to_vec())
-                        .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
+                    open_text(&key, &body_context(row.id, conversation), sealed)?
                 }
                 None => String::new(),
             };
-            by_id.insert(row.id, row.clone());
             out.push((entry, row, body));
         }
         Ok(Some(out))
@@ -416,6 +410,16 @@ impl Service {
         });
         Ok(receiver)
     }
+}
+
+/// The UTF-8 text `sealed` holds under `key`, with `context` as associated data.
+pub(crate) fn open_text(
+    key: &hafen_crypto::DataKey,
+    context: &[u8],
+    sealed: &[u8],
+) -> Result<String, Error> {
+    let plain = key.open(context, sealed)?;
+    String::from_utf8(plain.to_vec()).map_err(|_| Error::Bug("stored text is not UTF-8"))
 }
 
 /// The agent among `agents` (active users) with the fewest open chats.
@@ -700,11 +704,10 @@ impl Service {
         let key = self.keys.user_key(caller.tenant_id, visit).await?;
         let mut fields = Vec::with_capacity(rows.len());
         for (name, sealed, released_at) in rows {
-            let plain = key.open(&crate::visits::field_context(visit, &name), &sealed)?;
+            let value = open_text(&key, &crate::visits::field_context(visit, &name), &sealed)?;
             fields.push(pb::FieldValue {
                 key: name,
-                value: String::from_utf8(plain.to_vec())
-                    .map_err(|_| Error::Bug("a stored field is not UTF-8"))?,
+                value,
                 released: released_at.is_some(),
             });
         }

@@ -93,9 +93,7 @@ impl Service {
         let key = self.keys.user_key(visitor.tenant, visit).await?;
         let mut fields = Vec::with_capacity(rows.len());
         for row in rows {
-            let plain = key.open(&field_context(visit, &row.key), &row.sealed)?;
-            let value = String::from_utf8(plain.to_vec())
-                .map_err(|_| Error::Bug("a stored field is not UTF-8"))?;
+            let value = crate::chat::open_text(&key, &field_context(visit, &row.key), &row.sealed)?;
             fields.push((row, value));
         }
         Ok(Held {

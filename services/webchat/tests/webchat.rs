@@ -128,6 +128,33 @@ impl Setup {
             .into_inner()
     }
 
+    /// An enabled widget with `settings` answered by a new member, "agent"; and the agent's
+    /// access token.
+    async fn widget_with_agent(&self, mut settings: pb::WidgetSettings) -> (pb::Widget, String) {
+        let (agent, session) = self
+            .stack
+            .create_logged_in_member(&self.tenant, &self.owner, "agent", "agent password 1")
+            .await;
+        settings.agent_user_ids = vec![agent.user_id];
+        let widget = self
+            .stack
+            .widget_client()
+            .await
+            .create_widget(with_token(
+                &self.owner,
+                pb::CreateWidgetRequest {
+                    settings: Some(settings),
+                    enabled: true,
+                    consent_text: "Consent".into(),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        (widget, session.access_token)
+    }
+
     async fn visit(&self, widget: &pb::Widget) -> pb::StartVisitResponse {
         self.stack
             .visitor_client()
@@ -1162,29 +1189,7 @@ async fn cb1_a_visitor_without_an_account_chats_with_an_agent_both_ways() {
     use tokio_stream::StreamExt;
 
     let s = setup().await;
-    let (agent, agent_session) = s
-        .stack
-        .create_logged_in_member(&s.tenant, &s.owner, "agent", "agent password 1")
-        .await;
-    let agent_token = agent_session.access_token;
-    let mut with_agent = settings();
-    with_agent.agent_user_ids = vec![agent.user_id.clone()];
-    let widget = s
-        .stack
-        .widget_client()
-        .await
-        .create_widget(with_token(
-            &s.owner,
-            pb::CreateWidgetRequest {
-                settings: Some(with_agent),
-                enabled: true,
-                consent_text: "Consent".into(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (widget, agent_token) = s.widget_with_agent(settings()).await;
 
     // The agent follows their conversations through MessagingService.
     let mut agent_stream = s
@@ -1452,29 +1457,9 @@ async fn cb1_a_visitor_without_an_account_chats_with_an_agent_both_ways() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cb2_no_chat_without_consent_where_required_and_a_legal_hold_stops_deletion() {
     let s = setup().await;
-    let (agent, _) = s
-        .stack
-        .create_logged_in_member(&s.tenant, &s.owner, "agent", "agent password 1")
-        .await;
     let mut strict = settings();
     strict.allow_anonymous_chat = false;
-    strict.agent_user_ids = vec![agent.user_id.clone()];
-    let widget = s
-        .stack
-        .widget_client()
-        .await
-        .create_widget(with_token(
-            &s.owner,
-            pb::CreateWidgetRequest {
-                settings: Some(strict),
-                enabled: true,
-                consent_text: "Consent".into(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (widget, _) = s.widget_with_agent(strict).await;
     let visit = s.visit(&widget).await;
     let token = visit.visitor_token.clone();
     s.submit(&token, &[("topic", "returns", false)])
@@ -1566,28 +1551,7 @@ async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
     use tokio_stream::StreamExt;
 
     let s = setup().await;
-    let (agent, agent_session) = s
-        .stack
-        .create_logged_in_member(&s.tenant, &s.owner, "agent", "agent password 1")
-        .await;
-    let mut with_agent = settings();
-    with_agent.agent_user_ids = vec![agent.user_id.clone()];
-    let widget = s
-        .stack
-        .widget_client()
-        .await
-        .create_widget(with_token(
-            &s.owner,
-            pb::CreateWidgetRequest {
-                settings: Some(with_agent),
-                enabled: true,
-                consent_text: "Consent".into(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (widget, agent_token) = s.widget_with_agent(settings()).await;
     // A webchat server whose streams would poll only once a minute.
     let mut config = s.stack.secrets.webchat_config(&s.stack.db);
     config.auth.auth_endpoint = s.stack.auth.uri();
@@ -1634,7 +1598,7 @@ async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
         .messaging_client()
         .await
         .list_conversations(with_token(
-            &agent_session.access_token,
+            &agent_token,
             msg_pb::ListConversationsRequest::default(),
         ))
         .await
@@ -1652,7 +1616,7 @@ async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
         .messaging_client()
         .await
         .send_message(with_token(
-            &agent_session.access_token,
+            &agent_token,
             msg_pb::SendMessageRequest {
                 conversation_id: chat,
                 request_id: uuid::Uuid::now_v7().to_string(),
