@@ -328,6 +328,37 @@ impl Service {
         Ok(Some(out))
     }
 
+    /// The visit's chat as it stands: each message once, oldest first, with its current body
+    /// (empty once deleted).
+    pub(crate) async fn transcript(
+        &self,
+        visitor: &Visitor,
+    ) -> Result<Vec<pb::VisitMessage>, Error> {
+        let mut order = Vec::new();
+        let mut latest: HashMap<Uuid, pb::VisitMessage> = HashMap::new();
+        let mut last = 0;
+        loop {
+            let Some(page) = self.chat_after(visitor, last).await? else {
+                return Err(Error::Unauthenticated("the visit has ended"));
+            };
+            let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
+            for (entry, row, body) in page {
+                last = entry.id;
+                if !latest.contains_key(&row.id) {
+                    order.push(row.id);
+                }
+                latest.insert(row.id, row.to_proto(visitor.visit.id, body));
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(order
+            .into_iter()
+            .filter_map(|id| latest.remove(&id))
+            .collect())
+    }
+
     /// SubscribeVisit: replays the chat after `after`, then follows it, woken by the
     /// tenant's event channel (and polling every `poll`), until the visit ends or the receiver
     /// goes away.

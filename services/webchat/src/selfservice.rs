@@ -31,6 +31,7 @@ struct Held {
     expires_at: DateTime<Utc>,
     fields: Vec<(FieldRow, String)>,
     consents: Vec<ConsentRow>,
+    messages: Vec<pb::VisitMessage>,
 }
 
 fn visitor_event(visitor: &Visitor, action: &'static str) -> Event {
@@ -55,6 +56,7 @@ impl Held {
                 })
                 .collect(),
             consent_records: self.consents.iter().map(ConsentRow::to_proto).collect(),
+            messages: self.messages.clone(),
         }
     }
 }
@@ -96,11 +98,13 @@ impl Service {
             let value = crate::chat::open_text(&key, &field_context(visit, &row.key), &row.sealed)?;
             fields.push((row, value));
         }
+        let messages = self.transcript(visitor).await?;
         Ok(Held {
             created_at,
             expires_at,
             fields,
             consents,
+            messages,
         })
     }
 
@@ -143,6 +147,15 @@ impl Service {
                 "text_sha256": hex_of(&c.text_sha256),
                 "granted": c.granted,
                 "decided_at": c.decided_at.to_rfc3339(),
+            })).collect::<Vec<_>>(),
+            "messages": held.messages.iter().map(|m| serde_json::json!({
+                "message_id": m.message_id,
+                "from": if m.from_visitor { "visitor" } else { "agent" },
+                "body": m.body,
+                "masked": m.masked,
+                "sent_at": m.create_time.as_ref().map(rfc3339),
+                "edited_at": m.edit_time.as_ref().map(rfc3339),
+                "deleted_at": m.delete_time.as_ref().map(rfc3339),
             })).collect::<Vec<_>>(),
             "exported_at": now().to_rfc3339(),
         });
@@ -276,4 +289,11 @@ async fn consents(conn: &mut AsyncPgConnection, visit: Uuid) -> Result<Vec<Conse
 
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A protobuf time as RFC 3339, for the export.
+fn rfc3339(time: &prost_types::Timestamp) -> String {
+    DateTime::<Utc>::from_timestamp(time.seconds, u32::try_from(time.nanos).unwrap_or(0))
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
 }
