@@ -1080,6 +1080,7 @@ impl Stack {
                 tenant: at(Service::Tenant),
                 retention: at(Service::Retention),
                 audit: at(Service::Audit),
+                webchat: at(Service::Webchat),
             },
             ca_pem: Some(secrets.ca_pem().as_bytes().to_vec()),
             server_name: Some("localhost".to_owned()),

@@ -1,5 +1,5 @@
-//! `hafen admin …`: organisations (operator), users and chat codes (admins), the audit trail
-//! and migrations.
+//! `hafen admin …`: organisations (operator), users and chat codes (admins), widgets
+//! ([`crate::widget`]), the audit trail and migrations.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +37,9 @@ pub enum AdminCommand {
     /// Chat codes: one per device; revoking one wipes that device (admins and the owner).
     #[command(subcommand)]
     ChatCode(ChatCodeCommand),
+    /// The website chat's widgets of my organisation (admins and the owner).
+    #[command(subcommand)]
+    Widget(crate::widget::WidgetCommand),
     /// The tamper-evident audit trail of my organisation.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -202,6 +205,7 @@ pub async fn run(args: AdminArgs) -> Outcome {
         AdminCommand::Tenant(command) => tenant(client, command).await,
         AdminCommand::User(command) => user(client, command).await,
         AdminCommand::ChatCode(command) => chat_code(client, command).await,
+        AdminCommand::Widget(command) => crate::widget::run(client, command).await,
         AdminCommand::Audit(command) => audit(client, command).await,
         AdminCommand::Migrate(migrate) => {
             let options = hafen_tenant::migrate::Options {

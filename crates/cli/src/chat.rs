@@ -8,6 +8,7 @@ use futures::StreamExt;
 use hafen_sdk::Hafen;
 use hafen_sdk::proto::auth::v1 as auth_pb;
 use hafen_sdk::proto::messaging::v1 as pb;
+use hafen_sdk::proto::webchat::v1 as webchat_pb;
 use serde_json::{Value, json};
 
 use crate::client::{ClientArgs, Failure, Outcome, exit, secret, time};
@@ -61,6 +62,10 @@ pub struct ChatArgs {
 pub enum ChatCommand {
     /// List my conversations.
     Conversations,
+    /// List my website chats (as an agent) with what each visitor gave agents to see: the
+    /// fields that are not personal and the personal ones the visitor released. Answer with
+    /// `hafen chat send <conversation id>`.
+    Visitors,
     /// Start a group conversation with other users (by username or user id).
     Create {
         /// The group's title.
@@ -188,6 +193,22 @@ pub async fn run(args: ChatArgs) -> Outcome {
                 },
             );
         }
+        ChatCommand::Visitors => {
+            let chats = visitor_chats(&hafen).await?;
+            client.print(
+                Value::Array(chats.iter().map(|c| c.json()).collect()),
+                || {
+                    if chats.is_empty() {
+                        return "No website chats.".to_owned();
+                    }
+                    chats
+                        .iter()
+                        .map(VisitorChat::line)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
         ChatCommand::Create {
             title,
             members,
@@ -308,6 +329,85 @@ pub async fn run(args: ChatArgs) -> Outcome {
         }
     }
     Ok(())
+}
+
+/// A website chat of mine and what its visitor released.
+struct VisitorChat {
+    conversation: pb::Conversation,
+    /// `None`: the visitor's data is gone (deleted by the visitor, or the visit expired).
+    visitor: Option<webchat_pb::GetVisitorFieldsResponse>,
+}
+
+impl VisitorChat {
+    fn fields(&self) -> Vec<(String, String)> {
+        self.visitor
+            .iter()
+            .flat_map(|v| &v.fields)
+            .map(|f| (f.key.clone(), f.value.clone()))
+            .collect()
+    }
+
+    fn json(&self) -> Value {
+        let mut out = conversation_json(&self.conversation);
+        out["visit_id"] = json!(self.visitor.as_ref().map(|v| v.visit_id.clone()));
+        out["fields"] = self
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        out
+    }
+
+    fn line(&self) -> String {
+        let c = &self.conversation;
+        let about = match &self.visitor {
+            None => "visitor's data deleted".to_owned(),
+            Some(_) if self.fields().is_empty() => "no fields given".to_owned(),
+            Some(_) => self
+                .fields()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        format!(
+            "{}  {} messages, last {}  [{about}]",
+            c.conversation_id,
+            c.last_sequence,
+            time(c.update_time.as_ref()),
+        )
+    }
+}
+
+/// My website chats, newest activity first, each with its visitor's released fields.
+async fn visitor_chats(hafen: &Hafen) -> Result<Vec<VisitorChat>, Failure> {
+    let mut chats: Vec<pb::Conversation> = hafen
+        .conversations()
+        .await?
+        .into_iter()
+        .filter(|c| c.kind == pb::ConversationKind::Webchat as i32)
+        .collect();
+    chats.sort_by_key(|c| std::cmp::Reverse(c.update_time.as_ref().map(|t| (t.seconds, t.nanos))));
+    let mut out = Vec::with_capacity(chats.len());
+    for conversation in chats {
+        let result = hafen
+            .widgets()
+            .get_visitor_fields(webchat_pb::GetVisitorFieldsRequest {
+                conversation_id: conversation.conversation_id.clone(),
+            })
+            .await;
+        let visitor = match hafen.check(result).await {
+            Ok(fields) => Some(fields),
+            Err(err) if err.code() == Some(tonic::Code::NotFound) => None,
+            Err(err) => return Err(err.into()),
+        };
+        out.push(VisitorChat {
+            conversation,
+            visitor,
+        });
+    }
+    Ok(out)
 }
 
 async fn create(

@@ -53,7 +53,7 @@ pub enum Output {
 /// Where Hafen is and as whom to talk to it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ClientArgs {
-    /// Host of the five services on their default ports (50051-50055), as `make run` starts
+    /// Host of the six services on their default ports (50051-50056), as `make run` starts
     /// them. Override single services with the --*-url options.
     #[arg(long, env = "HAFEN_HOST", default_value = "127.0.0.1", global = true)]
     pub host: String,
@@ -77,6 +77,10 @@ pub struct ClientArgs {
     /// URL of the audit service (default: `https://<host>:50055`).
     #[arg(long, env = "HAFEN_AUDIT_URL", global = true)]
     pub audit_url: Option<String>,
+
+    /// URL of the webchat service (default: `https://<host>:50056`).
+    #[arg(long, env = "HAFEN_WEBCHAT_URL", global = true)]
+    pub webchat_url: Option<String>,
 
     /// PEM file of the CA that signed the services' certificates. Default: the development
     /// CA `.dev/certs/ca.pem` when it exists here, otherwise the system's roots.
@@ -194,7 +198,7 @@ pub fn finish(outcome: Outcome, output: Output) -> ExitCode {
 }
 
 impl ClientArgs {
-    fn config(&self) -> Result<Config, Failure> {
+    pub(crate) fn config(&self) -> Result<Config, Failure> {
         let url = |explicit: &Option<String>, port: u16| {
             explicit
                 .clone()
@@ -225,6 +229,7 @@ impl ClientArgs {
                 tenant: url(&self.tenant_url, 50053),
                 retention: url(&self.retention_url, 50054),
                 audit: url(&self.audit_url, 50055),
+                webchat: url(&self.webchat_url, 50056),
             },
             ca_pem,
             server_name,
@@ -246,6 +251,11 @@ impl ClientArgs {
     }
 
     fn session_file(&self) -> Result<PathBuf, Failure> {
+        self.profile_file("sessions")
+    }
+
+    /// The profile's file in the config directory's `dir` (`sessions`, `visits`).
+    pub(crate) fn profile_file(&self, dir: &str) -> Result<PathBuf, Failure> {
         let valid = !self.profile.is_empty()
             && self
                 .profile
@@ -258,7 +268,7 @@ impl ClientArgs {
         }
         Ok(self
             .config_dir()?
-            .join("sessions")
+            .join(dir)
             .join(format!("{}.json", self.profile)))
     }
 
@@ -354,15 +364,17 @@ impl ClientArgs {
 
 /// Writes the session file, readable by its owner only (0600), atomically.
 fn store_session(file: &Path, session: &Session) -> std::io::Result<()> {
+    store_private_json(file, &serde_json::to_value(session)?)
+}
+
+/// Writes `value` as JSON to `file`, readable by its owner only (0600), atomically.
+pub(crate) fn store_private_json(file: &Path, value: &Value) -> std::io::Result<()> {
     let dir = file
         .parent()
         .ok_or_else(|| std::io::Error::other("no directory"))?;
     std::fs::create_dir_all(dir)?;
     let temporary = file.with_extension("json.new");
-    write_private(
-        &temporary,
-        serde_json::to_string_pretty(session)?.as_bytes(),
-    )?;
+    write_private(&temporary, serde_json::to_string_pretty(value)?.as_bytes())?;
     std::fs::rename(&temporary, file)
 }
 

@@ -1,6 +1,8 @@
 //! The demo organisation `make run` seeds (`hafen dev --demo`): tenant `demo` with its owner
-//! and two users, alice and bob, each with a password and a chat code for one device, and a
-//! group conversation "general" with both. The credentials are random, printed once, and
+//! and two users, alice and bob, each with a password and a chat code for one device, a group
+//! conversation "general" with both, and the website chat: the `webchat` feature on and one
+//! enabled widget with a consent text, pre-chat fields and alice and bob as its agents. The
+//! credentials are random, printed once, and
 //! kept in `.dev/demo.txt` (mode 0600) for the README's walk-through. Seeding happens once;
 //! later starts only point at the file.
 
@@ -13,12 +15,16 @@ use hafen_sdk::proto::auth::v1 as auth_pb;
 use hafen_sdk::proto::common::v1::Role;
 use hafen_sdk::proto::messaging::v1 as pb;
 use hafen_sdk::proto::tenant::v1 as tenant_pb;
+use hafen_sdk::proto::webchat::v1 as webchat_pb;
 use hafen_sdk::{Config, Endpoints, Error, Hafen, Login};
 
 use crate::dev::DevArgs;
 
 /// The demo tenant's slug.
 pub const SLUG: &str = "demo";
+
+/// The origin the demo widget may be embedded in (a page on this machine).
+pub const DEMO_ORIGIN: &str = "https://localhost:8443";
 
 struct Person {
     username: &'static str,
@@ -49,6 +55,7 @@ fn config(args: &DevArgs) -> Result<Config, Error> {
             tenant: at(args.tenant_port),
             retention: at(args.retention_port),
             audit: at(args.audit_port),
+            webchat: at(args.webchat_port),
         },
         ca_pem: Some(ca),
         server_name: Some(hafen_platform::tls::DEV_SERVER_NAME.to_owned()),
@@ -168,10 +175,11 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
             request_id: uuid::Uuid::new_v4().to_string(),
             kind: pb::ConversationKind::Group as i32,
             title: "general".to_owned(),
-            member_user_ids: ids,
+            member_user_ids: ids.clone(),
         })
         .await;
     owner.check(group).await?;
+    let widget = website_chat(&owner, ids).await?;
     let _ = owner.logout().await;
 
     let mut text = String::new();
@@ -204,10 +212,78 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
         text,
         "  hafen chat send --profile bob general \"Hello Alice!\""
     );
+    let _ = writeln!(
+        text,
+        "Website chat: widget {widget} (agents alice and bob; see README):"
+    );
+    let _ = writeln!(text, "  hafen visit start {widget}");
     crate::client::write_private(file, text.as_bytes())
         .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
     let mut out = std::io::stdout().lock();
     let _ = write!(out, "{text}");
     let _ = writeln!(out, "(Also kept in {}.)", file.display());
     Ok(())
+}
+
+/// Switches the website chat on and creates the demo widget answered by `agents`; its id.
+async fn website_chat(owner: &Hafen, agents: Vec<String>) -> Result<String, Error> {
+    let feature = owner
+        .tenant()
+        .update_tenant_settings(tenant_pb::UpdateTenantSettingsRequest {
+            settings: Some(tenant_pb::TenantSettings {
+                features: Some(tenant_pb::Features { webchat: true }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["features.webchat".into()],
+            }),
+            ..Default::default()
+        })
+        .await;
+    owner.check(feature).await?;
+    let field = |key: &str, label: &str, personal: bool, purpose: &str| webchat_pb::PreChatField {
+        key: key.to_owned(),
+        label: label.to_owned(),
+        personal,
+        purpose: purpose.to_owned(),
+        required: false,
+    };
+    let widget = owner
+        .widgets()
+        .create_widget(webchat_pb::CreateWidgetRequest {
+            settings: Some(webchat_pb::WidgetSettings {
+                name: "Demo website".to_owned(),
+                allowed_origins: vec![DEMO_ORIGIN.to_owned()],
+                privacy_policy_url: format!("{DEMO_ORIGIN}/privacy"),
+                pre_chat_fields: vec![
+                    field(
+                        "topic",
+                        "Topic",
+                        false,
+                        "To pass your question to the right person",
+                    ),
+                    field(
+                        "email",
+                        "E-mail",
+                        true,
+                        "To answer you by e-mail if the chat ends",
+                    ),
+                ],
+                welcome_message: "Hello! Ask us anything.".to_owned(),
+                offline_message: "Nobody is here right now; leave your e-mail and we answer \
+                    later."
+                    .to_owned(),
+                allow_anonymous_chat: true,
+                agent_user_ids: agents,
+                ..Default::default()
+            }),
+            enabled: true,
+            consent_text: "The demo organisation stores what you enter in this chat to answer \
+                you, for 30 days after your last visit. You can see, correct, download and \
+                delete it in the chat at any time."
+                .to_owned(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await;
+    Ok(owner.check(widget).await?.widget_id)
 }

@@ -84,7 +84,8 @@ pub struct DevArgs {
     pub bcrypt_cost: u32,
 
     /// Once the stack is up, create the demo organisation "demo" (owner, alice and bob with
-    /// chat codes, a group "general") unless it exists, and print its throwaway credentials.
+    /// chat codes, a group "general", a website-chat widget with alice and bob as agents)
+    /// unless it exists, and print its throwaway credentials.
     #[arg(long, env = "HAFEN_DEV_DEMO")]
     pub demo: bool,
 

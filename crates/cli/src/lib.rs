@@ -2,15 +2,18 @@
 //!
 //! - `hafen dev` ([`dev`]): the whole stack in one process, each service on its own loopback
 //!   port with the development CA, for `make run` and small single-host sites.
-//! - `hafen login`, `hafen chat …` ([`chat`]) and `hafen admin …` ([`admin`]): clients on the
-//!   SDK (`hafen_sdk`); [`client`] holds what they share (connection, stored sessions,
-//!   `--output json`, exit codes).
+//! - `hafen login`, `hafen chat …` ([`chat`]) and `hafen admin …` ([`admin`], widgets in
+//!   [`widget`]): clients on the SDK (`hafen_sdk`); [`client`] holds what they share
+//!   (connection, stored sessions, `--output json`, exit codes).
+//! - `hafen visit …` ([`visit`]): a website visitor's side of the website chat.
 
 pub mod admin;
 pub mod chat;
 pub mod client;
 pub mod demo;
 pub mod dev;
+pub mod visit;
+pub mod widget;
 
 use std::process::ExitCode;
 
@@ -26,8 +29,9 @@ use hafen_platform::TelemetryArgs;
     long_about = "Hafen: privacy-first multi-tenant messaging.\n\n\
         `hafen dev` runs the whole stack in one process. `hafen login` signs this device in \
         (the session is stored per --profile, readable only by you); `hafen chat` sends, \
-        reads and follows messages; `hafen admin` manages organisations, users, chat codes \
-        and the audit trail.",
+        reads and follows messages and answers website chats; `hafen admin` manages \
+        organisations, users, chat codes, website-chat widgets and the audit trail; \
+        `hafen visit` is a website visitor's side of the chat.",
     after_help = client::EXIT_CODES
 )]
 pub struct Cli {
@@ -49,10 +53,14 @@ pub enum Command {
     Login(chat::LoginArgs),
     /// End the session on the server and forget it here.
     Logout(chat::LogoutArgs),
-    /// Conversations and messages: list, create, send, history, tail.
+    /// Conversations and messages: list, create, send, history, tail; website chats with
+    /// their visitors' released fields (visitors).
     Chat(chat::ChatArgs),
-    /// Administration: organisations, users, chat codes, audit trail, migrations.
+    /// Administration: organisations, users, chat codes, widgets, audit trail, migrations.
     Admin(admin::AdminArgs),
+    /// A website visitor (no account): open a visit on a widget, consent, give fields, chat,
+    /// and see, correct, export or delete the visit's data.
+    Visit(visit::VisitArgs),
     /// Print a shell completion script, e.g. `hafen completions bash > /etc/bash_completion.d/hafen`.
     Completions {
         /// The shell.
@@ -68,6 +76,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Logout(args) => (args.client.output, Some(chat::logout(args).await)),
         Command::Chat(args) => (args.client.output, Some(chat::run(args).await)),
         Command::Admin(args) => (args.client.output, Some(admin::run(args).await)),
+        Command::Visit(args) => (args.client.output, Some(visit::run(args).await)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "hafen", &mut std::io::stdout());
             return ExitCode::SUCCESS;

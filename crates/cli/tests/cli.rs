@@ -30,6 +30,7 @@ impl Cli {
             format!("--tenant-url={}", stack.tenant.uri()),
             format!("--retention-url={}", stack.retention.uri()),
             format!("--audit-url={}", stack.audit.uri()),
+            format!("--webchat-url={}", stack.webchat.uri()),
             format!("--ca-file={}", stack.secrets.dir().join("ca.pem").display()),
             "--server-name=localhost".to_owned(),
             format!(
@@ -397,4 +398,262 @@ async fn help_and_completions_work_without_a_server() {
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_line() {
+    let stack = TestStack::start().await;
+    let cli = Cli::new(&stack);
+    let tenant = stack.create_tenant("webshop").await;
+    let ok = cli
+        .login(
+            &tenant,
+            "owner",
+            "owner",
+            OWNER_PASSWORD,
+            &tenant.owner_code,
+        )
+        .await;
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let agent = cli
+        .run(
+            &["admin", "user", "create", "dana", "--profile", "owner"],
+            &[("HAFEN_NEW_PASSWORD", "dana's password")],
+        )
+        .await;
+    assert!(agent.status.success(), "{}", text(&agent.stderr));
+    let code = cli
+        .json(&["admin", "chat-code", "issue", "dana", "--profile", "owner"])
+        .await;
+    let ok = cli
+        .login(
+            &tenant,
+            "dana",
+            "dana",
+            "dana's password",
+            code["code"].as_str().unwrap(),
+        )
+        .await;
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    // The admin side: the feature, a widget with dana as its agent.
+    let on = cli
+        .json(&["admin", "widget", "feature", "on", "--profile", "owner"])
+        .await;
+    assert_eq!(on["webchat"], true);
+    let widget = cli
+        .json(&[
+            "admin",
+            "widget",
+            "create",
+            "--name",
+            "Shop",
+            "--origin",
+            "https://shop.example.com",
+            "--privacy-url",
+            "https://shop.example.com/privacy",
+            "--field",
+            "topic|Topic|To route the chat",
+            "--field",
+            "email|E-mail|To answer by e-mail|personal",
+            "--agent",
+            "dana",
+            "--consent-text",
+            "We keep what you write for 30 days to answer you.",
+            "--open",
+            "mon-sun=00:00-23:59",
+            "--time-zone",
+            "Europe/Berlin",
+            "--enabled",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    let widget_id = widget["widget_id"].as_str().unwrap().to_owned();
+    assert_eq!(widget["consent_text"]["version"], 1);
+    assert_eq!(widget["pre_chat_fields"][1]["personal"], true);
+    assert_eq!(
+        widget["business_hours"]["intervals"]
+            .as_array()
+            .unwrap()
+            .len(),
+        7
+    );
+    let updated = cli
+        .json(&[
+            "admin",
+            "widget",
+            "update",
+            &widget_id,
+            "--welcome",
+            "Hi!",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(updated["welcome_message"], "Hi!");
+    assert_eq!(updated["enabled"], true, "update keeps what was not given");
+    assert_eq!(updated["allowed_origins"][0], "https://shop.example.com");
+    let listed = cli
+        .json(&["admin", "widget", "list", "--profile", "owner"])
+        .await;
+    assert_eq!(listed[0]["widget_id"], widget_id.as_str());
+    let bad = cli
+        .run(
+            &[
+                "admin",
+                "widget",
+                "update",
+                &widget_id,
+                "--origin",
+                "http://shop.example.com",
+                "--profile",
+                "owner",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(bad.status.code(), Some(6), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("settings.allowed_origins"));
+
+    // A page of another origin gets nothing; the shop's page starts a visit.
+    let foreign = cli
+        .run(
+            &[
+                "visit",
+                "start",
+                &widget_id,
+                "--origin",
+                "https://evil.example.net",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(foreign.status.code(), Some(4), "{}", text(&foreign.stderr));
+    let visit = cli
+        .json(&[
+            "visit",
+            "start",
+            &widget_id,
+            "--origin",
+            "https://shop.example.com",
+        ])
+        .await;
+    assert_eq!(visit["resumed"], false);
+    assert_eq!(visit["welcome_message"], "Hi!");
+    let visit_file = cli.config_dir.path().join("visits").join("default.json");
+    assert_eq!(
+        mode(&visit_file),
+        0o600,
+        "the visitor token is a credential"
+    );
+    let again = cli.json(&["visit", "start", &widget_id]).await;
+    assert_eq!(again["resumed"], true);
+    assert_eq!(again["visit_id"], visit["visit_id"]);
+
+    // A personal field before consent is refused; after it, only when released (UL3).
+    let early = cli
+        .run(
+            &[
+                "visit",
+                "fields",
+                "email=v@example.com",
+                "--release",
+                "email",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(early.status.code(), Some(6), "{}", text(&early.stderr));
+    assert!(text(&early.stderr).contains("CONSENT_REQUIRED"));
+    let consent = cli.json(&["visit", "consent", "--grant"]).await;
+    assert_eq!(consent["granted"], true);
+    let unreleased = cli
+        .run(&["visit", "fields", "email=v@example.com"], &[])
+        .await;
+    assert_eq!(unreleased.status.code(), Some(6));
+    assert!(text(&unreleased.stderr).contains("fields[0].released"));
+    let stored = cli
+        .json(&[
+            "visit",
+            "fields",
+            "topic=Billing",
+            "email=v@example.com",
+            "--release",
+            "email",
+        ])
+        .await;
+    assert_eq!(stored["stored_keys"].as_array().unwrap().len(), 2);
+    let sent = cli
+        .json(&[
+            "visit",
+            "send",
+            "My card is 4111 1111 1111 1111, please help",
+        ])
+        .await;
+    assert_eq!(sent["masked"], true);
+
+    // The agent sees the chat with the released fields and answers it.
+    let chats = cli.json(&["chat", "visitors", "--profile", "dana"]).await;
+    let chat = &chats[0];
+    assert_eq!(chat["kind"], "webchat");
+    assert_eq!(chat["fields"]["email"], "v@example.com");
+    assert_eq!(chat["fields"]["topic"], "Billing");
+    let conversation = chat["conversation_id"].as_str().unwrap().to_owned();
+    let history = cli
+        .json(&["chat", "history", &conversation, "--profile", "dana"])
+        .await;
+    let first = history.as_array().unwrap().last().unwrap()["body"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!first.contains("4111 1111"), "masked: {first}");
+    cli.json(&[
+        "chat",
+        "send",
+        &conversation,
+        "Happy to help!",
+        "--profile",
+        "dana",
+    ])
+    .await;
+    let messages = cli.run(&["visit", "messages", "--output=json"], &[]).await;
+    assert!(messages.status.success(), "{}", text(&messages.stderr));
+    let lines: Vec<Value> = text(&messages.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["from_visitor"], false);
+    assert_eq!(lines[1]["body"], "Happy to help!");
+
+    // Self-service: see, correct, export, delete.
+    let corrected = cli
+        .json(&[
+            "visit",
+            "correct",
+            "email=w@example.com",
+            "--release",
+            "email",
+        ])
+        .await;
+    assert!(corrected["fields"].to_string().contains("w@example.com"));
+    assert_eq!(corrected["messages"].as_array().unwrap().len(), 2);
+    let export_file = cli.config_dir.path().join("my-data.json");
+    let export_arg = export_file.display().to_string();
+    cli.json(&["visit", "export", "--file", &export_arg]).await;
+    assert_eq!(mode(&export_file), 0o600);
+    let exported: Value =
+        serde_json::from_str(&std::fs::read_to_string(&export_file).unwrap()).unwrap();
+    assert!(exported.to_string().contains("w@example.com"));
+    assert_eq!(exported["messages"][1]["body"], "Happy to help!");
+    assert_eq!(exported["messages"][1]["from"], "agent");
+    let deleted = cli.json(&["visit", "delete"]).await;
+    assert!(deleted["delete_time"].as_str().is_some());
+    assert!(!visit_file.exists(), "the dead token is forgotten");
+    let gone = cli.run(&["visit", "my-data"], &[]).await;
+    assert_eq!(gone.status.code(), Some(3), "{}", text(&gone.stderr));
+    let chats = cli.json(&["chat", "visitors", "--profile", "dana"]).await;
+    assert_eq!(chats[0]["visit_id"], Value::Null, "{chats}");
+    assert_eq!(chats[0]["fields"], serde_json::json!({}));
 }

@@ -10,6 +10,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use hafen_sdk::proto::webchat::v1 as webchat_pb;
 use hafen_testkit::TestDatabase;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
@@ -60,7 +61,7 @@ async fn serving(port: u16, ca_pem: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
+async fn gr1_hafen_dev_runs_all_six_services_seeds_the_demo_and_stops_on_sigterm() {
     hafen_testkit::init_test_logging();
     let db = TestDatabase::create_empty().await;
     let redis = hafen_testkit::TestRedis::new();
@@ -86,6 +87,9 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
         .arg("--platform-token-file")
         .arg(tmp.path().join("platform-token"))
         .args(["--bcrypt-cost", "4"])
+        .arg("--demo")
+        .arg("--demo-file")
+        .arg(tmp.path().join("demo.txt"))
         .env("HAFEN_DATABASE_URL", db.url())
         .env("HAFEN_REDIS_URL", redis.url())
         .envs(
@@ -133,6 +137,55 @@ async fn gr1_hafen_dev_runs_all_five_services_and_stops_on_sigterm() {
         "hafen dev migrated the control plane"
     );
 
+    // The demo organisation (`make run`): its website chat serves a visitor, whose first
+    // message reaches one of the two agents.
+    let demo = loop {
+        if let Ok(text) = std::fs::read_to_string(tmp.path().join("demo.txt")) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo organisation was not seeded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let widget = demo
+        .split_whitespace()
+        .skip_while(|word| *word != "widget")
+        .nth(1)
+        .expect("the demo file names the widget");
+    let mut config = hafen_sdk::Config::local().with_ca_pem(ca_pem.clone().into_bytes());
+    config.endpoints.webchat = format!("https://127.0.0.1:{}", ports[5]);
+    let visitor = hafen_sdk::Visitor::connect(&config)
+        .unwrap()
+        .with_origin("https://localhost:8443")
+        .unwrap();
+    let mut calls = visitor.client();
+    let shown = calls
+        .get_widget_config(webchat_pb::GetWidgetConfigRequest {
+            widget_id: widget.to_owned(),
+        })
+        .await
+        .expect("the demo widget is enabled")
+        .into_inner();
+    let consent = shown
+        .consent_text
+        .expect("the demo widget has a consent text");
+    visitor.start(widget).await.unwrap();
+    calls
+        .give_consent(webchat_pb::GiveConsentRequest {
+            version: consent.version,
+            granted: true,
+        })
+        .await
+        .unwrap();
+    calls
+        .send_visitor_message(webchat_pb::SendVisitorMessageRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            body: "Hello from the demo page".into(),
+        })
+        .await
+        .expect("an agent takes the demo chat");
     let mut child = guard.0.take().unwrap();
     let pid = child.id().unwrap();
     let kill = std::process::Command::new("kill")

@@ -1,14 +1,17 @@
 //! The Rust client for Hafen, a privacy-first messaging backend.
 //!
-//! - [`Hafen::connect`] opens TLS channels to the five services (your CA file, or the system's
+//! - [`Hafen::connect`] opens TLS channels to the six services (your CA file, or the system's
 //!   roots); nothing connects until the first call.
 //! - [`Hafen::login`] signs in with tenant, username, password and the device's chat code;
 //!   the access token is then refreshed in the background before it expires.
 //!   [`Hafen::resume`] continues a session stored earlier ([`Session`] is serde-serialisable;
 //!   [`Hafen::on_session_change`] tells you when to store it again).
 //! - Typed clients for every public RPC: [`Hafen::auth`], [`Hafen::messaging`],
-//!   [`Hafen::tenant`], [`Hafen::retention`], [`Hafen::audit`]. They carry the session's
-//!   access token; a few common calls also have shortcuts ([`Hafen::send_message`], …).
+//!   [`Hafen::tenant`], [`Hafen::retention`], [`Hafen::audit`], [`Hafen::widgets`]. They carry
+//!   the session's access token; a few common calls also have shortcuts
+//!   ([`Hafen::send_message`], …).
+//! - [`Visitor`]: a website visitor's side of the website chat (no account: a visitor token
+//!   from `StartVisit`), for widgets and tests.
 //! - [`Hafen::subscribe`] follows the live events of all my conversations and reconnects with
 //!   back-off, resuming from the last cursor, so no message is missed (BX4).
 //! - Remote wipe (OC5): when the server says `DEVICE_WIPED` — in an answer, a stream or a
@@ -57,6 +60,7 @@ pub struct ReadmeDoctests;
 mod error;
 mod session;
 mod subscribe;
+mod visitor;
 mod watch;
 
 use std::sync::Arc;
@@ -69,6 +73,7 @@ use hafen_proto::messaging::v1 as pb;
 use hafen_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
 use hafen_proto::retention::v1::retention_service_client::RetentionServiceClient;
 use hafen_proto::tenant::v1::tenant_service_client::TenantServiceClient;
+use hafen_proto::webchat::v1::widget_service_client::WidgetServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -76,6 +81,7 @@ pub use error::Error;
 pub use hafen_proto as proto;
 pub use session::Session;
 pub use subscribe::Subscription;
+pub use visitor::{Visitor, VisitorAuth, VisitorClient};
 pub use watch::Bearer;
 use watch::WipeWatch;
 
@@ -84,7 +90,7 @@ use crate::session::State;
 /// A channel that carries the session's token and watches for the wipe signal.
 pub type Authed = InterceptedService<WipeWatch<Channel>, Bearer>;
 
-/// Where the five services are.
+/// Where the six services are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
     /// `hafen.auth.v1.AuthService`.
@@ -97,10 +103,12 @@ pub struct Endpoints {
     pub retention: String,
     /// `hafen.audit.v1.AuditService`.
     pub audit: String,
+    /// `hafen.webchat.v1.WidgetService` and `VisitorService`.
+    pub webchat: String,
 }
 
 impl Endpoints {
-    /// The ports `make run` (`hafen dev`) serves on `host`: 50051 to 50055.
+    /// The ports `make run` (`hafen dev`) serves on `host`: 50051 to 50056.
     pub fn dev(host: &str) -> Self {
         let at = |port: u16| format!("https://{host}:{port}");
         Self {
@@ -109,6 +117,7 @@ impl Endpoints {
             tenant: at(50053),
             retention: at(50054),
             audit: at(50055),
+            webchat: at(50056),
         }
     }
 }
@@ -182,9 +191,10 @@ struct Channels {
     tenant: Channel,
     retention: Channel,
     audit: Channel,
+    webchat: Channel,
 }
 
-fn channel(url: &str, config: &Config) -> Result<Channel, Error> {
+pub(crate) fn channel(url: &str, config: &Config) -> Result<Channel, Error> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|err| Error::Config(format!("{url}: {err}")))?;
     let name = config
@@ -226,6 +236,7 @@ impl Hafen {
             tenant: channel(&config.endpoints.tenant, &config)?,
             retention: channel(&config.endpoints.retention, &config)?,
             audit: channel(&config.endpoints.audit, &streaming)?,
+            webchat: channel(&config.endpoints.webchat, &config)?,
         };
         let state = Arc::new(State::new(channels.auth.clone()));
         Ok(Self {
@@ -326,6 +337,12 @@ impl Hafen {
     /// `hafen.audit.v1.AuditService` with this session's token.
     pub fn audit(&self) -> AuditServiceClient<Authed> {
         AuditServiceClient::new(self.authed(&self.channels.audit))
+    }
+
+    /// `hafen.webchat.v1.WidgetService` (the website chat's widgets; admins) with this
+    /// session's token.
+    pub fn widgets(&self) -> WidgetServiceClient<Authed> {
+        WidgetServiceClient::new(self.authed(&self.channels.webchat))
     }
 
     /// Turns a status from a typed client into an [`Error`] (handling a wipe signal).

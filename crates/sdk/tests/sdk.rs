@@ -24,6 +24,7 @@ fn config(stack: &TestStack, messaging: &str) -> Config {
             tenant: stack.tenant.uri(),
             retention: stack.retention.uri(),
             audit: stack.audit.uri(),
+            webchat: stack.webchat.uri(),
         },
         ca_pem: Some(stack.secrets.ca_pem().as_bytes().to_vec()),
         server_name: Some("localhost".to_owned()),

@@ -1,0 +1,430 @@
+//! `hafen admin widget …`: the website chat's widgets of my organisation (admins and the
+//! owner), on `hafen.webchat.v1.WidgetService`.
+
+use hafen_sdk::Hafen;
+use hafen_sdk::proto::tenant::v1 as tenant_pb;
+use hafen_sdk::proto::webchat::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::chat::user_id;
+use crate::client::{ClientArgs, Failure, Outcome, time};
+
+/// `hafen admin widget`.
+#[derive(clap::Subcommand, Debug)]
+pub enum WidgetCommand {
+    /// Create a widget. It serves visitors once it is enabled (--enabled) and the
+    /// organisation's webchat feature is on (`hafen admin widget feature on`).
+    Create {
+        #[command(flatten)]
+        settings: SettingsArgs,
+        /// The first consent text, shown before any personal field is asked.
+        #[arg(long, env = "HAFEN_WIDGET_CONSENT_TEXT")]
+        consent_text: String,
+        /// Serve visitors at once.
+        #[arg(long)]
+        enabled: bool,
+    },
+    /// Change a widget: only the settings given change (a repeatable option given replaces
+    /// the whole list).
+    Update {
+        /// The widget's id.
+        widget: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+        /// Serve visitors.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Stop serving visitors (their data rights keep working).
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Publish a new consent text version; visitors answer it anew before personal fields.
+    ConsentText {
+        /// The widget's id.
+        widget: String,
+        /// The text.
+        text: String,
+    },
+    /// List the widgets.
+    List,
+    /// Show one widget with its settings and current consent text.
+    Show {
+        /// The widget's id.
+        widget: String,
+    },
+    /// Switch the organisation's webchat feature on or off (off by default; widgets serve
+    /// visitors only while it is on).
+    Feature {
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+}
+
+/// A widget's settings on the command line; on update, options not given keep their value.
+#[derive(clap::Args, Debug)]
+pub struct SettingsArgs {
+    /// A name for admins.
+    #[arg(long)]
+    name: Option<String>,
+    /// An origin the widget may be embedded in, `https://host[:port]` or `https://*.domain`
+    /// (repeatable).
+    #[arg(long = "origin")]
+    origins: Vec<String>,
+    /// The website's privacy policy (https URL), shown by the widget.
+    #[arg(long)]
+    privacy_url: Option<String>,
+    /// A pre-chat field, `key|label|purpose` followed by `|personal` and/or `|required`,
+    /// e.g. `email|E-mail|To answer by e-mail|personal` (repeatable).
+    #[arg(long = "field")]
+    fields: Vec<String>,
+    /// An agent who answers the widget's chats: username or user id (repeatable).
+    #[arg(long = "agent")]
+    agents: Vec<String>,
+    /// Shown when the chat opens.
+    #[arg(long)]
+    welcome: Option<String>,
+    /// Shown outside business hours or when no agent is available.
+    #[arg(long)]
+    offline: Option<String>,
+    /// Whether a visitor who declines consent may still chat, without personal fields.
+    #[arg(long)]
+    anonymous: Option<bool>,
+    /// Days a visit lives after its last use (1 to the organisation's retention period).
+    #[arg(long)]
+    lifetime_days: Option<i32>,
+    /// Time zone of the business hours (IANA, e.g. `Europe/Berlin`).
+    #[arg(long)]
+    time_zone: Option<String>,
+    /// Opening hours, `DAYS=HH:MM-HH:MM` with DAYS as `mon`, `mon-fri`, … (repeatable; none
+    /// given on create: always open).
+    #[arg(long = "open")]
+    open: Vec<String>,
+}
+
+impl SettingsArgs {
+    /// `base` with the options given applied.
+    async fn apply(
+        self,
+        hafen: &Hafen,
+        mut base: pb::WidgetSettings,
+    ) -> Result<pb::WidgetSettings, Failure> {
+        if let Some(name) = self.name {
+            base.name = name;
+        }
+        if !self.origins.is_empty() {
+            base.allowed_origins = self.origins;
+        }
+        if let Some(url) = self.privacy_url {
+            base.privacy_policy_url = url;
+        }
+        if !self.fields.is_empty() {
+            base.pre_chat_fields = self
+                .fields
+                .iter()
+                .map(|f| field(f))
+                .collect::<Result<_, _>>()?;
+        }
+        if !self.agents.is_empty() {
+            let mut ids = Vec::new();
+            for agent in &self.agents {
+                ids.push(user_id(hafen, agent).await?);
+            }
+            base.agent_user_ids = ids;
+        }
+        if let Some(welcome) = self.welcome {
+            base.welcome_message = welcome;
+        }
+        if let Some(offline) = self.offline {
+            base.offline_message = offline;
+        }
+        if let Some(anonymous) = self.anonymous {
+            base.allow_anonymous_chat = anonymous;
+        }
+        if let Some(days) = self.lifetime_days {
+            base.visit_lifetime_days = days;
+        }
+        let hours = base.business_hours.get_or_insert_with(Default::default);
+        if let Some(zone) = self.time_zone {
+            hours.time_zone = zone;
+        }
+        if !self.open.is_empty() {
+            hours.intervals = Vec::new();
+            for open in &self.open {
+                hours.intervals.extend(opening(open)?);
+            }
+        }
+        Ok(base)
+    }
+}
+
+/// `key|label|purpose[|personal][|required]`.
+fn field(spec: &str) -> Result<pb::PreChatField, Failure> {
+    let mut parts = spec.split('|');
+    let (Some(key), Some(label), Some(purpose)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(Failure::usage(
+            "--field: key|label|purpose, then |personal and/or |required",
+        ));
+    };
+    let mut field = pb::PreChatField {
+        key: key.trim().to_owned(),
+        label: label.trim().to_owned(),
+        purpose: purpose.trim().to_owned(),
+        ..Default::default()
+    };
+    for flag in parts {
+        match flag.trim() {
+            "personal" => field.personal = true,
+            "required" => field.required = true,
+            _ => return Err(Failure::usage("--field: flags are |personal and |required")),
+        }
+    }
+    Ok(field)
+}
+
+const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// `mon-fri=09:00-17:00` as one interval per day.
+fn opening(spec: &str) -> Result<Vec<pb::OpeningInterval>, Failure> {
+    let bad = || Failure::usage("--open: DAYS=HH:MM-HH:MM, e.g. mon-fri=09:00-17:00");
+    let (days, hours) = spec.split_once('=').ok_or_else(bad)?;
+    let (open, close) = hours.split_once('-').ok_or_else(bad)?;
+    let day = |name: &str| {
+        WEEKDAYS
+            .iter()
+            .position(|d| d.eq_ignore_ascii_case(name.trim()))
+            .ok_or_else(bad)
+    };
+    let (first, last) = match days.split_once('-') {
+        Some((first, last)) => (day(first)?, day(last)?),
+        None => (day(days)?, day(days)?),
+    };
+    if last < first {
+        return Err(bad());
+    }
+    Ok((first..=last)
+        .map(|d| pb::OpeningInterval {
+            weekday: i32::try_from(d + 1).unwrap_or(1),
+            open: open.trim().to_owned(),
+            close: close.trim().to_owned(),
+        })
+        .collect())
+}
+
+/// `hafen admin widget …`.
+pub async fn run(client: &ClientArgs, command: WidgetCommand) -> Outcome {
+    let hafen = client.logged_in().await?;
+    match command {
+        WidgetCommand::Create {
+            settings,
+            consent_text,
+            enabled,
+        } => {
+            let settings = settings.apply(&hafen, Default::default()).await?;
+            let result = hafen
+                .widgets()
+                .create_widget(pb::CreateWidgetRequest {
+                    settings: Some(settings),
+                    enabled,
+                    consent_text,
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                })
+                .await;
+            let widget = hafen.check(result).await?;
+            client.print(widget_json(&widget), || {
+                format!("Created widget {}.\n{}", widget.widget_id, embed(&widget))
+            });
+        }
+        WidgetCommand::Update {
+            widget,
+            settings,
+            enable,
+            disable,
+        } => {
+            let current = get(&hafen, &widget).await?;
+            let settings = settings
+                .apply(&hafen, current.settings.unwrap_or_default())
+                .await?;
+            let result = hafen
+                .widgets()
+                .update_widget(pb::UpdateWidgetRequest {
+                    widget_id: widget,
+                    settings: Some(settings),
+                    enabled: (current.enabled || enable) && !disable,
+                })
+                .await;
+            let widget = hafen.check(result).await?;
+            client.print(widget_json(&widget), || widget_text(&widget));
+        }
+        WidgetCommand::ConsentText { widget, text } => {
+            let result = hafen
+                .widgets()
+                .publish_consent_text(pb::PublishConsentTextRequest {
+                    widget_id: widget,
+                    text,
+                })
+                .await;
+            let text = hafen.check(result).await?;
+            client.print(consent_text_json(&text), || {
+                format!("Published consent text version {}.", text.version)
+            });
+        }
+        WidgetCommand::List => {
+            let mut widgets = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let result = hafen
+                    .widgets()
+                    .list_widgets(pb::ListWidgetsRequest {
+                        page_size: 100,
+                        page_token: page_token.clone(),
+                    })
+                    .await;
+                let page = hafen.check(result).await?;
+                widgets.extend(page.widgets);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            client.print(
+                Value::Array(widgets.iter().map(widget_json).collect()),
+                || {
+                    widgets
+                        .iter()
+                        .map(|w| {
+                            let s = w.settings.clone().unwrap_or_default();
+                            format!(
+                                "{}  {:<20} {:<8} {}",
+                                w.widget_id,
+                                s.name,
+                                if w.enabled { "enabled" } else { "disabled" },
+                                s.allowed_origins.join(" ")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        WidgetCommand::Show { widget } => {
+            let widget = get(&hafen, &widget).await?;
+            client.print(widget_json(&widget), || widget_text(&widget));
+        }
+        WidgetCommand::Feature { state } => {
+            let on = state == "on";
+            let result = hafen
+                .tenant()
+                .update_tenant_settings(tenant_pb::UpdateTenantSettingsRequest {
+                    settings: Some(tenant_pb::TenantSettings {
+                        features: Some(tenant_pb::Features { webchat: on }),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["features.webchat".into()],
+                    }),
+                    ..Default::default()
+                })
+                .await;
+            hafen.check(result).await?;
+            client.print(json!({"webchat": on}), || {
+                format!("The webchat feature is {state}.")
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn get(hafen: &Hafen, widget: &str) -> Result<pb::Widget, Failure> {
+    let result = hafen
+        .widgets()
+        .get_widget(pb::GetWidgetRequest {
+            widget_id: widget.to_owned(),
+        })
+        .await;
+    Ok(hafen.check(result).await?)
+}
+
+fn consent_text_json(t: &pb::ConsentText) -> Value {
+    json!({
+        "version": t.version,
+        "text": t.text,
+        "text_sha256": hex::encode(&t.text_sha256),
+        "create_time": time(t.create_time.as_ref()),
+    })
+}
+
+fn widget_json(w: &pb::Widget) -> Value {
+    let s = w.settings.clone().unwrap_or_default();
+    let hours = s.business_hours.unwrap_or_default();
+    json!({
+        "widget_id": w.widget_id,
+        "enabled": w.enabled,
+        "name": s.name,
+        "allowed_origins": s.allowed_origins,
+        "privacy_policy_url": s.privacy_policy_url,
+        "pre_chat_fields": s.pre_chat_fields.iter().map(|f| json!({
+            "key": f.key, "label": f.label, "personal": f.personal,
+            "purpose": f.purpose, "required": f.required,
+        })).collect::<Vec<_>>(),
+        "welcome_message": s.welcome_message,
+        "offline_message": s.offline_message,
+        "business_hours": {
+            "time_zone": hours.time_zone,
+            "intervals": hours.intervals.iter().map(|i| json!({
+                "weekday": i.weekday, "open": i.open, "close": i.close,
+            })).collect::<Vec<_>>(),
+        },
+        "visit_lifetime_days": s.visit_lifetime_days,
+        "allow_anonymous_chat": s.allow_anonymous_chat,
+        "agent_user_ids": s.agent_user_ids,
+        "consent_text": w.consent_text.as_ref().map(consent_text_json),
+        "create_time": time(w.create_time.as_ref()),
+        "update_time": time(w.update_time.as_ref()),
+    })
+}
+
+fn widget_text(w: &pb::Widget) -> String {
+    let s = w.settings.clone().unwrap_or_default();
+    let mut out = vec![
+        format!(
+            "Widget {} ({}), {}",
+            w.widget_id,
+            s.name,
+            if w.enabled { "enabled" } else { "disabled" }
+        ),
+        format!("Origins: {}", s.allowed_origins.join(" ")),
+        format!("Privacy policy: {}", s.privacy_policy_url),
+        format!(
+            "Agents: {}; anonymous chat {}; visits live {} days",
+            s.agent_user_ids.len(),
+            if s.allow_anonymous_chat {
+                "allowed"
+            } else {
+                "not allowed"
+            },
+            s.visit_lifetime_days
+        ),
+    ];
+    for f in &s.pre_chat_fields {
+        out.push(format!(
+            "Field {} ({}{}{}): {}",
+            f.key,
+            f.label,
+            if f.personal { ", personal" } else { "" },
+            if f.required { ", required" } else { "" },
+            f.purpose
+        ));
+    }
+    if let Some(text) = &w.consent_text {
+        out.push(format!("Consent text v{}: {}", text.version, text.text));
+    }
+    out.join("\n")
+}
+
+fn embed(w: &pb::Widget) -> String {
+    format!(
+        "Visitors: `hafen visit start {}` (the widget id is public).",
+        w.widget_id
+    )
+}
