@@ -308,6 +308,7 @@ async fn webchat_visit(
             web_pb::StartVisitRequest {
                 widget_id: widget.widget_id.clone(),
                 visitor_token: String::new(),
+                ..Default::default()
             },
         ))
         .await

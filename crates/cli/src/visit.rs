@@ -42,14 +42,26 @@ pub enum VisitCommand {
         /// Call as a page of this origin (`https://host[:port]`), as a browser would.
         #[arg(long, env = "HAFEN_VISIT_ORIGIN")]
         origin: Option<String>,
+        /// As a person the website vouches for: the site's id for them (with --signature).
+        #[arg(long, requires = "signature", env = "HAFEN_VISIT_EXTERNAL_ID")]
+        external_id: Option<String>,
+        /// The hex HMAC-SHA256 of --external-id under the widget's identity secret, as the
+        /// website's server computes it.
+        #[arg(long, requires = "external_id", env = "HAFEN_VISIT_SIGNATURE")]
+        signature: Option<String>,
     },
     /// Answer the widget's current consent text.
     Consent {
         /// Grant consent.
-        #[arg(long, conflicts_with = "decline", required_unless_present = "decline")]
+        #[arg(
+            long,
+            conflicts_with = "decline",
+            required_unless_present = "decline",
+            env = "HAFEN_VISIT_GRANT"
+        )]
         grant: bool,
         /// Decline consent.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_VISIT_DECLINE")]
         decline: bool,
     },
     /// Give pre-chat fields, e.g. `topic=Billing email=me@example.com --release email`.
@@ -59,7 +71,12 @@ pub enum VisitCommand {
         fields: Vec<String>,
         /// Release a personal field to the organisation (repeatable); personal fields that are
         /// not released are refused.
-        #[arg(long = "release", short = 'r', value_delimiter = ',')]
+        #[arg(
+            long = "release",
+            short = 'r',
+            value_delimiter = ',',
+            env = "HAFEN_VISIT_RELEASE"
+        )]
         release: Vec<String>,
     },
     /// Send a message to the organisation's agents.
@@ -71,7 +88,7 @@ pub enum VisitCommand {
     /// Show the chat so far; with --follow, then wait for new messages until interrupted.
     Messages {
         /// Keep following new messages.
-        #[arg(long, short = 'f')]
+        #[arg(long, short = 'f', env = "HAFEN_VISIT_FOLLOW")]
         follow: bool,
     },
     /// Everything stored about this visit (GDPR Art. 15).
@@ -82,14 +99,19 @@ pub enum VisitCommand {
         #[arg(required = true)]
         fields: Vec<String>,
         /// Release a personal field (repeatable).
-        #[arg(long = "release", short = 'r', value_delimiter = ',')]
+        #[arg(
+            long = "release",
+            short = 'r',
+            value_delimiter = ',',
+            env = "HAFEN_VISIT_RELEASE"
+        )]
         release: Vec<String>,
     },
     /// Download this visit's data as JSON (Art. 15 and 20) to a file (or standard output
     /// with `-`).
     Export {
         /// Where to write it (default: the file name the service suggests).
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_VISIT_EXPORT_FILE")]
         file: Option<PathBuf>,
     },
     /// Delete this visit's data for good (Art. 17); the stored visit is forgotten.
@@ -105,7 +127,12 @@ pub async fn run(args: VisitArgs) -> Outcome {
             let config = widget_config(&visitor, &widget).await?;
             client.print(config_json(&config), || config_text(&config));
         }
-        VisitCommand::Start { widget, origin } => {
+        VisitCommand::Start {
+            widget,
+            origin,
+            external_id,
+            signature,
+        } => {
             let stored = Stored::load(client)?.filter(|s| s.widget == widget);
             let origin = origin.or_else(|| stored.as_ref().and_then(|s| s.origin.clone()));
             let mut visitor = connect(client, origin.as_deref())?;
@@ -113,7 +140,12 @@ pub async fn run(args: VisitArgs) -> Outcome {
                 visitor = visitor.with_token(&stored.token);
             }
             let config = widget_config(&visitor, &widget).await?;
-            let visit = visitor.start(&widget).await?;
+            let visit = match (&external_id, &signature) {
+                (Some(id), Some(signature)) => {
+                    visitor.start_identified(&widget, id, signature).await?
+                }
+                _ => visitor.start(&widget).await?,
+            };
             Stored {
                 widget: widget.clone(),
                 origin,
@@ -123,12 +155,14 @@ pub async fn run(args: VisitArgs) -> Outcome {
             let mut out = config_json(&config);
             out["visit_id"] = json!(visit.visit_id);
             out["resumed"] = json!(visit.resumed);
+            out["identified"] = json!(visit.identified);
             out["expire_time"] = json!(time(visit.expire_time.as_ref()));
             out["consent"] = json!(visit.consent.as_ref().map(consent_json));
             client.print(out, || {
                 format!(
-                    "{} visit {} (until {}).\n\n{}",
+                    "{} {}visit {} (until {}).\n\n{}",
                     if visit.resumed { "Resumed" } else { "Started" },
+                    if visit.identified { "identified " } else { "" },
                     visit.visit_id,
                     time(visit.expire_time.as_ref()),
                     config_text(&config)

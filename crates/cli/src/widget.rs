@@ -21,7 +21,7 @@ pub enum WidgetCommand {
         #[arg(long, env = "HAFEN_WIDGET_CONSENT_TEXT")]
         consent_text: String,
         /// Serve visitors at once.
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_WIDGET_ENABLED")]
         enabled: bool,
     },
     /// Change a widget: only the settings given change (a repeatable option given replaces
@@ -32,10 +32,10 @@ pub enum WidgetCommand {
         #[command(flatten)]
         settings: SettingsArgs,
         /// Serve visitors.
-        #[arg(long, conflicts_with = "disable")]
+        #[arg(long, conflicts_with = "disable", env = "HAFEN_WIDGET_ENABLE")]
         enable: bool,
         /// Stop serving visitors (their data rights keep working).
-        #[arg(long)]
+        #[arg(long, env = "HAFEN_WIDGET_DISABLE")]
         disable: bool,
     },
     /// Publish a new consent text version; visitors answer it anew before personal fields.
@@ -44,6 +44,16 @@ pub enum WidgetCommand {
         widget: String,
         /// The text.
         text: String,
+    },
+    /// Make a new identity secret (printed once) for the website's server to sign its
+    /// logged-in users' ids with, so a person keeps one visit on every device; the previous
+    /// secret stops working. With --disable, signed identities are ignored from now on.
+    IdentitySecret {
+        /// The widget's id.
+        widget: String,
+        /// Remove the secret instead.
+        #[arg(long, env = "HAFEN_WIDGET_IDENTITY_DISABLE")]
+        disable: bool,
     },
     /// List the widgets.
     List,
@@ -65,40 +75,40 @@ pub enum WidgetCommand {
 #[derive(clap::Args, Debug)]
 pub struct SettingsArgs {
     /// A name for admins.
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_NAME")]
     name: Option<String>,
     /// An origin the widget may be embedded in, `https://host[:port]` or `https://*.domain`
     /// (repeatable).
-    #[arg(long = "origin")]
+    #[arg(long = "origin", env = "HAFEN_WIDGET_ORIGINS", value_delimiter = ',')]
     origins: Vec<String>,
     /// The website's privacy policy (https URL), shown by the widget.
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_PRIVACY_URL")]
     privacy_url: Option<String>,
     /// A pre-chat field, `key|label|purpose` followed by `|personal` and/or `|required`,
     /// e.g. `email|E-mail|To answer by e-mail|personal` (repeatable).
-    #[arg(long = "field")]
+    #[arg(long = "field", env = "HAFEN_WIDGET_FIELDS")]
     fields: Vec<String>,
     /// An agent who answers the widget's chats: username or user id (repeatable).
-    #[arg(long = "agent")]
+    #[arg(long = "agent", env = "HAFEN_WIDGET_AGENTS", value_delimiter = ',')]
     agents: Vec<String>,
     /// Shown when the chat opens.
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_WELCOME")]
     welcome: Option<String>,
     /// Shown outside business hours or when no agent is available.
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_OFFLINE")]
     offline: Option<String>,
     /// Whether a visitor who declines consent may still chat, without personal fields.
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_ANONYMOUS")]
     anonymous: Option<bool>,
     /// Days a visit lives after its last use (1 to the organisation's retention period).
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_LIFETIME_DAYS")]
     lifetime_days: Option<i32>,
     /// Time zone of the business hours (IANA, e.g. `Europe/Berlin`).
-    #[arg(long)]
+    #[arg(long, env = "HAFEN_WIDGET_TIME_ZONE")]
     time_zone: Option<String>,
     /// Opening hours, `DAYS=HH:MM-HH:MM` with DAYS as `mon`, `mon-fri`, … (repeatable; none
     /// given on create: always open).
-    #[arg(long = "open")]
+    #[arg(long = "open", env = "HAFEN_WIDGET_OPEN")]
     open: Vec<String>,
 }
 
@@ -269,6 +279,27 @@ pub async fn run(client: &ClientArgs, command: WidgetCommand) -> Outcome {
                 format!("Published consent text version {}.", text.version)
             });
         }
+        WidgetCommand::IdentitySecret { widget, disable } => {
+            let result = hafen
+                .widgets()
+                .rotate_identity_secret(pb::RotateIdentitySecretRequest {
+                    widget_id: widget,
+                    disable,
+                })
+                .await;
+            let rotated = hafen.check(result).await?;
+            client.print(json!({"secret": rotated.secret}), || {
+                if disable {
+                    "Signed identities are ignored from now on.".to_owned()
+                } else {
+                    format!(
+                        "Identity secret (shown once; keep it on the website's server): {}\n\
+                         Sign with the lowercase hex HMAC-SHA256 of the user's id under it.",
+                        rotated.secret
+                    )
+                }
+            });
+        }
         WidgetCommand::List => {
             let mut widgets = Vec::new();
             let mut page_token = String::new();
@@ -378,6 +409,7 @@ fn widget_json(w: &pb::Widget) -> Value {
         "visit_lifetime_days": s.visit_lifetime_days,
         "allow_anonymous_chat": s.allow_anonymous_chat,
         "agent_user_ids": s.agent_user_ids,
+        "identity_verification": w.identity_verification,
         "consent_text": w.consent_text.as_ref().map(consent_text_json),
         "create_time": time(w.create_time.as_ref()),
         "update_time": time(w.update_time.as_ref()),

@@ -498,6 +498,21 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
         .json(&["admin", "widget", "list", "--profile", "owner"])
         .await;
     assert_eq!(listed[0]["widget_id"], widget_id.as_str());
+    let secret = cli
+        .json(&[
+            "admin",
+            "widget",
+            "identity-secret",
+            &widget_id,
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(secret["secret"].as_str().unwrap().len(), 43);
+    let shown = cli
+        .json(&["admin", "widget", "show", &widget_id, "--profile", "owner"])
+        .await;
+    assert_eq!(shown["identity_verification"], true);
     let bad = cli
         .run(
             &[
@@ -549,6 +564,7 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
     );
     let again = cli.json(&["visit", "start", &widget_id]).await;
     assert_eq!(again["resumed"], true);
+    assert_eq!(again["identified"], false);
     assert_eq!(again["visit_id"], visit["visit_id"]);
 
     // A personal field before consent is refused; after it, only when released (UL3).

@@ -25,6 +25,12 @@ pub fn random_token() -> Result<String> {
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// 32 bytes as a token: URL-safe base64 without padding (43 characters), the shape of
+/// [`random_token`].
+pub fn token_of(bytes: &[u8; 32]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// A fresh chat code: [`CHAT_CODE_LEN`] characters from [`CHAT_CODE_ALPHABET`], uniformly
 /// distributed (rejection sampling, no modulo bias).
 pub fn chat_code() -> Result<String> {
@@ -72,6 +78,17 @@ pub fn keyed_hash(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// Plain HMAC-SHA-256 of `message` under `key`, as other systems compute it (e.g. PHP's
+/// `hash_hmac('sha256', $message, $key)`); [`keyed_hash`] is for Hafen's own hashes.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let Ok(mut mac) = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key) else {
+        // HMAC accepts keys of any length; this branch cannot be taken.
+        return [0; 32];
+    };
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
 /// Compares two byte strings in time independent of where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
@@ -94,6 +111,17 @@ mod tests {
             assert_eq!(normalize_chat_code(&code).as_deref(), Some(code.as_str()));
         }
         assert_ne!(chat_code().unwrap(), chat_code().unwrap());
+    }
+
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        // Test case 2 of RFC 4231.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

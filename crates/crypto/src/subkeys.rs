@@ -33,16 +33,20 @@ pub enum Purpose {
     /// Keyed hashes of client addresses, so rate limits never hold an address: the webchat
     /// service.
     AddressHashing,
+    /// Keyed hashes of website visitors' signed identities, and the visitor tokens of
+    /// identified visits: the webchat service.
+    VisitorIdentity,
 }
 
 impl Purpose {
     /// Every purpose.
-    pub const ALL: [Purpose; 5] = [
+    pub const ALL: [Purpose; 6] = [
         Self::SessionCache,
         Self::ChatCodePepper,
         Self::TotpSecrets,
         Self::AuditSigning,
         Self::AddressHashing,
+        Self::VisitorIdentity,
     ];
 
     /// The name in key files and on the command line.
@@ -53,6 +57,7 @@ impl Purpose {
             Self::TotpSecrets => "totp-secrets",
             Self::AuditSigning => "audit-signing",
             Self::AddressHashing => "address-hashing",
+            Self::VisitorIdentity => "visitor-identity",
         }
     }
 
@@ -64,6 +69,7 @@ impl Purpose {
             Self::TotpSecrets => "totp secrets",
             Self::AuditSigning => "audit signing keys",
             Self::AddressHashing => "address hashing",
+            Self::VisitorIdentity => "visitor identity",
         }
     }
 

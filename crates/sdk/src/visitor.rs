@@ -122,11 +122,37 @@ impl Visitor {
     /// Starts a visit on `widget_id`, or resumes the one of the token kept (the same visit
     /// and token when it is still valid, else a new visit), and keeps the token returned.
     pub async fn start(&self, widget_id: &str) -> Result<pb::StartVisitResponse, Error> {
+        self.start_with(widget_id, String::new(), String::new())
+            .await
+    }
+
+    /// The same for a person the website vouches for: the site's id for them and its
+    /// signature, made on the site's server with the widget's identity secret (see
+    /// `StartVisitRequest.identity_signature`). With a valid signature the visit is the
+    /// person's on every device (`identified` in the answer); without, it is anonymous.
+    pub async fn start_identified(
+        &self,
+        widget_id: &str,
+        external_id: &str,
+        signature: &str,
+    ) -> Result<pb::StartVisitResponse, Error> {
+        self.start_with(widget_id, external_id.to_owned(), signature.to_owned())
+            .await
+    }
+
+    async fn start_with(
+        &self,
+        widget_id: &str,
+        external_id: String,
+        identity_signature: String,
+    ) -> Result<pb::StartVisitResponse, Error> {
         let visit = self
             .client()
             .start_visit(pb::StartVisitRequest {
                 widget_id: widget_id.to_owned(),
                 visitor_token: self.token().unwrap_or_default(),
+                external_id,
+                identity_signature,
             })
             .await?
             .into_inner();

@@ -280,6 +280,7 @@ diesel::table! {
         created_by -> Uuid,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        identity_secret_sealed -> Nullable<Bytea>,
     }
 }
 
@@ -303,6 +304,7 @@ diesel::table! {
         expires_at -> Timestamptz,
         conversation_id -> Nullable<Uuid>,
         agent_id -> Nullable<Uuid>,
+        identity_sha256 -> Nullable<Bytea>,
     }
 }
 

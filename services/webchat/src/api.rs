@@ -80,6 +80,19 @@ impl WidgetService for WidgetApi {
         Ok(Response::new(text))
     }
 
+    #[instrument(name = "RotateIdentitySecret", skip_all)]
+    async fn rotate_identity_secret(
+        &self,
+        request: Request<pb::RotateIdentitySecretRequest>,
+    ) -> Result<Response<pb::RotateIdentitySecretResponse>, Status> {
+        let caller = user(&request)?.clone();
+        let rotated = self
+            .service
+            .rotate_identity_secret(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(rotated))
+    }
+
     #[instrument(name = "GetWidget", skip_all)]
     async fn get_widget(
         &self,
@@ -227,7 +240,7 @@ impl VisitorService for VisitorApi {
             .map_err(Error::RateLimited)?;
         let started = self
             .service
-            .start_visit(widget, &request.get_ref().visitor_token, origin(&request))
+            .start_visit(widget, request.get_ref(), origin(&request))
             .await?;
         Ok(Response::new(started))
     }

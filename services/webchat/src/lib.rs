@@ -103,6 +103,8 @@ pub(crate) struct Service {
     pub streams: std::sync::Mutex<std::collections::HashMap<Uuid, usize>>,
     /// Delivers the outbox to the audit service.
     pub relay: Option<hafen_events::Relay>,
+    /// Hashes signed visitor identities and derives identified visits' tokens.
+    pub identity_key: hafen_crypto::DataKey,
 }
 
 impl Service {
@@ -182,6 +184,7 @@ where
         wakes,
         streams: std::sync::Mutex::default(),
         relay: Some(relay),
+        identity_key: Purpose::VisitorIdentity.derive(&master),
     });
     let layer = AuthnLayer::new(authenticator, &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)

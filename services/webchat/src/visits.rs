@@ -82,6 +82,97 @@ fn token_ids(token: &str) -> Option<(Uuid, Uuid)> {
     (secret.len() == 43).then_some((widget, visit))
 }
 
+/// Longest external id of a signed identity, in characters.
+const MAX_EXTERNAL_ID_CHARS: usize = 200;
+
+/// The signed identity StartVisit claims, checked for shape: `None` when there is no claim
+/// (no id, or no signature: an unsigned claim is ignored).
+fn identity_claim<'a>(
+    external_id: &'a str,
+    signature: &str,
+) -> Result<Option<(&'a str, [u8; 32])>, Error> {
+    if external_id.chars().count() > MAX_EXTERNAL_ID_CHARS {
+        return Err(Error::invalid("external_id", "at most 200 characters"));
+    }
+    if signature.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("identity_signature", "64 hexadecimal digits (HMAC-SHA256)");
+    if signature.len() != 64 {
+        return Err(bad());
+    }
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(signature.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok((!external_id.is_empty()).then_some((external_id, bytes)))
+}
+
+/// In StartVisit with a verified `identity`: its live visit, or the anonymous visit of the
+/// token given (`resumable`, its hash), which becomes the identity's with its token
+/// re-derived (`derived`, the new token's hash). `None`: a new visit is to be made, and the
+/// identity was released from expired visits for it.
+async fn resume_identified(
+    conn: &mut AsyncPgConnection,
+    widget: Uuid,
+    identity: &[u8],
+    resumable: Option<(Uuid, Vec<u8>)>,
+    derived: Option<Vec<u8>>,
+    at: DateTime<Utc>,
+    lifetime: Duration,
+) -> Result<Option<VisitRow>, Error> {
+    let live: Option<VisitRow> = diesel::update(
+        visits::table
+            .filter(visits::widget_id.eq(widget))
+            .filter(visits::identity_sha256.eq(identity))
+            .filter(visits::expires_at.gt(at)),
+    )
+    .set((
+        visits::last_seen_at.eq(at),
+        visits::expires_at.eq(at + lifetime),
+    ))
+    .returning(VisitRow::as_returning())
+    .get_result(conn)
+    .await
+    .optional()?;
+    if live.is_some() {
+        return Ok(live);
+    }
+    if let (Some((visit, hash)), Some(derived)) = (resumable, derived) {
+        let adopted: Option<VisitRow> = diesel::update(
+            visits::table
+                .find(visit)
+                .filter(visits::token_sha256.eq(hash))
+                .filter(visits::identity_sha256.is_null())
+                .filter(visits::expires_at.gt(at)),
+        )
+        .set((
+            visits::identity_sha256.eq(identity),
+            visits::token_sha256.eq(derived),
+            visits::last_seen_at.eq(at),
+            visits::expires_at.eq(at + lifetime),
+        ))
+        .returning(VisitRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+        if adopted.is_some() {
+            return Ok(adopted);
+        }
+    }
+    diesel::update(
+        visits::table
+            .filter(visits::widget_id.eq(widget))
+            .filter(visits::identity_sha256.eq(identity))
+            .filter(visits::expires_at.le(at)),
+    )
+    .set(visits::identity_sha256.eq(None::<Vec<u8>>))
+    .execute(conn)
+    .await?;
+    Ok(None)
+}
+
 /// The associated data of a field value: its visit and key.
 pub(crate) fn field_context(visit: Uuid, key: &str) -> Vec<u8> {
     [visit.as_bytes().as_slice(), key.as_bytes()].concat()
@@ -268,78 +359,116 @@ impl Service {
         })
     }
 
-    /// StartVisit: resumes the visit of `token` if it is valid for this widget, else opens
-    /// a new one.
+    /// StartVisit: with a signed identity, the identity's live visit, or the visit of the
+    /// token given (which becomes the identity's), or a new one; without, the visit of the
+    /// token given if it is valid for this widget, else a new one.
     pub async fn start_visit(
         &self,
         widget: Uuid,
-        token: &str,
+        request: &pb::StartVisitRequest,
         origin: Option<&str>,
     ) -> Result<pb::StartVisitResponse, Error> {
+        let claim = identity_claim(&request.external_id, &request.identity_signature)?;
         let live = self.live_widget(widget, origin).await?;
-        let lifetime = Duration::days(i64::from(live.row.visit_lifetime_days));
-        let resumable = token_ids(token)
-            .filter(|(w, _)| *w == widget)
-            .map(|(_, v)| v);
-        let (token, hash) = match resumable {
-            Some(_) => (token.to_owned(), token_hash(token)),
-            None => {
-                let secret = hafen_crypto::secret::random_token()?;
-                let visit = Uuid::now_v7();
-                let token = format!("{}.{}.{secret}", widget.simple(), visit.simple());
-                let hash = token_hash(&token);
-                (token, hash)
+        let identity = match claim {
+            Some((external_id, signature)) => {
+                self.verified_identity(&live, external_id, &signature)
+                    .await?
             }
+            None => None,
         };
-        let new_id = token_ids(&token)
-            .map(|(_, v)| v)
-            .ok_or(Error::Bug("token shape"))?;
-        let resume = resumable.is_some();
-        let (visit, resumed, consent) = self
-            .scoped(live.tenant, move |conn| {
-                Box::pin(async move {
-                    let at = now();
-                    if resume {
-                        let resumed: Option<VisitRow> = diesel::update(
-                            visits::table
-                                .find(new_id)
-                                .filter(visits::token_sha256.eq(&hash))
-                                .filter(visits::expires_at.gt(at)),
-                        )
-                        .set((
-                            visits::last_seen_at.eq(at),
-                            visits::expires_at.eq(at + lifetime),
-                        ))
-                        .returning(VisitRow::as_returning())
-                        .get_result(conn)
-                        .await
-                        .optional()?;
-                        if let Some(visit) = resumed {
+        let lifetime = Duration::days(i64::from(live.row.visit_lifetime_days));
+        let given = request.visitor_token.as_str();
+        let resumable = token_ids(given)
+            .filter(|(w, _)| *w == widget)
+            .map(|(_, v)| (v, token_hash(given)));
+        // Two first visits of one identity at once: the second finds the first's.
+        let mut attempt = 0;
+        let (visit, resumed, consent, token) = loop {
+            let new_id = Uuid::now_v7();
+            let new_token = match &identity {
+                Some(_) => self.identity_token(widget, new_id),
+                None => format!(
+                    "{}.{}.{}",
+                    widget.simple(),
+                    new_id.simple(),
+                    hafen_crypto::secret::random_token()?
+                ),
+            };
+            let derived = resumable
+                .as_ref()
+                .map(|(visit, _)| token_hash(&self.identity_token(widget, *visit)));
+            let claimed = identity.clone();
+            let resumable = resumable.clone();
+            let new_hash = token_hash(&new_token);
+            let result = self
+                .scoped(live.tenant, move |conn| {
+                    Box::pin(async move {
+                        let at = now();
+                        let found = match &claimed {
+                            Some(identity) => {
+                                resume_identified(
+                                    conn, widget, identity, resumable, derived, at, lifetime,
+                                )
+                                .await?
+                            }
+                            None => match resumable {
+                                Some((visit, hash)) => diesel::update(
+                                    visits::table
+                                        .find(visit)
+                                        .filter(visits::token_sha256.eq(hash))
+                                        .filter(visits::expires_at.gt(at)),
+                                )
+                                .set((
+                                    visits::last_seen_at.eq(at),
+                                    visits::expires_at.eq(at + lifetime),
+                                ))
+                                .returning(VisitRow::as_returning())
+                                .get_result(conn)
+                                .await
+                                .optional()?,
+                                None => None,
+                            },
+                        };
+                        if let Some(visit) = found {
                             let consent = latest_consent(conn, visit.id).await?;
-                            return Ok((Some(visit), true, consent));
+                            return Ok((visit, true, consent));
                         }
-                        // Expired or unknown: a new visit, with a new token.
-                        return Ok((None, false, None));
-                    }
-                    let visit: VisitRow = diesel::insert_into(visits::table)
-                        .values((
-                            visits::id.eq(new_id),
-                            visits::widget_id.eq(widget),
-                            visits::token_sha256.eq(&hash),
-                            visits::created_at.eq(at),
-                            visits::last_seen_at.eq(at),
-                            visits::expires_at.eq(at + lifetime),
-                        ))
-                        .returning(VisitRow::as_returning())
-                        .get_result(conn)
-                        .await?;
-                    Ok((Some(visit), false, None))
+                        // An expired or unknown token: a new visit, with a new token.
+                        let visit: VisitRow = diesel::insert_into(visits::table)
+                            .values((
+                                visits::id.eq(new_id),
+                                visits::widget_id.eq(widget),
+                                visits::token_sha256.eq(&new_hash),
+                                visits::identity_sha256.eq(claimed),
+                                visits::created_at.eq(at),
+                                visits::last_seen_at.eq(at),
+                                visits::expires_at.eq(at + lifetime),
+                            ))
+                            .returning(VisitRow::as_returning())
+                            .get_result(conn)
+                            .await?;
+                        Ok((visit, false, None))
+                    })
                 })
-            })
-            .await?;
-        let Some(visit) = visit else {
-            // The token to resume was not valid: start afresh.
-            return Box::pin(self.start_visit(widget, "", origin)).await;
+                .await;
+            match result {
+                Ok((visit, resumed, consent)) => {
+                    let token = if identity.is_some() {
+                        self.identity_token(widget, visit.id)
+                    } else if resumed {
+                        given.to_owned()
+                    } else {
+                        new_token
+                    };
+                    break (visit, resumed, consent, token);
+                }
+                Err(Error::Database(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    _,
+                ))) if attempt == 0 && identity.is_some() => attempt += 1,
+                Err(err) => return Err(err),
+            }
         };
         let current = self
             .scoped(live.tenant, move |conn| {
@@ -354,7 +483,54 @@ impl Service {
             consent: consent
                 .filter(|c| c.version == current.version)
                 .map(|c| c.to_proto()),
+            identified: identity.is_some(),
         })
+    }
+
+    /// The keyed hash of the identity a visitor claims, if the widget has an identity secret
+    /// and `signature` is the claim's HMAC under it; `None` (the claim is ignored) otherwise.
+    async fn verified_identity(
+        &self,
+        live: &LiveWidget,
+        external_id: &str,
+        signature: &[u8; 32],
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let Some(sealed) = &live.row.identity_secret_sealed else {
+            return Ok(None);
+        };
+        let widget = live.row.id;
+        let key = self.keys.user_key(live.tenant, widget).await?;
+        let secret = key.open(&widgets::identity_context(widget), sealed)?;
+        let expected = hafen_crypto::secret::hmac_sha256(&secret, external_id.as_bytes());
+        if !hafen_crypto::secret::constant_time_eq(&expected, signature) {
+            return Ok(None);
+        }
+        Ok(Some(
+            hafen_crypto::secret::keyed_hash(
+                self.identity_key.expose(),
+                &[
+                    b"visitor identity",
+                    widget.as_bytes(),
+                    external_id.as_bytes(),
+                ],
+            )
+            .to_vec(),
+        ))
+    }
+
+    /// The token of an identified visit: derived from the visit, so every device of the
+    /// person gets the same one, and only this service can make it.
+    fn identity_token(&self, widget: Uuid, visit: Uuid) -> String {
+        let secret = hafen_crypto::secret::keyed_hash(
+            self.identity_key.expose(),
+            &[b"visitor token", visit.as_bytes()],
+        );
+        format!(
+            "{}.{}.{}",
+            widget.simple(),
+            visit.simple(),
+            hafen_crypto::secret::token_of(&secret)
+        )
     }
 
     /// GiveConsent.

@@ -285,6 +285,13 @@ pub struct WidgetRow {
     pub visit_lifetime_days: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The identity secret, sealed under the widget's key ([`identity_context`]).
+    pub identity_secret_sealed: Option<Vec<u8>>,
+}
+
+/// The associated data of a widget's sealed identity secret.
+pub fn identity_context(widget: Uuid) -> Vec<u8> {
+    [widget.as_bytes().as_slice(), b"identity secret"].concat()
 }
 
 impl WidgetRow {
@@ -372,6 +379,7 @@ fn widget_proto(row: &WidgetRow, text: &ConsentTextRow) -> Result<pb::Widget, Er
         consent_text: Some(text.to_proto()),
         create_time: Some(hafen_platform::timestamp(row.created_at)),
         update_time: Some(hafen_platform::timestamp(row.updated_at)),
+        identity_verification: row.identity_secret_sealed.is_some(),
     })
 }
 
@@ -629,6 +637,60 @@ impl Service {
             .await?;
         self.audited();
         Ok(published)
+    }
+
+    /// RotateIdentitySecret: a new secret sealed under the widget's own key (or none).
+    pub async fn rotate_identity_secret(
+        &self,
+        caller: &Principal,
+        request: pb::RotateIdentitySecretRequest,
+    ) -> Result<pb::RotateIdentitySecretResponse, Error> {
+        admin_only(caller)?;
+        let id = parse_id("widget_id", &request.widget_id)?;
+        let tenant = caller.tenant_id;
+        let exists = self
+            .scoped(tenant, move |conn| Box::pin(find(conn, id)))
+            .await?
+            .is_some();
+        if !exists {
+            return Err(Error::NotFound("widget"));
+        }
+        let (secret, sealed, action) = if request.disable {
+            (
+                String::new(),
+                None,
+                "webchat.widget.identity_secret_removed",
+            )
+        } else {
+            let secret = hafen_crypto::secret::random_token()?;
+            let key = self.keys.user_key(tenant, id).await?;
+            let sealed = key.seal(&identity_context(id), secret.as_bytes())?;
+            (
+                secret,
+                Some(sealed),
+                "webchat.widget.identity_secret_rotated",
+            )
+        };
+        let event = widget_event(caller, action, id);
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                let changed = diesel::update(widgets::table.find(id))
+                    .set((
+                        widgets::identity_secret_sealed.eq(sealed),
+                        widgets::updated_at.eq(now()),
+                    ))
+                    .execute(conn)
+                    .await?;
+                if changed == 0 {
+                    return Err(Error::NotFound("widget"));
+                }
+                hafen_events::record(conn, &event).await?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.audited();
+        Ok(pb::RotateIdentitySecretResponse { secret })
     }
 
     /// GetWidget.

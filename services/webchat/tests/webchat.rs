@@ -164,6 +164,7 @@ impl Setup {
                 pb::StartVisitRequest {
                     widget_id: widget.widget_id.clone(),
                     visitor_token: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -477,6 +478,7 @@ async fn cb8_no_address_user_agent_or_referrer_is_stored_and_a_foreign_origin_is
                 pb::StartVisitRequest {
                     widget_id: widget.widget_id.clone(),
                     visitor_token: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -489,6 +491,7 @@ async fn cb8_no_address_user_agent_or_referrer_is_stored_and_a_foreign_origin_is
         pb::StartVisitRequest {
             widget_id: widget.widget_id.clone(),
             visitor_token: String::new(),
+            ..Default::default()
         },
     );
     for (header, value) in [
@@ -564,6 +567,7 @@ async fn cb8_a_visit_resumes_with_its_token_and_a_token_reaches_nothing_elsewher
             pb::StartVisitRequest {
                 widget_id: widget.widget_id.clone(),
                 visitor_token: first.visitor_token.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -592,6 +596,7 @@ async fn cb8_a_visit_resumes_with_its_token_and_a_token_reaches_nothing_elsewher
             pb::StartVisitRequest {
                 widget_id: widget.widget_id.clone(),
                 visitor_token: forged.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -955,6 +960,7 @@ async fn webchat_abuse_limits_are_hit_and_recover() {
             pb::StartVisitRequest {
                 widget_id: widget.widget_id.clone(),
                 visitor_token: String::new(),
+                ..Default::default()
             },
         )
     };
@@ -1636,4 +1642,234 @@ async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
         }
         other => panic!("the answer, not {other:?}"),
     }
+}
+
+impl Setup {
+    async fn start_identified(
+        &self,
+        widget: &pb::Widget,
+        token: &str,
+        external_id: &str,
+        signature: &str,
+    ) -> Result<pb::StartVisitResponse, tonic::Status> {
+        self.stack
+            .visitor_client()
+            .await
+            .start_visit(from(
+                ORIGIN,
+                pb::StartVisitRequest {
+                    widget_id: widget.widget_id.clone(),
+                    visitor_token: token.into(),
+                    external_id: external_id.into(),
+                    identity_signature: signature.into(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn rotate(&self, widget: &pb::Widget, disable: bool) -> String {
+        self.stack
+            .widget_client()
+            .await
+            .rotate_identity_secret(with_token(
+                &self.owner,
+                pb::RotateIdentitySecretRequest {
+                    widget_id: widget.widget_id.clone(),
+                    disable,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .secret
+    }
+}
+
+/// What the website's server computes: the hex HMAC-SHA256 of the user's id.
+fn sign(secret: &str, external_id: &str) -> String {
+    hafen_crypto::secret::hmac_sha256(secret.as_bytes(), external_id.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb8_a_signed_identity_resumes_one_visit_on_every_device_and_unsigned_claims_are_ignored() {
+    let s = setup().await;
+    let (widget, agent) = s.widget_with_agent(settings()).await;
+
+    // Only admins make the secret; it is shown once and stored sealed.
+    let denied = s
+        .stack
+        .widget_client()
+        .await
+        .rotate_identity_secret(with_token(
+            &agent,
+            pb::RotateIdentitySecretRequest {
+                widget_id: widget.widget_id.clone(),
+                disable: false,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let secret = s.rotate(&widget, false).await;
+    assert_eq!(secret.len(), 43);
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM {{schema}}.widgets \
+             WHERE identity_secret_sealed IS NOT NULL \
+               AND position(convert_to('{secret}', 'UTF8') IN identity_secret_sealed) = 0"
+        ))
+        .await,
+        1,
+        "sealed, not in clear"
+    );
+    let shown = s
+        .stack
+        .widget_client()
+        .await
+        .get_widget(with_token(
+            &s.owner,
+            pb::GetWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(shown.identity_verification);
+
+    // The laptop and then the phone of customer 42: one visit, one token.
+    let signature = sign(&secret, "customer-42");
+    let laptop = s
+        .start_identified(&widget, "", "customer-42", &signature)
+        .await
+        .unwrap();
+    assert!(laptop.identified && !laptop.resumed);
+    s.consent(&laptop.visitor_token, 1, true).await;
+    let phone = s
+        .start_identified(&widget, "", "customer-42", &signature)
+        .await
+        .unwrap();
+    assert!(phone.identified && phone.resumed);
+    assert_eq!(phone.visit_id, laptop.visit_id);
+    assert_eq!(phone.visitor_token, laptop.visitor_token);
+    assert!(
+        phone.consent.is_some_and(|c| c.granted),
+        "the phone sees the laptop's consent"
+    );
+    assert_eq!(
+        s.count(
+            "SELECT count(*) AS n FROM {schema}.visits \
+             WHERE position(convert_to('customer-42', 'UTF8') IN identity_sha256) > 0"
+        )
+        .await,
+        0,
+        "the site's id is stored only as a keyed hash"
+    );
+
+    // Unsigned, or signed wrongly: ignored, an anonymous visit of its own.
+    for signature in ["", &sign("another secret", "customer-42")] {
+        let anonymous = s
+            .start_identified(&widget, "", "customer-42", signature)
+            .await
+            .unwrap();
+        assert!(!anonymous.identified);
+        assert_ne!(anonymous.visit_id, laptop.visit_id);
+    }
+    // Malformed: the field is named, nothing stored.
+    let visits_before = s.count("SELECT count(*) AS n FROM {schema}.visits").await;
+    let bad = s
+        .start_identified(&widget, "", "customer-42", "not hex")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (bad.code(), field(&bad).as_str()),
+        (Code::InvalidArgument, "identity_signature")
+    );
+    let long = "x".repeat(201);
+    let bad = s
+        .start_identified(&widget, "", &long, &sign(&secret, &long))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (bad.code(), field(&bad).as_str()),
+        (Code::InvalidArgument, "external_id")
+    );
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visits").await,
+        visits_before
+    );
+
+    // A visitor who chatted anonymously logs in on the site: that visit becomes theirs, with a
+    // new token; the old one is dead.
+    let before = s.visit(&widget).await;
+    let adopted = s
+        .start_identified(
+            &widget,
+            &before.visitor_token,
+            "customer-7",
+            &sign(&secret, "customer-7"),
+        )
+        .await
+        .unwrap();
+    assert!(adopted.identified && adopted.resumed);
+    assert_eq!(adopted.visit_id, before.visit_id);
+    assert_ne!(adopted.visitor_token, before.visitor_token);
+    let dead = s
+        .stack
+        .visitor_client()
+        .await
+        .get_my_data(visitor(&before.visitor_token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(dead.code(), Code::Unauthenticated);
+
+    // A new secret: signatures made with the old one are ignored; disabled: all are.
+    let rotated = s.rotate(&widget, false).await;
+    assert_ne!(rotated, secret);
+    let stale = s
+        .start_identified(&widget, "", "customer-42", &signature)
+        .await
+        .unwrap();
+    assert!(!stale.identified);
+    let fresh = s
+        .start_identified(&widget, "", "customer-42", &sign(&rotated, "customer-42"))
+        .await
+        .unwrap();
+    assert!(fresh.identified);
+    assert_eq!(fresh.visit_id, laptop.visit_id, "the person's visit stays");
+    assert!(s.rotate(&widget, true).await.is_empty());
+    let off = s
+        .start_identified(&widget, "", "customer-42", &sign(&rotated, "customer-42"))
+        .await
+        .unwrap();
+    assert!(!off.identified);
+
+    // Each change of the secret is audited, never with the secret.
+    hafen_testkit::eventually(
+        "the secret's changes chained",
+        Duration::from_secs(10),
+        || async {
+            let chained = s
+                .count(
+                    "SELECT count(*) AS n FROM hafen.audit_events \
+                     WHERE action LIKE 'webchat.widget.identity_secret_%'",
+                )
+                .await;
+            (chained >= 3).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM hafen.audit_events \
+             WHERE attributes::text LIKE '%{}%'",
+            &rotated[..20]
+        ))
+        .await,
+        0
+    );
 }
