@@ -85,6 +85,13 @@ pub enum VisitCommand {
         #[arg(required = true)]
         text: Vec<String>,
     },
+    /// Leave a message when nobody answers now (outside business hours: the offline form).
+    /// It needs consent; an agent answers when back.
+    Leave {
+        /// The message.
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
     /// Show the chat so far; with --follow, then wait for new messages until interrupted.
     Messages {
         /// Keep following new messages.
@@ -207,17 +214,30 @@ pub async fn run(args: VisitArgs) -> Outcome {
                 format!("Stored: {}", stored.stored_keys.join(", "))
             });
         }
-        VisitCommand::Send { text } => {
+        command @ (VisitCommand::Send { .. } | VisitCommand::Leave { .. }) => {
             let (_, visitor) = resume(client)?;
-            let sent = visitor
-                .client()
-                .send_visitor_message(pb::SendVisitorMessageRequest {
-                    request_id: uuid::Uuid::new_v4().to_string(),
-                    body: text.join(" "),
-                })
-                .await
-                .map_err(hafen_sdk::Error::from)?
-                .into_inner();
+            let mut calls = visitor.client();
+            let sent = match command {
+                VisitCommand::Leave { text } => {
+                    calls
+                        .leave_message(pb::SendVisitorMessageRequest {
+                            request_id: uuid::Uuid::new_v4().to_string(),
+                            body: text.join(" "),
+                        })
+                        .await
+                }
+                VisitCommand::Send { text } => {
+                    calls
+                        .send_visitor_message(pb::SendVisitorMessageRequest {
+                            request_id: uuid::Uuid::new_v4().to_string(),
+                            body: text.join(" "),
+                        })
+                        .await
+                }
+                _ => return Err(Failure::usage("send or leave")),
+            }
+            .map_err(hafen_sdk::Error::from)?
+            .into_inner();
             client.print(message_json(&sent), || {
                 format!(
                     "Sent (#{}{})",
@@ -417,6 +437,7 @@ fn config_json(c: &pb::WidgetConfig) -> Value {
         "welcome_message": c.welcome_message,
         "offline_message": c.offline_message,
         "allow_anonymous_chat": c.allow_anonymous_chat,
+        "online": c.online,
         "consent_text": c.consent_text.as_ref().map(|t| json!({
             "version": t.version,
             "text": t.text,
@@ -433,7 +454,14 @@ fn config_json(c: &pb::WidgetConfig) -> Value {
 }
 
 fn config_text(c: &pb::WidgetConfig) -> String {
-    let mut out = vec![c.welcome_message.clone()];
+    let mut out = vec![if c.online {
+        c.welcome_message.clone()
+    } else {
+        format!(
+            "{} (Nobody answers now: `hafen visit leave` leaves a message.)",
+            c.offline_message
+        )
+    }];
     if let Some(text) = &c.consent_text {
         out.push(format!("Consent (version {}): {}", text.version, text.text));
     }

@@ -110,6 +110,9 @@ pub struct SettingsArgs {
     /// given on create: always open).
     #[arg(long = "open", env = "HAFEN_WIDGET_OPEN")]
     open: Vec<String>,
+    /// Remove the opening hours: always open.
+    #[arg(long, conflicts_with = "open", env = "HAFEN_WIDGET_ALWAYS_OPEN")]
+    always_open: bool,
 }
 
 impl SettingsArgs {
@@ -157,6 +160,9 @@ impl SettingsArgs {
         let hours = base.business_hours.get_or_insert_with(Default::default);
         if let Some(zone) = self.time_zone {
             hours.time_zone = zone;
+        }
+        if self.always_open {
+            hours.intervals = Vec::new();
         }
         if !self.open.is_empty() {
             hours.intervals = Vec::new();

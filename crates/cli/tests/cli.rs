@@ -487,11 +487,14 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
             &widget_id,
             "--welcome",
             "Hi!",
+            "--always-open",
             "--profile",
             "owner",
         ])
         .await;
     assert_eq!(updated["welcome_message"], "Hi!");
+    assert_eq!(updated["business_hours"]["intervals"], serde_json::json!([]));
+    assert_eq!(updated["business_hours"]["time_zone"], "Europe/Berlin");
     assert_eq!(updated["enabled"], true, "update keeps what was not given");
     assert_eq!(updated["allowed_origins"][0], "https://shop.example.com");
     let listed = cli
@@ -556,6 +559,7 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
         .await;
     assert_eq!(visit["resumed"], false);
     assert_eq!(visit["welcome_message"], "Hi!");
+    assert_eq!(visit["online"], true);
     let visit_file = cli.config_dir.path().join("visits").join("default.json");
     assert_eq!(
         mode(&visit_file),

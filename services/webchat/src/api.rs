@@ -319,9 +319,22 @@ impl VisitorService for VisitorApi {
         let visitor = self.visitor(&request).await?;
         let sent = self
             .service
-            .send_visitor_message(&visitor, request.into_inner())
+            .send_visitor_message(&visitor, request.into_inner(), false)
             .await?;
         Ok(Response::new(sent))
+    }
+
+    #[instrument(name = "LeaveMessage", skip_all, fields(tenant_id, visit_id))]
+    async fn leave_message(
+        &self,
+        request: Request<pb::SendVisitorMessageRequest>,
+    ) -> Result<Response<pb::VisitMessage>, Status> {
+        let visitor = self.visitor(&request).await?;
+        let left = self
+            .service
+            .send_visitor_message(&visitor, request.into_inner(), true)
+            .await?;
+        Ok(Response::new(left))
     }
 
     type SubscribeVisitStream = BoxStream<pb::SubscribeVisitResponse>;

@@ -19,8 +19,7 @@ use hafen_store::keyring::body_context;
 use hafen_store::masking::Masker;
 use hafen_store::prepared::{Statement, bind};
 use hafen_store::schema::{
-    conversations, event_counter, events, legal_holds, members, messages, users, visit_fields,
-    visits,
+    conversations, event_counter, events, legal_holds, members, messages, visit_fields, visits,
 };
 use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::mpsc;
@@ -139,11 +138,13 @@ impl MessageRow {
 
 impl Service {
     /// The visit's chat, opened on its first message: routed to the widget's agent with the
-    /// fewest open chats, or the agent the visit had.
-    async fn chat(&self, visitor: &Visitor) -> Result<Uuid, Error> {
+    /// fewest open chats, or the agent the visit had; within business hours unless `offline`
+    /// (a message left for later, which needs consent even where anonymous chats are allowed).
+    async fn chat(&self, visitor: &Visitor, offline: bool) -> Result<Uuid, Error> {
         let visit = visitor.visit.id;
         let widget = visitor.widget.row.id;
         let settings = &visitor.widget.settings;
+        let hours = settings.business_hours.clone();
         let agents = settings.agents.clone();
         let title = settings.name.clone();
         let anonymous = settings.allow_anonymous_chat;
@@ -165,7 +166,8 @@ impl Service {
                     .await?;
                 // The widget's conditions, at every message: consent to the current text
                 // unless it allows anonymous chats, and the required pre-chat fields given.
-                if !anonymous && !crate::visits::consented(conn, widget, visit).await? {
+                if (offline || !anonymous) && !crate::visits::consented(conn, widget, visit).await?
+                {
                     return Err(Error::ConsentRequired);
                 }
                 if !required.is_empty() {
@@ -183,6 +185,9 @@ impl Service {
                 }
                 if let Some(conversation) = conversation {
                     return Ok(conversation);
+                }
+                if !offline && !hours.open_now(conn).await? {
+                    return Err(Error::AgentUnavailable);
                 }
                 let agent = match agent {
                     Some(agent) => agent,
@@ -223,11 +228,12 @@ impl Service {
         .await
     }
 
-    /// SendVisitorMessage.
+    /// SendVisitorMessage, and LeaveMessage (`offline`: outside business hours too).
     pub async fn send_visitor_message(
         &self,
         visitor: &Visitor,
         request: pb::SendVisitorMessageRequest,
+        offline: bool,
     ) -> Result<pb::VisitMessage, Error> {
         let request_id = Uuid::try_parse(&request.request_id)
             .map_err(|_| Error::invalid("request_id", "required: a UUID"))?;
@@ -238,7 +244,7 @@ impl Service {
             return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
         }
         let (tenant, visit) = (visitor.tenant, visitor.visit.id);
-        let conversation = self.chat(visitor).await?;
+        let conversation = self.chat(visitor, offline).await?;
         let masker = Masker::new(&visitor.widget.tenant_settings.masking);
         let (body, masked) = masker.apply(&request.body);
         let id = Uuid::now_v7();
@@ -455,15 +461,10 @@ pub(crate) fn open_text(
 
 /// The agent among `agents` (active users) with the fewest open chats.
 async fn least_busy(conn: &mut AsyncPgConnection, agents: &[Uuid]) -> Result<Option<Uuid>, Error> {
-    if agents.is_empty() {
+    let active = crate::widgets::active_agents(conn, agents).await?;
+    if active.is_empty() {
         return Ok(None);
     }
-    let active: Vec<Uuid> = users::table
-        .filter(users::id.eq_any(agents))
-        .filter(users::status.eq("active"))
-        .select(users::id)
-        .load(conn)
-        .await?;
     let open: Vec<Option<Uuid>> = visits::table
         .filter(visits::agent_id.eq_any(&active))
         .filter(visits::expires_at.gt(now()))

@@ -337,9 +337,16 @@ impl Service {
         origin: Option<&str>,
     ) -> Result<pb::WidgetConfig, Error> {
         let live = self.live_widget(id, origin).await?;
-        let text = self
+        let hours = live.settings.business_hours.clone();
+        let agents = live.settings.agents.clone();
+        let (text, online) = self
             .scoped(live.tenant, move |conn| {
-                Box::pin(widgets::current_text(conn, id))
+                Box::pin(async move {
+                    let text = widgets::current_text(conn, id).await?;
+                    let online = hours.open_now(conn).await?
+                        && !widgets::active_agents(conn, &agents).await?.is_empty();
+                    Ok((text, online))
+                })
             })
             .await?;
         let s = &live.settings;
@@ -356,6 +363,7 @@ impl Service {
             consent_text: Some(text.to_proto()),
             business_hours: Some(s.business_hours.to_proto()),
             allow_anonymous_chat: s.allow_anonymous_chat,
+            online,
         })
     }
 

@@ -112,6 +112,44 @@ impl Field {
 }
 
 impl Hours {
+    /// Whether `weekday` (1 = Monday) at `clock` ("HH:MM", local time) is within the hours;
+    /// without intervals, always.
+    pub fn open_at(&self, weekday: i32, clock: &str) -> bool {
+        self.intervals.is_empty()
+            || self.intervals.iter().any(|i| {
+                // Zero-padded "HH:MM" strings compare like the times they are.
+                i.weekday == weekday && i.open.as_str() <= clock && clock < i.close.as_str()
+            })
+    }
+
+    /// Whether the hours are open now, by PostgreSQL's time zone database (the zone was
+    /// checked against it when the widget was saved; none: UTC).
+    pub async fn open_now(&self, conn: &mut AsyncPgConnection) -> Result<bool, Error> {
+        if self.intervals.is_empty() {
+            return Ok(true);
+        }
+        #[derive(QueryableByName)]
+        struct Local {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            weekday: i32,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            clock: String,
+        }
+        let zone = if self.time_zone.is_empty() {
+            "UTC"
+        } else {
+            self.time_zone.as_str()
+        };
+        let local: Local = diesel::sql_query(
+            "SELECT extract(isodow FROM now() AT TIME ZONE $1)::int4 AS weekday, \
+                    to_char(now() AT TIME ZONE $1, 'HH24:MI') AS clock",
+        )
+        .bind::<diesel::sql_types::Text, _>(zone)
+        .get_result(conn)
+        .await?;
+        Ok(self.open_at(local.weekday, &local.clock))
+    }
+
     pub fn to_proto(&self) -> pb::BusinessHours {
         pb::BusinessHours {
             time_zone: self.time_zone.clone(),
@@ -383,17 +421,51 @@ fn widget_proto(row: &WidgetRow, text: &ConsentTextRow) -> Result<pb::Widget, Er
     })
 }
 
-/// Refuses agents that are not active users of the tenant.
-async fn require_agents(conn: &mut AsyncPgConnection, agents: &[Uuid]) -> Result<(), Error> {
-    if agents.is_empty() {
+/// Refuses a time zone PostgreSQL does not know (the hours are evaluated there).
+async fn require_time_zone(conn: &mut AsyncPgConnection, zone: &str) -> Result<(), Error> {
+    if zone.is_empty() {
         return Ok(());
     }
-    let active: Vec<Uuid> = users::table
+    #[derive(QueryableByName)]
+    struct Known {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        known: bool,
+    }
+    let found: Known = diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1) AS known",
+    )
+    .bind::<diesel::sql_types::Text, _>(zone)
+    .get_result(conn)
+    .await?;
+    if found.known {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "settings.business_hours.time_zone",
+            "not a known IANA time zone",
+        ))
+    }
+}
+
+/// The agents among `agents` who are active users of the tenant in scope.
+pub async fn active_agents(
+    conn: &mut AsyncPgConnection,
+    agents: &[Uuid],
+) -> Result<Vec<Uuid>, Error> {
+    if agents.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(users::table
         .filter(users::id.eq_any(agents))
         .filter(users::status.eq("active"))
         .select(users::id)
         .load(conn)
-        .await?;
+        .await?)
+}
+
+/// Refuses agents that are not active users of the tenant.
+async fn require_agents(conn: &mut AsyncPgConnection, agents: &[Uuid]) -> Result<(), Error> {
+    let active = active_agents(conn, agents).await?;
     match agents.iter().position(|agent| !active.contains(agent)) {
         Some(i) => Err(Error::invalid(
             format!("settings.agent_user_ids[{i}]"),
@@ -457,12 +529,15 @@ impl Service {
         let agents = settings.agents.clone();
         let (me, tenant) = (caller.user_id, caller.tenant_id);
         let event_caller = caller.clone();
-        // A retry, or agents that are not active users, end here, before a route is written.
+        // A retry, or agents that are not active users, or an unknown time zone, end here,
+        // before a route is written.
         let checked_agents = agents.clone();
+        let checked_zone = settings.business_hours.time_zone.clone();
         let existing = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
                     require_agents(conn, &checked_agents).await?;
+                    require_time_zone(conn, &checked_zone).await?;
                     let Some(request_id) = request_id else {
                         return Ok(None);
                     };
@@ -570,11 +645,13 @@ impl Service {
         let stored = serde_json::to_value(&settings)
             .map_err(|_| Error::Bug("widget settings do not serialise"))?;
         let agents = settings.agents.clone();
+        let zone = settings.business_hours.time_zone.clone();
         let event_caller = caller.clone();
         let widget = self
             .scoped(caller.tenant_id, move |conn| {
                 Box::pin(async move {
                     require_agents(conn, &agents).await?;
+                    require_time_zone(conn, &zone).await?;
                     let row: WidgetRow = diesel::update(widgets::table.find(id))
                         .set((
                             widgets::enabled.eq(enabled),
@@ -839,5 +916,34 @@ mod tests {
             Err(Error::LifetimeTooLong(60))
         ));
         assert_eq!(field_of(validate(None, 730)), "settings");
+    }
+
+    #[test]
+    fn business_hours_are_open_from_open_until_before_close_on_their_weekday() {
+        let hours = Hours {
+            time_zone: "Europe/Berlin".into(),
+            intervals: vec![
+                Interval {
+                    weekday: 1,
+                    open: "09:00".into(),
+                    close: "12:30".into(),
+                },
+                Interval {
+                    weekday: 1,
+                    open: "13:30".into(),
+                    close: "17:00".into(),
+                },
+            ],
+        };
+        assert!(!hours.open_at(1, "08:59"));
+        assert!(hours.open_at(1, "09:00"));
+        assert!(hours.open_at(1, "12:29"));
+        assert!(!hours.open_at(1, "12:30"), "closed at close");
+        assert!(hours.open_at(1, "16:59"));
+        assert!(!hours.open_at(2, "10:00"), "another weekday");
+        assert!(
+            Hours::default().open_at(7, "03:00"),
+            "no hours: always open"
+        );
     }
 }

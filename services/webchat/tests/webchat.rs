@@ -1873,3 +1873,185 @@ async fn cb8_a_signed_identity_resumes_one_visit_on_every_device_and_unsigned_cl
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb1_outside_business_hours_no_chat_opens_and_the_offline_form_leaves_the_message() {
+    use chrono::Datelike;
+    use hafen_proto::messaging::v1 as msg_pb;
+    let s = setup().await;
+    // Open only on a weekday three days from today (UTC): closed now, whatever the hour.
+    let closed_today = (chrono::Utc::now().weekday().number_from_monday() + 2) % 7 + 1;
+    let mut hours = settings();
+    hours.business_hours = Some(pb::BusinessHours {
+        time_zone: "Mars/Olympus_Mons".into(),
+        intervals: vec![pb::OpeningInterval {
+            weekday: i32::try_from(closed_today).unwrap(),
+            open: "00:00".into(),
+            close: "23:59".into(),
+        }],
+    });
+    let refused = s
+        .stack
+        .widget_client()
+        .await
+        .create_widget(with_token(
+            &s.owner,
+            pb::CreateWidgetRequest {
+                settings: Some(hours.clone()),
+                enabled: true,
+                consent_text: "Consent".into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), field(&refused).as_str()),
+        (Code::InvalidArgument, "settings.business_hours.time_zone")
+    );
+    hours.business_hours.as_mut().unwrap().time_zone = "UTC".into();
+    let (widget, agent) = s.widget_with_agent(hours).await;
+    let config = s
+        .stack
+        .visitor_client()
+        .await
+        .get_widget_config(from(
+            ORIGIN,
+            pb::GetWidgetConfigRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!config.online, "closed now");
+
+    let visit = s.visit(&widget).await;
+    let token = visit.visitor_token.as_str();
+    s.submit(token, &[("topic", "Billing", false)])
+        .await
+        .unwrap();
+    let message = |body: &str| pb::SendVisitorMessageRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        body: body.into(),
+    };
+    let closed = s
+        .stack
+        .visitor_client()
+        .await
+        .send_visitor_message(visitor(token, message("Anyone there?")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (closed.code(), reason(&closed).as_str()),
+        (Code::FailedPrecondition, "AGENT_UNAVAILABLE")
+    );
+    // The offline form needs consent even though this widget allows anonymous chats.
+    let unconsented = s
+        .stack
+        .visitor_client()
+        .await
+        .leave_message(visitor(token, message("Please call me back")))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&unconsented), "CONSENT_REQUIRED");
+    assert_eq!(
+        s.count("SELECT count(*) AS n FROM {schema}.visits WHERE conversation_id IS NOT NULL")
+            .await,
+        0,
+        "no chat was opened"
+    );
+    s.consent(token, 1, true).await;
+    let left = s
+        .stack
+        .visitor_client()
+        .await
+        .leave_message(visitor(token, message("Please call me back")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.from_visitor);
+
+    // The agent finds it when back and answers; the chat goes on outside the hours.
+    let chats = s
+        .stack
+        .messaging_client()
+        .await
+        .list_conversations(with_token(
+            &agent,
+            msg_pb::ListConversationsRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let chat = chats
+        .conversations
+        .iter()
+        .find(|c| c.kind == msg_pb::ConversationKind::Webchat as i32)
+        .expect("the left message's chat")
+        .conversation_id
+        .clone();
+    s.stack
+        .messaging_client()
+        .await
+        .send_message(with_token(
+            &agent,
+            msg_pb::SendMessageRequest {
+                conversation_id: chat,
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "Calling you tomorrow".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    s.stack
+        .visitor_client()
+        .await
+        .send_visitor_message(visitor(token, message("Thanks!")))
+        .await
+        .unwrap();
+    let data = s
+        .stack
+        .visitor_client()
+        .await
+        .get_my_data(visitor(token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let bodies: Vec<&str> = data.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(
+        bodies,
+        ["Please call me back", "Calling you tomorrow", "Thanks!"]
+    );
+
+    // Without opening hours the widget is online.
+    let mut always = settings();
+    always.agent_user_ids = widget.settings.clone().unwrap().agent_user_ids;
+    s.stack
+        .widget_client()
+        .await
+        .update_widget(with_token(
+            &s.owner,
+            pb::UpdateWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+                settings: Some(always),
+                enabled: true,
+            },
+        ))
+        .await
+        .unwrap();
+    let config = s
+        .stack
+        .visitor_client()
+        .await
+        .get_widget_config(from(
+            ORIGIN,
+            pb::GetWidgetConfigRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(config.online);
+}
