@@ -24,8 +24,10 @@ impl AllowedOrigin {
         if !valid_host(host) {
             return None;
         }
-        // A wildcard covers a registrable domain's subdomains, never a top-level domain.
-        if wildcard && !host.contains('.') {
+        // A wildcard covers the subdomains of a registrable domain (or of a name below one),
+        // never of a public suffix ("*.com", "*.co.uk", "*.github.io": anyone's sites), by
+        // the Public Suffix List.
+        if wildcard && psl::domain(host.as_bytes()).is_none() {
             return None;
         }
         Some(Self {
@@ -141,6 +143,8 @@ mod tests {
     fn cb8_a_wildcard_matches_subdomains_only() {
         assert!(allowed("https://*.example.com", "https://shop.example.com"));
         assert!(allowed("https://*.example.com", "https://a.b.example.com"));
+        assert!(allowed("https://*.shop.co.uk", "https://www.shop.co.uk"));
+        assert!(allowed("https://*.eu.example.com", "https://a.eu.example.com"));
         assert!(!allowed("https://*.example.com", "https://example.com"));
         assert!(!allowed("https://*.example.com", "https://badexample.com"));
         assert!(!allowed(
@@ -157,6 +161,8 @@ mod tests {
             "https://www.example.com/path",
             "https://WWW.example.com",
             "https://*.com",
+            "https://*.co.uk",
+            "https://*.github.io",
             "https://www.*.example.com",
             "https://*",
             "https://192.168.0.1",
