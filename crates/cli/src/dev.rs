@@ -289,6 +289,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                     visits_per_address: 20,
                     visits_per_widget: 1000,
                     calls_per_visitor: 120,
+                    lookups_per_address: 300,
                     limit_window: std::time::Duration::from_secs(60),
                     trusted_proxies: Vec::new(),
                     client_address_header: "x-forwarded-for".to_owned(),

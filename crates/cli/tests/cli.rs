@@ -493,7 +493,10 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
         ])
         .await;
     assert_eq!(updated["welcome_message"], "Hi!");
-    assert_eq!(updated["business_hours"]["intervals"], serde_json::json!([]));
+    assert_eq!(
+        updated["business_hours"]["intervals"],
+        serde_json::json!([])
+    );
     assert_eq!(updated["business_hours"]["time_zone"], "Europe/Berlin");
     assert_eq!(updated["enabled"], true, "update keeps what was not given");
     assert_eq!(updated["allowed_origins"][0], "https://shop.example.com");

@@ -164,6 +164,7 @@ impl TestSecrets {
                 visits_per_address: 1000,
                 visits_per_widget: 1000,
                 calls_per_visitor: 1000,
+                lookups_per_address: 1000,
                 limit_window: Duration::from_secs(60),
                 trusted_proxies: Vec::new(),
                 client_address_header: "x-forwarded-for".to_owned(),

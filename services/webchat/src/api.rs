@@ -178,10 +178,23 @@ impl VisitorApi {
             .ok_or(Error::Unauthenticated(
                 "a visitor token is required: authorization: Visitor <token>",
             ))?;
-        let visitor = if live {
-            self.service.visitor(token, origin(request)).await?
+        let found = if live {
+            self.service.visitor(token, origin(request)).await
         } else {
-            self.service.visitor_with_rights(token).await?
+            self.service.visitor_with_rights(token).await
+        };
+        let visitor = match found {
+            Ok(visitor) => visitor,
+            // Tokens that are not valid count against the address: guessing is slowed down.
+            Err(err @ Error::Unauthenticated(_)) => {
+                self.service
+                    .limits
+                    .count_lookup(request)
+                    .await
+                    .map_err(Error::RateLimited)?;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
         };
         self.service
             .limits
@@ -217,6 +230,11 @@ impl VisitorService for VisitorApi {
         request: Request<pb::GetWidgetConfigRequest>,
     ) -> Result<Response<pb::WidgetConfig>, Status> {
         let widget = parse_id("widget_id", &request.get_ref().widget_id)?;
+        self.service
+            .limits
+            .count_lookup(&request)
+            .await
+            .map_err(Error::RateLimited)?;
         let config = self.service.widget_config(widget, origin(&request)).await?;
         Ok(Response::new(config))
     }

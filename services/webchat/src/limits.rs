@@ -39,6 +39,11 @@ pub struct LimitArgs {
     #[arg(long, env = "HAFEN_WEBCHAT_CALLS_PER_VISITOR", default_value_t = 120)]
     pub calls_per_visitor: u32,
 
+    /// Unauthenticated lookups a client address may make per window: widget configurations
+    /// fetched (GetWidgetConfig) and calls with a visitor token that is not valid.
+    #[arg(long, env = "HAFEN_WEBCHAT_LOOKUPS_PER_ADDRESS", default_value_t = 300)]
+    pub lookups_per_address: u32,
+
     /// The window the limits count in.
     #[arg(long, env = "HAFEN_WEBCHAT_LIMIT_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
     pub limit_window: Duration,
@@ -66,6 +71,8 @@ pub enum Subject {
     Widget(uuid::Uuid),
     /// Calls of a visit.
     Visitor(uuid::Uuid),
+    /// Unauthenticated lookups from a client address.
+    Lookup(IpAddr),
 }
 
 /// The limits.
@@ -98,19 +105,37 @@ impl Limits {
         self.client_address.of(request)
     }
 
+    /// The keyed hash of `address` (its /64 for IPv6), in hex: the only form it is counted in.
+    fn hashed(&self, address: IpAddr) -> String {
+        let subject = hafen_platform::net::limit_subject(address);
+        let hash = hafen_crypto::secret::keyed_hash(
+            self.address_key.expose(),
+            &[b"webchat address", subject.as_bytes()],
+        );
+        hash.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Counts an unauthenticated lookup from the client of `request` (when its address is
+    /// known).
+    pub async fn count_lookup<T>(&self, request: &tonic::Request<T>) -> Result<(), Duration> {
+        match self.address(request) {
+            Some(address) => self.count(Subject::Lookup(address)).await,
+            None => Ok(()),
+        }
+    }
+
     /// Counts a call of `subject`; `Err` with the time until the window turns once its limit
     /// is passed.
     pub async fn count(&self, subject: Subject) -> Result<(), Duration> {
         let (name, limit) = match subject {
-            Subject::Address(address) => {
-                let subject = hafen_platform::net::limit_subject(address);
-                let hash = hafen_crypto::secret::keyed_hash(
-                    self.address_key.expose(),
-                    &[b"webchat address", subject.as_bytes()],
-                );
-                let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-                (format!("address:{hex}"), self.args.visits_per_address)
-            }
+            Subject::Address(address) => (
+                format!("address:{}", self.hashed(address)),
+                self.args.visits_per_address,
+            ),
+            Subject::Lookup(address) => (
+                format!("lookup:{}", self.hashed(address)),
+                self.args.lookups_per_address,
+            ),
             Subject::Widget(id) => (
                 format!("widget:{}", id.simple()),
                 self.args.visits_per_widget,

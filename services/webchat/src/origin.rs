@@ -144,7 +144,10 @@ mod tests {
         assert!(allowed("https://*.example.com", "https://shop.example.com"));
         assert!(allowed("https://*.example.com", "https://a.b.example.com"));
         assert!(allowed("https://*.shop.co.uk", "https://www.shop.co.uk"));
-        assert!(allowed("https://*.eu.example.com", "https://a.eu.example.com"));
+        assert!(allowed(
+            "https://*.eu.example.com",
+            "https://a.eu.example.com"
+        ));
         assert!(!allowed("https://*.example.com", "https://example.com"));
         assert!(!allowed("https://*.example.com", "https://badexample.com"));
         assert!(!allowed(

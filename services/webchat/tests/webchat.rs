@@ -948,6 +948,7 @@ async fn webchat_abuse_limits_are_hit_and_recover() {
     config.audit.audit_endpoint = s.stack.audit.uri();
     config.limits.visits_per_address = 3;
     config.limits.calls_per_visitor = 4;
+    config.limits.lookups_per_address = 3;
     config.limits.limit_window = Duration::from_secs(2);
     let server =
         hafen_testkit::TestServer::spawn(|l, sd| hafen_webchat::serve(config, l, sd)).await;
@@ -1009,6 +1010,51 @@ async fn webchat_abuse_limits_are_hit_and_recover() {
             let mut visitors = visitors.clone();
             let request = visitor(&token, pb::GetMyDataRequest {});
             async move { visitors.get_my_data(request).await.ok() }
+        },
+    )
+    .await;
+
+    // Per address, unauthenticated lookups: tokens that are not valid, and widget
+    // configurations, share a budget; beyond it they are refused before any lookup.
+    let forged = format!(
+        "{}.{}.{}",
+        uuid::Uuid::parse_str(&widget.widget_id).unwrap().simple(),
+        uuid::Uuid::now_v7().simple(),
+        "x".repeat(43)
+    );
+    let config = || {
+        from(
+            ORIGIN,
+            pb::GetWidgetConfigRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        )
+    };
+    hafen_testkit::eventually("a fresh lookup window", Duration::from_secs(10), || {
+        let mut visitors = visitors.clone();
+        let request = config();
+        async move { visitors.get_widget_config(request).await.ok() }
+    })
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let status = visitors
+            .get_my_data(visitor(&forged, pb::GetMyDataRequest {}))
+            .await
+            .unwrap_err();
+        codes.push(status.code());
+    }
+    assert_eq!(codes[0], Code::Unauthenticated);
+    assert!(codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    let refused = visitors.get_widget_config(config()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    hafen_testkit::eventually(
+        "widget configurations are served again",
+        Duration::from_secs(10),
+        || {
+            let mut visitors = visitors.clone();
+            let request = config();
+            async move { visitors.get_widget_config(request).await.ok() }
         },
     )
     .await;
