@@ -20,6 +20,7 @@ use crate::rows::LegalHoldRow;
 
 /// Kind of the conversations every user of the tenant may see.
 const CHANNEL: &str = "channel";
+const WEBCHAT: &str = "webchat";
 
 /// A validated tenant retention period: 1 to [`MAX_RETENTION_DAYS`] days.
 pub fn tenant_days(days: i32) -> Result<u32, Error> {
@@ -247,7 +248,7 @@ impl Policies {
                         holds,
                     });
                 };
-                let (days, _) = visible_conversation(conn, conversation, me).await?;
+                let (days, _) = visible_conversation(conn, conversation, me, admin).await?;
                 let holds = if admin {
                     let members_of = members::table
                         .filter(members::conversation_id.eq(conversation))
@@ -359,7 +360,7 @@ impl Policies {
         let view = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
-                    visible_conversation(conn, conversation, me).await?;
+                    visible_conversation(conn, conversation, me, true).await?;
                     let at = now();
                     let stored = days.map(|d| i32::try_from(d).unwrap_or(i32::MAX));
                     diesel::update(conversations::table.find(conversation))
@@ -410,7 +411,7 @@ impl Policies {
                 Box::pin(async move {
                     match target {
                         HoldTarget::Conversation(id) => {
-                            visible_conversation(conn, id, me).await?;
+                            visible_conversation(conn, id, me, true).await?;
                         }
                         HoldTarget::User(id) => {
                             let exists: bool =
@@ -491,12 +492,14 @@ impl Policies {
     }
 }
 
-/// A conversation the caller may know of (a member, or any channel): its own period and
-/// when it was set. NOT_FOUND otherwise, whether or not it exists.
+/// A conversation the caller may know of (a member, any channel, and for an `admin` any
+/// website chat): its own period and when it was set. NOT_FOUND otherwise, whether or not it
+/// exists.
 async fn visible_conversation(
     conn: &mut AsyncPgConnection,
     conversation: Uuid,
     me: Uuid,
+    admin: bool,
 ) -> Result<(Option<u32>, Option<DateTime<Utc>>), Error> {
     let (kind, days, at): (String, Option<i32>, Option<DateTime<Utc>>) = conversations::table
         .find(conversation)
@@ -509,7 +512,11 @@ async fn visible_conversation(
         .await
         .optional()?
         .ok_or(Error::NotFound("conversation"))?;
-    if kind != CHANNEL {
+    // Channels are open to everyone, and a website chat is the organisation's chat with a
+    // visitor, which its admins answer for (they configure the widget and see the visitor's
+    // released fields); other conversations need the caller as a member.
+    let open = kind == CHANNEL || (admin && kind == WEBCHAT);
+    if !open {
         let member: bool = diesel::select(diesel::dsl::exists(
             members::table
                 .filter(members::conversation_id.eq(conversation))

@@ -1564,16 +1564,25 @@ async fn cb2_no_chat_without_consent_where_required_and_a_legal_hold_stops_delet
     .get_result(&mut s.stack.db.connect_admin().await)
     .await
     .unwrap();
-    // The hold as SetLegalHold stores it (admins cannot yet reach a chat they are not in
-    // through RetentionService).
-    diesel::sql_query(format!(
-        "INSERT INTO {schema}.legal_holds (id, conversation_id, reason_code, set_by, set_at) \
-         VALUES (gen_random_uuid(), '{}', 'litigation', '{}', now())",
-        chat.id, s.tenant.owner_id
-    ))
-    .execute(&mut s.stack.db.connect_admin().await)
-    .await
-    .unwrap();
+    // The owner holds the website chat (not a member of it: it is the organisation's chat
+    // with a visitor, not a private conversation).
+    s.stack
+        .retention_client()
+        .await
+        .set_legal_hold(with_token(
+            &s.owner,
+            hafen_proto::retention::v1::SetLegalHoldRequest {
+                target: Some(
+                    hafen_proto::retention::v1::set_legal_hold_request::Target::ConversationId(
+                        chat.id.clone(),
+                    ),
+                ),
+                hold: true,
+                reason_code: "litigation".into(),
+            },
+        ))
+        .await
+        .unwrap();
     let refused = visitors
         .delete_my_data(visitor(&token, pb::DeleteMyDataRequest {}))
         .await
