@@ -31,6 +31,7 @@ pub mod databases;
 pub mod error;
 pub mod facts;
 pub mod keyring;
+pub mod log;
 pub mod masking;
 pub mod migrate;
 pub mod outbox;

@@ -159,8 +159,9 @@ async fn purge_visits(
             diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq_any(&expired)))
                 .execute(conn)
                 .await?;
-            // Their messages can no longer be read (the key is gone): tombstones.
-            diesel::update(
+            // Their messages can no longer be read (the key is gone): tombstones, each a
+            // deletion in the log, so the agents' streams show them gone.
+            let gone: Vec<(Uuid, Uuid)> = diesel::update(
                 messages::table
                     .filter(messages::sender_id.eq_any(&expired))
                     .filter(messages::deleted_at.is_null()),
@@ -169,8 +170,20 @@ async fn purge_visits(
                 messages::ciphertext.eq(None::<Vec<u8>>),
                 messages::deleted_at.eq(Some(now)),
             ))
-            .execute(conn)
+            .returning((messages::id, messages::conversation_id))
+            .get_results(conn)
             .await?;
+            for (message, conversation) in gone {
+                hafen_store::log::append_event(
+                    conn,
+                    conversation,
+                    "message_deleted",
+                    Some(message),
+                    None,
+                    now,
+                )
+                .await?;
+            }
             Ok::<_, Error>(
                 diesel::delete(visits::table.filter(visits::id.eq_any(&expired)))
                     .execute(conn)

@@ -18,9 +18,7 @@ use hafen_proto::webchat::v1 as pb;
 use hafen_store::keyring::body_context;
 use hafen_store::masking::Masker;
 use hafen_store::prepared::{Statement, bind};
-use hafen_store::schema::{
-    conversations, event_counter, events, legal_holds, members, messages, visit_fields, visits,
-};
+use hafen_store::schema::{conversations, legal_holds, members, messages, visit_fields, visits};
 use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -569,9 +567,7 @@ async fn log_change(
     append_event(conn, conversation, kind, Some(message), None).await
 }
 
-/// Appends an event of `kind` for `conversation` to the tenant's log, with the next id of the
-/// event counter (whose row stays locked until the transaction ends, so ids follow commit
-/// order).
+/// Appends an event of `kind` for `conversation` to the tenant's log.
 pub(crate) async fn append_event(
     conn: &mut AsyncPgConnection,
     conversation: Uuid,
@@ -579,22 +575,7 @@ pub(crate) async fn append_event(
     message: Option<Uuid>,
     detail: Option<serde_json::Value>,
 ) -> Result<(), Error> {
-    let event: i64 = diesel::update(event_counter::table)
-        .set(event_counter::last_id.eq(event_counter::last_id + 1))
-        .returning(event_counter::last_id)
-        .get_result(conn)
-        .await?;
-    diesel::insert_into(events::table)
-        .values((
-            events::id.eq(event),
-            events::conversation_id.eq(conversation),
-            events::kind.eq(kind),
-            events::message_id.eq(message),
-            events::detail.eq(detail),
-            events::created_at.eq(now()),
-        ))
-        .execute(conn)
-        .await?;
+    hafen_store::log::append_event(conn, conversation, kind, message, detail, now()).await?;
     Ok(())
 }
 

@@ -1065,15 +1065,32 @@ async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors
     use hafen_proto::retention::v1 as retention_pb;
 
     let s = setup().await;
-    let widget = s.widget(true).await;
+    let (widget, _agent) = s.widget_with_agent(settings()).await;
     let old = s.visit(&widget).await;
     let current = s.visit(&widget).await;
     for visit in [&old, &current] {
         s.consent(&visit.visitor_token, 1, true).await;
-        s.submit(&visit.visitor_token, &[("email", "jane@example.eu", true)])
-            .await
-            .unwrap();
+        s.submit(
+            &visit.visitor_token,
+            &[("email", "jane@example.eu", true), ("topic", "Billing", false)],
+        )
+        .await
+        .unwrap();
     }
+    let said = s
+        .stack
+        .visitor_client()
+        .await
+        .send_visitor_message(visitor(
+            &old.visitor_token,
+            pb::SendVisitorMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "Hello from an old visit".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     let keys_of = |visit: &pb::StartVisitResponse| {
         format!(
             "SELECT count(*) AS n FROM hafen.user_keys WHERE user_id = '{}'",
@@ -1161,6 +1178,26 @@ async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors
         .await,
         1,
         "a restore destroys the key again"
+    );
+    // The old visitor's message is a tombstone, and its deletion is in the log for the
+    // agent's streams.
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM {{schema}}.messages \
+             WHERE id = '{}' AND ciphertext IS NULL AND deleted_at IS NOT NULL",
+            said.message_id
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM {{schema}}.events \
+             WHERE kind = 'message_deleted' AND message_id = '{}'",
+            said.message_id
+        ))
+        .await,
+        1
     );
     let dead = s
         .stack

@@ -3,7 +3,7 @@
 use diesel::sql_types::{BigInt, Nullable, Uuid as SqlUuid};
 use hafen_store::TenantId;
 use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, Statement, bind};
-use hafen_store::schema::{event_counter, events};
+use hafen_store::schema::event_counter;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -16,11 +16,7 @@ use crate::rows::{EventRow, Membership, MessageRow};
 
 /// Takes the next event id; the counter row stays locked until the transaction ends.
 pub async fn next_event_id(conn: &mut AsyncPgConnection) -> Result<i64, Error> {
-    Ok(diesel::update(event_counter::table)
-        .set(event_counter::last_id.eq(event_counter::last_id + 1))
-        .returning(event_counter::last_id)
-        .get_result(conn)
-        .await?)
+    Ok(hafen_store::log::next_event_id(conn).await?)
 }
 
 /// The tenant's newest event id.
@@ -42,18 +38,7 @@ pub async fn insert_event(
     at: DateTime<Utc>,
 ) -> Result<(), Error> {
     let detail = detail.and_then(|d| serde_json::to_value(d).ok());
-    diesel::insert_into(events::table)
-        .values((
-            events::id.eq(id),
-            events::conversation_id.eq(conversation),
-            events::kind.eq(kind),
-            events::message_id.eq(message),
-            events::detail.eq(detail),
-            events::created_at.eq(at),
-        ))
-        .execute(conn)
-        .await?;
-    Ok(())
+    Ok(hafen_store::log::insert_event(conn, id, conversation, kind, message, detail, at).await?)
 }
 
 /// Appends an event of `kind` for `conversation` at `at`; returns its id.
