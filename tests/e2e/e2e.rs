@@ -230,20 +230,10 @@ async fn webchat_visit(
     use hafen_proto::webchat::v1::visitor_service_client::VisitorServiceClient;
     use hafen_proto::webchat::v1::widget_service_client::WidgetServiceClient;
 
-    let answer = owner
-        .tenant()
-        .update_tenant_settings(tenant_pb::UpdateTenantSettingsRequest {
-            settings: Some(tenant_pb::TenantSettings {
-                features: Some(tenant_pb::Features { webchat: true }),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["features.webchat".into()],
-            }),
-            ..Default::default()
-        })
-        .await;
-    ok(owner, answer, "UpdateTenantSettings").await;
+    owner
+        .set_webchat_feature(true)
+        .await
+        .expect("the webchat feature");
     let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .expect("endpoint")
         .tls_config(secrets.client_tls(None))

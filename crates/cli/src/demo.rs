@@ -227,20 +227,7 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
 
 /// Switches the website chat on and creates the demo widget answered by `agents`; its id.
 async fn website_chat(owner: &Hafen, agents: Vec<String>) -> Result<String, Error> {
-    let feature = owner
-        .tenant()
-        .update_tenant_settings(tenant_pb::UpdateTenantSettingsRequest {
-            settings: Some(tenant_pb::TenantSettings {
-                features: Some(tenant_pb::Features { webchat: true }),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["features.webchat".into()],
-            }),
-            ..Default::default()
-        })
-        .await;
-    owner.check(feature).await?;
+    owner.set_webchat_feature(true).await?;
     let field = |key: &str, label: &str, personal: bool, purpose: &str| webchat_pb::PreChatField {
         key: key.to_owned(),
         label: label.to_owned(),

@@ -65,20 +65,7 @@ pub enum VisitCommand {
         decline: bool,
     },
     /// Give pre-chat fields, e.g. `topic=Billing email=me@example.com --release email`.
-    Fields {
-        /// KEY=VALUE pairs.
-        #[arg(required = true)]
-        fields: Vec<String>,
-        /// Release a personal field to the organisation (repeatable); personal fields that are
-        /// not released are refused.
-        #[arg(
-            long = "release",
-            short = 'r',
-            value_delimiter = ',',
-            env = "HAFEN_VISIT_RELEASE"
-        )]
-        release: Vec<String>,
-    },
+    Fields(FieldArgs),
     /// Send a message to the organisation's agents.
     Send {
         /// The message.
@@ -101,19 +88,7 @@ pub enum VisitCommand {
     /// Everything stored about this visit (GDPR Art. 15).
     MyData,
     /// Correct stored fields (Art. 16), e.g. `email=new@example.com --release email`.
-    Correct {
-        /// KEY=VALUE pairs.
-        #[arg(required = true)]
-        fields: Vec<String>,
-        /// Release a personal field (repeatable).
-        #[arg(
-            long = "release",
-            short = 'r',
-            value_delimiter = ',',
-            env = "HAFEN_VISIT_RELEASE"
-        )]
-        release: Vec<String>,
-    },
+    Correct(FieldArgs),
     /// Download this visit's data as JSON (Art. 15 and 20) to a file (or standard output
     /// with `-`).
     Export {
@@ -123,6 +98,42 @@ pub enum VisitCommand {
     },
     /// Delete this visit's data for good (Art. 17); the stored visit is forgotten.
     Delete,
+}
+
+/// Field values on the command line.
+#[derive(clap::Args, Debug)]
+pub struct FieldArgs {
+    /// KEY=VALUE pairs.
+    #[arg(required = true)]
+    fields: Vec<String>,
+    /// Release a personal field to the organisation (repeatable); personal fields that are
+    /// not released are refused.
+    #[arg(
+        long = "release",
+        short = 'r',
+        value_delimiter = ',',
+        env = "HAFEN_VISIT_RELEASE"
+    )]
+    release: Vec<String>,
+}
+
+impl FieldArgs {
+    /// The pairs as field values, `released` for the keys in `release`.
+    fn values(&self) -> Result<Vec<pb::FieldValue>, Failure> {
+        self.fields
+            .iter()
+            .map(|pair| {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| Failure::usage("fields are KEY=VALUE"))?;
+                Ok(pb::FieldValue {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                    released: self.release.iter().any(|r| r == key),
+                })
+            })
+            .collect()
+    }
 }
 
 /// `hafen visit …`.
@@ -201,9 +212,9 @@ pub async fn run(args: VisitArgs) -> Outcome {
                 )
             });
         }
-        VisitCommand::Fields { fields, release } => {
+        VisitCommand::Fields(fields) => {
             let (_, visitor) = resume(client)?;
-            let fields = field_values(&fields, &release)?;
+            let fields = fields.values()?;
             let stored = visitor
                 .client()
                 .submit_fields(pb::SubmitFieldsRequest { fields })
@@ -291,9 +302,9 @@ pub async fn run(args: VisitArgs) -> Outcome {
                 .into_inner();
             client.print(my_data_json(&data), || my_data_text(&data));
         }
-        VisitCommand::Correct { fields, release } => {
+        VisitCommand::Correct(fields) => {
             let (_, visitor) = resume(client)?;
-            let fields = field_values(&fields, &release)?;
+            let fields = fields.values()?;
             let data = visitor
                 .client()
                 .correct_my_data(pb::CorrectMyDataRequest { fields })
@@ -411,23 +422,6 @@ async fn widget_config(visitor: &Visitor, widget: &str) -> Result<pb::WidgetConf
         .await
         .map_err(hafen_sdk::Error::from)?
         .into_inner())
-}
-
-/// `KEY=VALUE` pairs as field values, `released` for the keys in `release`.
-fn field_values(pairs: &[String], release: &[String]) -> Result<Vec<pb::FieldValue>, Failure> {
-    pairs
-        .iter()
-        .map(|pair| {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| Failure::usage("fields are KEY=VALUE"))?;
-            Ok(pb::FieldValue {
-                key: key.to_owned(),
-                value: value.to_owned(),
-                released: release.iter().any(|r| r == key),
-            })
-        })
-        .collect()
 }
 
 fn config_json(c: &pb::WidgetConfig) -> Value {

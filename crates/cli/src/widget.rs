@@ -2,7 +2,6 @@
 //! owner), on `hafen.webchat.v1.WidgetService`.
 
 use hafen_sdk::Hafen;
-use hafen_sdk::proto::tenant::v1 as tenant_pb;
 use hafen_sdk::proto::webchat::v1 as pb;
 use serde_json::{Value, json};
 
@@ -350,20 +349,7 @@ pub async fn run(client: &ClientArgs, command: WidgetCommand) -> Outcome {
         }
         WidgetCommand::Feature { state } => {
             let on = state == "on";
-            let result = hafen
-                .tenant()
-                .update_tenant_settings(tenant_pb::UpdateTenantSettingsRequest {
-                    settings: Some(tenant_pb::TenantSettings {
-                        features: Some(tenant_pb::Features { webchat: on }),
-                        ..Default::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["features.webchat".into()],
-                    }),
-                    ..Default::default()
-                })
-                .await;
-            hafen.check(result).await?;
+            hafen.set_webchat_feature(on).await?;
             client.print(json!({"webchat": on}), || {
                 format!("The webchat feature is {state}.")
             });

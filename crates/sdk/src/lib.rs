@@ -399,6 +399,19 @@ impl Hafen {
         .await
     }
 
+    /// Switches the organisation's website chat (its optional feature `webchat`, off by
+    /// default) on or off; widgets serve visitors only while it is on. Admins and the owner.
+    pub async fn set_webchat_feature(&self, on: bool) -> Result<(), Error> {
+        let request = webchat_feature(on);
+        self.retrying(|| {
+            let mut client = self.tenant();
+            let request = request.clone();
+            async move { client.update_tenant_settings(request).await }
+        })
+        .await
+        .map(drop)
+    }
+
     /// My conversations (all pages).
     pub async fn conversations(&self) -> Result<Vec<pb::Conversation>, Error> {
         let mut all = Vec::new();
@@ -463,5 +476,20 @@ impl Hafen {
     /// fix (e.g. [`Error::Wiped`], which also runs the wipe handler).
     pub fn subscribe(&self, cursor: Option<String>) -> Subscription {
         Subscription::start(self.clone(), cursor)
+    }
+}
+
+/// The UpdateTenantSettings request that switches the feature `webchat` on or off.
+pub fn webchat_feature(on: bool) -> hafen_proto::tenant::v1::UpdateTenantSettingsRequest {
+    use hafen_proto::tenant::v1 as tenant_pb;
+    tenant_pb::UpdateTenantSettingsRequest {
+        settings: Some(tenant_pb::TenantSettings {
+            features: Some(tenant_pb::Features { webchat: on }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["features.webchat".into()],
+        }),
+        ..Default::default()
     }
 }

@@ -177,6 +177,27 @@ impl TestStack {
         )
     }
 
+    /// Switches the tenant's feature `webchat` on or off, as its `owner` (an access token).
+    pub async fn set_webchat_feature(&self, owner: &str, on: bool) {
+        self.tenant_client()
+            .await
+            .update_tenant_settings(crate::with_token(
+                owner,
+                tenant_pb::UpdateTenantSettingsRequest {
+                    settings: Some(tenant_pb::TenantSettings {
+                        features: Some(tenant_pb::Features { webchat: on }),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["features.webchat".into()],
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("UpdateTenantSettings features.webchat");
+    }
+
     /// A client of the webchat service's WidgetService (tenants' admins).
     pub async fn widget_client(
         &self,

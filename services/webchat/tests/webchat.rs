@@ -7,7 +7,6 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl;
 use hafen_platform::status;
-use hafen_proto::tenant::v1 as tenant_pb;
 use hafen_proto::webchat::v1 as pb;
 use hafen_testkit::{TestStack, TestTenant, with_token};
 use std::time::Duration;
@@ -90,24 +89,7 @@ fn field(status: &tonic::Status) -> String {
 
 impl Setup {
     async fn webchat_feature(&self, on: bool) {
-        self.stack
-            .tenant_client()
-            .await
-            .update_tenant_settings(with_token(
-                &self.owner,
-                tenant_pb::UpdateTenantSettingsRequest {
-                    settings: Some(tenant_pb::TenantSettings {
-                        features: Some(tenant_pb::Features { webchat: on }),
-                        ..Default::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["features.webchat".into()],
-                    }),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap();
+        self.stack.set_webchat_feature(&self.owner, on).await;
     }
 
     async fn widget(&self, enabled: bool) -> pb::Widget {
@@ -205,6 +187,26 @@ impl Setup {
             ))
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// The id of the agent's (first) website chat, as ListConversations shows it.
+    async fn agent_chat(&self, agent: &str) -> String {
+        use hafen_proto::messaging::v1 as msg_pb;
+        self.stack
+            .messaging_client()
+            .await
+            .list_conversations(with_token(
+                agent,
+                msg_pb::ListConversationsRequest::default(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .conversations
+            .into_iter()
+            .find(|c| c.kind == msg_pb::ConversationKind::Webchat as i32)
+            .expect("the agent's website chat")
+            .conversation_id
     }
 
     /// `statement` in the tenant's schema, as the database holds it.
@@ -1072,7 +1074,10 @@ async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors
         s.consent(&visit.visitor_token, 1, true).await;
         s.submit(
             &visit.visitor_token,
-            &[("email", "jane@example.eu", true), ("topic", "Billing", false)],
+            &[
+                ("email", "jane@example.eu", true),
+                ("topic", "Billing", false),
+            ],
         )
         .await
         .unwrap();
@@ -1691,24 +1696,7 @@ async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
         }
     }
     // The agent finds the chat in their conversations and answers.
-    let chats = s
-        .stack
-        .messaging_client()
-        .await
-        .list_conversations(with_token(
-            &agent_token,
-            msg_pb::ListConversationsRequest::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let chat = chats
-        .conversations
-        .iter()
-        .find(|c| c.kind == msg_pb::ConversationKind::Webchat as i32)
-        .expect("the agent's chat")
-        .conversation_id
-        .clone();
+    let chat = s.agent_chat(&agent_token).await;
     assert_eq!(sent.sequence, 1);
     s.stack
         .messaging_client()
@@ -2065,24 +2053,7 @@ async fn cb1_outside_business_hours_no_chat_opens_and_the_offline_form_leaves_th
     assert!(left.from_visitor);
 
     // The agent finds it when back and answers; the chat goes on outside the hours.
-    let chats = s
-        .stack
-        .messaging_client()
-        .await
-        .list_conversations(with_token(
-            &agent,
-            msg_pb::ListConversationsRequest::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let chat = chats
-        .conversations
-        .iter()
-        .find(|c| c.kind == msg_pb::ConversationKind::Webchat as i32)
-        .expect("the left message's chat")
-        .conversation_id
-        .clone();
+    let chat = s.agent_chat(&agent).await;
     s.stack
         .messaging_client()
         .await
