@@ -14,6 +14,9 @@
 //!   runs: rows per second next to a raw batched DELETE, send p99 next to before (`purge.rs`).
 //! - `login`: logins per second at concurrency 8 next to raw bcrypt verifications per second,
 //!   and ListUsers p99 during that login storm next to its idle value.
+//! - `webchat`: 1,000 visits answered by 10 agents: visits started per second, visitor send
+//!   throughput next to member SendMessage of the same run (in turns), its p50/p99, and
+//!   visitor → agent and agent → visitor delivery at half the visitor peak (`webchat.rs`).
 
 #![allow(
     clippy::print_stdout,
@@ -28,6 +31,7 @@ mod messaging;
 mod migrate;
 mod provision;
 mod purge;
+mod webchat;
 
 use clap::{Parser, ValueEnum};
 
@@ -89,6 +93,24 @@ struct Cli {
     #[arg(long, env = "HAFEN_BENCH_PURGE_PAUSE", default_value = "0ms", value_parser = humantime::parse_duration)]
     purge_pause: std::time::Duration,
 
+    /// Visits in `webchat`.
+    #[arg(long, env = "HAFEN_BENCH_WEBCHAT_VISITS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    webchat_visits: u32,
+
+    /// Visits whose visitor streams (SubscribeVisit) in the delivery load of `webchat`, and
+    /// for which its visitors send; all when not given.
+    #[arg(long, env = "HAFEN_BENCH_WEBCHAT_STREAMS", value_parser = clap::value_parser!(u32).range(1..))]
+    webchat_streams: Option<u32>,
+
+    /// Seconds each `webchat` load runs: the visitor sends and the member sends (each shared
+    /// by their rounds), and the delivery load at half the visitor peak.
+    #[arg(long, env = "HAFEN_BENCH_WEBCHAT_SECS", default_value_t = 20)]
+    webchat_secs: u64,
+
+    /// Turns the visitor sends and the member sends take in `webchat`.
+    #[arg(long, env = "HAFEN_BENCH_WEBCHAT_ROUNDS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    webchat_rounds: u32,
+
     /// bcrypt cost of the production figure in `provision`.
     #[arg(long, env = "HAFEN_BENCH_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST)]
     bcrypt_cost: u32,
@@ -106,6 +128,8 @@ enum Scenario {
     Subscriptions,
     /// Retention purge next to a raw batched DELETE.
     Purge,
+    /// Website chat: visits, visitor sends next to member sends, delivery both ways.
+    Webchat,
 }
 
 /// One line of the result table.
@@ -154,6 +178,17 @@ async fn main() {
     }
     if wants(Scenario::Purge) {
         let (l, j) = purge::run(cli.purge_messages, cli.purge_batch, cli.purge_pause).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Webchat) {
+        let (l, j) = webchat::run(
+            cli.webchat_visits as usize,
+            cli.webchat_streams.map(|streams| streams as usize),
+            std::time::Duration::from_secs(cli.webchat_secs),
+            cli.webchat_rounds,
+        )
+        .await;
         lines.extend(l);
         json.push(j);
     }
