@@ -371,9 +371,8 @@ impl VisitorService for VisitorApi {
                 .filter(|cursor| *cursor >= 0)
                 .ok_or_else(|| Error::invalid("after", "not a cursor from this stream"))?,
         };
-        let poll = self.service.stream_poll;
         let receiver = Arc::clone(&self.service)
-            .subscribe_visit(visitor, after, poll)
+            .subscribe_visit(visitor, after)
             .await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(receiver)
             .map(|item| item.map_err(Status::from));

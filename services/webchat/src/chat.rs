@@ -103,12 +103,16 @@ struct LogEntry {
 }
 
 /// The log of one conversation after `$2`, at most `$3` entries: messages' creations (kept in
-/// their rows) and their edits and deletions (rows of `events`), in id order.
+/// their rows) and their edits and deletions (rows of `events`), in id order. Within a
+/// conversation messages' event ids follow their sequence (both are given under the
+/// conversation's lock, in commit order), so the creations are read along the
+/// conversation's (conversation_id, sequence) key: a cached generic plan cannot walk the
+/// tenant's whole event key instead.
 const CHAT_LOG: &str = "\
     SELECT * FROM ( \
         (SELECT m.event_id AS id, 'message_created' AS kind, m.id AS message_id \
          FROM messages m WHERE m.conversation_id = $1 AND m.event_id > $2 \
-         ORDER BY m.event_id LIMIT $3) \
+         ORDER BY m.conversation_id, m.sequence LIMIT $3) \
         UNION ALL \
         (SELECT e.id, e.kind, e.message_id FROM events e \
          WHERE e.conversation_id = $1 AND e.id > $2 AND e.message_id IS NOT NULL \
@@ -303,7 +307,7 @@ impl Service {
         &self,
         visitor: &Visitor,
         after: i64,
-    ) -> Result<Option<Vec<(LogEntry, MessageRow, String)>>, Error> {
+    ) -> Result<Option<(Uuid, Vec<(LogEntry, MessageRow, String)>)>, Error> {
         let visit = visitor.visit.id;
         let read = self
             .scoped(visitor.tenant, move |conn| {
@@ -329,7 +333,7 @@ impl Service {
             };
             out.push((entry, row, body));
         }
-        Ok(Some(out))
+        Ok(Some((conversation, out)))
     }
 
     /// The visit's chat as it stands: each message once, oldest first, with its current body
@@ -342,7 +346,7 @@ impl Service {
         let mut latest: HashMap<Uuid, pb::VisitMessage> = HashMap::new();
         let mut last = 0;
         loop {
-            let Some(page) = self.chat_after(visitor, last).await? else {
+            let Some((_, page)) = self.chat_after(visitor, last).await? else {
                 return Err(Error::Unauthenticated("the visit has ended"));
             };
             let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
@@ -364,30 +368,34 @@ impl Service {
     }
 
     /// SubscribeVisit: replays the chat after `after`, then follows it, woken by the
-    /// tenant's event channel (and polling every `poll`), until the visit ends or the receiver
-    /// goes away.
+    /// tenant's watcher when the chat changed ([`crate::watch`]), until the visit ends or the
+    /// receiver goes away.
     pub async fn subscribe_visit(
         self: std::sync::Arc<Self>,
         visitor: Visitor,
         after: i64,
-        poll: Duration,
     ) -> Result<mpsc::Receiver<Result<pb::SubscribeVisitResponse, Error>>, Error> {
         let slot = StreamSlot::take(&self, visitor.visit.id)?;
         let (out, receiver) = mpsc::channel(64);
         let ends = tokio::time::Instant::now() + MAX_STREAM_AGE;
-        let registration = self.wakes.register(visitor.tenant);
+        let wake = crate::watch::Watches::register(&self, visitor.tenant);
         tokio::spawn(async move {
             let _slot = slot;
             let visit = visitor.visit.id;
             let mut last = after;
             let mut caught_up = false;
             loop {
-                // Registered before the read: a change committed during it wakes the wait.
-                let woken = registration.notify.notified();
+                // Enabled before the read: a change committed during it wakes the wait.
+                let woken = wake.notify.notified();
                 tokio::pin!(woken);
                 woken.as_mut().enable();
                 let page = match self.chat_after(&visitor, last).await {
-                    Ok(Some(page)) => page,
+                    Ok(Some((conversation, page))) => {
+                        if !conversation.is_nil() {
+                            wake.follow(conversation);
+                        }
+                        page
+                    }
                     Ok(None) => {
                         let _ = out
                             .send(Err(Error::Unauthenticated("the visit has ended")))
@@ -439,7 +447,7 @@ impl Service {
                 tokio::select! {
                     () = out.closed() => return,
                     () = &mut woken => {}
-                    () = tokio::time::sleep(poll) => {}
+                    () = tokio::time::sleep(crate::watch::STREAM_SAFETY_NET) => {}
                 }
             }
         });

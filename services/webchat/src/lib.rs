@@ -4,7 +4,8 @@
 //! - `widgets`: widgets as tenants' admins configure them (WidgetService), validated, with
 //!   versioned consent texts; `origin`: where a widget may be embedded.
 //! - `chat`: a visit's chat with the organisation's agents (a webchat conversation);
-//!   `wakes`: its streams woken through the tenant's event channel;
+//!   `wakes` and `watch`: one watcher per tenant, woken through the tenant's event channel,
+//!   reads its log and wakes only the streams whose chat changed;
 //! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
 //!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
 //! - [`limits`]: abuse limits per widget, visit and (hashed) client address.
@@ -21,6 +22,7 @@ mod origin;
 mod selfservice;
 mod visits;
 mod wakes;
+mod watch;
 mod widgets;
 
 use std::future::Future;
@@ -78,7 +80,8 @@ pub struct Config {
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
 
-    /// How often a visitor's stream looks for new messages of their chat.
+    /// How often a tenant's watcher reads its log when no event channel wakes it (Redis
+    /// unreachable): the longest a visitor's stream then waits for a new message.
     #[arg(long, env = "HAFEN_STREAM_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub stream_poll: std::time::Duration,
 
@@ -95,10 +98,14 @@ pub(crate) struct Service {
     pub limits: limits::Limits,
     /// Wakes the messaging service's feeds after a visitor's message.
     pub redis: Option<Redis>,
-    /// How often visitors' streams poll their chat.
+    /// How often the tenants' watchers read their log without a wake-up.
     pub stream_poll: std::time::Duration,
-    /// What wakes visitors' streams when their tenant's log changed.
+    /// What wakes the tenants' watchers when their log changed.
     pub wakes: Arc<wakes::Wakes>,
+    /// The tenants' watchers, which wake the streams whose chat changed.
+    pub watches: watch::Watches,
+    /// Widgets as visitors' calls see them, for a few seconds.
+    pub widgets: visits::WidgetCache,
     /// Each visit's open streams (see `chat::StreamSlot`).
     pub streams: std::sync::Mutex<std::collections::HashMap<Uuid, usize>>,
     /// Delivers the outbox to the audit service.
@@ -182,6 +189,8 @@ where
         redis: Some(redis),
         stream_poll: config.stream_poll,
         wakes,
+        watches: watch::Watches::default(),
+        widgets: visits::WidgetCache::default(),
         streams: std::sync::Mutex::default(),
         relay: Some(relay),
         identity_key: Purpose::VisitorIdentity.derive(&master),

@@ -3,6 +3,7 @@
 //! (public) leads to the tenant, and only the token's SHA-256 is stored with the visit.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use diesel::prelude::*;
@@ -24,12 +25,56 @@ const MAX_FIELDS: usize = 20;
 const MAX_VALUE_CHARS: usize = 1000;
 
 /// A widget that serves visitors: enabled, of an active tenant with the webchat feature on.
+#[derive(Clone)]
 pub struct LiveWidget {
     pub tenant: Uuid,
     pub row: WidgetRow,
     pub settings: Settings,
     /// The organisation's settings (masking rules among them).
     pub tenant_settings: TenantSettings,
+}
+
+/// How long a widget as visitors' calls see it is kept in memory: admins' changes made
+/// through another replica, and the tenant's feature switch, take effect within this time.
+const WIDGET_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most widgets kept; beyond, the cache starts afresh.
+const MAX_WIDGETS: usize = 10_000;
+
+/// Widgets (with their tenant's settings) as visitors' calls need them, or that there is no
+/// such widget, for [`WIDGET_TTL`]: a visitor's call looks them up in memory instead of three
+/// queries in two databases.
+#[derive(Default)]
+pub struct WidgetCache {
+    entries: std::sync::Mutex<std::collections::HashMap<Uuid, Kept>>,
+}
+
+/// When a widget was looked up, and what was found.
+type Kept = (std::time::Instant, Option<Arc<LiveWidget>>);
+
+impl WidgetCache {
+    /// What is kept of widget `id` (`Some(None)`: there is none), while fresh.
+    fn get(&self, id: Uuid) -> Option<Option<Arc<LiveWidget>>> {
+        let entries = self.entries.lock().ok()?;
+        let (at, found) = entries.get(&id)?;
+        (at.elapsed() < WIDGET_TTL).then(|| found.clone())
+    }
+
+    fn keep(&self, id: Uuid, found: &Option<Arc<LiveWidget>>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= MAX_WIDGETS {
+                entries.clear();
+            }
+            entries.insert(id, (std::time::Instant::now(), found.clone()));
+        }
+    }
+
+    /// Forgets widget `id` after this process changed it.
+    pub fn forget(&self, id: Uuid) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(&id);
+        }
+    }
 }
 
 /// A visitor, authenticated by their token.
@@ -238,6 +283,32 @@ impl Service {
         origin: Option<&str>,
         live: bool,
     ) -> Result<LiveWidget, Error> {
+        let found = match self.widgets.get(id) {
+            Some(found) => found,
+            None => {
+                let found = self.load_widget(id).await?;
+                self.widgets.keep(id, &found);
+                found
+            }
+        };
+        let Some(found) = found else {
+            return Err(Error::NotFound("widget"));
+        };
+        if live && (!found.tenant_settings.features.webchat || !found.row.enabled) {
+            return Err(Error::NotFound("widget"));
+        }
+        if let Some(origin) = origin
+            && !found.settings.allows_origin(origin)
+        {
+            return Err(Error::PermissionDenied(
+                "this page's origin may not embed the widget",
+            ));
+        }
+        Ok(LiveWidget::clone(&found))
+    }
+
+    /// Widget `id` of an active tenant, whatever its state; `None` when there is none.
+    async fn load_widget(&self, id: Uuid) -> Result<Option<Arc<LiveWidget>>, Error> {
         let tenant = {
             let mut conn = self.databases.main_connection().await?;
             let tenant: Option<Uuid> = widget_routes::table
@@ -254,33 +325,23 @@ impl Service {
             }
         };
         let Some(tenant) = tenant else {
-            return Err(Error::NotFound("widget"));
+            return Ok(None);
         };
-        let tenant_settings = tenant.settings;
+        let tenant_settings = TenantSettings::from_json(&tenant.settings);
         let tenant = tenant.id;
-        let tenant_settings = TenantSettings::from_json(&tenant_settings);
-        if live && !tenant_settings.features.webchat {
-            return Err(Error::NotFound("widget"));
-        }
-        let row = self
+        let Some(row) = self
             .scoped(tenant, move |conn| Box::pin(widgets::find(conn, id)))
             .await?
-            .filter(|row| row.enabled || !live)
-            .ok_or(Error::NotFound("widget"))?;
+        else {
+            return Ok(None);
+        };
         let settings = row.settings()?;
-        if let Some(origin) = origin
-            && !settings.allows_origin(origin)
-        {
-            return Err(Error::PermissionDenied(
-                "this page's origin may not embed the widget",
-            ));
-        }
-        Ok(LiveWidget {
+        Ok(Some(Arc::new(LiveWidget {
             tenant,
             row,
             settings,
             tenant_settings,
-        })
+        })))
     }
 
     /// The visitor whose token is `token`, calling from `origin`.

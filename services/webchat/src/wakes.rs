@@ -1,7 +1,7 @@
-//! Wake-ups of visitors' streams: this process follows the sharded event channel
-//! (`hafen_authn::Redis::events_channel`) of every tenant it has visitor streams for, and a
-//! message there wakes those streams at once, so an agent's answer reaches the visitor without
-//! waiting for the next poll. Without Redis, streams poll.
+//! Wake-ups of the tenants' watchers ([`crate::watch`]): this process follows the sharded
+//! event channel (`hafen_authn::Redis::events_channel`) of every tenant it has visitor streams
+//! for, and a message there wakes the tenant's watcher at once, so an agent's answer reaches
+//! the visitor without waiting for the next poll. Without Redis, the watchers poll.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -676,6 +676,7 @@ impl Service {
             })
             .await?;
         self.audited();
+        self.widgets.forget(id);
         Ok(widget)
     }
 
@@ -767,6 +768,7 @@ impl Service {
         })
         .await?;
         self.audited();
+        self.widgets.forget(id);
         Ok(pb::RotateIdentitySecretResponse { secret })
     }
 

@@ -292,12 +292,20 @@ async fn ul5_a_widget_serves_visitors_only_when_it_and_the_tenant_feature_are_on
     assert_eq!(refused.code(), Code::NotFound);
     assert!(visitors.get_widget_config(config(&on)).await.is_ok());
     s.webchat_feature(false).await;
-    let refused = visitors.get_widget_config(config(&on)).await.unwrap_err();
-    assert_eq!(
-        refused.code(),
-        Code::NotFound,
-        "the tenant switched webchat off"
-    );
+    // The webchat service sees the switch within the time it keeps a widget (5 s).
+    hafen_testkit::eventually(
+        "the tenant switched webchat off",
+        Duration::from_secs(10),
+        || {
+            let mut visitors = visitors.clone();
+            let request = config(&on);
+            async move {
+                let refused = visitors.get_widget_config(request).await.err()?;
+                (refused.code() == Code::NotFound).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -848,8 +856,24 @@ async fn cb9_a_visitor_gets_corrects_exports_and_deletes_their_data() {
         format!("hafen-visit-{}.json", visit.visit_id)
     );
 
-    // The organisation switches the website chat off: the visitor's rights stay.
+    // The organisation switches the website chat off (seen within the time the webchat
+    // service keeps a widget): the visitor's rights stay.
     s.webchat_feature(false).await;
+    hafen_testkit::eventually("the chat is switched off", Duration::from_secs(10), || {
+        let mut visitors = visitors.clone();
+        let request = visitor(
+            &token,
+            pb::SendVisitorMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                body: "still there?".into(),
+            },
+        );
+        async move {
+            let refused = visitors.send_visitor_message(request).await.err()?;
+            (refused.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
     assert!(
         visitors
             .get_my_data(visitor(&token, pb::GetMyDataRequest {}))
