@@ -164,20 +164,43 @@ impl VisitorApi {
         self.authenticated(request, true).await
     }
 
+    /// SendVisitorMessage, or LeaveMessage (`offline`): the token is checked in the send's
+    /// transaction.
+    async fn send(
+        &self,
+        request: Request<pb::SendVisitorMessageRequest>,
+        offline: bool,
+    ) -> Result<Response<pb::VisitMessage>, Status> {
+        let token = visitor_token(&request)?;
+        let sent = self
+            .service
+            .send_with_token(token, origin(&request), request.get_ref().clone(), offline)
+            .await;
+        let (tenant, visit, message) = match sent {
+            Ok(sent) => sent,
+            Err(err @ Error::Unauthenticated(_)) => {
+                self.service
+                    .limits
+                    .count_lookup(&request)
+                    .await
+                    .map_err(Error::RateLimited)?;
+                return Err(err.into());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let span = tracing::Span::current();
+        span.record("tenant_id", tracing::field::display(tenant));
+        span.record("visit_id", tracing::field::display(visit));
+        Ok(Response::new(message))
+    }
+
     /// The visitor of the call, for their data rights: whatever the widget's state.
     async fn visitor_with_rights<T>(&self, request: &Request<T>) -> Result<Visitor, Error> {
         self.authenticated(request, false).await
     }
 
     async fn authenticated<T>(&self, request: &Request<T>, live: bool) -> Result<Visitor, Error> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Visitor "))
-            .ok_or(Error::Unauthenticated(
-                "a visitor token is required: authorization: Visitor <token>",
-            ))?;
+        let token = visitor_token(request)?;
         let found = if live {
             self.service.visitor(token, origin(request)).await
         } else {
@@ -212,6 +235,18 @@ impl std::fmt::Debug for VisitorApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VisitorApi").finish_non_exhaustive()
     }
+}
+
+/// The visitor token a call carries (`authorization: Visitor <token>`).
+fn visitor_token<T>(request: &Request<T>) -> Result<&str, Error> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Visitor "))
+        .ok_or(Error::Unauthenticated(
+            "a visitor token is required: authorization: Visitor <token>",
+        ))
 }
 
 /// The `Origin` a browser sent, if any.
@@ -334,12 +369,7 @@ impl VisitorService for VisitorApi {
         &self,
         request: Request<pb::SendVisitorMessageRequest>,
     ) -> Result<Response<pb::VisitMessage>, Status> {
-        let visitor = self.visitor(&request).await?;
-        let sent = self
-            .service
-            .send_visitor_message(&visitor, request.into_inner(), false)
-            .await?;
-        Ok(Response::new(sent))
+        self.send(request, false).await
     }
 
     #[instrument(name = "LeaveMessage", skip_all, fields(tenant_id, visit_id))]
@@ -347,12 +377,7 @@ impl VisitorService for VisitorApi {
         &self,
         request: Request<pb::SendVisitorMessageRequest>,
     ) -> Result<Response<pb::VisitMessage>, Status> {
-        let visitor = self.visitor(&request).await?;
-        let left = self
-            .service
-            .send_visitor_message(&visitor, request.into_inner(), true)
-            .await?;
-        Ok(Response::new(left))
+        self.send(request, true).await
     }
 
     type SubscribeVisitStream = BoxStream<pb::SubscribeVisitResponse>;

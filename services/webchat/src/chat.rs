@@ -119,9 +119,63 @@ const CHAT_LOG: &str = "\
          ORDER BY e.id LIMIT $3) \
     ) log ORDER BY id LIMIT $3";
 
+/// A send's check, in one statement: the visit of the token (`$1` its id, `$2` the token's
+/// hash), live, locked against a concurrent change of its consent; its chat; whether its
+/// latest consent answer grants the widget's current text; and how many of the required
+/// fields (`$3`) it has.
+const SEND_CHECK: &str = "\
+    SELECT v.conversation_id, \
+           coalesce((SELECT c.granted AND c.version = \
+                            (SELECT max(t.version) FROM consent_texts t \
+                             WHERE t.widget_id = v.widget_id) \
+                     FROM consent_records c WHERE c.visit_id = v.id \
+                     ORDER BY c.decided_at DESC, c.id DESC LIMIT 1), false) AS consented, \
+           (SELECT count(*) FROM visit_fields f \
+            WHERE f.visit_id = v.id AND f.key = ANY($3)) AS required_given \
+    FROM visits v \
+    WHERE v.id = $1 AND v.token_sha256 = $2 AND v.expires_at > now() \
+    FOR NO KEY UPDATE OF v";
+
+#[derive(QueryableByName)]
+struct SendCheck {
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    conversation_id: Option<Uuid>,
+    #[diesel(sql_type = Bool)]
+    consented: bool,
+    #[diesel(sql_type = BigInt)]
+    required_given: i64,
+}
+
 /// One call of the tenant schema's `store_messages` (tenant migration `000004`), looking for
 /// retries: a visitor's sends are few, and a retry must return the first message.
 const STORE: &str = "SELECT * FROM store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// The [`STORE`] of one visitor message.
+fn store(
+    id: Uuid,
+    conversation: Uuid,
+    visit: Uuid,
+    request_id: Uuid,
+    sealed: Vec<u8>,
+    masked: bool,
+) -> Statement<impl hafen_store::prepared::Binds> {
+    Statement::new(
+        STORE,
+        (
+            bind::<Array<SqlUuid>, _>(vec![id]),
+            bind::<Array<SqlUuid>, _>(vec![conversation]),
+            bind::<Array<SqlUuid>, _>(vec![visit]),
+            bind::<Array<SqlUuid>, _>(vec![request_id]),
+            bind::<Array<Bytea>, _>(vec![sealed]),
+            bind::<Array<Bool>, _>(vec![masked]),
+            bind::<Array<Integer>, _>(vec![1]),
+            bind::<Timestamptz, _>(now()),
+            bind::<Nullable<BigInt>, _>(None::<i64>),
+            bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>]),
+            bind::<Bool, _>(true),
+        ),
+    )
+}
 
 impl MessageRow {
     fn to_proto(&self, visit: Uuid, body: String) -> pb::VisitMessage {
@@ -230,6 +284,112 @@ impl Service {
         .await
     }
 
+    /// SendVisitorMessage and LeaveMessage from a visitor token, in one transaction: the
+    /// token's check, the widget's conditions and the store (the widget comes from memory).
+    /// A visit's first message, which opens its chat, takes [`Self::send_visitor_message`].
+    /// Returns the tenant and the visit with the message.
+    pub async fn send_with_token(
+        &self,
+        token: &str,
+        origin: Option<&str>,
+        request: pb::SendVisitorMessageRequest,
+        offline: bool,
+    ) -> Result<(Uuid, Uuid, pb::VisitMessage), Error> {
+        let request_id = Uuid::try_parse(&request.request_id)
+            .map_err(|_| Error::invalid("request_id", "required: a UUID"))?;
+        if request.body.trim().is_empty() {
+            return Err(Error::invalid("body", "must not be empty"));
+        }
+        if request.body.len() > MAX_BODY_BYTES {
+            return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
+        }
+        let refused = || Error::Unauthenticated("no valid visitor token; start a visit");
+        let (widget, visit) = crate::visits::token_ids(token).ok_or_else(refused)?;
+        let widget = match self.live_widget(widget, origin).await {
+            Ok(widget) => widget,
+            Err(Error::NotFound(_)) => return Err(refused()),
+            Err(err) => return Err(err),
+        };
+        let tenant = widget.tenant;
+        self.limits
+            .count(crate::limits::Subject::Visitor(visit))
+            .await
+            .map_err(Error::RateLimited)?;
+        let hash = crate::visits::token_hash(token);
+        let required: Vec<String> = widget
+            .settings
+            .pre_chat_fields
+            .iter()
+            .filter(|field| field.required)
+            .map(|field| field.key.clone())
+            .collect();
+        let needs_consent = offline || !widget.settings.allow_anonymous_chat;
+        let masker = Masker::new(&widget.tenant_settings.masking);
+        let (body, masked) = masker.apply(&request.body);
+        let id = Uuid::now_v7();
+        let keys = self.keys.clone();
+        let sealed_body = body.clone();
+        let stored = self
+            .scoped(tenant, move |conn| {
+                Box::pin(async move {
+                    let wanted = i64::try_from(required.len()).unwrap_or(i64::MAX);
+                    let check: Option<SendCheck> = Statement::new(
+                        SEND_CHECK,
+                        (
+                            bind::<SqlUuid, _>(visit),
+                            bind::<Bytea, _>(hash),
+                            bind::<Array<Text>, _>(required),
+                        ),
+                    )
+                    .load(conn)
+                    .await?
+                    .into_iter()
+                    .next();
+                    let check = check.ok_or_else(refused)?;
+                    if needs_consent && !check.consented {
+                        return Err(Error::ConsentRequired);
+                    }
+                    if check.required_given < wanted {
+                        return Err(Error::InvalidState(
+                            "a required pre-chat field is missing; give it with SubmitFields",
+                        ));
+                    }
+                    let Some(conversation) = check.conversation_id else {
+                        return Ok(None);
+                    };
+                    let key = keys.user_key(tenant, visit).await?;
+                    let sealed =
+                        key.seal(&body_context(id, conversation), sealed_body.as_bytes())?;
+                    let rows: Vec<MessageRow> =
+                        store(id, conversation, visit, request_id, sealed, masked)
+                            .load(conn)
+                            .await?;
+                    Ok(Some((conversation, key, rows)))
+                })
+            })
+            .await?;
+        let Some((conversation, key, rows)) = stored else {
+            // The first message: it opens the chat.
+            let visitor = self.visitor(token, origin).await?;
+            let sent = self.send_visitor_message(&visitor, request, offline).await?;
+            return Ok((tenant, visit, sent));
+        };
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or(Error::Bug("a visitor's message was not stored"))?;
+        if row.id == id {
+            self.wake(tenant).await;
+            return Ok((tenant, visit, row.to_proto(visit, body)));
+        }
+        // A retry: the first message, as stored.
+        let body = match &row.ciphertext {
+            Some(sealed) => open_text(&key, &body_context(row.id, conversation), sealed)?,
+            None => String::new(),
+        };
+        Ok((tenant, visit, row.to_proto(visit, body)))
+    }
+
     /// SendVisitorMessage, and LeaveMessage (`offline`: outside business hours too).
     pub async fn send_visitor_message(
         &self,
@@ -255,24 +415,11 @@ impl Service {
         let stored: Vec<MessageRow> = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
-                    Ok(Statement::new(
-                        STORE,
-                        (
-                            bind::<Array<SqlUuid>, _>(vec![id]),
-                            bind::<Array<SqlUuid>, _>(vec![conversation]),
-                            bind::<Array<SqlUuid>, _>(vec![visit]),
-                            bind::<Array<SqlUuid>, _>(vec![request_id]),
-                            bind::<Array<Bytea>, _>(vec![sealed]),
-                            bind::<Array<Bool>, _>(vec![masked]),
-                            bind::<Array<Integer>, _>(vec![1]),
-                            bind::<Timestamptz, _>(now()),
-                            bind::<Nullable<BigInt>, _>(None::<i64>),
-                            bind::<Array<Nullable<BigInt>>, _>(vec![None::<i64>]),
-                            bind::<Bool, _>(true),
-                        ),
+                    Ok(
+                        store(id, conversation, visit, request_id, sealed, masked)
+                            .load(conn)
+                            .await?,
                     )
-                    .load(conn)
-                    .await?)
                 })
             })
             .await?;

@@ -114,12 +114,12 @@ impl ConsentRow {
     }
 }
 
-fn token_hash(token: &str) -> Vec<u8> {
+pub(crate) fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
 /// The widget and visit a token names, if it has the token's shape.
-fn token_ids(token: &str) -> Option<(Uuid, Uuid)> {
+pub(crate) fn token_ids(token: &str) -> Option<(Uuid, Uuid)> {
     let mut parts = token.splitn(3, '.');
     let widget = Uuid::try_parse(parts.next()?).ok()?;
     let visit = Uuid::try_parse(parts.next()?).ok()?;
