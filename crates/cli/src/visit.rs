@@ -151,7 +151,15 @@ pub async fn run(args: VisitArgs) -> Outcome {
             external_id,
             signature,
         } => {
-            let stored = Stored::load(client)?.filter(|s| s.widget == widget);
+            let stored = Stored::load(client)?;
+            if let Some(other) = stored.as_ref().filter(|s| s.widget != widget) {
+                // Its token is the only way to that visit's data: never dropped silently.
+                return Err(Failure::usage(format!(
+                    "profile {} holds a visit of widget {}: delete it with `hafen visit \
+                     delete`, or use another --profile",
+                    client.profile, other.widget
+                )));
+            }
             let origin = origin.or_else(|| stored.as_ref().and_then(|s| s.origin.clone()));
             let mut visitor = connect(client, origin.as_deref())?;
             if let Some(stored) = &stored {
@@ -321,7 +329,12 @@ pub async fn run(args: VisitArgs) -> Outcome {
                 .await
                 .map_err(hafen_sdk::Error::from)?
                 .into_inner();
-            let file = file.unwrap_or_else(|| PathBuf::from(&export.file_name));
+            // The suggested name, never a path: a file in the current directory.
+            let suggested = std::path::Path::new(&export.file_name)
+                .file_name()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("hafen-visit.json"));
+            let file = file.unwrap_or(suggested);
             if file.as_os_str() == "-" {
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "{}", export.json)?;

@@ -6,6 +6,7 @@
 //! The visitor reads the chat's part of the event log from here.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -119,10 +120,16 @@ const CHAT_LOG: &str = "\
          ORDER BY e.id LIMIT $3) \
     ) log ORDER BY id LIMIT $3";
 
-/// A send's check, in one statement: the visit of the token (`$1` its id, `$2` the token's
-/// hash), live, locked against a concurrent change of its consent; its chat; whether its
-/// latest consent answer grants the widget's current text; and how many of the required
-/// fields (`$3`) it has.
+/// A send's first statement: the visit of the token (`$1` its id, `$2` the token's hash),
+/// live, locked against a concurrent change of its consent (which locks it too).
+const SEND_LOCK: &str = "\
+    SELECT id FROM visits \
+    WHERE id = $1 AND token_sha256 = $2 AND expires_at > now() \
+    FOR NO KEY UPDATE";
+
+/// A send's check, after [`SEND_LOCK`] (so it sees a consent change that lock waited for):
+/// the visit's chat; whether its latest consent answer grants the widget's current text; and
+/// how many of the required fields (`$2`) it has.
 const SEND_CHECK: &str = "\
     SELECT v.conversation_id, \
            coalesce((SELECT c.granted AND c.version = \
@@ -131,10 +138,16 @@ const SEND_CHECK: &str = "\
                      FROM consent_records c WHERE c.visit_id = v.id \
                      ORDER BY c.decided_at DESC, c.id DESC LIMIT 1), false) AS consented, \
            (SELECT count(*) FROM visit_fields f \
-            WHERE f.visit_id = v.id AND f.key = ANY($3)) AS required_given \
-    FROM visits v \
-    WHERE v.id = $1 AND v.token_sha256 = $2 AND v.expires_at > now() \
-    FOR NO KEY UPDATE OF v";
+            WHERE f.visit_id = v.id AND f.key = ANY($2)) AS required_given \
+    FROM visits v WHERE v.id = $1";
+
+/// What [`SEND_LOCK`] finds: a row means the token is good.
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = SqlUuid)]
+    #[allow(dead_code, reason = "only whether a row came back counts")]
+    id: Uuid,
+}
 
 #[derive(QueryableByName)]
 struct SendCheck {
@@ -311,10 +324,7 @@ impl Service {
             Err(err) => return Err(err),
         };
         let tenant = widget.tenant;
-        self.limits
-            .count(crate::limits::Subject::Visitor(visit))
-            .await
-            .map_err(Error::RateLimited)?;
+        let limits = Arc::clone(&self.limits);
         let hash = crate::visits::token_hash(token);
         let required: Vec<String> = widget
             .settings
@@ -333,13 +343,24 @@ impl Service {
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
                     let wanted = i64::try_from(required.len()).unwrap_or(i64::MAX);
+                    let locked: Vec<Locked> = Statement::new(
+                        SEND_LOCK,
+                        (bind::<SqlUuid, _>(visit), bind::<Bytea, _>(hash)),
+                    )
+                    .load(conn)
+                    .await?;
+                    if locked.is_empty() {
+                        return Err(refused());
+                    }
+                    // Counted once the token is known good: a forged one cannot use up a
+                    // visitor's calls.
+                    limits
+                        .count(crate::limits::Subject::Visitor(visit))
+                        .await
+                        .map_err(Error::RateLimited)?;
                     let check: Option<SendCheck> = Statement::new(
                         SEND_CHECK,
-                        (
-                            bind::<SqlUuid, _>(visit),
-                            bind::<Bytea, _>(hash),
-                            bind::<Array<Text>, _>(required),
-                        ),
+                        (bind::<SqlUuid, _>(visit), bind::<Array<Text>, _>(required)),
                     )
                     .load(conn)
                     .await?
@@ -371,7 +392,9 @@ impl Service {
         let Some((conversation, key, rows)) = stored else {
             // The first message: it opens the chat.
             let visitor = self.visitor(token, origin).await?;
-            let sent = self.send_visitor_message(&visitor, request, offline).await?;
+            let sent = self
+                .send_visitor_message(&visitor, request, offline)
+                .await?;
             return Ok((tenant, visit, sent));
         };
         let row = rows
@@ -415,11 +438,9 @@ impl Service {
         let stored: Vec<MessageRow> = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
-                    Ok(
-                        store(id, conversation, visit, request_id, sealed, masked)
-                            .load(conn)
-                            .await?,
-                    )
+                    Ok(store(id, conversation, visit, request_id, sealed, masked)
+                        .load(conn)
+                        .await?)
                 })
             })
             .await?;

@@ -80,8 +80,9 @@ pub struct Config {
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
 
-    /// How often a tenant's watcher reads its log when no event channel wakes it (Redis
-    /// unreachable): the longest a visitor's stream then waits for a new message.
+    /// How often a tenant's watcher reads its log without a wake-up from its event channel (a
+    /// safety net, one query per tenant; while Redis is unreachable, the longest a visitor's
+    /// stream waits for a new message).
     #[arg(long, env = "HAFEN_STREAM_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub stream_poll: std::time::Duration,
 
@@ -95,7 +96,7 @@ pub struct Config {
 pub(crate) struct Service {
     pub databases: Databases,
     pub keys: KeyRing,
-    pub limits: limits::Limits,
+    pub limits: Arc<limits::Limits>,
     /// Wakes the messaging service's feeds after a visitor's message.
     pub redis: Option<Redis>,
     /// How often the tenants' watchers read their log without a wake-up.
@@ -175,11 +176,11 @@ where
     keys.follow(revocations.tenant_deletions());
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
-    let limits = limits::Limits::new(
+    let limits = Arc::new(limits::Limits::new(
         config.limits.clone(),
         Some(redis.clone()),
         Purpose::AddressHashing.derive(&master),
-    );
+    ));
     let wakes = Arc::new(wakes::Wakes::default());
     wakes.listen(redis.clone(), config.stream_poll);
     let service = Arc::new(Service {

@@ -47,6 +47,9 @@ const MAX_WIDGETS: usize = 10_000;
 #[derive(Default)]
 pub struct WidgetCache {
     entries: std::sync::Mutex<std::collections::HashMap<Uuid, Kept>>,
+    /// Counts the changes this process made: a lookup that began before one does not keep
+    /// what it read.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// When a widget was looked up, and what was found.
@@ -60,8 +63,17 @@ impl WidgetCache {
         (at.elapsed() < WIDGET_TTL).then(|| found.clone())
     }
 
-    fn keep(&self, id: Uuid, found: &Option<Arc<LiveWidget>>) {
+    /// Where the count of changes stands, before a lookup.
+    fn changes(&self) -> u64 {
+        std::sync::atomic::AtomicU64::load(&self.changes, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Keeps what a lookup that began at `changes` found, unless a change came since.
+    fn keep(&self, id: Uuid, found: &Option<Arc<LiveWidget>>, changes: u64) {
         if let Ok(mut entries) = self.entries.lock() {
+            if self.changes() != changes {
+                return;
+            }
             if entries.len() >= MAX_WIDGETS {
                 entries.clear();
             }
@@ -72,6 +84,8 @@ impl WidgetCache {
     /// Forgets widget `id` after this process changed it.
     pub fn forget(&self, id: Uuid) {
         if let Ok(mut entries) = self.entries.lock() {
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             entries.remove(&id);
         }
     }
@@ -142,8 +156,19 @@ fn identity_claim<'a>(
     if signature.is_empty() {
         return Ok(None);
     }
-    let bad = || Error::invalid("identity_signature", "64 hexadecimal digits (HMAC-SHA256)");
+    let bad = || {
+        Error::invalid(
+            "identity_signature",
+            "64 lowercase hexadecimal digits (HMAC-SHA256)",
+        )
+    };
     if signature.len() != 64 {
+        return Err(bad());
+    }
+    if !signature
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(bad());
     }
     let mut bytes = [0u8; 32];
@@ -155,57 +180,18 @@ fn identity_claim<'a>(
 }
 
 /// In StartVisit with a verified `identity`: its live visit, or the anonymous visit of the
-/// token given (`resumable`, its hash), which becomes the identity's with its token
-/// re-derived (`derived`, the new token's hash). `None`: a new visit is to be made, and the
-/// identity was released from expired visits for it.
+/// token given (`resumable`, its hash), which becomes the identity's; either way the visit's
+/// token becomes the one derived for it (`derive`: its hash), under the widget's current
+/// secret. `None`: a new visit is to be made. Expired visits give the identity up first.
 async fn resume_identified(
     conn: &mut AsyncPgConnection,
     widget: Uuid,
     identity: &[u8],
     resumable: Option<(Uuid, Vec<u8>)>,
-    derived: Option<Vec<u8>>,
+    derive: &(dyn Fn(Uuid) -> Vec<u8> + Send + Sync),
     at: DateTime<Utc>,
     lifetime: Duration,
 ) -> Result<Option<VisitRow>, Error> {
-    let live: Option<VisitRow> = diesel::update(
-        visits::table
-            .filter(visits::widget_id.eq(widget))
-            .filter(visits::identity_sha256.eq(identity))
-            .filter(visits::expires_at.gt(at)),
-    )
-    .set((
-        visits::last_seen_at.eq(at),
-        visits::expires_at.eq(at + lifetime),
-    ))
-    .returning(VisitRow::as_returning())
-    .get_result(conn)
-    .await
-    .optional()?;
-    if live.is_some() {
-        return Ok(live);
-    }
-    if let (Some((visit, hash)), Some(derived)) = (resumable, derived) {
-        let adopted: Option<VisitRow> = diesel::update(
-            visits::table
-                .find(visit)
-                .filter(visits::token_sha256.eq(hash))
-                .filter(visits::identity_sha256.is_null())
-                .filter(visits::expires_at.gt(at)),
-        )
-        .set((
-            visits::identity_sha256.eq(identity),
-            visits::token_sha256.eq(derived),
-            visits::last_seen_at.eq(at),
-            visits::expires_at.eq(at + lifetime),
-        ))
-        .returning(VisitRow::as_returning())
-        .get_result(conn)
-        .await
-        .optional()?;
-        if adopted.is_some() {
-            return Ok(adopted);
-        }
-    }
     diesel::update(
         visits::table
             .filter(visits::widget_id.eq(widget))
@@ -215,7 +201,59 @@ async fn resume_identified(
     .set(visits::identity_sha256.eq(None::<Vec<u8>>))
     .execute(conn)
     .await?;
-    Ok(None)
+    let live: Option<Uuid> = visits::table
+        .filter(visits::widget_id.eq(widget))
+        .filter(visits::identity_sha256.eq(identity))
+        .filter(visits::expires_at.gt(at))
+        .select(visits::id)
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    let (visit, adopt) = match (live, resumable) {
+        (Some(visit), _) => (visit, None),
+        (None, Some((visit, hash))) => (visit, Some(hash)),
+        (None, None) => return Ok(None),
+    };
+    let mut target = visits::table
+        .find(visit)
+        .filter(visits::expires_at.gt(at))
+        .into_boxed();
+    if let Some(hash) = adopt {
+        target = target
+            .filter(visits::token_sha256.eq(hash))
+            .filter(visits::identity_sha256.is_null());
+    }
+    let found: Option<Uuid> = target.select(visits::id).first(conn).await.optional()?;
+    let Some(visit) = found else {
+        return Ok(None);
+    };
+    Ok(Some(
+        diesel::update(visits::table.find(visit))
+            .set((
+                visits::identity_sha256.eq(identity),
+                visits::token_sha256.eq(derive(visit)),
+                visits::last_seen_at.eq(at),
+                visits::expires_at.eq(at + lifetime),
+            ))
+            .returning(VisitRow::as_returning())
+            .get_result(conn)
+            .await?,
+    ))
+}
+
+/// The token of an identified visit: derived from the visit and the widget's current sealed
+/// identity secret under `key`, so every device of the person gets the same one, only this
+/// service can make it, and a new secret makes new tokens.
+fn identity_token(key: &[u8; 32], widget: Uuid, visit: Uuid, sealed_secret: &[u8]) -> String {
+    let secret =
+        hafen_crypto::secret::keyed_hash(key, &[b"visitor token", visit.as_bytes(), sealed_secret]);
+    format!(
+        "{}.{}.{}",
+        widget.simple(),
+        visit.simple(),
+        hafen_crypto::secret::token_of(&secret)
+    )
 }
 
 /// The associated data of a field value: its visit and key.
@@ -286,8 +324,9 @@ impl Service {
         let found = match self.widgets.get(id) {
             Some(found) => found,
             None => {
+                let changes = self.widgets.changes();
                 let found = self.load_widget(id).await?;
-                self.widgets.keep(id, &found);
+                self.widgets.keep(id, &found, changes);
                 found
             }
         };
@@ -451,12 +490,15 @@ impl Service {
         let resumable = token_ids(given)
             .filter(|(w, _)| *w == widget)
             .map(|(_, v)| (v, token_hash(given)));
+        let key: [u8; 32] = *self.identity_key.expose();
+        let sealed = live.row.identity_secret_sealed.clone().unwrap_or_default();
+        let derived_token = move |visit: Uuid| identity_token(&key, widget, visit, &sealed);
         // Two first visits of one identity at once: the second finds the first's.
         let mut attempt = 0;
         let (visit, resumed, consent, token) = loop {
             let new_id = Uuid::now_v7();
             let new_token = match &identity {
-                Some(_) => self.identity_token(widget, new_id),
+                Some(_) => derived_token(new_id),
                 None => format!(
                     "{}.{}.{}",
                     widget.simple(),
@@ -464,9 +506,7 @@ impl Service {
                     hafen_crypto::secret::random_token()?
                 ),
             };
-            let derived = resumable
-                .as_ref()
-                .map(|(visit, _)| token_hash(&self.identity_token(widget, *visit)));
+            let derive = derived_token.clone();
             let claimed = identity.clone();
             let resumable = resumable.clone();
             let new_hash = token_hash(&new_token);
@@ -476,8 +516,9 @@ impl Service {
                         let at = now();
                         let found = match &claimed {
                             Some(identity) => {
+                                let derive = move |visit: Uuid| token_hash(&derive(visit));
                                 resume_identified(
-                                    conn, widget, identity, resumable, derived, at, lifetime,
+                                    conn, widget, identity, resumable, &derive, at, lifetime,
                                 )
                                 .await?
                             }
@@ -524,7 +565,7 @@ impl Service {
             match result {
                 Ok((visit, resumed, consent)) => {
                     let token = if identity.is_some() {
-                        self.identity_token(widget, visit.id)
+                        derived_token(visit.id)
                     } else if resumed {
                         given.to_owned()
                     } else {
@@ -585,21 +626,6 @@ impl Service {
             )
             .to_vec(),
         ))
-    }
-
-    /// The token of an identified visit: derived from the visit, so every device of the
-    /// person gets the same one, and only this service can make it.
-    fn identity_token(&self, widget: Uuid, visit: Uuid) -> String {
-        let secret = hafen_crypto::secret::keyed_hash(
-            self.identity_key.expose(),
-            &[b"visitor token", visit.as_bytes()],
-        );
-        format!(
-            "{}.{}.{}",
-            widget.simple(),
-            visit.simple(),
-            hafen_crypto::secret::token_of(&secret)
-        )
     }
 
     /// GiveConsent.

@@ -1,7 +1,8 @@
 //! What wakes visitors' streams: per tenant with visitor streams in this process, one watcher
 //! reads the tenant's log after what it saw last — woken by the tenant's event channel
-//! ([`crate::wakes`]), or every poll interval without it — and wakes only the streams whose
-//! chat changed (and those of visits without a chat yet). A thousand idle streams cost one
+//! ([`crate::wakes`]), and every poll interval as a safety net for a missed wake-up (one query
+//! per tenant) — and wakes only the streams whose chat changed (and, on any change, those of
+//! visits without a chat yet). A thousand idle streams cost one
 //! query per tenant and interval, not a thousand; a message wakes its own chat's stream.
 
 use std::collections::{HashMap, HashSet};
@@ -51,12 +52,29 @@ impl StreamWake {
         }
     }
 
-    fn wants(&self, changed: &HashSet<Uuid>) -> bool {
-        match self.conversation.lock() {
-            Ok(slot) => slot.is_none_or(|c| changed.contains(&c)),
-            Err(_) => true,
+    /// Whether a change of the chats in `changed` concerns the stream: its own chat's, or,
+    /// while it has none, any (its chat may just have opened).
+    fn wants(&self, changed: &Changes) -> bool {
+        match changed {
+            Changes::Everything => true,
+            Changes::Chats(changed) => match self.conversation.lock() {
+                Ok(slot) => match *slot {
+                    Some(conversation) => changed.contains(&conversation),
+                    None => !changed.is_empty(),
+                },
+                Err(_) => true,
+            },
         }
     }
+}
+
+/// What a read of the log found.
+enum Changes {
+    /// The chats changed since the last read.
+    Chats(HashSet<Uuid>),
+    /// The first read, which only learns where the log stands: the streams read their chats
+    /// once, for a change committed between their first read and the watcher's.
+    Everything,
 }
 
 /// The tenants watched here and their streams.
@@ -87,7 +105,7 @@ impl Watches {
 
     /// Wakes the live streams of `tenant` that `changed` concerns; false when none is left
     /// (the watcher is then forgotten, and the next stream starts a new one).
-    fn wake(&self, tenant: Uuid, changed: &HashSet<Uuid>) -> bool {
+    fn wake(&self, tenant: Uuid, changed: &Changes) -> bool {
         let Ok(mut tenants) = self.tenants.lock() else {
             return false;
         };
@@ -116,7 +134,6 @@ async fn watch(service: Arc<Service>, tenant: Uuid) {
     let poll = service.stream_poll;
     let registration = service.wakes.register(tenant);
     let mut last: Option<i64> = None;
-    let nothing = HashSet::new();
     loop {
         // Enabled before the read: a change committed during it wakes the wait.
         let woken = registration.notify.notified();
@@ -124,22 +141,19 @@ async fn watch(service: Arc<Service>, tenant: Uuid) {
         woken.as_mut().enable();
         let changed = match changes(&service, tenant, last).await {
             Ok((changed, newest)) => {
+                let changed = match last {
+                    Some(_) => Changes::Chats(changed),
+                    None => Changes::Everything,
+                };
                 last = Some(newest);
                 changed
             }
             Err(err) => {
                 tracing::debug!(error = %err, "the tenant's log was not read; polling on");
-                HashSet::new()
+                Changes::Chats(HashSet::new())
             }
         };
-        if !service.watches.wake(
-            tenant,
-            if changed.is_empty() {
-                &nothing
-            } else {
-                &changed
-            },
-        ) {
+        if !service.watches.wake(tenant, &changed) {
             return;
         }
         tokio::select! {

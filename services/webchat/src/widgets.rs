@@ -762,6 +762,16 @@ impl Service {
                 if changed == 0 {
                     return Err(Error::NotFound("widget"));
                 }
+                // Tokens handed out under the old secret die: each identified visit is
+                // resumed with a new signature (and a token derived under the new secret).
+                diesel::sql_query(
+                    "UPDATE visits SET token_sha256 = \
+                         sha256(convert_to('revoked ' || id::text, 'UTF8')) \
+                     WHERE widget_id = $1 AND identity_sha256 IS NOT NULL",
+                )
+                .bind::<diesel::sql_types::Uuid, _>(id)
+                .execute(conn)
+                .await?;
                 hafen_events::record(conn, &event).await?;
                 Ok(())
             })

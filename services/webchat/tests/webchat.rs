@@ -1931,6 +1931,29 @@ async fn cb8_a_signed_identity_resumes_one_visit_on_every_device_and_unsigned_cl
         .unwrap_err();
     assert_eq!(dead.code(), Code::Unauthenticated);
 
+    // Once that visit expired (its row still there until the purge), the person's next
+    // anonymous visit becomes theirs on login.
+    let schema = format!("t_{}", s.tenant.id.replace('-', ""));
+    diesel::sql_query(format!(
+        "UPDATE {schema}.visits SET expires_at = now() - interval '1 day' WHERE id = '{}'",
+        adopted.visit_id
+    ))
+    .execute(&mut s.stack.db.connect_admin().await)
+    .await
+    .unwrap();
+    let later = s.visit(&widget).await;
+    let relogin = s
+        .start_identified(
+            &widget,
+            &later.visitor_token,
+            "customer-7",
+            &sign(&secret, "customer-7"),
+        )
+        .await
+        .unwrap();
+    assert!(relogin.identified && relogin.resumed);
+    assert_eq!(relogin.visit_id, later.visit_id);
+
     // A new secret: signatures made with the old one are ignored; disabled: all are.
     let rotated = s.rotate(&widget, false).await;
     assert_ne!(rotated, secret);
@@ -1945,6 +1968,22 @@ async fn cb8_a_signed_identity_resumes_one_visit_on_every_device_and_unsigned_cl
         .unwrap();
     assert!(fresh.identified);
     assert_eq!(fresh.visit_id, laptop.visit_id, "the person's visit stays");
+    assert_ne!(
+        fresh.visitor_token, laptop.visitor_token,
+        "with a token of the new secret"
+    );
+    let revoked = s
+        .stack
+        .visitor_client()
+        .await
+        .get_my_data(visitor(&laptop.visitor_token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        revoked.code(),
+        Code::Unauthenticated,
+        "tokens given out under the old secret are dead"
+    );
     assert!(s.rotate(&widget, true).await.is_empty());
     let off = s
         .start_identified(&widget, "", "customer-42", &sign(&rotated, "customer-42"))
