@@ -18,7 +18,7 @@ use diesel_async::RunQueryDsl;
 use hafen_proto::webchat::v1 as pb;
 use hafen_store::keyring::body_context;
 use hafen_store::masking::Masker;
-use hafen_store::prepared::{Statement, bind};
+use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, Statement, bind};
 use hafen_store::schema::{conversations, legal_holds, members, messages, visit_fields, visits};
 use hafen_store::{AsyncPgConnection, now};
 use tokio::sync::mpsc;
@@ -343,12 +343,19 @@ impl Service {
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
                     let wanted = i64::try_from(required.len()).unwrap_or(i64::MAX);
-                    let locked: Vec<Locked> = Statement::new(
-                        SEND_LOCK,
-                        (bind::<SqlUuid, _>(visit), bind::<Bytea, _>(hash)),
-                    )
-                    .load(conn)
-                    .await?;
+                    // The transaction's statements are planned once per connection (generic
+                    // plans of index probes; `store_messages` is written for them): planned
+                    // anew at every call they cost more than they do.
+                    let (planned, locked) = futures::join!(
+                        Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
+                        Statement::new(
+                            SEND_LOCK,
+                            (bind::<SqlUuid, _>(visit), bind::<Bytea, _>(hash)),
+                        )
+                        .load::<Locked>(&mut &*conn),
+                    );
+                    planned?;
+                    let locked = locked?;
                     if locked.is_empty() {
                         return Err(refused());
                     }
@@ -438,9 +445,13 @@ impl Service {
         let stored: Vec<MessageRow> = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
-                    Ok(store(id, conversation, visit, request_id, sealed, masked)
-                        .load(conn)
-                        .await?)
+                    let (planned, stored) = futures::join!(
+                        Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
+                        store(id, conversation, visit, request_id, sealed, masked)
+                            .load::<MessageRow>(&mut &*conn),
+                    );
+                    planned?;
+                    Ok(stored?)
                 })
             })
             .await?;
