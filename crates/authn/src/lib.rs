@@ -21,6 +21,7 @@
 //! - [`principal`]: roles, principals, revocation reasons and how they map to statuses.
 
 pub mod cache;
+mod channels;
 mod layer;
 pub mod limits;
 pub mod operator;
@@ -40,6 +41,7 @@ use tonic::metadata::MetadataMap;
 use uuid::Uuid;
 
 pub use cache::{CachedSession, Redis, RedisArgs};
+pub use channels::follow_event_channels;
 pub use layer::{AuthnLayer, AuthnService};
 pub use operator::{OperatorArgs, PlatformToken, TokenFileError};
 pub use principal::{Caller, Principal, Rejection, RevokeReason, Role};

@@ -3,14 +3,12 @@
 //! for, and a message there wakes the tenant's watcher at once, so an agent's answer reaches
 //! the visitor without waiting for the next poll. Without Redis, the watchers poll.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hafen_authn::Redis;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, PushKind};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 /// The tenants with visitor streams here, and what wakes their streams.
@@ -85,82 +83,18 @@ impl Wakes {
     }
 
     async fn follow(&self, redis: &Redis, poll: Duration) -> redis::RedisResult<()> {
-        let info = redis.client().get_connection_info().clone();
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let (pushes, mut received) = mpsc::unbounded_channel::<PushInfo>();
-        let config = ConnectionManagerConfig::new()
-            .set_push_sender(pushes)
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let mut conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        let mut subscribed: HashSet<Uuid> = HashSet::new();
-        let prefix = redis.key("events:{");
-        loop {
-            let wanted: HashSet<Uuid> = match self.tenants.lock() {
-                Ok(tenants) => tenants.keys().copied().collect(),
-                Err(_) => return Ok(()),
-            };
-            let mut retry = false;
-            for tenant in wanted.difference(&subscribed).copied().collect::<Vec<_>>() {
-                let done: redis::RedisResult<()> = redis::cmd("SSUBSCRIBE")
-                    .arg(redis.events_channel(tenant))
-                    .query_async(&mut conn)
-                    .await;
-                if done.is_ok() {
-                    subscribed.insert(tenant);
-                    // Whatever was published before the subscription is read now.
-                    self.wake(tenant);
-                } else {
-                    retry = true;
-                    break;
-                }
-            }
-            for tenant in subscribed.difference(&wanted).copied().collect::<Vec<_>>() {
-                let done: redis::RedisResult<()> = redis::cmd("SUNSUBSCRIBE")
-                    .arg(redis.events_channel(tenant))
-                    .query_async(&mut conn)
-                    .await;
-                if done.is_ok() {
-                    subscribed.remove(&tenant);
-                }
-            }
-            tokio::select! {
-                () = self.changed.notified() => {}
-                () = tokio::time::sleep(poll), if retry => {}
-                push = received.recv() => match push {
-                    Some(push) => self.on_push(&prefix, push, &mut subscribed),
-                    None => return Ok(()),
-                },
-            }
-            while let Ok(push) = received.try_recv() {
-                self.on_push(&prefix, push, &mut subscribed);
-            }
-        }
-    }
-
-    fn on_push(&self, prefix: &str, push: PushInfo, subscribed: &mut HashSet<Uuid>) {
-        match push.kind {
-            PushKind::SMessage => {
-                let tenant = match push.data.first() {
-                    Some(redis::Value::BulkString(channel)) => std::str::from_utf8(channel)
-                        .ok()
-                        .and_then(|channel| channel.strip_prefix(prefix))
-                        .and_then(|rest| rest.strip_suffix('}'))
-                        .and_then(|id| Uuid::try_parse(id).ok()),
-                    _ => None,
-                };
-                if let Some(tenant) = tenant {
-                    self.wake(tenant);
-                }
-            }
-            // The connection is gone, and its subscriptions with it.
-            PushKind::Disconnection => subscribed.clear(),
-            _ => {}
-        }
+        hafen_authn::follow_event_channels(
+            redis,
+            &self.changed,
+            poll,
+            || {
+                self.tenants
+                    .lock()
+                    .ok()
+                    .map(|tenants| tenants.keys().copied().collect())
+            },
+            |tenant, _| self.wake(tenant),
+        )
+        .await
     }
 }

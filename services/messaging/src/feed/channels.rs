@@ -1,12 +1,9 @@
 //! The feeds' Redis side: each commit publishes on its tenant's sharded channel, and each
 //! replica follows the channels of the tenants it has feeds for (see the module above).
 
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::collections::HashMap;
 
 use hafen_authn::Redis;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -16,15 +13,6 @@ impl Hub {
     /// The tenant's sharded channel. The braces make the tenant id the cluster hash tag.
     fn channel(redis: &Redis, tenant: Uuid) -> String {
         redis.events_channel(tenant)
-    }
-
-    /// The tenant named by a channel, if it is one of ours.
-    fn tenant_of(redis: &Redis, channel: &[u8]) -> Option<Uuid> {
-        let channel = std::str::from_utf8(channel).ok()?;
-        let id = channel
-            .strip_prefix(&redis.key("events:{"))?
-            .strip_suffix('}')?;
-        Uuid::try_parse(id).ok()
     }
 
     /// Publishes on `tenant`'s channel, through the publisher task.
@@ -88,93 +76,26 @@ impl Hub {
     }
 
     async fn follow(&self, redis: &Redis) -> redis::RedisResult<()> {
-        let info = redis.client().get_connection_info().clone();
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let (pushes, mut received) = mpsc::unbounded_channel::<PushInfo>();
-        let config = ConnectionManagerConfig::new()
-            .set_push_sender(pushes)
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let mut conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        let mut subscribed: HashSet<Uuid> = HashSet::new();
-        loop {
-            let wanted: HashSet<Uuid> = match self.inner.feeds.map.lock() {
-                Ok(feeds) => feeds.keys().copied().collect(),
-                Err(_) => return Ok(()),
-            };
-            let mut retry = false;
-            for tenant in wanted.difference(&subscribed).copied().collect::<Vec<_>>() {
-                let done: redis::RedisResult<()> = redis::cmd("SSUBSCRIBE")
-                    .arg(Self::channel(redis, tenant))
-                    .query_async(&mut conn)
-                    .await;
-                match done {
-                    Ok(()) => {
-                        subscribed.insert(tenant);
-                        // Whatever was published before the subscription is read now.
-                        if let Some(feed) = self.feed(tenant) {
-                            feed.wake.notify_one();
-                        }
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "event channel not subscribed; the feed polls");
-                        retry = true;
-                        break;
-                    }
-                }
-            }
-            for tenant in subscribed.difference(&wanted).copied().collect::<Vec<_>>() {
-                let done: redis::RedisResult<()> = redis::cmd("SUNSUBSCRIBE")
-                    .arg(Self::channel(redis, tenant))
-                    .query_async(&mut conn)
-                    .await;
-                if done.is_ok() {
-                    subscribed.remove(&tenant);
-                }
-            }
-            tokio::select! {
-                () = self.inner.feeds.changed.notified() => {}
-                () = tokio::time::sleep(self.inner.poll), if retry => {}
-                push = received.recv() => match push {
-                    Some(push) => self.on_push(redis, push, &mut subscribed),
-                    None => return Ok(()),
-                },
-            }
-            while let Ok(push) = received.try_recv() {
-                self.on_push(redis, push, &mut subscribed);
-            }
-        }
-    }
-
-    fn on_push(&self, redis: &Redis, push: PushInfo, subscribed: &mut HashSet<Uuid>) {
-        match push.kind {
-            PushKind::SMessage => {
-                let tenant = match push.data.first() {
-                    Some(redis::Value::BulkString(channel)) => Self::tenant_of(redis, channel),
-                    _ => None,
-                };
-                // The last event id, when the publisher knew it.
-                let last = match push.data.get(1) {
-                    Some(redis::Value::BulkString(last)) => std::str::from_utf8(last)
-                        .ok()
-                        .and_then(|last| last.parse::<i64>().ok()),
-                    _ => None,
-                };
-                if let Some(feed) = tenant.and_then(|t| self.feed(t))
+        hafen_authn::follow_event_channels(
+            redis,
+            &self.inner.feeds.changed,
+            self.inner.poll,
+            || {
+                self.inner
+                    .feeds
+                    .map
+                    .lock()
+                    .ok()
+                    .map(|feeds| feeds.keys().copied().collect())
+            },
+            |tenant, last| {
+                if let Some(feed) = self.feed(tenant)
                     && last.is_none_or(|last| last > *feed.position())
                 {
                     feed.wake.notify_one();
                 }
-            }
-            // The connection is gone, and its subscriptions with it: subscribe again once
-            // Redis answers.
-            PushKind::Disconnection => subscribed.clear(),
-            _ => {}
-        }
+            },
+        )
+        .await
     }
 }

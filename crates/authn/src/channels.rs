@@ -1,0 +1,120 @@
+//! Following tenants' event channels ([`Redis::events_channel`]): the messaging service's
+//! feeds and the webchat service's stream watchers both learn this way that a tenant's log
+//! changed on another replica.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind};
+use tokio::sync::{Notify, mpsc};
+use uuid::Uuid;
+
+use crate::Redis;
+
+/// Follows the event channels of the tenants `wanted` names, until it names none (`None`):
+/// subscribes to those it names anew and unsubscribes from the others whenever `changed` is
+/// notified, and after Redis comes back. `event(tenant, last)` is called for each message,
+/// with the last event id when the publisher sent one, and once after each subscription with
+/// `None` (what was published before it is to be read now). A subscription that failed is
+/// tried again after `retry`. Returns the error that made following impossible.
+pub async fn follow_event_channels(
+    redis: &Redis,
+    changed: &Notify,
+    retry: Duration,
+    wanted: impl Fn() -> Option<HashSet<Uuid>>,
+    event: impl Fn(Uuid, Option<i64>),
+) -> redis::RedisResult<()> {
+    let info = redis.client().get_connection_info().clone();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.set_redis_settings(settings))?;
+    let (pushes, mut received) = mpsc::unbounded_channel::<PushInfo>();
+    let config = ConnectionManagerConfig::new()
+        .set_push_sender(pushes)
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    let mut conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    let mut subscribed: HashSet<Uuid> = HashSet::new();
+    let prefix = redis.key("events:{");
+    loop {
+        let Some(wanted) = wanted() else {
+            return Ok(());
+        };
+        let mut failed = false;
+        for tenant in wanted.difference(&subscribed).copied().collect::<Vec<_>>() {
+            let done: redis::RedisResult<()> = redis::cmd("SSUBSCRIBE")
+                .arg(redis.events_channel(tenant))
+                .query_async(&mut conn)
+                .await;
+            match done {
+                Ok(()) => {
+                    subscribed.insert(tenant);
+                    event(tenant, None);
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "event channel not subscribed; polling meanwhile");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        for tenant in subscribed.difference(&wanted).copied().collect::<Vec<_>>() {
+            let done: redis::RedisResult<()> = redis::cmd("SUNSUBSCRIBE")
+                .arg(redis.events_channel(tenant))
+                .query_async(&mut conn)
+                .await;
+            if done.is_ok() {
+                subscribed.remove(&tenant);
+            }
+        }
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep(retry), if failed => {}
+            push = received.recv() => match push {
+                Some(push) => on_push(&prefix, push, &mut subscribed, &event),
+                None => return Ok(()),
+            },
+        }
+        while let Ok(push) = received.try_recv() {
+            on_push(&prefix, push, &mut subscribed, &event);
+        }
+    }
+}
+
+fn on_push(
+    prefix: &str,
+    push: PushInfo,
+    subscribed: &mut HashSet<Uuid>,
+    event: &impl Fn(Uuid, Option<i64>),
+) {
+    match push.kind {
+        PushKind::SMessage => {
+            let tenant = match push.data.first() {
+                Some(redis::Value::BulkString(channel)) => std::str::from_utf8(channel)
+                    .ok()
+                    .and_then(|channel| channel.strip_prefix(prefix))
+                    .and_then(|rest| rest.strip_suffix('}'))
+                    .and_then(|id| Uuid::try_parse(id).ok()),
+                _ => None,
+            };
+            // The last event id, when the publisher knew it (an empty message otherwise).
+            let last = match push.data.get(1) {
+                Some(redis::Value::BulkString(last)) => std::str::from_utf8(last)
+                    .ok()
+                    .and_then(|last| last.parse::<i64>().ok()),
+                _ => None,
+            };
+            if let Some(tenant) = tenant {
+                event(tenant, last);
+            }
+        }
+        // The connection is gone, and its subscriptions with it: subscribe again once Redis
+        // answers.
+        PushKind::Disconnection => subscribed.clear(),
+        _ => {}
+    }
+}
