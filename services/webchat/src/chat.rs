@@ -163,6 +163,19 @@ struct SendCheck {
 /// retries: a visitor's sends are few, and a retry must return the first message.
 const STORE: &str = "SELECT * FROM store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
+/// The request id of a visitor's send, once its fields are checked.
+fn checked(request: &pb::SendVisitorMessageRequest) -> Result<Uuid, Error> {
+    let request_id = Uuid::try_parse(&request.request_id)
+        .map_err(|_| Error::invalid("request_id", "required: a UUID"))?;
+    if request.body.trim().is_empty() {
+        return Err(Error::invalid("body", "must not be empty"));
+    }
+    if request.body.len() > MAX_BODY_BYTES {
+        return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
+    }
+    Ok(request_id)
+}
+
 /// The [`STORE`] of one visitor message.
 fn store(
     id: Uuid,
@@ -308,14 +321,7 @@ impl Service {
         request: pb::SendVisitorMessageRequest,
         offline: bool,
     ) -> Result<(Uuid, Uuid, pb::VisitMessage), Error> {
-        let request_id = Uuid::try_parse(&request.request_id)
-            .map_err(|_| Error::invalid("request_id", "required: a UUID"))?;
-        if request.body.trim().is_empty() {
-            return Err(Error::invalid("body", "must not be empty"));
-        }
-        if request.body.len() > MAX_BODY_BYTES {
-            return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
-        }
+        let request_id = checked(&request)?;
         let refused = || Error::Unauthenticated("no valid visitor token; start a visit");
         let (widget, visit) = crate::visits::token_ids(token).ok_or_else(refused)?;
         let widget = match self.live_widget(widget, origin).await {
@@ -404,20 +410,10 @@ impl Service {
                 .await?;
             return Ok((tenant, visit, sent));
         };
-        let row = rows
-            .into_iter()
-            .next()
-            .ok_or(Error::Bug("a visitor's message was not stored"))?;
-        if row.id == id {
-            self.wake(tenant).await;
-            return Ok((tenant, visit, row.to_proto(visit, body)));
-        }
-        // A retry: the first message, as stored.
-        let body = match &row.ciphertext {
-            Some(sealed) => open_text(&key, &body_context(row.id, conversation), sealed)?,
-            None => String::new(),
-        };
-        Ok((tenant, visit, row.to_proto(visit, body)))
+        let sent = self
+            .sent(rows, id, tenant, visit, conversation, &key, body)
+            .await?;
+        Ok((tenant, visit, sent))
     }
 
     /// SendVisitorMessage, and LeaveMessage (`offline`: outside business hours too).
@@ -427,14 +423,7 @@ impl Service {
         request: pb::SendVisitorMessageRequest,
         offline: bool,
     ) -> Result<pb::VisitMessage, Error> {
-        let request_id = Uuid::try_parse(&request.request_id)
-            .map_err(|_| Error::invalid("request_id", "required: a UUID"))?;
-        if request.body.trim().is_empty() {
-            return Err(Error::invalid("body", "must not be empty"));
-        }
-        if request.body.len() > MAX_BODY_BYTES {
-            return Err(Error::BodyTooLarge(MAX_BODY_BYTES));
-        }
+        let request_id = checked(&request)?;
         let (tenant, visit) = (visitor.tenant, visitor.visit.id);
         let conversation = self.chat(visitor, offline).await?;
         let masker = Masker::new(&visitor.widget.tenant_settings.masking);
@@ -455,7 +444,24 @@ impl Service {
                 })
             })
             .await?;
-        let row = stored
+        self.sent(stored, id, tenant, visit, conversation, &key, body)
+            .await
+    }
+
+    /// The message `store_messages` returned for the send `id` (`body` its text): the new
+    /// one, whose store wakes the tenant's feeds, or, for a retry, the first, as stored.
+    #[allow(clippy::too_many_arguments, reason = "the parts of one send, named")]
+    async fn sent(
+        &self,
+        rows: Vec<MessageRow>,
+        id: Uuid,
+        tenant: Uuid,
+        visit: Uuid,
+        conversation: Uuid,
+        key: &hafen_crypto::DataKey,
+        body: String,
+    ) -> Result<pb::VisitMessage, Error> {
+        let row = rows
             .into_iter()
             .next()
             .ok_or(Error::Bug("a visitor's message was not stored"))?;
@@ -463,9 +469,8 @@ impl Service {
             self.wake(tenant).await;
             return Ok(row.to_proto(visit, body));
         }
-        // A retry: the first message, as stored (the visit's, in its chat).
         let body = match &row.ciphertext {
-            Some(sealed) => open_text(&key, &body_context(row.id, conversation), sealed)?,
+            Some(sealed) => open_text(key, &body_context(row.id, conversation), sealed)?,
             None => String::new(),
         };
         Ok(row.to_proto(visit, body))

@@ -25,7 +25,6 @@ const MAX_FIELDS: usize = 20;
 const MAX_VALUE_CHARS: usize = 1000;
 
 /// A widget that serves visitors: enabled, of an active tenant with the webchat feature on.
-#[derive(Clone)]
 pub struct LiveWidget {
     pub tenant: Uuid,
     pub row: WidgetRow,
@@ -94,7 +93,7 @@ impl WidgetCache {
 /// A visitor, authenticated by their token.
 pub struct Visitor {
     pub tenant: Uuid,
-    pub widget: LiveWidget,
+    pub widget: Arc<LiveWidget>,
     pub visit: VisitRow,
 }
 
@@ -308,7 +307,11 @@ async fn latest_consent(
 impl Service {
     /// Widget `id` as it serves visitors from `origin` (a browser's `Origin` header, when
     /// there is one). A widget that does not serve visitors is NOT_FOUND, whatever the reason.
-    pub async fn live_widget(&self, id: Uuid, origin: Option<&str>) -> Result<LiveWidget, Error> {
+    pub async fn live_widget(
+        &self,
+        id: Uuid,
+        origin: Option<&str>,
+    ) -> Result<Arc<LiveWidget>, Error> {
         self.widget(id, origin, true).await
     }
 
@@ -320,7 +323,7 @@ impl Service {
         id: Uuid,
         origin: Option<&str>,
         live: bool,
-    ) -> Result<LiveWidget, Error> {
+    ) -> Result<Arc<LiveWidget>, Error> {
         let found = match self.widgets.get(id) {
             Some(found) => found,
             None => {
@@ -343,7 +346,7 @@ impl Service {
                 "this page's origin may not embed the widget",
             ));
         }
-        Ok(LiveWidget::clone(&found))
+        Ok(found)
     }
 
     /// Widget `id` of an active tenant, whatever its state; `None` when there is none.
