@@ -9,6 +9,7 @@
 //! - [`migrate`]: the migration runner for the control-plane schema `hafen`.
 //! - [`tenancy`]: one schema and role per tenant; [`tenancy::with_tenant`], the only way to
 //!   reach tenant data; creating, migrating and dropping tenant schemas.
+//! - [`commit`]: group commit, one batching committer per tenant on a thread of its own.
 //! - [`accounts`]: users and chat codes inside a tenant schema, and their validated names.
 //! - [`databases`]: the main database and the placement databases, and where each tenant
 //!   lives.
@@ -24,6 +25,7 @@
 //! `table!` definitions live here and stay unqualified.
 
 pub mod accounts;
+pub mod commit;
 pub mod config;
 pub mod connect;
 pub mod control;

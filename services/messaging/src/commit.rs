@@ -1,7 +1,5 @@
-//! Group commit of sends: the sends of one tenant that arrive while a commit is in flight
-//! are committed together, in one transaction with one WAL flush, and each is acknowledged
-//! only after that commit. A lone send waits for nothing; under load, batches form by
-//! themselves.
+//! Group commit of sends ([`hafen_store::commit`]): the sends of one tenant that arrive while
+//! a commit is in flight are committed together, in one transaction with one WAL flush.
 //!
 //! A batch is one call of the tenant schema's `store_messages` ([`repo::store_messages`]),
 //! one round trip whatever its size, on a connection the tenant's committer keeps while sends
@@ -13,24 +11,17 @@
 //! ([`Hub::committed`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 
-use diesel_async::RunQueryDsl;
-use hafen_store::prepared::{INDEX_PROBES_ONLY_FOR_SESSION, Prepared};
-use hafen_store::{AsyncPgConnection, Databases, TenantId, now};
-use tokio::sync::{mpsc, oneshot};
+use futures::future::BoxFuture;
+use hafen_store::commit::{Batches, Refused};
+use hafen_store::{AsyncPgConnection, now};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::error::Error;
 use crate::feed::{Delivery, Hub};
 use crate::repo::{self, Batch};
 use crate::rows::MessageRow;
-
-/// Most sends committed in one transaction.
-const MAX_BATCH: usize = 256;
-
-/// How long an idle committer keeps its connection.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One send, sealed and ready to store.
 pub(crate) struct Send {
@@ -47,169 +38,69 @@ pub(crate) struct Send {
     pub queued: std::time::Instant,
 }
 
-/// One batching task per tenant that sends. Each holds at most `capacity` sends before new
-/// ones are turned away (RESOURCE_EXHAUSTED OVERLOADED): far above what one committer stores
-/// in a second, so only a stalled database or a flood reaches it, and then the queue (and
-/// memory) stops growing.
-pub(crate) struct Committer {
-    queues: Mutex<HashMap<Uuid, mpsc::Sender<Send>>>,
-    capacity: usize,
-    shared: Arc<Shared>,
-}
+/// The tenants' committers of sends ([`hafen_store::commit`]).
+pub(crate) struct Committer(hafen_store::commit::Committer<Sends>);
 
-/// What every tenant's committer uses.
-struct Shared {
-    /// The committers' pools: their connections are driven on the commit thread.
-    databases: Databases,
+/// How sends are stored in batches, and where committed ones go.
+pub(crate) struct Sends {
     hub: Hub,
 }
 
 impl Committer {
     /// Committers queueing at most `capacity` sends each, storing through connections of
-    /// `databases` (pools of their own, see [`commit_thread`]) and handing what they stored
-    /// to `hub`.
-    pub(crate) fn new(databases: Databases, hub: Hub, capacity: usize) -> Self {
-        Self {
-            queues: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
-            shared: Arc::new(Shared { databases, hub }),
-        }
+    /// `databases` (pools of their own, see [`hafen_store::commit::commit_thread`]) and
+    /// handing what they stored to `hub`.
+    pub(crate) fn new(databases: hafen_store::Databases, hub: Hub, capacity: usize) -> Self {
+        Self(hafen_store::commit::Committer::new(
+            databases,
+            Sends { hub },
+            capacity,
+        ))
     }
 
-    /// Queues `send` for `tenant` and waits for its commit.
+    /// Queues `send` for `tenant` and waits for its commit: RESOURCE_EXHAUSTED OVERLOADED
+    /// when the tenant's queue is full.
     pub async fn submit(
         &self,
         tenant: Uuid,
         send: impl FnOnce(oneshot::Sender<Result<MessageRow, Error>>) -> Send,
     ) -> Result<MessageRow, Error> {
         let (reply, result) = oneshot::channel();
-        let queue = {
-            let mut queues = self
-                .queues
-                .lock()
-                .map_err(|_| Error::Bug("committer lock poisoned"))?;
-            queues
-                .entry(tenant)
-                .or_insert_with(|| {
-                    let (queue, receiver) = mpsc::channel(self.capacity);
-                    commit_thread().spawn(run(Arc::clone(&self.shared), tenant, receiver));
-                    queue
-                })
-                .clone()
-        };
-        queue.try_send(send(reply)).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the commit thread"),
-        })?;
+        self.0
+            .submit(tenant, send(reply))
+            .map_err(|refused| match refused {
+                Refused::Full => Error::Overloaded,
+                Refused::Closed => Error::Unavailable("the commit thread"),
+            })?;
         result
             .await
             .map_err(|_| Error::Unavailable("the commit thread"))?
     }
 }
 
-/// The runtime the committers run on: a thread of their own, shared by every committer of the
-/// process. A tenant's commits are serial, so the time between PostgreSQL's answer and the
-/// next batch going out limits its sends; on the request runtime that answer would wait in
-/// line behind the request tasks whenever they keep the workers busy. The committers' work
-/// between two round trips is small, and their connections (from their own pools, see
-/// [`connection`]) are driven on this thread too. Falls back to the calling
-/// runtime if the thread cannot be started.
-fn commit_thread() -> tokio::runtime::Handle {
-    static THREAD: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
-    fn start() -> std::io::Result<tokio::runtime::Handle> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
-        std::thread::Builder::new()
-            .name("hafen-commit".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
-        Ok(handle)
+impl Batches for Sends {
+    type Item = Send;
+    type State = Known;
+
+    fn commit<'a>(
+        &'a self,
+        tenant: Uuid,
+        conn: &'a AsyncPgConnection,
+        known: &'a mut Known,
+        batch: Vec<Send>,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(commit(&self.hub, tenant, conn, known, batch))
     }
-    THREAD
-        .get_or_init(|| {
-            start()
-                .inspect_err(|err| {
-                    tracing::warn!(error = %err, "commit thread not started; committing on the request runtime");
-                })
-                .ok()
-        })
-        .clone()
-        .unwrap_or_else(tokio::runtime::Handle::current)
-}
 
-/// A connection to `tenant`'s database from the committers' pools, in the tenant's scope and
-/// under `INDEX_PROBES_ONLY` for the whole session (see
-/// [`hafen_store::tenancy::enter_session`]): for the tenant's committer alone, until it gives
-/// the connection back (the pool then resets both).
-async fn connection(
-    databases: &Databases,
-    tenant: Uuid,
-) -> Result<hafen_store::PooledConnection, Error> {
-    let tenant = TenantId::from(tenant);
-    let conn = databases.tenant_connection(&tenant).await?;
-    let (scoped, planned) = futures::join!(
-        hafen_store::tenancy::enter_session(&conn, &tenant),
-        Prepared::text(INDEX_PROBES_ONLY_FOR_SESSION).execute(&mut &*conn),
-    );
-    scoped.and(planned)?;
-    Ok(conn)
-}
-
-async fn run(shared: Arc<Shared>, tenant: Uuid, mut queue: mpsc::Receiver<Send>) {
-    // The connection stays with this committer while sends keep coming, and goes back to the
-    // pool once none came for `LINGER`: a sender that waits for its reply before sending
-    // again finds it still there, and its batch does not pay for the pool's reset.
-    let mut held: Option<hafen_store::PooledConnection> = None;
-    let mut known = Known::default();
-    loop {
-        let next = match queue.try_recv() {
-            Ok(send) => Some(send),
-            Err(_) if held.is_some() => tokio::time::timeout(LINGER, queue.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    held = None;
-                    None
-                }),
-            Err(_) => None,
-        };
-        let first = match next {
-            Some(send) => send,
-            None => match queue.recv().await {
-                Some(send) => send,
-                None => return,
-            },
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(send) => batch.push(send),
-                Err(_) => break,
-            }
-        }
-        if held.is_none() {
-            match connection(&shared.databases, tenant).await {
-                Ok(conn) => held = Some(conn),
-                Err(err) => {
-                    fail(tenant, batch, &err);
-                    continue;
-                }
-            }
-        }
-        if let Some(conn) = held.as_mut()
-            && !commit(&shared.hub, tenant, conn, &mut known, batch).await
-        {
-            // After a failure the connection may be in any state: a fresh one next time.
-            held = None;
-        }
+    fn unavailable(&self, tenant: Uuid, batch: Vec<Send>, err: &hafen_store::Error) {
+        fail(tenant, batch, err, err.is_unavailable());
     }
 }
 
 /// Answers every send of `batch` for `err`: UNAVAILABLE when the database could not be
 /// reached, went away or gave up on the batch for a reason a retry may not meet (a
 /// serialization failure, a timeout), INTERNAL otherwise (a bug).
-fn fail(tenant: Uuid, batch: Vec<Send>, err: &Error) {
-    let unavailable = err.is_unavailable();
+fn fail(tenant: Uuid, batch: Vec<Send>, err: &dyn std::fmt::Display, unavailable: bool) {
     if unavailable {
         tracing::warn!(tenant_id = %tenant, error = %err, sends = batch.len(), "batch not committed");
     } else {
@@ -258,7 +149,7 @@ async fn commit(
             true
         }
         Err(err) => {
-            fail(tenant, batch, &err);
+            fail(tenant, batch, &err, err.is_unavailable());
             false
         }
     }
@@ -356,7 +247,7 @@ const MAX_KNOWN: usize = 4096;
 /// `000004_store_messages` says why that suffices) and probes as usual when another writer
 /// came between; the committer then starts again from that batch.
 #[derive(Default)]
-struct Known {
+pub(crate) struct Known {
     counter: Option<i64>,
     floors: HashMap<Uuid, i64>,
     members: HashSet<(Uuid, Uuid)>,
@@ -478,20 +369,5 @@ mod tests {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         assert_eq!(super::places(&[a, b, a, a, b]), vec![1, 1, 2, 3, 2]);
         assert!(super::places(&[]).is_empty());
-    }
-
-    /// The committers, and the connections they open, run off the request runtime: a commit's
-    /// answer from PostgreSQL does not wait behind request tasks.
-    #[tokio::test]
-    async fn committers_run_on_a_thread_of_their_own() {
-        let on = super::commit_thread()
-            .spawn(async { std::thread::current().name().map(str::to_owned) })
-            .await;
-        assert_eq!(on.ok().flatten().as_deref(), Some("hafen-commit"));
-        assert_ne!(
-            std::thread::current().name(),
-            Some("hafen-commit"),
-            "the test itself runs elsewhere"
-        );
     }
 }
