@@ -284,6 +284,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 auth: auth_endpoint.clone(),
                 master_key_file: args.master_key_file.clone(),
                 key_cache_size: std::num::NonZeroUsize::MIN.saturating_add(9_999),
+                max_queued_messages: 10_000,
                 stream_poll: std::time::Duration::from_millis(500),
                 limits: hafen_webchat::limits::LimitArgs {
                     visits_per_address: 20,

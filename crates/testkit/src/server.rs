@@ -159,6 +159,7 @@ impl TestSecrets {
             auth: self.auth_args(),
             master_key_file: self.master_key_file(),
             key_cache_size: std::num::NonZeroUsize::new(1000).expect("non-zero"),
+            max_queued_messages: 10_000,
             stream_poll: Duration::from_millis(100),
             limits: hafen_webchat::limits::LimitArgs {
                 visits_per_address: 1000,

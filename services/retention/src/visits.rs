@@ -156,6 +156,15 @@ async fn purge_visits(
     let tenant_id = TenantId::from(tenant);
     let deleted = hafen_store::with_tenant(pool, &tenant_id, move |conn| {
         Box::pin(async move {
+            // The visits first, then (with the tombstones' events) the event counter: the
+            // order in which the webchat service takes them.
+            let _: Vec<Uuid> = visits::table
+                .filter(visits::id.eq_any(&expired))
+                .order(visits::id)
+                .select(visits::id)
+                .for_update()
+                .load(conn)
+                .await?;
             diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq_any(&expired)))
                 .execute(conn)
                 .await?;

@@ -182,7 +182,6 @@ impl VisitorApi {
                 self.service
                     .limits
                     .count_lookup(&request)
-                    .await
                     .map_err(Error::RateLimited)?;
                 return Err(err.into());
             }
@@ -213,7 +212,6 @@ impl VisitorApi {
                 self.service
                     .limits
                     .count_lookup(request)
-                    .await
                     .map_err(Error::RateLimited)?;
                 return Err(err);
             }
@@ -222,7 +220,6 @@ impl VisitorApi {
         self.service
             .limits
             .count(Subject::Visitor(visitor.visit.id))
-            .await
             .map_err(Error::RateLimited)?;
         let span = tracing::Span::current();
         span.record("tenant_id", tracing::field::display(visitor.tenant));
@@ -268,7 +265,6 @@ impl VisitorService for VisitorApi {
         self.service
             .limits
             .count_lookup(&request)
-            .await
             .map_err(Error::RateLimited)?;
         let config = self.service.widget_config(widget, origin(&request)).await?;
         Ok(Response::new(config))
@@ -284,12 +280,10 @@ impl VisitorService for VisitorApi {
         if let Some(address) = limits.address(&request) {
             limits
                 .count(Subject::Address(address))
-                .await
                 .map_err(Error::RateLimited)?;
         }
         limits
             .count(Subject::Widget(widget))
-            .await
             .map_err(Error::RateLimited)?;
         let started = self
             .service

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::Service;
+use crate::commit::VisitorSend;
 use crate::error::Error;
 use crate::visits::Visitor;
 
@@ -81,10 +82,11 @@ impl Drop for StreamSlot {
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = messages)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
-struct MessageRow {
-    id: Uuid,
+pub(crate) struct MessageRow {
+    pub id: Uuid,
     sequence: i64,
-    sender_id: Uuid,
+    pub sender_id: Uuid,
+    pub request_id: Option<Uuid>,
     ciphertext: Option<Vec<u8>>,
     masked: bool,
     created_at: DateTime<Utc>,
@@ -203,6 +205,39 @@ fn store(
     )
 }
 
+/// A visitor's message on its way to the group commit.
+struct Outgoing {
+    tenant: Uuid,
+    visit: Uuid,
+    conversation: Uuid,
+    token_sha256: Vec<u8>,
+    needs_consent: bool,
+    required: Vec<String>,
+    request_id: Uuid,
+    body: String,
+    masked: bool,
+}
+
+/// The message stored for the send `id` (`body` its text, masked): the new one, or, for a
+/// retry, the first, opened under the visitor's `key`.
+fn opened(
+    row: MessageRow,
+    id: Uuid,
+    visit: Uuid,
+    conversation: Uuid,
+    key: &hafen_crypto::DataKey,
+    body: String,
+) -> Result<pb::VisitMessage, Error> {
+    if row.id == id {
+        return Ok(row.to_proto(visit, body));
+    }
+    let body = match &row.ciphertext {
+        Some(sealed) => open_text(key, &body_context(row.id, conversation), sealed)?,
+        None => String::new(),
+    };
+    Ok(row.to_proto(visit, body))
+}
+
 impl MessageRow {
     fn to_proto(&self, visit: Uuid, body: String) -> pb::VisitMessage {
         pb::VisitMessage {
@@ -310,10 +345,12 @@ impl Service {
         .await
     }
 
-    /// SendVisitorMessage and LeaveMessage from a visitor token, in one transaction: the
-    /// token's check, the widget's conditions and the store (the widget comes from memory).
-    /// A visit's first message, which opens its chat, takes [`Self::send_visitor_message`].
-    /// Returns the tenant and the visit with the message.
+    /// SendVisitorMessage and LeaveMessage from a visitor token. A message into a chat this
+    /// process has seen the visit send into goes through the tenant's group commit
+    /// ([`crate::commit`]); any other, or one its batch refused, is sent alone, in one
+    /// transaction: the token's check, the widget's conditions and the store (the widget comes
+    /// from memory). A visit's first message, which opens its chat, takes
+    /// [`Self::send_visitor_message`]. Returns the tenant and the visit with the message.
     pub async fn send_with_token(
         &self,
         token: &str,
@@ -330,7 +367,6 @@ impl Service {
             Err(err) => return Err(err),
         };
         let tenant = widget.tenant;
-        let limits = Arc::clone(&self.limits);
         let hash = crate::visits::token_hash(token);
         let required: Vec<String> = widget
             .settings
@@ -342,9 +378,37 @@ impl Service {
         let needs_consent = offline || !widget.settings.allow_anonymous_chat;
         let masker = Masker::new(&widget.tenant_settings.masking);
         let (body, masked) = masker.apply(&request.body);
+        let mut counted = false;
+        if let Some(conversation) = self.chats.get(visit, &hash) {
+            // The token was good when the chat was remembered (the batch checks it again).
+            self.limits
+                .count(crate::limits::Subject::Visitor(visit))
+                .map_err(Error::RateLimited)?;
+            counted = true;
+            let outgoing = Outgoing {
+                tenant,
+                visit,
+                conversation,
+                token_sha256: hash.clone(),
+                needs_consent,
+                required: required.clone(),
+                request_id,
+                body: body.clone(),
+                masked,
+            };
+            match self.send_batched(outgoing).await {
+                Ok(Some(sent)) => return Ok((tenant, visit, sent)),
+                Err(Error::Overloaded) => return Err(Error::Overloaded),
+                // Refused by a check, or the visitor's key is gone: sent alone, which says
+                // why.
+                Ok(None) | Err(_) => self.chats.forget(visit),
+            }
+        }
+        let limits = Arc::clone(&self.limits);
         let id = Uuid::now_v7();
         let keys = self.keys.clone();
         let sealed_body = body.clone();
+        let lock_hash = hash.clone();
         let stored = self
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
@@ -356,7 +420,7 @@ impl Service {
                         Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
                         Statement::new(
                             SEND_LOCK,
-                            (bind::<SqlUuid, _>(visit), bind::<Bytea, _>(hash)),
+                            (bind::<SqlUuid, _>(visit), bind::<Bytea, _>(lock_hash)),
                         )
                         .load::<Locked>(&mut &*conn),
                     );
@@ -367,10 +431,11 @@ impl Service {
                     }
                     // Counted once the token is known good: a forged one cannot use up a
                     // visitor's calls.
-                    limits
-                        .count(crate::limits::Subject::Visitor(visit))
-                        .await
-                        .map_err(Error::RateLimited)?;
+                    if !counted {
+                        limits
+                            .count(crate::limits::Subject::Visitor(visit))
+                            .map_err(Error::RateLimited)?;
+                    }
                     let check: Option<SendCheck> = Statement::new(
                         SEND_CHECK,
                         (bind::<SqlUuid, _>(visit), bind::<Array<Text>, _>(required)),
@@ -405,24 +470,64 @@ impl Service {
         let Some((conversation, key, rows)) = stored else {
             // The first message: it opens the chat.
             let visitor = self.visitor(token, origin).await?;
-            let sent = self
+            let (conversation, sent) = self
                 .send_visitor_message(&visitor, request, offline)
                 .await?;
+            self.chats.remember(visit, hash, conversation);
             return Ok((tenant, visit, sent));
         };
+        self.chats.remember(visit, hash, conversation);
         let sent = self
             .sent(rows, id, tenant, visit, conversation, &key, body)
             .await?;
         Ok((tenant, visit, sent))
     }
 
-    /// SendVisitorMessage, and LeaveMessage (`offline`: outside business hours too).
-    pub async fn send_visitor_message(
+    /// A visitor's message through the tenant's group commit, into the chat the visit was
+    /// seen sending into: `None` when its batch refused it (a check failed; sent alone, it is
+    /// told why).
+    async fn send_batched(&self, outgoing: Outgoing) -> Result<Option<pb::VisitMessage>, Error> {
+        let Outgoing {
+            tenant,
+            visit,
+            conversation,
+            token_sha256,
+            needs_consent,
+            required,
+            request_id,
+            body,
+            masked,
+        } = outgoing;
+        let id = Uuid::now_v7();
+        let key = self.keys.user_key(tenant, visit).await?;
+        let sealed = key.seal(&body_context(id, conversation), body.as_bytes())?;
+        let row = self
+            .committer
+            .submit(tenant, |reply| VisitorSend {
+                id,
+                conversation,
+                visit,
+                token_sha256,
+                needs_consent,
+                required,
+                request_id,
+                sealed,
+                masked,
+                reply,
+            })
+            .await?;
+        row.map(|row| opened(row, id, visit, conversation, &key, body))
+            .transpose()
+    }
+
+    /// A visit's first message, which opens its chat (`offline`: a message left outside
+    /// business hours too). Returns the chat with the message.
+    async fn send_visitor_message(
         &self,
         visitor: &Visitor,
         request: pb::SendVisitorMessageRequest,
         offline: bool,
-    ) -> Result<pb::VisitMessage, Error> {
+    ) -> Result<(Uuid, pb::VisitMessage), Error> {
         let request_id = checked(&request)?;
         let (tenant, visit) = (visitor.tenant, visitor.visit.id);
         let conversation = self.chat(visitor, offline).await?;
@@ -444,8 +549,10 @@ impl Service {
                 })
             })
             .await?;
-        self.sent(stored, id, tenant, visit, conversation, &key, body)
-            .await
+        let sent = self
+            .sent(stored, id, tenant, visit, conversation, &key, body)
+            .await?;
+        Ok((conversation, sent))
     }
 
     /// The message `store_messages` returned for the send `id` (`body` its text): the new
@@ -467,13 +574,8 @@ impl Service {
             .ok_or(Error::Bug("a visitor's message was not stored"))?;
         if row.id == id {
             self.wake(tenant).await;
-            return Ok(row.to_proto(visit, body));
         }
-        let body = match &row.ciphertext {
-            Some(sealed) => open_text(key, &body_context(row.id, conversation), sealed)?,
-            None => String::new(),
-        };
-        Ok(row.to_proto(visit, body))
+        opened(row, id, visit, conversation, key, body)
     }
 
     /// Wakes the messaging service's feeds of `tenant`; when Redis is down they poll.

@@ -65,6 +65,12 @@ pub enum Error {
     /// A limit was passed; the call may be made again after the wait.
     #[error("too many calls; retry later")]
     RateLimited(std::time::Duration),
+    /// A dependency (the database, the commit thread) cannot be reached now.
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
+    /// A tenant's visitor messages queue up faster than they are stored: back off.
+    #[error("too many messages queued")]
+    Overloaded,
     /// An invariant broke (a bug).
     #[error("internal: {0}")]
     Bug(&'static str),
@@ -82,6 +88,7 @@ impl Error {
     /// Whether the database could not be reached (UNAVAILABLE).
     fn is_unavailable(&self) -> bool {
         match self {
+            Self::Unavailable(_) => true,
             Self::Store(err) => err.is_unavailable(),
             Self::Database(err) => hafen_store::unavailable(err),
             _ => false,
@@ -134,6 +141,11 @@ impl From<Error> for Status {
                 "personal fields need consent to the widget's current consent text",
                 &[],
             ),
+            Error::Unavailable(what) => {
+                tracing::warn!(dependency = what, "unavailable");
+                status::unavailable(format!("{what} is unavailable; retry later"))
+            }
+            Error::Overloaded => status::overloaded(std::time::Duration::from_secs(1)),
             ref unavailable if unavailable.is_unavailable() => status::database_unavailable(&err),
             Error::Store(hafen_store::Error::UnknownTenant | hafen_store::Error::KeyDestroyed) => {
                 status::not_found("widget")

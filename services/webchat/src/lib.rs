@@ -3,7 +3,8 @@
 //!
 //! - `widgets`: widgets as tenants' admins configure them (WidgetService), validated, with
 //!   versioned consent texts; `origin`: where a widget may be embedded.
-//! - `chat`: a visit's chat with the organisation's agents (a webchat conversation);
+//! - `chat`: a visit's chat with the organisation's agents (a webchat conversation), its
+//!   messages into known chats stored in batches by `commit` (group commit);
 //!   `wakes` and `watch`: one watcher per tenant, woken through the tenant's event channel,
 //!   reads its log and wakes only the streams whose chat changed;
 //! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
@@ -16,6 +17,7 @@
 
 mod api;
 mod chat;
+mod commit;
 mod error;
 pub mod limits;
 mod origin;
@@ -90,6 +92,15 @@ pub struct Config {
     /// used go first. A deleted tenant's keys are dropped at once.
     #[arg(long, env = "HAFEN_KEY_CACHE_SIZE", default_value = "10000")]
     pub key_cache_size: std::num::NonZeroUsize,
+
+    /// Most visitors' messages of one tenant waiting to be stored; beyond, messages are
+    /// answered RESOURCE_EXHAUSTED (OVERLOADED, with a retry delay) until the queue drains.
+    #[arg(
+        long,
+        env = "HAFEN_MAX_QUEUED_VISITOR_MESSAGES",
+        default_value_t = 10_000
+    )]
+    pub max_queued_messages: usize,
 }
 
 /// What the handlers share.
@@ -107,6 +118,10 @@ pub(crate) struct Service {
     pub watches: watch::Watches,
     /// Widgets as visitors' calls see them, for a few seconds.
     pub widgets: visits::WidgetCache,
+    /// Stores visitors' messages into known chats in batches, one committer per tenant.
+    pub committer: commit::Committer,
+    /// The chats visits were seen sending into, which pick the committer's way.
+    pub chats: commit::KnownChats,
     /// Each visit's open streams (see `chat::StreamSlot`).
     pub streams: std::sync::Mutex<std::collections::HashMap<Uuid, usize>>,
     /// Delivers the outbox to the audit service.
@@ -181,6 +196,12 @@ where
         Some(redis.clone()),
         Purpose::AddressHashing.derive(&master),
     ));
+    // The committers get pools of their own: their connections are driven on their thread.
+    let committer = commit::Committer::new(
+        Databases::new(&config.databases)?,
+        Some(redis.clone()),
+        config.max_queued_messages,
+    );
     let wakes = Arc::new(wakes::Wakes::default());
     wakes.listen(redis.clone(), config.stream_poll);
     let service = Arc::new(Service {
@@ -192,6 +213,8 @@ where
         wakes,
         watches: watch::Watches::default(),
         widgets: visits::WidgetCache::default(),
+        committer,
+        chats: commit::KnownChats::default(),
         streams: std::sync::Mutex::default(),
         relay: Some(relay),
         identity_key: Purpose::VisitorIdentity.derive(&master),

@@ -1,27 +1,30 @@
 //! Abuse limits of the anonymous side: calls counted per subject (a widget, a visit, a client
 //! address) in fixed windows, in Redis so every replica counts together. A client address is
 //! never kept: it is counted under its keyed hash (HMAC-SHA-256 under a key derived from the
-//! master key), which Redis forgets with the window. While Redis is unreachable, this process
-//! counts alone: limiting never fails open.
+//! master key), which Redis forgets with the window.
+//!
+//! A call is counted in this process at once and decided by what it knows: the subject's
+//! count in Redis as of the last sync plus the calls counted here since. The counts go to Redis
+//! in the background, every subject counted since the last sync in one pipeline every
+//! [`SYNC_EVERY`], and each answer brings back the count of every replica: a call costs no
+//! round trip, and a subject's calls spread over several replicas pass its limit by at most
+//! what they make within one sync. While Redis is unreachable, this process counts alone:
+//! limiting never fails open.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use hafen_authn::Redis;
 use hafen_crypto::DataKey;
+use tokio::sync::Notify;
 
-/// Counts the call in the current window and returns the count. KEYS: the counter.
-/// ARGV: the window in milliseconds.
-const COUNT: &str = r"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return n
-";
+/// How often the counts made here go to Redis, at most.
+pub const SYNC_EVERY: Duration = Duration::from_millis(20);
 
-/// Most subjects the per-process fallback remembers in a window; beyond, new ones are refused
-/// until the window turns.
+/// Most subjects a process counts in a window; beyond, new ones are refused until the window
+/// turns.
 const MAX_LOCAL_SUBJECTS: usize = 100_000;
 
 /// What the limits allow.
@@ -81,7 +84,36 @@ pub struct Limits {
     redis: Option<Redis>,
     address_key: DataKey,
     client_address: hafen_platform::net::ClientAddress,
-    local: Mutex<(Instant, HashMap<String, u32>)>,
+    counts: Arc<Mutex<Counts>>,
+    /// Wakes the task that syncs the counts with Redis (started with the first count).
+    sync: OnceLock<Arc<Notify>>,
+}
+
+/// The current window's counts.
+#[derive(Default)]
+struct Counts {
+    /// The window they are of (milliseconds since the epoch divided by the window's length).
+    slot: u64,
+    subjects: HashMap<String, Count>,
+}
+
+/// One subject's count in the current window.
+#[derive(Default, Clone, Copy)]
+struct Count {
+    /// Its count in Redis, all replicas', as of the last sync.
+    synced: u64,
+    /// Calls counted here and on their way to Redis.
+    in_flight: u64,
+    /// Calls counted here since.
+    pending: u64,
+}
+
+impl Count {
+    fn total(self) -> u64 {
+        self.synced
+            .saturating_add(self.in_flight)
+            .saturating_add(self.pending)
+    }
 }
 
 impl Limits {
@@ -96,7 +128,8 @@ impl Limits {
             redis,
             address_key,
             client_address,
-            local: Mutex::new((Instant::now(), HashMap::new())),
+            counts: Arc::default(),
+            sync: OnceLock::new(),
         }
     }
 
@@ -117,16 +150,16 @@ impl Limits {
 
     /// Counts an unauthenticated lookup from the client of `request` (when its address is
     /// known).
-    pub async fn count_lookup<T>(&self, request: &tonic::Request<T>) -> Result<(), Duration> {
+    pub fn count_lookup<T>(&self, request: &tonic::Request<T>) -> Result<(), Duration> {
         match self.address(request) {
-            Some(address) => self.count(Subject::Lookup(address)).await,
+            Some(address) => self.count(Subject::Lookup(address)),
             None => Ok(()),
         }
     }
 
     /// Counts a call of `subject`; `Err` with the time until the window turns once its limit
     /// is passed.
-    pub async fn count(&self, subject: Subject) -> Result<(), Duration> {
+    pub fn count(&self, subject: Subject) -> Result<(), Duration> {
         let (name, limit) = match subject {
             Subject::Address(address) => (
                 format!("address:{}", self.hashed(address)),
@@ -145,47 +178,109 @@ impl Limits {
                 self.args.calls_per_visitor,
             ),
         };
-        let window = self.args.limit_window.max(Duration::from_millis(100));
+        let window = self.window();
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        let slot = hafen_store::now().timestamp_millis().unsigned_abs() / window_ms;
-        let counted = match &self.redis {
-            Some(redis) => {
-                let key = redis.key(&format!("webchat:limit:{name}:{slot}"));
-                let counted: redis::RedisResult<u64> = redis::Script::new(COUNT)
-                    .key(key)
-                    .arg(window_ms)
-                    .invoke_async(&mut redis.conn())
-                    .await;
-                counted.ok()
+        let now_ms = hafen_store::now().timestamp_millis().unsigned_abs();
+        let slot = now_ms / window_ms;
+        let refused = Err(Duration::from_millis(window_ms - now_ms % window_ms));
+        {
+            let Ok(mut counts) = self.counts.lock() else {
+                return refused;
+            };
+            if counts.slot != slot {
+                counts.slot = slot;
+                counts.subjects.clear();
             }
-            None => None,
-        };
-        let count = match counted {
-            Some(count) => count,
-            None => self.count_locally(name, window),
-        };
-        if count > u64::from(limit) {
-            let into = hafen_store::now().timestamp_millis().unsigned_abs() % window_ms;
-            return Err(Duration::from_millis(window_ms - into));
+            if counts.subjects.len() >= MAX_LOCAL_SUBJECTS && !counts.subjects.contains_key(&name) {
+                return refused;
+            }
+            let count = counts.subjects.entry(name).or_default();
+            if count.total() >= u64::from(limit) {
+                return refused;
+            }
+            count.pending += 1;
+        }
+        if let Some(redis) = &self.redis {
+            self.sync
+                .get_or_init(|| {
+                    let wake = Arc::new(Notify::new());
+                    tokio::spawn(sync(
+                        redis.clone(),
+                        Arc::clone(&self.counts),
+                        Arc::clone(&wake),
+                        window_ms,
+                    ));
+                    wake
+                })
+                .notify_one();
         }
         Ok(())
     }
 
-    /// The per-process count, while Redis is unreachable.
-    fn count_locally(&self, name: String, window: Duration) -> u64 {
-        let Ok(mut local) = self.local.lock() else {
-            return u64::MAX;
+    fn window(&self) -> Duration {
+        self.args.limit_window.max(Duration::from_millis(100))
+    }
+}
+
+/// Syncs the counts made here with Redis once woken, [`SYNC_EVERY`] at most: adds each
+/// subject's calls counted since the last sync to its count in Redis (which forgets it when
+/// its window ends) and learns the count of every replica. When Redis does not answer, the
+/// calls stay counted here and go with the next sync.
+async fn sync(redis: Redis, counts: Arc<Mutex<Counts>>, wake: Arc<Notify>, window_ms: u64) {
+    loop {
+        wake.notified().await;
+        tokio::time::sleep(SYNC_EVERY).await;
+        let (slot, sent): (u64, Vec<(String, u64)>) = {
+            let Ok(mut counts) = counts.lock() else {
+                return;
+            };
+            let slot = counts.slot;
+            let sent = counts
+                .subjects
+                .iter_mut()
+                .filter(|(_, count)| count.pending > 0)
+                .map(|(name, count)| {
+                    count.in_flight = count.pending;
+                    count.pending = 0;
+                    (name.clone(), count.in_flight)
+                })
+                .collect();
+            (slot, sent)
         };
-        let (started, counts) = &mut *local;
-        if started.elapsed() >= window {
-            *started = Instant::now();
-            counts.clear();
+        if sent.is_empty() {
+            continue;
         }
-        if counts.len() >= MAX_LOCAL_SUBJECTS && !counts.contains_key(&name) {
-            return u64::MAX;
+        let ends_at = slot.saturating_add(1).saturating_mul(window_ms);
+        let mut pipe = redis::pipe();
+        for (name, calls) in &sent {
+            let key = redis.key(&format!("webchat:limit:{name}:{slot}"));
+            pipe.incr(&key, *calls)
+                .cmd("PEXPIREAT")
+                .arg(&key)
+                .arg(ends_at)
+                .ignore();
         }
-        let count = counts.entry(name).or_default();
-        *count = count.saturating_add(1);
-        u64::from(*count)
+        let totals: redis::RedisResult<Vec<u64>> = pipe.query_async(&mut redis.conn()).await;
+        let Ok(mut counts) = counts.lock() else {
+            return;
+        };
+        if counts.slot != slot {
+            continue;
+        }
+        let failed = totals.is_err();
+        if let Err(err) = &totals {
+            tracing::debug!(error = %err, "limit counts not synced; counting here alone");
+        }
+        let totals = totals.unwrap_or_default();
+        for (i, (name, _)) in sent.iter().enumerate() {
+            let Some(count) = counts.subjects.get_mut(name) else {
+                continue;
+            };
+            match totals.get(i) {
+                Some(total) if !failed => count.synced = (*total).max(count.synced),
+                _ => count.pending += count.in_flight,
+            }
+            count.in_flight = 0;
+        }
     }
 }

@@ -191,6 +191,7 @@ impl Service {
                 {
                     return Err(Error::LegalHold);
                 }
+                crate::visits::hold_sends(conn).await?;
                 diesel::update(visits::table.find(visit))
                     .set(visits::expires_at.eq(at))
                     .execute(conn)
@@ -234,6 +235,15 @@ impl Service {
         let event = visitor_event(visitor, "webchat.visitor.data_deleted");
         self.scoped(tenant, move |conn| {
             Box::pin(async move {
+                // The visit first, then (with the tombstones' events) the event counter: the
+                // order every change of a visit takes them in.
+                let _: Option<Uuid> = visits::table
+                    .find(visit)
+                    .select(visits::id)
+                    .for_update()
+                    .first(conn)
+                    .await
+                    .optional()?;
                 diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq(visit)))
                     .execute(conn)
                     .await?;

@@ -275,6 +275,21 @@ pub(crate) async fn lock_visit(conn: &mut AsyncPgConnection, visit: Uuid) -> Res
         .ok_or(Error::Unauthenticated("the visit has ended"))
 }
 
+/// Holds the tenant's message stores back until this transaction ends (taken after the
+/// visit's lock, which the stores of a visit's messages sent alone take first): a batch of
+/// visitors' messages (`store_visitor_messages`) checks consent, fields and the visit's end
+/// under the event counter's lock, so a change made under it is seen by every later batch
+/// and overtaken by none.
+pub(crate) async fn hold_sends(conn: &mut AsyncPgConnection) -> Result<(), Error> {
+    use hafen_store::schema::event_counter;
+    let _: i64 = event_counter::table
+        .select(event_counter::last_id)
+        .for_no_key_update()
+        .first(conn)
+        .await?;
+    Ok(())
+}
+
 /// Whether `visit`'s latest consent answer grants the current text of `widget`.
 pub(crate) async fn consented(
     conn: &mut AsyncPgConnection,
@@ -646,6 +661,7 @@ impl Service {
             .scoped(tenant, move |conn| {
                 Box::pin(async move {
                     lock_visit(conn, visit).await?;
+                    hold_sends(conn).await?;
                     let current = widgets::current_text(conn, widget).await?;
                     if current.version != request.version {
                         return Err(Error::InvalidState(

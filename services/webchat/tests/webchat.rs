@@ -2181,3 +2181,233 @@ async fn cb1_outside_business_hours_no_chat_opens_and_the_offline_form_leaves_th
         .into_inner();
     assert!(config.online);
 }
+
+/// Visitors' messages into their chats are checked and stored in batches (the group commit's
+/// `store_visitor_messages`), many visits' at once; a message that fails its checks (consent
+/// withdrawn) is refused alone, the rest of its batch is stored, and a retry returns the first
+/// message.
+#[tokio::test(flavor = "multi_thread")]
+async fn cb1_visitors_messages_are_committed_in_batches_and_a_refused_one_fails_alone() {
+    const VISITS: usize = 12;
+    const EACH: usize = 5;
+    let s = setup().await;
+    // Calls of PL/pgSQL functions are counted on connections opened from now on (the
+    // committers open theirs with their first batch).
+    let mut admin = s.stack.db.connect_admin().await;
+    diesel::sql_query(format!(
+        "ALTER DATABASE \"{}\" SET track_functions = 'pl'",
+        s.stack.db.name()
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let mut strict = settings();
+    strict.allow_anonymous_chat = false;
+    let (widget, _) = s.widget_with_agent(strict).await;
+    let visitors = s.stack.visitor_client().await;
+    let send = |token: String, request_id: uuid::Uuid, body: String| {
+        let mut visitors = visitors.clone();
+        async move {
+            visitors
+                .send_visitor_message(visitor(
+                    &token,
+                    pb::SendVisitorMessageRequest {
+                        request_id: request_id.to_string(),
+                        body,
+                    },
+                ))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut visits = Vec::new();
+    for _ in 0..VISITS {
+        let visit = s.visit(&widget).await;
+        s.consent(&visit.visitor_token, 1, true).await;
+        s.submit(&visit.visitor_token, &[("topic", "returns", false)])
+            .await
+            .unwrap();
+        // The first message opens the chat.
+        send(
+            visit.visitor_token.clone(),
+            uuid::Uuid::now_v7(),
+            "first".into(),
+        )
+        .await
+        .unwrap();
+        visits.push(visit);
+    }
+    s.consent(&visits[0].visitor_token, 1, false).await;
+
+    let sends = visits.iter().flat_map(|visit| {
+        (0..EACH).map(|i| {
+            send(
+                visit.visitor_token.clone(),
+                uuid::Uuid::now_v7(),
+                format!("message {i}"),
+            )
+        })
+    });
+    let results = futures::future::join_all(sends).await;
+    for (i, result) in results.iter().enumerate() {
+        if i < EACH {
+            let refused = result.as_ref().expect_err("consent withdrawn");
+            assert_eq!(reason(refused), "CONSENT_REQUIRED");
+        } else {
+            let sent = result.as_ref().expect("stored");
+            assert!(sent.from_visitor && sent.body.starts_with("message "));
+        }
+    }
+    let from = |visit: &pb::StartVisitResponse| {
+        format!(
+            "SELECT count(*) AS n FROM {{schema}}.messages WHERE sender_id = '{}'",
+            visit.visit_id
+        )
+    };
+    assert_eq!(
+        s.count(&from(&visits[0])).await,
+        1,
+        "only the first message"
+    );
+    for visit in &visits[1..] {
+        assert_eq!(s.count(&from(visit)).await, 1 + EACH as i64);
+    }
+    // Sequences in each chat run on without a gap or a repeat.
+    assert_eq!(
+        s.count(
+            "SELECT count(*) AS n FROM (SELECT conversation_id FROM {schema}.messages \
+             GROUP BY conversation_id HAVING max(sequence) - min(sequence) + 1 <> count(*) \
+             OR count(DISTINCT sequence) <> count(*)) gaps"
+        )
+        .await,
+        0
+    );
+
+    // A retry, through the batch, returns the first message and stores nothing.
+    let token = visits[1].visitor_token.clone();
+    let request_id = uuid::Uuid::now_v7();
+    let first = send(token.clone(), request_id, "once".into())
+        .await
+        .unwrap();
+    let again = send(token, request_id, "once".into()).await.unwrap();
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(again.body, "once");
+    assert_eq!(s.count(&from(&visits[1])).await, 2 + EACH as i64);
+
+    // The batches went through `store_visitor_messages` (its calls reach the statistics once
+    // the committer's connection reports them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let calls = s
+            .count(
+                "SELECT coalesce(sum(calls), 0)::bigint AS n FROM pg_stat_user_functions \
+                 WHERE funcname = 'store_visitor_messages'",
+            )
+            .await;
+        if calls > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no call of store_visitor_messages"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every replica counts a subject's calls together: each counts at once on its own and syncs
+/// with Redis in the background, learning the others' counts with each sync; a visitor whose
+/// calls are spread over two replicas gets the limit once (and what one sync lets through),
+/// not once per replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn webchat_limits_are_counted_together_by_every_replica() {
+    use hafen_webchat::limits::{LimitArgs, Limits, Subject};
+    const LIMIT: u32 = 10;
+    let stack = TestStack::start().await;
+    let redis = hafen_authn::Redis::connect(&stack.secrets.redis_args())
+        .await
+        .unwrap();
+    let window = Duration::from_secs(3600);
+    let args = LimitArgs {
+        visits_per_address: 1,
+        visits_per_widget: 1,
+        calls_per_visitor: LIMIT,
+        lookups_per_address: 1,
+        limit_window: window,
+        trusted_proxies: Vec::new(),
+        client_address_header: "x-forwarded-for".into(),
+    };
+    let key = *hafen_crypto::DataKey::generate().unwrap().expose();
+    let (a, b) = (
+        Limits::new(
+            args.clone(),
+            Some(redis.clone()),
+            hafen_crypto::DataKey::from_bytes(key),
+        ),
+        Limits::new(
+            args,
+            Some(redis.clone()),
+            hafen_crypto::DataKey::from_bytes(key),
+        ),
+    );
+    // Not across the turn of a window.
+    let window_ms = window.as_millis() as i64;
+    let into = chrono::Utc::now().timestamp_millis() % window_ms;
+    if window_ms - into < 30_000 {
+        tokio::time::sleep(Duration::from_millis((window_ms - into) as u64 + 100)).await;
+    }
+    let slot = chrono::Utc::now().timestamp_millis() / window_ms;
+    let visit = uuid::Uuid::now_v7();
+    let counter = redis.key(&format!("webchat:limit:visit:{}:{slot}", visit.simple()));
+    let in_redis = |expected: u64| {
+        let (redis, counter) = (redis.clone(), counter.clone());
+        async move {
+            hafen_testkit::eventually("the counts synced", Duration::from_secs(10), || {
+                let (redis, counter) = (redis.clone(), counter.clone());
+                async move {
+                    let n: Option<u64> = redis::cmd("GET")
+                        .arg(&counter)
+                        .query_async(&mut redis.conn())
+                        .await
+                        .ok()
+                        .flatten();
+                    (n == Some(expected)).then_some(())
+                }
+            })
+            .await;
+            // The replica has taken in the answer of the sync that wrote it.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    for _ in 0..6 {
+        a.count(Subject::Visitor(visit)).unwrap();
+    }
+    in_redis(6).await;
+    // B has not counted yet: it learns A's calls with its first sync.
+    b.count(Subject::Visitor(visit)).unwrap();
+    in_redis(7).await;
+    for _ in 7..LIMIT {
+        b.count(Subject::Visitor(visit)).unwrap();
+    }
+    let wait = b
+        .count(Subject::Visitor(visit))
+        .expect_err("the eleventh call, on either replica");
+    assert!(wait <= window);
+    in_redis(u64::from(LIMIT)).await;
+    // A learns B's calls with its next sync: the call that syncs is the one it lets through
+    // over the limit (at most what a replica gets within one sync), then it refuses too.
+    a.count(Subject::Visitor(visit)).unwrap();
+    in_redis(u64::from(LIMIT) + 1).await;
+    assert!(
+        a.count(Subject::Visitor(visit)).is_err(),
+        "A has learnt B's calls"
+    );
+    // The counter goes with its window.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&counter)
+        .query_async(&mut redis.conn())
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= window_ms, "{ttl}");
+}
