@@ -84,25 +84,25 @@ impl Drop for StreamSlot {
 #[diesel(check_for_backend(diesel::pg::Pg))]
 pub(crate) struct MessageRow {
     pub id: Uuid,
-    sequence: i64,
+    pub sequence: i64,
     pub sender_id: Uuid,
     pub request_id: Option<Uuid>,
-    ciphertext: Option<Vec<u8>>,
-    masked: bool,
-    created_at: DateTime<Utc>,
-    edited_at: Option<DateTime<Utc>>,
-    deleted_at: Option<DateTime<Utc>>,
+    pub ciphertext: Option<Vec<u8>>,
+    pub masked: bool,
+    pub created_at: DateTime<Utc>,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 /// One entry of a chat's part of the event log.
-#[derive(Debug, QueryableByName)]
-struct LogEntry {
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct LogEntry {
     #[diesel(sql_type = BigInt)]
-    id: i64,
+    pub id: i64,
     #[diesel(sql_type = Text)]
-    kind: String,
+    pub kind: String,
     #[diesel(sql_type = SqlUuid)]
-    message_id: Uuid,
+    pub message_id: Uuid,
 }
 
 /// The log of one conversation after `$2`, at most `$3` entries: messages' creations (kept in
@@ -587,20 +587,17 @@ impl Service {
         }
     }
 
-    /// Up to [`PAGE`] entries of the visit's chat after `after`, with their messages opened;
-    /// `None` when the visit is gone.
-    async fn chat_after(
-        &self,
-        visitor: &Visitor,
-        after: i64,
-    ) -> Result<Option<(Uuid, Vec<(LogEntry, MessageRow, String)>)>, Error> {
+    /// Up to [`PAGE`] entries of the visit's chat after `after`, with their messages opened,
+    /// and the event counter as it stood before they were read (when the page is not full,
+    /// every entry of the chat up to it is in); `None` when the visit is gone.
+    async fn chat_after(&self, visitor: &Visitor, after: i64) -> Result<Option<ChatPage>, Error> {
         let visit = visitor.visit.id;
         let read = self
             .scoped(visitor.tenant, move |conn| {
                 Box::pin(async move { read_chat(conn, visit, after).await })
             })
             .await?;
-        let Some((conversation, entries, rows)) = read else {
+        let Some((conversation, entries, rows, head)) = read else {
             return Ok(None);
         };
         let by_id: HashMap<Uuid, MessageRow> = rows.into_iter().map(|r| (r.id, r)).collect();
@@ -610,16 +607,31 @@ impl Service {
             let Some(row) = by_id.get(&entry.message_id).cloned() else {
                 continue; // purged since
             };
-            let body = match &row.ciphertext {
-                Some(sealed) => {
-                    let key = self.keys.user_key(visitor.tenant, row.sender_id).await?;
-                    open_text(&key, &body_context(row.id, conversation), sealed)?
-                }
-                None => String::new(),
-            };
+            let body = self.opened_body(visitor.tenant, conversation, &row).await?;
             out.push((entry, row, body));
         }
-        Ok(Some((conversation, out)))
+        Ok(Some(ChatPage {
+            conversation,
+            entries: out,
+            head,
+        }))
+    }
+
+    /// The body of `row`, a message of `conversation`, opened under its sender's key; empty
+    /// once deleted.
+    async fn opened_body(
+        &self,
+        tenant: Uuid,
+        conversation: Uuid,
+        row: &MessageRow,
+    ) -> Result<String, Error> {
+        match &row.ciphertext {
+            Some(sealed) => {
+                let key = self.keys.user_key(tenant, row.sender_id).await?;
+                open_text(&key, &body_context(row.id, conversation), sealed)
+            }
+            None => Ok(String::new()),
+        }
     }
 
     /// The visit's chat as it stands: each message once, oldest first, with its current body
@@ -632,7 +644,7 @@ impl Service {
         let mut latest: HashMap<Uuid, pb::VisitMessage> = HashMap::new();
         let mut last = 0;
         loop {
-            let Some((_, page)) = self.chat_after(visitor, last).await? else {
+            let Some(ChatPage { entries: page, .. }) = self.chat_after(visitor, last).await? else {
                 return Err(Error::Unauthenticated("the visit has ended"));
             };
             let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
@@ -653,8 +665,10 @@ impl Service {
             .collect())
     }
 
-    /// SubscribeVisit: replays the chat after `after`, then follows it, woken by the
-    /// tenant's watcher when the chat changed ([`crate::watch`]), until the visit ends or the
+    /// SubscribeVisit: replays the chat after `after`, then follows it: what the tenant's
+    /// watcher hands the stream ([`crate::watch`]), or, where that may not be whole (before
+    /// the watcher covers the chat, after the stream fell behind, while the visit has no chat,
+    /// when an entry says the visit ended), a read of its own; until the visit ends or the
     /// receiver goes away.
     pub async fn subscribe_visit(
         self: std::sync::Arc<Self>,
@@ -668,34 +682,72 @@ impl Service {
         tokio::spawn(async move {
             let _slot = slot;
             let visit = visitor.visit.id;
+            // The cursor: the last entry sent.
             let mut last = after;
+            // The chat, once known, and how far the stream's own reads saw the log whole.
+            let mut chat: Option<Uuid> = None;
+            let mut read_to: Option<i64> = None;
+            let mut read = true;
             let mut caught_up = false;
             loop {
                 // Enabled before the read: a change committed during it wakes the wait.
                 let woken = wake.notify.notified();
                 tokio::pin!(woken);
                 woken.as_mut().enable();
-                let page = match self.chat_after(&visitor, last).await {
-                    Ok(Some((conversation, page))) => {
-                        if !conversation.is_nil() {
-                            wake.follow(conversation);
+                let inbox = wake.take();
+                let gap = inbox.lost
+                    || inbox
+                        .covered_from
+                        .is_some_and(|from| read_to.is_none_or(|to| from > to));
+                let ended = inbox.entries.iter().any(|e| !e.live);
+                let mut page = Vec::new();
+                let mut full = false;
+                if read || gap || ended || chat.is_none() {
+                    match self.chat_after(&visitor, last).await {
+                        Ok(Some(read)) => {
+                            if !read.conversation.is_nil() {
+                                wake.follow(read.conversation);
+                                chat = Some(read.conversation);
+                            }
+                            full = i64::try_from(read.entries.len()).unwrap_or(i64::MAX) >= PAGE;
+                            if !full {
+                                read_to = Some(read.head);
+                            }
+                            page = read.entries;
                         }
-                        page
+                        Ok(None) => {
+                            let _ = out
+                                .send(Err(Error::Unauthenticated("the visit has ended")))
+                                .await;
+                            return;
+                        }
+                        Err(err) => {
+                            let _ = out.send(Err(err)).await;
+                            return;
+                        }
                     }
-                    Ok(None) => {
-                        let _ = out
-                            .send(Err(Error::Unauthenticated("the visit has ended")))
-                            .await;
-                        return;
+                } else if let Some(conversation) = chat {
+                    for handed in inbox.entries {
+                        if handed.entry.id <= last {
+                            continue;
+                        }
+                        match self
+                            .opened_body(visitor.tenant, conversation, &handed.row)
+                            .await
+                        {
+                            Ok(body) => page.push((handed.entry, handed.row, body)),
+                            Err(err) => {
+                                let _ = out.send(Err(err)).await;
+                                return;
+                            }
+                        }
                     }
-                    Err(err) => {
-                        let _ = out.send(Err(err)).await;
-                        return;
-                    }
-                };
-                let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
+                }
                 for (entry, row, body) in page {
                     use pb::subscribe_visit_response::Event;
+                    if entry.id <= last {
+                        continue;
+                    }
                     let message = row.to_proto(visit, body);
                     let event = match entry.kind.as_str() {
                         "message_created" => Event::MessageCreated(message),
@@ -711,6 +763,7 @@ impl Service {
                         return;
                     }
                 }
+                read = full;
                 if full {
                     continue;
                 }
@@ -733,7 +786,7 @@ impl Service {
                 tokio::select! {
                     () = out.closed() => return,
                     () = &mut woken => {}
-                    () = tokio::time::sleep(crate::watch::STREAM_SAFETY_NET) => {}
+                    () = tokio::time::sleep(crate::watch::STREAM_SAFETY_NET) => read = true,
                 }
             }
         });
@@ -781,7 +834,16 @@ async fn read_chat(
     conn: &mut AsyncPgConnection,
     visit: Uuid,
     after: i64,
-) -> Result<Option<(Uuid, Vec<LogEntry>, Vec<MessageRow>)>, Error> {
+) -> Result<Option<ChatRead>, Error> {
+    // First, in a snapshot of its own: every entry up to it is committed, and seen by the
+    // statements below.
+    let head: i64 = {
+        use hafen_store::schema::event_counter;
+        event_counter::table
+            .select(event_counter::last_id)
+            .first(conn)
+            .await?
+    };
     let found: Option<Option<Uuid>> = visits::table
         .find(visit)
         .filter(visits::expires_at.gt(now()))
@@ -793,7 +855,7 @@ async fn read_chat(
         return Ok(None);
     };
     let Some(conversation) = conversation else {
-        return Ok(Some((Uuid::nil(), Vec::new(), Vec::new())));
+        return Ok(Some((Uuid::nil(), Vec::new(), Vec::new(), head)));
     };
     let entries: Vec<LogEntry> = Statement::new(
         CHAT_LOG,
@@ -811,7 +873,18 @@ async fn read_chat(
         .select(MessageRow::as_select())
         .load(conn)
         .await?;
-    Ok(Some((conversation, entries, rows)))
+    Ok(Some((conversation, entries, rows, head)))
+}
+
+/// What [`read_chat`] found: the chat (nil while the visit has none), its entries, their
+/// messages and the event counter read first.
+type ChatRead = (Uuid, Vec<LogEntry>, Vec<MessageRow>, i64);
+
+/// A page of a visit's chat (see [`Service::chat_after`]).
+pub(crate) struct ChatPage {
+    conversation: Uuid,
+    entries: Vec<(LogEntry, MessageRow, String)>,
+    head: i64,
 }
 
 /// A visitor's own message in `visit`'s chat, for a change: its conversation, and whether it

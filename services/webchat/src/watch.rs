@@ -1,47 +1,148 @@
-//! What wakes visitors' streams: per tenant with visitor streams in this process, one watcher
-//! reads the tenant's log after what it saw last — woken by the tenant's event channel
+//! What feeds visitors' streams: per tenant with visitor streams in this process, one watcher
+//! reads the tenant's log after what it read last — woken by the tenant's event channel
 //! ([`crate::wakes`]), and every poll interval as a safety net for a missed wake-up (one query
-//! per tenant) — and wakes only the streams whose chat changed (and, on any change, those of
-//! visits without a chat yet). A thousand idle streams cost one
-//! query per tenant and interval, not a thousand; a message wakes its own chat's stream.
+//! per tenant) — and hands each stream the new entries of its chat, with their messages as
+//! stored: a message reaches its visitor's stream without a query of the stream's own. Streams
+//! of visits without a chat yet are woken on any change (their chat may just have opened) and
+//! read for themselves.
+//!
+//! Every read covers the log from where the previous one ended (the event counter's value in
+//! the read's own snapshot), so the entries a stream is handed are gapless from the first read
+//! that included its chat ([`Inbox::covered_from`]); a stream that read its chat itself up to
+//! an earlier point reads once more before it takes what it is handed (`chat.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use hafen_store::prepared::{Statement, bind};
-use hafen_store::schema::event_counter;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::Service;
+use crate::chat::{LogEntry, MessageRow};
 use crate::error::Error;
 
-/// The conversations with log entries after `$1`, each with its newest.
-const CHANGED: &str = "\
-    SELECT conversation_id, max(id) AS last FROM ( \
-        SELECT conversation_id, event_id AS id FROM messages WHERE event_id > $1 \
-        UNION ALL \
-        SELECT conversation_id, id FROM events WHERE id > $1 \
-    ) log GROUP BY conversation_id";
+/// Entries read per query of the watcher.
+const PAGE: i64 = 500;
 
+/// Most entries a stream holds unread; beyond, it is told to read its chat itself.
+const MAX_INBOX: usize = 1000;
+
+/// The log of the chats `$2` after `$1`, at most `$3` entries, with their messages as stored
+/// and whether the chat's visit is live; and the event counter, in the same snapshot (one row
+/// with no entry when there is none): every entry up to it is committed and seen. Messages'
+/// creations are kept in their rows, edits and deletions in `events`.
+const CHAT_ENTRIES: &str = "\
+    SELECT c.last_id AS head, e.* FROM event_counter c LEFT JOIN LATERAL ( \
+        SELECT log.id, log.kind, m.id AS message_id, m.conversation_id, m.sequence, \
+               m.sender_id, m.request_id, m.ciphertext, m.masked, m.created_at, m.edited_at, \
+               m.deleted_at, coalesce(v.expires_at > now(), false) AS live \
+        FROM ( \
+            (SELECT event_id AS id, 'message_created' AS kind, id AS message_id FROM messages \
+             WHERE event_id > $1 AND conversation_id = ANY($2) ORDER BY event_id LIMIT $3) \
+            UNION ALL \
+            (SELECT id, kind, message_id FROM events \
+             WHERE id > $1 AND conversation_id = ANY($2) AND message_id IS NOT NULL \
+             ORDER BY id LIMIT $3) \
+        ) log \
+        JOIN messages m ON m.id = log.message_id \
+        LEFT JOIN visits v ON v.conversation_id = m.conversation_id \
+        ORDER BY log.id LIMIT $3 \
+    ) e ON true";
+
+/// A row of [`CHAT_ENTRIES`].
 #[derive(QueryableByName)]
-struct Changed {
-    #[diesel(sql_type = SqlUuid)]
-    conversation_id: Uuid,
+struct Row {
     #[diesel(sql_type = BigInt)]
-    last: i64,
+    head: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    kind: Option<String>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    message_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    conversation_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    sequence: Option<i64>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    sender_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    request_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    ciphertext: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Bool>)]
+    masked: Option<bool>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    edited_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    deleted_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Bool>)]
+    live: Option<bool>,
 }
 
-/// One stream's wake-up: notified when its chat changed.
+/// An entry of a chat's log as the watcher hands it to the chat's streams.
+pub struct Entry {
+    pub entry: LogEntry,
+    pub row: MessageRow,
+    /// Whether the chat's visit was live when the entry was read.
+    pub live: bool,
+}
+
+impl Row {
+    /// The entry of the row, with its chat; none on the row of a read that found none.
+    fn entry(self) -> Option<(Uuid, Entry)> {
+        let conversation = self.conversation_id?;
+        Some((
+            conversation,
+            Entry {
+                entry: LogEntry {
+                    id: self.id?,
+                    kind: self.kind?,
+                    message_id: self.message_id?,
+                },
+                row: MessageRow {
+                    id: self.message_id?,
+                    sequence: self.sequence?,
+                    sender_id: self.sender_id?,
+                    request_id: self.request_id,
+                    ciphertext: self.ciphertext,
+                    masked: self.masked?,
+                    created_at: self.created_at?,
+                    edited_at: self.edited_at,
+                    deleted_at: self.deleted_at,
+                },
+                live: self.live.unwrap_or(false),
+            },
+        ))
+    }
+}
+
+/// What a stream has been handed and not taken yet.
+#[derive(Default)]
+pub struct Inbox {
+    /// Where the first read that included the stream's chat began: from there on the entries
+    /// handed to the stream are gapless (until `lost`).
+    pub covered_from: Option<i64>,
+    pub entries: VecDeque<Entry>,
+    /// Entries were dropped (the stream fell [`MAX_INBOX`] behind): it reads its chat itself.
+    pub lost: bool,
+}
+
+/// One stream's wake-up and what it is handed.
 #[derive(Default)]
 pub struct StreamWake {
     pub notify: Notify,
     /// The stream's chat, once it has one.
     conversation: Mutex<Option<Uuid>>,
+    pub inbox: Mutex<Inbox>,
 }
 
 impl StreamWake {
@@ -52,29 +153,37 @@ impl StreamWake {
         }
     }
 
-    /// Whether a change of the chats in `changed` concerns the stream: its own chat's, or,
-    /// while it has none, any (its chat may just have opened).
-    fn wants(&self, changed: &Changes) -> bool {
-        match changed {
-            Changes::Everything => true,
-            Changes::Chats(changed) => match self.conversation.lock() {
-                Ok(slot) => match *slot {
-                    Some(conversation) => changed.contains(&conversation),
-                    None => !changed.is_empty(),
-                },
-                Err(_) => true,
+    fn conversation(&self) -> Option<Uuid> {
+        self.conversation.lock().map(|slot| *slot).unwrap_or(None)
+    }
+
+    /// Takes what the stream was handed.
+    pub fn take(&self) -> Inbox {
+        match self.inbox.lock() {
+            Ok(mut inbox) => Inbox {
+                covered_from: inbox.covered_from,
+                entries: std::mem::take(&mut inbox.entries),
+                lost: std::mem::take(&mut inbox.lost),
+            },
+            Err(_) => Inbox {
+                lost: true,
+                ..Inbox::default()
             },
         }
     }
-}
 
-/// What a read of the log found.
-enum Changes {
-    /// The chats changed since the last read.
-    Chats(HashSet<Uuid>),
-    /// The first read, which only learns where the log stands: the streams read their chats
-    /// once, for a change committed between their first read and the watcher's.
-    Everything,
+    /// Hands the stream what a read that began `after` found for its chat.
+    fn hand(&self, after: i64, entries: impl Iterator<Item = Entry>) {
+        let Ok(mut inbox) = self.inbox.lock() else {
+            return;
+        };
+        inbox.covered_from.get_or_insert(after);
+        inbox.entries.extend(entries);
+        if inbox.entries.len() > MAX_INBOX {
+            inbox.entries.clear();
+            inbox.lost = true;
+        }
+    }
 }
 
 /// The tenants watched here and their streams.
@@ -103,29 +212,24 @@ impl Watches {
         wake
     }
 
-    /// Wakes the live streams of `tenant` that `changed` concerns; false when none is left
-    /// (the watcher is then forgotten, and the next stream starts a new one).
-    fn wake(&self, tenant: Uuid, changed: &Changes) -> bool {
-        let Ok(mut tenants) = self.tenants.lock() else {
-            return false;
-        };
-        let Some(streams) = tenants.get_mut(&tenant) else {
-            return false;
-        };
+    /// The live streams of `tenant`; none when no stream is left (the watcher is then
+    /// forgotten, and the next stream starts a new one).
+    fn streams(&self, tenant: Uuid) -> Option<Vec<Arc<StreamWake>>> {
+        let mut tenants = self.tenants.lock().ok()?;
+        let streams = tenants.get_mut(&tenant)?;
+        let mut live = Vec::with_capacity(streams.len());
         streams.retain(|stream| match stream.upgrade() {
             Some(stream) => {
-                if stream.wants(changed) {
-                    stream.notify.notify_waiters();
-                }
+                live.push(stream);
                 true
             }
             None => false,
         });
-        if streams.is_empty() {
+        if live.is_empty() {
             tenants.remove(&tenant);
-            return false;
+            return None;
         }
-        true
+        Some(live)
     }
 }
 
@@ -133,28 +237,49 @@ impl Watches {
 async fn watch(service: Arc<Service>, tenant: Uuid) {
     let poll = service.stream_poll;
     let registration = service.wakes.register(tenant);
+    // Where the last read ended; none before the first, which only learns where the log
+    // stands (the streams read their chats themselves when they start).
     let mut last: Option<i64> = None;
     loop {
         // Enabled before the read: a change committed during it wakes the wait.
         let woken = registration.notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let changed = match changes(&service, tenant, last).await {
-            Ok((changed, newest)) => {
-                let changed = match last {
-                    Some(_) => Changes::Chats(changed),
-                    None => Changes::Everything,
-                };
-                last = Some(newest);
-                changed
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "the tenant's log was not read; polling on");
-                Changes::Chats(HashSet::new())
-            }
-        };
-        if !service.watches.wake(tenant, &changed) {
+        let Some(streams) = service.watches.streams(tenant) else {
             return;
+        };
+        let mut more = false;
+        match last {
+            None => match read(&service, tenant, 0, &[]).await {
+                Ok((head, _)) => last = Some(head),
+                Err(err) => {
+                    tracing::debug!(error = %err, "the tenant's log was not read; polling on")
+                }
+            },
+            Some(after) => {
+                let chats: HashSet<Uuid> =
+                    streams.iter().filter_map(|s| s.conversation()).collect();
+                let list: Vec<Uuid> = chats.iter().copied().collect();
+                match read(&service, tenant, after, &list).await {
+                    Ok((head, entries)) => {
+                        let full = entries.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
+                        let end = match entries.last() {
+                            Some((_, entry)) if full => entry.entry.id,
+                            _ => head,
+                        };
+                        hand_out(&streams, &chats, after, end, entries);
+                        last = Some(end);
+                        more = full;
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "the tenant's log was not read; polling on");
+                    }
+                }
+            }
+        }
+        drop(streams);
+        if more {
+            continue;
         }
         tokio::select! {
             () = &mut woken => {}
@@ -163,35 +288,76 @@ async fn watch(service: Arc<Service>, tenant: Uuid) {
     }
 }
 
-/// The chats changed after `last` (none at the first read, which only finds where the log
-/// stands) and the newest entry seen.
-async fn changes(
+/// Hands each stream whose chat was read the new entries of its chat (and wakes it when there
+/// are any), and wakes the streams without a chat when the log moved on (`after` to `end`).
+fn hand_out(
+    streams: &[Arc<StreamWake>],
+    read_for: &HashSet<Uuid>,
+    after: i64,
+    end: i64,
+    entries: Vec<(Uuid, Entry)>,
+) {
+    let mut by_chat: HashMap<Uuid, Vec<Entry>> = HashMap::new();
+    for (chat, entry) in entries {
+        by_chat.entry(chat).or_default().push(entry);
+    }
+    for stream in streams {
+        match stream.conversation() {
+            Some(chat) if read_for.contains(&chat) => {
+                // A chat followed by two streams of its visit: each gets its own copy.
+                let found: Vec<Entry> = by_chat.get(&chat).map(|e| copies(e)).unwrap_or_default();
+                let any = !found.is_empty();
+                stream.hand(after, found.into_iter());
+                if any {
+                    stream.notify.notify_waiters();
+                }
+            }
+            // Its chat was not known when the read began: the next read includes it.
+            Some(_) => {}
+            None if end > after => stream.notify.notify_waiters(),
+            None => {}
+        }
+    }
+}
+
+fn copies(entries: &[Entry]) -> Vec<Entry> {
+    entries
+        .iter()
+        .map(|e| Entry {
+            entry: e.entry.clone(),
+            row: e.row.clone(),
+            live: e.live,
+        })
+        .collect()
+}
+
+/// The tenant's log after `after` for `chats`, at most [`PAGE`] entries in id order, each
+/// with its chat; and the event counter in the same snapshot.
+async fn read(
     service: &Service,
     tenant: Uuid,
-    last: Option<i64>,
-) -> Result<(HashSet<Uuid>, i64), Error> {
-    service
+    after: i64,
+    chats: &[Uuid],
+) -> Result<(i64, Vec<(Uuid, Entry)>), Error> {
+    let chats = chats.to_vec();
+    let rows: Vec<Row> = service
         .scoped(tenant, move |conn| {
             Box::pin(async move {
-                let Some(last) = last else {
-                    use diesel::QueryDsl as _;
-                    let head: i64 = event_counter::table
-                        .select(event_counter::last_id)
-                        .first(conn)
-                        .await?;
-                    return Ok((HashSet::new(), head));
-                };
-                let rows: Vec<Changed> = Statement::new(CHANGED, (bind::<BigInt, _>(last),))
-                    .load(conn)
-                    .await?;
-                let newest = rows.iter().map(|r| r.last).max().unwrap_or(last);
-                Ok((
-                    rows.into_iter().map(|r| r.conversation_id).collect(),
-                    newest,
-                ))
+                Ok(Statement::new(
+                    CHAT_ENTRIES,
+                    (
+                        bind::<BigInt, _>(after),
+                        bind::<Array<SqlUuid>, _>(chats),
+                        bind::<BigInt, _>(PAGE),
+                    ),
+                )
+                .load(conn)
+                .await?)
             })
         })
-        .await
+        .await?;
+    let head = <[Row]>::first(&rows).map_or(after, |row| row.head);
+    Ok((head, rows.into_iter().filter_map(Row::entry).collect()))
 }
 
 /// How long a stream waits without a wake-up before it reads its chat anyway: a safety net

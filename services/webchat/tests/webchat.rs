@@ -2411,3 +2411,181 @@ async fn webchat_limits_are_counted_together_by_every_replica() {
         .unwrap();
     assert!(ttl > 0 && ttl <= window_ms, "{ttl}");
 }
+
+/// The next item of a visitor's stream, within 10 s.
+async fn next_visit_item(
+    stream: &mut tonic::Streaming<pb::SubscribeVisitResponse>,
+) -> Result<pb::SubscribeVisitResponse, tonic::Status> {
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an item within 10 s")
+        .expect("open")
+}
+
+/// A visitor's stream replayed to its CaughtUp: the messages' sequences and the cursors.
+async fn replay(stream: &mut tonic::Streaming<pb::SubscribeVisitResponse>) -> Vec<(u64, String)> {
+    let mut replayed = Vec::new();
+    loop {
+        let item = next_visit_item(stream).await.unwrap();
+        match item.event.unwrap() {
+            pb::subscribe_visit_response::Event::MessageCreated(m) => {
+                replayed.push((m.sequence, item.cursor));
+            }
+            pb::subscribe_visit_response::Event::CaughtUp(_) => return replayed,
+            other => panic!("a creation, not {other:?}"),
+        }
+    }
+}
+
+/// Visitors' streams fed by the tenant's watcher while visitors and the agent write at once:
+/// each stream gets every message of its own chat exactly once, in order, and nothing of the
+/// others; a stream resumed from a cursor gets exactly the rest; deleting the visitor's data
+/// ends their stream (BX4).
+#[tokio::test(flavor = "multi_thread")]
+async fn bx4_visitor_streams_get_every_message_of_their_chat_once_in_order_while_all_write() {
+    use hafen_proto::messaging::v1 as msg_pb;
+    const VISITS: usize = 4;
+    const EACH: usize = 15;
+    let s = setup().await;
+    let (widget, agent) = s.widget_with_agent(settings()).await;
+    let visitors = s.stack.visitor_client().await;
+    let mut visits = Vec::new();
+    for _ in 0..VISITS {
+        let visit = s.visit(&widget).await;
+        let token = visit.visitor_token.clone();
+        s.submit(&token, &[("topic", "returns", false)])
+            .await
+            .unwrap();
+        visitors
+            .clone()
+            .send_visitor_message(visitor(
+                &token,
+                pb::SendVisitorMessageRequest {
+                    request_id: uuid::Uuid::now_v7().to_string(),
+                    body: "first".into(),
+                },
+            ))
+            .await
+            .unwrap();
+        #[derive(QueryableByName)]
+        struct Chat {
+            #[diesel(sql_type = Text)]
+            id: String,
+        }
+        let schema = format!("t_{}", s.tenant.id.replace('-', ""));
+        let chat: Chat = diesel::sql_query(format!(
+            "SELECT conversation_id::text AS id FROM {schema}.visits WHERE id = '{}'",
+            visit.visit_id
+        ))
+        .get_result(&mut s.stack.db.connect_admin().await)
+        .await
+        .unwrap();
+        let mut stream = visitors
+            .clone()
+            .subscribe_visit(visitor(&token, pb::SubscribeVisitRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(replay(&mut stream).await.len(), 1);
+        visits.push((token, chat.id, stream));
+    }
+
+    // Every visitor and the agent write into every chat at once.
+    let messaging = s.stack.messaging_client().await;
+    let mut writes = Vec::new();
+    for (token, chat, _) in &visits {
+        for i in 0..EACH {
+            let (mut visitors, token) = (visitors.clone(), token.clone());
+            writes.push(tokio::spawn(async move {
+                visitors
+                    .send_visitor_message(visitor(
+                        &token,
+                        pb::SendVisitorMessageRequest {
+                            request_id: uuid::Uuid::now_v7().to_string(),
+                            body: format!("visitor {i}"),
+                        },
+                    ))
+                    .await
+                    .map(drop)
+            }));
+            let (mut messaging, agent, chat) = (messaging.clone(), agent.clone(), chat.clone());
+            writes.push(tokio::spawn(async move {
+                messaging
+                    .send_message(with_token(
+                        &agent,
+                        msg_pb::SendMessageRequest {
+                            conversation_id: chat,
+                            request_id: uuid::Uuid::now_v7().to_string(),
+                            body: format!("agent {i}"),
+                        },
+                    ))
+                    .await
+                    .map(drop)
+            }));
+        }
+    }
+    for write in writes {
+        write.await.unwrap().unwrap();
+    }
+
+    let total = 1 + 2 * EACH as u64;
+    let mut cursors = Vec::new();
+    for (_, _, stream) in &mut visits {
+        let mut seen = Vec::new();
+        while seen.len() < 2 * EACH {
+            let item = next_visit_item(stream).await.unwrap();
+            match item.event.unwrap() {
+                pb::subscribe_visit_response::Event::MessageCreated(m) => {
+                    seen.push((m.sequence, item.cursor));
+                }
+                other => panic!("a creation, not {other:?}"),
+            }
+        }
+        let sequences: Vec<u64> = seen.iter().map(|(sequence, _)| *sequence).collect();
+        assert_eq!(
+            sequences,
+            (2..=total).collect::<Vec<_>>(),
+            "every message once, in order"
+        );
+        let numbers: Vec<i64> = seen.iter().map(|(_, c)| c.parse().unwrap()).collect();
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+        cursors.push(seen[9].1.clone());
+    }
+
+    // Resumed from its tenth live item, a stream gets exactly the rest.
+    let (token, _, _) = &visits[0];
+    let mut resumed = visitors
+        .clone()
+        .subscribe_visit(visitor(
+            token,
+            pb::SubscribeVisitRequest {
+                after: cursors[0].clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let rest: Vec<u64> = replay(&mut resumed)
+        .await
+        .into_iter()
+        .map(|(sequence, _)| sequence)
+        .collect();
+    assert_eq!(rest, (12..=total).collect::<Vec<_>>());
+    drop(resumed);
+
+    // Deleting the visitor's data ends their stream.
+    let (token, _, stream) = &mut visits[1];
+    visitors
+        .clone()
+        .delete_my_data(visitor(token, pb::DeleteMyDataRequest {}))
+        .await
+        .unwrap();
+    let ended = loop {
+        match next_visit_item(stream).await {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unauthenticated);
+}
