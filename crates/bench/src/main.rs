@@ -16,7 +16,8 @@
 //!   and ListUsers p99 during that login storm next to its idle value.
 //! - `webchat`: 1,000 visits answered by 10 agents: visits started per second, visitor send
 //!   throughput next to member SendMessage of the same run (in turns), its p50/p99, and
-//!   visitor → agent and agent → visitor delivery at half the visitor peak (`webchat.rs`).
+//!   visitor → agent and agent → visitor delivery at half the visitor peak, and at half the
+//!   peak of the chat both ways where that is lower (`webchat.rs`).
 
 #![allow(
     clippy::print_stdout,
