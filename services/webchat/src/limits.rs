@@ -11,7 +11,7 @@
 //! what they make within one sync. While Redis is unreachable, this process counts alone:
 //! limiting never fails open.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -95,6 +95,8 @@ struct Counts {
     /// The window they are of (milliseconds since the epoch divided by the window's length).
     slot: u64,
     subjects: HashMap<String, Count>,
+    /// The subjects counted here since the last sync.
+    dirty: HashSet<String>,
 }
 
 /// One subject's count in the current window.
@@ -190,15 +192,19 @@ impl Limits {
             if counts.slot != slot {
                 counts.slot = slot;
                 counts.subjects.clear();
+                counts.dirty.clear();
             }
             if counts.subjects.len() >= MAX_LOCAL_SUBJECTS && !counts.subjects.contains_key(&name) {
                 return refused;
             }
-            let count = counts.subjects.entry(name).or_default();
+            let count = counts.subjects.entry(name.clone()).or_default();
             if count.total() >= u64::from(limit) {
                 return refused;
             }
             count.pending += 1;
+            if count.pending == 1 {
+                counts.dirty.insert(name);
+            }
         }
         if let Some(redis) = &self.redis {
             self.sync
@@ -234,18 +240,20 @@ async fn sync(redis: Redis, counts: Arc<Mutex<Counts>>, wake: Arc<Notify>, windo
             let Ok(mut counts) = counts.lock() else {
                 return;
             };
-            let slot = counts.slot;
-            let sent = counts
-                .subjects
-                .iter_mut()
-                .filter(|(_, count)| count.pending > 0)
-                .map(|(name, count)| {
-                    count.in_flight = count.pending;
-                    count.pending = 0;
-                    (name.clone(), count.in_flight)
+            let Counts {
+                slot,
+                subjects,
+                dirty,
+            } = &mut *counts;
+            let sent = dirty
+                .drain()
+                .filter_map(|name| {
+                    let count = subjects.get_mut(&name)?;
+                    count.in_flight = std::mem::take(&mut count.pending);
+                    Some((name, count.in_flight))
                 })
                 .collect();
-            (slot, sent)
+            (*slot, sent)
         };
         if sent.is_empty() {
             continue;
@@ -272,13 +280,19 @@ async fn sync(redis: Redis, counts: Arc<Mutex<Counts>>, wake: Arc<Notify>, windo
             tracing::debug!(error = %err, "limit counts not synced; counting here alone");
         }
         let totals = totals.unwrap_or_default();
-        for (i, (name, _)) in sent.iter().enumerate() {
-            let Some(count) = counts.subjects.get_mut(name) else {
+        let Counts {
+            subjects, dirty, ..
+        } = &mut *counts;
+        for (i, (name, _)) in sent.into_iter().enumerate() {
+            let Some(count) = subjects.get_mut(&name) else {
                 continue;
             };
             match totals.get(i) {
                 Some(total) if !failed => count.synced = (*total).max(count.synced),
-                _ => count.pending += count.in_flight,
+                _ => {
+                    count.pending += count.in_flight;
+                    dirty.insert(name);
+                }
             }
             count.in_flight = 0;
         }

@@ -19,7 +19,8 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
-use hafen_store::prepared::{Statement, bind};
+use hafen_store::prepared::{INDEX_PROBES_ONLY, Prepared, Statement, bind};
+use hafen_store::{AsyncPgConnection, PooledConnection, TenantId};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -29,6 +30,9 @@ use crate::error::Error;
 
 /// Entries read per query of the watcher.
 const PAGE: i64 = 500;
+
+/// How long an idle watcher keeps its connection.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Most entries a stream holds unread; beyond, it is told to read its chat itself.
 const MAX_INBOX: usize = 1000;
@@ -233,13 +237,16 @@ impl Watches {
     }
 }
 
-/// The watcher of `tenant`: runs while the tenant has streams here.
+/// The watcher of `tenant`: runs while the tenant has streams here. While wakes keep coming
+/// it keeps its connection (each read is then one round trip); it gives it back to the pool
+/// after [`LINGER`] without one.
 async fn watch(service: Arc<Service>, tenant: Uuid) {
     let poll = service.stream_poll;
     let registration = service.wakes.register(tenant);
     // Where the last read ended; none before the first, which only learns where the log
     // stands (the streams read their chats themselves when they start).
     let mut last: Option<i64> = None;
+    let mut held: Option<PooledConnection> = None;
     loop {
         // Enabled before the read: a change committed during it wakes the wait.
         let woken = registration.notify.notified();
@@ -248,20 +255,28 @@ async fn watch(service: Arc<Service>, tenant: Uuid) {
         let Some(streams) = service.watches.streams(tenant) else {
             return;
         };
+        let conn = match held.as_mut() {
+            Some(conn) => Ok(conn),
+            None => service
+                .databases
+                .tenant_connection(&TenantId::from(tenant))
+                .await
+                .map(|conn| held.insert(conn)),
+        };
         let mut more = false;
-        match last {
-            None => match read(&service, tenant, 0, &[]).await {
-                Ok((head, _)) => last = Some(head),
-                Err(err) => {
-                    tracing::debug!(error = %err, "the tenant's log was not read; polling on")
-                }
-            },
-            Some(after) => {
+        let outcome = match (conn, last) {
+            (Err(err), _) => Err(Error::from(err)),
+            // After the largest id: no entry is read, only the counter.
+            (Ok(conn), None) => read(conn, tenant, i64::MAX, &[])
+                .await
+                .map(|(head, _)| last = Some(head)),
+            (Ok(conn), Some(after)) => {
                 let chats: HashSet<Uuid> =
                     streams.iter().filter_map(|s| s.conversation()).collect();
                 let list: Vec<Uuid> = chats.iter().copied().collect();
-                match read(&service, tenant, after, &list).await {
-                    Ok((head, entries)) => {
+                read(conn, tenant, after, &list)
+                    .await
+                    .map(|(head, entries)| {
                         let full = entries.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
                         let end = match entries.last() {
                             Some((_, entry)) if full => entry.entry.id,
@@ -270,20 +285,28 @@ async fn watch(service: Arc<Service>, tenant: Uuid) {
                         hand_out(&streams, &chats, after, end, entries);
                         last = Some(end);
                         more = full;
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "the tenant's log was not read; polling on");
-                    }
-                }
+                    })
             }
+        };
+        if let Err(err) = outcome {
+            // The connection may be in any state: a fresh one next time.
+            held = None;
+            tracing::debug!(error = %err, "the tenant's log was not read; polling on");
         }
         drop(streams);
         if more {
             continue;
         }
-        tokio::select! {
-            () = &mut woken => {}
-            () = tokio::time::sleep(poll) => {}
+        let wait = if held.is_some() { LINGER } else { poll };
+        let woken_up = tokio::select! {
+            () = &mut woken => true,
+            () = tokio::time::sleep(wait) => false,
+        };
+        if !woken_up && held.take().is_some() {
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep(poll.saturating_sub(LINGER)) => {}
+            }
         }
     }
 }
@@ -332,30 +355,36 @@ fn copies(entries: &[Entry]) -> Vec<Entry> {
 }
 
 /// The tenant's log after `after` for `chats`, at most [`PAGE`] entries in id order, each
-/// with its chat; and the event counter in the same snapshot.
+/// with its chat; and the event counter in the same snapshot. One round trip on `conn`: the
+/// transaction, its scope and the query go out together.
 async fn read(
-    service: &Service,
+    conn: &AsyncPgConnection,
     tenant: Uuid,
     after: i64,
     chats: &[Uuid],
 ) -> Result<(i64, Vec<(Uuid, Entry)>), Error> {
-    let chats = chats.to_vec();
-    let rows: Vec<Row> = service
-        .scoped(tenant, move |conn| {
-            Box::pin(async move {
-                Ok(Statement::new(
-                    CHAT_ENTRIES,
-                    (
-                        bind::<BigInt, _>(after),
-                        bind::<Array<SqlUuid>, _>(chats),
-                        bind::<BigInt, _>(PAGE),
-                    ),
-                )
-                .load(conn)
-                .await?)
-            })
-        })
-        .await?;
+    let statements = async {
+        let (planned, rows) = futures::join!(
+            Prepared::text(INDEX_PROBES_ONLY).execute(&mut &*conn),
+            Statement::new(
+                CHAT_ENTRIES,
+                (
+                    bind::<BigInt, _>(after),
+                    bind::<Array<SqlUuid>, _>(chats.to_vec()),
+                    bind::<BigInt, _>(PAGE),
+                ),
+            )
+            .load::<Row>(&mut &*conn),
+        );
+        planned.and(rows)
+    };
+    let rows = hafen_store::tenancy::pipelined(
+        conn,
+        &["BEGIN READ ONLY"],
+        &TenantId::from(tenant),
+        statements,
+    )
+    .await?;
     let head = <[Row]>::first(&rows).map_or(after, |row| row.head);
     Ok((head, rows.into_iter().filter_map(Row::entry).collect()))
 }
