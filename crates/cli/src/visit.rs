@@ -42,12 +42,21 @@ pub enum VisitCommand {
         /// Call as a page of this origin (`https://host[:port]`), as a browser would.
         #[arg(long, env = "HAFEN_VISIT_ORIGIN")]
         origin: Option<String>,
-        /// As a person the website vouches for: the site's id for them (with --signature).
+        /// As a person the website vouches for: the site's id for them (with --issued-at and
+        /// --signature).
         #[arg(long, requires = "signature", env = "HAFEN_VISIT_EXTERNAL_ID")]
         external_id: Option<String>,
-        /// The hex HMAC-SHA256 of --external-id under the widget's identity secret, as the
-        /// website's server computes it.
-        #[arg(long, requires = "external_id", env = "HAFEN_VISIT_SIGNATURE")]
+        /// When the website's server signed, in seconds since the Unix epoch (good for 24
+        /// hours).
+        #[arg(long, requires = "signature", env = "HAFEN_VISIT_ISSUED_AT")]
+        issued_at: Option<i64>,
+        /// The hex HMAC-SHA256 of `<issued-at>.<external-id>` under the widget's identity
+        /// secret, as the website's server computes it.
+        #[arg(
+            long,
+            requires_all = ["external_id", "issued_at"],
+            env = "HAFEN_VISIT_SIGNATURE"
+        )]
         signature: Option<String>,
     },
     /// Answer the widget's current consent text.
@@ -149,6 +158,7 @@ pub async fn run(args: VisitArgs) -> Outcome {
             widget,
             origin,
             external_id,
+            issued_at,
             signature,
         } => {
             let stored = Stored::load(client)?;
@@ -166,9 +176,11 @@ pub async fn run(args: VisitArgs) -> Outcome {
                 visitor = visitor.with_token(&stored.token);
             }
             let config = widget_config(&visitor, &widget).await?;
-            let visit = match (&external_id, &signature) {
-                (Some(id), Some(signature)) => {
-                    visitor.start_identified(&widget, id, signature).await?
+            let visit = match (&external_id, issued_at, &signature) {
+                (Some(id), Some(issued_at), Some(signature)) => {
+                    visitor
+                        .start_identified(&widget, id, issued_at, signature)
+                        .await?
                 }
                 _ => visitor.start(&widget).await?,
             };

@@ -122,22 +122,29 @@ impl Visitor {
     /// Starts a visit on `widget_id`, or resumes the one of the token kept (the same visit
     /// and token when it is still valid, else a new visit), and keeps the token returned.
     pub async fn start(&self, widget_id: &str) -> Result<pb::StartVisitResponse, Error> {
-        self.start_with(widget_id, String::new(), String::new())
+        self.start_with(widget_id, String::new(), String::new(), 0)
             .await
     }
 
-    /// The same for a person the website vouches for: the site's id for them and its
-    /// signature, made on the site's server with the widget's identity secret (see
-    /// `StartVisitRequest.identity_signature`). With a valid signature the visit is the
-    /// person's on every device (`identified` in the answer); without, it is anonymous.
+    /// The same for a person the website vouches for: the site's id for them, when the site
+    /// signed it (Unix seconds) and the signature, made on the site's server with the
+    /// widget's identity secret (see `StartVisitRequest.identity_signature`). With a valid
+    /// signature of the last 24 hours the visit is the person's on every device (`identified`
+    /// in the answer); without, it is anonymous.
     pub async fn start_identified(
         &self,
         widget_id: &str,
         external_id: &str,
+        issued_at: i64,
         signature: &str,
     ) -> Result<pb::StartVisitResponse, Error> {
-        self.start_with(widget_id, external_id.to_owned(), signature.to_owned())
-            .await
+        self.start_with(
+            widget_id,
+            external_id.to_owned(),
+            signature.to_owned(),
+            issued_at,
+        )
+        .await
     }
 
     async fn start_with(
@@ -145,6 +152,7 @@ impl Visitor {
         widget_id: &str,
         external_id: String,
         identity_signature: String,
+        identity_issued_at: i64,
     ) -> Result<pb::StartVisitResponse, Error> {
         let visit = self
             .client()
@@ -153,6 +161,7 @@ impl Visitor {
                 visitor_token: self.token().unwrap_or_default(),
                 external_id,
                 identity_signature,
+                identity_issued_at,
             })
             .await?
             .into_inner();

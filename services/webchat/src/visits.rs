@@ -143,17 +143,53 @@ pub(crate) fn token_ids(token: &str) -> Option<(Uuid, Uuid)> {
 /// Longest external id of a signed identity, in characters.
 const MAX_EXTERNAL_ID_CHARS: usize = 200;
 
+/// How long a signed identity is good for after its signing time.
+const IDENTITY_MAX_AGE: Duration = Duration::hours(24);
+
+/// How far ahead of this server's clock a signing time may be.
+const IDENTITY_MAX_SKEW: Duration = Duration::minutes(5);
+
+/// A signed identity StartVisit claims, checked for shape.
+struct IdentityClaim<'a> {
+    external_id: &'a str,
+    signature: [u8; 32],
+    issued_at: i64,
+}
+
+impl IdentityClaim<'_> {
+    /// What the website's server signs: `<issued_at>.<external_id>`.
+    fn signed(&self) -> Vec<u8> {
+        format!("{}.{}", self.issued_at, self.external_id).into_bytes()
+    }
+
+    /// Whether the signing time lies within [`IDENTITY_MAX_AGE`] before `now` (and at most
+    /// [`IDENTITY_MAX_SKEW`] after it).
+    fn fresh(&self, now: DateTime<Utc>) -> bool {
+        let Some(issued) = DateTime::<Utc>::from_timestamp(self.issued_at, 0) else {
+            return false;
+        };
+        issued <= now + IDENTITY_MAX_SKEW && now - issued <= IDENTITY_MAX_AGE
+    }
+}
+
 /// The signed identity StartVisit claims, checked for shape: `None` when there is no claim
 /// (no id, or no signature: an unsigned claim is ignored).
 fn identity_claim<'a>(
     external_id: &'a str,
     signature: &str,
-) -> Result<Option<(&'a str, [u8; 32])>, Error> {
+    issued_at: i64,
+) -> Result<Option<IdentityClaim<'a>>, Error> {
     if external_id.chars().count() > MAX_EXTERNAL_ID_CHARS {
         return Err(Error::invalid("external_id", "at most 200 characters"));
     }
     if signature.is_empty() {
         return Ok(None);
+    }
+    if issued_at <= 0 {
+        return Err(Error::invalid(
+            "identity_issued_at",
+            "required with identity_signature: when it was signed, in Unix seconds",
+        ));
     }
     let bad = || {
         Error::invalid(
@@ -175,7 +211,11 @@ fn identity_claim<'a>(
         *byte = u8::from_str_radix(signature.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
             .map_err(|_| bad())?;
     }
-    Ok((!external_id.is_empty()).then_some((external_id, bytes)))
+    Ok((!external_id.is_empty()).then_some(IdentityClaim {
+        external_id,
+        signature: bytes,
+        issued_at,
+    }))
 }
 
 /// In StartVisit with a verified `identity`: its live visit, or the anonymous visit of the
@@ -494,13 +534,14 @@ impl Service {
         request: &pb::StartVisitRequest,
         origin: Option<&str>,
     ) -> Result<pb::StartVisitResponse, Error> {
-        let claim = identity_claim(&request.external_id, &request.identity_signature)?;
+        let claim = identity_claim(
+            &request.external_id,
+            &request.identity_signature,
+            request.identity_issued_at,
+        )?;
         let live = self.live_widget(widget, origin).await?;
         let identity = match claim {
-            Some((external_id, signature)) => {
-                self.verified_identity(&live, external_id, &signature)
-                    .await?
-            }
+            Some(claim) => self.verified_identity(&live, &claim).await?,
             None => None,
         };
         let lifetime = Duration::days(i64::from(live.row.visit_lifetime_days));
@@ -620,8 +661,7 @@ impl Service {
     async fn verified_identity(
         &self,
         live: &LiveWidget,
-        external_id: &str,
-        signature: &[u8; 32],
+        claim: &IdentityClaim<'_>,
     ) -> Result<Option<Vec<u8>>, Error> {
         let Some(sealed) = &live.row.identity_secret_sealed else {
             return Ok(None);
@@ -629,10 +669,13 @@ impl Service {
         let widget = live.row.id;
         let key = self.keys.user_key(live.tenant, widget).await?;
         let secret = key.open(&widgets::identity_context(widget), sealed)?;
-        let expected = hafen_crypto::secret::hmac_sha256(&secret, external_id.as_bytes());
-        if !hafen_crypto::secret::constant_time_eq(&expected, signature) {
+        let expected = hafen_crypto::secret::hmac_sha256(&secret, &claim.signed());
+        if !hafen_crypto::secret::constant_time_eq(&expected, &claim.signature)
+            || !claim.fresh(now())
+        {
             return Ok(None);
         }
+        let external_id = claim.external_id;
         Ok(Some(
             hafen_crypto::secret::keyed_hash(
                 self.identity_key.expose(),

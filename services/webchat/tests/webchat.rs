@@ -1749,12 +1749,25 @@ async fn bx4_a_visitor_stream_is_woken_by_the_agents_answer_not_by_its_poll() {
 }
 
 impl Setup {
+    /// StartVisit with a signed identity, signed at [`signed_at`].
     async fn start_identified(
         &self,
         widget: &pb::Widget,
         token: &str,
         external_id: &str,
         signature: &str,
+    ) -> Result<pb::StartVisitResponse, tonic::Status> {
+        self.start_identified_at(widget, token, external_id, signature, signed_at())
+            .await
+    }
+
+    async fn start_identified_at(
+        &self,
+        widget: &pb::Widget,
+        token: &str,
+        external_id: &str,
+        signature: &str,
+        issued_at: i64,
     ) -> Result<pb::StartVisitResponse, tonic::Status> {
         self.stack
             .visitor_client()
@@ -1766,6 +1779,7 @@ impl Setup {
                     visitor_token: token.into(),
                     external_id: external_id.into(),
                     identity_signature: signature.into(),
+                    identity_issued_at: issued_at,
                 },
             ))
             .await
@@ -1790,12 +1804,26 @@ impl Setup {
     }
 }
 
-/// What the website's server computes: the hex HMAC-SHA256 of the user's id.
+/// When this test process's website signs: one time for all its signatures.
+fn signed_at() -> i64 {
+    static AT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| chrono::Utc::now().timestamp())
+}
+
+/// What the website's server computes at [`signed_at`].
 fn sign(secret: &str, external_id: &str) -> String {
-    hafen_crypto::secret::hmac_sha256(secret.as_bytes(), external_id.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sign_at(secret, external_id, signed_at())
+}
+
+/// The hex HMAC-SHA256 of `<issued_at>.<external_id>`.
+fn sign_at(secret: &str, external_id: &str, issued_at: i64) -> String {
+    hafen_crypto::secret::hmac_sha256(
+        secret.as_bytes(),
+        format!("{issued_at}.{external_id}").as_bytes(),
+    )
+    .iter()
+    .map(|b| format!("{b:02x}"))
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1883,6 +1911,38 @@ async fn cb8_a_signed_identity_resumes_one_visit_on_every_device_and_unsigned_cl
         assert!(!anonymous.identified);
         assert_ne!(anonymous.visit_id, laptop.visit_id);
     }
+    // Signed over another time than the one given, more than a day ago, or too far ahead:
+    // ignored too. A copied signature is good for a day at most.
+    let now = chrono::Utc::now().timestamp();
+    for (signed, given) in [
+        (now - 60, now),
+        (now - 25 * 3600, now - 25 * 3600),
+        (now + 3600, now + 3600),
+    ] {
+        let anonymous = s
+            .start_identified_at(
+                &widget,
+                "",
+                "customer-42",
+                &sign_at(&secret, "customer-42", signed),
+                given,
+            )
+            .await
+            .unwrap();
+        assert!(!anonymous.identified, "signed {signed}, given {given}");
+        assert_ne!(anonymous.visit_id, laptop.visit_id);
+    }
+    let recent = s
+        .start_identified_at(
+            &widget,
+            "",
+            "customer-42",
+            &sign_at(&secret, "customer-42", now - 23 * 3600),
+            now - 23 * 3600,
+        )
+        .await
+        .unwrap();
+    assert!(recent.identified && recent.visit_id == laptop.visit_id);
     // Malformed: the field is named, nothing stored.
     let visits_before = s.count("SELECT count(*) AS n FROM {schema}.visits").await;
     let bad = s
@@ -1892,6 +1952,14 @@ async fn cb8_a_signed_identity_resumes_one_visit_on_every_device_and_unsigned_cl
     assert_eq!(
         (bad.code(), field(&bad).as_str()),
         (Code::InvalidArgument, "identity_signature")
+    );
+    let bad = s
+        .start_identified_at(&widget, "", "customer-42", &signature, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (bad.code(), field(&bad).as_str()),
+        (Code::InvalidArgument, "identity_issued_at")
     );
     let long = "x".repeat(201);
     let bad = s
