@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use hafen_authn::Redis;
@@ -212,7 +212,7 @@ impl Limits {
                     let wake = Arc::new(Notify::new());
                     tokio::spawn(sync(
                         redis.clone(),
-                        Arc::clone(&self.counts),
+                        Arc::downgrade(&self.counts),
                         Arc::clone(&wake),
                         window_ms,
                     ));
@@ -228,14 +228,27 @@ impl Limits {
     }
 }
 
+impl Drop for Limits {
+    fn drop(&mut self) {
+        // The sync task finds the counts gone and ends.
+        if let Some(wake) = self.sync.get() {
+            wake.notify_one();
+        }
+    }
+}
+
 /// Syncs the counts made here with Redis once woken, [`SYNC_EVERY`] at most: adds each
 /// subject's calls counted since the last sync to its count in Redis (which forgets it when
 /// its window ends) and learns the count of every replica. When Redis does not answer, the
-/// calls stay counted here and go with the next sync.
-async fn sync(redis: Redis, counts: Arc<Mutex<Counts>>, wake: Arc<Notify>, window_ms: u64) {
+/// calls stay counted here and go with the next sync. Ends with the limits (their drop wakes
+/// it).
+async fn sync(redis: Redis, counts: Weak<Mutex<Counts>>, wake: Arc<Notify>, window_ms: u64) {
     loop {
         wake.notified().await;
         tokio::time::sleep(SYNC_EVERY).await;
+        let Some(counts) = counts.upgrade() else {
+            return;
+        };
         let (slot, sent): (u64, Vec<(String, u64)>) = {
             let Ok(mut counts) = counts.lock() else {
                 return;
