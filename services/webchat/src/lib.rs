@@ -10,7 +10,8 @@
 //! - `visits`: visits, visitor tokens, consent records and released fields (VisitorService);
 //!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
 //! - [`limits`]: abuse limits per widget, visit and (hashed) client address.
-//! - `api`: the gRPC adapters; `error`: the one mapping of errors to statuses.
+//! - `api`: the gRPC adapters; `web`: the visitor service for browsers (gRPC-Web, CORS per
+//!   widget); `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
 //! resolves, so the `hafen-webchat` binary, `hafen dev` and the tests run the same code.
@@ -25,6 +26,7 @@ mod selfservice;
 mod visits;
 mod wakes;
 mod watch;
+mod web;
 mod widgets;
 
 use std::future::Future;
@@ -223,7 +225,9 @@ where
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
         .add_service(layer.wrap(WidgetServiceServer::new(WidgetApi::new(service.clone()))))
         // Visitors carry their own tokens, checked by the handlers.
-        .add_service(VisitorServiceServer::new(VisitorApi::new(service)))
+        .add_service(VisitorServiceServer::new(VisitorApi::new(service.clone())))
+        // Browsers: gRPC-Web under each widget's own path (CORS per widget).
+        .add_service(web::WidgetPaths::new(service))
         .serve(listener, shutdown)
         .await?;
     Ok(())

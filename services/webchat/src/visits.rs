@@ -370,6 +370,16 @@ impl Service {
         self.widget(id, origin, true).await
     }
 
+    /// Widget `id` whatever its state, when `origin` may embed it: for a visitor's data rights
+    /// from a browser.
+    pub(crate) async fn widget_in_any_state(
+        &self,
+        id: Uuid,
+        origin: &str,
+    ) -> Result<Arc<LiveWidget>, Error> {
+        self.widget(id, Some(origin), false).await
+    }
+
     /// Widget `id`; with `live`, only while it serves visitors from `origin` (see
     /// [`Service::live_widget`]); without, whatever its state (a visitor's data rights do not
     /// depend on it).

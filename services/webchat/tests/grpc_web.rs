@@ -1,0 +1,340 @@
+//! The visitor service from a browser's side: gRPC-Web over TLS (HTTP/2) under a widget's own
+//! path, with CORS answered per widget from its allowed origins, the preflight included, and
+//! the `Origin` checked on every call (CB8).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hafen_proto::webchat::v1 as pb;
+use hafen_testkit::{TestStack, with_token};
+use prost::Message;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+const ORIGIN: &str = "https://shop.example.com";
+
+/// A browser's HTTP/2 connection to the stack's webchat service.
+async fn browser(stack: &TestStack) -> h2::client::SendRequest<Bytes> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(stack.secrets.ca_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // What browsers offer.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(stack.webchat.addr()).await.unwrap();
+    let name = ServerName::try_from(hafen_platform::tls::DEV_SERVER_NAME).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (h2, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    h2
+}
+
+/// An answer: its status, headers, and its body's bytes.
+struct Answer {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn send(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    request: http::Request<()>,
+    body: Option<Bytes>,
+) -> Answer {
+    std::future::poll_fn(|cx| h2.poll_ready(cx)).await.unwrap();
+    let (response, mut stream) = h2.send_request(request, body.is_none()).unwrap();
+    if let Some(body) = body {
+        stream.send_data(body, true).unwrap();
+    }
+    let (head, mut body) = response.await.unwrap().into_parts();
+    let mut bytes = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    Answer {
+        status: head.status,
+        headers: head.headers,
+        body: bytes.freeze(),
+    }
+}
+
+fn uri(stack: &TestStack, widget: &str, method: &str) -> String {
+    format!(
+        "https://{}/w/{widget}/hafen.webchat.v1.VisitorService/{method}",
+        stack.webchat.addr()
+    )
+}
+
+/// A CORS preflight for `method` from `origin`.
+async fn preflight(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    stack: &TestStack,
+    widget: &str,
+    origin: &str,
+) -> Answer {
+    preflight_for(h2, stack, widget, "StartVisit", origin).await
+}
+
+async fn preflight_for(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    stack: &TestStack,
+    widget: &str,
+    method: &str,
+    origin: &str,
+) -> Answer {
+    let request = http::Request::options(uri(stack, widget, method))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,x-grpc-web,authorization",
+        )
+        .body(())
+        .unwrap();
+    send(h2, request, None).await
+}
+
+/// A gRPC-Web call (binary) of `method` from `origin`: the answer, and its message and
+/// `grpc-status` from the body's frames.
+async fn call<M: Message>(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    stack: &TestStack,
+    widget: &str,
+    method: &str,
+    origin: &str,
+    message: &M,
+) -> (Answer, Option<Bytes>, Option<String>) {
+    call_as(h2, stack, widget, method, origin, None, message).await
+}
+
+async fn call_as<M: Message>(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    stack: &TestStack,
+    widget: &str,
+    method: &str,
+    origin: &str,
+    token: Option<&str>,
+    message: &M,
+) -> (Answer, Option<Bytes>, Option<String>) {
+    let mut frame = BytesMut::new();
+    frame.put_u8(0);
+    frame.put_u32(u32::try_from(message.encoded_len()).unwrap());
+    message.encode(&mut frame).unwrap();
+    let mut request = http::Request::post(uri(stack, widget, method))
+        .header("origin", origin)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Visitor {token}"));
+    }
+    let request = request.body(()).unwrap();
+    let answer = send(h2, request, Some(frame.freeze())).await;
+    let (mut data, mut status) = (None, answer.header("grpc-status").map(str::to_owned));
+    let mut body = answer.body.clone();
+    while body.remaining() >= 5 {
+        let flag = body.get_u8();
+        let length = body.get_u32() as usize;
+        let payload = body.split_to(length);
+        if flag & 0x80 == 0 {
+            data = Some(payload);
+        } else {
+            let trailers = String::from_utf8_lossy(&payload).to_string();
+            status = trailers
+                .lines()
+                .find_map(|line| line.strip_prefix("grpc-status:"))
+                .map(|s| s.trim().to_owned());
+        }
+    }
+    (answer, data, status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widget() {
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("shop").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    stack.set_webchat_feature(&owner, true).await;
+    let widget = stack
+        .widget_client()
+        .await
+        .create_widget(with_token(
+            &owner,
+            pb::CreateWidgetRequest {
+                settings: Some(pb::WidgetSettings {
+                    name: "Shop".into(),
+                    allowed_origins: vec![ORIGIN.into()],
+                    privacy_policy_url: "https://shop.example.com/privacy".into(),
+                    allow_anonymous_chat: true,
+                    ..Default::default()
+                }),
+                enabled: true,
+                consent_text: "Consent".into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .widget_id;
+    let mut h2 = browser(&stack).await;
+
+    // The preflight is answered for the widget's own origin, exactly, and for no other.
+    let allowed = preflight(&mut h2, &stack, &widget, ORIGIN).await;
+    assert_eq!(allowed.status, http::StatusCode::NO_CONTENT);
+    assert_eq!(allowed.header("access-control-allow-origin"), Some(ORIGIN));
+    assert_eq!(allowed.header("access-control-allow-methods"), Some("POST"));
+    let headers = allowed.header("access-control-allow-headers").unwrap();
+    for needed in ["content-type", "x-grpc-web", "authorization"] {
+        assert!(headers.contains(needed), "{headers}");
+    }
+    assert_eq!(allowed.header("vary"), Some("origin"));
+    assert_eq!(allowed.header("access-control-allow-credentials"), None);
+    for (widget, origin) in [
+        (widget.as_str(), "https://evil.example"),
+        (widget.as_str(), "https://shop.example.com.evil.example"),
+        (&uuid::Uuid::now_v7().to_string(), ORIGIN),
+    ] {
+        let refused = preflight(&mut h2, &stack, widget, origin).await;
+        assert_eq!(refused.status, http::StatusCode::FORBIDDEN, "{origin}");
+        assert_eq!(refused.header("access-control-allow-origin"), None);
+    }
+
+    // A call from the widget's origin: translated, handled, answered with CORS headers.
+    let (answer, data, status) = call(
+        &mut h2,
+        &stack,
+        &widget,
+        "GetWidgetConfig",
+        ORIGIN,
+        &pb::GetWidgetConfigRequest {
+            widget_id: widget.clone(),
+        },
+    )
+    .await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert_eq!(status.as_deref(), Some("0"));
+    assert_eq!(answer.header("access-control-allow-origin"), Some(ORIGIN));
+    assert!(
+        answer
+            .header("access-control-expose-headers")
+            .unwrap()
+            .contains("grpc-status")
+    );
+    let config = pb::WidgetConfig::decode(data.unwrap()).unwrap();
+    assert_eq!(
+        config.privacy_policy_url,
+        "https://shop.example.com/privacy"
+    );
+
+    // StartVisit from the browser starts a visit; from a foreign origin, nothing happens.
+    let start = pb::StartVisitRequest {
+        widget_id: widget.clone(),
+        ..Default::default()
+    };
+    let (answer, data, status) = call(&mut h2, &stack, &widget, "StartVisit", ORIGIN, &start).await;
+    assert_eq!(
+        (answer.status, status.as_deref()),
+        (http::StatusCode::OK, Some("0"))
+    );
+    let visit = pb::StartVisitResponse::decode(data.unwrap()).unwrap();
+    assert!(!visit.visitor_token.is_empty());
+    let (refused, data, _) = call(
+        &mut h2,
+        &stack,
+        &widget,
+        "StartVisit",
+        "https://evil.example",
+        &start,
+    )
+    .await;
+    assert_eq!(refused.status, http::StatusCode::FORBIDDEN);
+    assert_eq!(refused.header("access-control-allow-origin"), None);
+    assert!(data.is_none());
+
+    // The widget switched off: its path answers no browser, the preflight included.
+    stack
+        .widget_client()
+        .await
+        .update_widget(with_token(
+            &owner,
+            pb::UpdateWidgetRequest {
+                widget_id: widget.clone(),
+                settings: Some(pb::WidgetSettings {
+                    name: "Shop".into(),
+                    allowed_origins: vec![ORIGIN.into()],
+                    privacy_policy_url: "https://shop.example.com/privacy".into(),
+                    allow_anonymous_chat: true,
+                    ..Default::default()
+                }),
+                enabled: false,
+            },
+        ))
+        .await
+        .unwrap();
+    hafen_testkit::eventually(
+        "the widget's path is closed",
+        std::time::Duration::from_secs(10),
+        || {
+            let (mut h2, stack, widget) = (h2.clone(), &stack, widget.clone());
+            async move {
+                let answer = preflight(&mut h2, stack, &widget, ORIGIN).await;
+                (answer.status == http::StatusCode::FORBIDDEN).then_some(())
+            }
+        },
+    )
+    .await;
+    // The data rights stay the visitor's: from the widget's origin, the browser still gets
+    // their data.
+    let allowed = preflight_for(&mut h2, &stack, &widget, "GetMyData", ORIGIN).await;
+    assert_eq!(allowed.status, http::StatusCode::NO_CONTENT);
+    let (answer, data, status) = call_as(
+        &mut h2,
+        &stack,
+        &widget,
+        "GetMyData",
+        ORIGIN,
+        Some(&visit.visitor_token),
+        &pb::GetMyDataRequest {},
+    )
+    .await;
+    assert_eq!(
+        (answer.status, status.as_deref()),
+        (http::StatusCode::OK, Some("0"))
+    );
+    assert_eq!(
+        pb::MyData::decode(data.unwrap()).unwrap().visit_id,
+        visit.visit_id
+    );
+    let refused = preflight_for(
+        &mut h2,
+        &stack,
+        &widget,
+        "GetMyData",
+        "https://evil.example",
+    )
+    .await;
+    assert_eq!(refused.status, http::StatusCode::FORBIDDEN);
+}
