@@ -237,13 +237,7 @@ impl Service {
             Box::pin(async move {
                 // The visit first, then (with the tombstones' events) the event counter: the
                 // order every change of a visit takes them in.
-                let _: Option<Uuid> = visits::table
-                    .find(visit)
-                    .select(visits::id)
-                    .for_update()
-                    .first(conn)
-                    .await
-                    .optional()?;
+                crate::visits::lock_visit_if_there(conn, visit).await?;
                 diesel::delete(visit_fields::table.filter(visit_fields::visit_id.eq(visit)))
                     .execute(conn)
                     .await?;

@@ -303,6 +303,17 @@ pub(crate) fn field_context(visit: Uuid, key: &str) -> Vec<u8> {
 /// Locks `visit`'s row for the rest of the transaction: changes of one visit's consent, fields
 /// and chat happen one after the other.
 pub(crate) async fn lock_visit(conn: &mut AsyncPgConnection, visit: Uuid) -> Result<(), Error> {
+    lock_visit_if_there(conn, visit)
+        .await?
+        .then_some(())
+        .ok_or(Error::Unauthenticated("the visit has ended"))
+}
+
+/// [`lock_visit`] for a visit that may be gone already: whether it was there.
+pub(crate) async fn lock_visit_if_there(
+    conn: &mut AsyncPgConnection,
+    visit: Uuid,
+) -> Result<bool, Error> {
     let found: Option<Uuid> = visits::table
         .find(visit)
         .select(visits::id)
@@ -310,9 +321,7 @@ pub(crate) async fn lock_visit(conn: &mut AsyncPgConnection, visit: Uuid) -> Res
         .first(conn)
         .await
         .optional()?;
-    found
-        .map(drop)
-        .ok_or(Error::Unauthenticated("the visit has ended"))
+    Ok(found.is_some())
 }
 
 /// Holds the tenant's message stores back until this transaction ends (taken after the

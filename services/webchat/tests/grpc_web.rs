@@ -171,6 +171,16 @@ async fn call_as<M: Message>(
     (answer, data, status)
 }
 
+fn settings() -> pb::WidgetSettings {
+    pb::WidgetSettings {
+        name: "Shop".into(),
+        allowed_origins: vec![ORIGIN.into()],
+        privacy_policy_url: "https://shop.example.com/privacy".into(),
+        allow_anonymous_chat: true,
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widget() {
     let stack = TestStack::start().await;
@@ -183,13 +193,7 @@ async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widg
         .create_widget(with_token(
             &owner,
             pb::CreateWidgetRequest {
-                settings: Some(pb::WidgetSettings {
-                    name: "Shop".into(),
-                    allowed_origins: vec![ORIGIN.into()],
-                    privacy_policy_url: "https://shop.example.com/privacy".into(),
-                    allow_anonymous_chat: true,
-                    ..Default::default()
-                }),
+                settings: Some(settings()),
                 enabled: true,
                 consent_text: "Consent".into(),
                 request_id: String::new(),
@@ -282,13 +286,7 @@ async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widg
             &owner,
             pb::UpdateWidgetRequest {
                 widget_id: widget.clone(),
-                settings: Some(pb::WidgetSettings {
-                    name: "Shop".into(),
-                    allowed_origins: vec![ORIGIN.into()],
-                    privacy_policy_url: "https://shop.example.com/privacy".into(),
-                    allow_anonymous_chat: true,
-                    ..Default::default()
-                }),
+                settings: Some(settings()),
                 enabled: false,
             },
         ))

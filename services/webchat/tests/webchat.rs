@@ -209,6 +209,23 @@ impl Setup {
             .conversation_id
     }
 
+    /// The id of the chat of visit `visit`, as the database holds it.
+    async fn chat_of(&self, visit: &str) -> String {
+        #[derive(QueryableByName)]
+        struct Chat {
+            #[diesel(sql_type = Text)]
+            id: String,
+        }
+        let schema = format!("t_{}", self.tenant.id.replace('-', ""));
+        let chat: Chat = diesel::sql_query(format!(
+            "SELECT conversation_id::text AS id FROM {schema}.visits WHERE id = '{visit}'"
+        ))
+        .get_result(&mut self.stack.db.connect_admin().await)
+        .await
+        .unwrap();
+        chat.id
+    }
+
     /// `statement` in the tenant's schema, as the database holds it.
     async fn count(&self, statement: &str) -> i64 {
         #[derive(QueryableByName)]
@@ -1617,19 +1634,7 @@ async fn cb2_no_chat_without_consent_where_required_and_a_legal_hold_stops_delet
         ))
         .await;
     assert_eq!(conversation, 1);
-    #[derive(QueryableByName)]
-    struct Chat {
-        #[diesel(sql_type = Text)]
-        id: String,
-    }
-    let schema = format!("t_{}", s.tenant.id.replace('-', ""));
-    let chat: Chat = diesel::sql_query(format!(
-        "SELECT conversation_id::text AS id FROM {schema}.visits WHERE id = '{}'",
-        visit.visit_id
-    ))
-    .get_result(&mut s.stack.db.connect_admin().await)
-    .await
-    .unwrap();
+    let chat_id = s.chat_of(&visit.visit_id).await;
     // The owner holds the website chat (not a member of it: it is the organisation's chat
     // with a visitor, not a private conversation).
     s.stack
@@ -1640,7 +1645,7 @@ async fn cb2_no_chat_without_consent_where_required_and_a_legal_hold_stops_delet
             hafen_proto::retention::v1::SetLegalHoldRequest {
                 target: Some(
                     hafen_proto::retention::v1::set_legal_hold_request::Target::ConversationId(
-                        chat.id.clone(),
+                        chat_id.clone(),
                     ),
                 ),
                 hold: true,
@@ -2536,19 +2541,7 @@ async fn bx4_visitor_streams_get_every_message_of_their_chat_once_in_order_while
             ))
             .await
             .unwrap();
-        #[derive(QueryableByName)]
-        struct Chat {
-            #[diesel(sql_type = Text)]
-            id: String,
-        }
-        let schema = format!("t_{}", s.tenant.id.replace('-', ""));
-        let chat: Chat = diesel::sql_query(format!(
-            "SELECT conversation_id::text AS id FROM {schema}.visits WHERE id = '{}'",
-            visit.visit_id
-        ))
-        .get_result(&mut s.stack.db.connect_admin().await)
-        .await
-        .unwrap();
+        let chat = s.chat_of(&visit.visit_id).await;
         let mut stream = visitors
             .clone()
             .subscribe_visit(visitor(&token, pb::SubscribeVisitRequest::default()))
@@ -2556,7 +2549,7 @@ async fn bx4_visitor_streams_get_every_message_of_their_chat_once_in_order_while
             .unwrap()
             .into_inner();
         assert_eq!(replay(&mut stream).await.len(), 1);
-        visits.push((token, chat.id, stream));
+        visits.push((token, chat, stream));
     }
 
     // Every visitor and the agent write into every chat at once.
