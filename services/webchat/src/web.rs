@@ -160,6 +160,10 @@ impl tonic::codegen::Service<http::Request<Body>> for WidgetPaths {
                 return Ok(empty(StatusCode::NOT_FOUND));
             };
             *request.uri_mut() = uri;
+            std::future::poll_fn(|cx| {
+                tonic::codegen::Service::<http::Request<Body>>::poll_ready(&mut visitors, cx)
+            })
+            .await?;
             let mut response = visitors.call(request).await?;
             if let Some(origin) = &origin {
                 let headers = response.headers_mut();
