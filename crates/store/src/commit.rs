@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use diesel_async::RunQueryDsl;
 use futures::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::prepared::{INDEX_PROBES_ONLY_FOR_SESSION, Prepared};
@@ -47,12 +47,12 @@ pub trait Batches: Send + Sync + 'static {
     fn unavailable(&self, tenant: Uuid, batch: Vec<Self::Item>, err: &Error);
 }
 
-/// Why a write was not queued.
+/// Why a write was not queued, or not answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// The tenant's queue is full (RESOURCE_EXHAUSTED for the client).
     Full,
-    /// The commit thread is gone (UNAVAILABLE).
+    /// The commit thread is gone, or dropped the write unanswered (UNAVAILABLE).
     Closed,
 }
 
@@ -102,6 +102,18 @@ impl<B: Batches> Committer<B> {
             mpsc::error::TrySendError::Full(_) => Refused::Full,
             mpsc::error::TrySendError::Closed(_) => Refused::Closed,
         })
+    }
+
+    /// Queues the write `make` builds around its answer's channel for `tenant`'s next batch,
+    /// and waits for the answer.
+    pub async fn call<R>(
+        &self,
+        tenant: Uuid,
+        make: impl FnOnce(oneshot::Sender<R>) -> B::Item,
+    ) -> Result<R, Refused> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(tenant, make(reply))?;
+        answer.await.map_err(|_| Refused::Closed)
     }
 }
 

@@ -65,16 +65,13 @@ impl Committer {
         tenant: Uuid,
         send: impl FnOnce(oneshot::Sender<Result<MessageRow, Error>>) -> Send,
     ) -> Result<MessageRow, Error> {
-        let (reply, result) = oneshot::channel();
         self.0
-            .submit(tenant, send(reply))
+            .call(tenant, send)
+            .await
             .map_err(|refused| match refused {
                 Refused::Full => Error::Overloaded,
                 Refused::Closed => Error::Unavailable("the commit thread"),
-            })?;
-        result
-            .await
-            .map_err(|_| Error::Unavailable("the commit thread"))?
+            })?
     }
 }
 

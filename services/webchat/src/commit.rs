@@ -84,16 +84,13 @@ impl Committer {
         tenant: Uuid,
         send: impl FnOnce(oneshot::Sender<Answer>) -> VisitorSend,
     ) -> Answer {
-        let (reply, answer) = oneshot::channel();
         self.0
-            .submit(tenant, send(reply))
+            .call(tenant, send)
+            .await
             .map_err(|refused| match refused {
                 Refused::Full => Error::Overloaded,
                 Refused::Closed => Error::Unavailable("the commit thread"),
-            })?;
-        answer
-            .await
-            .map_err(|_| Error::Unavailable("the commit thread"))?
+            })?
     }
 }
 
@@ -106,10 +103,10 @@ impl Batches for VisitorSends {
         tenant: Uuid,
         conn: &'a AsyncPgConnection,
         _: &'a mut (),
-        batch: Vec<VisitorSend>,
+        mut batch: Vec<VisitorSend>,
     ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            match store_batch(conn, &batch).await {
+            match store_batch(conn, &mut batch).await {
                 Ok(rows) => {
                     let ids: HashSet<Uuid> = batch.iter().map(|send| send.id).collect();
                     if rows.iter().any(|row| ids.contains(&row.id)) {
@@ -159,37 +156,47 @@ impl VisitorSends {
 }
 
 /// Stores `batch` in one call, each message with the same visit and request id once: the
-/// rows stored or, for retries, the first ones; none when a message failed a check.
+/// rows stored or, for retries, the first ones; none when a message failed a check. The
+/// ciphertexts, token hashes and required keys go to the call (taken, not copied): what is
+/// answered afterwards needs only ids.
 async fn store_batch(
     conn: &AsyncPgConnection,
-    batch: &[VisitorSend],
+    batch: &mut [VisitorSend],
 ) -> diesel::QueryResult<Vec<MessageRow>> {
     let mut seen = HashSet::new();
-    let first: Vec<&VisitorSend> = batch
-        .iter()
+    let mut first: Vec<&mut VisitorSend> = batch
+        .iter_mut()
         .filter(|send| seen.insert((send.visit, send.request_id)))
         .collect();
     let (required_visits, required_keys): (Vec<Uuid>, Vec<String>) = first
-        .iter()
-        .flat_map(|send| send.required.iter().map(|key| (send.visit, key.clone())))
+        .iter_mut()
+        .flat_map(|send| {
+            let visit = send.visit;
+            std::mem::take(&mut send.required)
+                .into_iter()
+                .map(move |key| (visit, key))
+        })
         .unzip();
+    let hashes: Vec<Vec<u8>> = first
+        .iter_mut()
+        .map(|s| std::mem::take(&mut s.token_sha256))
+        .collect();
+    let sealed: Vec<Vec<u8>> = first
+        .iter_mut()
+        .map(|s| std::mem::take(&mut s.sealed))
+        .collect();
     Statement::new(
         STORE_BATCH,
         (
             bind::<Array<SqlUuid>, _>(first.iter().map(|s| s.id).collect::<Vec<_>>()),
             bind::<Array<SqlUuid>, _>(first.iter().map(|s| s.conversation).collect::<Vec<_>>()),
             bind::<Array<SqlUuid>, _>(first.iter().map(|s| s.visit).collect::<Vec<_>>()),
-            bind::<Array<Bytea>, _>(
-                first
-                    .iter()
-                    .map(|s| s.token_sha256.clone())
-                    .collect::<Vec<_>>(),
-            ),
+            bind::<Array<Bytea>, _>(hashes),
             bind::<Array<Bool>, _>(first.iter().map(|s| s.needs_consent).collect::<Vec<_>>()),
             bind::<Array<SqlUuid>, _>(required_visits),
             bind::<Array<Text>, _>(required_keys),
             bind::<Array<SqlUuid>, _>(first.iter().map(|s| s.request_id).collect::<Vec<_>>()),
-            bind::<Array<Bytea>, _>(first.iter().map(|s| s.sealed.clone()).collect::<Vec<_>>()),
+            bind::<Array<Bytea>, _>(sealed),
             bind::<Array<Bool>, _>(first.iter().map(|s| s.masked).collect::<Vec<_>>()),
             bind::<Timestamptz, _>(now()),
         ),
