@@ -27,7 +27,8 @@
 //!   this process's and PostgreSQL's. Where this load both ways (each visitor message brings
 //!   an answer, and both reach two streams) cannot keep up with half the visitor send peak,
 //!   what it reached is its own peak ("chat peak"), and delivery is measured again at half of
-//!   that.
+//!   that; the target is judged there (half the peak of the load that delivers), and no
+//!   message may be lost in either measurement.
 //!
 //! The stack's webchat and messaging services are replaced by ones of this run's own
 //! configuration: the abuse limits of the webchat service (visits per client address and per
@@ -1160,12 +1161,17 @@ pub async fn run(
             eprintln!("webchat: the first failure: {error}");
         }
     }
+    // The delivery target holds at half the peak of the load that delivers: the chat peak
+    // where the load both ways could not reach half the send peak.
+    let judged = at_chat_half.as_ref().unwrap_or(&delivery);
     let meets_target = errors == 0
         && ratio >= TARGET_RATIO
-        && to_agent_p99 <= TARGET_DELIVERY_MS
-        && to_visitor_p99 <= TARGET_DELIVERY_MS
+        && quantile(&judged.to_agent, 0.99) <= TARGET_DELIVERY_MS
+        && quantile(&judged.to_visitor, 0.99) <= TARGET_DELIVERY_MS
         && delivery.to_agent_lost == 0
-        && delivery.to_visitor_lost == 0;
+        && delivery.to_visitor_lost == 0
+        && judged.to_agent_lost == 0
+        && judged.to_visitor_lost == 0;
     let mut json = serde_json::json!({
         "scenario": "webchat", "visits": visits.len(), "agents": AGENTS, "senders": SENDERS,
         "postgres": durability,
