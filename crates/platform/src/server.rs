@@ -1,4 +1,4 @@
-//! The gRPC server every service runs: TLS, `grpc.health.v1`, server reflection (v1 and
+//! The gRPC server every service runs: TLS (HTTP/2, and HTTP/1.1 for gRPC-Web), `grpc.health.v1`, server reflection (v1 and
 //! v1alpha, for grpcurl 1.8) and an ordered drain on shutdown.
 //!
 //! A service builds a [`GrpcServer`], adds its tonic services and calls
@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
@@ -22,7 +24,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::conn::{CutSignal, CuttableIo};
 use crate::error::Result;
-use crate::tls::TlsMaterial;
+use crate::tls::{HANDSHAKE_TIMEOUT, TlsMaterial};
 
 /// Idle connections are probed so half-open peers do not hold resources forever.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -161,10 +163,11 @@ impl GrpcServer {
         }
         .boxed()
         .shared();
-        let incoming = TcpIncoming::from(listener)
+        let accepted = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(HTTP2_KEEPALIVE))
             .map(move |accepted| accepted.map(|tcp| CuttableIo::new(tcp, cut.clone())));
+        let incoming = tls_handshakes(accepted, TlsAcceptor::from(tls.server_config()?));
 
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_health = health.clone();
@@ -186,7 +189,7 @@ impl GrpcServer {
         };
 
         let server = Server::builder()
-            .tls_config(tls.server_config())?
+            .accept_http1(true)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
@@ -220,6 +223,50 @@ impl GrpcServer {
         Ok(())
     }
 }
+
+/// The TLS connections of `accepted`, each as its handshake completes: handshakes run
+/// concurrently, each in a task of its own with [`HANDSHAKE_TIMEOUT`], so a slow or silent
+/// client holds up nobody. (tonic's own TLS offers only HTTP/2 by ALPN; browsers' gRPC-Web
+/// may come over HTTP/1.1.) Accepting stops when the server drops the stream.
+fn tls_handshakes<S>(
+    mut accepted: S,
+    acceptor: TlsAcceptor,
+) -> impl futures::Stream<Item = std::io::Result<TlsStream<CuttableIo>>> + Send + 'static
+where
+    S: futures::Stream<Item = std::io::Result<CuttableIo>> + Send + Unpin + 'static,
+{
+    let (done, handshaken) = tokio::sync::mpsc::channel(HANDSHAKES_WAITING);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                () = done.closed() => return,
+                next = accepted.next() => next,
+            };
+            let io = match next {
+                Some(Ok(io)) => io,
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "accepting a connection failed");
+                    continue;
+                }
+                None => return,
+            };
+            let (acceptor, done) = (acceptor.clone(), done.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = done.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(handshaken)
+}
+
+/// Completed handshakes waiting for the server to take them.
+const HANDSHAKES_WAITING: usize = 64;
 
 /// Services every server exposes besides its own, listed by reflection.
 const BUILTIN_SERVICES: [&str; 3] = [

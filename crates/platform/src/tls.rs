@@ -1,4 +1,5 @@
-//! TLS material for servers and clients (rustls with the ring provider, through tonic).
+//! TLS material for servers and clients (rustls with the ring provider; clients through
+//! tonic, servers through [`crate::server`]'s own acceptor).
 //!
 //! Certificates come from files named by [`TlsArgs`]. Without them, a development CA and one
 //! certificate per service are generated once under `--dev-certs-dir`; the CA's private key is
@@ -9,13 +10,17 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::TlsArgs;
 use crate::error::{Error, Result};
@@ -34,7 +39,7 @@ pub const SERVICES: [&str; 6] = [
 pub const DEV_SERVER_NAME: &str = "localhost";
 
 /// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// PEM-encoded TLS material of one service: its certificate chain, its key and the CA that
 /// signs Hafen's certificates.
@@ -100,18 +105,39 @@ impl TlsMaterial {
 
     /// The listener side: this service's identity; with mTLS, client certificates signed by
     /// the CA are verified when presented. They stay optional because SDK clients have none;
-    /// RPCs reserved for services check for one themselves.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .timeout(HANDSHAKE_TIMEOUT);
-        if self.mtls {
-            config
-                .client_ca_root(Certificate::from_pem(&self.ca_pem))
-                .client_auth_optional(true)
+    /// RPCs reserved for services check for one themselves. ALPN offers HTTP/2 first (gRPC)
+    /// and HTTP/1.1 (gRPC-Web from browsers and proxies that speak only HTTP/1.1).
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let bad = |what: &str| Error::Config(format!("the TLS {what} is not valid PEM"));
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| bad("certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|_| bad("private key"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        let builder = if self.mtls {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+                roots
+                    .add(ca.map_err(|_| bad("CA certificate"))?)
+                    .map_err(|e| Error::Config(format!("the TLS CA certificate: {e}")))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| Error::Config(format!("TLS client verification: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
         } else {
-            config
-        }
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| Error::Config(format!("the TLS certificate and key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// The calling side, for calls to other Hafen services: trusts only the CA and, with mTLS,

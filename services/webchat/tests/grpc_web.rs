@@ -1,6 +1,7 @@
-//! The visitor service from a browser's side: gRPC-Web over TLS (HTTP/2) under a widget's own
-//! path, with CORS answered per widget from its allowed origins, the preflight included, and
-//! the `Origin` checked on every call (CB8).
+//! The visitor service from a browser's side: gRPC-Web over TLS (HTTP/2, and HTTP/1.1 for
+//! clients and proxies that speak nothing else) under a widget's own path, with CORS answered
+//! per widget from its allowed origins, the preflight included, and the `Origin` checked on
+//! every call (CB8).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
@@ -16,8 +17,11 @@ use tokio::net::TcpStream;
 
 const ORIGIN: &str = "https://shop.example.com";
 
-/// A browser's HTTP/2 connection to the stack's webchat service.
-async fn browser(stack: &TestStack) -> h2::client::SendRequest<Bytes> {
+/// A TLS connection to the stack's webchat service, offering `alpn`.
+async fn connect(
+    stack: &TestStack,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(stack.secrets.ca_pem().as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -29,14 +33,20 @@ async fn browser(stack: &TestStack) -> h2::client::SendRequest<Bytes> {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    // What browsers offer.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(stack.webchat.addr()).await.unwrap();
     let name = ServerName::try_from(hafen_platform::tls::DEV_SERVER_NAME).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A browser's HTTP/2 connection to the stack's webchat service.
+async fn browser(stack: &TestStack) -> h2::client::SendRequest<Bytes> {
+    // What browsers offer.
+    let tls = connect(stack, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (h2, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(async move {
         let _ = connection.await;
@@ -139,10 +149,7 @@ async fn call_as<M: Message>(
     token: Option<&str>,
     message: &M,
 ) -> (Answer, Option<Bytes>, Option<String>) {
-    let mut frame = BytesMut::new();
-    frame.put_u8(0);
-    frame.put_u32(u32::try_from(message.encoded_len()).unwrap());
-    message.encode(&mut frame).unwrap();
+    let frame = frame(message);
     let mut request = http::Request::post(uri(stack, widget, method))
         .header("origin", origin)
         .header("content-type", "application/grpc-web+proto")
@@ -151,7 +158,23 @@ async fn call_as<M: Message>(
         request = request.header("authorization", format!("Visitor {token}"));
     }
     let request = request.body(()).unwrap();
-    let answer = send(h2, request, Some(frame.freeze())).await;
+    let answer = send(h2, request, Some(frame)).await;
+    let (data, status) = frames(&answer);
+    (answer, data, status)
+}
+
+/// A message as the one gRPC-Web frame of a request body.
+fn frame<M: Message>(message: &M) -> Bytes {
+    let mut frame = BytesMut::new();
+    frame.put_u8(0);
+    frame.put_u32(u32::try_from(message.encoded_len()).unwrap());
+    message.encode(&mut frame).unwrap();
+    frame.freeze()
+}
+
+/// The message and the `grpc-status` of a gRPC-Web answer: from its trailer frame, or its
+/// headers for an answer without a message.
+fn frames(answer: &Answer) -> (Option<Bytes>, Option<String>) {
     let (mut data, mut status) = (None, answer.header("grpc-status").map(str::to_owned));
     let mut body = answer.body.clone();
     while body.remaining() >= 5 {
@@ -168,7 +191,7 @@ async fn call_as<M: Message>(
                 .map(|s| s.trim().to_owned());
         }
     }
-    (answer, data, status)
+    (data, status)
 }
 
 fn settings() -> pb::WidgetSettings {
@@ -335,4 +358,133 @@ async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widg
     )
     .await;
     assert_eq!(refused.status, http::StatusCode::FORBIDDEN);
+}
+
+/// An HTTP/1.1 request over `tls` (the connection closes after it) and its answer, the
+/// chunked body decoded.
+async fn http1(
+    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+    head: &str,
+    body: &[u8],
+) -> Answer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!(
+        "{head}content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    tls.write_all(&request).await.unwrap();
+    let mut raw = Vec::new();
+    // A peer closing without close_notify is an error rustls reports after the data.
+    let _ = tls.read_to_end(&mut raw).await;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
+    let status = http::StatusCode::from_bytes(&status_line.as_bytes()[9..12]).unwrap();
+    let mut headers = http::HeaderMap::new();
+    for line in lines {
+        let (name, value) = line.split_once(':').unwrap();
+        headers.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value.trim()).unwrap(),
+        );
+    }
+    let mut rest = &raw[split + 4..];
+    let body = if headers.get("transfer-encoding").is_some_and(|v| v == "chunked") {
+        let mut body = BytesMut::new();
+        loop {
+            let end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16)
+                    .unwrap();
+            rest = &rest[end + 2..];
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body.freeze()
+    } else {
+        Bytes::copy_from_slice(rest)
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb8_a_browser_on_http1_gets_the_same_grpc_web_and_cors() {
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("shop").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    stack.set_webchat_feature(&owner, true).await;
+    let widget = stack
+        .widget_client()
+        .await
+        .create_widget(with_token(
+            &owner,
+            pb::CreateWidgetRequest {
+                settings: Some(settings()),
+                enabled: true,
+                consent_text: "Consent".into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .widget_id;
+    let path = format!("/w/{widget}/hafen.webchat.v1.VisitorService/GetWidgetConfig");
+    let host = stack.webchat.addr();
+
+    let tls = connect(&stack, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let preflight = http1(
+        tls,
+        &format!(
+            "OPTIONS {path} HTTP/1.1\r\nhost: {host}\r\norigin: {ORIGIN}\r\n\
+             access-control-request-method: POST\r\n\
+             access-control-request-headers: content-type,x-grpc-web\r\n"
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(preflight.status, http::StatusCode::NO_CONTENT);
+    assert_eq!(preflight.header("access-control-allow-origin"), Some(ORIGIN));
+
+    let request = frame(&pb::GetWidgetConfigRequest {
+        widget_id: widget.clone(),
+    });
+    let call = |origin: &'static str| {
+        let (stack, path, request) = (&stack, path.clone(), request.clone());
+        async move {
+            let tls = connect(stack, &[b"http/1.1"]).await;
+            http1(
+                tls,
+                &format!(
+                    "POST {path} HTTP/1.1\r\nhost: {host}\r\norigin: {origin}\r\n\
+                     content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n"
+                ),
+                &request,
+            )
+            .await
+        }
+    };
+    let answer = call(ORIGIN).await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert_eq!(answer.header("access-control-allow-origin"), Some(ORIGIN));
+    let (data, status) = frames(&answer);
+    assert_eq!(status.as_deref(), Some("0"));
+    let config = pb::WidgetConfig::decode(data.unwrap()).unwrap();
+    assert_eq!(config.widget_id, widget);
+
+    let refused = call("https://evil.example").await;
+    assert_eq!(refused.status, http::StatusCode::FORBIDDEN);
+    assert_eq!(refused.header("access-control-allow-origin"), None);
 }
