@@ -23,8 +23,11 @@ use crate::dev::DevArgs;
 /// The demo tenant's slug.
 pub const SLUG: &str = "demo";
 
-/// The origin the demo widget may be embedded in (a page on this machine).
-pub const DEMO_ORIGIN: &str = "https://localhost:8443";
+/// The origin the demo widget may be embedded in: the demo website on this machine
+/// (`--demo-page-port`).
+pub fn demo_origin(port: u16) -> String {
+    format!("https://localhost:{port}")
+}
 
 struct Person {
     username: &'static str,
@@ -63,8 +66,12 @@ fn config(args: &DevArgs) -> Result<Config, Error> {
     })
 }
 
-/// Seeds the demo organisation unless it exists; prints what a newcomer needs.
-pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
+/// The line of the demo file that names the widget.
+const WIDGET_LINE: &str = "Website chat: widget ";
+
+/// Seeds the demo organisation unless it exists; prints what a newcomer needs. Returns the
+/// demo widget's id.
+pub async fn seed(args: &DevArgs, file: &Path) -> Result<String, Error> {
     let config = config(args)?;
     let operator = Hafen::connect(config.clone())?;
     let token = std::fs::read_to_string(&args.platform_token_file)
@@ -100,7 +107,13 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
             "Demo organisation '{SLUG}' exists; its users and chat codes are in {}.",
             file.display()
         );
-        return Ok(());
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        return text
+            .lines()
+            .find_map(|line| line.strip_prefix(WIDGET_LINE)?.split_whitespace().next())
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Config(format!("{}: no demo widget named", file.display())));
     }
 
     let owner_password = password()?;
@@ -179,7 +192,7 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
         })
         .await;
     owner.check(group).await?;
-    let widget = website_chat(&owner, ids).await?;
+    let widget = website_chat(&owner, ids, &demo_origin(args.demo_page_port)).await?;
     let _ = owner.logout().await;
 
     let mut text = String::new();
@@ -214,7 +227,7 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
     );
     let _ = writeln!(
         text,
-        "Website chat: widget {widget} (agents alice and bob; see README):"
+        "{WIDGET_LINE}{widget} (agents alice and bob; see README):"
     );
     let _ = writeln!(text, "  hafen visit start {widget}");
     crate::client::write_private(file, text.as_bytes())
@@ -222,11 +235,11 @@ pub async fn seed(args: &DevArgs, file: &Path) -> Result<(), Error> {
     let mut out = std::io::stdout().lock();
     let _ = write!(out, "{text}");
     let _ = writeln!(out, "(Also kept in {}.)", file.display());
-    Ok(())
+    Ok(widget)
 }
 
 /// Switches the website chat on and creates the demo widget answered by `agents`; its id.
-async fn website_chat(owner: &Hafen, agents: Vec<String>) -> Result<String, Error> {
+async fn website_chat(owner: &Hafen, agents: Vec<String>, origin: &str) -> Result<String, Error> {
     owner.set_webchat_feature(true).await?;
     let field = |key: &str, label: &str, personal: bool, purpose: &str| webchat_pb::PreChatField {
         key: key.to_owned(),
@@ -240,8 +253,8 @@ async fn website_chat(owner: &Hafen, agents: Vec<String>) -> Result<String, Erro
         .create_widget(webchat_pb::CreateWidgetRequest {
             settings: Some(webchat_pb::WidgetSettings {
                 name: "Demo website".to_owned(),
-                allowed_origins: vec![DEMO_ORIGIN.to_owned()],
-                privacy_policy_url: format!("{DEMO_ORIGIN}/privacy"),
+                allowed_origins: vec![origin.to_owned()],
+                privacy_policy_url: format!("{origin}/privacy"),
                 pre_chat_fields: vec![
                     field(
                         "topic",

@@ -89,6 +89,16 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_DEV_DEMO")]
     pub demo: bool,
 
+    /// With --demo and --widget-dir: the port of the demo organisation's website, a page that
+    /// embeds the demo widget, at `https://localhost:<port>/` (the widget's allowed origin).
+    #[arg(long, env = "HAFEN_DEV_DEMO_PAGE_PORT", default_value_t = 8443)]
+    pub demo_page_port: u16,
+
+    /// Directory of the built widget (`scripts/widget.sh build` writes `target/widget`), which
+    /// the webchat service serves at `/widget/` for websites to embed.
+    #[arg(long, env = "HAFEN_WIDGET_DIR")]
+    pub widget_dir: Option<PathBuf>,
+
     /// Where the demo credentials are kept (mode 0600).
     #[arg(long, env = "HAFEN_DEV_DEMO_FILE", default_value = ".dev/demo.txt")]
     pub demo_file: PathBuf,
@@ -178,6 +188,19 @@ pub async fn run(args: DevArgs) -> ExitCode {
             }
         }
     }
+
+    // The demo website's port is taken now, so a busy port fails the start, not the demo.
+    let demo_page = if args.demo && args.widget_dir.is_some() {
+        match hafen_platform::bind(SocketAddr::new(args.host, args.demo_page_port)).await {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for the demo page");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
 
     let signal = hafen_platform::shutdown::shared_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
@@ -286,6 +309,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 key_cache_size: std::num::NonZeroUsize::MIN.saturating_add(9_999),
                 max_queued_messages: 10_000,
                 stream_poll: std::time::Duration::from_millis(500),
+                widget_dir: args.widget_dir.clone(),
                 limits: hafen_webchat::limits::LimitArgs {
                     visits_per_address: 20,
                     visits_per_widget: 1000,
@@ -372,8 +396,13 @@ pub async fn run(args: DevArgs) -> ExitCode {
     if args.demo {
         let seed_args = args.clone();
         tokio::spawn(async move {
-            if let Err(err) = crate::demo::seed(&seed_args, &seed_args.demo_file).await {
-                tracing::error!(error = %err, "the demo organisation was not created");
+            match crate::demo::seed(&seed_args, &seed_args.demo_file).await {
+                Ok(widget) => {
+                    if let (Some(page), Some(dir)) = (demo_page, &seed_args.widget_dir) {
+                        serve_demo_page(&seed_args, internal_host, page, dir, widget).await;
+                    }
+                }
+                Err(err) => tracing::error!(error = %err, "the demo organisation was not created"),
             }
         });
     }
@@ -399,6 +428,57 @@ pub async fn run(args: DevArgs) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Serves the demo organisation's website, which embeds `widget` (runs until the process
+/// ends).
+#[expect(clippy::print_stdout, reason = "the address is the command's output")]
+async fn serve_demo_page(
+    args: &DevArgs,
+    internal_host: IpAddr,
+    listener: tokio::net::TcpListener,
+    widget_dir: &std::path::Path,
+    widget: String,
+) {
+    let tls = TlsArgs {
+        tls_cert: Some(
+            args.dev_certs_dir
+                .join(format!("{}.pem", hafen_webchat::NAME)),
+        ),
+        tls_key: Some(
+            args.dev_certs_dir
+                .join(format!("{}-key.pem", hafen_webchat::NAME)),
+        ),
+        tls_ca: Some(args.dev_certs_dir.join("ca.pem")),
+        mtls: false,
+        dev_certs_dir: args.dev_certs_dir.clone(),
+    };
+    let tls = match hafen_platform::TlsMaterial::load(&tls, hafen_webchat::NAME)
+        .and_then(|material| material.server_config())
+    {
+        Ok(tls) => tls,
+        Err(err) => {
+            tracing::error!(error = %err, "the demo page's TLS");
+            return;
+        }
+    };
+    let endpoint = format!(
+        "https://{}",
+        SocketAddr::new(internal_host, args.webchat_port)
+    );
+    let embed = match crate::demo_page::Embed::new(endpoint, widget, widget_dir) {
+        Ok(embed) => embed,
+        Err(err) => {
+            tracing::error!(error = %err, "the built widget (scripts/widget.sh build)");
+            return;
+        }
+    };
+    println!(
+        "The demo organisation's website: {}/ (chat there; answer with `hafen chat` as alice \
+         or bob)",
+        crate::demo::demo_origin(args.demo_page_port)
+    );
+    crate::demo_page::serve(listener, tls, embed).await;
 }
 
 fn spawn<Fut, E>(tasks: &mut JoinSet<Served>, name: &'static str, serve: Fut)

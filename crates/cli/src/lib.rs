@@ -11,6 +11,7 @@ pub mod admin;
 pub mod chat;
 pub mod client;
 pub mod demo;
+pub mod demo_page;
 pub mod dev;
 pub mod visit;
 pub mod widget;

@@ -161,6 +161,7 @@ impl TestSecrets {
             key_cache_size: std::num::NonZeroUsize::new(1000).expect("non-zero"),
             max_queued_messages: 10_000,
             stream_poll: Duration::from_millis(100),
+            widget_dir: None,
             limits: hafen_webchat::limits::LimitArgs {
                 visits_per_address: 1000,
                 visits_per_widget: 1000,

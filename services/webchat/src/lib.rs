@@ -11,7 +11,8 @@
 //!   `selfservice`: what a visitor sees, corrects, exports and deletes of their data (CB9).
 //! - [`limits`]: abuse limits per widget, visit and (hashed) client address.
 //! - `api`: the gRPC adapters; `web`: the visitor service for browsers (gRPC-Web, CORS per
-//!   widget); `error`: the one mapping of errors to statuses.
+//!   widget); `files`: the built widget for websites to embed; `error`: the one mapping of
+//!   errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
 //! resolves, so the `hafen-webchat` binary, `hafen dev` and the tests run the same code.
@@ -20,6 +21,7 @@ mod api;
 mod chat;
 mod commit;
 mod error;
+mod files;
 pub mod limits;
 mod origin;
 mod selfservice;
@@ -103,6 +105,12 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub max_queued_messages: usize,
+
+    /// Directory of the built widget (`scripts/widget.sh build` writes `target/widget`):
+    /// `hafen-widget.js` and `hafen-widget.css` are served at `/widget/`, for websites to
+    /// embed. Without it, `/widget/` answers 404.
+    #[arg(long, env = "HAFEN_WIDGET_DIR")]
+    pub widget_dir: Option<PathBuf>,
 }
 
 /// What the handlers share.
@@ -156,6 +164,10 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let widget_files = match &config.widget_dir {
+        Some(dir) => files::WidgetFiles::load(dir)?,
+        None => files::WidgetFiles::default(),
+    };
     let pending =
         hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
     if !pending.is_empty() {
@@ -228,6 +240,8 @@ where
         .add_service(VisitorServiceServer::new(VisitorApi::new(service.clone())))
         // Browsers: gRPC-Web under each widget's own path (CORS per widget).
         .add_service(web::WidgetPaths::new(service))
+        // Websites: the widget's script and stylesheet.
+        .add_service(widget_files)
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -18,10 +18,7 @@ use tokio::net::TcpStream;
 const ORIGIN: &str = "https://shop.example.com";
 
 /// A TLS connection to the stack's webchat service, offering `alpn`.
-async fn connect(
-    stack: &TestStack,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<TcpStream> {
+async fn connect(stack: &TestStack, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(stack.secrets.ca_pem().as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -393,13 +390,15 @@ async fn http1(
         );
     }
     let mut rest = &raw[split + 4..];
-    let body = if headers.get("transfer-encoding").is_some_and(|v| v == "chunked") {
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v == "chunked")
+    {
         let mut body = BytesMut::new();
         loop {
             let end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16)
-                    .unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16)
+                .unwrap();
             rest = &rest[end + 2..];
             if size == 0 {
                 break;
@@ -456,7 +455,10 @@ async fn cb8_a_browser_on_http1_gets_the_same_grpc_web_and_cors() {
     )
     .await;
     assert_eq!(preflight.status, http::StatusCode::NO_CONTENT);
-    assert_eq!(preflight.header("access-control-allow-origin"), Some(ORIGIN));
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some(ORIGIN)
+    );
 
     let request = frame(&pb::GetWidgetConfigRequest {
         widget_id: widget.clone(),
@@ -487,4 +489,115 @@ async fn cb8_a_browser_on_http1_gets_the_same_grpc_web_and_cors() {
     let refused = call("https://evil.example").await;
     assert_eq!(refused.status, http::StatusCode::FORBIDDEN);
     assert_eq!(refused.header("access-control-allow-origin"), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb8_the_widget_files_are_served_to_every_site_with_a_strict_policy_of_their_own() {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+
+    let mut stack = TestStack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = b"console.log('widget');".as_slice();
+    std::fs::write(dir.path().join("hafen-widget.js"), script).unwrap();
+    std::fs::write(dir.path().join("hafen-widget.css"), b"p{margin:0}").unwrap();
+    let mut config = stack.secrets.webchat_config(&stack.db);
+    config.auth.auth_endpoint = stack.auth.uri();
+    config.audit.audit_endpoint = stack.audit.uri();
+
+    // A directory without the built files is a configuration error, said at start.
+    let empty = tempfile::tempdir().unwrap();
+    let mut broken = config.clone();
+    broken.widget_dir = Some(empty.path().to_owned());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = hafen_webchat::serve(broken, listener, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("--widget-dir"), "{error}");
+
+    config.widget_dir = Some(dir.path().to_owned());
+    stack.webchat.stop().await.unwrap();
+    stack.webchat =
+        hafen_testkit::TestServer::spawn(|l, s| hafen_webchat::serve(config, l, s)).await;
+    let mut h2 = browser(&stack).await;
+    let url = |path: &str| format!("https://{}{path}", stack.webchat.addr());
+    let get = |path: &str| {
+        http::Request::get(url(path))
+            .header("origin", "https://any-site.example")
+            .body(())
+            .unwrap()
+    };
+
+    let answer = send(&mut h2, get("/widget/hafen-widget.js"), None).await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert_eq!(answer.body.as_ref(), script);
+    assert_eq!(
+        answer.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    let integrity = format!(
+        "sha384-{}",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha384::digest(script))
+    );
+    let etag = format!("\"{integrity}\"");
+    assert_eq!(answer.header("etag"), Some(etag.as_str()));
+    // Any site may load it with `crossorigin` and check its integrity; caches keep it a day.
+    assert_eq!(answer.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(answer.header("cache-control"), Some("public, max-age=86400"));
+    assert!(
+        answer
+            .header("content-security-policy")
+            .unwrap()
+            .starts_with("default-src 'none'")
+    );
+    assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
+    let css = send(&mut h2, get("/widget/hafen-widget.css"), None).await;
+    assert_eq!(
+        (css.status, css.header("content-type")),
+        (http::StatusCode::OK, Some("text/css; charset=utf-8"))
+    );
+
+    // Revalidation by the entity tag; HEAD; nothing else is served or accepted.
+    let revalidate = http::Request::get(url("/widget/hafen-widget.js"))
+        .header("if-none-match", &etag)
+        .body(())
+        .unwrap();
+    let unchanged = send(&mut h2, revalidate, None).await;
+    assert_eq!(unchanged.status, http::StatusCode::NOT_MODIFIED);
+    assert!(unchanged.body.is_empty());
+    let head = http::Request::head(url("/widget/hafen-widget.js"))
+        .body(())
+        .unwrap();
+    let head = send(&mut h2, head, None).await;
+    assert_eq!(head.status, http::StatusCode::OK);
+    assert_eq!(head.header("content-length"), Some("22"));
+    for path in [
+        "/widget/manifest.json",
+        "/widget/../Cargo.toml",
+        "/widget/hafen-widget.js/x",
+    ] {
+        let missing = send(&mut h2, get(path), None).await;
+        assert_eq!(missing.status, http::StatusCode::NOT_FOUND, "{path}");
+        assert!(missing.header("content-security-policy").is_some());
+    }
+    let post = http::Request::post(url("/widget/hafen-widget.js"))
+        .body(())
+        .unwrap();
+    let refused = send(&mut h2, post, None).await;
+    assert_eq!(refused.status, http::StatusCode::METHOD_NOT_ALLOWED);
+
+    // The same over HTTP/1.1.
+    let tls = connect(&stack, &[b"http/1.1"]).await;
+    let answer = http1(
+        tls,
+        &format!(
+            "GET /widget/hafen-widget.js HTTP/1.1\r\nhost: {}\r\n",
+            stack.webchat.addr()
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert_eq!(answer.body.as_ref(), script);
 }
