@@ -6,6 +6,7 @@
     reason = "a failed step must fail the test, with its message"
 )]
 
+mod browsers;
 mod contract;
 mod dc5;
 mod e2e;

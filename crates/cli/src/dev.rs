@@ -258,6 +258,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_auth::serve(
             hafen_auth::Config {
                 server: server(hafen_auth::NAME),
+                browsers: hafen_platform::web::BrowserArgs::default(),
                 databases: args.databases.clone(),
                 redis: args.redis.clone(),
                 audit: audit_endpoint.clone(),
@@ -281,6 +282,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         hafen_messaging::serve(
             hafen_messaging::Config {
                 server: server(hafen_messaging::NAME),
+                browsers: hafen_platform::web::BrowserArgs::default(),
                 databases: args.databases.clone(),
                 redis: args.redis.clone(),
                 audit: audit_endpoint.clone(),

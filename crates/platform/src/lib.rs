@@ -12,8 +12,9 @@
 //! - [`net`]: the client's address, from the TCP peer or a trusted proxy's header.
 //! - [`paging`]: page sizes and opaque page tokens (AIP-158).
 //! - [`status`]: gRPC statuses with `google.rpc.ErrorInfo` (domain `hafen`) for error mapping.
-//! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS and an
-//!   ordered drain.
+//! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS (HTTP/2
+//!   and HTTP/1.1) and an ordered drain.
+//! - [`web`]: gRPC-Web with CORS for the web apps' origins a service is told.
 //! - [`check`]: every request decoded against its contract before a handler sees it: bad
 //!   protobuf, invalid UTF-8, NUL characters and oversized messages refused with
 //!   INVALID_ARGUMENT or RESOURCE_EXHAUSTED and the field named.
@@ -35,6 +36,7 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;

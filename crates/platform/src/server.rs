@@ -40,6 +40,7 @@ pub struct GrpcServer {
     health: HealthReporter,
     routes: Routes,
     service_names: Vec<&'static str>,
+    browsers: crate::web::BrowserLayer,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -62,7 +63,14 @@ impl GrpcServer {
             health: HealthReporter::new(),
             routes: Routes::default(),
             service_names: Vec::new(),
+            browsers: crate::web::BrowserLayer::default(),
         }
+    }
+
+    /// Serves browsers of the origins `args` names with gRPC-Web ([`crate::web`]).
+    pub fn browsers(mut self, args: &crate::web::BrowserArgs) -> Self {
+        self.browsers = crate::web::BrowserLayer::new(&args.browser_origins);
+        self
     }
 
     /// Adds a tonic service; health reports it SERVING and reflection lists it. Its requests
@@ -125,6 +133,7 @@ impl GrpcServer {
             health,
             routes,
             service_names,
+            browsers,
         } = self;
 
         for service in &service_names {
@@ -191,6 +200,7 @@ impl GrpcServer {
         let server = Server::builder()
             .accept_http1(true)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+            .layer(browsers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);

@@ -31,6 +31,7 @@ mod redis_server;
 mod server;
 mod stack;
 mod wait;
+pub mod web;
 
 use std::sync::Once;
 

@@ -71,6 +71,7 @@ impl TestSecrets {
     pub fn auth_config(&self, database: &TestDatabase) -> hafen_auth::Config {
         hafen_auth::Config {
             server: self.server_args(hafen_auth::NAME),
+            browsers: hafen_platform::web::BrowserArgs::default(),
             databases: hafen_store::DatabasesArgs {
                 main: database.args(),
                 placements: Vec::new(),
@@ -130,6 +131,7 @@ impl TestSecrets {
     pub fn messaging_config(&self, database: &TestDatabase) -> hafen_messaging::Config {
         hafen_messaging::Config {
             server: self.server_args(hafen_messaging::NAME),
+            browsers: hafen_platform::web::BrowserArgs::default(),
             databases: hafen_store::DatabasesArgs {
                 main: database.args(),
                 placements: Vec::new(),

@@ -53,6 +53,9 @@ pub struct Config {
     pub server: ServerArgs,
 
     #[command(flatten)]
+    pub browsers: hafen_platform::web::BrowserArgs,
+
+    #[command(flatten)]
     pub databases: DatabasesArgs,
 
     #[command(flatten)]
@@ -183,6 +186,7 @@ where
     let (auth, authenticator) = build(&config).await?;
     let layer = AuthnLayer::new(authenticator, SELF_AUTHENTICATED);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .browsers(&config.browsers)
         .add_service(layer.wrap(AuthServiceServer::new(AuthApi::new(auth))))
         .serve(listener, shutdown)
         .await?;

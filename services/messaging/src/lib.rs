@@ -68,6 +68,9 @@ pub struct Config {
     pub server: ServerArgs,
 
     #[command(flatten)]
+    pub browsers: hafen_platform::web::BrowserArgs,
+
+    #[command(flatten)]
     pub databases: DatabasesArgs,
 
     #[command(flatten)]
@@ -181,6 +184,7 @@ where
     };
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .browsers(&config.browsers)
         .add_service(layer.wrap(MessagingServiceServer::new(MessagingApi::new(
             messaging,
             authenticator,

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
+use hafen_platform::web::{ALLOWED_HEADERS, EXPOSED_HEADERS, PREFLIGHT_MAX_AGE};
 use hafen_proto::webchat::v1::visitor_service_server::VisitorServiceServer;
 use http::{HeaderValue, Method, StatusCode, header};
 use tonic::body::Body;
@@ -36,19 +37,9 @@ type Visitors = hafen_platform::check::Checked<VisitorServiceServer<VisitorApi>>
 /// The service path the widgets' paths lead to.
 const VISITOR_SERVICE: &str = "/hafen.webchat.v1.VisitorService/";
 
-/// The request headers a gRPC-Web client of the visitor service sends.
-const ALLOWED_HEADERS: &str = "authorization, content-type, x-grpc-web, x-user-agent, \
-     grpc-timeout, connect-protocol-version, connect-timeout-ms";
-
-/// The response headers a gRPC-Web client reads.
-const EXPOSED_HEADERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
-
 /// The data-rights calls, which the contract keeps working whatever the state of the widget:
 /// from its allowed origins, they are served even while it is switched off.
 const DATA_RIGHTS: [&str; 4] = ["GetMyData", "CorrectMyData", "ExportMyData", "DeleteMyData"];
-
-/// How long a browser may keep a preflight's answer, in seconds.
-const PREFLIGHT_MAX_AGE: &str = "600";
 
 /// The visitor service for browsers, routed under `/w/`.
 #[derive(Clone)]

@@ -96,7 +96,9 @@ impl DevStack {
         let mut command = Command::new(env!("CARGO_BIN_EXE_hafen"));
         command.arg("dev");
         for (service, port) in SERVICES.iter().zip(&ports) {
-            command.arg(format!("--{service}-port")).arg(port.to_string());
+            command
+                .arg(format!("--{service}-port"))
+                .arg(port.to_string());
         }
         command
             .arg("--dev-certs-dir")
@@ -180,7 +182,11 @@ impl DevStack {
 
     /// Fails the test with the stack's log if it has exited.
     pub fn alive(&mut self) {
-        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
             panic!("hafen dev exited early ({status}): {}", self.stderr());
         }
     }
@@ -222,8 +228,7 @@ impl DevStack {
 
     /// An SDK configuration for this stack.
     pub fn config(&self) -> hafen_sdk::Config {
-        let mut config =
-            hafen_sdk::Config::local().with_ca_pem(self.ca_pem.clone().into_bytes());
+        let mut config = hafen_sdk::Config::local().with_ca_pem(self.ca_pem.clone().into_bytes());
         let at = |service: &str| format!("https://127.0.0.1:{}", self.port(service));
         config.endpoints = hafen_sdk::Endpoints {
             auth: at("auth"),
