@@ -13,16 +13,19 @@ LOAD_ENV := set -a && source .dev/env && set +a
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Install what is missing (PostgreSQL, Redis, cargo-nextest, cargo-machete, rustfmt, clippy) and start the dev services
+setup: ## Install what is missing (PostgreSQL, Redis, cargo-nextest, cargo-machete, rustfmt, clippy) and start the dev services (the widget's Node.js packages and Chromium: scripts/widget.sh)
 	@scripts/setup.sh
 	@$(DEV_SERVICES) up
 
-run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in the foreground, with a demo organisation
+run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in the foreground, with a demo organisation and its website
+	@scripts/widget.sh build
 	$(CARGO) build --bin hafen
-	$(LOAD_ENV) && exec target/debug/hafen dev --demo
+	$(LOAD_ENV) && exec target/debug/hafen dev --demo --widget-dir target/widget
 
-test: ## Start the dev services (fsync off) and run the whole test suite (the README's SDK example too)
+test: ## Start the dev services (fsync off) and run the whole test suite (the README's SDK example and the widget in Chromium too)
 	@scripts/setup.sh
+	@scripts/widget.sh build
+	@scripts/widget.sh browser
 	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
 	$(CARGO) build --bins
 	$(CARGO) test --doc -p hafen-sdk

@@ -1,0 +1,47 @@
+/**
+ * The consent question (CB2, CB7): the tenant's consent text as published, a link to its
+ * privacy policy, and two buttons of equal weight. Accept and Decline look alike on purpose:
+ * consent nudged by design is not freely given.
+ *
+ * The dialog only asks; the caller records the answer (GiveConsent) and decides what follows.
+ * Escape closes the panel, not the question: consent cannot be skipped by dismissing it, and
+ * the dialog is still there when the visitor comes back.
+ */
+
+import type { Shell } from "./shell";
+import { h, safeUrl, uid } from "./ui";
+
+export function askConsent(shell: Shell, text: string, privacyPolicyUrl: string): Promise<boolean> {
+  const t = shell.t;
+  const titleId = uid("consent-title");
+  const textId = uid("consent-text");
+  const href = safeUrl(privacyPolicyUrl);
+  return new Promise((resolve) => {
+    const accept = h("button", { type: "button", "data-hafen": "consent-accept" }, t.accept);
+    const decline = h("button", { type: "button", "data-hafen": "consent-decline" }, t.decline);
+    const dialog = h(
+      "div",
+      { class: "modal", "data-hafen": "consent-dialog", "aria-describedby": textId },
+      h("h3", { id: titleId }, t.consentTitle),
+      h("div", { class: "consent-text", id: textId }, text),
+      href &&
+        h(
+          "p",
+          null,
+          h(
+            "a",
+            { href, target: "_blank", rel: "noopener noreferrer", "data-hafen": "privacy-link" },
+            t.privacyPolicy,
+          ),
+        ),
+      h("div", { class: "actions equal" }, decline, accept),
+    );
+    const modal = shell.modal(dialog, titleId, () => shell.close(), true);
+    const answer = (granted: boolean) => {
+      modal.close();
+      resolve(granted);
+    };
+    accept.addEventListener("click", () => answer(true));
+    decline.addEventListener("click", () => answer(false));
+  });
+}
