@@ -275,6 +275,7 @@ async fn website_chat(owner: &Hafen, agents: Vec<String>, origin: &str) -> Resul
                     .to_owned(),
                 allow_anonymous_chat: true,
                 agent_user_ids: agents,
+                remember_visitors: true,
                 ..Default::default()
             }),
             enabled: true,

@@ -99,6 +99,10 @@ pub struct SettingsArgs {
     /// Whether a visitor who declines consent may still chat, without personal fields.
     #[arg(long, env = "HAFEN_WIDGET_ANONYMOUS")]
     anonymous: Option<bool>,
+    /// Return visits: with consent, the widget keeps the visit in the browser's localStorage,
+    /// so a visitor coming back within the visit lifetime resumes the chat.
+    #[arg(long, env = "HAFEN_WIDGET_REMEMBER_VISITORS")]
+    remember_visitors: Option<bool>,
     /// Days a visit lives after its last use (1 to the organisation's retention period).
     #[arg(long, env = "HAFEN_WIDGET_LIFETIME_DAYS")]
     lifetime_days: Option<i32>,
@@ -152,6 +156,9 @@ impl SettingsArgs {
         }
         if let Some(anonymous) = self.anonymous {
             base.allow_anonymous_chat = anonymous;
+        }
+        if let Some(remember) = self.remember_visitors {
+            base.remember_visitors = remember;
         }
         if let Some(days) = self.lifetime_days {
             base.visit_lifetime_days = days;
@@ -400,6 +407,7 @@ fn widget_json(w: &pb::Widget) -> Value {
         },
         "visit_lifetime_days": s.visit_lifetime_days,
         "allow_anonymous_chat": s.allow_anonymous_chat,
+        "remember_visitors": s.remember_visitors,
         "agent_user_ids": s.agent_user_ids,
         "identity_verification": w.identity_verification,
         "consent_text": w.consent_text.as_ref().map(consent_text_json),
@@ -420,14 +428,19 @@ fn widget_text(w: &pb::Widget) -> String {
         format!("Origins: {}", s.allowed_origins.join(" ")),
         format!("Privacy policy: {}", s.privacy_policy_url),
         format!(
-            "Agents: {}; anonymous chat {}; visits live {} days",
+            "Agents: {}; anonymous chat {}; visits live {} days{}",
             s.agent_user_ids.len(),
             if s.allow_anonymous_chat {
                 "allowed"
             } else {
                 "not allowed"
             },
-            s.visit_lifetime_days
+            s.visit_lifetime_days,
+            if s.remember_visitors {
+                ", remembered in the browser for return visits"
+            } else {
+                ""
+            }
         ),
     ];
     for f in &s.pre_chat_fields {

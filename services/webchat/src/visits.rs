@@ -541,6 +541,8 @@ impl Service {
             business_hours: Some(s.business_hours.to_proto()),
             allow_anonymous_chat: s.allow_anonymous_chat,
             online,
+            remember_visitors: s.remember_visitors,
+            visit_lifetime_days: live.row.visit_lifetime_days,
         })
     }
 

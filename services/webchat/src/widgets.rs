@@ -42,6 +42,9 @@ pub struct Settings {
     /// The users who answer its chats.
     #[serde(default)]
     pub agents: Vec<Uuid>,
+    /// Whether the widget keeps a visit's token for return visits (with consent).
+    #[serde(default)]
+    pub remember_visitors: bool,
 }
 
 /// A pre-chat field.
@@ -95,6 +98,7 @@ impl Settings {
             visit_lifetime_days: lifetime_days,
             allow_anonymous_chat: self.allow_anonymous_chat,
             agent_user_ids: self.agents.iter().map(Uuid::to_string).collect(),
+            remember_visitors: self.remember_visitors,
         }
     }
 }
@@ -307,6 +311,7 @@ pub fn validate(
             },
             allow_anonymous_chat: s.allow_anonymous_chat,
             agents,
+            remember_visitors: s.remember_visitors,
         },
         lifetime,
     ))

@@ -289,6 +289,44 @@ async fn cb7_the_privacy_link_is_required_and_returned_by_get_widget_config() {
     let text = config.consent_text.unwrap();
     assert_eq!(text.version, 1);
     assert_eq!(text.text_sha256.len(), 32);
+    assert!(!config.remember_visitors);
+    assert_eq!(config.visit_lifetime_days, 30);
+
+    // Return visits: the widget is told to keep the visit after consent, and for how long.
+    let mut remembering = settings();
+    remembering.remember_visitors = true;
+    remembering.visit_lifetime_days = 7;
+    let updated = widgets
+        .update_widget(with_token(
+            &s.owner,
+            pb::UpdateWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+                settings: Some(remembering),
+                enabled: true,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.settings.unwrap().remember_visitors);
+    hafen_testkit::eventually(
+        "GetWidgetConfig says the widget remembers visitors for 7 days",
+        std::time::Duration::from_secs(10),
+        || {
+            let (stack, id) = (&s.stack, widget.widget_id.clone());
+            async move {
+                let config = stack
+                    .visitor_client()
+                    .await
+                    .get_widget_config(from(ORIGIN, pb::GetWidgetConfigRequest { widget_id: id }))
+                    .await
+                    .ok()?
+                    .into_inner();
+                (config.remember_visitors && config.visit_lifetime_days == 7).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

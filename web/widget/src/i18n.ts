@@ -10,6 +10,7 @@ const en = {
   launcher: "Chat with us",
   launcherResume: "Continue chat",
   launcherUnread: "New message",
+  launcherClose: "Close chat",
   panelTitle: "Chat",
   close: "Close",
   back: "Back to chat",
@@ -19,6 +20,10 @@ const en = {
   privacyPolicy: "Privacy policy",
   accept: "Accept",
   decline: "Decline",
+  consentRemember: (days: number) =>
+    days > 0
+      ? `If you accept, this chat remembers you on this device for ${days === 1 ? "1 day" : `${days} days`}, so you can continue it later.`
+      : "If you accept, this chat remembers you on this device, so you can continue it later.",
   consentNeeded: "This chat needs your consent. Nothing has been sent.",
   personalNeedsConsent:
     "This chat needs personal details, which can only be given with your consent.",
@@ -91,6 +96,7 @@ const de: Strings = {
   launcher: "Chatten Sie mit uns",
   launcherResume: "Chat fortsetzen",
   launcherUnread: "Neue Nachricht",
+  launcherClose: "Chat schließen",
   panelTitle: "Chat",
   close: "Schließen",
   back: "Zurück zum Chat",
@@ -100,6 +106,10 @@ const de: Strings = {
   privacyPolicy: "Datenschutzerklärung",
   accept: "Zustimmen",
   decline: "Ablehnen",
+  consentRemember: (days) =>
+    days > 0
+      ? `Wenn Sie zustimmen, merkt sich dieser Chat Sie auf diesem Gerät für ${days === 1 ? "1 Tag" : `${days} Tage`}, damit Sie ihn später fortsetzen können.`
+      : "Wenn Sie zustimmen, merkt sich dieser Chat Sie auf diesem Gerät, damit Sie ihn später fortsetzen können.",
   consentNeeded: "Dieser Chat braucht Ihre Einwilligung. Es wurde nichts gesendet.",
   personalNeedsConsent:
     "Dieser Chat braucht persönliche Angaben, die nur mit Ihrer Einwilligung gemacht werden können.",

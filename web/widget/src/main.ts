@@ -5,8 +5,9 @@
  * The script finds its own tag through document.currentScript, which is set only while the
  * script's top level runs (with or without `defer`), so it is read first, synchronously. The
  * stylesheet sits next to the script (same URL, `.css`). At load the widget only draws its
- * launcher and reads whether this tab has a chat to continue: no call to the service and no
- * write to storage happen before the visitor opens the chat.
+ * launcher and reads whether there is a chat to continue (this tab's, or one remembered on this
+ * device): no call to the service and no write to storage happen before the visitor opens the
+ * chat.
  */
 
 import { connect } from "./client";

@@ -35,7 +35,7 @@ export interface Shell {
   open(): void;
   close(): void;
   isOpen(): boolean;
-  /** Launcher text: whether a chat can be continued / a message arrived while closed. */
+  /** Closed launcher's text: whether a chat can be continued / a message arrived meanwhile. */
   setResume(resume: boolean): void;
   setUnread(unread: boolean): void;
   /** The "My data" button, shown while there is a visit. */
@@ -109,8 +109,17 @@ export function mountShell(cssUrl: string, t: Strings, lang: Lang, events: Shell
     }
   }
 
+  /** The launcher says what a click on it does: close the panel, or open it (and to what). */
   function renderLauncher() {
-    launcher.textContent = unread ? t.launcherUnread : resume ? t.launcherResume : t.launcher;
+    const open = !panel.hidden;
+    launcher.setAttribute("aria-expanded", String(open));
+    launcher.textContent = open
+      ? t.launcherClose
+      : unread
+        ? t.launcherUnread
+        : resume
+          ? t.launcherResume
+          : t.launcher;
   }
 
   const shell: Shell = {
@@ -154,7 +163,6 @@ export function mountShell(cssUrl: string, t: Strings, lang: Lang, events: Shell
     },
     open() {
       panel.hidden = false;
-      launcher.setAttribute("aria-expanded", "true");
       unread = false;
       renderLauncher();
       // A dialog still waiting for an answer gets the focus back; else the screen.
@@ -167,7 +175,7 @@ export function mountShell(cssUrl: string, t: Strings, lang: Lang, events: Shell
     },
     close() {
       panel.hidden = true;
-      launcher.setAttribute("aria-expanded", "false");
+      renderLauncher();
       launcher.focus();
     },
     isOpen() {

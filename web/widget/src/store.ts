@@ -1,13 +1,16 @@
 /**
  * The one thing the widget keeps in the browser: the visitor token, under
- * `hafen-widget:<widget id>` as JSON `{"token": …}`.
+ * `hafen-widget:<widget id>` as JSON `{"token": …}`, in exactly one of sessionStorage and
+ * localStorage.
  *
  * Nothing is written before the visitor opens the chat (no consent banner is needed for a
  * widget that was only looked at); reading at load is what lets the launcher offer to continue
- * a chat. The token lives in sessionStorage, so it goes with the tab: WidgetConfig does not
- * say how long a visit lives, and a chat left open on a shared computer should not be found by
- * the next person. The cursor of the live stream stays in memory: after a reload the page's
- * DOM is new, so the chat is replayed from its start anyway.
+ * a chat. By default the token lives in sessionStorage, so it goes with the tab, and a chat
+ * left open on a shared computer is not found by the next person. Only when the widget
+ * remembers visitors and the visitor has granted consent (where the dialog says so) is it
+ * `persistent`, in localStorage, for a return visit within the visit lifetime; the server ends
+ * the visit after that, and its token with it. The cursor of the live stream stays in memory:
+ * after a reload the page's DOM is new, so the chat is replayed from its start anyway.
  *
  * Storage may be missing or refuse access (privacy modes, sandboxed frames, a full quota);
  * then the chat still works for the life of the page.
@@ -17,21 +20,24 @@ export interface Stored {
   token: string;
 }
 
+type Kind = "sessionStorage" | "localStorage";
+
 function key(widgetId: string): string {
   return `hafen-widget:${widgetId}`;
 }
 
-function storage(): Storage | null {
+/** The storage, or null where even touching it throws. */
+function storage(kind: Kind): Storage | null {
   try {
-    return window.sessionStorage;
+    return window[kind];
   } catch {
     return null;
   }
 }
 
-export function readStored(widgetId: string): Stored | null {
+function read(kind: Kind, widgetId: string): Stored | null {
   try {
-    const raw = storage()?.getItem(key(widgetId));
+    const raw = storage(kind)?.getItem(key(widgetId));
     if (!raw) {
       return null;
     }
@@ -51,18 +57,48 @@ export function readStored(widgetId: string): Stored | null {
   return null;
 }
 
-export function writeStored(widgetId: string, stored: Stored): void {
+/** Whether the write took. */
+function write(kind: Kind, widgetId: string, stored: Stored): boolean {
   try {
-    storage()?.setItem(key(widgetId), JSON.stringify(stored));
+    const target = storage(kind);
+    target?.setItem(key(widgetId), JSON.stringify(stored));
+    return target !== null;
   } catch {
-    // See the module comment: the chat goes on without surviving a reload.
+    return false;
+  }
+}
+
+function remove(kind: Kind, widgetId: string): void {
+  try {
+    storage(kind)?.removeItem(key(widgetId));
+  } catch {
+    // Nothing could have been written there either.
+  }
+}
+
+/** The stored visit: this tab's first, else one remembered on this device. */
+export function readStored(widgetId: string): Stored | null {
+  return read("sessionStorage", widgetId) ?? read("localStorage", widgetId);
+}
+
+/**
+ * Keeps the visit in localStorage when `persistent`, else in sessionStorage, and takes it out
+ * of the other. A token that is not to be remembered leaves localStorage even when
+ * sessionStorage refuses it; one that is to be remembered stays in sessionStorage when
+ * localStorage refuses it, so the tab keeps its chat at least.
+ */
+export function writeStored(widgetId: string, stored: Stored, persistent: boolean): void {
+  if (!persistent) {
+    write("sessionStorage", widgetId, stored);
+    remove("localStorage", widgetId);
+  } else if (write("localStorage", widgetId, stored)) {
+    remove("sessionStorage", widgetId);
+  } else {
+    write("sessionStorage", widgetId, stored);
   }
 }
 
 export function forgetStored(widgetId: string): void {
-  try {
-    storage()?.removeItem(key(widgetId));
-  } catch {
-    // Nothing could have been written either.
-  }
+  remove("sessionStorage", widgetId);
+  remove("localStorage", widgetId);
 }

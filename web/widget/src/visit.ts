@@ -12,6 +12,10 @@
  * The answer can be changed at any time from "My data": a grant then offers the personal fields
  * not given yet, a decline means nothing personal is asked from then on. The chat goes on as it
  * was, the same Chat with the same stream, since it is only taken off the screen meanwhile.
+ *
+ * The answer also decides where the token is kept (see store.ts): on this device only with a
+ * grant to the current text, and only where the widget remembers visitors; otherwise with the
+ * tab, which is also where it goes before the answer is known.
  */
 
 import { Chat } from "./chat";
@@ -28,6 +32,8 @@ export class Visit {
   private config: WidgetConfig | null = null;
   private granted = false;
   private resumed = false;
+  /** The visit's token, once StartVisit gave it. */
+  private token = "";
   /** Whether the pre-chat form was answered or skipped, and whether it could show personal fields. */
   private fieldsDone = false;
   private personalAsked = false;
@@ -79,12 +85,14 @@ export class Visit {
       this.resumed = visit.resumed;
       this.given = visit.resumed ? null : new Set();
       api.setToken(visit.visitorToken);
-      writeStored(widgetId, { token: visit.visitorToken });
+      this.token = visit.visitorToken;
+      const current = config.consentText;
+      const answer = visit.consent;
+      // Only a resumed visit has an answer; one granted to the current text stays remembered.
+      this.keep(current !== undefined && answer?.version === current.version && answer.granted);
       shell.setResume(true);
       shell.setMyData(true);
       shell.status("");
-      const current = config.consentText;
-      const answer = visit.consent;
       if (current && (!answer || answer.version !== current.version)) {
         this.ask(() => this.afterConsent());
       } else {
@@ -105,12 +113,14 @@ export class Visit {
       then();
       return;
     }
-    void askConsent(this.shell, text.text, config.privacyPolicyUrl).then(async (granted) => {
+    const rememberDays = config.rememberVisitors ? config.visitLifetimeDays : null;
+    void askConsent(this.shell, text.text, config.privacyPolicyUrl, rememberDays).then(async (granted) => {
       try {
         await retryUnavailable(() =>
           this.api.client.giveConsent({ version: text.version, granted }, CALL),
         );
         this.granted = granted;
+        this.keep(granted);
         this.shell.status("");
         then();
       } catch (err) {
@@ -128,6 +138,13 @@ export class Visit {
         this.failed(err, () => this.ask(then));
       }
     });
+  }
+
+  /** Stores the token: on this device when `granted` and the widget remembers visitors. */
+  private keep(granted: boolean): void {
+    if (this.token !== "") {
+      writeStored(this.widgetId, { token: this.token }, granted && (this.config?.rememberVisitors ?? false));
+    }
   }
 
   private afterConsent(): void {
@@ -287,6 +304,7 @@ export class Visit {
     this.fieldsDone = false;
     this.personalAsked = false;
     this.given = null;
+    this.token = "";
     this.api.setToken(null);
     forgetStored(this.widgetId);
     const { shell } = this;

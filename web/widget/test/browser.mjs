@@ -1,7 +1,9 @@
 // The widget in headless Chromium against the whole stack, as a visitor uses it: a foreign
 // origin gets nothing; on the organisation's website nothing is stored or called before the
-// launcher is clicked; the visitor declines consent, chats anonymously, grants consent later
-// and gives their e-mail, reloads and finds the chat again, downloads and deletes their data.
+// launcher is opened (with the keyboard alone); the visitor declines consent, chats
+// anonymously, grants consent later and gives their e-mail, which moves the visit from the
+// tab's sessionStorage to localStorage (the demo widget remembers visitors); reloads and finds
+// the chat again, in a second tab too; downloads and deletes their data.
 //
 // Run by crates/cli/tests/browser.rs (which starts the stack and has the agents answer); the
 // environment it sets:
@@ -25,6 +27,10 @@ import puppeteer from "puppeteer-core";
 
 /** The longest any one wait may take. */
 const WAIT_MS = 20_000;
+/** The most presses of Tab that may reach the launcher (the demo page has one link before it). */
+const MAX_TABS = 20;
+/** The demo widget's visit lifetime, which the consent dialog states. */
+const LIFETIME_DAYS = 30;
 /** The whole run's limit, below the Rust test's 240 s so that a hang is reported from here. */
 const RUN_MS = 200_000;
 const POLL_MS = 100;
@@ -233,13 +239,67 @@ function pageStorage(page) {
   });
 }
 
+/**
+ * Checks that the widget's visit is stored in `where` ("local" or "session") and nowhere else,
+ * as nothing but its token, and that there is no cookie; returns the token.
+ */
+async function assertStoredIn(page, context, widgetId, where, what) {
+  const names = { local: "localStorage", session: "sessionStorage" };
+  const other = where === "local" ? "session" : "local";
+  const key = `hafen-widget:${widgetId}`;
+  const stored = await pageStorage(page);
+  equal(Object.keys(stored[where]), [key], `${what}: ${names[where]}'s keys`);
+  const value = JSON.parse(stored[where][key]);
+  equal(Object.keys(value), ["token"], `${what}: what is stored`);
+  check(typeof value.token === "string" && value.token.length > 0, `${what}: the stored token is empty`);
+  equal(stored[other], {}, `${what}: ${names[other]}`);
+  equal(stored.cookie, "", `${what}: document.cookie`);
+  equal(await context.cookies(), [], `${what}: the browser's cookies`);
+  return value.token;
+}
+
 async function assertNothingStored(page, context, what) {
   const stored = await pageStorage(page);
   equal(stored, { local: {}, session: {}, cookie: "" }, `${what}: storage and document.cookie`);
   equal(await context.cookies(), [], `${what}: the browser's cookies`);
 }
 
+/** Where the keyboard focus is, through the widget's shadow root. */
+function focused(page) {
+  return page.evaluate(() => {
+    let el = document.activeElement;
+    while (el?.shadowRoot?.activeElement) {
+      el = el.shadowRoot.activeElement;
+    }
+    return {
+      tag: el?.tagName?.toLowerCase() ?? null,
+      hafen: el?.dataset?.hafen ?? null,
+      inPanel: Boolean(el?.closest?.(".panel")),
+      inConsent: Boolean(el?.closest?.('[data-hafen="consent-dialog"]')),
+    };
+  });
+}
+
+/** The launcher's text and aria-expanded, and whether the panel shows. */
+function launcherState(page) {
+  return page.evaluate(() => {
+    const root = document.querySelector("hafen-widget")?.shadowRoot;
+    const launcher = root?.querySelector('[data-hafen="launcher"]');
+    return {
+      text: launcher?.textContent ?? null,
+      expanded: launcher?.getAttribute("aria-expanded") ?? null,
+      open: root?.querySelector(".panel")?.hidden === false,
+    };
+  });
+}
+
 async function screenshot(page, name) {
+  // The panel fades in when opened: a picture taken meanwhile shows it half there.
+  await until("the widget's animations to end", () =>
+    page.evaluate(() =>
+      (document.querySelector("hafen-widget")?.shadowRoot?.getAnimations() ?? []).every((a) => a.playState !== "running"),
+    ),
+  );
   await page.screenshot({ path: join(SCREENSHOTS, name) });
 }
 
@@ -339,11 +399,48 @@ async function visitor(browser) {
     await screenshot(page, "widget-closed.png");
   });
 
-  await step("open: the consent question, with the privacy policy", async () => {
-    await click(page, "launcher");
+  await step("keyboard: Tab reaches the launcher, Enter opens the chat, Escape closes it", async () => {
+    for (let presses = 0; (await focused(page)).hafen !== "launcher"; presses += 1) {
+      check(presses < MAX_TABS, `${MAX_TABS} presses of Tab did not reach the launcher; the focus is on ${JSON.stringify(await focused(page))}`);
+      await page.keyboard.press("Tab");
+    }
+    await page.keyboard.press("Enter");
+    await waitVisible(page, hook("consent-dialog"), "the consent dialog");
+    await until("the focus in the consent dialog", async () => (await focused(page)).inConsent);
+    equal(await launcherState(page), { text: "Close chat", expanded: "true", open: true }, "the launcher while the chat is open");
+    await page.keyboard.press("Escape");
+    await until("the panel to close, the focus back on the launcher", async () => {
+      const state = await launcherState(page);
+      return !state.open && (await focused(page)).hafen === "launcher" ? state : null;
+    });
+    // The visit has started (its token is stored), so the launcher offers to continue it.
+    equal(await launcherState(page), { text: "Continue chat", expanded: "false", open: false }, "the launcher after Escape");
+    await page.keyboard.press("Enter");
+    await until("the panel to open again, the focus in the consent dialog", async () =>
+      (await launcherState(page)).open && (await focused(page)).inConsent,
+    );
+    equal(await launcherState(page), { text: "Close chat", expanded: "true", open: true }, "the launcher after Enter");
+  });
+
+  let token = "";
+  await step("the consent question, with the return-visit sentence and the privacy policy", async () => {
     await waitVisible(page, hook("consent-dialog"), "the consent dialog");
     const consent = await text(page, ".consent-text");
     check(consent.trim().length > 0, "the consent dialog has no text");
+    const remember = await text(page, hook("consent-remember"));
+    check(
+      remember.includes(`for ${LIFETIME_DAYS} days`),
+      `the consent dialog's return-visit sentence does not say "for ${LIFETIME_DAYS} days": "${remember}"`,
+    );
+    const order = await page.evaluate(() =>
+      Array.from(
+        document.querySelector("hafen-widget")?.shadowRoot?.querySelectorAll(
+          '[data-hafen="consent-dialog"] :is(.consent-text, [data-hafen="consent-remember"], [data-hafen="privacy-link"])',
+        ) ?? [],
+        (el) => el.dataset.hafen ?? el.className,
+      ),
+    );
+    equal(order, ["consent-text", "consent-remember", "privacy-link"], "the consent dialog's order");
     const link = await page.evaluate(() => {
       const a = document.querySelector("hafen-widget")?.shadowRoot?.querySelector('[data-hafen="privacy-link"]');
       return a && { href: a.getAttribute("href"), target: a.getAttribute("target"), rel: a.getAttribute("rel") };
@@ -353,14 +450,7 @@ async function visitor(browser) {
     equal(link.target, "_blank", "the privacy link's target");
     check((link.rel ?? "").split(/\s+/).includes("noopener"), `the privacy link's rel is "${link.rel}"`);
     await screenshot(page, "consent-dialog.png");
-    const stored = await pageStorage(page);
-    equal(Object.keys(stored.session), [`hafen-widget:${widgetId}`], "sessionStorage's keys");
-    const value = JSON.parse(stored.session[`hafen-widget:${widgetId}`]);
-    equal(Object.keys(value), ["token"], "what is stored");
-    check(typeof value.token === "string" && value.token.length > 0, "the stored token is empty");
-    equal(stored.local, {}, "localStorage");
-    equal(stored.cookie, "", "document.cookie");
-    equal(await context.cookies(), [], "the browser's cookies");
+    token = await assertStoredIn(page, context, widgetId, "session", "before an answer");
   });
 
   await step("decline: the form asks nothing personal", async () => {
@@ -368,6 +458,7 @@ async function visitor(browser) {
     await waitVisible(page, hook("field-topic"), "the topic field");
     check(!(await exists(page, hook("field-email"))), "the e-mail field is offered without consent");
     check(!(await exists(page, '[data-hafen^="release-"]')), "a release box is offered without consent");
+    equal(await assertStoredIn(page, context, widgetId, "session", "after declining"), token, "the token after declining");
     await typeInto(page, "field-topic", "Billing");
     await click(page, "fields-submit");
   });
@@ -396,6 +487,8 @@ async function visitor(browser) {
     await waitVisible(page, hook("consent-dialog"), "the consent dialog again");
     await click(page, "consent-accept");
     await waitVisible(page, hook("field-email"), "the e-mail field");
+    // The grant was recorded before the form came: the visit is remembered on this device now.
+    equal(await assertStoredIn(page, context, widgetId, "local", "after the grant"), token, "the token after the grant");
     await waitVisible(page, hook("release-email"), "the e-mail's release box");
     check(!(await exists(page, hook("field-topic"))), "the topic, given already, is asked again");
     await typeInto(page, "field-email", "visitor@example.com");
@@ -422,8 +515,10 @@ async function visitor(browser) {
 
   await step("reload: the same chat, without gap or duplicate, and live", async () => {
     await page.reload({ waitUntil: "load", timeout: WAIT_MS });
-    const stored = await pageStorage(page);
-    equal(Object.keys(stored.session), [`hafen-widget:${widgetId}`], "sessionStorage's keys after the reload");
+    equal(await assertStoredIn(page, context, widgetId, "local", "after the reload"), token, "the token after the reload");
+    const launcher = await waitVisible(page, hook("launcher"), "the launcher");
+    equal(await launcher.evaluate((el) => el.textContent), "Continue chat", "the launcher's text after the reload");
+    await launcher.dispose();
     await click(page, "launcher");
     // The replay may arrive in parts: wait for at least what was shown before.
     const expected = await until("the chat replayed", async () => {
@@ -441,6 +536,38 @@ async function visitor(browser) {
     check(!(await exists(page, hook("consent-dialog"))), "consent was asked again");
     await sendMessage(page, "After reload");
     await waitAnswers(page, 3);
+    equal(await assertStoredIn(page, context, widgetId, "local", "after resuming"), token, "the token after resuming");
+  });
+
+  // The second tab's console and requests join the first's for the last checks.
+  let consoleOfTab = [];
+  let netOfTab = { requests: [] };
+  await step("a second tab: the same chat, without consent asked again", async () => {
+    const shown = await messages(page);
+    const tab = await context.newPage();
+    activePage = tab;
+    consoleOfTab = watchConsole(tab, "second tab");
+    netOfTab = watchNetwork(tab);
+    await tab.setExtraHTTPHeaders({ "Accept-Language": "en-US,en;q=0.9" });
+    await goto(tab, PAGE);
+    equal(await assertStoredIn(tab, context, widgetId, "local", "in the second tab"), token, "the token in the second tab");
+    const launcher = await waitVisible(tab, hook("launcher"), "the second tab's launcher");
+    equal(await launcher.evaluate((el) => el.textContent), "Continue chat", "the second tab's launcher");
+    await launcher.dispose();
+    await click(tab, "launcher");
+    const replayed = await until("the chat replayed in the second tab", async () => {
+      const list = await messages(tab);
+      return list.length >= shown.length ? list : null;
+    });
+    equal(replayed.map((m) => m.id), shown.map((m) => m.id), "the messages in the second tab");
+    await waitVisible(tab, hook("message-input"), "the second tab's message box");
+    check(!(await exists(tab, hook("consent-dialog"))), "consent was asked in the second tab");
+    equal(await assertStoredIn(tab, context, widgetId, "local", "after resuming in the second tab"), token, "the token after resuming in the second tab");
+    await screenshot(tab, "second-tab.png");
+    // Closed only when all is well, so that a failure's report shows this tab.
+    await tab.close();
+    activePage = page;
+    await page.bringToFront();
   });
 
   await step("my data: fields, consent answers, download", async () => {
@@ -483,7 +610,7 @@ async function visitor(browser) {
   });
 
   await step("only the page's origin and the service were contacted", async () => {
-    const foreign = net.requests.filter((r) => {
+    const foreign = [...net.requests, ...netOfTab.requests].filter((r) => {
       const origin = new URL(r.url).origin;
       return origin !== PAGE_ORIGIN && origin !== ENDPOINT_ORIGIN;
     });
@@ -491,7 +618,7 @@ async function visitor(browser) {
   });
 
   await step("no Content-Security-Policy violation", async () => {
-    const violations = consoleOfPage.filter((line) => /Refused to|Content Security Policy/i.test(line));
+    const violations = [...consoleOfPage, ...consoleOfTab].filter((line) => /Refused to|Content Security Policy/i.test(line));
     equal(violations, [], "CSP violations in the console");
   });
 
