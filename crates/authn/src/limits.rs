@@ -45,9 +45,9 @@ impl Default for LimitPolicy {
 /// Returns 0 when the attempt may go ahead (it is counted), else the milliseconds to wait.
 const ACQUIRE: &str = r"
 local now = tonumber(ARGV[1])
-local until = tonumber(redis.call('GET', KEYS[2]) or '0')
-if until > now then
-  return until - now
+local blocked_until = tonumber(redis.call('GET', KEYS[2]) or '0')
+if blocked_until > now then
+  return blocked_until - now
 end
 local count = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))

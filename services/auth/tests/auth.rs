@@ -1051,6 +1051,38 @@ async fn oc2_parallel_guesses_reach_bcrypt_no_more_often_than_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn oc2_attempts_are_counted_in_redis_so_every_replica_backs_off_together() {
+    use hafen_authn::limits::{LimitPolicy, Limiter};
+    let namespace = hafen_testkit::TestRedis::new();
+    let replica = || {
+        let redis = hafen_authn::Redis::new(&namespace.args()).expect("a Redis handle");
+        Limiter::new(Some(redis), LimitPolicy::default())
+    };
+    let (first, second) = (replica(), replica());
+    for attempt in 0..5 {
+        let limiter = if attempt % 2 == 0 { &first } else { &second };
+        assert!(
+            limiter.acquire("guesser").await.is_ok(),
+            "attempt {attempt}"
+        );
+    }
+    // The free attempts were spent on both together: each of them now backs off.
+    for limiter in [&first, &second] {
+        let wait = limiter.acquire("guesser").await.unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(limiter.backing_off("guesser").await.is_some());
+    }
+    let keys = namespace.keys().await;
+    assert!(
+        keys.iter()
+            .any(|key| key.ends_with("limit:{guesser}:count")),
+        "counted in Redis, not in each process: {keys:?}"
+    );
+    first.succeeded("guesser").await;
+    assert!(second.acquire("guesser").await.is_ok(), "cleared for both");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn oc2_with_redis_down_the_limiter_still_limits() {
     let mut redis = hafen_testkit::PrivateRedis::start();
     let stack = TestStack::start_with_redis(Some(redis.args("hafen:"))).await;
