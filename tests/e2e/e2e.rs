@@ -258,6 +258,7 @@ async fn webchat_visit(
         enabled: true,
         consent_text: "We store what you give us to answer you.".into(),
         request_id: String::new(),
+        ..Default::default()
     });
     create.metadata_mut().insert(
         "authorization",
@@ -311,6 +312,7 @@ async fn webchat_visit(
             web_pb::GiveConsentRequest {
                 version: 1,
                 granted: true,
+                ..Default::default()
             },
         ))
         .await

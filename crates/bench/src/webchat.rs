@@ -166,6 +166,7 @@ async fn widget(stack: &TestStack, owner: &str, agents: &[Session]) -> String {
                 enabled: true,
                 consent_text: "We store what you give us to answer you.".into(),
                 request_id: Uuid::now_v7().to_string(),
+                ..Default::default()
             },
         ))
         .await

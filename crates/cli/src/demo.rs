@@ -248,6 +248,11 @@ async fn website_chat(owner: &Hafen, agents: Vec<String>, origin: &str) -> Resul
         purpose: purpose.to_owned(),
         required: false,
     };
+    let field_text = |key: &str, label: &str, purpose: &str| webchat_pb::PreChatFieldText {
+        key: key.to_owned(),
+        label: label.to_owned(),
+        purpose: purpose.to_owned(),
+    };
     let widget = owner
         .widgets()
         .create_widget(webchat_pb::CreateWidgetRequest {
@@ -276,6 +281,26 @@ async fn website_chat(owner: &Hafen, agents: Vec<String>, origin: &str) -> Resul
                 allow_anonymous_chat: true,
                 agent_user_ids: agents,
                 remember_visitors: true,
+                language: "en".to_owned(),
+                translations: vec![webchat_pb::WidgetTranslation {
+                    language: "de".to_owned(),
+                    welcome_message: "Hallo! Fragen Sie uns, was Sie möchten.".to_owned(),
+                    offline_message: "Gerade ist niemand da; hinterlassen Sie Ihre \
+                        E-Mail-Adresse, wir antworten später."
+                        .to_owned(),
+                    pre_chat_fields: vec![
+                        field_text(
+                            "topic",
+                            "Thema",
+                            "Damit Ihre Frage die richtige Person erreicht",
+                        ),
+                        field_text(
+                            "email",
+                            "E-Mail",
+                            "Damit wir Ihnen per E-Mail antworten können, falls der Chat endet",
+                        ),
+                    ],
+                }],
                 ..Default::default()
             }),
             enabled: true,
@@ -283,6 +308,14 @@ async fn website_chat(owner: &Hafen, agents: Vec<String>, origin: &str) -> Resul
                 you, for 30 days after your last visit. You can see, correct, download and \
                 delete it in the chat at any time."
                 .to_owned(),
+            consent_translations: vec![webchat_pb::ConsentTranslation {
+                language: "de".to_owned(),
+                text: "Die Demo-Organisation speichert, was Sie in diesem Chat eingeben, um \
+                    Ihnen zu antworten, bis 30 Tage nach Ihrem letzten Besuch. Sie können es \
+                    im Chat jederzeit einsehen, berichtigen, herunterladen und löschen."
+                    .to_owned(),
+                ..Default::default()
+            }],
             request_id: uuid::Uuid::new_v4().to_string(),
         })
         .await;

@@ -19,6 +19,16 @@ pub struct VisitArgs {
     #[command(flatten)]
     pub client: ClientArgs,
 
+    /// The visitor's languages, best first, as a browser names them (`de-AT,de,en`): the
+    /// widget's texts and consent text come in the first it has, else in its own language.
+    #[arg(
+        long = "language",
+        global = true,
+        env = "HAFEN_VISIT_LANGUAGES",
+        value_delimiter = ','
+    )]
+    pub languages: Vec<String>,
+
     #[command(subcommand)]
     pub command: VisitCommand,
 }
@@ -151,7 +161,7 @@ pub async fn run(args: VisitArgs) -> Outcome {
     match args.command {
         VisitCommand::Config { widget, origin } => {
             let visitor = connect(client, origin.as_deref())?;
-            let config = widget_config(&visitor, &widget).await?;
+            let config = widget_config(&visitor, &widget, &args.languages).await?;
             client.print(config_json(&config), || config_text(&config));
         }
         VisitCommand::Start {
@@ -175,7 +185,7 @@ pub async fn run(args: VisitArgs) -> Outcome {
             if let Some(stored) = &stored {
                 visitor = visitor.with_token(&stored.token);
             }
-            let config = widget_config(&visitor, &widget).await?;
+            let config = widget_config(&visitor, &widget, &args.languages).await?;
             let visit = match (&external_id, issued_at, &signature) {
                 (Some(id), Some(issued_at), Some(signature)) => {
                     visitor
@@ -209,13 +219,14 @@ pub async fn run(args: VisitArgs) -> Outcome {
         }
         VisitCommand::Consent { grant, decline: _ } => {
             let (stored, visitor) = resume(client)?;
-            let config = widget_config(&visitor, &stored.widget).await?;
-            let version = config.consent_text.map(|t| t.version).unwrap_or_default();
+            let config = widget_config(&visitor, &stored.widget, &args.languages).await?;
+            let text = config.consent_text.unwrap_or_default();
             let record = visitor
                 .client()
                 .give_consent(pb::GiveConsentRequest {
-                    version,
+                    version: text.version,
                     granted: grant,
+                    language: text.language,
                 })
                 .await
                 .map_err(hafen_sdk::Error::from)?
@@ -438,11 +449,16 @@ fn resume(client: &ClientArgs) -> Result<(Stored, Visitor), Failure> {
     Ok((stored, visitor))
 }
 
-async fn widget_config(visitor: &Visitor, widget: &str) -> Result<pb::WidgetConfig, Failure> {
+async fn widget_config(
+    visitor: &Visitor,
+    widget: &str,
+    languages: &[String],
+) -> Result<pb::WidgetConfig, Failure> {
     Ok(visitor
         .client()
         .get_widget_config(pb::GetWidgetConfigRequest {
             widget_id: widget.to_owned(),
+            languages: languages.to_vec(),
         })
         .await
         .map_err(hafen_sdk::Error::from)?
@@ -457,8 +473,10 @@ fn config_json(c: &pb::WidgetConfig) -> Value {
         "offline_message": c.offline_message,
         "allow_anonymous_chat": c.allow_anonymous_chat,
         "online": c.online,
+        "language": c.language,
         "consent_text": c.consent_text.as_ref().map(|t| json!({
             "version": t.version,
+            "language": t.language,
             "text": t.text,
             "text_sha256": hex::encode(&t.text_sha256),
         })),
@@ -482,7 +500,10 @@ fn config_text(c: &pb::WidgetConfig) -> String {
         )
     }];
     if let Some(text) = &c.consent_text {
-        out.push(format!("Consent (version {}): {}", text.version, text.text));
+        out.push(format!(
+            "Consent (version {}, {}): {}",
+            text.version, text.language, text.text
+        ));
     }
     out.push(format!("Privacy policy: {}", c.privacy_policy_url));
     for f in &c.pre_chat_fields {
@@ -504,6 +525,7 @@ fn consent_json(r: &pb::ConsentRecord) -> Value {
         "text_sha256": hex::encode(&r.text_sha256),
         "granted": r.granted,
         "decide_time": time(r.decide_time.as_ref()),
+        "language": r.language,
     })
 }
 

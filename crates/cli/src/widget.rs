@@ -16,9 +16,18 @@ pub enum WidgetCommand {
     Create {
         #[command(flatten)]
         settings: SettingsArgs,
-        /// The first consent text, shown before any personal field is asked.
+        /// The first consent text, shown before any personal field is asked, in the widget's
+        /// language (--language).
         #[arg(long, env = "HAFEN_WIDGET_CONSENT_TEXT")]
         consent_text: String,
+        /// The first consent text in another language, `LANG=TEXT` such as `de=Wir speichern …`
+        /// (repeatable).
+        #[arg(
+            long = "consent-translation",
+            value_name = "LANG=TEXT",
+            env = "HAFEN_WIDGET_CONSENT_TRANSLATIONS"
+        )]
+        consent_translations: Vec<String>,
         /// Serve visitors at once.
         #[arg(long, env = "HAFEN_WIDGET_ENABLED")]
         enabled: bool,
@@ -41,8 +50,50 @@ pub enum WidgetCommand {
     ConsentText {
         /// The widget's id.
         widget: String,
-        /// The text.
+        /// The text, in the widget's language.
         text: String,
+        /// The same text in another language, `LANG=TEXT` (repeatable). A language the
+        /// version lacks is not offered to visitors.
+        #[arg(
+            long = "translation",
+            value_name = "LANG=TEXT",
+            env = "HAFEN_WIDGET_CONSENT_TRANSLATIONS"
+        )]
+        translations: Vec<String>,
+    },
+    /// Set the widget's texts in another language (replacing its translation into it), or
+    /// remove that translation. Visitors whose browser asks for the language get it once the
+    /// current consent text has it too (`consent-text … --translation LANG=TEXT`); what is
+    /// left out shows in the widget's own language.
+    Translation {
+        /// The widget's id.
+        widget: String,
+        /// The language, ISO 639-1 (`de`, `en`, …).
+        language: String,
+        /// The welcome message in it.
+        #[arg(
+            long,
+            conflicts_with = "remove",
+            env = "HAFEN_WIDGET_TRANSLATION_WELCOME"
+        )]
+        welcome: Option<String>,
+        /// The offline message in it.
+        #[arg(
+            long,
+            conflicts_with = "remove",
+            env = "HAFEN_WIDGET_TRANSLATION_OFFLINE"
+        )]
+        offline: Option<String>,
+        /// A pre-chat field's texts in it, `key|label|purpose` (repeatable).
+        #[arg(
+            long = "field",
+            conflicts_with = "remove",
+            env = "HAFEN_WIDGET_TRANSLATION_FIELDS"
+        )]
+        fields: Vec<String>,
+        /// Remove the translation.
+        #[arg(long, env = "HAFEN_WIDGET_TRANSLATION_REMOVE")]
+        remove: bool,
     },
     /// Make a new identity secret (printed once) for the website's server to sign its
     /// logged-in users' ids with, so a person keeps one visit on every device; the previous
@@ -76,6 +127,10 @@ pub struct SettingsArgs {
     /// A name for admins.
     #[arg(long, env = "HAFEN_WIDGET_NAME")]
     name: Option<String>,
+    /// The language of the widget's texts and consent text, ISO 639-1 (`en` when not given
+    /// on create); `translation` adds others.
+    #[arg(long, env = "HAFEN_WIDGET_LANGUAGE")]
+    language: Option<String>,
     /// An origin the widget may be embedded in, `https://host[:port]` or `https://*.domain`
     /// (repeatable).
     #[arg(long = "origin", env = "HAFEN_WIDGET_ORIGINS", value_delimiter = ',')]
@@ -134,12 +189,22 @@ impl SettingsArgs {
         if let Some(url) = self.privacy_url {
             base.privacy_policy_url = url;
         }
+        if let Some(language) = self.language {
+            base.language = language;
+        }
         if !self.fields.is_empty() {
             base.pre_chat_fields = self
                 .fields
                 .iter()
                 .map(|f| field(f))
                 .collect::<Result<_, _>>()?;
+            // Translations of fields that are gone go with them.
+            let keys: Vec<String> = base.pre_chat_fields.iter().map(|f| f.key.clone()).collect();
+            for translation in &mut base.translations {
+                translation
+                    .pre_chat_fields
+                    .retain(|f| keys.contains(&f.key));
+            }
         }
         if !self.agents.is_empty() {
             let mut ids = Vec::new();
@@ -204,6 +269,39 @@ fn field(spec: &str) -> Result<pb::PreChatField, Failure> {
     Ok(field)
 }
 
+/// `key|label|purpose` of a translation.
+fn field_text(spec: &str) -> Result<pb::PreChatFieldText, Failure> {
+    let mut parts = spec.split('|').map(str::trim);
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(key), Some(label), Some(purpose), None) => Ok(pb::PreChatFieldText {
+            key: key.to_owned(),
+            label: label.to_owned(),
+            purpose: purpose.to_owned(),
+        }),
+        _ => Err(Failure::usage("--field: key|label|purpose")),
+    }
+}
+
+/// `LANG=TEXT` pairs.
+fn consent_translations(
+    option: &str,
+    specs: Vec<String>,
+) -> Result<Vec<pb::ConsentTranslation>, Failure> {
+    specs
+        .into_iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((language, text)) => Ok(pb::ConsentTranslation {
+                language: language.trim().to_owned(),
+                text: text.to_owned(),
+                ..Default::default()
+            }),
+            None => Err(Failure::usage(format!(
+                "{option}: LANG=TEXT, e.g. de=Wir …"
+            ))),
+        })
+        .collect()
+}
+
 const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /// `mon-fri=09:00-17:00` as one interval per day.
@@ -240,8 +338,10 @@ pub async fn run(client: &ClientArgs, command: WidgetCommand) -> Outcome {
         WidgetCommand::Create {
             settings,
             consent_text,
+            consent_translations: translations,
             enabled,
         } => {
+            let consent_translations = consent_translations("--consent-translation", translations)?;
             let settings = settings.apply(&hafen, Default::default()).await?;
             let result = hafen
                 .widgets()
@@ -250,6 +350,7 @@ pub async fn run(client: &ClientArgs, command: WidgetCommand) -> Outcome {
                     enabled,
                     consent_text,
                     request_id: uuid::Uuid::new_v4().to_string(),
+                    consent_translations,
                 })
                 .await;
             let widget = hafen.check(result).await?;
@@ -278,18 +379,58 @@ pub async fn run(client: &ClientArgs, command: WidgetCommand) -> Outcome {
             let widget = hafen.check(result).await?;
             client.print(widget_json(&widget), || widget_text(&widget));
         }
-        WidgetCommand::ConsentText { widget, text } => {
+        WidgetCommand::ConsentText {
+            widget,
+            text,
+            translations,
+        } => {
+            let translations = consent_translations("--translation", translations)?;
             let result = hafen
                 .widgets()
                 .publish_consent_text(pb::PublishConsentTextRequest {
                     widget_id: widget,
                     text,
+                    translations,
                 })
                 .await;
             let text = hafen.check(result).await?;
             client.print(consent_text_json(&text), || {
                 format!("Published consent text version {}.", text.version)
             });
+        }
+        WidgetCommand::Translation {
+            widget,
+            language,
+            welcome,
+            offline,
+            fields,
+            remove,
+        } => {
+            let fields = fields
+                .iter()
+                .map(|f| field_text(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let current = get(&hafen, &widget).await?;
+            let mut settings = current.settings.unwrap_or_default();
+            settings.translations.retain(|t| t.language != language);
+            if !remove {
+                settings.translations.push(pb::WidgetTranslation {
+                    language,
+                    welcome_message: welcome.unwrap_or_default(),
+                    offline_message: offline.unwrap_or_default(),
+                    pre_chat_fields: fields,
+                });
+            }
+            let result = hafen
+                .widgets()
+                .update_widget(pb::UpdateWidgetRequest {
+                    widget_id: widget,
+                    settings: Some(settings),
+                    enabled: current.enabled,
+                })
+                .await;
+            let widget = hafen.check(result).await?;
+            client.print(widget_json(&widget), || widget_text(&widget));
         }
         WidgetCommand::IdentitySecret { widget, disable } => {
             let result = hafen
@@ -378,9 +519,15 @@ async fn get(hafen: &Hafen, widget: &str) -> Result<pb::Widget, Failure> {
 fn consent_text_json(t: &pb::ConsentText) -> Value {
     json!({
         "version": t.version,
+        "language": t.language,
         "text": t.text,
         "text_sha256": hex::encode(&t.text_sha256),
         "create_time": time(t.create_time.as_ref()),
+        "translations": t.translations.iter().map(|t| json!({
+            "language": t.language,
+            "text": t.text,
+            "text_sha256": hex::encode(&t.text_sha256),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -408,6 +555,15 @@ fn widget_json(w: &pb::Widget) -> Value {
         "visit_lifetime_days": s.visit_lifetime_days,
         "allow_anonymous_chat": s.allow_anonymous_chat,
         "remember_visitors": s.remember_visitors,
+        "language": s.language,
+        "translations": s.translations.iter().map(|t| json!({
+            "language": t.language,
+            "welcome_message": t.welcome_message,
+            "offline_message": t.offline_message,
+            "pre_chat_fields": t.pre_chat_fields.iter().map(|f| json!({
+                "key": f.key, "label": f.label, "purpose": f.purpose,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "agent_user_ids": s.agent_user_ids,
         "identity_verification": w.identity_verification,
         "consent_text": w.consent_text.as_ref().map(consent_text_json),
@@ -426,6 +582,13 @@ fn widget_text(w: &pb::Widget) -> String {
             if w.enabled { "enabled" } else { "disabled" }
         ),
         format!("Origins: {}", s.allowed_origins.join(" ")),
+        format!(
+            "Languages: {}",
+            std::iter::once(s.language.as_str())
+                .chain(s.translations.iter().map(|t| t.language.as_str()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
         format!("Privacy policy: {}", s.privacy_policy_url),
         format!(
             "Agents: {}; anonymous chat {}; visits live {} days{}",
@@ -454,7 +617,13 @@ fn widget_text(w: &pb::Widget) -> String {
         ));
     }
     if let Some(text) = &w.consent_text {
-        out.push(format!("Consent text v{}: {}", text.version, text.text));
+        out.push(format!(
+            "Consent text v{} ({}): {}",
+            text.version, text.language, text.text
+        ));
+        for t in &text.translations {
+            out.push(format!("  ({}): {}", t.language, t.text));
+        }
     }
     out.join("\n")
 }

@@ -500,6 +500,43 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
     assert_eq!(updated["business_hours"]["time_zone"], "Europe/Berlin");
     assert_eq!(updated["enabled"], true, "update keeps what was not given");
     assert_eq!(updated["allowed_origins"][0], "https://shop.example.com");
+    // German texts: the widget's, then a consent text version with its German wording.
+    let translated = cli
+        .json(&[
+            "admin",
+            "widget",
+            "translation",
+            &widget_id,
+            "de",
+            "--welcome",
+            "Hallo!",
+            "--field",
+            "topic|Thema|Um den Chat weiterzuleiten",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(translated["language"], "en");
+    assert_eq!(translated["translations"][0]["language"], "de");
+    assert_eq!(
+        translated["translations"][0]["pre_chat_fields"][0]["label"],
+        "Thema"
+    );
+    let published = cli
+        .json(&[
+            "admin",
+            "widget",
+            "consent-text",
+            &widget_id,
+            "We keep what you write for 30 days to answer you.",
+            "--translation",
+            "de=Wir bewahren auf, was Sie schreiben, 30 Tage lang, um Ihnen zu antworten.",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(published["version"], 2);
+    assert_eq!(published["translations"][0]["language"], "de");
     let listed = cli
         .json(&["admin", "widget", "list", "--profile", "owner"])
         .await;
@@ -569,7 +606,12 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
         0o600,
         "the visitor token is a credential"
     );
-    let again = cli.json(&["visit", "start", &widget_id]).await;
+    let again = cli
+        .json(&["visit", "start", &widget_id, "--language", "de-DE,en"])
+        .await;
+    assert_eq!(again["language"], "de");
+    assert_eq!(again["welcome_message"], "Hallo!");
+    assert_eq!(again["consent_text"]["language"], "de");
     assert_eq!(again["resumed"], true);
     assert_eq!(again["identified"], false);
     assert_eq!(again["visit_id"], visit["visit_id"]);
@@ -589,8 +631,11 @@ async fn cb1_cb9_a_visitor_and_an_agent_use_the_website_chat_from_the_command_li
         .await;
     assert_eq!(early.status.code(), Some(6), "{}", text(&early.stderr));
     assert!(text(&early.stderr).contains("CONSENT_REQUIRED"));
-    let consent = cli.json(&["visit", "consent", "--grant"]).await;
+    let consent = cli
+        .json(&["visit", "consent", "--grant", "--language", "de"])
+        .await;
     assert_eq!(consent["granted"], true);
+    assert_eq!(consent["language"], "de", "the German text was answered");
     let unreleased = cli
         .run(&["visit", "fields", "email=v@example.com"], &[])
         .await;

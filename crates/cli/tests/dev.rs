@@ -35,6 +35,7 @@ async fn gr1_hafen_dev_runs_all_six_services_seeds_the_demo_and_stops_on_sigterm
     let shown = calls
         .get_widget_config(webchat_pb::GetWidgetConfigRequest {
             widget_id: widget.clone(),
+            ..Default::default()
         })
         .await
         .expect("the demo widget is enabled")
@@ -47,6 +48,7 @@ async fn gr1_hafen_dev_runs_all_six_services_seeds_the_demo_and_stops_on_sigterm
         .give_consent(webchat_pb::GiveConsentRequest {
             version: consent.version,
             granted: true,
+            ..Default::default()
         })
         .await
         .unwrap();

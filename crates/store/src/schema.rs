@@ -291,6 +291,17 @@ diesel::table! {
         text -> Text,
         text_sha256 -> Bytea,
         created_at -> Timestamptz,
+        language -> Text,
+    }
+}
+
+diesel::table! {
+    consent_text_translations (widget_id, version, language) {
+        widget_id -> Uuid,
+        version -> Integer,
+        language -> Text,
+        text -> Text,
+        text_sha256 -> Bytea,
     }
 }
 
@@ -316,6 +327,7 @@ diesel::table! {
         text_sha256 -> Bytea,
         granted -> Bool,
         decided_at -> Timestamptz,
+        language -> Text,
     }
 }
 
@@ -344,6 +356,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     purge_runs,
     widgets,
     consent_texts,
+    consent_text_translations,
     visits,
     consent_records,
     visit_fields

@@ -262,11 +262,16 @@ impl VisitorService for VisitorApi {
         request: Request<pb::GetWidgetConfigRequest>,
     ) -> Result<Response<pb::WidgetConfig>, Status> {
         let widget = parse_id("widget_id", &request.get_ref().widget_id)?;
+        let languages = &request.get_ref().languages;
+        crate::visits::check_languages(languages)?;
         self.service
             .limits
             .count_lookup(&request)
             .map_err(Error::RateLimited)?;
-        let config = self.service.widget_config(widget, origin(&request)).await?;
+        let config = self
+            .service
+            .widget_config(widget, origin(&request), languages)
+            .await?;
         Ok(Response::new(config))
     }
 

@@ -147,6 +147,7 @@ impl Service {
                 "text_sha256": hex_of(&c.text_sha256),
                 "granted": c.granted,
                 "decided_at": c.decided_at.to_rfc3339(),
+                "language": c.language,
             })).collect::<Vec<_>>(),
             "messages": held.messages.iter().map(|m| serde_json::json!({
                 "message_id": m.message_id,

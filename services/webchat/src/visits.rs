@@ -114,6 +114,7 @@ pub struct ConsentRow {
     pub text_sha256: Vec<u8>,
     pub granted: bool,
     pub decided_at: DateTime<Utc>,
+    pub language: String,
 }
 
 impl ConsentRow {
@@ -123,8 +124,44 @@ impl ConsentRow {
             text_sha256: self.text_sha256.clone(),
             granted: self.granted,
             decide_time: Some(hafen_platform::timestamp(self.decided_at)),
+            language: self.language.clone(),
         }
     }
+}
+
+/// Most languages a visitor's GetWidgetConfig names, and the longest.
+const MAX_LANGUAGES: usize = 10;
+const MAX_LANGUAGE_TAG: usize = 35;
+
+/// Checks the visitor's languages (browser language tags, best first).
+pub(crate) fn check_languages(languages: &[String]) -> Result<(), Error> {
+    if languages.len() > MAX_LANGUAGES || languages.iter().any(|tag| tag.len() > MAX_LANGUAGE_TAG) {
+        return Err(Error::invalid(
+            "languages",
+            "at most 10 language tags of up to 35 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The first of `offered` that one of `preferred` (language tags, best first: "de-AT", "en")
+/// names by its language, else `fallback`.
+pub(crate) fn choose_language<'a>(
+    preferred: &[String],
+    offered: &[&'a str],
+    fallback: &'a str,
+) -> &'a str {
+    preferred
+        .iter()
+        .filter_map(|tag| {
+            let primary = tag.split(['-', '_']).next().unwrap_or_default();
+            offered
+                .iter()
+                .copied()
+                .find(|language| language.eq_ignore_ascii_case(primary))
+        })
+        .next()
+        .unwrap_or(fallback)
 }
 
 pub(crate) fn token_hash(token: &str) -> Vec<u8> {
@@ -507,42 +544,47 @@ impl Service {
         })
     }
 
-    /// GetWidgetConfig.
+    /// GetWidgetConfig, in the first of the visitor's `languages` that the widget offers: one
+    /// it has texts in and the current consent text has too.
     pub async fn widget_config(
         &self,
         id: Uuid,
         origin: Option<&str>,
+        languages: &[String],
     ) -> Result<pb::WidgetConfig, Error> {
         let live = self.live_widget(id, origin).await?;
         let hours = live.settings.business_hours.clone();
         let agents = live.settings.agents.clone();
-        let (text, online) = self
+        let (consent, online) = self
             .scoped(live.tenant, move |conn| {
                 Box::pin(async move {
-                    let text = widgets::current_text(conn, id).await?;
+                    let consent = widgets::current_version(conn, id).await?;
                     let online = hours.open_now(conn).await?
                         && !widgets::active_agents(conn, &agents).await?.is_empty();
-                    Ok((text, online))
+                    Ok((consent, online))
                 })
             })
             .await?;
         let s = &live.settings;
+        let offered: Vec<&str> = s
+            .languages()
+            .filter(|language| consent.in_language(language).is_some())
+            .collect();
+        let language = choose_language(languages, &offered, &s.language);
+        let texts = s.texts(language);
         Ok(pb::WidgetConfig {
             widget_id: id.to_string(),
             privacy_policy_url: s.privacy_policy_url.clone(),
-            welcome_message: s.welcome_message.clone(),
-            offline_message: s.offline_message.clone(),
-            pre_chat_fields: s
-                .pre_chat_fields
-                .iter()
-                .map(widgets::Field::to_proto)
-                .collect(),
-            consent_text: Some(text.to_proto()),
+            welcome_message: texts.welcome_message,
+            offline_message: texts.offline_message,
+            pre_chat_fields: texts.pre_chat_fields,
+            consent_text: Some(consent.to_proto_in(language)),
             business_hours: Some(s.business_hours.to_proto()),
             allow_anonymous_chat: s.allow_anonymous_chat,
             online,
             remember_visitors: s.remember_visitors,
             visit_lifetime_days: live.row.visit_lifetime_days,
+            language: language.to_owned(),
         })
     }
 
@@ -719,6 +761,15 @@ impl Service {
         if request.version < 1 {
             return Err(Error::invalid("version", "a consent text version, from 1"));
         }
+        if !request.language.is_empty()
+            && (request.language.len() != 2
+                || !request.language.bytes().all(|b| b.is_ascii_lowercase()))
+        {
+            return Err(Error::invalid(
+                "language",
+                "an ISO 639-1 language code, two lowercase letters such as de or en",
+            ));
+        }
         let (tenant, widget, visit) = (visitor.tenant, visitor.widget.row.id, visitor.visit.id);
         let granted = request.granted;
         let record = self
@@ -726,20 +777,28 @@ impl Service {
                 Box::pin(async move {
                     lock_visit(conn, visit).await?;
                     hold_sends(conn).await?;
-                    let current = widgets::current_text(conn, widget).await?;
-                    if current.version != request.version {
+                    let current = widgets::current_version(conn, widget).await?;
+                    if current.version() != request.version {
                         return Err(Error::InvalidState(
                             "not the widget's current consent text; ask with the current one",
                         ));
                     }
+                    let language = match request.language.as_str() {
+                        "" => current.own.language.clone(),
+                        given => given.to_owned(),
+                    };
+                    let (_, text_sha256) = current.in_language(&language).ok_or_else(|| {
+                        Error::invalid("language", "the consent text has no version in it")
+                    })?;
                     let row: ConsentRow = diesel::insert_into(consent_records::table)
                         .values((
                             consent_records::id.eq(Uuid::now_v7()),
                             consent_records::visit_id.eq(visit),
-                            consent_records::version.eq(current.version),
-                            consent_records::text_sha256.eq(&current.text_sha256),
+                            consent_records::version.eq(current.version()),
+                            consent_records::text_sha256.eq(text_sha256),
                             consent_records::granted.eq(granted),
                             consent_records::decided_at.eq(now()),
+                            consent_records::language.eq(&language),
                         ))
                         .returning(ConsentRow::as_returning())
                         .get_result(conn)
@@ -763,6 +822,7 @@ impl Service {
                         .target("visit", visit)
                         .attribute("widget_id", widget)
                         .attribute("version", i64::from(row.version))
+                        .attribute("language", &row.language)
                         .attribute("consent_record_id", row.id);
                     hafen_events::record(conn, &event).await?;
                     Ok(row)
@@ -894,5 +954,33 @@ impl Service {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(tags: &[&str]) -> Vec<String> {
+        tags.iter().map(|t| (*t).to_owned()).collect()
+    }
+
+    #[test]
+    fn cb2_the_first_of_the_visitors_languages_the_widget_offers_is_chosen() {
+        let offered = ["en", "de"];
+        let choose = |preferred: &[&str]| choose_language(&tags(preferred), &offered, "en");
+        assert_eq!(choose(&["de-AT", "en"]), "de", "by the primary subtag");
+        assert_eq!(choose(&["fr", "DE"]), "de", "case does not matter");
+        assert_eq!(choose(&["en_GB", "de"]), "en");
+        assert_eq!(
+            choose(&["fr-FR", "it"]),
+            "en",
+            "none offered: the widget's own"
+        );
+        assert_eq!(choose(&[]), "en");
+        assert_eq!(choose(&["", "-de"]), "en", "odd tags choose nothing");
+        assert!(check_languages(&tags(&["de"; 10])).is_ok());
+        assert!(check_languages(&tags(&["de"; 11])).is_err());
+        assert!(check_languages(&[format!("de-{}", "x".repeat(33))]).is_err());
     }
 }

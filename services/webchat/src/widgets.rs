@@ -8,7 +8,9 @@ use diesel_async::RunQueryDsl;
 use hafen_authn::Principal;
 use hafen_events::{Actor, Event};
 use hafen_proto::webchat::v1 as pb;
-use hafen_store::schema::{consent_texts, users, widget_routes, widgets};
+use hafen_store::schema::{
+    consent_text_translations, consent_texts, users, widget_routes, widgets,
+};
 use hafen_store::settings::Settings as TenantSettings;
 use hafen_store::{AsyncPgConnection, now};
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,14 @@ const MAX_AGENTS: usize = 50;
 const MAX_CONSENT_CHARS: usize = 10_000;
 /// A visit's lifetime when the widget does not say.
 const DEFAULT_LIFETIME_DAYS: i32 = 30;
+/// Most translations of a widget's texts, and of a consent text version.
+const MAX_TRANSLATIONS: usize = 10;
+/// The language of a widget that does not name one.
+pub const DEFAULT_LANGUAGE: &str = "en";
+
+fn default_language() -> String {
+    DEFAULT_LANGUAGE.to_owned()
+}
 
 /// A widget's settings as stored (`widgets.settings`), validated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -45,6 +55,37 @@ pub struct Settings {
     /// Whether the widget keeps a visit's token for return visits (with consent).
     #[serde(default)]
     pub remember_visitors: bool,
+    /// The language of the texts above (ISO 639-1).
+    #[serde(default = "default_language")]
+    pub language: String,
+    /// The texts in other languages.
+    #[serde(default)]
+    pub translations: Vec<Translation>,
+}
+
+/// A widget's texts in another language.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Translation {
+    pub language: String,
+    pub welcome_message: String,
+    pub offline_message: String,
+    /// Labels and purposes of pre-chat fields, in the fields' order.
+    pub fields: Vec<FieldText>,
+}
+
+/// A pre-chat field's texts in a translation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FieldText {
+    pub key: String,
+    pub label: String,
+    pub purpose: String,
+}
+
+/// A widget's texts in one language, as a visitor sees them.
+pub struct Texts {
+    pub welcome_message: String,
+    pub offline_message: String,
+    pub pre_chat_fields: Vec<pb::PreChatField>,
 }
 
 /// A pre-chat field.
@@ -86,6 +127,46 @@ impl Settings {
         self.pre_chat_fields.iter().find(|field| field.key == key)
     }
 
+    /// The languages the texts come in, the widget's own first.
+    pub fn languages(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.language.as_str())
+            .chain(self.translations.iter().map(|t| t.language.as_str()))
+    }
+
+    /// The texts in `language`; what a translation leaves out (or all, without one) in the
+    /// widget's own language.
+    pub fn texts(&self, language: &str) -> Texts {
+        let fields = self.pre_chat_fields.iter().map(Field::to_proto);
+        let or_own = |translated: &str, own: &str| {
+            if translated.is_empty() {
+                own
+            } else {
+                translated
+            }
+            .to_owned()
+        };
+        match self.translations.iter().find(|t| t.language == language) {
+            Some(t) => Texts {
+                welcome_message: or_own(&t.welcome_message, &self.welcome_message),
+                offline_message: or_own(&t.offline_message, &self.offline_message),
+                pre_chat_fields: fields
+                    .map(|mut field| {
+                        if let Some(text) = t.fields.iter().find(|f| f.key == field.key) {
+                            field.label.clone_from(&text.label);
+                            field.purpose.clone_from(&text.purpose);
+                        }
+                        field
+                    })
+                    .collect(),
+            },
+            None => Texts {
+                welcome_message: self.welcome_message.clone(),
+                offline_message: self.offline_message.clone(),
+                pre_chat_fields: fields.collect(),
+            },
+        }
+    }
+
     pub fn to_proto(&self, lifetime_days: i32) -> pb::WidgetSettings {
         pb::WidgetSettings {
             name: self.name.clone(),
@@ -99,6 +180,25 @@ impl Settings {
             allow_anonymous_chat: self.allow_anonymous_chat,
             agent_user_ids: self.agents.iter().map(Uuid::to_string).collect(),
             remember_visitors: self.remember_visitors,
+            language: self.language.clone(),
+            translations: self
+                .translations
+                .iter()
+                .map(|t| pb::WidgetTranslation {
+                    language: t.language.clone(),
+                    welcome_message: t.welcome_message.clone(),
+                    offline_message: t.offline_message.clone(),
+                    pre_chat_fields: t
+                        .fields
+                        .iter()
+                        .map(|f| pb::PreChatFieldText {
+                            key: f.key.clone(),
+                            label: f.label.clone(),
+                            purpose: f.purpose.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
         }
     }
 }
@@ -184,6 +284,70 @@ fn text(field: &str, text: &str, min: usize, max: usize) -> Result<String, Error
         return Err(Error::invalid(field, "no control characters"));
     }
     Ok(text.to_owned())
+}
+
+/// An ISO 639-1 language code: two lowercase letters.
+fn language(field: &str, value: &str) -> Result<String, Error> {
+    if value.len() == 2 && value.bytes().all(|b| b.is_ascii_lowercase()) {
+        Ok(value.to_owned())
+    } else {
+        Err(Error::invalid(
+            field,
+            "an ISO 639-1 language code, two lowercase letters such as de or en",
+        ))
+    }
+}
+
+/// Validates the translations of a widget's texts against its validated `base` texts.
+fn translations(
+    given: Vec<pb::WidgetTranslation>,
+    base: &Settings,
+) -> Result<Vec<Translation>, Error> {
+    if given.len() > MAX_TRANSLATIONS {
+        return Err(Error::invalid("settings.translations", "at most 10"));
+    }
+    let mut out: Vec<Translation> = Vec::with_capacity(given.len());
+    for (i, t) in given.into_iter().enumerate() {
+        let at = |name: &str| format!("settings.translations[{i}].{name}");
+        let lang = language(&at("language"), &t.language)?;
+        if lang == base.language {
+            return Err(Error::invalid(
+                at("language"),
+                "the widget's own language (settings.language)",
+            ));
+        }
+        if out.iter().any(|o| o.language == lang) {
+            return Err(Error::invalid(at("language"), "each language once"));
+        }
+        let welcome = text(&at("welcome_message"), &t.welcome_message, 0, 1000)?;
+        let offline = text(&at("offline_message"), &t.offline_message, 0, 1000)?;
+        let mut fields: Vec<FieldText> = Vec::with_capacity(base.pre_chat_fields.len());
+        for (j, field) in t.pre_chat_fields.iter().enumerate() {
+            let at = |name: &str| format!("settings.translations[{i}].pre_chat_fields[{j}].{name}");
+            if base.field(&field.key).is_none() {
+                return Err(Error::invalid(
+                    at("key"),
+                    "not one of the widget's pre-chat fields",
+                ));
+            }
+            if fields.iter().any(|f| f.key == field.key) {
+                return Err(Error::invalid(at("key"), "each field once"));
+            }
+            fields.push(FieldText {
+                key: field.key.clone(),
+                label: text(&at("label"), field.label.trim(), 1, 200)?,
+                purpose: text(&at("purpose"), field.purpose.trim(), 1, 500)?,
+            });
+        }
+        fields.sort_by_key(|f| base.pre_chat_fields.iter().position(|b| b.key == f.key));
+        out.push(Translation {
+            language: lang,
+            welcome_message: welcome,
+            offline_message: offline,
+            fields,
+        });
+    }
+    Ok(out)
 }
 
 /// "HH:MM", 24-hour; minutes since midnight.
@@ -297,24 +461,28 @@ pub fn validate(
         days if days > max_days => return Err(Error::LifetimeTooLong(max_days)),
         days => days,
     };
-    Ok((
-        Settings {
-            name,
-            allowed_origins: s.allowed_origins,
-            privacy_policy_url: s.privacy_policy_url,
-            pre_chat_fields: fields,
-            welcome_message: text("settings.welcome_message", &s.welcome_message, 0, 1000)?,
-            offline_message: text("settings.offline_message", &s.offline_message, 0, 1000)?,
-            business_hours: Hours {
-                time_zone: hours.time_zone,
-                intervals,
-            },
-            allow_anonymous_chat: s.allow_anonymous_chat,
-            agents,
-            remember_visitors: s.remember_visitors,
+    let mut settings = Settings {
+        name,
+        allowed_origins: s.allowed_origins,
+        privacy_policy_url: s.privacy_policy_url,
+        pre_chat_fields: fields,
+        welcome_message: text("settings.welcome_message", &s.welcome_message, 0, 1000)?,
+        offline_message: text("settings.offline_message", &s.offline_message, 0, 1000)?,
+        business_hours: Hours {
+            time_zone: hours.time_zone,
+            intervals,
         },
-        lifetime,
-    ))
+        allow_anonymous_chat: s.allow_anonymous_chat,
+        agents,
+        remember_visitors: s.remember_visitors,
+        language: match s.language.as_str() {
+            "" => default_language(),
+            given => language("settings.language", given)?,
+        },
+        translations: Vec::new(),
+    };
+    settings.translations = translations(s.translations, &settings)?;
+    Ok((settings, lifetime))
 }
 
 /// A widget row.
@@ -345,7 +513,7 @@ impl WidgetRow {
     }
 }
 
-/// A consent text row.
+/// A consent text row: a version's own text.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = consent_texts)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
@@ -354,15 +522,78 @@ pub struct ConsentTextRow {
     pub text: String,
     pub text_sha256: Vec<u8>,
     pub created_at: DateTime<Utc>,
+    pub language: String,
 }
 
-impl ConsentTextRow {
+/// A consent text version in another language.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = consent_text_translations)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct ConsentTranslationRow {
+    pub language: String,
+    pub text: String,
+    pub text_sha256: Vec<u8>,
+}
+
+/// A consent text version in all its languages.
+#[derive(Debug, Clone)]
+pub struct ConsentVersion {
+    pub own: ConsentTextRow,
+    pub translations: Vec<ConsentTranslationRow>,
+}
+
+impl ConsentVersion {
+    pub fn version(&self) -> i32 {
+        self.own.version
+    }
+
+    /// The text in `language` and its hash, if the version has that language.
+    pub fn in_language(&self, language: &str) -> Option<(&str, &[u8])> {
+        if self.own.language == language {
+            return Some((&self.own.text, &self.own.text_sha256));
+        }
+        self.translations
+            .iter()
+            .find(|t| t.language == language)
+            .map(|t| (t.text.as_str(), t.text_sha256.as_slice()))
+    }
+
+    /// The admins' form: the own text with every translation.
     pub fn to_proto(&self) -> pb::ConsentText {
         pb::ConsentText {
-            version: self.version,
-            text: self.text.clone(),
-            text_sha256: self.text_sha256.clone(),
-            create_time: Some(hafen_platform::timestamp(self.created_at)),
+            version: self.own.version,
+            text: self.own.text.clone(),
+            text_sha256: self.own.text_sha256.clone(),
+            create_time: Some(hafen_platform::timestamp(self.own.created_at)),
+            language: self.own.language.clone(),
+            translations: self
+                .translations
+                .iter()
+                .map(|t| pb::ConsentTranslation {
+                    language: t.language.clone(),
+                    text: t.text.clone(),
+                    text_sha256: t.text_sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A visitor's form: the text in `language` alone (the own text if it has none).
+    pub fn to_proto_in(&self, language: &str) -> pb::ConsentText {
+        let (language, (text, sha)) = match self.in_language(language) {
+            Some(found) => (language, found),
+            None => (
+                self.own.language.as_str(),
+                (self.own.text.as_str(), self.own.text_sha256.as_slice()),
+            ),
+        };
+        pb::ConsentText {
+            version: self.own.version,
+            text: text.to_owned(),
+            text_sha256: sha.to_vec(),
+            create_time: Some(hafen_platform::timestamp(self.own.created_at)),
+            language: language.to_owned(),
+            translations: Vec::new(),
         }
     }
 }
@@ -377,7 +608,23 @@ pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Widge
         .optional()?)
 }
 
-/// The widget's current consent text (its newest version).
+/// The widget's current consent text (its newest version) in all its languages.
+pub async fn current_version(
+    conn: &mut AsyncPgConnection,
+    widget: Uuid,
+) -> Result<ConsentVersion, Error> {
+    let own = current_text(conn, widget).await?;
+    let translations = consent_text_translations::table
+        .filter(consent_text_translations::widget_id.eq(widget))
+        .filter(consent_text_translations::version.eq(own.version))
+        .order(consent_text_translations::language.asc())
+        .select(ConsentTranslationRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(ConsentVersion { own, translations })
+}
+
+/// The widget's current consent text (its newest version), in its own language.
 pub async fn current_text(
     conn: &mut AsyncPgConnection,
     widget: Uuid,
@@ -392,29 +639,108 @@ pub async fn current_text(
         .ok_or(Error::Bug("a widget without a consent text"))
 }
 
-/// Adds version `version` of `widget`'s consent text.
+/// A consent text version as given: the text in the widget's language, and translations.
+struct NewConsent {
+    text: String,
+    /// (language, text), validated but for the widget's own language.
+    translations: Vec<(String, String)>,
+}
+
+impl NewConsent {
+    /// Checks the texts; `field` names the text and `translations_field` the translations.
+    fn validate(
+        field: &str,
+        text: &str,
+        translations_field: &str,
+        translations: Vec<pb::ConsentTranslation>,
+    ) -> Result<Self, Error> {
+        let text = consent_text(field, text)?;
+        if translations.len() > MAX_TRANSLATIONS {
+            return Err(Error::invalid(translations_field, "at most 10"));
+        }
+        let mut out: Vec<(String, String)> = Vec::with_capacity(translations.len());
+        for (i, t) in translations.into_iter().enumerate() {
+            let lang = language(&format!("{translations_field}[{i}].language"), &t.language)?;
+            if out.iter().any(|(l, _)| *l == lang) {
+                return Err(Error::invalid(
+                    format!("{translations_field}[{i}].language"),
+                    "each language once",
+                ));
+            }
+            let text = consent_text(&format!("{translations_field}[{i}].text"), &t.text)?;
+            out.push((lang, text));
+        }
+        Ok(Self {
+            text,
+            translations: out,
+        })
+    }
+
+    /// Refuses a translation into the widget's own `language` (that text is the own one).
+    fn require_other_than(&self, language: &str, translations_field: &str) -> Result<(), Error> {
+        match self.translations.iter().position(|(l, _)| l == language) {
+            Some(i) => Err(Error::invalid(
+                format!("{translations_field}[{i}].language"),
+                "the widget's own language: that text is the version's own",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn sha256(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
+/// Adds version `version` of `widget`'s consent text, its own text in `language`.
 async fn insert_text(
     conn: &mut AsyncPgConnection,
     widget: Uuid,
     version: i32,
-    text: &str,
+    language: &str,
+    consent: &NewConsent,
     at: DateTime<Utc>,
-) -> Result<ConsentTextRow, Error> {
-    Ok(diesel::insert_into(consent_texts::table)
+) -> Result<ConsentVersion, Error> {
+    let own = diesel::insert_into(consent_texts::table)
         .values((
             consent_texts::widget_id.eq(widget),
             consent_texts::version.eq(version),
-            consent_texts::text.eq(text),
-            consent_texts::text_sha256.eq(Sha256::digest(text.as_bytes()).to_vec()),
+            consent_texts::text.eq(&consent.text),
+            consent_texts::text_sha256.eq(sha256(&consent.text)),
             consent_texts::created_at.eq(at),
+            consent_texts::language.eq(language),
         ))
         .returning(ConsentTextRow::as_returning())
         .get_result(conn)
-        .await?)
+        .await?;
+    let rows: Vec<_> = consent
+        .translations
+        .iter()
+        .map(|(lang, text)| {
+            (
+                consent_text_translations::widget_id.eq(widget),
+                consent_text_translations::version.eq(version),
+                consent_text_translations::language.eq(lang),
+                consent_text_translations::text.eq(text),
+                consent_text_translations::text_sha256.eq(sha256(text)),
+            )
+        })
+        .collect();
+    let mut translations = if rows.is_empty() {
+        Vec::new()
+    } else {
+        diesel::insert_into(consent_text_translations::table)
+            .values(rows)
+            .returning(ConsentTranslationRow::as_returning())
+            .get_results(conn)
+            .await?
+    };
+    translations.sort_by(|a, b| a.language.cmp(&b.language));
+    Ok(ConsentVersion { own, translations })
 }
 
 /// The API form of a widget with its current consent text.
-fn widget_proto(row: &WidgetRow, text: &ConsentTextRow) -> Result<pb::Widget, Error> {
+fn widget_proto(row: &WidgetRow, text: &ConsentVersion) -> Result<pb::Widget, Error> {
     Ok(pb::Widget {
         widget_id: row.id.to_string(),
         settings: Some(row.settings()?.to_proto(row.visit_lifetime_days)),
@@ -527,7 +853,14 @@ impl Service {
         };
         let max_days = self.retention_days(caller.tenant_id).await?;
         let (settings, lifetime) = validate(request.settings, max_days)?;
-        let text = consent_text("consent_text", &request.consent_text)?;
+        let consent = NewConsent::validate(
+            "consent_text",
+            &request.consent_text,
+            "consent_translations",
+            request.consent_translations,
+        )?;
+        consent.require_other_than(&settings.language, "consent_translations")?;
+        let language = settings.language.clone();
         let enabled = request.enabled;
         let stored = serde_json::to_value(&settings)
             .map_err(|_| Error::Bug("widget settings do not serialise"))?;
@@ -554,7 +887,7 @@ impl Service {
                         .optional()?;
                     match found {
                         Some(row) => {
-                            let text = current_text(conn, row.id).await?;
+                            let text = current_version(conn, row.id).await?;
                             Ok(Some(widget_proto(&row, &text)?))
                         }
                         None => Ok(None),
@@ -590,7 +923,7 @@ impl Service {
                             .await
                             .optional()?
                     {
-                        let text = current_text(conn, existing.id).await?;
+                        let text = current_version(conn, existing.id).await?;
                         return widget_proto(&existing, &text);
                     }
                     require_agents(conn, &agents).await?;
@@ -618,10 +951,10 @@ impl Service {
                             .select(WidgetRow::as_select())
                             .first(conn)
                             .await?;
-                        let text = current_text(conn, existing.id).await?;
+                        let text = current_version(conn, existing.id).await?;
                         return widget_proto(&existing, &text);
                     };
-                    let text = insert_text(conn, id, 1, &text, at).await?;
+                    let text = insert_text(conn, id, 1, &language, &consent, at).await?;
                     hafen_events::record(
                         conn,
                         &widget_event(&event_caller, "webchat.widget.created", id)
@@ -651,6 +984,7 @@ impl Service {
             .map_err(|_| Error::Bug("widget settings do not serialise"))?;
         let agents = settings.agents.clone();
         let zone = settings.business_hours.time_zone.clone();
+        let language = settings.language.clone();
         let event_caller = caller.clone();
         let widget = self
             .scoped(caller.tenant_id, move |conn| {
@@ -675,7 +1009,16 @@ impl Service {
                             .attribute("enabled", enabled),
                     )
                     .await?;
-                    let text = current_text(conn, id).await?;
+                    let text = current_version(conn, id).await?;
+                    // Visitors who get none of the translations get the widget's language: its
+                    // consent text must be there.
+                    if text.in_language(&language).is_none() {
+                        return Err(Error::invalid(
+                            "settings.language",
+                            "the current consent text has no version in this language; \
+                             publish one with it first",
+                        ));
+                    }
                     widget_proto(&row, &text)
                 })
             })
@@ -693,7 +1036,8 @@ impl Service {
     ) -> Result<pb::ConsentText, Error> {
         admin_only(caller)?;
         let id = parse_id("widget_id", &request.widget_id)?;
-        let text = consent_text("text", &request.text)?;
+        let consent =
+            NewConsent::validate("text", &request.text, "translations", request.translations)?;
         let event_caller = caller.clone();
         let published = self
             .scoped(caller.tenant_id, move |conn| {
@@ -703,15 +1047,16 @@ impl Service {
                         .set(widgets::updated_at.eq(now()))
                         .execute(conn)
                         .await?;
-                    if find(conn, id).await?.is_none() {
-                        return Err(Error::NotFound("widget"));
-                    }
+                    let widget = find(conn, id).await?.ok_or(Error::NotFound("widget"))?;
+                    let language = widget.settings()?.language;
+                    consent.require_other_than(&language, "translations")?;
                     let current = current_text(conn, id).await?;
-                    let row = insert_text(conn, id, current.version + 1, &text, now()).await?;
+                    let version = current.version + 1;
+                    let row = insert_text(conn, id, version, &language, &consent, now()).await?;
                     hafen_events::record(
                         conn,
                         &widget_event(&event_caller, "webchat.consent_text.published", id)
-                            .attribute("version", i64::from(row.version)),
+                            .attribute("version", i64::from(version)),
                     )
                     .await?;
                     Ok(row.to_proto())
@@ -798,7 +1143,7 @@ impl Service {
         self.scoped(caller.tenant_id, move |conn| {
             Box::pin(async move {
                 let row = find(conn, id).await?.ok_or(Error::NotFound("widget"))?;
-                let text = current_text(conn, id).await?;
+                let text = current_version(conn, id).await?;
                 widget_proto(&row, &text)
             })
         })
@@ -836,8 +1181,34 @@ impl Service {
                     .select((consent_texts::widget_id, ConsentTextRow::as_select()))
                     .load(conn)
                     .await?;
-                let texts: std::collections::HashMap<Uuid, ConsentTextRow> =
-                    texts.into_iter().collect();
+                let mut texts: std::collections::HashMap<Uuid, ConsentVersion> = texts
+                    .into_iter()
+                    .map(|(id, own)| {
+                        let translations = Vec::new();
+                        (id, ConsentVersion { own, translations })
+                    })
+                    .collect();
+                // The current versions' translations (and maybe a few of others, dropped).
+                let versions: Vec<i32> = texts.values().map(ConsentVersion::version).collect();
+                let translations: Vec<(Uuid, i32, ConsentTranslationRow)> =
+                    consent_text_translations::table
+                        .filter(consent_text_translations::widget_id.eq_any(&ids))
+                        .filter(consent_text_translations::version.eq_any(&versions))
+                        .order(consent_text_translations::language.asc())
+                        .select((
+                            consent_text_translations::widget_id,
+                            consent_text_translations::version,
+                            ConsentTranslationRow::as_select(),
+                        ))
+                        .load(conn)
+                        .await?;
+                for (widget, version, translation) in translations {
+                    if let Some(current) = texts.get_mut(&widget)
+                        && current.version() == version
+                    {
+                        current.translations.push(translation);
+                    }
+                }
                 let mut out = Vec::with_capacity(rows.len());
                 for row in &rows {
                     let text = texts

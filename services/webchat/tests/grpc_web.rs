@@ -124,6 +124,7 @@ async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widg
                 enabled: true,
                 consent_text: "Consent".into(),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -162,6 +163,7 @@ async fn cb8_a_browser_calls_the_visitor_service_with_grpc_web_and_cors_per_widg
         ORIGIN,
         &pb::GetWidgetConfigRequest {
             widget_id: widget.clone(),
+            ..Default::default()
         },
     )
     .await;
@@ -280,6 +282,7 @@ async fn cb8_a_browser_on_http1_gets_the_same_grpc_web_and_cors() {
                 enabled: true,
                 consent_text: "Consent".into(),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -309,6 +312,7 @@ async fn cb8_a_browser_on_http1_gets_the_same_grpc_web_and_cors() {
 
     let request = frame(&pb::GetWidgetConfigRequest {
         widget_id: widget.clone(),
+        ..Default::default()
     });
     let call = |origin: &'static str| {
         let (stack, path, request) = (&stack, path.clone(), request.clone());

@@ -103,6 +103,7 @@ impl Setup {
                     enabled,
                     consent_text: "We store what you give us to answer you.".into(),
                     request_id: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -129,6 +130,7 @@ impl Setup {
                     enabled: true,
                     consent_text: "Consent".into(),
                     request_id: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -158,7 +160,14 @@ impl Setup {
         self.stack
             .visitor_client()
             .await
-            .give_consent(visitor(token, pb::GiveConsentRequest { version, granted }))
+            .give_consent(visitor(
+                token,
+                pb::GiveConsentRequest {
+                    version,
+                    granted,
+                    ..Default::default()
+                },
+            ))
             .await
             .unwrap()
             .into_inner()
@@ -276,6 +285,7 @@ async fn cb7_the_privacy_link_is_required_and_returned_by_get_widget_config() {
             ORIGIN,
             pb::GetWidgetConfigRequest {
                 widget_id: widget.widget_id.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -318,7 +328,13 @@ async fn cb7_the_privacy_link_is_required_and_returned_by_get_widget_config() {
                 let config = stack
                     .visitor_client()
                     .await
-                    .get_widget_config(from(ORIGIN, pb::GetWidgetConfigRequest { widget_id: id }))
+                    .get_widget_config(from(
+                        ORIGIN,
+                        pb::GetWidgetConfigRequest {
+                            widget_id: id,
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .ok()?
                     .into_inner();
@@ -340,6 +356,7 @@ async fn ul5_a_widget_serves_visitors_only_when_it_and_the_tenant_feature_are_on
             ORIGIN,
             pb::GetWidgetConfigRequest {
                 widget_id: widget.widget_id.clone(),
+                ..Default::default()
             },
         )
     };
@@ -466,6 +483,7 @@ async fn cb2_consent_declined_stores_nothing_personal_and_granted_is_recorded_wi
             pb::PublishConsentTextRequest {
                 widget_id: widget.widget_id.clone(),
                 text: "A new text.".into(),
+                ..Default::default()
             },
         ))
         .await
@@ -481,12 +499,295 @@ async fn cb2_consent_declined_stores_nothing_personal_and_granted_is_recorded_wi
             pb::GiveConsentRequest {
                 version: 1,
                 granted: true,
+                ..Default::default()
             },
         ))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
     assert_eq!(reason(&stale), "INVALID_STATE");
+}
+
+/// German texts for [`settings`].
+fn german() -> pb::WidgetTranslation {
+    let text = |key: &str, label: &str, purpose: &str| pb::PreChatFieldText {
+        key: key.into(),
+        label: label.into(),
+        purpose: purpose.into(),
+    };
+    pb::WidgetTranslation {
+        language: "de".into(),
+        welcome_message: "Hallo!".into(),
+        offline_message: String::new(),
+        pre_chat_fields: vec![
+            text("topic", "Thema", "Um den Chat weiterzuleiten"),
+            text("email", "E-Mail", "Um per E-Mail zu antworten"),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb2_a_widget_speaks_the_visitors_language_and_each_answer_names_the_text_it_answered() {
+    let s = setup().await;
+    let mut widgets = s.stack.widget_client().await;
+    let mut visitors = s.stack.visitor_client().await;
+    let create = |settings: pb::WidgetSettings, translations: Vec<pb::ConsentTranslation>| {
+        with_token(
+            &s.owner,
+            pb::CreateWidgetRequest {
+                settings: Some(settings),
+                enabled: true,
+                consent_text: "We store what you give us to answer you.".into(),
+                consent_translations: translations,
+                ..Default::default()
+            },
+        )
+    };
+    let consent_de = || pb::ConsentTranslation {
+        language: "de".into(),
+        text: "Wir speichern, was Sie uns geben, um Ihnen zu antworten.".into(),
+        ..Default::default()
+    };
+
+    // Bad translations are named.
+    let refusals = [
+        {
+            let mut t = german();
+            t.language = "en".into();
+            ("settings.translations[0].language", vec![t], vec![])
+        },
+        {
+            let mut t = german();
+            t.language = "DE".into();
+            ("settings.translations[0].language", vec![t], vec![])
+        },
+        (
+            "settings.translations[1].language",
+            vec![german(), german()],
+            vec![],
+        ),
+        {
+            let mut t = german();
+            t.pre_chat_fields[1].key = "phone".into();
+            (
+                "settings.translations[0].pre_chat_fields[1].key",
+                vec![t],
+                vec![],
+            )
+        },
+        {
+            let mut t = german();
+            t.pre_chat_fields[0].label = String::new();
+            (
+                "settings.translations[0].pre_chat_fields[0].label",
+                vec![t],
+                vec![],
+            )
+        },
+        (
+            "consent_translations[0].language",
+            vec![german()],
+            vec![pb::ConsentTranslation {
+                language: "en".into(),
+                ..consent_de()
+            }],
+        ),
+        (
+            "consent_translations[1].text",
+            vec![german()],
+            vec![
+                consent_de(),
+                pb::ConsentTranslation {
+                    language: "fr".into(),
+                    text: " ".into(),
+                    ..Default::default()
+                },
+            ],
+        ),
+    ];
+    for (named, translations, consent) in refusals {
+        let mut settings = settings();
+        settings.translations = translations;
+        let refused = widgets
+            .create_widget(create(settings, consent))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{named}");
+        assert_eq!(field(&refused), named);
+    }
+
+    let mut bilingual = settings();
+    bilingual.translations = vec![german()];
+    let widget = widgets
+        .create_widget(create(bilingual, vec![consent_de()]))
+        .await
+        .unwrap()
+        .into_inner();
+    let text = widget.consent_text.clone().unwrap();
+    assert_eq!(text.language, "en", "the widget's own language by default");
+    assert_eq!(widget.settings.as_ref().unwrap().language, "en");
+    assert_eq!(
+        text.translations
+            .iter()
+            .map(|t| t.language.as_str())
+            .collect::<Vec<_>>(),
+        ["de"]
+    );
+
+    let config = |languages: &[&str]| {
+        from(
+            ORIGIN,
+            pb::GetWidgetConfigRequest {
+                widget_id: widget.widget_id.clone(),
+                languages: languages.iter().map(|l| (*l).to_owned()).collect(),
+            },
+        )
+    };
+    // The first language the widget has, by its primary tag.
+    let de = visitors
+        .get_widget_config(config(&["fr-FR", "de-AT", "en"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(de.language, "de");
+    assert_eq!(de.welcome_message, "Hallo!");
+    let labels: Vec<(&str, &str, &str)> = de
+        .pre_chat_fields
+        .iter()
+        .map(|f| (f.key.as_str(), f.label.as_str(), f.purpose.as_str()))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("email", "E-Mail", "Um per E-Mail zu antworten"),
+            ("topic", "Thema", "Um den Chat weiterzuleiten"),
+        ],
+        "in the widget's order, with the widget's flags"
+    );
+    assert!(de.pre_chat_fields[0].personal && de.pre_chat_fields[1].required);
+    let de_text = de.consent_text.clone().unwrap();
+    assert_eq!(
+        (de_text.language.as_str(), de_text.text.as_str()),
+        ("de", consent_de().text.as_str())
+    );
+    assert!(de_text.translations.is_empty(), "visitors get one language");
+    for asked in [&[][..], &["fr"][..], &["en-GB", "de"][..]] {
+        let en = visitors
+            .get_widget_config(config(asked))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(en.language, "en", "{asked:?}");
+        assert_eq!(en.welcome_message, "Hello!");
+        assert_eq!(en.consent_text.unwrap().text_sha256, text.text_sha256);
+    }
+    let too_many = vec!["de"; 11];
+    let refused = visitors
+        .get_widget_config(config(&too_many))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&refused), "languages");
+
+    // The answer keeps the language and the hash of the text shown.
+    let visit = s.visit(&widget).await;
+    let token = &visit.visitor_token;
+    let answer = |language: &str| {
+        visitor(
+            token,
+            pb::GiveConsentRequest {
+                version: 1,
+                granted: true,
+                language: language.into(),
+            },
+        )
+    };
+    let refused = visitors.give_consent(answer("fr")).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), field(&refused).as_str()),
+        (Code::InvalidArgument, "language")
+    );
+    let record = visitors
+        .give_consent(answer("de"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.language, "de");
+    assert_eq!(record.text_sha256, de_text.text_sha256);
+    assert_ne!(record.text_sha256, text.text_sha256);
+    let record = visitors
+        .give_consent(answer(""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (record.language.as_str(), &record.text_sha256),
+        ("en", &text.text_sha256),
+        "no language: the version's own"
+    );
+    let mine = visitors
+        .get_my_data(visitor(token, pb::GetMyDataRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let languages: Vec<&str> = mine
+        .consent_records
+        .iter()
+        .map(|r| r.language.as_str())
+        .collect();
+    assert_eq!(languages, ["de", "en"]);
+
+    // A version without German: German is not offered until one has it.
+    widgets
+        .publish_consent_text(with_token(
+            &s.owner,
+            pb::PublishConsentTextRequest {
+                widget_id: widget.widget_id.clone(),
+                text: "Version two.".into(),
+                translations: vec![],
+            },
+        ))
+        .await
+        .unwrap();
+    let now = visitors
+        .get_widget_config(config(&["de"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (now.language.as_str(), now.welcome_message.as_str()),
+        ("en", "Hello!")
+    );
+    // Nor can German become the widget's own language, without a consent text in it.
+    let mut german_only = widget.settings.clone().unwrap();
+    german_only.language = "de".into();
+    german_only.translations = vec![];
+    let refused = widgets
+        .update_widget(with_token(
+            &s.owner,
+            pb::UpdateWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+                settings: Some(german_only),
+                enabled: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&refused), "settings.language");
+    let unchanged = widgets
+        .get_widget(with_token(
+            &s.owner,
+            pb::GetWidgetRequest {
+                widget_id: widget.widget_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        unchanged.settings.unwrap().language,
+        "en",
+        "nothing changed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -576,6 +877,7 @@ async fn cb8_no_address_user_agent_or_referrer_is_stored_and_a_foreign_origin_is
     let mut foreign = tonic::Request::new(pb::GiveConsentRequest {
         version: 1,
         granted: true,
+        ..Default::default()
     });
     foreign
         .metadata_mut()
@@ -678,6 +980,7 @@ async fn cb8_a_visit_resumes_with_its_token_and_a_token_reaches_nothing_elsewher
             pb::GiveConsentRequest {
                 version: 1,
                 granted: true,
+                ..Default::default()
             },
         ))
         .await
@@ -705,6 +1008,7 @@ async fn cb8_a_visit_resumes_with_its_token_and_a_token_reaches_nothing_elsewher
             pb::GiveConsentRequest {
                 version: 1,
                 granted: true,
+                ..Default::default()
             },
         ))
         .await
@@ -720,6 +1024,7 @@ async fn cb8_a_visit_resumes_with_its_token_and_a_token_reaches_nothing_elsewher
             pb::GiveConsentRequest {
                 version: 1,
                 granted: true,
+                ..Default::default()
             },
         ))
         .await
@@ -782,6 +1087,7 @@ async fn webchat_widget_admin_rpcs_name_bad_fields_and_are_for_admins() {
                 enabled: false,
                 consent_text: "Consent".into(),
                 request_id: request_id.clone(),
+                ..Default::default()
             },
         );
         async move { client.create_widget(request).await.unwrap().into_inner() }
@@ -1108,6 +1414,7 @@ async fn webchat_abuse_limits_are_hit_and_recover() {
             ORIGIN,
             pb::GetWidgetConfigRequest {
                 widget_id: widget.widget_id.clone(),
+                ..Default::default()
             },
         )
     };
@@ -1305,6 +1612,11 @@ async fn webchat_widgets_list_page_by_page_with_their_current_consent_texts() {
             pb::PublishConsentTextRequest {
                 widget_id: second.widget_id.clone(),
                 text: "Version two.".into(),
+                translations: vec![pb::ConsentTranslation {
+                    language: "de".into(),
+                    text: "Version zwei.".into(),
+                    ..Default::default()
+                }],
             },
         ))
         .await
@@ -1325,7 +1637,12 @@ async fn webchat_widgets_list_page_by_page_with_their_current_consent_texts() {
             .into_inner();
         for widget in page.widgets {
             let text = widget.consent_text.unwrap();
-            seen.push((widget.widget_id, text.version, text.text));
+            let translations: Vec<(String, String)> = text
+                .translations
+                .into_iter()
+                .map(|t| (t.language, t.text))
+                .collect();
+            seen.push((widget.widget_id, text.version, text.text, translations));
         }
         if page.next_page_token.is_empty() {
             break;
@@ -1338,9 +1655,15 @@ async fn webchat_widgets_list_page_by_page_with_their_current_consent_texts() {
             (
                 first.widget_id,
                 1,
-                "We store what you give us to answer you.".to_owned()
+                "We store what you give us to answer you.".to_owned(),
+                vec![]
             ),
-            (second.widget_id, 2, "Version two.".to_owned()),
+            (
+                second.widget_id,
+                2,
+                "Version two.".to_owned(),
+                vec![("de".to_owned(), "Version zwei.".to_owned())]
+            ),
         ]
     );
 }
@@ -2155,6 +2478,7 @@ async fn cb1_outside_business_hours_no_chat_opens_and_the_offline_form_leaves_th
                 enabled: true,
                 consent_text: "Consent".into(),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -2173,6 +2497,7 @@ async fn cb1_outside_business_hours_no_chat_opens_and_the_offline_form_leaves_th
             ORIGIN,
             pb::GetWidgetConfigRequest {
                 widget_id: widget.widget_id.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -2285,6 +2610,7 @@ async fn cb1_outside_business_hours_no_chat_opens_and_the_offline_form_leaves_th
             ORIGIN,
             pb::GetWidgetConfigRequest {
                 widget_id: widget.widget_id.clone(),
+                ..Default::default()
             },
         ))
         .await

@@ -86,7 +86,10 @@ export class Chat {
       "data-autofocus": true,
     });
     this.sendButton = h("button", { type: "submit", class: "primary", "data-hafen": "send" });
-    this.offlineNote = h("p", { class: "notice", "data-hafen": "offline", hidden: true }, o.offlineMessage || t.offline);
+    const textLang = o.shell.textLang || null;
+    this.offlineNote = o.offlineMessage
+      ? h("p", { class: "notice", "data-hafen": "offline", lang: textLang, hidden: true }, o.offlineMessage)
+      : h("p", { class: "notice", "data-hafen": "offline", hidden: true }, t.offline);
     const form = h(
       "form",
       { class: "composer" },
@@ -97,7 +100,7 @@ export class Chat {
     this.element = h(
       "div",
       { class: "chat" },
-      o.welcome && h("p", { class: "welcome" }, o.welcome),
+      o.welcome && h("p", { class: "welcome", lang: textLang }, o.welcome),
       this.offlineNote,
       this.list,
       form,

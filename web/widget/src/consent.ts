@@ -38,7 +38,7 @@ export function askConsent(
         "aria-describedby": rememberDays === null ? textId : `${textId} ${rememberId}`,
       },
       h("h3", { id: titleId }, t.consentTitle),
-      h("div", { class: "consent-text", id: textId }, text),
+      h("div", { class: "consent-text", id: textId, lang: shell.textLang || null }, text),
       rememberDays !== null &&
         h("p", { id: rememberId, "data-hafen": "consent-remember" }, t.consentRemember(rememberDays)),
       href &&

@@ -37,6 +37,7 @@ export function fieldsForm(
   texts: FormTexts = { title: shell.t.fieldsTitle, submit: shell.t.start },
 ): HTMLFormElement {
   const t = shell.t;
+  const textLang = shell.textLang || null;
   const titleId = uid("fields-title");
   const rows = fields.map((field, index) => {
     const inputId = uid(`field-${field.key}`);
@@ -58,9 +59,14 @@ export function fieldsForm(
     const row = h(
       "div",
       { class: "field" },
-      h("label", { for: inputId }, field.label, field.required ? ` ${t.required}` : ""),
+      h(
+        "label",
+        { for: inputId },
+        h("span", { lang: textLang }, field.label),
+        field.required ? ` ${t.required}` : "",
+      ),
       input,
-      field.purpose && h("p", { class: "purpose", id: purposeId }, field.purpose),
+      field.purpose && h("p", { class: "purpose", id: purposeId, lang: textLang }, field.purpose),
       release &&
         h("div", { class: "check" }, release, h("label", { for: releaseId }, t.release)),
     );

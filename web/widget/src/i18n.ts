@@ -193,6 +193,15 @@ export function pickLanguage(languages: readonly string[]): Lang {
   return "en";
 }
 
+/**
+ * The visitor's languages, best first, for GetWidgetConfig to choose the organisation's texts
+ * by (it takes up to 10 tags of up to 35 characters).
+ */
+export function visitorLanguages(): string[] {
+  const languages = navigator.languages?.length ? navigator.languages : [navigator.language];
+  return languages.filter((tag) => tag && tag.length <= 35).slice(0, 10);
+}
+
 export function strings(lang: Lang): Strings {
   return lang === "de" ? de : en;
 }

@@ -11,7 +11,7 @@
  */
 
 import { connect } from "./client";
-import { pickLanguage, strings } from "./i18n";
+import { pickLanguage, strings, visitorLanguages } from "./i18n";
 import { mountShell } from "./shell";
 import { readStored } from "./store";
 import { Visit } from "./visit";
@@ -37,7 +37,7 @@ function boot(): void {
   css.pathname = css.pathname.replace(/\.js$/, ".css");
 
   const mount = () => {
-    const lang = pickLanguage(navigator.languages ?? [navigator.language]);
+    const lang = pickLanguage(visitorLanguages());
     const api = connect(endpoint, widgetId);
     let visit: Visit | null = null;
     const shell = mountShell(css.href, strings(lang), lang, {

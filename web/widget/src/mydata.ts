@@ -85,7 +85,13 @@ export function openMyData(o: MyDataOptions): void {
       const input = h("input", { id, type: "text", maxlength: 1000, "data-hafen": `mydata-field-${field.key}` });
       input.value = field.value;
       const label = o.fields.find((d) => d.key === field.key)?.label ?? field.key;
-      return { field, input, label, row: h("div", { class: "field" }, h("label", { for: id }, label), input) };
+      const labelLang = o.shell.textLang || null;
+      return {
+        field,
+        input,
+        label,
+        row: h("div", { class: "field" }, h("label", { for: id, lang: labelLang }, label), input),
+      };
     });
     const save = h("button", { type: "submit", "data-hafen": "mydata-save" }, t.saveCorrections);
     const form = h("form", { novalidate: true }, ...rows.map((r) => r.row), h("div", { class: "actions" }, save));

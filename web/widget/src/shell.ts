@@ -24,6 +24,11 @@ declare const __HAFEN_CSS_INTEGRITY__: string;
 export interface Shell {
   readonly t: Strings;
   readonly lang: Lang;
+  /**
+   * The language of the organisation's texts (WidgetConfig.language), set as their `lang`
+   * attribute: they may be in another language than the widget's own words. "" until known.
+   */
+  textLang: string;
   /** Replaces the panel's content. */
   screen(...children: Child[]): void;
   /** Shows a notice or an error in the status line ("" clears it). */
@@ -125,6 +130,7 @@ export function mountShell(cssUrl: string, t: Strings, lang: Lang, events: Shell
   const shell: Shell = {
     t,
     lang,
+    textLang: "",
     screen(...children) {
       body.replaceChildren();
       for (const child of children) {

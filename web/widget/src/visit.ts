@@ -22,6 +22,7 @@ import { Chat } from "./chat";
 import { type Api, CALL, Code, errorText, failure, retryUnavailable } from "./client";
 import { askConsent } from "./consent";
 import { fieldsForm, type FieldInput } from "./fields";
+import { visitorLanguages } from "./i18n";
 import type { PreChatField, WidgetConfig } from "./gen/hafen/webchat/v1/webchat_pb";
 import { openMyData } from "./mydata";
 import type { Shell } from "./shell";
@@ -76,7 +77,10 @@ export class Visit {
     shell.screen();
     shell.status(shell.t.connecting);
     try {
-      const config = await retryUnavailable(() => api.client.getWidgetConfig({ widgetId }, CALL));
+      const config = await retryUnavailable(() =>
+        api.client.getWidgetConfig({ widgetId, languages: visitorLanguages() }, CALL),
+      );
+      shell.textLang = config.language;
       const visitorToken = readStored(widgetId)?.token ?? "";
       const visit = await retryUnavailable(() =>
         api.client.startVisit({ widgetId, visitorToken }, CALL),
@@ -117,7 +121,7 @@ export class Visit {
     void askConsent(this.shell, text.text, config.privacyPolicyUrl, rememberDays).then(async (granted) => {
       try {
         await retryUnavailable(() =>
-          this.api.client.giveConsent({ version: text.version, granted }, CALL),
+          this.api.client.giveConsent({ version: text.version, granted, language: text.language }, CALL),
         );
         this.granted = granted;
         this.keep(granted);
@@ -128,7 +132,11 @@ export class Visit {
         if (f.code === Code.FailedPrecondition && f.reason === "INVALID_STATE") {
           // A new consent text was published meanwhile: ask with that one.
           try {
-            this.config = await this.api.client.getWidgetConfig({ widgetId: this.widgetId }, CALL);
+            this.config = await this.api.client.getWidgetConfig(
+              { widgetId: this.widgetId, languages: visitorLanguages() },
+              CALL,
+            );
+            this.shell.textLang = this.config.language;
             this.ask(then);
           } catch (again) {
             this.failed(again, () => this.ask(then));

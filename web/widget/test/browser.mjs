@@ -1,5 +1,6 @@
 // The widget in headless Chromium against the whole stack, as a visitor uses it: a foreign
-// origin gets nothing; on the organisation's website nothing is stored or called before the
+// origin gets nothing; a browser asking for German gets the organisation's German texts; on
+// the organisation's website nothing is stored or called before the
 // launcher is opened (with the keyboard alone); the visitor declines consent, chats
 // anonymously, grants consent later and gives their e-mail, which moves the visit from the
 // tab's sessionStorage to localStorage (the demo widget remembers visitors); reloads and finds
@@ -353,6 +354,56 @@ async function foreignOrigin(browser) {
   }
 }
 
+/**
+ * A visitor whose browser asks for German gets the organisation's German texts (the demo
+ * widget has a German translation and consent text) and the widget's own German words, and the
+ * organisation's texts are marked as German for screen readers.
+ */
+async function germanVisitor(browser) {
+  const context = await browser.createBrowserContext();
+  try {
+    const page = await context.newPage();
+    activePage = page;
+    watchConsole(page, "german");
+    const cdp = await page.createCDPSession();
+    await cdp.send("Network.setUserAgentOverride", {
+      userAgent: await browser.userAgent(),
+      acceptLanguage: "de-DE,de,en",
+    });
+    await step("German: the organisation's texts and the widget's in the visitor's language", async () => {
+      await goto(page, PAGE);
+      equal(await page.evaluate(() => [...navigator.languages]), ["de-DE", "de", "en"], "the browser's languages");
+      const launcher = await waitVisible(page, hook("launcher"), "the launcher");
+      equal(await launcher.evaluate((el) => el.textContent), "Chatten Sie mit uns", "the launcher's text (German)");
+      await launcher.dispose();
+      await click(page, "launcher");
+      await waitVisible(page, hook("consent-dialog"), "the consent dialog");
+      const consent = await page.evaluate(() => {
+        const root = document.querySelector("hafen-widget")?.shadowRoot;
+        const text = root?.querySelector(".consent-text");
+        return {
+          title: root?.querySelector('[data-hafen="consent-dialog"] h3')?.textContent,
+          lang: text?.getAttribute("lang"),
+          start: text?.textContent?.slice(0, 22),
+        };
+      });
+      equal(consent, { title: "Bevor wir chatten", lang: "de", start: "Die Demo-Organisation " }, "the consent question");
+      await click(page, "consent-decline");
+      const topic = await waitVisible(page, hook("field-topic"), "the topic field");
+      const label = await topic.evaluate((input) => {
+        const row = input.closest(".field");
+        const span = row?.querySelector("label span");
+        return { label: span?.textContent, lang: span?.getAttribute("lang"), purpose: row?.querySelector(".purpose")?.textContent };
+      });
+      await topic.dispose();
+      equal(label, { label: "Thema", lang: "de", purpose: "Damit Ihre Frage die richtige Person erreicht" }, "the topic field");
+    });
+  } finally {
+    activePage = null;
+    await context.close();
+  }
+}
+
 async function visitor(browser) {
   const context = await browser.createBrowserContext();
   const page = await context.newPage();
@@ -679,6 +730,7 @@ async function main() {
       await Promise.race([
         (async () => {
           await foreignOrigin(browser);
+          await germanVisitor(browser);
           await visitor(browser);
         })(),
         overtime,
