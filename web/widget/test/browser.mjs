@@ -429,11 +429,35 @@ async function visitor(browser) {
     browserContextId: context.id,
   });
 
+  // When the launcher is first drawn with its stylesheet (the frame shows once the CSS loaded),
+  // in ms since the navigation began: reported, not judged (timings are for benchmarks).
+  await page.evaluateOnNewDocument(() => {
+    const look = () => {
+      const frame = document.querySelector("hafen-widget")?.shadowRoot?.querySelector(".frame");
+      if (frame && !frame.hidden) {
+        window.__hafenFirstRender = performance.now();
+      } else {
+        requestAnimationFrame(look);
+      }
+    };
+    requestAnimationFrame(look);
+  });
+
   let widgetId = "";
   await step("the organisation's page loads", async () => {
     await goto(page, PAGE);
     widgetId = await page.evaluate(() => document.querySelector("script[data-widget]")?.dataset.widget ?? "");
     check(widgetId !== "", "the page's script tag has no data-widget");
+    const times = await until("the widget's first render", () =>
+      page.evaluate(() => {
+        const rendered = window.__hafenFirstRender;
+        const navigation = performance.getEntriesByType("navigation")[0];
+        return rendered === undefined
+          ? null
+          : { rendered: Math.round(rendered), loaded: Math.round(navigation?.loadEventEnd ?? 0) };
+      }),
+    );
+    console.log(`# first render of the widget on the demo page: ${times.rendered} ms after navigation start (page load event ${times.loaded} ms)`);
   });
 
   await step("before opening: no cookie, no storage, no call", async () => {
