@@ -10,5 +10,6 @@ mod browsers;
 mod contract;
 mod dc5;
 mod e2e;
+mod erasure;
 mod foundation;
 mod trust;

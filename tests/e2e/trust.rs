@@ -505,8 +505,8 @@ async fn gr7_the_record_states_only_measures_in_force() {
             .contains("TLS to the PostgreSQL databases (sslmode verify-full")
     );
     assert!(
-        !record.markdown.contains("erasing a user"),
-        "user erasure does not exist yet"
+        record.markdown.contains("erasing a user"),
+        "the auth service reports user erasure"
     );
 
     // The audit service alone, on a PostgreSQL whose link is plaintext (sslmode=disable).

@@ -19,8 +19,8 @@ const TARGET_SECS_PER_1000: f64 = 60.0;
 
 /// The newest tenant migration, applied raw by the baseline.
 const NEWEST_UP: &str =
-    include_str!("../../store/migrations/tenant/2026-12-03-000008_webchat_languages/up.sql");
-const NEWEST_VERSION: &str = "20261203000008";
+    include_str!("../../store/migrations/tenant/2026-12-03-000009_user_erasure/up.sql");
+const NEWEST_VERSION: &str = "20261203000009";
 
 /// Runs `job` for every tenant on `concurrency` blocking workers, each with its own
 /// connection to `url`.

@@ -125,6 +125,17 @@ pub enum UserCommand {
         /// Username or user id.
         user: String,
     },
+    /// Erase a user (GDPR Art. 17), at once and for good: their key is destroyed, so their
+    /// messages can never be read again (in backups neither), their messages become
+    /// tombstones, their memberships, sessions and chat codes end, and the account is
+    /// pseudonymised (the username is free again). Refused under a legal hold.
+    Erase {
+        /// Username or user id.
+        user: String,
+        /// Confirm that this is meant.
+        #[arg(long, env = "HAFEN_CONFIRM_ERASE")]
+        yes: bool,
+    },
 }
 
 /// `hafen admin chat-code`.
@@ -439,6 +450,20 @@ async fn user(client: &ClientArgs, command: UserCommand) -> Outcome {
             client.print(user_json(&user), || {
                 format!("Deactivated {}.", user.username)
             });
+        }
+        UserCommand::Erase { user, yes } => {
+            if !yes {
+                return Err(Failure::usage(
+                    "erasing a user is final: run again with --yes",
+                ));
+            }
+            let id = user_id(&hafen, &user).await?;
+            let result = hafen
+                .auth()
+                .erase_user(auth_pb::EraseUserRequest { user_id: id })
+                .await;
+            let erased = hafen.check(result).await?;
+            client.print(user_json(&erased), || format!("Erased {user}."));
         }
     }
     Ok(())
@@ -798,6 +823,13 @@ fn user_json(u: &auth_pb::User) -> Value {
         "display_name": u.display_name,
         "role": role_name(u.role),
         "active": u.state == auth_pb::UserState::Active as i32,
+        "state": match auth_pb::UserState::try_from(u.state) {
+            Ok(auth_pb::UserState::Active) => "active",
+            Ok(auth_pb::UserState::Deactivated) => "deactivated",
+            Ok(auth_pb::UserState::Erased) => "erased",
+            _ => "unknown",
+        },
+        "erasure_due_time": u.erasure_due_time.as_ref().map(|t| time(Some(t))),
         "create_time": time(u.create_time.as_ref()),
     })
 }

@@ -112,6 +112,15 @@ pub enum ChatCommand {
         #[arg(long, env = "HAFEN_TAIL_AFTER")]
         after: Option<String>,
     },
+    /// Ask for the erasure of my account (GDPR Art. 17): my key is destroyed, so my messages
+    /// can never be read again, my account is pseudonymised and every session of mine ends.
+    /// Carried out at once, or after the organisation's grace period (the account is
+    /// deactivated meanwhile; an admin reactivating it cancels the request). Final.
+    EraseMe {
+        /// Confirm that this is meant.
+        #[arg(long, env = "HAFEN_CONFIRM_ERASE")]
+        yes: bool,
+    },
 }
 
 /// `hafen login`.
@@ -171,6 +180,35 @@ pub async fn run(args: ChatArgs) -> Outcome {
     let client = &args.client;
     let hafen = client.logged_in().await?;
     match args.command {
+        ChatCommand::EraseMe { yes } => {
+            if !yes {
+                return Err(Failure::usage(
+                    "erasing your account is final: run again with --yes",
+                ));
+            }
+            let result = hafen
+                .auth()
+                .request_erasure(auth_pb::RequestErasureRequest {})
+                .await;
+            let user = hafen.check(result).await?;
+            // Every session of the account ended, this one too.
+            client.forget_session()?;
+            let due = time(user.erasure_due_time.as_ref());
+            client.print(
+                json!({
+                    "user_id": user.user_id,
+                    "erased": user.state == auth_pb::UserState::Erased as i32,
+                    "erasure_due_time": due,
+                }),
+                || {
+                    if user.state == auth_pb::UserState::Erased as i32 {
+                        "Your account is erased.".to_owned()
+                    } else {
+                        format!("Your account is deactivated and will be erased at {due}.")
+                    }
+                },
+            );
+        }
         ChatCommand::Conversations => {
             let conversations = hafen.conversations().await?;
             client.print(
@@ -510,7 +548,9 @@ impl Names {
             .cloned()
             .unwrap_or_else(|| message.sender_user_id.chars().take(8).collect());
         let at = time(message.create_time.as_ref());
-        let body = if message.delete_time.is_some() {
+        let body = if message.sender_erased {
+            "(erased with its sender)".to_owned()
+        } else if message.delete_time.is_some() {
             "(deleted)".to_owned()
         } else {
             message.body.clone()
@@ -556,5 +596,6 @@ fn message_json(m: &pb::Message) -> Value {
         "create_time": time(m.create_time.as_ref()),
         "edit_time": time(m.edit_time.as_ref()),
         "delete_time": time(m.delete_time.as_ref()),
+        "sender_erased": m.sender_erased,
     })
 }

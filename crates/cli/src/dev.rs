@@ -83,6 +83,11 @@ pub struct DevArgs {
           value_parser = clap::value_parser!(u32).range(4..=31))]
     pub bcrypt_cost: u32,
 
+    /// How long a user's own erasure request waits before it is carried out (e.g. `14days`;
+    /// 0: at once).
+    #[arg(long, env = "HAFEN_ERASURE_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub erasure_grace: std::time::Duration,
+
     /// Once the stack is up, create the demo organisation "demo" (owner, alice and bob with
     /// chat codes, a group "general", a website-chat widget with alice and bob as agents)
     /// unless it exists, and print its throwaway credentials.
@@ -271,6 +276,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 login_max_backoff: std::time::Duration::from_secs(15 * 60),
                 trusted_proxies: Vec::new(),
                 client_address_header: "x-forwarded-for".to_owned(),
+                erasure_grace: args.erasure_grace,
             },
             auth,
             shutdown(),

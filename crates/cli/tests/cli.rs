@@ -364,6 +364,44 @@ async fn a_user_chats_from_the_command_line() {
         .await;
     assert_eq!(broken.status.code(), Some(10), "{}", text(&broken.stdout));
 
+    // Carol is erased: only when it is confirmed.
+    let unconfirmed = cli
+        .run(
+            &["admin", "user", "erase", "carol", "--profile", "owner"],
+            &[],
+        )
+        .await;
+    assert_eq!(
+        unconfirmed.status.code(),
+        Some(6),
+        "{}",
+        text(&unconfirmed.stderr)
+    );
+    let erased = cli
+        .json(&[
+            "admin",
+            "user",
+            "erase",
+            "carol",
+            "--yes",
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(erased["state"], "erased");
+    assert_eq!(erased["display_name"], "Erased user");
+    let listed = cli
+        .json(&["admin", "user", "list", "--all", "--profile", "owner"])
+        .await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["user_id"] != erased["user_id"]),
+        "{listed}"
+    );
+
     let out = cli.run(&["logout", "--profile", "owner"], &[]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!cli.session_file("owner").exists());

@@ -29,7 +29,7 @@ pub const FRESH_FOR: Duration = Duration::from_secs(300);
 pub mod measure {
     /// Deleting a tenant drops its schema and role and destroys its keys (tenant service).
     pub const TENANT_DELETION: &str = "tenant_deletion";
-    /// Erasing a user destroys the user's key (not built yet; no service reports it).
+    /// Erasing a user destroys the user's key and erases their rows (auth service).
     pub const USER_ERASURE: &str = "user_erasure";
     /// Expired messages are purged (retention service).
     pub const RETENTION_PURGE: &str = "retention_purge";

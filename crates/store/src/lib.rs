@@ -14,6 +14,7 @@
 //! - [`databases`]: the main database and the placement databases, and where each tenant
 //!   lives.
 //! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
+//! - [`erasure`]: erasing a user: their key destroyed, their rows erased or pseudonymised.
 //! - [`keyring`]: users' data keys, unwrapped through the tenant keys, cached bounded.
 //! - [`sessions`]: sessions, the truth behind access tokens.
 //! - [`facts`]: what each running service reports about itself (link security, measures),
@@ -30,6 +31,7 @@ pub mod config;
 pub mod connect;
 pub mod control;
 pub mod databases;
+pub mod erasure;
 pub mod error;
 pub mod facts;
 pub mod keyring;

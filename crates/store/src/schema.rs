@@ -98,6 +98,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    hafen.erasure_requests (tenant_id, user_id) {
+        tenant_id -> Uuid,
+        user_id -> Uuid,
+        requested_at -> Timestamptz,
+        due_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     hafen.user_keys (tenant_id, user_id) {
         tenant_id -> Uuid,
         user_id -> Uuid,
@@ -143,6 +152,7 @@ diesel::table! {
         edited_at -> Nullable<Timestamptz>,
         deleted_at -> Nullable<Timestamptz>,
         event_id -> BigInt,
+        erased -> Bool,
     }
 }
 

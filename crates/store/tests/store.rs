@@ -67,6 +67,7 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "audit_signed_heads",
             "audit_unsigned_chains",
             "deletion_log",
+            "erasure_requests",
             "outbox",
             "service_facts",
             "sessions",

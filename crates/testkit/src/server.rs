@@ -87,6 +87,7 @@ impl TestSecrets {
             login_max_backoff: Duration::from_secs(15 * 60),
             trusted_proxies: Vec::new(),
             client_address_header: "x-forwarded-for".to_owned(),
+            erasure_grace: Duration::ZERO,
         }
     }
 

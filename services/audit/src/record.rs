@@ -390,7 +390,11 @@ fn accounts_retention(tenant_deletion: bool, user_erasure: bool) -> String {
         );
     }
     if user_erasure {
-        text.push_str("; erasing a user destroys the user's key");
+        text.push_str(
+            "; erasing a user (by an admin, or on the user's own request) destroys the user's \
+             key, so their messages can no longer be read, in backups neither, and deletes or \
+             pseudonymises their account, sessions, chat codes and memberships",
+        );
     } else {
         text.push_str("; single users can be deactivated, and are deleted with the tenant");
     }
@@ -603,6 +607,15 @@ mod tests {
             !all.retention.accounts.contains("erasing a user"),
             "no service erases users: {}",
             all.retention.accounts
+        );
+        let mut erasing = running(true, "verify-full", true);
+        erasing[0].measures.push(measure::USER_ERASURE.into());
+        assert!(
+            build(&row, &args(), &erasing)
+                .retention
+                .accounts
+                .contains("erasing a user"),
+            "the auth service erases users"
         );
 
         // One service with a plaintext database link: no database TLS is claimed.

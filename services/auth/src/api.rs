@@ -204,7 +204,7 @@ impl AuthService for AuthApi {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListUsersResponse {
-            users: page.users.iter().map(|u| u.to_proto()).collect(),
+            users: self.auth.users_proto(caller.tenant_id, &page.users).await?,
             next_page_token,
         }))
     }
@@ -250,7 +250,8 @@ impl AuthService for AuthApi {
             .auth
             .update_user(&caller, id, display_name, role)
             .await?;
-        Ok(Response::new(row.to_proto()))
+        let mut users = self.auth.users_proto(caller.tenant_id, &[row]).await?;
+        Ok(Response::new(users.pop().unwrap_or_default()))
     }
 
     async fn deactivate_user(
@@ -259,9 +260,9 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::User>, Status> {
         let caller = user(&request)?.clone();
         let id = parse_uuid("user_id", &request.into_inner().user_id)?;
-        Ok(Response::new(
-            self.auth.deactivate(&caller, id).await?.to_proto(),
-        ))
+        let row = self.auth.deactivate(&caller, id).await?;
+        let mut users = self.auth.users_proto(caller.tenant_id, &[row]).await?;
+        Ok(Response::new(users.pop().unwrap_or_default()))
     }
 
     async fn reactivate_user(
@@ -273,6 +274,25 @@ impl AuthService for AuthApi {
         Ok(Response::new(
             self.auth.reactivate(&caller, id).await?.to_proto(),
         ))
+    }
+
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let caller = user(&request)?.clone();
+        let id = parse_uuid("user_id", &request.into_inner().user_id)?;
+        Ok(Response::new(
+            self.auth.erase_user(&caller, id).await?.to_proto(),
+        ))
+    }
+
+    async fn request_erasure(
+        &self,
+        request: Request<pb::RequestErasureRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let caller = user(&request)?.clone();
+        Ok(Response::new(self.auth.request_erasure(&caller).await?))
     }
 
     async fn change_password(

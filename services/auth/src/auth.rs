@@ -28,6 +28,8 @@ pub struct Policy {
     pub refresh_ttl: Duration,
     /// Where a caller's address comes from, for rate limiting.
     pub client_address: hafen_platform::net::ClientAddress,
+    /// How long a user's own erasure request waits before it is carried out.
+    pub erasure_grace: Duration,
 }
 
 /// The auth domain service.

@@ -72,6 +72,9 @@ pub enum Error {
     /// The owner cannot be deactivated or demoted.
     #[error("the owner account is protected")]
     OwnerProtected,
+    /// A legal hold stops an erasure.
+    #[error("a legal hold is active")]
+    LegalHold,
     /// A re-authentication (password, TOTP code) failed.
     #[error("confirmation failed")]
     ConfirmationFailed,
@@ -117,7 +120,14 @@ impl From<Error> for Status {
             Error::OwnerProtected => status::error(
                 Code::FailedPrecondition,
                 "OWNER_PROTECTED",
-                "the owner cannot be deactivated or change role",
+                "the owner cannot be deactivated, erased or change role",
+                &[],
+            ),
+            Error::LegalHold => status::error(
+                Code::FailedPrecondition,
+                "LEGAL_HOLD_ACTIVE",
+                "a legal hold covers this user or a conversation with their messages; \
+                 nothing was erased",
                 &[],
             ),
             Error::ConfirmationFailed => status::error(

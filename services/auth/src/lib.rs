@@ -15,6 +15,7 @@
 mod api;
 pub mod auth;
 pub mod codes;
+pub mod erase;
 mod error;
 pub mod rows;
 pub mod sessions;
@@ -107,6 +108,12 @@ pub struct Config {
     /// The longest login back-off.
     #[arg(long, env = "HAFEN_LOGIN_MAX_BACKOFF", default_value = "15m", value_parser = humantime::parse_duration)]
     pub login_max_backoff: Duration,
+
+    /// How long a user's own erasure request (RequestErasure) waits before it is carried out,
+    /// e.g. `14days`; meanwhile the account is deactivated and an admin can cancel it by
+    /// reactivating the account. 0: at once.
+    #[arg(long, env = "HAFEN_ERASURE_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub erasure_grace: Duration,
 }
 
 /// Builds the domain service of `config` (also used by tests and `hafen dev`).
@@ -147,7 +154,10 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
             config.server.tls.mtls,
             &config.databases,
             Some(config.redis.tls()),
-            &[hafen_store::facts::measure::REMOTE_WIPE],
+            &[
+                hafen_store::facts::measure::REMOTE_WIPE,
+                hafen_store::facts::measure::USER_ERASURE,
+            ],
         ),
     )
     .await;
@@ -167,12 +177,14 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
                 trusted_proxies: config.trusted_proxies.clone(),
                 header: config.client_address_header.to_lowercase(),
             },
+            erasure_grace: config.erasure_grace,
         },
         limiter,
         hafen_platform::cpu::CpuPool::new("hafen-auth-hash"),
     )
     .await?;
     auth.set_relay(relay);
+    auth.spawn_erasure_sweep();
     let authenticator = Authenticator::new(None, Some(redis), Arc::new(auth.clone()), revocations);
     Ok((auth, authenticator))
 }

@@ -65,6 +65,8 @@ impl UserRow {
             create_time: Some(timestamp(self.created_at)),
             update_time: Some(timestamp(self.updated_at)),
             deactivate_time: self.deactivated_at.map(timestamp),
+            // Kept in the control plane: see Auth::users_proto.
+            erasure_due_time: None,
         }
     }
 }

@@ -190,6 +190,22 @@ impl Auth {
         .await
     }
 
+    /// User `id`, erased or not.
+    pub async fn any_user(&self, tenant: Uuid, id: Uuid) -> Result<UserRow, Error> {
+        self.scoped(tenant, move |conn| {
+            Box::pin(async move {
+                users::table
+                    .find(id)
+                    .select(UserRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .ok_or(Error::NotFound("user"))
+            })
+        })
+        .await
+    }
+
     /// Users ordered by username (ignoring case), after the keyset position `after`.
     pub async fn list_users(
         &self,
@@ -357,6 +373,8 @@ impl Auth {
             "auth.user.reactivated",
         )
         .target("user", id);
+        // A waiting erasure request is cancelled before the account can log in again.
+        self.cancel_erasure(caller.tenant_id, id).await?;
         let updated = self
             .set_status(
                 caller.tenant_id,
@@ -373,7 +391,7 @@ impl Auth {
     /// Moves a user from status `from` to `to` (a no-op in any other status, so both calls
     /// are idempotent) and returns the user as it is afterwards. `event` is recorded when the
     /// status changed.
-    async fn set_status(
+    pub(crate) async fn set_status(
         &self,
         tenant: Uuid,
         id: Uuid,

@@ -361,6 +361,7 @@ fn message_proto(message: &MessageView) -> pb::Message {
         edit_time: message.edited_at.map(timestamp),
         delete_time: message.deleted_at.map(timestamp),
         masked: message.masked,
+        sender_erased: message.erased,
     }
 }
 

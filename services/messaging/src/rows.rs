@@ -63,6 +63,8 @@ pub struct MessageRow {
     pub deleted_at: Option<DateTime<Utc>>,
     /// The id of its creation event.
     pub event_id: i64,
+    /// Its sender was erased (a tombstone whose body is gone for good).
+    pub erased: bool,
 }
 
 impl MessageRow {
@@ -78,6 +80,7 @@ impl MessageRow {
             created_at: self.created_at,
             edited_at: self.edited_at,
             deleted_at: self.deleted_at,
+            erased: self.erased,
         }
     }
 
@@ -106,6 +109,7 @@ pub struct MessageView {
     pub created_at: DateTime<Utc>,
     pub edited_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    pub erased: bool,
 }
 
 /// Event kinds as the log holds them.

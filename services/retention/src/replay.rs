@@ -9,7 +9,10 @@
 //!   ([`hafen_store::tenancy::drop_schema`], placement databases first) and its control-plane
 //!   rows cleaned up as at deletion ([`hafen_store::control::blocking::mark_deleted`]), in
 //!   one transaction on the main database;
-//! - an erased user whose key or sessions exist: both are deleted again.
+//! - an erased user whose key or sessions exist: both are deleted again; and whose rows came
+//!   back (an account not pseudonymised, messages with their bodies, memberships, chat
+//!   codes): they are erased again ([`hafen_store::erasure::erase_rows`]);
+//! - a visitor who deleted their data and whose key exists: it is deleted again.
 //!
 //! Sessions ended this way are announced on Redis, so no cached session outlives them. The
 //! replay is idempotent; a dry run only counts. Each replay is audited on the platform chain.
@@ -125,12 +128,13 @@ impl Replayer {
             .filter(|(kind, _, _)| kind == "tenant")
             .map(|(_, tenant, _)| *tenant)
             .collect();
-        let erased_users: BTreeSet<(Uuid, Uuid)> = entries
+        // (tenant, user, whether a user rather than a visitor)
+        let erased_users: BTreeSet<(Uuid, Uuid, bool)> = entries
             .iter()
             .filter_map(|(kind, tenant, user)| match (kind.as_str(), user) {
                 // A visitor's key is kept under their visit's id, like a user's.
-                ("user" | "visitor", Some(user)) if !deleted_tenants.contains(tenant) => {
-                    Some((*tenant, *user))
+                (kind @ ("user" | "visitor"), Some(user)) if !deleted_tenants.contains(tenant) => {
+                    Some((*tenant, *user, kind == "user"))
                 }
                 _ => None,
             })
@@ -147,8 +151,8 @@ impl Replayer {
                 }
             }
         }
-        for (tenant, user) in &erased_users {
-            match self.user(*tenant, *user, dry_run).await {
+        for (tenant, user, is_user) in &erased_users {
+            match self.user(*tenant, *user, *is_user, dry_run).await {
                 Ok(true) => report.users_erased += 1,
                 Ok(false) => {}
                 Err(err) => {
@@ -259,9 +263,20 @@ impl Replayer {
         Ok(traces)
     }
 
-    /// Deletes an erased user's key and sessions again, unless `dry_run`. Returns whether
-    /// any had reappeared.
-    async fn user(&self, tenant: Uuid, user: Uuid, dry_run: bool) -> Result<bool, Error> {
+    /// Deletes an erased user's (or visitor's) key and sessions again and erases a user's rows
+    /// again, unless `dry_run`. Returns whether any had reappeared.
+    async fn user(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        is_user: bool,
+        dry_run: bool,
+    ) -> Result<bool, Error> {
+        let rows = if is_user {
+            self.user_rows(tenant, user, dry_run).await?
+        } else {
+            false
+        };
         let mut conn = self.databases.main_connection().await?;
         let key_filter = user_keys::table
             .filter(user_keys::tenant_id.eq(tenant))
@@ -272,7 +287,7 @@ impl Replayer {
         if dry_run {
             let keys: i64 = key_filter.count().get_result(&mut conn).await?;
             let sessions: i64 = session_filter.count().get_result(&mut conn).await?;
-            return Ok(keys + sessions > 0);
+            return Ok(rows || keys + sessions > 0);
         }
         let (keys, ended) = {
             use diesel_async::AsyncConnection as _;
@@ -287,11 +302,46 @@ impl Replayer {
             .await?
         };
         if keys == 0 && ended.is_empty() {
-            return Ok(false);
+            return Ok(rows);
         }
         self.announce(&ended, RevokeReason::UserDeactivated).await;
         tracing::info!(tenant_id = %tenant, user_id = %user, "erased user's key and sessions deleted again");
         Ok(true)
+    }
+
+    /// Erases again what the tenant's schema holds of an erased user after a restore, unless
+    /// `dry_run`; whether anything was there. The key went first (the caller's next step is
+    /// only the clean-up of a key that came back with a control-plane restore).
+    async fn user_rows(&self, tenant: Uuid, user: Uuid, dry_run: bool) -> Result<bool, Error> {
+        let id = TenantId::from(tenant);
+        let pool = match self.databases.tenant_pool(&id).await {
+            Ok(pool) => pool,
+            // The organisation itself is gone: nothing of it is left to erase.
+            Err(hafen_store::Error::UnknownTenant) => return Ok(false),
+            Err(err) => return Err(err.into()),
+        };
+        let at = hafen_store::now();
+        let found = hafen_store::with_tenant(&pool, &id, move |conn| {
+            Box::pin(async move {
+                if !hafen_store::erasure::remains(conn, user).await? {
+                    return Ok::<_, Error>(false);
+                }
+                if !dry_run {
+                    hafen_store::erasure::erase_rows(conn, user, at).await?;
+                }
+                Ok(true)
+            })
+        })
+        .await?;
+        if found && !dry_run {
+            if let Some(redis) = &self.redis
+                && let Err(err) = redis.publish_events(tenant).await
+            {
+                tracing::warn!(error = %err, "streams not woken after an erasure was replayed");
+            }
+            tracing::warn!(tenant_id = %tenant, user_id = %user, "an erased user's rows reappeared and were erased again");
+        }
+        Ok(found)
     }
 
     /// Tells every service that `sessions` ended (they may be cached since the restore);
