@@ -18,6 +18,9 @@
 //!   throughput next to member SendMessage of the same run (in turns), its p50/p99, and
 //!   visitor → agent and agent → visitor delivery at half the visitor peak, and at half the
 //!   peak of the chat both ways where that is lower (`webchat.rs`).
+//! - `erasure`: EraseUser of a user with 100,000 messages while the organisation's members
+//!   send: seconds next to a raw UPDATE of the same rows, send p99 next to before
+//!   (`erasure.rs`).
 
 #![allow(
     clippy::print_stdout,
@@ -26,6 +29,7 @@
 )]
 
 mod cpu;
+mod erasure;
 mod lean;
 mod login;
 mod messaging;
@@ -112,6 +116,10 @@ struct Cli {
     #[arg(long, env = "HAFEN_BENCH_WEBCHAT_ROUNDS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     webchat_rounds: u32,
 
+    /// Messages of the user erased in `erasure`.
+    #[arg(long, env = "HAFEN_BENCH_ERASURE_MESSAGES", default_value_t = 100_000)]
+    erasure_messages: usize,
+
     /// bcrypt cost of the production figure in `provision`.
     #[arg(long, env = "HAFEN_BENCH_BCRYPT_COST", default_value_t = hafen_crypto::password::DEFAULT_BCRYPT_COST)]
     bcrypt_cost: u32,
@@ -131,6 +139,8 @@ enum Scenario {
     Purge,
     /// Website chat: visits, visitor sends next to member sends, delivery both ways.
     Webchat,
+    /// EraseUser of a user with many messages, next to a raw UPDATE, under send load.
+    Erasure,
 }
 
 /// One line of the result table.
@@ -190,6 +200,11 @@ async fn main() {
             cli.webchat_rounds,
         )
         .await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Erasure) {
+        let (l, j) = erasure::run(cli.erasure_messages).await;
         lines.extend(l);
         json.push(j);
     }

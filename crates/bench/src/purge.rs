@@ -113,7 +113,7 @@ async fn raw_delete(conn: &mut AsyncPgConnection, copy: &str, batch: i64) -> u64
 }
 
 /// What the load's latencies are attributed to: the phase when the send started.
-mod phase {
+pub(crate) mod phase {
     /// The load alone, just before a tenant's purge.
     pub const BEFORE: u8 = 0;
     /// The retention purge runs.
@@ -126,7 +126,7 @@ mod phase {
 
 /// SendMessage by every sender at `rate` in all until `stop`; the latencies in ms of each
 /// phase (by index), sorted.
-async fn load_until(
+pub(crate) async fn load_until(
     stack: &TestStack,
     senders: &[(String, String)],
     rate: f64,

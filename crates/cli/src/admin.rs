@@ -125,6 +125,15 @@ pub enum UserCommand {
         /// Username or user id.
         user: String,
     },
+    /// Download a user's data for a data-subject request (GDPR Art. 15 and 20) as a ZIP
+    /// archive, as the user would get it with `hafen chat export-me`; audited.
+    Export {
+        /// Username or user id.
+        user: String,
+        /// Where to write the archive.
+        #[arg(long, env = "HAFEN_EXPORT_OUT")]
+        out: PathBuf,
+    },
     /// Erase a user (GDPR Art. 17), at once and for good: their key is destroyed, so their
     /// messages can never be read again (in backups neither), their messages become
     /// tombstones, their memberships, sessions and chat codes end, and the account is
@@ -449,6 +458,17 @@ async fn user(client: &ClientArgs, command: UserCommand) -> Outcome {
             let user = hafen.check(result).await?;
             client.print(user_json(&user), || {
                 format!("Deactivated {}.", user.username)
+            });
+        }
+        UserCommand::Export { user, out } => {
+            let id = user_id(&hafen, &user).await?;
+            let saved = crate::chat::save_user_export(&hafen, id, &out).await?;
+            client.print(saved.clone(), || {
+                format!(
+                    "Wrote {user}'s data to {} ({} bytes).",
+                    out.display(),
+                    saved["size"]
+                )
             });
         }
         UserCommand::Erase { user, yes } => {

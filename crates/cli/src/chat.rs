@@ -121,6 +121,13 @@ pub enum ChatCommand {
         #[arg(long, env = "HAFEN_CONFIRM_ERASE")]
         yes: bool,
     },
+    /// Download my data (GDPR Art. 15 and 20) as a ZIP archive: my account, devices and
+    /// sessions, memberships, every message I sent (decrypted) and the audit events about me.
+    ExportMe {
+        /// Where to write the archive.
+        #[arg(long, env = "HAFEN_EXPORT_OUT")]
+        out: PathBuf,
+    },
 }
 
 /// `hafen login`.
@@ -175,11 +182,76 @@ pub async fn logout(args: LogoutArgs) -> Outcome {
     Ok(())
 }
 
+/// Downloads the export of `user`'s data (empty: mine) to `out`, checking every chunk's
+/// offset and the archive's SHA-256 before the file is kept; what it wrote, as JSON.
+pub(crate) async fn save_user_export(
+    hafen: &Hafen,
+    user: String,
+    out: &std::path::Path,
+) -> Result<Value, Failure> {
+    use sha2::Digest as _;
+    let result = hafen
+        .tenant()
+        .export_user_data(hafen_sdk::proto::tenant::v1::ExportUserDataRequest {
+            user_id: user,
+            chunk_size: 0,
+        })
+        .await;
+    let mut stream = hafen.check(result).await?;
+    let partial = out.with_extension("partial");
+    let mut file = std::fs::File::create(&partial)
+        .map_err(|err| Failure::new(exit::FAILED, format!("{}: {err}", partial.display())))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0_u64;
+    let mut complete = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(hafen_sdk::Error::from)?;
+        if chunk.offset != size {
+            return Err(Failure::new(
+                exit::FAILED,
+                "a chunk of the export is missing",
+            ));
+        }
+        std::io::Write::write_all(&mut file, &chunk.data)
+            .map_err(|err| Failure::new(exit::FAILED, format!("{}: {err}", partial.display())))?;
+        hasher.update(&chunk.data);
+        size += chunk.data.len() as u64;
+        if chunk.last_chunk {
+            complete = Some((chunk.total_size, chunk.sha256));
+            break;
+        }
+    }
+    let digest = hasher.finalize().to_vec();
+    match complete {
+        Some((total, sha256)) if total == size && sha256 == digest => {}
+        _ => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(Failure::new(
+                exit::FAILED,
+                "the export is incomplete or damaged; run it again",
+            ));
+        }
+    }
+    std::fs::rename(&partial, out)
+        .map_err(|err| Failure::new(exit::FAILED, format!("{}: {err}", out.display())))?;
+    Ok(json!({"file": out.display().to_string(), "size": size, "sha256": hex::encode(digest)}))
+}
+
 /// `hafen chat …`.
 pub async fn run(args: ChatArgs) -> Outcome {
     let client = &args.client;
     let hafen = client.logged_in().await?;
     match args.command {
+        ChatCommand::ExportMe { out } => {
+            let saved = save_user_export(&hafen, String::new(), &out).await?;
+            client.print(saved.clone(), || {
+                format!(
+                    "Wrote your data to {} ({} bytes).",
+                    out.display(),
+                    saved["size"]
+                )
+            });
+        }
         ChatCommand::EraseMe { yes } => {
             if !yes {
                 return Err(Failure::usage(

@@ -364,6 +364,38 @@ async fn a_user_chats_from_the_command_line() {
         .await;
     assert_eq!(broken.status.code(), Some(10), "{}", text(&broken.stdout));
 
+    // Own data, and Carol's for a data-subject request, as checked ZIP archives.
+    let mine = cli.config_dir.path().join("mine.zip");
+    let saved = cli
+        .json(&[
+            "chat",
+            "export-me",
+            "--out",
+            mine.to_str().unwrap(),
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert_eq!(saved["size"], std::fs::metadata(&mine).unwrap().len());
+    let hers = cli.config_dir.path().join("carol.zip");
+    let saved = cli
+        .json(&[
+            "admin",
+            "user",
+            "export",
+            "carol",
+            "--out",
+            hers.to_str().unwrap(),
+            "--profile",
+            "owner",
+        ])
+        .await;
+    assert!(saved["size"].as_u64().unwrap() > 0);
+    assert!(
+        std::fs::read(&hers).unwrap().starts_with(b"PK"),
+        "a ZIP archive"
+    );
+
     // Carol is erased: only when it is confirmed.
     let unconfirmed = cli
         .run(

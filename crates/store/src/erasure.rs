@@ -7,14 +7,16 @@
 //!    written to the deletion log, in one transaction. From then on nothing sealed under the
 //!    key (their messages, here and in every backup) can be read, and [`crate::keyring`]
 //!    never makes them a new key.
-//! 2. [`erase_rows`], in the tenant's schema: their messages become tombstones (body gone,
-//!    `erased`; each live one a `message_deleted` event, so streams show it gone), their
-//!    memberships end (a `membership_changed` event each), their chat codes are deleted, and
-//!    their account is pseudonymised: username freed, display name replaced, password and
-//!    second factor deleted, status `erased`. Rows stay because conversations and messages
-//!    refer to them by id; nothing personal stays in them.
+//! 2. [`erase_messages`], in the tenant's schema, in batches: their messages become
+//!    tombstones (body gone, `erased`; each live one a `message_deleted` event, so streams
+//!    show it gone).
+//! 3. [`erase_account`], in one transaction: their memberships end (a `membership_changed`
+//!    event each), their chat codes are deleted, and their account is pseudonymised: username
+//!    freed, display name replaced, password and second factor deleted, status `erased`.
+//!    Rows stay because conversations and messages refer to them by id; nothing personal
+//!    stays in them.
 //!
-//! Both are idempotent, so an erasure that stopped midway is completed by running it again.
+//! Each is idempotent, so an erasure that stopped midway is completed by running it again.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -34,7 +36,7 @@ pub fn erased_username(user: Uuid) -> String {
     format!("erased:{user}")
 }
 
-/// What [`erase_rows`] changed.
+/// What an erasure changed in the tenant's schema.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ErasedRows {
     /// Messages made tombstones now (live ones and earlier tombstones of the user).
@@ -116,7 +118,7 @@ pub async fn held(conn: &mut AsyncPgConnection, user: Uuid) -> Result<bool, dies
     Ok(found.held)
 }
 
-/// Whether the tenant's schema holds anything of `user` that [`erase_rows`] would erase: an
+/// Whether the tenant's schema holds anything of `user` that is not erased yet: an
 /// account not pseudonymised, a message not erased, a membership or a chat code (after a
 /// restore of a backup taken before the erasure).
 pub async fn remains(
@@ -140,51 +142,112 @@ pub async fn remains(
     Ok(found.remains)
 }
 
-/// Erases what the tenant's schema holds of `user` (see the module comment), in the caller's
-/// transaction on a connection scoped to the tenant. Takes the user's messages before the
-/// event counter, the order in which edits and deletions take them.
-pub async fn erase_rows(
+/// Messages made tombstones per transaction: each batch holds the tenant's event counter
+/// only while it numbers its events, so sends of the tenant wait milliseconds, not the
+/// whole erasure.
+pub const MESSAGE_BATCH: usize = 200;
+
+/// Makes every message of `user` that is not erased yet a tombstone (body gone, `erased`),
+/// with a `message_deleted` event for each that was not deleted before, in transactions of
+/// [`MESSAGE_BATCH`] messages on connections of `pool` scoped to `tenant`. Returns how many.
+/// The messages are found in one pass, then changed by their ids.
+pub async fn erase_messages(
+    pool: &crate::Pool,
+    tenant: &crate::TenantId,
+    user: Uuid,
+    at: DateTime<Utc>,
+) -> Result<u64, crate::Error> {
+    use crate::schema::messages;
+    let ids: Vec<Uuid> = crate::with_tenant(pool, tenant, move |conn| {
+        Box::pin(async move {
+            Ok::<_, crate::Error>(
+                messages::table
+                    .filter(messages::sender_id.eq(user))
+                    .filter(messages::erased.eq(false))
+                    .select(messages::id)
+                    .load(conn)
+                    .await?,
+            )
+        })
+    })
+    .await?;
+    let mut erased = 0;
+    for batch in ids.chunks(MESSAGE_BATCH) {
+        let batch = batch.to_vec();
+        erased += crate::with_tenant(pool, tenant, move |conn| {
+            Box::pin(async move { erase_message_batch(conn, &batch, at).await })
+        })
+        .await?;
+    }
+    Ok(erased)
+}
+
+/// One batch of [`erase_messages`], in the caller's transaction: the messages first, then
+/// (taking the event counter) their events.
+async fn erase_message_batch(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+    at: DateTime<Utc>,
+) -> Result<u64, crate::Error> {
+    #[derive(QueryableByName)]
+    struct Gone {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+        #[diesel(sql_type = SqlUuid)]
+        conversation_id: Uuid,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        live: bool,
+    }
+    let gone: Vec<Gone> = diesel::sql_query(
+        "UPDATE messages m \
+         SET ciphertext = NULL, deleted_at = coalesce(m.deleted_at, $2), erased = true \
+         FROM (SELECT id, deleted_at IS NULL AS live FROM messages \
+               WHERE id = ANY($1) AND NOT erased ORDER BY id FOR UPDATE) t \
+         WHERE m.id = t.id \
+         RETURNING m.id, m.conversation_id, t.live",
+    )
+    .bind::<diesel::sql_types::Array<SqlUuid>, _>(ids)
+    .bind::<Timestamptz, _>(at)
+    .load(conn)
+    .await?;
+    let live: Vec<&Gone> = gone.iter().filter(|g| g.live).collect();
+    if !live.is_empty() {
+        let count = i64::try_from(live.len()).unwrap_or(i64::MAX);
+        let base: i64 = diesel::update(crate::schema::event_counter::table)
+            .set(
+                crate::schema::event_counter::last_id
+                    .eq(crate::schema::event_counter::last_id + count),
+            )
+            .returning(crate::schema::event_counter::last_id - count)
+            .get_result(conn)
+            .await?;
+        let event_ids: Vec<i64> = (1..=count).map(|i| base + i).collect();
+        let conversations: Vec<Uuid> = live.iter().map(|g| g.conversation_id).collect();
+        let messages: Vec<Uuid> = live.iter().map(|g| g.id).collect();
+        diesel::sql_query(
+            "INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
+             SELECT e.id, e.conversation_id, 'message_deleted', e.message_id, $4 \
+             FROM unnest($1, $2, $3) AS e(id, conversation_id, message_id)",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&event_ids)
+        .bind::<diesel::sql_types::Array<SqlUuid>, _>(&conversations)
+        .bind::<diesel::sql_types::Array<SqlUuid>, _>(&messages)
+        .bind::<Timestamptz, _>(at)
+        .execute(conn)
+        .await?;
+    }
+    Ok(u64::try_from(gone.len()).unwrap_or(0))
+}
+
+/// Ends every membership of `user`, each a `membership_changed` event the conversation's
+/// other members see, in the caller's transaction on a connection scoped to the tenant.
+/// Afterwards no message of theirs can be stored any more (a send needs a membership).
+/// Returns how many.
+pub async fn end_memberships(
     conn: &mut AsyncPgConnection,
     user: Uuid,
     at: DateTime<Utc>,
-) -> Result<ErasedRows, diesel::result::Error> {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let count = |n: i64| u64::try_from(n).unwrap_or(0);
-
-    // The messages, and one `message_deleted` event for each that was not a tombstone yet,
-    // numbered in one step from the counter (PostgreSQL runs every data-modifying part of
-    // the statement, read or not).
-    let messages: Count = diesel::sql_query(
-        "WITH target AS ( \
-             SELECT id, conversation_id, deleted_at IS NULL AS live FROM messages \
-             WHERE sender_id = $1 AND NOT erased ORDER BY id FOR UPDATE), \
-         erased AS ( \
-             UPDATE messages m \
-             SET ciphertext = NULL, deleted_at = coalesce(m.deleted_at, $2), erased = true \
-             FROM target t WHERE m.id = t.id RETURNING m.id), \
-         live AS ( \
-             SELECT t.id, t.conversation_id, row_number() OVER (ORDER BY t.id) AS rank \
-             FROM target t WHERE t.live), \
-         counted AS ( \
-             UPDATE event_counter SET last_id = last_id + (SELECT count(*) FROM live) \
-             WHERE EXISTS (SELECT FROM live) \
-             RETURNING last_id - (SELECT count(*) FROM live) AS base), \
-         logged AS ( \
-             INSERT INTO events (id, conversation_id, kind, message_id, created_at) \
-             SELECT counted.base + l.rank, l.conversation_id, 'message_deleted', l.id, $2 \
-             FROM live l, counted) \
-         SELECT count(*) AS n FROM erased",
-    )
-    .bind::<SqlUuid, _>(user)
-    .bind::<Timestamptz, _>(at)
-    .get_result(conn)
-    .await?;
-
-    // Memberships end, each seen by the conversation's other members.
+) -> Result<u64, diesel::result::Error> {
     let left: Vec<Uuid> = diesel::delete(members::table.filter(members::user_id.eq(user)))
         .returning(members::conversation_id)
         .get_results(conn)
@@ -201,7 +264,19 @@ pub async fn erase_rows(
         )
         .await?;
     }
+    Ok(u64::try_from(left.len()).unwrap_or(0))
+}
 
+/// The last step, once the user's memberships ended ([`end_memberships`]) and their messages
+/// are tombstones ([`erase_messages`]): their chat codes are deleted and the account is
+/// pseudonymised, in the caller's transaction on a connection scoped to the tenant. Returns
+/// how many chat codes went and whether the account was pseudonymised now (false: it was
+/// already).
+pub async fn erase_account(
+    conn: &mut AsyncPgConnection,
+    user: Uuid,
+    at: DateTime<Utc>,
+) -> Result<(u64, bool), diesel::result::Error> {
     let codes = diesel::delete(chat_codes::table.filter(chat_codes::user_id.eq(user)))
         .execute(conn)
         .await?;
@@ -223,10 +298,44 @@ pub async fn erase_rows(
         .execute(conn)
         .await?;
 
-    Ok(ErasedRows {
-        messages: count(messages.n),
-        memberships: u64::try_from(left.len()).unwrap_or(0),
-        chat_codes: u64::try_from(codes).unwrap_or(0),
-        account: account == 1,
+    Ok((u64::try_from(codes).unwrap_or(0), account == 1))
+}
+
+/// Steps 2 to 4 of an erasure (see the module comment) on `tenant`'s schema in `pool`:
+/// memberships, messages, account. `last` runs in the final transaction with what was
+/// erased (the caller's audit event).
+pub async fn erase_rows<F>(
+    pool: &crate::Pool,
+    tenant: &crate::TenantId,
+    user: Uuid,
+    at: DateTime<Utc>,
+    last: F,
+) -> Result<ErasedRows, crate::Error>
+where
+    F: for<'c> FnOnce(
+            &'c mut AsyncPgConnection,
+            ErasedRows,
+        ) -> futures::future::BoxFuture<'c, Result<(), crate::Error>>
+        + Send
+        + 'static,
+{
+    let memberships = crate::with_tenant(pool, tenant, move |conn| {
+        Box::pin(async move { Ok::<_, crate::Error>(end_memberships(conn, user, at).await?) })
     })
+    .await?;
+    let messages = erase_messages(pool, tenant, user, at).await?;
+    crate::with_tenant(pool, tenant, move |conn| {
+        Box::pin(async move {
+            let (chat_codes, account) = erase_account(conn, user, at).await?;
+            let erased = ErasedRows {
+                messages,
+                memberships,
+                chat_codes,
+                account,
+            };
+            last(conn, erased).await?;
+            Ok(erased)
+        })
+    })
+    .await
 }

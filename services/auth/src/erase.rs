@@ -12,7 +12,7 @@ use hafen_authn::{Principal, RevokeReason, Role};
 use hafen_events::{Actor, Event};
 use hafen_proto::auth::v1 as pb;
 use hafen_store::schema::{erasure_requests, users};
-use hafen_store::sessions;
+use hafen_store::{TenantId, sessions};
 use uuid::Uuid;
 
 use crate::auth::Auth;
@@ -185,26 +185,23 @@ impl Auth {
             hafen_store::erasure::destroy_key(&mut conn, tenant, user, at).await?;
         }
         let event = Event::new(Some(tenant), actor, "auth.user.erased").target("user", user);
-        let (row, erased) = self
-            .scoped(tenant, move |conn| {
-                Box::pin(async move {
-                    let erased = hafen_store::erasure::erase_rows(conn, user, at).await?;
-                    if erased.account {
-                        let event = event
-                            .attribute("messages", erased.messages)
-                            .attribute("memberships", erased.memberships)
-                            .attribute("chat_codes", erased.chat_codes);
-                        hafen_events::record(conn, &event).await?;
-                    }
-                    let row: UserRow = users::table
-                        .find(user)
-                        .select(UserRow::as_select())
-                        .first(conn)
-                        .await?;
-                    Ok((row, erased))
-                })
+        let id = TenantId::from(tenant);
+        let pool = self.inner.databases.tenant_pool(&id).await?;
+        let erased = hafen_store::erasure::erase_rows(&pool, &id, user, at, move |conn, erased| {
+            Box::pin(async move {
+                // Once, with the erasure that pseudonymised the account.
+                if erased.account {
+                    let event = event
+                        .attribute("messages", erased.messages)
+                        .attribute("memberships", erased.memberships)
+                        .attribute("chat_codes", erased.chat_codes);
+                    hafen_events::record(conn, &event).await?;
+                }
+                Ok(())
             })
-            .await?;
+        })
+        .await?;
+        let row = self.any_user(tenant, user).await?;
         self.audited();
         self.cancel_erasure(tenant, user).await?;
         if erased.any()

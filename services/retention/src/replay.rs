@@ -320,19 +320,18 @@ impl Replayer {
             Err(hafen_store::Error::UnknownTenant) => return Ok(false),
             Err(err) => return Err(err.into()),
         };
-        let at = hafen_store::now();
         let found = hafen_store::with_tenant(&pool, &id, move |conn| {
-            Box::pin(async move {
-                if !hafen_store::erasure::remains(conn, user).await? {
-                    return Ok::<_, Error>(false);
-                }
-                if !dry_run {
-                    hafen_store::erasure::erase_rows(conn, user, at).await?;
-                }
-                Ok(true)
-            })
+            Box::pin(
+                async move { Ok::<_, Error>(hafen_store::erasure::remains(conn, user).await?) },
+            )
         })
         .await?;
+        if found && !dry_run {
+            hafen_store::erasure::erase_rows(&pool, &id, user, hafen_store::now(), |_, _| {
+                Box::pin(async { Ok(()) })
+            })
+            .await?;
+        }
         if found && !dry_run {
             if let Some(redis) = &self.redis
                 && let Err(err) = redis.publish_events(tenant).await

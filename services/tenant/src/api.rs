@@ -106,6 +106,49 @@ impl TenantService for TenantApi {
         )))
     }
 
+    type ExportUserDataStream = tonic::codegen::BoxStream<pb::ExportTenantResponse>;
+
+    async fn export_user_data(
+        &self,
+        request: Request<pb::ExportUserDataRequest>,
+    ) -> Result<Response<Self::ExportUserDataStream>, Status> {
+        let principal = match caller(&request)? {
+            Caller::User(principal) => principal.clone(),
+            Caller::Operator => {
+                return Err(hafen_platform::status::permission_denied(
+                    "operators cannot export tenant content (TM2)",
+                ));
+            }
+        };
+        let r = request.get_ref();
+        let user = match r.user_id.as_str() {
+            "" => principal.user_id,
+            id => parse_uuid("user_id", id)?,
+        };
+        if user != principal.user_id && !principal.role.is_admin() {
+            return Err(hafen_platform::status::permission_denied(
+                "members export their own data; admins any user's",
+            ));
+        }
+        if r.chunk_size < 0 {
+            return Err(Error::invalid("chunk_size", "must not be negative").into());
+        }
+        let chunks = self
+            .tenants
+            .export_user(
+                principal.tenant_id,
+                principal.user_id,
+                user,
+                crate::export::chunk_size(r.chunk_size),
+            )
+            .await?;
+        Ok(Response::new(hafen_authn::end_on_revocation(
+            tokio_stream::wrappers::ReceiverStream::new(chunks),
+            self.authenticator.clone(),
+            principal.session_id,
+        )))
+    }
+
     async fn create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,

@@ -36,7 +36,7 @@ use uuid::Uuid;
 use crate::error::Error;
 
 /// Messages read per query.
-const PAGE: i64 = 500;
+pub(crate) const PAGE: i64 = 500;
 
 /// Chunk sizes a client may ask for, and the default.
 const MIN_CHUNK: usize = 16 * 1024;
@@ -65,7 +65,7 @@ pub fn chunk_size(requested: i32) -> usize {
 }
 
 /// What the archive writer is given, in order.
-enum Piece {
+pub(crate) enum Piece {
     /// A new file in the archive.
     File(String, bool),
     /// Bytes of the current file.
@@ -84,14 +84,31 @@ pub fn stream(
     owner: Uuid,
     chunk: usize,
 ) -> mpsc::Receiver<Result<pb::ExportTenantResponse, Status>> {
+    stream_archive(tenant, chunk, move |pieces| async move {
+        read_all(&databases, &keys, &tenant, owner, &pieces).await
+    })
+}
+
+/// Streams an archive of `tenant`'s whose files `read` gives, file by file, as [`Piece`]s:
+/// chunks of the archive, the last one with the size and SHA-256, or an error status that
+/// ends the stream.
+pub(crate) fn stream_archive<R, F>(
+    tenant: TenantId,
+    chunk: usize,
+    read: R,
+) -> mpsc::Receiver<Result<pb::ExportTenantResponse, Status>>
+where
+    R: FnOnce(mpsc::Sender<Piece>) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
     let (chunks, out) = mpsc::channel(4);
     let (pieces, to_write) = mpsc::channel::<Piece>(16);
     let writer_chunks = chunks.clone();
     let writer = tokio::task::spawn_blocking(move || write_archive(to_write, writer_chunks, chunk));
     tokio::spawn(async move {
-        let read = read_all(&databases, &keys, &tenant, owner, &pieces).await;
+        let read = read(pieces.clone()).await;
         if let Err(err) = read {
-            tracing::warn!(tenant_id = %tenant, error = %err, "tenant export failed");
+            tracing::warn!(tenant_id = %tenant, error = %err, "export failed");
             // The writer stops without finishing the archive; its chunks so far are sent
             // before the error, which ends the stream without a last chunk.
             drop(pieces);
@@ -104,7 +121,7 @@ pub fn stream(
         match writer.await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
-                tracing::warn!(tenant_id = %tenant, error = %err, "tenant export not written");
+                tracing::warn!(tenant_id = %tenant, error = %err, "export not written");
                 let _ = chunks
                     .send(Err(hafen_platform::status::unavailable(
                         "the export could not be completed; start it again",
@@ -234,7 +251,7 @@ struct MessageRow {
     deleted_at: Option<DateTime<Utc>>,
 }
 
-fn time(at: DateTime<Utc>) -> String {
+pub(crate) fn time(at: DateTime<Utc>) -> String {
     hafen_events::chain::rfc3339(at)
 }
 
@@ -442,13 +459,13 @@ async fn shared_page(
 
 /// A JSON array written a few items at a time.
 #[derive(Default)]
-struct JsonList {
+pub(crate) struct JsonList {
     started: bool,
 }
 
 impl JsonList {
     /// The bytes of `items`, continuing the array.
-    fn items(&mut self, items: impl Iterator<Item = serde_json::Value>) -> Vec<u8> {
+    pub(crate) fn items(&mut self, items: impl Iterator<Item = serde_json::Value>) -> Vec<u8> {
         let mut out = Vec::new();
         for item in items {
             out.extend_from_slice(if self.started { b",\n" } else { b"[\n" });
@@ -459,7 +476,7 @@ impl JsonList {
     }
 
     /// The bytes that close the array (an empty one if no item came).
-    fn end(self) -> Vec<u8> {
+    pub(crate) fn end(self) -> Vec<u8> {
         if self.started {
             b"\n]\n".to_vec()
         } else {

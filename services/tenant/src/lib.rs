@@ -7,6 +7,7 @@
 //! - [`settings`]: tenant settings, their defaults and validation.
 //! - [`migrate`]: migrations across all tenants.
 //! - [`export`]: the owner's export of the organisation as a streamed ZIP (GR5).
+//! - [`user_export`]: a user's export of their own data, streamed the same way (Art. 15/20).
 //! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
@@ -18,6 +19,7 @@ pub mod export;
 pub mod migrate;
 pub mod settings;
 pub mod tenants;
+pub mod user_export;
 
 use std::future::Future;
 use std::net::SocketAddr;

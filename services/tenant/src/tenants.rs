@@ -675,6 +675,48 @@ impl Tenants {
         ))
     }
 
+    /// ExportUserData: audits the export of `user`'s data by `actor`, then streams it.
+    pub async fn export_user(
+        &self,
+        tenant: Uuid,
+        actor: Uuid,
+        user: Uuid,
+        chunk: usize,
+    ) -> Result<
+        tokio::sync::mpsc::Receiver<
+            Result<hafen_proto::tenant::v1::ExportTenantResponse, tonic::Status>,
+        >,
+        Error,
+    > {
+        let id = TenantId::from(tenant);
+        if !crate::user_export::exportable(&self.inner.databases, &id, user).await? {
+            return Err(Error::NotFound);
+        }
+        let event = Event::new(
+            Some(tenant),
+            Actor::User(actor),
+            "tenant.user_data_exported",
+        )
+        .target("user", user);
+        hafen_store::in_transaction(self.pool(), move |conn| {
+            Box::pin(async move {
+                hafen_events::record(conn, &event).await?;
+                Ok::<_, Error>(())
+            })
+        })
+        .await?;
+        self.audited();
+        tracing::info!(tenant_id = %tenant, user_id = %user, "user data export started");
+        let (databases, keys) = (self.inner.databases.clone(), self.inner.keys.clone());
+        Ok(crate::export::stream_archive(
+            id,
+            chunk,
+            move |pieces| async move {
+                crate::user_export::read_user(&databases, &keys, &id, user, &pieces).await
+            },
+        ))
+    }
+
     /// Applies a settings update (field mask relative to `TenantSettings`).
     /// `actor` is recorded in the audit event, with the names of the fields changed.
     pub async fn update_settings(

@@ -1217,6 +1217,217 @@ async fn gr5_the_owner_exports_what_the_owner_may_read_and_nothing_else() {
     assert_eq!(operator.code(), Code::PermissionDenied);
 }
 
+/// The files of a ZIP archive, by name.
+fn unzip(archive: Vec<u8>) -> std::collections::BTreeMap<String, String> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).unwrap();
+    let mut files = std::collections::BTreeMap::new();
+    for i in 0..zip.len() {
+        let mut file = zip.by_index(i).unwrap();
+        let name = file.name().unwrap().into_owned();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).unwrap();
+        files.insert(name, text);
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb9_a_user_exports_their_own_data_and_an_admin_any_users_on_request() {
+    use hafen_proto::auth::v1 as auth_pb;
+    use hafen_proto::messaging::v1 as msg;
+    use hafen_testkit::with_token;
+
+    let stack = hafen_testkit::TestStack::start().await;
+    let tenant = stack.create_tenant("own-data").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let (lena, session) = stack
+        .create_logged_in_member(&tenant, &owner, "lena", "lena password 1")
+        .await;
+    let (_, other) = stack
+        .create_logged_in_member(&tenant, &owner, "otto", "otto password 1")
+        .await;
+    let mut messaging = stack.messaging_client().await;
+    let team = messaging
+        .create_conversation(with_token(
+            &owner,
+            msg::CreateConversationRequest {
+                kind: msg::ConversationKind::Group as i32,
+                title: "Team".into(),
+                member_user_ids: vec![lena.user_id.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    let send = |token: &str, body: &str| {
+        with_token(
+            token,
+            msg::SendMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                conversation_id: team.clone(),
+                body: body.into(),
+            },
+        )
+    };
+    messaging
+        .send_message(send(&owner, "the owner's words"))
+        .await
+        .unwrap();
+    messaging
+        .send_message(send(
+            &session.access_token,
+            "lena's first, card 4111 1111 1111 1111",
+        ))
+        .await
+        .unwrap();
+    let second = messaging
+        .send_message(send(&session.access_token, "lena's second"))
+        .await
+        .unwrap()
+        .into_inner();
+    messaging
+        .delete_message(with_token(
+            &session.access_token,
+            msg::DeleteMessageRequest {
+                message_id: second.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    let mut tenants = stack.tenant_client().await;
+    let export = |token: &str, user: &str| {
+        with_token(
+            token,
+            pb::ExportUserDataRequest {
+                user_id: user.into(),
+                chunk_size: 16 * 1024,
+            },
+        )
+    };
+    let stream = tenants
+        .export_user_data(export(&session.access_token, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let files = unzip(collect_archive(stream).await);
+    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "README.txt",
+            "audit.jsonl",
+            "devices.json",
+            "memberships.json",
+            "messages.jsonl",
+            "profile.json"
+        ]
+    );
+    let profile: serde_json::Value = serde_json::from_str(&files["profile.json"]).unwrap();
+    assert_eq!(profile["username"], "lena");
+    let messages: Vec<serde_json::Value> = files["messages.jsonl"]
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(messages.len(), 2, "hers only");
+    assert_eq!(
+        messages[0]["body"], "lena's first, card [card]",
+        "decrypted, as stored"
+    );
+    assert_eq!(
+        messages[1]["body"],
+        serde_json::Value::Null,
+        "deleted: no body"
+    );
+    let devices: serde_json::Value = serde_json::from_str(&files["devices.json"]).unwrap();
+    assert_eq!(devices["chat_codes"][0]["device_label"], "lena's device");
+    assert_eq!(devices["sessions"].as_array().unwrap().len(), 1);
+    let memberships: serde_json::Value = serde_json::from_str(&files["memberships.json"]).unwrap();
+    assert_eq!(memberships[0]["conversation_id"], team.as_str());
+    let all: String = files.values().cloned().collect();
+    assert!(!all.contains("the owner's words"), "no message of others");
+    assert!(!all.contains("$2"), "no password hash");
+    assert!(!all.contains(&session.access_token), "no token");
+
+    // The audit events about her: her creation and her chat code at least (the relay
+    // delivers them to the chain within moments).
+    let audited = hafen_testkit::eventually(
+        "lena's audit events",
+        std::time::Duration::from_secs(20),
+        || {
+            let mut tenants = tenants.clone();
+            let token = session.access_token.clone();
+            async move {
+                let stream = tenants
+                    .export_user_data(export(&token, ""))
+                    .await
+                    .ok()?
+                    .into_inner();
+                let files = unzip(collect_archive(stream).await);
+                let actions: Vec<String> = files["audit.jsonl"]
+                    .lines()
+                    .map(|line| {
+                        serde_json::from_str::<serde_json::Value>(line).unwrap()["action"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned()
+                    })
+                    .collect();
+                actions
+                    .iter()
+                    .any(|a| a == "auth.user.created")
+                    .then_some(actions)
+            }
+        },
+    )
+    .await;
+    assert!(audited.iter().all(|a| !a.is_empty()));
+
+    // Another member's data is not hers to export; an admin exports it on request.
+    let refused = tenants
+        .export_user_data(export(&other.access_token, &lena.user_id))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let stream = tenants
+        .export_user_data(export(&owner, &lena.user_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let files = unzip(collect_archive(stream).await);
+    assert_eq!(files["messages.jsonl"].lines().count(), 2);
+    let refused = tenants
+        .export_user_data(export(&owner, "no uuid"))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&refused), "user_id");
+    let refused = tenants
+        .export_user_data(stack.secrets.operator(pb::ExportUserDataRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // An erased user has nothing left to export.
+    stack
+        .auth_client()
+        .await
+        .erase_user(with_token(
+            &owner,
+            auth_pb::EraseUserRequest {
+                user_id: lena.user_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let refused = tenants
+        .export_user_data(export(&owner, &lena.user_id))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn contract_tenant_errors_name_the_field_sent_and_choices_are_discoverable() {
     use hafen_testkit::with_token;
