@@ -8,12 +8,14 @@
 //! - [`migrate`]: migrations across all tenants.
 //! - [`export`]: the owner's export of the organisation as a streamed ZIP (GR5).
 //! - [`user_export`]: a user's export of their own data, streamed the same way (Art. 15/20).
+//! - [`backup`]: per-tenant backups, encrypted, with manifests and pruning (TM6).
 //! - `api`: the thin gRPC adapter; `error`: the one mapping of errors to statuses.
 //!
 //! The service is a library: [`serve`] runs it on a bound listener until a shutdown future
 //! resolves, so the `hafen-tenant` binary, `hafen dev` and the tests all run the same code.
 
 mod api;
+pub mod backup;
 mod error;
 pub mod export;
 pub mod migrate;
@@ -159,6 +161,23 @@ pub enum Command {
     /// retention) to a file (mode 0600), then exit. Those services get this file, never
     /// the master key.
     DeriveKeys(DeriveKeysArgs),
+    /// Back up one tenant (--tenant) or every active tenant (--all, then delete backups
+    /// older than --keep): its schema by pg_dump, with its control-plane row but no key,
+    /// encrypted under a key derived from the master key, with a manifest (sizes, SHA-256).
+    /// Exits non-zero when any backup failed.
+    Backup(Box<backup::BackupArgs>),
+}
+
+/// `hafen-tenant backup` on its own, without the serving options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hafen-tenant backup",
+    version,
+    about = "Back up one tenant or every tenant (encrypted, with a manifest), then exit"
+)]
+pub struct BackupCli {
+    #[command(flatten)]
+    pub args: backup::BackupArgs,
 }
 
 /// Options of `hafen-tenant derive-keys`.
@@ -219,6 +238,8 @@ pub enum Invocation {
     Migrate(Box<MigrateArgs>),
     /// Write a service's key file and exit.
     DeriveKeys(DeriveKeysArgs),
+    /// Back up and exit.
+    Backup(Box<backup::BackupArgs>),
 }
 
 impl Cli {
@@ -236,10 +257,16 @@ impl Cli {
                 .chain(args.into_iter().skip(2));
             return Invocation::DeriveKeys(DeriveKeysCli::parse_from(rest).args);
         }
+        if args.get(1).is_some_and(|a| a == "backup") {
+            let rest = std::iter::once(std::ffi::OsString::from("hafen-tenant backup"))
+                .chain(args.into_iter().skip(2));
+            return Invocation::Backup(Box::new(BackupCli::parse_from(rest).args));
+        }
         let cli = Self::parse_from(args);
         match cli.command {
             Some(Command::Migrate(args)) => Invocation::Migrate(Box::new(args)),
             Some(Command::DeriveKeys(args)) => Invocation::DeriveKeys(args),
+            Some(Command::Backup(args)) => Invocation::Backup(args),
             None => Invocation::Serve(Box::new(cli)),
         }
     }

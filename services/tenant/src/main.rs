@@ -22,6 +22,7 @@ async fn main() -> ExitCode {
             .await;
         }
         Invocation::Migrate(args) => *args,
+        Invocation::Backup(args) => return backup(&args).await,
         Invocation::DeriveKeys(args) => {
             return match hafen_tenant::derive_keys(&args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -50,6 +51,53 @@ async fn main() -> ExitCode {
         Ok(_) => ExitCode::FAILURE,
         Err(err) => {
             tracing::error!(error = %err, "migration failed");
+            ExitCode::FAILURE
+        }
+    };
+    guard.shutdown();
+    code
+}
+
+/// `hafen-tenant backup`: one line per backup on standard output (its manifest's path,
+/// size and checksum), failures on standard error.
+#[allow(
+    clippy::print_stdout,
+    reason = "the backups made are the command's output, for scripts and CronJob logs"
+)]
+async fn backup(args: &hafen_tenant::backup::BackupArgs) -> ExitCode {
+    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match hafen_tenant::backup::run(args).await {
+        Ok(report) => {
+            for manifest in &report.backed_up {
+                println!(
+                    "{} {}/{} {} bytes sha256 {}",
+                    manifest.slug,
+                    manifest.tenant_id,
+                    manifest.file,
+                    manifest.file_bytes,
+                    manifest.sha256
+                );
+            }
+            for (tenant, why) in &report.failed {
+                eprintln!("{BINARY}: backup of {tenant} failed: {why}");
+            }
+            if report.pruned > 0 {
+                println!("pruned {} backups older than the retention", report.pruned);
+            }
+            if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
             ExitCode::FAILURE
         }
     };

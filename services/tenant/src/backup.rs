@@ -1,0 +1,541 @@
+//! Per-tenant backups (TM6, BX7): `hafen-tenant backup`.
+//!
+//! One backup is one tenant's schema, dumped by PostgreSQL's own `pg_dump -n` (custom format,
+//! no owner, no privileges, as the tenant's role), with its control-plane row (never a key),
+//! encrypted as it streams and written with a manifest:
+//!
+//! - `<out>/<tenant id>/<time>.hafenbak`: `HAFENBK1`, the backup's random id (16 bytes), then
+//!   records of a 4-byte big-endian length and an AES-256-GCM box. Record 0 is the
+//!   control-plane row as JSON, the others the dump in pieces of [`PIECE`] bytes. Each box's
+//!   associated data is the tenant id, the backup id, the record's number and whether it is
+//!   the last, so records cannot be moved, dropped or cut off unnoticed.
+//! - `<out>/<tenant id>/<time>.manifest.json`: tenant, slug, time, the schema's newest
+//!   migration, the dump's and the file's sizes, and the file's SHA-256.
+//!
+//! The key is derived from the master key for backups alone; the backup holds no key at all:
+//! the tenant's and its users' keys stay in the control plane, so a user erased after the
+//! backup stays unreadable in it. Memory does not grow with the tenant: the dump is read,
+//! sealed and written a piece at a time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::Text;
+use diesel_async::RunQueryDsl;
+use hafen_crypto::{DataKey, MasterKey};
+use hafen_store::{Databases, DatabasesArgs, TenantId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// Bytes of the dump per sealed record.
+pub const PIECE: usize = 1024 * 1024;
+/// The file's first bytes.
+const MAGIC: &[u8; 8] = b"HAFENBK1";
+/// The shortest retention `--keep` accepts: six weeks.
+pub const MIN_KEEP: Duration = Duration::from_secs(42 * 24 * 3600);
+/// The label the backup key is derived from the master key under.
+const KEY_LABEL: &str = "hafen tenant backups v1";
+
+/// `hafen-tenant backup`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub databases: DatabasesArgs,
+
+    /// The master key file (the backup key is derived from it).
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// The tenant to back up: its id or slug.
+    #[arg(
+        long,
+        env = "HAFEN_BACKUP_TENANT",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
+    pub tenant: Option<String>,
+
+    /// Back up every active tenant, then delete backups older than --keep.
+    #[arg(long, env = "HAFEN_BACKUP_ALL")]
+    pub all: bool,
+
+    /// The directory backups go to, one sub-directory per tenant.
+    #[arg(long, env = "HAFEN_BACKUP_DIR")]
+    pub out: PathBuf,
+
+    /// How long backups are kept by --all, at least 42 days (six weeks).
+    #[arg(long, env = "HAFEN_BACKUP_KEEP", default_value = "42days", value_parser = keep)]
+    pub keep: Duration,
+
+    /// Tenants backed up at the same time by --all.
+    #[arg(long, env = "HAFEN_BACKUP_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
+
+    /// The pg_dump program (of the PostgreSQL version of the databases, or newer).
+    #[arg(long, env = "HAFEN_PG_DUMP", default_value = "pg_dump")]
+    pub pg_dump: PathBuf,
+
+    #[command(flatten)]
+    pub telemetry: hafen_platform::TelemetryArgs,
+}
+
+fn keep(value: &str) -> Result<Duration, String> {
+    let keep = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    if keep < MIN_KEEP {
+        return Err("at least 42days: backups are kept six weeks or longer".into());
+    }
+    Ok(keep)
+}
+
+/// A backup's manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub format: String,
+    pub backup_id: Uuid,
+    pub tenant_id: Uuid,
+    pub slug: String,
+    pub created_at: DateTime<Utc>,
+    /// The newest migration applied to the tenant's schema when it was dumped.
+    pub schema_version: String,
+    pub dump_bytes: u64,
+    pub file_bytes: u64,
+    /// SHA-256 of the backup file, hex.
+    pub sha256: String,
+    /// The backup file's name, next to the manifest.
+    pub file: String,
+}
+
+/// What a backup holds, once opened.
+pub struct Opened {
+    /// The tenant's control-plane row, as JSON.
+    pub control: serde_json::Value,
+    /// The `pg_dump` archive (custom format).
+    pub dump: Vec<u8>,
+}
+
+/// The key backups are sealed with.
+pub fn backup_key(master: &MasterKey) -> DataKey {
+    DataKey::from_bytes(*master.derive(KEY_LABEL))
+}
+
+fn associated(tenant: Uuid, backup: Uuid, record: u64, last: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(41);
+    out.extend_from_slice(tenant.as_bytes());
+    out.extend_from_slice(backup.as_bytes());
+    out.extend_from_slice(&record.to_be_bytes());
+    out.push(u8::from(last));
+    out
+}
+
+/// Backs up tenant `wanted` (id or slug) into `out`; returns its manifest.
+pub async fn backup_one(
+    databases: &Databases,
+    key: &DataKey,
+    pg_dump: &Path,
+    wanted: &str,
+    out: &Path,
+) -> Result<Manifest, Error> {
+    let row = {
+        let mut conn = databases.main_connection().await?;
+        let found = match Uuid::try_parse(wanted) {
+            Ok(id) => hafen_store::control::find(&mut conn, id).await?,
+            Err(_) => hafen_store::control::find_by_slug(&mut conn, wanted).await?,
+        };
+        found
+            .filter(|row| row.status == hafen_store::control::status::ACTIVE)
+            .ok_or(Error::NotFound)?
+    };
+    let tenant = TenantId::from(row.id);
+    let schema = tenant.schema();
+    let url = databases
+        .url(&row.database_name)
+        .ok_or_else(|| Error::Config(format!("unknown database {}", row.database_name)))?
+        .to_owned();
+    #[derive(diesel::QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = Text)]
+        version: String,
+    }
+    let pool = databases.tenant_pool(&tenant).await?;
+    let version: Version = hafen_store::with_tenant(&pool, &tenant, |conn| {
+        Box::pin(async move {
+            Ok::<_, Error>(
+                diesel::sql_query(
+                    "SELECT coalesce(max(version), '') AS version FROM __diesel_schema_migrations",
+                )
+                .get_result(conn)
+                .await?,
+            )
+        })
+    })
+    .await?;
+
+    let created_at = hafen_store::now();
+    let backup_id = Uuid::new_v4();
+    let dir = out.join(row.id.to_string());
+    let stamp = created_at.format("%Y%m%dT%H%M%S%.6fZ").to_string();
+    let name = format!("{stamp}.hafenbak");
+    let control = serde_json::json!({
+        "tenant_id": row.id,
+        "slug": row.slug,
+        "display_name": row.display_name,
+        "region": row.region,
+        "dpa_version": row.dpa_version,
+        "dpa_accepted_at": row.dpa_accepted_at,
+        "dpa_accepted_by": row.dpa_accepted_by,
+        "database_name": row.database_name,
+        "settings": row.settings,
+        "created_at": row.created_at,
+    });
+    let job = Dump {
+        pg_dump: pg_dump.to_owned(),
+        url,
+        schema,
+        tenant: row.id,
+        backup_id,
+        control: serde_json::to_vec(&control).unwrap_or_default(),
+        key: DataKey::from_bytes(*key.expose()),
+        dir: dir.clone(),
+        name: name.clone(),
+    };
+    let (dump_bytes, file_bytes, sha256) = tokio::task::spawn_blocking(move || job.run()).await??;
+
+    let manifest = Manifest {
+        format: "hafen-backup-1".into(),
+        backup_id,
+        tenant_id: row.id,
+        slug: row.slug.clone().unwrap_or_default(),
+        created_at,
+        schema_version: version.version,
+        dump_bytes,
+        file_bytes,
+        sha256,
+        file: name,
+    };
+    let manifest_path = dir.join(format!("{stamp}.manifest.json"));
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
+    )
+    .map_err(|err| Error::Config(format!("{}: {err}", manifest_path.display())))?;
+    tracing::info!(tenant_id = %row.id, bytes = file_bytes, "tenant backed up");
+    Ok(manifest)
+}
+
+/// The dump of one tenant's schema, sealed into its backup file, on a blocking thread.
+struct Dump {
+    pg_dump: PathBuf,
+    url: String,
+    schema: String,
+    tenant: Uuid,
+    backup_id: Uuid,
+    control: Vec<u8>,
+    key: DataKey,
+    dir: PathBuf,
+    name: String,
+}
+
+impl Dump {
+    /// Runs pg_dump and writes the sealed file (under a temporary name until complete);
+    /// returns the dump's size, the file's size and its SHA-256 (hex).
+    fn run(self) -> Result<(u64, u64, String), Error> {
+        use std::io::{Read, Write};
+        let io = |err: std::io::Error| Error::Config(format!("backup of {}: {err}", self.tenant));
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let path = self.dir.join(&self.name);
+        let partial = self.dir.join(format!("{}.partial", self.name));
+        let mut child = std::process::Command::new(&self.pg_dump)
+            .arg("--format=custom")
+            .arg("--no-owner")
+            .arg("--no-privileges")
+            .arg(format!("--schema={}", self.schema))
+            .arg(format!("--role={}", self.schema))
+            .arg(format!("--dbname={}", self.url))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|err| Error::Config(format!("{}: {err}", self.pg_dump.display())))?;
+        let mut dump = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::Config("no pg_dump output".into()))?;
+        let mut stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| Error::Config("no pg_dump errors".into()))?;
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let written = (|| -> Result<(u64, u64, String), Error> {
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io)?);
+            let mut hasher = Sha256::new();
+            let mut file_bytes = 0_u64;
+            let mut put = |bytes: &[u8], file: &mut std::io::BufWriter<std::fs::File>| {
+                hasher.update(bytes);
+                file_bytes += bytes.len() as u64;
+                file.write_all(bytes).map_err(io)
+            };
+            put(MAGIC, &mut file)?;
+            put(self.backup_id.as_bytes(), &mut file)?;
+            let mut record = 0_u64;
+            let mut seal =
+                |plain: &[u8], last: bool, file: &mut std::io::BufWriter<std::fs::File>| {
+                    let sealed = self.key.seal(
+                        &associated(self.tenant, self.backup_id, record, last),
+                        plain,
+                    )?;
+                    record += 1;
+                    put(
+                        &u32::try_from(sealed.len())
+                            .unwrap_or(u32::MAX)
+                            .to_be_bytes(),
+                        file,
+                    )?;
+                    put(&sealed, file)
+                };
+            seal(&self.control, false, &mut file)?;
+            // The dump, a piece at a time; a piece is sealed once the next one shows whether
+            // it is the last.
+            let mut dump_bytes = 0_u64;
+            let mut current = read_piece(&mut dump).map_err(io)?;
+            loop {
+                let next = if current.is_empty() {
+                    Vec::new()
+                } else {
+                    read_piece(&mut dump).map_err(io)?
+                };
+                let last = next.is_empty();
+                dump_bytes += current.len() as u64;
+                seal(&current, last, &mut file)?;
+                if last {
+                    break;
+                }
+                current = next;
+            }
+            let file = file.into_inner().map_err(|err| io(err.into_error()))?;
+            file.sync_all().map_err(io)?;
+            Ok((dump_bytes, file_bytes, hex::encode(hasher.finalize())))
+        })();
+        let status = child.wait().map_err(io)?;
+        let errors = errors.join().unwrap_or_default();
+        let written = match written {
+            Ok(written) if status.success() => written,
+            Ok(_) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(Error::Config(format!(
+                    "pg_dump of {} failed: {}",
+                    self.tenant,
+                    errors.lines().next().unwrap_or_default()
+                )));
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(err);
+            }
+        };
+        std::fs::rename(&partial, &path).map_err(io)?;
+        Ok(written)
+    }
+}
+
+/// Up to [`PIECE`] bytes of `from`; empty at its end.
+fn read_piece(from: &mut impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut piece = vec![0; PIECE];
+    let mut filled = 0;
+    while filled < PIECE {
+        let read = from.read(&mut piece[filled..])?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    piece.truncate(filled);
+    Ok(piece)
+}
+
+/// Checks the backup of `manifest` (in `dir`) against its checksum and opens it with `key`.
+/// A changed byte, a missing or moved record, or another key: an error, never a wrong dump.
+pub fn open(dir: &Path, manifest: &Manifest, key: &DataKey) -> Result<Opened, Error> {
+    let bad = |why: &str| Error::Config(format!("backup {}: {why}", manifest.backup_id));
+    let bytes = std::fs::read(dir.join(&manifest.file)).map_err(|err| bad(&err.to_string()))?;
+    if hex::encode(Sha256::digest(&bytes)) != manifest.sha256 {
+        return Err(bad("its checksum does not match the manifest"));
+    }
+    let rest = bytes
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or_else(|| bad("not a Hafen backup"))?;
+    let (id, mut rest) = rest.split_at_checked(16).ok_or_else(|| bad("cut off"))?;
+    if id != manifest.backup_id.as_bytes() {
+        return Err(bad("another backup's file"));
+    }
+    let mut records = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(4).ok_or_else(|| bad("cut off"))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let (sealed, tail) = tail.split_at_checked(len).ok_or_else(|| bad("cut off"))?;
+        records.push(sealed);
+        rest = tail;
+    }
+    let count = records.len();
+    let mut control = None;
+    let mut dump = Vec::new();
+    for (i, sealed) in records.into_iter().enumerate() {
+        let last = i + 1 == count && i > 0;
+        let plain = key
+            .open(
+                &associated(manifest.tenant_id, manifest.backup_id, i as u64, last),
+                sealed,
+            )
+            .map_err(|_| bad("does not open with this key, or was changed"))?;
+        if i == 0 {
+            control =
+                Some(serde_json::from_slice(&plain).map_err(|_| bad("its control-plane part"))?);
+        } else {
+            dump.extend_from_slice(&plain);
+        }
+    }
+    Ok(Opened {
+        control: control.ok_or_else(|| bad("empty"))?,
+        dump,
+    })
+}
+
+/// The manifests of the backups of `tenant` in `out`, oldest first.
+pub fn manifests(out: &Path, tenant: Uuid) -> Result<Vec<Manifest>, Error> {
+    let dir = out.join(tenant.to_string());
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(err) => return Err(Error::Config(format!("{}: {err}", dir.display()))),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.to_string_lossy().ends_with(".manifest.json")
+            && let Ok(bytes) = std::fs::read(&path)
+            && let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes)
+        {
+            found.push(manifest);
+        }
+    }
+    found.sort_by_key(|m| m.created_at);
+    Ok(found)
+}
+
+/// Deletes the backups in `out` (of every tenant directory) made before `before`: file and
+/// manifest. Returns how many.
+pub fn prune(out: &Path, before: DateTime<Utc>) -> Result<usize, Error> {
+    let mut pruned = 0;
+    let entries = match std::fs::read_dir(out) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(Error::Config(format!("{}: {err}", out.display()))),
+    };
+    for entry in entries.flatten() {
+        let Some(tenant) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| Uuid::try_parse(name).ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        for manifest in manifests(out, tenant)? {
+            if manifest.created_at >= before {
+                continue;
+            }
+            let stem = manifest.file.trim_end_matches(".hafenbak");
+            std::fs::remove_file(dir.join(&manifest.file))
+                .or_else(|err| {
+                    if err.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
+                })
+                .map_err(|err| Error::Config(format!("{}: {err}", dir.display())))?;
+            std::fs::remove_file(dir.join(format!("{stem}.manifest.json")))
+                .map_err(|err| Error::Config(format!("{}: {err}", dir.display())))?;
+            pruned += 1;
+        }
+    }
+    Ok(pruned)
+}
+
+/// What `backup --all` did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub backed_up: Vec<Manifest>,
+    /// Tenants whose backup failed, with why.
+    pub failed: Vec<(Uuid, String)>,
+    pub pruned: usize,
+}
+
+/// `hafen-tenant backup`: one tenant, or every active tenant (`concurrency` at a time, a
+/// progress bar on a terminal) and then the pruning of what is older than `keep`.
+pub async fn run(args: &BackupArgs) -> Result<Report, Error> {
+    use futures::StreamExt as _;
+    let databases = Databases::new(&args.databases)?;
+    let master = MasterKey::load(&args.master_key_file)?;
+    let key = backup_key(&master);
+    let mut report = Report::default();
+    if let Some(tenant) = &args.tenant {
+        report
+            .backed_up
+            .push(backup_one(&databases, &key, &args.pg_dump, tenant, &args.out).await?);
+        return Ok(report);
+    }
+    let tenants: Vec<Uuid> = {
+        let mut conn = databases.main_connection().await?;
+        hafen_store::control::active_placements(&mut conn)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        indicatif::ProgressBar::new(tenants.len() as u64).with_message("backing up tenants")
+    });
+    let mut done = futures::stream::iter(tenants.into_iter().map(|tenant| {
+        let (databases, key) = (&databases, &key);
+        async move {
+            let result = backup_one(
+                databases,
+                key,
+                &args.pg_dump,
+                &tenant.to_string(),
+                &args.out,
+            )
+            .await;
+            (tenant, result)
+        }
+    }))
+    .buffer_unordered(args.concurrency.max(1));
+    while let Some((tenant, result)) = done.next().await {
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+        match result {
+            Ok(manifest) => report.backed_up.push(manifest),
+            // Deleted since it was listed: nothing to back up.
+            Err(Error::NotFound) => {}
+            Err(err) => {
+                tracing::error!(tenant_id = %tenant, error = %err, "backup failed");
+                report.failed.push((tenant, err.to_string()));
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let keep = chrono::TimeDelta::from_std(args.keep).unwrap_or(chrono::TimeDelta::MAX);
+    report.pruned = prune(&args.out, hafen_store::now() - keep)?;
+    Ok(report)
+}
