@@ -539,3 +539,228 @@ pub async fn run(args: &BackupArgs) -> Result<Report, Error> {
     report.pruned = prune(&args.out, hafen_store::now() - keep)?;
     Ok(report)
 }
+
+/// `hafen-tenant restore`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub databases: DatabasesArgs,
+
+    #[command(flatten)]
+    pub redis: hafen_authn::RedisArgs,
+
+    /// The master key file (the backup key is derived from it).
+    #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+
+    /// The backup's manifest (`<out>/<tenant id>/<time>.manifest.json`); its backup file lies
+    /// next to it.
+    pub manifest: PathBuf,
+
+    /// The database to restore into, by its configured name (`default` or a placement);
+    /// default: where the control plane places the tenant. Another one moves the tenant there.
+    #[arg(long = "to-database", env = "HAFEN_RESTORE_DATABASE")]
+    pub database: Option<String>,
+
+    /// Replace the tenant's schema if it exists and the tenant is live (otherwise refused).
+    #[arg(long, env = "HAFEN_RESTORE_REPLACE")]
+    pub replace: bool,
+
+    /// The pg_restore program (of the PostgreSQL version of the databases, or newer).
+    #[arg(long, env = "HAFEN_PG_RESTORE", default_value = "pg_restore")]
+    pub pg_restore: PathBuf,
+
+    #[command(flatten)]
+    pub telemetry: hafen_platform::TelemetryArgs,
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    pub manifest: Manifest,
+    /// The migrations applied after the restore (the backup's schema was older).
+    pub migrated: Vec<String>,
+    /// The deletion-log replay that ended it.
+    pub replay: hafen_retention::ReplayReport,
+}
+
+/// `hafen-tenant restore`: checks and opens the backup, recreates the tenant's role and
+/// schema on the target database (refusing to replace a live tenant's unless `replace`),
+/// restores the dump with pg_restore as the tenant's role, migrates the schema to this
+/// version, and ends with the deletion-log replay, which deletes or erases again whatever the
+/// backup brought back of a deleted tenant or an erased user. The replay is not optional.
+pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
+    let bytes = std::fs::read(&args.manifest)
+        .map_err(|err| Error::Config(format!("{}: {err}", args.manifest.display())))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|_| {
+        Error::Config(format!(
+            "{}: not a backup manifest",
+            args.manifest.display()
+        ))
+    })?;
+    let dir = args
+        .manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let key = backup_key(&MasterKey::load(&args.master_key_file)?);
+    let opened = open(&dir, &manifest, &key)?;
+    let databases = Databases::new(&args.databases)?;
+    let row = {
+        let mut conn = databases.main_connection().await?;
+        hafen_store::control::find(&mut conn, manifest.tenant_id)
+            .await?
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "the control plane does not know tenant {}: restore it (and its keys) first",
+                    manifest.tenant_id
+                ))
+            })?
+    };
+    let live = row.status == hafen_store::control::status::ACTIVE;
+    let target = args
+        .database
+        .clone()
+        .unwrap_or_else(|| row.database_name.clone());
+    let url = databases
+        .url(&target)
+        .ok_or_else(|| Error::Config(format!("unknown database {target}")))?
+        .to_owned();
+    let job = Load {
+        pg_restore: args.pg_restore.clone(),
+        url,
+        tenant: TenantId::from(manifest.tenant_id),
+        dump: opened.dump,
+        replace: args.replace,
+        live,
+    };
+    let migrated = tokio::task::spawn_blocking(move || job.run()).await??;
+    if live && target != row.database_name {
+        // The tenant lives where it was restored now.
+        let mut conn = databases.main_connection().await?;
+        diesel::sql_query("UPDATE hafen.tenants SET database_name = $2 WHERE id = $1")
+            .bind::<diesel::sql_types::Uuid, _>(manifest.tenant_id)
+            .bind::<Text, _>(&target)
+            .execute(&mut conn)
+            .await?;
+    }
+    let redis = hafen_authn::Redis::connect(&args.redis)
+        .await
+        .map_err(Error::Config)?;
+    let replay = hafen_retention::Replayer::new(databases, Some(redis), None)
+        .replay(false, hafen_events::Actor::Operator)
+        .await
+        .map_err(|err| {
+            Error::Config(format!(
+                "the deletion-log replay failed; run `hafen-retention replay-deletions`: {err}"
+            ))
+        })?;
+    tracing::info!(tenant_id = %manifest.tenant_id, "tenant restored");
+    Ok(Restored {
+        manifest,
+        migrated,
+        replay,
+    })
+}
+
+/// Loading a dump into a tenant's schema, on a blocking thread.
+struct Load {
+    pg_restore: PathBuf,
+    url: String,
+    tenant: TenantId,
+    dump: Vec<u8>,
+    replace: bool,
+    live: bool,
+}
+
+impl Load {
+    fn run(self) -> Result<Vec<String>, Error> {
+        use diesel::connection::SimpleConnection as _;
+        #[derive(diesel::QueryableByName)]
+        struct Found {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            schema: bool,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            role: bool,
+        }
+        let name = self.tenant.schema();
+        let mut conn =
+            hafen_store::connect::establish_sync(&self.url).map_err(hafen_store::Error::from)?;
+        let found: Found = diesel::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS schema, \
+                        EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS role",
+            )
+            .bind::<Text, _>(&name),
+            &mut conn,
+        )?;
+        if found.schema {
+            if self.live && !self.replace {
+                return Err(Error::Config(format!(
+                    "tenant {} is live with its schema: give --replace to replace it",
+                    self.tenant.as_uuid()
+                )));
+            }
+            diesel::Connection::transaction(&mut conn, |conn| {
+                hafen_store::tenancy::drop_schema(conn, &self.tenant)
+            })?;
+        }
+        let role = if found.role && !found.schema {
+            String::new()
+        } else {
+            format!("CREATE ROLE {name} NOLOGIN; GRANT {name} TO CURRENT_USER;")
+        };
+        conn.batch_execute(&format!(
+            "{role} CREATE SCHEMA {name} AUTHORIZATION {name};"
+        ))?;
+        hafen_store::outbox::ensure(&mut conn)?;
+        conn.batch_execute(&format!(
+            "GRANT {} TO {name}",
+            hafen_store::outbox::WRITER_ROLE
+        ))?;
+
+        // pg_restore everything but the schema itself (created above, owned by the role).
+        let work = tempfile::tempdir().map_err(|err| Error::Config(err.to_string()))?;
+        let dump = work.path().join("dump");
+        std::fs::write(&dump, &self.dump).map_err(|err| Error::Config(err.to_string()))?;
+        let listed = std::process::Command::new(&self.pg_restore)
+            .arg("--list")
+            .arg(&dump)
+            .output()
+            .map_err(|err| Error::Config(format!("{}: {err}", self.pg_restore.display())))?;
+        if !listed.status.success() {
+            return Err(Error::Config("pg_restore cannot read the dump".into()));
+        }
+        let schema_entry = format!(" SCHEMA - {name} ");
+        let list: String = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|line| !format!("{line} ").contains(&schema_entry))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let list_file = work.path().join("list");
+        std::fs::write(&list_file, list).map_err(|err| Error::Config(err.to_string()))?;
+        let restored = std::process::Command::new(&self.pg_restore)
+            .arg("--no-owner")
+            .arg("--no-privileges")
+            .arg("--single-transaction")
+            .arg("--exit-on-error")
+            .arg(format!("--role={name}"))
+            .arg(format!("--use-list={}", list_file.display()))
+            .arg(format!("--dbname={}", self.url))
+            .arg(&dump)
+            .output()
+            .map_err(|err| Error::Config(format!("{}: {err}", self.pg_restore.display())))?;
+        if !restored.status.success() {
+            let errors = String::from_utf8_lossy(&restored.stderr);
+            return Err(Error::Config(format!(
+                "pg_restore of {} failed: {}",
+                self.tenant.as_uuid(),
+                errors.lines().next().unwrap_or_default()
+            )));
+        }
+        Ok(hafen_store::tenancy::migrate_schema(
+            &mut conn,
+            &self.tenant,
+        )?)
+    }
+}

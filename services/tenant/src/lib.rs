@@ -166,6 +166,22 @@ pub enum Command {
     /// encrypted under a key derived from the master key, with a manifest (sizes, SHA-256).
     /// Exits non-zero when any backup failed.
     Backup(Box<backup::BackupArgs>),
+    /// Restore a tenant's backup (given by its manifest): recreate its role and schema (a live
+    /// tenant's only with --replace), restore, migrate to this version, and end with the
+    /// deletion-log replay, so what was deleted or erased since the backup is again.
+    Restore(Box<backup::RestoreArgs>),
+}
+
+/// `hafen-tenant restore` on its own, without the serving options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hafen-tenant restore",
+    version,
+    about = "Restore a tenant's backup, migrate it and replay the deletion log, then exit"
+)]
+pub struct RestoreCli {
+    #[command(flatten)]
+    pub args: backup::RestoreArgs,
 }
 
 /// `hafen-tenant backup` on its own, without the serving options.
@@ -240,6 +256,8 @@ pub enum Invocation {
     DeriveKeys(DeriveKeysArgs),
     /// Back up and exit.
     Backup(Box<backup::BackupArgs>),
+    /// Restore and exit.
+    Restore(Box<backup::RestoreArgs>),
 }
 
 impl Cli {
@@ -262,11 +280,17 @@ impl Cli {
                 .chain(args.into_iter().skip(2));
             return Invocation::Backup(Box::new(BackupCli::parse_from(rest).args));
         }
+        if args.get(1).is_some_and(|a| a == "restore") {
+            let rest = std::iter::once(std::ffi::OsString::from("hafen-tenant restore"))
+                .chain(args.into_iter().skip(2));
+            return Invocation::Restore(Box::new(RestoreCli::parse_from(rest).args));
+        }
         let cli = Self::parse_from(args);
         match cli.command {
             Some(Command::Migrate(args)) => Invocation::Migrate(Box::new(args)),
             Some(Command::DeriveKeys(args)) => Invocation::DeriveKeys(args),
             Some(Command::Backup(args)) => Invocation::Backup(args),
+            Some(Command::Restore(args)) => Invocation::Restore(args),
             None => Invocation::Serve(Box::new(cli)),
         }
     }

@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
         }
         Invocation::Migrate(args) => *args,
         Invocation::Backup(args) => return backup(&args).await,
+        Invocation::Restore(args) => return restore(&args).await,
         Invocation::DeriveKeys(args) => {
             return match hafen_tenant::derive_keys(&args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -51,6 +52,42 @@ async fn main() -> ExitCode {
         Ok(_) => ExitCode::FAILURE,
         Err(err) => {
             tracing::error!(error = %err, "migration failed");
+            ExitCode::FAILURE
+        }
+    };
+    guard.shutdown();
+    code
+}
+
+/// `hafen-tenant restore`: what was restored and replayed on standard output.
+#[allow(
+    clippy::print_stdout,
+    reason = "the restore's report is the command's output"
+)]
+async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
+    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match hafen_tenant::backup::restore(args).await {
+        Ok(restored) => {
+            println!(
+                "restored {} ({}) from {}; migrations applied: {}; deletion log replayed: \
+                 {} tenants deleted again, {} users erased again",
+                restored.manifest.slug,
+                restored.manifest.tenant_id,
+                restored.manifest.created_at,
+                restored.migrated.len(),
+                restored.replay.tenants_deleted,
+                restored.replay.users_erased
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
             ExitCode::FAILURE
         }
     };

@@ -220,3 +220,299 @@ async fn tm6_backup_all_backs_up_every_tenant_and_prunes_only_what_is_past_the_r
     .to_string();
     assert!(refused.contains("42days"), "{refused}");
 }
+
+fn restore_args(stack: &TestStack, manifest: &Path, replace: bool) -> backup::RestoreArgs {
+    backup::RestoreArgs {
+        databases: hafen_store::DatabasesArgs {
+            main: stack.db.args(),
+            placements: Vec::new(),
+        },
+        redis: stack.secrets.redis_args(),
+        master_key_file: stack.secrets.master_key_file(),
+        manifest: manifest.to_owned(),
+        database: None,
+        replace,
+        pg_restore: "pg_restore".into(),
+        telemetry: hafen_platform::TelemetryArgs {
+            log_format: hafen_platform::config::LogFormat::Auto,
+            log_filter: "info".into(),
+        },
+    }
+}
+
+fn manifest_path(out: &Path, manifest: &Manifest) -> std::path::PathBuf {
+    out.join(manifest.tenant_id.to_string()).join(format!(
+        "{}.manifest.json",
+        manifest.file.trim_end_matches(".hafenbak")
+    ))
+}
+
+async fn count(stack: &TestStack, sql: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = stack.db.connect_admin().await;
+    let found: Count = diesel_async::RunQueryDsl::get_result(diesel::sql_query(sql), &mut conn)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    found.n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_since() {
+    use hafen_proto::auth::v1 as auth_pb;
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("drill").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let (erin, erin_session) = stack
+        .create_logged_in_member(&tenant, &owner, "erin", "erin password 1")
+        .await;
+    let (finn, finn_session) = stack
+        .create_logged_in_member(&tenant, &owner, "finn", "finn password 1")
+        .await;
+    let mut messaging = stack.messaging_client().await;
+    let team = messaging
+        .create_conversation(with_token(
+            &owner,
+            msg::CreateConversationRequest {
+                kind: msg::ConversationKind::Group as i32,
+                title: "Team".into(),
+                member_user_ids: vec![erin.user_id.clone(), finn.user_id.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    let send = |token: &str, body: &str| {
+        with_token(
+            token,
+            msg::SendMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                conversation_id: team.clone(),
+                body: body.into(),
+            },
+        )
+    };
+    for body in ["erin one", "erin two"] {
+        messaging
+            .send_message(send(&erin_session.access_token, body))
+            .await
+            .unwrap();
+    }
+    messaging
+        .send_message(send(&finn_session.access_token, "finn's"))
+        .await
+        .unwrap();
+    // Another organisation, which no restore touches.
+    let bystander = stack.create_tenant("bystander").await;
+    let bystander_owner = stack.login_owner(&bystander).await.access_token;
+    let channel = messaging
+        .create_conversation(with_token(
+            &bystander_owner,
+            msg::CreateConversationRequest {
+                kind: msg::ConversationKind::Channel as i32,
+                title: "news".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    messaging
+        .send_message(with_token(
+            &bystander_owner,
+            msg::SendMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                conversation_id: channel,
+                body: "untouched".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let bystander_schema = format!(
+        "t_{}",
+        uuid::Uuid::parse_str(&bystander.id).unwrap().simple()
+    );
+    let bystander_rows = format!("SELECT count(*) AS n FROM {bystander_schema}.messages");
+    let before = count(&stack, &bystander_rows).await;
+
+    // The backup, then Erin is erased.
+    let out = tempfile::tempdir().unwrap();
+    let key = backup::backup_key(&stack.secrets.master_key());
+    let manifest = backup::backup_one(
+        &databases(&stack),
+        &key,
+        Path::new("pg_dump"),
+        "drill",
+        out.path(),
+    )
+    .await
+    .unwrap();
+    stack
+        .auth_client()
+        .await
+        .erase_user(with_token(
+            &owner,
+            auth_pb::EraseUserRequest {
+                user_id: erin.user_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    // A live tenant is replaced only when told.
+    let path = manifest_path(out.path(), &manifest);
+    let refused = backup::restore(&restore_args(&stack, &path, false))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(refused.contains("--replace"), "{refused}");
+
+    let restored = backup::restore(&restore_args(&stack, &path, true))
+        .await
+        .unwrap();
+    assert!(restored.replay.users_erased >= 1, "{:?}", restored.replay);
+    let schema = format!("t_{}", uuid::Uuid::parse_str(&tenant.id).unwrap().simple());
+    assert_eq!(
+        count(
+            &stack,
+            &format!(
+                "SELECT count(*) AS n FROM {schema}.messages WHERE sender_id = '{}' \
+                 AND (ciphertext IS NOT NULL OR NOT erased)",
+                erin.user_id
+            )
+        )
+        .await,
+        0,
+        "Erin's messages are erased again after the replay"
+    );
+    assert_eq!(
+        count(
+            &stack,
+            &format!(
+                "SELECT count(*) AS n FROM {schema}.users WHERE id = '{}' AND status = 'erased' \
+                 AND username NOT LIKE '%erin%'",
+                erin.user_id
+            )
+        )
+        .await,
+        1
+    );
+    let ring = hafen_store::keyring::KeyRing::new(
+        databases(&stack),
+        stack.secrets.master_key(),
+        std::num::NonZeroUsize::new(4).unwrap(),
+    );
+    assert!(matches!(
+        ring.user_key(
+            uuid::Uuid::parse_str(&tenant.id).unwrap(),
+            uuid::Uuid::parse_str(&erin.user_id).unwrap()
+        )
+        .await,
+        Err(hafen_store::Error::KeyDestroyed)
+    ));
+    assert_eq!(
+        count(&stack, &bystander_rows).await,
+        before,
+        "the other tenant untouched"
+    );
+
+    // The restored tenant works: logins, reads, sends, streams.
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let listed = messaging
+        .list_messages(with_token(
+            &owner,
+            msg::ListMessagesRequest {
+                conversation_id: team.clone(),
+                page_size: 10,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    let bodies: Vec<&str> = listed.iter().map(|m| m.body.as_str()).collect();
+    assert!(bodies.contains(&"finn's"), "{bodies:?}");
+    assert!(!bodies.iter().any(|b| b.contains("erin")), "{bodies:?}");
+    let mut stream = messaging
+        .subscribe(with_token(&owner, msg::SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let item = stream.message().await.unwrap().unwrap();
+        if matches!(
+            item.event,
+            Some(msg::subscribe_response::Event::CaughtUp(_))
+        ) {
+            break;
+        }
+    }
+    let sent = messaging
+        .send_message(send(&owner, "after the restore"))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = loop {
+        let item = stream.message().await.unwrap().unwrap();
+        if let Some(msg::subscribe_response::Event::MessageCreated(m)) = item.event {
+            break m;
+        }
+    };
+    assert_eq!(seen.message_id, sent.message_id);
+
+    // A deleted tenant restored from its backup ends deleted again.
+    let gone = stack.create_tenant("gone").await;
+    let gone_backup = backup::backup_one(
+        &databases(&stack),
+        &key,
+        Path::new("pg_dump"),
+        "gone",
+        out.path(),
+    )
+    .await
+    .unwrap();
+    stack
+        .tenant_client()
+        .await
+        .delete_tenant(
+            stack
+                .secrets
+                .operator(hafen_proto::tenant::v1::DeleteTenantRequest {
+                    tenant_id: gone.id.clone(),
+                    confirm_slug: "gone".into(),
+                    ..Default::default()
+                }),
+        )
+        .await
+        .unwrap();
+    let restored = backup::restore(&restore_args(
+        &stack,
+        &manifest_path(out.path(), &gone_backup),
+        false,
+    ))
+    .await
+    .unwrap();
+    assert!(
+        restored.replay.tenants_deleted >= 1,
+        "{:?}",
+        restored.replay
+    );
+    let gone_schema = format!("t_{}", uuid::Uuid::parse_str(&gone.id).unwrap().simple());
+    assert_eq!(
+        count(
+            &stack,
+            &format!("SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{gone_schema}'")
+        )
+        .await,
+        0,
+        "dropped again"
+    );
+}
