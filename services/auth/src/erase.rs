@@ -243,7 +243,9 @@ impl Auth {
     }
 
     /// Carries out the erasure requests whose grace period ended; returns how many users were
-    /// erased. A request a legal hold stops is tried again an hour later.
+    /// erased. A request a legal hold stops is tried again an hour later; one that fails
+    /// otherwise (its database unreachable, say) does not hold up the others, and its error is
+    /// returned after them.
     pub async fn erase_due(&self) -> Result<usize, Error> {
         let due: Vec<(Uuid, Uuid)> = {
             let mut conn = self.control().await?;
@@ -256,6 +258,7 @@ impl Auth {
                 .await?
         };
         let mut erased = 0;
+        let mut first_error = None;
         for (tenant, user) in due {
             match self.erase(tenant, user, Actor::Service(crate::NAME)).await {
                 Ok(_) => erased += 1,
@@ -271,10 +274,16 @@ impl Auth {
                     // The user or their organisation is gone already.
                     self.cancel_erasure(tenant, user).await?;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    tracing::warn!(tenant_id = %tenant, user_id = %user, error = %err, "due erasure failed; trying again");
+                    first_error.get_or_insert(err);
+                }
             }
         }
-        Ok(erased)
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(erased),
+        }
     }
 
     /// Runs [`Auth::erase_due`] every [`SWEEP_EVERY`] for the life of the process.

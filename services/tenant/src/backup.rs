@@ -323,6 +323,10 @@ impl Dump {
             file.sync_all().map_err(io)?;
             Ok((dump_bytes, file_bytes, hex::encode(hasher.finalize())))
         })();
+        if written.is_err() {
+            // pg_dump would wait forever on a pipe nobody reads any more.
+            let _ = child.kill();
+        }
         let status = child.wait().map_err(io)?;
         let errors = errors.join().unwrap_or_default();
         let written = match written {
@@ -705,13 +709,14 @@ impl Load {
                 hafen_store::tenancy::drop_schema(conn, &self.tenant)
             })?;
         }
+        // A role left without its schema is used again; dropping the schema dropped its role.
         let role = if found.role && !found.schema {
             String::new()
         } else {
-            format!("CREATE ROLE {name} NOLOGIN; GRANT {name} TO CURRENT_USER;")
+            format!("CREATE ROLE {name} NOLOGIN;")
         };
         conn.batch_execute(&format!(
-            "{role} CREATE SCHEMA {name} AUTHORIZATION {name};"
+            "{role} GRANT {name} TO CURRENT_USER; CREATE SCHEMA {name} AUTHORIZATION {name};"
         ))?;
         hafen_store::outbox::ensure(&mut conn)?;
         conn.batch_execute(&format!(
