@@ -21,6 +21,8 @@
 //! - `erasure`: EraseUser of a user with 100,000 messages while the organisation's members
 //!   send: seconds next to a raw UPDATE of the same rows, send p99 next to before
 //!   (`erasure.rs`).
+//! - `backup`: `hafen-tenant backup` and `restore` of a tenant with 1,000,000 messages, MB/s
+//!   next to plain pg_dump and pg_restore of the same schema, taking turns (`backup.rs`).
 
 #![allow(
     clippy::print_stdout,
@@ -28,6 +30,7 @@
     reason = "a benchmark reports on stdout and stops loudly when its set-up fails"
 )]
 
+mod backup;
 mod cpu;
 mod erasure;
 mod lean;
@@ -116,6 +119,10 @@ struct Cli {
     #[arg(long, env = "HAFEN_BENCH_WEBCHAT_ROUNDS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     webchat_rounds: u32,
 
+    /// Messages of the tenant backed up and restored in `backup`.
+    #[arg(long, env = "HAFEN_BENCH_BACKUP_MESSAGES", default_value_t = 1_000_000)]
+    backup_messages: usize,
+
     /// Messages of the user erased in `erasure`.
     #[arg(long, env = "HAFEN_BENCH_ERASURE_MESSAGES", default_value_t = 100_000)]
     erasure_messages: usize,
@@ -141,6 +148,8 @@ enum Scenario {
     Webchat,
     /// EraseUser of a user with many messages, next to a raw UPDATE, under send load.
     Erasure,
+    /// hafen-tenant backup and restore next to plain pg_dump and pg_restore.
+    Backup,
 }
 
 /// One line of the result table.
@@ -205,6 +214,11 @@ async fn main() {
     }
     if wants(Scenario::Erasure) {
         let (l, j) = erasure::run(cli.erasure_messages).await;
+        lines.extend(l);
+        json.push(j);
+    }
+    if wants(Scenario::Backup) {
+        let (l, j) = backup::run(cli.backup_messages).await;
         lines.extend(l);
         json.push(j);
     }

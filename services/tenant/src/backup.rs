@@ -588,9 +588,10 @@ pub struct Restored {
     pub replay: hafen_retention::ReplayReport,
 }
 
-/// `hafen-tenant restore`: checks and opens the backup, recreates the tenant's role and
-/// schema on the target database (refusing to replace a live tenant's unless `replace`),
-/// restores the dump with pg_restore as the tenant's role, migrates the schema to this
+/// `hafen-tenant restore`: checks and opens the backup, recreates the tenant's role on the
+/// target database and drops an old schema (refusing to replace a live tenant's unless
+/// `replace`), restores the dump with pg_restore as the tenant's role (which creates the
+/// schema, so the role owns it), migrates the schema to this
 /// version, and ends with the deletion-log replay, which deletes or erases again whatever the
 /// backup brought back of a deleted tenant or an erased user. The replay is not optional.
 pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
@@ -710,62 +711,76 @@ impl Load {
             })?;
         }
         // A role left without its schema is used again; dropping the schema dropped its role.
+        // pg_restore creates the schema as the role (it owns it then), which may create one
+        // in this database only for as long as the restore runs.
+        #[derive(diesel::QueryableByName)]
+        struct Database {
+            #[diesel(sql_type = Text)]
+            name: String,
+        }
+        let database: Database = diesel::RunQueryDsl::get_result(
+            diesel::sql_query("SELECT current_database()::text AS name"),
+            &mut conn,
+        )?;
+        let database = database.name.replace('"', "\"\"");
         let role = if found.role && !found.schema {
             String::new()
         } else {
             format!("CREATE ROLE {name} NOLOGIN;")
         };
         conn.batch_execute(&format!(
-            "{role} GRANT {name} TO CURRENT_USER; CREATE SCHEMA {name} AUTHORIZATION {name};"
+            "{role} GRANT {name} TO CURRENT_USER; GRANT CREATE ON DATABASE \"{database}\" TO {name};"
         ))?;
         hafen_store::outbox::ensure(&mut conn)?;
         conn.batch_execute(&format!(
             "GRANT {} TO {name}",
             hafen_store::outbox::WRITER_ROLE
         ))?;
+        let restored = self.pg_restore(&name);
+        conn.batch_execute(&format!(
+            "REVOKE CREATE ON DATABASE \"{database}\" FROM {name}"
+        ))?;
+        restored?;
+        Ok(hafen_store::tenancy::migrate_schema(
+            &mut conn,
+            &self.tenant,
+        )?)
+    }
 
-        // pg_restore everything but the schema itself (created above, owned by the role).
-        let work = tempfile::tempdir().map_err(|err| Error::Config(err.to_string()))?;
-        let dump = work.path().join("dump");
-        std::fs::write(&dump, &self.dump).map_err(|err| Error::Config(err.to_string()))?;
-        let listed = std::process::Command::new(&self.pg_restore)
-            .arg("--list")
-            .arg(&dump)
-            .output()
-            .map_err(|err| Error::Config(format!("{}: {err}", self.pg_restore.display())))?;
-        if !listed.status.success() {
-            return Err(Error::Config("pg_restore cannot read the dump".into()));
-        }
-        let schema_entry = format!(" SCHEMA - {name} ");
-        let list: String = String::from_utf8_lossy(&listed.stdout)
-            .lines()
-            .filter(|line| !format!("{line} ").contains(&schema_entry))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        let list_file = work.path().join("list");
-        std::fs::write(&list_file, list).map_err(|err| Error::Config(err.to_string()))?;
-        let restored = std::process::Command::new(&self.pg_restore)
+    /// pg_restore of the dump, given on its standard input, as the tenant's role `name`, in
+    /// one transaction that any error rolls back.
+    fn pg_restore(&self, name: &str) -> Result<(), Error> {
+        use std::io::Write as _;
+        let program =
+            |err: std::io::Error| Error::Config(format!("{}: {err}", self.pg_restore.display()));
+        let mut child = std::process::Command::new(&self.pg_restore)
             .arg("--no-owner")
             .arg("--no-privileges")
             .arg("--single-transaction")
             .arg("--exit-on-error")
             .arg(format!("--role={name}"))
-            .arg(format!("--use-list={}", list_file.display()))
             .arg(format!("--dbname={}", self.url))
-            .arg(&dump)
-            .output()
-            .map_err(|err| Error::Config(format!("{}: {err}", self.pg_restore.display())))?;
-        if !restored.status.success() {
-            let errors = String::from_utf8_lossy(&restored.stderr);
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(program)?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| Error::Config("no pg_restore input".into()))?;
+        // A pg_restore that stops early closes its input: what it says is the error.
+        let fed = stdin.write_all(&self.dump);
+        drop(stdin);
+        let output = child.wait_with_output().map_err(program)?;
+        if !output.status.success() || fed.is_err() {
+            let errors = String::from_utf8_lossy(&output.stderr);
             return Err(Error::Config(format!(
                 "pg_restore of {} failed: {}",
                 self.tenant.as_uuid(),
-                errors.lines().next().unwrap_or_default()
+                errors.lines().next().unwrap_or("its input was refused")
             )));
         }
-        Ok(hafen_store::tenancy::migrate_schema(
-            &mut conn,
-            &self.tenant,
-        )?)
+        Ok(())
     }
 }

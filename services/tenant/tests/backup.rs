@@ -422,6 +422,19 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         before,
         "the other tenant untouched"
     );
+    assert_eq!(
+        count(
+            &stack,
+            &format!(
+                "SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{schema}' \
+                 AND nspowner = '{schema}'::regrole \
+                 AND NOT has_database_privilege('{schema}', current_database(), 'CREATE')"
+            )
+        )
+        .await,
+        1,
+        "the schema is the tenant role's, which keeps no right to create schemas"
+    );
 
     // The restored tenant works: logins, reads, sends, streams.
     let owner = stack.login_owner(&tenant).await.access_token;
