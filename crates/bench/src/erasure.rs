@@ -17,7 +17,7 @@ use hafen_testkit::{TestStack, with_token};
 use uuid::Uuid;
 
 use crate::messaging::{SENDERS, group, users};
-use crate::purge::{load_until, phase};
+use crate::purge::{half_peak, load_until, phase};
 use crate::{Line, ms, quantile};
 
 /// Conversations the erased user's messages are spread over.
@@ -85,22 +85,7 @@ pub async fn run(messages: usize) -> (Vec<Line>, serde_json::Value) {
     let generate_secs = generated.elapsed().as_secs_f64();
 
     // The load runs at half of a short peak measurement.
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak_started = Instant::now();
-    let (peak, ()) = tokio::join!(
-        load_until(
-            &stack,
-            &pairs,
-            1e9,
-            Arc::new(AtomicU8::new(phase::BEFORE)),
-            stop.clone()
-        ),
-        async {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            stop.store(true, Ordering::Relaxed);
-        }
-    );
-    let rate = peak[0].len() as f64 / peak_started.elapsed().as_secs_f64() / 2.0;
+    let rate = half_peak(&stack, &pairs).await;
 
     // Under one load: alone, then the erasure, then the raw UPDATE of the copy.
     let current = Arc::new(AtomicU8::new(phase::OTHER));

@@ -173,6 +173,27 @@ pub(crate) async fn load_until(
     latencies
 }
 
+/// Half of the send rate `senders` reach in a short peak measurement: the rate the load of
+/// `purge` and `erasure` runs at.
+pub(crate) async fn half_peak(stack: &TestStack, senders: &[(String, String)]) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let (peak, ()) = tokio::join!(
+        load_until(
+            stack,
+            senders,
+            1e9,
+            Arc::new(AtomicU8::new(phase::BEFORE)),
+            stop.clone()
+        ),
+        async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stop.store(true, Ordering::Relaxed);
+        }
+    );
+    peak[0].len() as f64 / started.elapsed().as_secs_f64() / 2.0
+}
+
 /// Runs the scenario with `messages` expired messages in all, purged `batch` at a time with
 /// `pause` between batches.
 pub async fn run(messages: usize, batch: i64, pause: Duration) -> (Vec<Line>, serde_json::Value) {
@@ -211,22 +232,7 @@ pub async fn run(messages: usize, batch: i64, pause: Duration) -> (Vec<Line>, se
     let generate_secs = generated.elapsed().as_secs_f64();
 
     // The load runs at half of a short peak measurement.
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak_started = Instant::now();
-    let (peak, ()) = tokio::join!(
-        load_until(
-            &stack,
-            &pairs,
-            1e9,
-            Arc::new(AtomicU8::new(phase::BEFORE)),
-            stop.clone()
-        ),
-        async {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            stop.store(true, Ordering::Relaxed);
-        }
-    );
-    let rate = peak[0].len() as f64 / peak_started.elapsed().as_secs_f64() / 2.0;
+    let rate = half_peak(&stack, &pairs).await;
 
     let purger = Purger::new(
         hafen_store::Databases::new(&hafen_store::DatabasesArgs {

@@ -56,21 +56,41 @@ impl ErasedRows {
     }
 }
 
-/// Destroys the data key of `user` of `tenant` and writes the erasure to the deletion log
-/// (once), in one transaction on the control plane.
+/// Who a destroyed key belonged to, as the deletion log names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// An erased user.
+    User,
+    /// A website visitor who deleted their data (their key is kept under the visit's id).
+    Visitor,
+}
+
+impl Subject {
+    fn kind(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Visitor => "visitor",
+        }
+    }
+}
+
+/// Destroys the data key `user` (a user's or a visit's id) of `tenant` and writes the erasure
+/// to the deletion log (once), in one transaction on the control plane.
 pub async fn destroy_key(
     conn: &mut AsyncPgConnection,
+    subject: Subject,
     tenant: Uuid,
     user: Uuid,
     at: DateTime<Utc>,
 ) -> Result<(), diesel::result::Error> {
+    let kind = subject.kind();
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
         diesel::delete(user_keys::table.find((tenant, user)))
             .execute(conn)
             .await?;
         let logged: bool = diesel::select(diesel::dsl::exists(
             deletion_log::table
-                .filter(deletion_log::kind.eq("user"))
+                .filter(deletion_log::kind.eq(kind))
                 .filter(deletion_log::tenant_id.eq(tenant))
                 .filter(deletion_log::user_id.eq(user)),
         ))
@@ -80,7 +100,7 @@ pub async fn destroy_key(
             diesel::insert_into(deletion_log::table)
                 .values((
                     deletion_log::id.eq(Uuid::now_v7()),
-                    deletion_log::kind.eq("user"),
+                    deletion_log::kind.eq(kind),
                     deletion_log::tenant_id.eq(tenant),
                     deletion_log::user_id.eq(user),
                     deletion_log::deleted_at.eq(at),

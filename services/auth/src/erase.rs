@@ -182,7 +182,14 @@ impl Auth {
         let at = now();
         {
             let mut conn = self.control().await?;
-            hafen_store::erasure::destroy_key(&mut conn, tenant, user, at).await?;
+            hafen_store::erasure::destroy_key(
+                &mut conn,
+                hafen_store::erasure::Subject::User,
+                tenant,
+                user,
+                at,
+            )
+            .await?;
         }
         let event = Event::new(Some(tenant), actor, "auth.user.erased").target("user", user);
         let id = TenantId::from(tenant);

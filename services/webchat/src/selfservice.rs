@@ -6,9 +6,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use hafen_events::{Actor, Event};
 use hafen_proto::webchat::v1 as pb;
-use hafen_store::schema::{
-    consent_records, deletion_log, messages, user_keys, visit_fields, visits,
-};
+use hafen_store::schema::{consent_records, messages, visit_fields, visits};
 use hafen_store::{AsyncPgConnection, now};
 use uuid::Uuid;
 
@@ -202,34 +200,14 @@ impl Service {
         })
         .await?;
         {
-            use diesel_async::AsyncConnection as _;
             let mut conn = self.databases.main_connection().await?;
-            conn.transaction::<_, Error, _>(async move |conn| {
-                diesel::delete(user_keys::table.find((tenant, visit)))
-                    .execute(conn)
-                    .await?;
-                let logged: bool = diesel::select(diesel::dsl::exists(
-                    deletion_log::table
-                        .filter(deletion_log::kind.eq("visitor"))
-                        .filter(deletion_log::tenant_id.eq(tenant))
-                        .filter(deletion_log::user_id.eq(visit)),
-                ))
-                .get_result(conn)
-                .await?;
-                if !logged {
-                    diesel::insert_into(deletion_log::table)
-                        .values((
-                            deletion_log::id.eq(Uuid::now_v7()),
-                            deletion_log::kind.eq("visitor"),
-                            deletion_log::tenant_id.eq(tenant),
-                            deletion_log::user_id.eq(visit),
-                            deletion_log::deleted_at.eq(at),
-                        ))
-                        .execute(conn)
-                        .await?;
-                }
-                Ok(())
-            })
+            hafen_store::erasure::destroy_key(
+                &mut conn,
+                hafen_store::erasure::Subject::Visitor,
+                tenant,
+                visit,
+                at,
+            )
             .await?;
         }
         self.keys.forget_user(tenant, visit);
