@@ -79,7 +79,9 @@ pub async fn send(
     std::future::poll_fn(|cx| h2.poll_ready(cx)).await.unwrap();
     let (response, mut stream) = h2.send_request(request, body.is_none()).unwrap();
     if let Some(body) = body {
-        stream.send_data(body, true).unwrap();
+        // A server may answer (a refusal, say) and close the stream before reading the body, as
+        // it would for a browser; then the answer, read next, is what counts.
+        let _ = stream.send_data(body, true);
     }
     let (head, mut body) = response.await.unwrap().into_parts();
     let mut bytes = BytesMut::new();
