@@ -35,6 +35,8 @@ ENV_FILE="$DEV/env"
 SERVICES=(auth messaging tenant retention audit webchat)
 APP_ROLE="hafen_app"
 APP_DB="hafen"
+# The key store (wrapped keys, deletion log): a database of its own, as in production.
+KEYS_DB="hafen_keys"
 
 log() { printf 'dev-services: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -204,6 +206,8 @@ SELECT 'CREATE ROLE $APP_ROLE LOGIN CREATEROLE NOINHERIT'
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$APP_ROLE')\gexec
 SELECT 'CREATE DATABASE $APP_DB OWNER $APP_ROLE'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$APP_DB')\gexec
+SELECT 'CREATE DATABASE $KEYS_DB OWNER $APP_ROLE'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$KEYS_DB')\gexec
 SQL
 }
 
@@ -275,6 +279,7 @@ redis_down() {
 write_env() {
     cat >"$ENV_FILE" <<EOF
 HAFEN_DATABASE_URL='postgres://$APP_ROLE@127.0.0.1:$PG_PORT/$APP_DB?$(pg_tls_params)'
+HAFEN_KEYSTORE_URL='postgres://$APP_ROLE@127.0.0.1:$PG_PORT/$KEYS_DB?$(pg_tls_params)'
 HAFEN_ADMIN_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/postgres?$(pg_tls_params)'
 HAFEN_REDIS_URL=rediss://127.0.0.1:$REDIS_PORT/
 HAFEN_REDIS_CA=$CERTS/ca.pem

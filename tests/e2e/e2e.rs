@@ -1134,6 +1134,7 @@ impl Stack {
             "hafen-dev",
             &[
                 ("HAFEN_DATABASE_URL", db.url()),
+                ("HAFEN_KEYSTORE_URL", db.keystore().url()),
                 ("HAFEN_REDIS_URL", &redis.redis_url),
             ],
         );
@@ -1172,7 +1173,10 @@ impl Stack {
         let (mut command, log) = self.command(
             "hafen",
             "hafen-admin-migrate",
-            &[("HAFEN_DATABASE_URL", db.url())],
+            &[
+                ("HAFEN_DATABASE_URL", db.url()),
+                ("HAFEN_KEYSTORE_URL", db.keystore().url()),
+            ],
         );
         command.args(["admin", "migrate"]);
         let mut child = command.spawn().expect("starting hafen admin migrate");
@@ -1201,6 +1205,7 @@ impl Stack {
                 &binary,
                 &[
                     ("HAFEN_DATABASE_URL", db.url()),
+                    ("HAFEN_KEYSTORE_URL", db.keystore().url()),
                     ("HAFEN_REDIS_URL", &redis.redis_url),
                 ],
             );

@@ -22,11 +22,7 @@ fn reason(status: &tonic::Status) -> String {
 
 /// A fresh key ring over the stack's databases: nothing cached, everything the system has.
 fn key_ring(stack: &TestStack) -> hafen_store::keyring::KeyRing {
-    let databases = hafen_store::Databases::new(&hafen_store::DatabasesArgs {
-        main: stack.db.args(),
-        placements: Vec::new(),
-    })
-    .unwrap();
+    let databases = hafen_store::Databases::new(&stack.db.databases()).unwrap();
     hafen_store::keyring::KeyRing::new(
         databases,
         stack.secrets.master_key(),
@@ -66,7 +62,12 @@ struct Account {
 
 async fn count(stack: &TestStack, sql: &str, tenant: &TestTenant, user: &str) -> i64 {
     let schema = format!("t_{}", Uuid::parse_str(&tenant.id).unwrap().simple());
-    let mut conn = stack.db.connect_admin().await;
+    // Keys and the deletion log are in the key store, a database of its own.
+    let mut conn = if sql.contains("hafen_keys.") {
+        stack.db.keystore().connect_admin().await
+    } else {
+        stack.db.connect_admin().await
+    };
     let found: Count = diesel::sql_query(sql.replace("{schema}", &schema))
         .bind::<SqlUuid, _>(Uuid::parse_str(&tenant.id).unwrap())
         .bind::<SqlUuid, _>(Uuid::parse_str(user).unwrap())
@@ -90,7 +91,12 @@ async fn account(stack: &TestStack, tenant: &TestTenant, user: &str) -> Account 
     .unwrap()
 }
 
-async fn send(stack: &TestStack, token: &str, conversation: &str, body: &str) -> pb::Message {
+pub(crate) async fn send(
+    stack: &TestStack,
+    token: &str,
+    conversation: &str,
+    body: &str,
+) -> pb::Message {
     stack
         .messaging_client()
         .await
@@ -107,7 +113,11 @@ async fn send(stack: &TestStack, token: &str, conversation: &str, body: &str) ->
         .into_inner()
 }
 
-async fn messages(stack: &TestStack, token: &str, conversation: &str) -> Vec<pb::Message> {
+pub(crate) async fn messages(
+    stack: &TestStack,
+    token: &str,
+    conversation: &str,
+) -> Vec<pb::Message> {
     stack
         .messaging_client()
         .await
@@ -355,7 +365,7 @@ async fn bx1_an_erased_users_messages_cannot_be_read_from_a_copy_taken_before_th
     assert_eq!(reason(&refused), "LOGIN_FAILED");
     let left = [
         (
-            "SELECT count(*) AS n FROM hafen.user_keys WHERE tenant_id = $1 AND user_id = $2",
+            "SELECT count(*) AS n FROM hafen_keys.user_keys WHERE tenant_id = $1 AND user_id = $2",
             0,
         ),
         (
@@ -364,7 +374,7 @@ async fn bx1_an_erased_users_messages_cannot_be_read_from_a_copy_taken_before_th
             0,
         ),
         (
-            "SELECT count(*) AS n FROM hafen.deletion_log WHERE tenant_id = $1 AND user_id = $2 \
+            "SELECT count(*) AS n FROM hafen_keys.deletion_log WHERE tenant_id = $1 AND user_id = $2 \
           AND kind = 'user'",
             1,
         ),

@@ -12,4 +12,5 @@ mod dc5;
 mod e2e;
 mod erasure;
 mod foundation;
+mod keys;
 mod trust;

@@ -252,11 +252,7 @@ async fn bx1_unwrapped_keys_are_bounded_and_forgotten_when_their_tenant_is_delet
         stack.create_tenant("keys-b").await,
         stack.create_tenant("keys-c").await,
     ];
-    let databases = hafen_store::Databases::new(&hafen_store::DatabasesArgs {
-        main: stack.db.args(),
-        placements: Vec::new(),
-    })
-    .unwrap();
+    let databases = hafen_store::Databases::new(&stack.db.databases()).unwrap();
     let ring = hafen_store::keyring::KeyRing::new(
         databases,
         stack.secrets.master_key(),

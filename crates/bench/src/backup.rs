@@ -24,11 +24,7 @@ const ROUNDS: usize = 2;
 const CONVERSATIONS: usize = 100;
 
 fn databases(stack: &TestStack) -> hafen_store::Databases {
-    hafen_store::Databases::new(&hafen_store::DatabasesArgs {
-        main: stack.db.args(),
-        placements: Vec::new(),
-    })
-    .expect("databases")
+    hafen_store::Databases::new(&stack.db.databases()).expect("databases")
 }
 
 /// Plain pg_dump of `schema` (as its role, the way the backup runs it) into `file`.
@@ -155,10 +151,7 @@ pub async fn run(messages: usize) -> (Vec<Line>, serde_json::Value) {
         ));
         let started = Instant::now();
         backup::restore(&backup::RestoreArgs {
-            databases: hafen_store::DatabasesArgs {
-                main: stack.db.args(),
-                placements: Vec::new(),
-            },
+            databases: stack.db.databases(),
             redis: stack.secrets.redis_args(),
             master_key_file: stack.secrets.master_key_file(),
             manifest: manifest_path,

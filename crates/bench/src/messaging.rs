@@ -662,6 +662,7 @@ pub async fn subscriptions(streams: usize) -> (Vec<Line>, serde_json::Value) {
         .arg("--tls-ca")
         .arg(config.server.tls.tls_ca.clone().expect("ca"))
         .args(["--database-url", stack.db.url()])
+        .args(["--keystore-url", stack.db.keystore().url()])
         .args([
             "--redis-url",
             &config.redis.redis_url,

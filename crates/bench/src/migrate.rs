@@ -91,6 +91,7 @@ pub async fn run(count: usize, concurrency: usize) -> (Vec<Line>, serde_json::Va
     let tenants = Tenants::new(
         hafen_store::Databases::new(&config.databases).expect("databases"),
         secrets.master_key(),
+        Some(secrets.master_key_file()),
         config.policy(),
         None,
     );
@@ -135,9 +136,14 @@ pub async fn run(count: usize, concurrency: usize) -> (Vec<Line>, serde_json::Va
     let mut noop_secs = f64::INFINITY;
     for _ in 0..2 {
         let started = Instant::now();
-        let report = hafen_tenant::migrate::migrate_all(db.url(), &Default::default(), &options)
-            .await
-            .expect("migrate");
+        let report = hafen_tenant::migrate::migrate_all(
+            db.url(),
+            Some(db.keystore().url()),
+            &Default::default(),
+            &options,
+        )
+        .await
+        .expect("migrate");
         migrate_secs = migrate_secs.min(started.elapsed().as_secs_f64());
         assert_eq!(
             report.upgraded, count,
@@ -146,9 +152,14 @@ pub async fn run(count: usize, concurrency: usize) -> (Vec<Line>, serde_json::Va
         assert!(report.failed.is_empty());
 
         let started = Instant::now();
-        let second = hafen_tenant::migrate::migrate_all(db.url(), &Default::default(), &options)
-            .await
-            .expect("migrate again");
+        let second = hafen_tenant::migrate::migrate_all(
+            db.url(),
+            Some(db.keystore().url()),
+            &Default::default(),
+            &options,
+        )
+        .await
+        .expect("migrate again");
         noop_secs = noop_secs.min(started.elapsed().as_secs_f64());
         assert_eq!(second.current, count, "a second run changes nothing");
 

@@ -235,11 +235,7 @@ pub async fn run(messages: usize, batch: i64, pause: Duration) -> (Vec<Line>, se
     let rate = half_peak(&stack, &pairs).await;
 
     let purger = Purger::new(
-        hafen_store::Databases::new(&hafen_store::DatabasesArgs {
-            main: stack.db.args(),
-            placements: Vec::new(),
-        })
-        .expect("databases"),
+        hafen_store::Databases::new(&stack.db.databases()).expect("databases"),
         PurgeArgs {
             purge_interval: Duration::from_secs(3600),
             purge_batch: batch,

@@ -234,6 +234,7 @@ pub async fn run(args: AdminArgs) -> Outcome {
             };
             let report = hafen_tenant::migrate::migrate_all(
                 &migrate.databases.main.database_url,
+                migrate.databases.keystore_url.as_deref(),
                 &migrate.databases.placements_map(),
                 &options,
             )

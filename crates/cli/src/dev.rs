@@ -153,6 +153,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
     // `hafen-tenant migrate` instead.
     let migrated = hafen_tenant::migrate::migrate_all(
         &args.databases.main.database_url,
+        args.databases.keystore_url.as_deref(),
         &args.databases.placements_map(),
         &hafen_tenant::migrate::Options {
             concurrency: 4,

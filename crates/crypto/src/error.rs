@@ -16,6 +16,11 @@ pub enum Error {
     #[error("decryption failed: wrong key or tampered data")]
     Decrypt,
 
+    /// A wrapped key names a master-key version the key file does not hold (retired, or
+    /// added after this process read the file).
+    #[error("master key version {0} is not in the key file")]
+    KeyVersion(u32),
+
     /// The operating system's random source failed.
     #[error("random source unavailable")]
     Random,

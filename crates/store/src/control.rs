@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
-use crate::schema::{deletion_log, tenant_keys, tenants};
+use crate::schema::tenants;
 /// Tenant status values as stored.
 pub mod status {
     /// Provisioned and usable.
@@ -185,31 +185,6 @@ pub async fn update_settings(
     .optional()
 }
 
-/// The wrapped key of a tenant, if it still has one.
-pub async fn wrapped_key(
-    conn: &mut diesel_async::AsyncPgConnection,
-    id: Uuid,
-) -> QueryResult<Option<Vec<u8>>> {
-    tenant_keys::table
-        .find(id)
-        .select(tenant_keys::wrapped_key)
-        .first(conn)
-        .await
-        .optional()
-}
-
-/// Number of deletion-log entries for a tenant.
-pub async fn deletion_log_entries(
-    conn: &mut diesel_async::AsyncPgConnection,
-    tenant_id: Uuid,
-) -> QueryResult<i64> {
-    deletion_log::table
-        .filter(deletion_log::tenant_id.eq(tenant_id))
-        .count()
-        .get_result(conn)
-        .await
-}
-
 /// Writes that share a transaction with the DDL of provisioning and deletion; blocking, on a
 /// [`crate::tenancy::SyncConnection`].
 pub mod blocking {
@@ -218,37 +193,27 @@ pub mod blocking {
     use uuid::Uuid;
 
     use super::{NewTenant, TenantRow, status};
-    use crate::schema::{deletion_log, sessions, tenant_keys, tenants, user_keys, widget_routes};
+    use crate::schema::{sessions, tenants, widget_routes};
     use crate::tenancy::SyncConnection;
 
-    /// Inserts a tenant row and its wrapped key (provisioning, inside its transaction).
-    pub fn insert_tenant(
-        conn: &mut SyncConnection,
-        tenant: &NewTenant<'_>,
-        wrapped_key: &[u8],
-    ) -> QueryResult<()> {
+    /// Inserts a tenant row (provisioning, inside its transaction; its key goes to the key
+    /// store, [`crate::keystore::blocking::insert_tenant_key`]).
+    pub fn insert_tenant(conn: &mut SyncConnection, tenant: &NewTenant<'_>) -> QueryResult<()> {
         diesel::insert_into(tenants::table)
             .values(tenant)
-            .execute(conn)?;
-        diesel::insert_into(tenant_keys::table)
-            .values((
-                tenant_keys::tenant_id.eq(tenant.id),
-                tenant_keys::wrapped_key.eq(wrapped_key),
-            ))
             .execute(conn)?;
         Ok(())
     }
 
-    /// Marks a tenant deleted: clears its slug, name and settings, destroys its key and its
-    /// users' (and visitors') keys, deletes its sessions and its widgets' routes, and writes the deletion-log entry (deletion, inside its transaction).
+    /// Marks a tenant deleted: clears its slug, name and settings, and deletes its sessions and
+    /// its widgets' routes (deletion, inside its transaction; its keys and the deletion-log
+    /// entry are in the key store, [`crate::keystore::blocking::destroy_tenant_keys`]).
     /// Returns the deletion time and the ids of the deleted sessions.
     pub fn mark_deleted(
         conn: &mut SyncConnection,
         id: Uuid,
     ) -> QueryResult<(DateTime<Utc>, Vec<Uuid>)> {
         let now = crate::now();
-        diesel::delete(tenant_keys::table.filter(tenant_keys::tenant_id.eq(id))).execute(conn)?;
-        diesel::delete(user_keys::table.filter(user_keys::tenant_id.eq(id))).execute(conn)?;
         diesel::delete(widget_routes::table.filter(widget_routes::tenant_id.eq(id)))
             .execute(conn)?;
         let ended: Vec<Uuid> = diesel::delete(sessions::table.filter(sessions::tenant_id.eq(id)))
@@ -265,23 +230,6 @@ pub mod blocking {
                 tenants::deleted_at.eq(now),
             ))
             .execute(conn)?;
-        // Once per tenant: a deletion replayed after a restore is already in the log.
-        let logged: bool = diesel::select(diesel::dsl::exists(
-            deletion_log::table
-                .filter(deletion_log::kind.eq("tenant"))
-                .filter(deletion_log::tenant_id.eq(id)),
-        ))
-        .get_result(conn)?;
-        if !logged {
-            diesel::insert_into(deletion_log::table)
-                .values((
-                    deletion_log::id.eq(Uuid::now_v7()),
-                    deletion_log::kind.eq("tenant"),
-                    deletion_log::tenant_id.eq(id),
-                    deletion_log::deleted_at.eq(now),
-                ))
-                .execute(conn)?;
-        }
         Ok((now, ended))
     }
 
@@ -292,6 +240,15 @@ pub mod blocking {
             .filter(tenants::status.eq(status::ACTIVE))
             .select(TenantRow::as_select())
             .for_update()
+            .first(conn)
+            .optional()
+    }
+
+    /// The status of the tenant row `id`, if there is one (recovery of prepared key changes).
+    pub fn status(conn: &mut SyncConnection, id: Uuid) -> QueryResult<Option<String>> {
+        tenants::table
+            .find(id)
+            .select(tenants::status)
             .first(conn)
             .optional()
     }

@@ -1,5 +1,6 @@
 //! The databases a deployment uses: the main one (control plane, and the default placement
-//! of tenants) and named others that tenants can be placed on (TM3).
+//! of tenants), named others that tenants can be placed on (TM3), and the key store
+//! ([`crate::keystore`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -31,6 +32,14 @@ pub struct DatabasesArgs {
         hide_env_values = true
     )]
     pub placements: Vec<(String, String)>,
+
+    /// PostgreSQL URL of the key store: wrapped data keys and the deletion log, in a database
+    /// of their own, backed up apart from tenant data and kept briefly (TLS as for
+    /// `--database-url`). Needs `max_prepared_transactions` > 0 (provisioning and deletion
+    /// commit there in two phases). Unset: the main database holds them, and a backup of it
+    /// holds keys; the Art. 30 record then does not claim a key store apart.
+    #[arg(long, env = "HAFEN_KEYSTORE_URL", hide_env_values = true)]
+    pub keystore_url: Option<String>,
 }
 
 impl DatabasesArgs {
@@ -66,6 +75,8 @@ pub struct Databases {
 struct Inner {
     main_url: String,
     main: Pool,
+    keystore_url: String,
+    keystore: Pool,
     placements: BTreeMap<String, (String, Pool)>,
     /// Tenants never move, so their placement is cached for the life of the process.
     placed: RwLock<HashMap<Uuid, String>>,
@@ -91,10 +102,24 @@ impl Databases {
             placement.database_url = url.clone();
             placements.insert(name.clone(), (url.clone(), build_pool(&placement)?));
         }
+        let main = build_pool(&args.main)?;
+        let keystore_url = args
+            .keystore_url
+            .clone()
+            .unwrap_or_else(|| args.main.database_url.clone());
+        let keystore = if keystore_url == args.main.database_url {
+            main.clone()
+        } else {
+            let mut keystore = args.main.clone();
+            keystore.database_url = keystore_url.clone();
+            build_pool(&keystore)?
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 main_url: args.main.database_url.clone(),
-                main: build_pool(&args.main)?,
+                main,
+                keystore_url,
+                keystore,
                 placements,
                 placed: RwLock::new(HashMap::new()),
             }),
@@ -114,6 +139,26 @@ impl Databases {
     /// The main database's URL.
     pub fn main_url(&self) -> &str {
         &self.inner.main_url
+    }
+
+    /// The key store's pool.
+    pub fn keystore(&self) -> &Pool {
+        &self.inner.keystore
+    }
+
+    /// A connection to the key store.
+    pub async fn keystore_connection(&self) -> Result<crate::pool::PooledConnection> {
+        Ok(self.inner.keystore.get().await?)
+    }
+
+    /// The key store's URL (the main database's when none was given).
+    pub fn keystore_url(&self) -> &str {
+        &self.inner.keystore_url
+    }
+
+    /// Whether the key store is a database apart from the main one.
+    pub fn keystore_apart(&self) -> bool {
+        self.inner.keystore_url != self.inner.main_url
     }
 
     /// The URL of the database named `name`.

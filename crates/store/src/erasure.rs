@@ -3,7 +3,7 @@
 //!
 //! Two parts, in this order, each leaving nothing the next must undo:
 //!
-//! 1. [`destroy_key`], in the control plane: the user's data key is deleted and the erasure
+//! 1. [`destroy_key`], in the key store: the user's data key is deleted and the erasure
 //!    written to the deletion log, in one transaction. From then on nothing sealed under the
 //!    key (their messages, here and in every backup) can be read, and [`crate::keyring`]
 //!    never makes them a new key.
@@ -21,11 +21,11 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use crate::AsyncPgConnection;
-use crate::schema::{chat_codes, deletion_log, members, user_keys, users};
+use crate::schema::{chat_codes, members, users};
 
 /// The display name of every erased user.
 pub const ERASED_DISPLAY_NAME: &str = "Erased user";
@@ -66,7 +66,8 @@ pub enum Subject {
 }
 
 impl Subject {
-    fn kind(self) -> &'static str {
+    /// The deletion log's `kind` for this subject.
+    pub fn kind(self) -> &'static str {
         match self {
             Self::User => "user",
             Self::Visitor => "visitor",
@@ -75,7 +76,8 @@ impl Subject {
 }
 
 /// Destroys the data key `user` (a user's or a visit's id) of `tenant` and writes the erasure
-/// to the deletion log (once), in one transaction on the control plane.
+/// to the deletion log (once), in one transaction on the key store (`conn`, a connection from
+/// [`crate::Databases::keystore`]).
 pub async fn destroy_key(
     conn: &mut AsyncPgConnection,
     subject: Subject,
@@ -83,34 +85,7 @@ pub async fn destroy_key(
     user: Uuid,
     at: DateTime<Utc>,
 ) -> Result<(), diesel::result::Error> {
-    let kind = subject.kind();
-    conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-        diesel::delete(user_keys::table.find((tenant, user)))
-            .execute(conn)
-            .await?;
-        let logged: bool = diesel::select(diesel::dsl::exists(
-            deletion_log::table
-                .filter(deletion_log::kind.eq(kind))
-                .filter(deletion_log::tenant_id.eq(tenant))
-                .filter(deletion_log::user_id.eq(user)),
-        ))
-        .get_result(conn)
-        .await?;
-        if !logged {
-            diesel::insert_into(deletion_log::table)
-                .values((
-                    deletion_log::id.eq(Uuid::now_v7()),
-                    deletion_log::kind.eq(kind),
-                    deletion_log::tenant_id.eq(tenant),
-                    deletion_log::user_id.eq(user),
-                    deletion_log::deleted_at.eq(at),
-                ))
-                .execute(conn)
-                .await?;
-        }
-        Ok(())
-    })
-    .await
+    crate::keystore::destroy_user_keys(conn, subject.kind(), tenant, &[user], at).await
 }
 
 /// Whether a legal hold that is not lifted covers `user`: one on the user, or one on a

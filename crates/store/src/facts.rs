@@ -39,6 +39,9 @@ pub mod measure {
     pub const ENCRYPTED_MESSAGES: &str = "encrypted_messages";
     /// Audit chains are hash-linked and their heads signed (audit service).
     pub const SIGNED_AUDIT_CHAIN: &str = "signed_audit_chain";
+    /// Data keys and the deletion log are kept in a key store apart from tenant data and the
+    /// control plane (tenant service, when given `--keystore-url`).
+    pub const KEY_STORE_APART: &str = "key_store_apart";
     /// Revoking a chat code wipes the device (auth service).
     pub const REMOTE_WIPE: &str = "remote_wipe";
 }

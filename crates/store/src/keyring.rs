@@ -1,7 +1,11 @@
 //! Users' data keys (CB3, BX1): created on first use, wrapped by the tenant key (itself
-//! wrapped by the master key) and kept in the control plane, apart from tenant data. The
-//! services that hold the master key (messaging, which seals bodies; tenant, which exports
-//! them) read keys through a [`KeyRing`].
+//! wrapped by a version of the master key) and kept in the key store ([`crate::keystore`]),
+//! apart from tenant data. The services that hold the master key (messaging, which seals
+//! bodies; tenant, which exports them; webchat) read keys through a [`KeyRing`].
+//!
+//! A tenant key wrapped under a master-key version this process does not hold (the key was
+//! rotated after it started) makes it read its master key file again, at most once per
+//! [`RELOAD_EVERY`], so a rotation needs no restart.
 //!
 //! Unwrapped keys are cached in memory, bounded: at most `capacity` tenant keys and as many
 //! user keys, the least recently used going first, and none older than [`KEY_TTL`], so a
@@ -9,7 +13,8 @@
 //! tenant's keys are dropped as soon as its deletion is announced ([`KeyRing::follow`]).
 
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -23,6 +28,9 @@ use crate::Databases;
 use crate::error::Error;
 use crate::schema::{deletion_log, user_keys};
 
+/// How often, at most, the master key file is read again for a version it lacked.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
 /// How long an unwrapped key is used before it is read (and unwrapped) again.
 pub const KEY_TTL: Duration = Duration::from_secs(300);
 
@@ -34,7 +42,9 @@ pub struct KeyRing {
 
 struct Inner {
     databases: Databases,
-    master: MasterKey,
+    master: RwLock<Arc<MasterKey>>,
+    master_file: Option<PathBuf>,
+    reloaded: Mutex<Option<Instant>>,
     tenants: Mutex<LruCache<Uuid, Cached>>,
     users: Mutex<LruCache<(Uuid, Uuid), Cached>>,
 }
@@ -82,10 +92,32 @@ impl KeyRing {
     /// Keys of the tenants on `databases`, unwrapped with `master`; at most `capacity`
     /// tenant keys and `capacity` user keys are held unwrapped.
     pub fn new(databases: Databases, master: MasterKey, capacity: NonZeroUsize) -> Self {
+        Self::build(databases, master, None, capacity)
+    }
+
+    /// [`KeyRing::new`] with `master` as read from `path`, read again when a tenant key names
+    /// a version it lacks (the master key was rotated since).
+    pub fn reloading(
+        databases: Databases,
+        master: MasterKey,
+        path: PathBuf,
+        capacity: NonZeroUsize,
+    ) -> Self {
+        Self::build(databases, master, Some(path), capacity)
+    }
+
+    fn build(
+        databases: Databases,
+        master: MasterKey,
+        master_file: Option<PathBuf>,
+        capacity: NonZeroUsize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 databases,
-                master,
+                master: RwLock::new(Arc::new(master)),
+                master_file,
+                reloaded: Mutex::new(None),
                 tenants: Mutex::new(LruCache::new(capacity)),
                 users: Mutex::new(LruCache::new(capacity)),
             }),
@@ -160,25 +192,57 @@ impl KeyRing {
         (tenants, users, holds)
     }
 
-    async fn control(&self) -> Result<crate::PooledConnection, Error> {
-        self.inner.databases.main_connection().await
+    async fn keystore(&self) -> Result<crate::PooledConnection, Error> {
+        self.inner.databases.keystore_connection().await
+    }
+
+    fn master(&self) -> Option<Arc<MasterKey>> {
+        self.inner.master.read().ok().map(|m| m.clone())
+    }
+
+    /// Reads the master key file again if it may hold `version` and was not read within
+    /// [`RELOAD_EVERY`].
+    fn reload_for(&self, version: u32) {
+        let Some(path) = &self.inner.master_file else {
+            return;
+        };
+        {
+            let Ok(mut reloaded) = self.inner.reloaded.lock() else {
+                return;
+            };
+            if reloaded.is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
+                return;
+            }
+            *reloaded = Some(Instant::now());
+        }
+        match MasterKey::load(path) {
+            Ok(master) if master.has_version(version) => {
+                tracing::info!(versions = ?master.versions(), "master key file read again");
+                if let Ok(mut current) = self.inner.master.write() {
+                    *current = Arc::new(master);
+                }
+            }
+            Ok(_) => tracing::error!(version, "master key file lacks a version in use"),
+            Err(err) => tracing::error!(error = %err, "master key file unreadable"),
+        }
     }
 
     async fn tenant_key(&self, tenant: Uuid) -> Result<Arc<DataKey>, Error> {
         if let Some(key) = fresh(&self.inner.tenants, &tenant) {
             return Ok(key);
         }
-        let wrapped = {
-            let mut conn = self.control().await?;
-            crate::control::wrapped_key(&mut conn, tenant)
+        let (version, wrapped) = {
+            let mut conn = self.keystore().await?;
+            crate::keystore::tenant_key(&mut conn, tenant)
                 .await?
                 .ok_or(Error::KeyDestroyed)?
         };
-        let key = Arc::new(
-            self.inner
-                .master
-                .unwrap(&wrapped, &tenant_key_context(tenant.as_bytes()))?,
-        );
+        if self.master().is_some_and(|m| !m.has_version(version)) {
+            self.reload_for(version);
+        }
+        let master = self.master().ok_or(Error::KeyDestroyed)?;
+        let key =
+            Arc::new(master.unwrap(version, &wrapped, &tenant_key_context(tenant.as_bytes()))?);
         keep(&self.inner.tenants, tenant, &key);
         Ok(key)
     }
@@ -191,7 +255,7 @@ impl KeyRing {
         }
         let tenant_key = self.tenant_key(tenant).await?;
         let context = user_key_context(user.as_bytes());
-        let mut conn = self.control().await?;
+        let mut conn = self.keystore().await?;
         let stored: Option<Vec<u8>> = user_keys::table
             .find((tenant, user))
             .select(user_keys::wrapped_key)

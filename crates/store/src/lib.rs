@@ -6,14 +6,16 @@
 //! - [`pool`]: a diesel-async connection pool (deadpool) with wait/create/recycle timeouts and
 //!   a maximum connection age. Connections are reset on return, so a role or search path set
 //!   for one request never leaks into the next.
-//! - [`migrate`]: the migration runner for the control-plane schema `hafen`.
+//! - [`migrate`]: the migration runner for the control-plane schema `hafen` and the key
+//!   store's `hafen_keys`.
 //! - [`tenancy`]: one schema and role per tenant; [`tenancy::with_tenant`], the only way to
 //!   reach tenant data; creating, migrating and dropping tenant schemas.
 //! - [`commit`]: group commit, one batching committer per tenant on a thread of its own.
 //! - [`accounts`]: users and chat codes inside a tenant schema, and their validated names.
 //! - [`databases`]: the main database and the placement databases, and where each tenant
 //!   lives.
-//! - [`control`]: the control-plane repository (tenants, wrapped keys, deletion log).
+//! - [`control`]: the control-plane repository (tenants).
+//! - [`keystore`]: the key store, apart from tenant data: wrapped keys and the deletion log.
 //! - [`erasure`]: erasing a user: their key destroyed, their rows erased or pseudonymised.
 //! - [`keyring`]: users' data keys, unwrapped through the tenant keys, cached bounded.
 //! - [`sessions`]: sessions, the truth behind access tokens.
@@ -35,6 +37,7 @@ pub mod erasure;
 pub mod error;
 pub mod facts;
 pub mod keyring;
+pub mod keystore;
 pub mod log;
 pub mod masking;
 pub mod migrate;

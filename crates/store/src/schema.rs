@@ -3,7 +3,9 @@
 //! Control-plane tables are qualified with their schema `hafen`, so they resolve whatever the
 //! search path is — and stay out of reach inside a tenant scope, whose role has no rights on
 //! `hafen`. Tenant tables are unqualified: they resolve to the tenant schema the transaction
-//! entered (see [`crate::tenancy`]).
+//! entered (see [`crate::tenancy`]). Key-store tables are qualified with `hafen_keys`; they
+//! live in the key store's database ([`crate::Databases::keystore`]), which may be another
+//! server.
 
 diesel::table! {
     hafen.tenants (id) {
@@ -22,24 +24,6 @@ diesel::table! {
         updated_at -> Timestamptz,
         deleted_at -> Nullable<Timestamptz>,
         audit_public_key -> Nullable<Bytea>,
-    }
-}
-
-diesel::table! {
-    hafen.tenant_keys (tenant_id) {
-        tenant_id -> Uuid,
-        wrapped_key -> Bytea,
-        created_at -> Timestamptz,
-    }
-}
-
-diesel::table! {
-    hafen.deletion_log (id) {
-        id -> Uuid,
-        kind -> Text,
-        tenant_id -> Uuid,
-        user_id -> Nullable<Uuid>,
-        deleted_at -> Timestamptz,
     }
 }
 
@@ -103,15 +87,6 @@ diesel::table! {
         user_id -> Uuid,
         requested_at -> Timestamptz,
         due_at -> Timestamptz,
-    }
-}
-
-diesel::table! {
-    hafen.user_keys (tenant_id, user_id) {
-        tenant_id -> Uuid,
-        user_id -> Uuid,
-        wrapped_key -> Bytea,
-        created_at -> Timestamptz,
     }
 }
 
@@ -371,3 +346,32 @@ diesel::allow_tables_to_appear_in_same_query!(
     consent_records,
     visit_fields
 );
+
+diesel::table! {
+    hafen_keys.tenant_keys (tenant_id) {
+        tenant_id -> Uuid,
+        key_version -> Int4,
+        wrapped_key -> Bytea,
+        created_at -> Timestamptz,
+        rewrapped_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    hafen_keys.user_keys (tenant_id, user_id) {
+        tenant_id -> Uuid,
+        user_id -> Uuid,
+        wrapped_key -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    hafen_keys.deletion_log (id) {
+        id -> Uuid,
+        kind -> Text,
+        tenant_id -> Uuid,
+        user_id -> Nullable<Uuid>,
+        deleted_at -> Timestamptz,
+    }
+}

@@ -224,6 +224,22 @@ pub async fn revoke_all(
         .await
 }
 
+/// Deletes every session of `user` in `tenant`, ended ones included, with their device labels
+/// (erasure: end them with [`revoke_all`] and announce that first); returns how many.
+pub async fn delete_user(
+    conn: &mut AsyncPgConnection,
+    tenant: Uuid,
+    user: Uuid,
+) -> QueryResult<usize> {
+    diesel::delete(
+        sessions::table
+            .filter(sessions::tenant_id.eq(tenant))
+            .filter(sessions::user_id.eq(user)),
+    )
+    .execute(conn)
+    .await
+}
+
 /// Sets the role of a user's live sessions; returns their ids (whose caches must go).
 pub async fn set_role(
     conn: &mut AsyncPgConnection,

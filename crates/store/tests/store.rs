@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use diesel::QueryableByName;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use hafen_store::migrate::{migrate_control_plane, pending_control_plane};
+use hafen_store::migrate::{
+    migrate_control_plane, migrate_keystore, pending_control_plane, pending_keystore,
+};
 use hafen_store::pool::build_pool;
 use hafen_testkit::TestDatabase;
 
@@ -66,20 +68,108 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "audit_keys",
             "audit_signed_heads",
             "audit_unsigned_chains",
-            "deletion_log",
             "erasure_requests",
             "outbox",
             "service_facts",
             "sessions",
-            "tenant_keys",
             "tenants",
-            "user_keys",
             "widget_routes"
         ]
     );
     assert!(
         tables_in(&db, "public").await.is_empty(),
         "the control plane keeps everything, its migration table included, in `hafen`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bx1_keys_and_the_deletion_log_live_in_the_key_store_and_older_control_planes_move_them_there()
+ {
+    use diesel_migrations::MigrationHarness;
+
+    let db = TestDatabase::create_empty().await;
+    let keystore = db.keystore();
+    assert!(!pending_keystore(keystore.url()).await.unwrap().is_empty());
+    migrate_keystore(keystore.url()).await.unwrap();
+    assert!(pending_keystore(keystore.url()).await.unwrap().is_empty());
+    assert_eq!(
+        tables_in(keystore, "hafen_keys").await,
+        [
+            "__diesel_schema_migrations",
+            "deletion_log",
+            "tenant_keys",
+            "user_keys"
+        ]
+    );
+    assert!(tables_in(keystore, "hafen").await.is_empty());
+
+    // A control plane from before the key store, holding keys and a deletion.
+    let url = db.url().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = hafen_store::connect::establish_sync(&url).unwrap();
+        diesel::connection::SimpleConnection::batch_execute(
+            &mut conn,
+            "CREATE SCHEMA hafen; SET search_path TO hafen",
+        )
+        .unwrap();
+        while conn
+            .applied_migrations()
+            .unwrap()
+            .iter()
+            .all(|v| v.to_string().replace('-', "") != "20261203000008")
+        {
+            conn.run_next_migration(hafen_store::migrate::CONTROL_PLANE)
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let (tenant, user) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO hafen.tenants (id, slug, display_name, status, region, dpa_version, \
+             dpa_accepted_at, dpa_accepted_by, database_name) VALUES ('{tenant}', 'old', 'Old', \
+             'active', 'eu-central', '2025-01', now(), '{user}', 'default'); \
+             INSERT INTO hafen.tenant_keys (tenant_id, wrapped_key) VALUES ('{tenant}', '\\x01'); \
+             INSERT INTO hafen.user_keys (tenant_id, user_id, wrapped_key) \
+             VALUES ('{tenant}', '{user}', '\\x02'); \
+             INSERT INTO hafen.deletion_log (id, kind, tenant_id, user_id) \
+             VALUES ('{user}', 'user', '{tenant}', '{user}')"
+        ))
+        .await
+        .unwrap();
+
+    let moved = hafen_store::migrate::move_keys_to_keystore(db.url(), keystore.url())
+        .await
+        .unwrap();
+    assert_eq!(moved, 3);
+    migrate_control_plane(db.url()).await.unwrap();
+    let tables = tables_in(&db, "hafen").await;
+    assert!(
+        !tables
+            .iter()
+            .any(|t| ["tenant_keys", "user_keys", "deletion_log"].contains(&t.as_str())),
+        "{tables:?}"
+    );
+    let mut keys = keystore.connect().await;
+    let (version, wrapped) = hafen_store::keystore::tenant_key(&mut keys, tenant)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((version, wrapped), (1, vec![1]));
+    assert_eq!(
+        hafen_store::keystore::deletion_log_entries(&mut keys, tenant)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        hafen_store::migrate::move_keys_to_keystore(db.url(), keystore.url())
+            .await
+            .unwrap(),
+        0,
+        "nothing left to move"
     );
 }
 

@@ -20,10 +20,13 @@ pub struct TestDatabase {
     name: String,
     url: String,
     env: TestEnv,
+    /// The key store that goes with this database, a database of its own.
+    keystore: Option<Box<TestDatabase>>,
 }
 
 impl TestDatabase {
-    /// Creates a database holding the migrated control plane, owned by the application role.
+    /// Creates a database holding the migrated control plane, owned by the application role,
+    /// and a key store of its own beside it ([`TestDatabase::keystore`]).
     pub async fn create() -> Self {
         Self::create_in(TestEnv::get()).await
     }
@@ -32,14 +35,20 @@ impl TestDatabase {
     /// [`crate::PrivatePostgres`]).
     pub async fn create_in(env: &TestEnv) -> Self {
         crate::init_test_logging();
-        let template = ensure_template(env).await;
-        Self::create_from(env, &template).await
+        let (template, keystore) = ensure_template(env).await;
+        let mut database = Self::create_from(env, &template).await;
+        database.keystore = Some(Box::new(Self::create_from(env, &keystore).await));
+        database
     }
 
-    /// Creates an empty database (nothing migrated), owned by the application role.
+    /// Creates an empty database (nothing migrated), owned by the application role, and an
+    /// empty key store beside it.
     pub async fn create_empty() -> Self {
         crate::init_test_logging();
-        Self::create_from(TestEnv::get(), "template0").await
+        let env = TestEnv::get();
+        let mut database = Self::create_from(env, "template0").await;
+        database.keystore = Some(Box::new(Self::create_from(env, "template0").await));
+        database
     }
 
     async fn create_from(env: &TestEnv, template: &str) -> Self {
@@ -57,6 +66,23 @@ impl TestDatabase {
             name,
             url,
             env: env.clone(),
+            keystore: None,
+        }
+    }
+
+    /// The key store beside this database.
+    pub fn keystore(&self) -> &TestDatabase {
+        self.keystore
+            .as_deref()
+            .expect("a test database has a key store")
+    }
+
+    /// Database settings for a service using this database and its key store.
+    pub fn databases(&self) -> hafen_store::DatabasesArgs {
+        hafen_store::DatabasesArgs {
+            main: self.args(),
+            placements: Vec::new(),
+            keystore_url: self.keystore.as_ref().map(|k| k.url().to_owned()),
         }
     }
 
@@ -162,25 +188,31 @@ struct Exists {
     one: i32,
 }
 
-/// Creates the migrated template once per migration fingerprint; returns its name.
-async fn ensure_template(env: &TestEnv) -> String {
-    let template = format!("hafen_template_{:016x}", migrations_fingerprint());
+/// Creates the migrated templates (the control plane's and the key store's) once per
+/// migration fingerprint; returns their names.
+async fn ensure_template(env: &TestEnv) -> (String, String) {
+    let fingerprint = migrations_fingerprint();
+    let template = format!("hafen_template_{fingerprint:016x}");
+    let keystore = format!("hafen_ktemplate_{fingerprint:016x}");
     let mut admin = admin_connection(env).await;
     admin
         .batch_execute(&format!("SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
         .await
         .expect("template lock");
-    let exists = diesel::sql_query("SELECT 1 AS one FROM pg_database WHERE datname = $1")
-        .bind::<diesel::sql_types::Text, _>(&template)
-        .get_result::<Exists>(&mut admin)
-        .await
-        .optional()
-        .expect("look up template database")
-        .is_some();
-    if !exists {
+    for (name, keys) in [(&template, false), (&keystore, true)] {
+        let exists = diesel::sql_query("SELECT 1 AS one FROM pg_database WHERE datname = $1")
+            .bind::<diesel::sql_types::Text, _>(name)
+            .get_result::<Exists>(&mut admin)
+            .await
+            .optional()
+            .expect("look up template database")
+            .is_some();
+        if exists {
+            continue;
+        }
         // Built under a temporary name and renamed when complete, so a crash mid-migration
         // never leaves a half-migrated template behind under the real name.
-        let building = format!("{template}_building");
+        let building = format!("{name}_building");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
             .await
@@ -192,11 +224,15 @@ async fn ensure_template(env: &TestEnv) -> String {
             ))
             .await
             .expect("create template database");
-        hafen_store::migrate::migrate_control_plane(&with_database(&env.database_url, &building))
-            .await
-            .expect("migrate template database");
+        let url = with_database(&env.database_url, &building);
+        if keys {
+            hafen_store::migrate::migrate_keystore(&url).await
+        } else {
+            hafen_store::migrate::migrate_control_plane(&url).await
+        }
+        .expect("migrate template database");
         admin
-            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {template}"))
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}"))
             .await
             .expect("rename template database");
     }
@@ -204,7 +240,7 @@ async fn ensure_template(env: &TestEnv) -> String {
         .batch_execute(&format!("SELECT pg_advisory_unlock({TEMPLATE_LOCK})"))
         .await
         .expect("template unlock");
-    template
+    (template, keystore)
 }
 
 /// FNV-1a over every migration file, so any edit yields a new template.

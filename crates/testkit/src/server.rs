@@ -72,10 +72,7 @@ impl TestSecrets {
         hafen_auth::Config {
             server: self.server_args(hafen_auth::NAME),
             browsers: hafen_platform::web::BrowserArgs::default(),
-            databases: hafen_store::DatabasesArgs {
-                main: database.args(),
-                placements: Vec::new(),
-            },
+            databases: database.databases(),
             redis: self.redis_args(),
             audit: self.audit_args(),
             keys_file: self.keys_file(hafen_auth::NAME),
@@ -133,10 +130,7 @@ impl TestSecrets {
         hafen_messaging::Config {
             server: self.server_args(hafen_messaging::NAME),
             browsers: hafen_platform::web::BrowserArgs::default(),
-            databases: hafen_store::DatabasesArgs {
-                main: database.args(),
-                placements: Vec::new(),
-            },
+            databases: database.databases(),
             redis: self.redis_args(),
             audit: self.audit_args(),
             auth: self.auth_args(),
@@ -153,10 +147,7 @@ impl TestSecrets {
     pub fn webchat_config(&self, database: &TestDatabase) -> hafen_webchat::Config {
         hafen_webchat::Config {
             server: self.server_args(hafen_webchat::NAME),
-            databases: hafen_store::DatabasesArgs {
-                main: database.args(),
-                placements: Vec::new(),
-            },
+            databases: database.databases(),
             redis: self.redis_args(),
             audit: self.audit_args(),
             auth: self.auth_args(),
@@ -190,11 +181,11 @@ impl TestSecrets {
             audit: self.audit_args(),
             auth: self.auth_args(),
             databases: hafen_store::DatabasesArgs {
-                main: database.args(),
                 placements: placements
                     .iter()
                     .map(|(name, db)| ((*name).to_owned(), db.url().to_owned()))
                     .collect(),
+                ..database.databases()
             },
             operator: hafen_authn::OperatorArgs {
                 platform_token_file: self.platform_token_file(),
@@ -230,10 +221,7 @@ impl TestSecrets {
     pub fn audit_config(&self, database: &TestDatabase) -> hafen_audit::Config {
         hafen_audit::Config {
             server: self.server_args(hafen_audit::NAME),
-            databases: hafen_store::DatabasesArgs {
-                main: database.args(),
-                placements: Vec::new(),
-            },
+            databases: database.databases(),
             operator: hafen_authn::OperatorArgs {
                 platform_token_file: self.platform_token_file(),
             },
@@ -254,10 +242,7 @@ impl TestSecrets {
     pub fn retention_config(&self, database: &TestDatabase) -> hafen_retention::Config {
         hafen_retention::Config {
             server: self.server_args(hafen_retention::NAME),
-            databases: hafen_store::DatabasesArgs {
-                main: database.args(),
-                placements: Vec::new(),
-            },
+            databases: database.databases(),
             operator: hafen_authn::OperatorArgs {
                 platform_token_file: self.platform_token_file(),
             },

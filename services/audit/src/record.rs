@@ -283,10 +283,18 @@ pub fn build(tenant: &TenantRow, processor: &RecordArgs, facts: &[ServiceFacts])
             mutual_tls_between_services: mutual_tls,
             links,
             encryption_at_rest: if reports(measure::ENCRYPTED_MESSAGES) {
-                "Message bodies encrypted with AES-256-GCM under per-user keys; user keys \
-                 wrapped by the tenant key, tenant keys by a master key that never enters the \
-                 database"
-                    .into()
+                let keys = if reports(measure::KEY_STORE_APART) {
+                    "; the wrapped keys and the deletion log are kept in a key store apart from \
+                     the tenant data, so no backup of the data holds a key, and erasing a user \
+                     or deleting the organisation destroys their keys in every backup"
+                } else {
+                    ""
+                };
+                format!(
+                    "Message bodies encrypted with AES-256-GCM under per-user keys; user keys \
+                     wrapped by the tenant key, tenant keys by a versioned master key that \
+                     never enters a database and can be rotated{keys}"
+                )
             } else {
                 "Not stated: no running messaging service has reported it".into()
             },
@@ -616,6 +624,20 @@ mod tests {
                 .accounts
                 .contains("erasing a user"),
             "the auth service erases users"
+        );
+        assert!(
+            !all.technical_organisational_measures
+                .encryption_at_rest
+                .contains("key store apart"),
+            "no tenant service reports a key store apart"
+        );
+        erasing[2].measures.push(measure::KEY_STORE_APART.into());
+        assert!(
+            build(&row, &args(), &erasing)
+                .technical_organisational_measures
+                .encryption_at_rest
+                .contains("key store apart"),
+            "the tenant service keeps keys apart"
         );
 
         // One service with a plaintext database link: no database TLS is claimed.

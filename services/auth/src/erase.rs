@@ -137,7 +137,7 @@ impl Auth {
     }
 
     /// Carries out the erasure of `user` of `tenant` (see [`hafen_store::erasure`]): refused
-    /// while a legal hold covers them; then their sessions end, their key is destroyed and
+    /// while a legal hold covers them; then their sessions end and are deleted, their key is destroyed and
     /// logged, and their rows are erased, with the audit event `auth.user.erased` once. Safe
     /// to run again on a user whose erasure stopped midway, or is complete.
     pub(crate) async fn erase(
@@ -179,9 +179,15 @@ impl Auth {
         .await?;
         self.end_sessions(tenant, user, RevokeReason::UserDeactivated)
             .await?;
-        let at = now();
+        // Ended sessions stay listed for a while, with their device labels; an erased user's
+        // go at once (GR3).
         {
             let mut conn = self.control().await?;
+            sessions::delete_user(&mut conn, tenant, user).await?;
+        }
+        let at = now();
+        {
+            let mut conn = self.inner.databases.keystore_connection().await?;
             hafen_store::erasure::destroy_key(
                 &mut conn,
                 hafen_store::erasure::Subject::User,

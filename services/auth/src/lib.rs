@@ -123,8 +123,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
             "--access-ttl must be between 10s and 1h".into(),
         ));
     }
-    let pending =
-        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
     if !pending.is_empty() {
         return Err(Error::Config(format!(
             "control plane has pending migrations {pending:?}: run `hafen-tenant migrate` first"

@@ -82,8 +82,10 @@ pub struct Config {
     #[command(flatten)]
     pub auth: AuthEndpointArgs,
 
-    /// File with the master key (base64 of 32 random bytes) that wraps tenant keys, which
-    /// wrap the users' keys that encrypt message bodies.
+    /// File with the master key that wraps tenant keys, which wrap the users' keys that
+    /// encrypt message bodies: base64 of 32 random bytes, or the versioned form
+    /// `hafen-tenant rotate-master-key` writes. Read again when a tenant key names a version
+    /// it lacks.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
 
@@ -112,8 +114,7 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let pending =
-        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -146,7 +147,12 @@ where
         ),
     )
     .await;
-    let keys = hafen_store::keyring::KeyRing::new(databases.clone(), master, config.key_cache_size);
+    let keys = hafen_store::keyring::KeyRing::reloading(
+        databases.clone(),
+        master,
+        config.master_key_file.clone(),
+        config.key_cache_size,
+    );
     keys.follow(revocations.tenant_deletions());
     let bodies = keys::Bodies::new(keys);
     let hub = feed::Hub::new(

@@ -189,9 +189,9 @@ pub struct ReplayArgs {
     pub telemetry: TelemetryArgs,
 }
 
-/// Refuses to work on a control plane that lags behind this build.
-async fn require_migrated(url: &str) -> Result<(), Error> {
-    let pending = hafen_store::migrate::pending_control_plane(url).await?;
+/// Refuses to work on a control plane or key store that lags behind this build.
+async fn require_migrated(args: &hafen_store::DatabasesArgs) -> Result<(), Error> {
+    let pending = hafen_store::migrate::pending_with_keystore(args).await?;
     if pending.is_empty() {
         Ok(())
     } else {
@@ -207,7 +207,7 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    require_migrated(&config.databases.main.database_url).await?;
+    require_migrated(&config.databases).await?;
     let tls = TlsMaterial::load(&config.server.tls, NAME)?;
     let databases = Databases::new(&config.databases)?;
     let token = PlatformToken::load(&config.operator.platform_token_file)
@@ -274,7 +274,7 @@ where
 /// `hafen-retention replay-deletions`: applies the deletion log again as the operator.
 /// Refuses to run on a control plane that lags behind this build.
 pub async fn replay_deletions(args: &ReplayArgs) -> Result<ReplayReport, Error> {
-    require_migrated(&args.databases.main.database_url).await?;
+    require_migrated(&args.databases).await?;
     let databases = Databases::new(&args.databases)?;
     let redis = Redis::connect(&args.redis).await.map_err(Error::Config)?;
     Replayer::new(databases, Some(redis), None)

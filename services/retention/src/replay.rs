@@ -1,14 +1,15 @@
 //! Replay of the deletion log after a backup restore (GR4, BX1).
 //!
-//! `hafen.deletion_log` lists every deleted tenant and erased user; it is kept apart from
-//! the backups, so a restore brings back data but not the fact that it was deleted. The
+//! The deletion log (`hafen_keys.deletion_log`, in the key store) lists every deleted tenant and
+//! erased user; it is kept apart from the backups, so a restore brings back data but not the
+//! fact that it was deleted. The
 //! replay looks for what came back and deletes it again:
 //!
 //! - a deleted tenant whose schema or role exists on any database, whose control-plane row is
 //!   active, or whose key, user keys or sessions exist: its schema and role are dropped
-//!   ([`hafen_store::tenancy::drop_schema`], placement databases first) and its control-plane
-//!   rows cleaned up as at deletion ([`hafen_store::control::blocking::mark_deleted`]), in
-//!   one transaction on the main database;
+//!   ([`hafen_store::tenancy::drop_schema`], placement databases first), its control-plane
+//!   rows cleaned up as at deletion ([`hafen_store::control::blocking::mark_deleted`]) in
+//!   one transaction on the main database, and then its keys destroyed in the key store;
 //! - an erased user whose key or sessions exist: both are deleted again; and whose rows came
 //!   back (an account not pseudonymised, messages with their bodies, memberships, chat
 //!   codes): they are erased again ([`hafen_store::erasure::erase_rows`]);
@@ -25,6 +26,7 @@ use diesel_async::RunQueryDsl;
 use hafen_authn::{Redis, RevokeReason};
 use hafen_events::{Actor, Event, Relay};
 use hafen_store::control::{self, status};
+use hafen_store::keystore;
 use hafen_store::schema::{deletion_log, sessions, tenant_keys, user_keys};
 use hafen_store::tenancy::{self, SyncConnection};
 use hafen_store::{DEFAULT_DATABASE, Databases, TenantId};
@@ -108,7 +110,7 @@ impl Replayer {
     /// the others were done (running again is safe).
     pub async fn replay(&self, dry_run: bool, actor: Actor) -> Result<ReplayReport, Error> {
         let entries: Vec<(String, Uuid, Option<Uuid>)> = {
-            let mut conn = self.databases.main_connection().await?;
+            let mut conn = self.databases.keystore_connection().await?;
             deletion_log::table
                 .order((deletion_log::deleted_at.asc(), deletion_log::id.asc()))
                 .select((
@@ -209,9 +211,17 @@ impl Replayer {
         // Placement databases first: the control plane says "deleted" only once the data is.
         urls.sort_by_key(|(main, _)| *main);
         let main_url = self.databases.main_url().to_owned();
+        let keystore_url =
+            (traces.key || traces.user_keys > 0).then(|| self.databases.keystore_url().to_owned());
         let clean_control = traces.control_rows_left();
         let ended = tokio::task::spawn_blocking(move || {
-            delete_tenant_blocking(TenantId::from(tenant), &urls, &main_url, clean_control)
+            delete_tenant_blocking(
+                TenantId::from(tenant),
+                &urls,
+                &main_url,
+                clean_control,
+                keystore_url.as_deref(),
+            )
         })
         .await??;
         self.announce(&ended, RevokeReason::TenantDeleted).await;
@@ -230,16 +240,19 @@ impl Replayer {
             traces.row = control::find(&mut conn, tenant)
                 .await?
                 .map(|row| (row.status, row.database_name));
+            traces.sessions = sessions::table
+                .filter(sessions::tenant_id.eq(tenant))
+                .count()
+                .get_result(&mut conn)
+                .await?;
+        }
+        {
+            let mut conn = self.databases.keystore_connection().await?;
             traces.key = diesel::select(diesel::dsl::exists(tenant_keys::table.find(tenant)))
                 .get_result(&mut conn)
                 .await?;
             traces.user_keys = user_keys::table
                 .filter(user_keys::tenant_id.eq(tenant))
-                .count()
-                .get_result(&mut conn)
-                .await?;
-            traces.sessions = sessions::table
-                .filter(sessions::tenant_id.eq(tenant))
                 .count()
                 .get_result(&mut conn)
                 .await?;
@@ -277,30 +290,24 @@ impl Replayer {
         } else {
             false
         };
-        let mut conn = self.databases.main_connection().await?;
         let key_filter = user_keys::table
             .filter(user_keys::tenant_id.eq(tenant))
             .filter(user_keys::user_id.eq(user));
         let session_filter = sessions::table
             .filter(sessions::tenant_id.eq(tenant))
             .filter(sessions::user_id.eq(user));
+        let mut keystore = self.databases.keystore_connection().await?;
+        let mut control = self.databases.main_connection().await?;
         if dry_run {
-            let keys: i64 = key_filter.count().get_result(&mut conn).await?;
-            let sessions: i64 = session_filter.count().get_result(&mut conn).await?;
+            let keys: i64 = key_filter.count().get_result(&mut keystore).await?;
+            let sessions: i64 = session_filter.count().get_result(&mut control).await?;
             return Ok(rows || keys + sessions > 0);
         }
-        let (keys, ended) = {
-            use diesel_async::AsyncConnection as _;
-            conn.transaction::<_, Error, _>(async move |conn| {
-                let keys = diesel::delete(key_filter).execute(conn).await?;
-                let ended: Vec<Uuid> = diesel::delete(session_filter)
-                    .returning(sessions::id)
-                    .get_results(conn)
-                    .await?;
-                Ok((keys, ended))
-            })
-            .await?
-        };
+        let keys = diesel::delete(key_filter).execute(&mut keystore).await?;
+        let ended: Vec<Uuid> = diesel::delete(session_filter)
+            .returning(sessions::id)
+            .get_results(&mut control)
+            .await?;
         if keys == 0 && ended.is_empty() {
             return Ok(rows);
         }
@@ -353,13 +360,14 @@ impl Replayer {
 }
 
 /// Drops the tenant's schema and role on each database in `urls` (placements first), the
-/// last step on the main database together with the control-plane clean-up. Returns the
-/// sessions that ended.
+/// last step on the main database together with the control-plane clean-up; then destroys its
+/// keys in the key store at `keystore_url`, if given. Returns the sessions that ended.
 fn delete_tenant_blocking(
     tenant: TenantId,
     urls: &[(bool, String)],
     main_url: &str,
     clean_control: bool,
+    keystore_url: Option<&str>,
 ) -> Result<Vec<Uuid>, Error> {
     for (is_main, url) in urls {
         if *is_main {
@@ -372,7 +380,7 @@ fn delete_tenant_blocking(
     let on_main = urls.iter().any(|(is_main, _)| *is_main);
     let mut main =
         hafen_store::connect::establish_sync(main_url).map_err(hafen_store::Error::from)?;
-    main.transaction(|conn| -> Result<_, Error> {
+    let ended = main.transaction(|conn| -> Result<_, Error> {
         if on_main {
             drop_everywhere(conn, &tenant)?;
         }
@@ -381,7 +389,15 @@ fn delete_tenant_blocking(
             return Ok(ended);
         }
         Ok(Vec::new())
-    })
+    })?;
+    if let Some(url) = keystore_url {
+        let mut keys =
+            hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
+        keys.transaction(|conn| {
+            keystore::blocking::destroy_tenant_keys(conn, tenant.as_uuid(), hafen_store::now())
+        })?;
+    }
+    Ok(ended)
 }
 
 /// [`tenancy::drop_schema`]; a schema left without its role (restored without owners) is

@@ -7,9 +7,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use hafen_store::schema::{
-    consent_records, deletion_log, legal_holds, messages, user_keys, visit_fields, visits,
-};
+use hafen_store::schema::{consent_records, legal_holds, messages, visit_fields, visits};
 use hafen_store::{Databases, TenantId};
 use uuid::Uuid;
 
@@ -113,44 +111,14 @@ async fn purge_visits(
     now: DateTime<Utc>,
 ) -> Result<i64, Error> {
     {
-        use diesel_async::AsyncConnection as _;
-        let mut conn = databases.main_connection().await?;
-        let ids = expired.clone();
-        conn.transaction::<_, Error, _>(async move |conn| {
-            diesel::delete(
-                user_keys::table
-                    .filter(user_keys::tenant_id.eq(tenant))
-                    .filter(user_keys::user_id.eq_any(&ids)),
-            )
-            .execute(conn)
-            .await?;
-            let logged: Vec<Option<Uuid>> = deletion_log::table
-                .filter(deletion_log::tenant_id.eq(tenant))
-                .filter(deletion_log::user_id.eq_any(&ids))
-                .select(deletion_log::user_id)
-                .load(conn)
-                .await?;
-            let entries: Vec<_> = ids
-                .iter()
-                .filter(|id| !logged.contains(&Some(**id)))
-                .map(|id| {
-                    (
-                        deletion_log::id.eq(Uuid::now_v7()),
-                        deletion_log::kind.eq("visitor"),
-                        deletion_log::tenant_id.eq(tenant),
-                        deletion_log::user_id.eq(Some(*id)),
-                        deletion_log::deleted_at.eq(now),
-                    )
-                })
-                .collect();
-            if !entries.is_empty() {
-                diesel::insert_into(deletion_log::table)
-                    .values(entries)
-                    .execute(conn)
-                    .await?;
-            }
-            Ok(())
-        })
+        let mut conn = databases.keystore_connection().await?;
+        hafen_store::keystore::destroy_user_keys(
+            &mut conn,
+            hafen_store::erasure::Subject::Visitor.kind(),
+            tenant,
+            &expired,
+            now,
+        )
         .await?;
     }
     let tenant_id = TenantId::from(tenant);

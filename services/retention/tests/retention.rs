@@ -222,6 +222,15 @@ async fn count(stack: &TestStack, sql: &str) -> i64 {
         .n
 }
 
+/// [`count`] in the key store.
+async fn count_keys(stack: &TestStack, sql: &str) -> i64 {
+    diesel::sql_query(sql)
+        .get_result::<Count>(&mut stack.db.keystore().connect_admin().await)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        .n
+}
+
 fn reason(status: &tonic::Status) -> String {
     status::reason(status).unwrap_or_default()
 }
@@ -1104,11 +1113,10 @@ struct Exists {
 /// What exists of tenant `id`.
 async fn traces(stack: &TestStack, id: Uuid) -> Exists {
     let schema = hafen_store::TenantId::from(id).schema();
-    diesel::sql_query(
+    let mut found: Exists = diesel::sql_query(
         "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS schema, \
                 EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS role, \
-                (SELECT count(*) FROM hafen.tenant_keys WHERE tenant_id = $2) AS keys, \
-                (SELECT count(*) FROM hafen.user_keys WHERE tenant_id = $2) AS user_keys, \
+                0::bigint AS keys, 0::bigint AS user_keys, \
                 (SELECT count(*) FROM hafen.sessions WHERE tenant_id = $2) AS sessions, \
                 (SELECT status FROM hafen.tenants WHERE id = $2) AS status",
     )
@@ -1116,7 +1124,19 @@ async fn traces(stack: &TestStack, id: Uuid) -> Exists {
     .bind::<diesel::sql_types::Uuid, _>(id)
     .get_result(&mut admin(stack).await)
     .await
-    .unwrap()
+    .unwrap();
+    let tenant = format!("tenant_id = '{id}'");
+    found.keys = count_keys(
+        stack,
+        &format!("SELECT count(*) AS n FROM hafen_keys.tenant_keys WHERE {tenant}"),
+    )
+    .await;
+    found.user_keys = count_keys(
+        stack,
+        &format!("SELECT count(*) AS n FROM hafen_keys.user_keys WHERE {tenant}"),
+    )
+    .await;
+    found
 }
 
 async fn replay(stack: &TestStack, dry_run: bool) -> pb::ReplayDeletionsResponse {
@@ -1212,11 +1232,11 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
         ))
         .await
         .unwrap();
-    let mut conn = admin(&s.stack).await;
+    let mut conn = s.stack.db.keystore().connect_admin().await;
     conn.batch_execute(&format!(
-        "INSERT INTO hafen.deletion_log (id, kind, tenant_id, user_id) \
+        "INSERT INTO hafen_keys.deletion_log (id, kind, tenant_id, user_id) \
          VALUES ('{}', 'user', '{}', '{}'); \
-         DELETE FROM hafen.user_keys WHERE tenant_id = '{}' AND user_id = '{}'",
+         DELETE FROM hafen_keys.user_keys WHERE tenant_id = '{}' AND user_id = '{}'",
         Uuid::now_v7(),
         s.tenant.id,
         s.member_id,
@@ -1228,25 +1248,18 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
     let deleted = traces(&s.stack, goner_id).await;
     assert!(!deleted.schema && !deleted.role);
     assert_eq!(deleted.status, "deleted");
-    // The deletion log is kept apart from backups.
-    #[derive(QueryableByName)]
-    struct Log {
-        #[diesel(sql_type = Text)]
-        rows: String,
-    }
-    let log: Log = diesel::sql_query(
-        "SELECT coalesce(json_agg(d)::text, '[]') AS rows FROM hafen.deletion_log d",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap();
+    // The deletion log is in the key store, apart from the database backed up.
     assert_eq!(
-        count(&s.stack, "SELECT count(*) AS n FROM hafen.deletion_log").await,
+        count_keys(
+            &s.stack,
+            "SELECT count(*) AS n FROM hafen_keys.deletion_log"
+        )
+        .await,
         2
     );
     drop(conn);
 
-    // The restore: roles first, then the database, then the deletion log back in.
+    // The restore: roles first, then the database.
     let roles_file = dir.path().join("roles.sql");
     std::fs::write(&roles_file, &roles_sql).unwrap();
     run(
@@ -1274,33 +1287,19 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
         ],
     )
     .await;
-    let mut conn = admin(&s.stack).await;
-    diesel::sql_query(
-        "INSERT INTO hafen.deletion_log \
-         SELECT * FROM json_populate_recordset(NULL::hafen.deletion_log, $1::json) \
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind::<Text, _>(&log.rows)
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    drop(conn);
     let restored = traces(&s.stack, goner_id).await;
     assert!(
         restored.schema && restored.role,
         "the backup brought it back"
     );
     assert_eq!(restored.status, "active");
-    assert_eq!((restored.keys, restored.user_keys), (1, 1));
+    // No key comes back with it: the keys are in the key store, which was not restored.
+    assert_eq!((restored.keys, restored.user_keys), (0, 0));
     let member_key = format!(
-        "SELECT count(*) AS n FROM hafen.user_keys WHERE tenant_id = '{}' AND user_id = '{}'",
+        "SELECT count(*) AS n FROM hafen_keys.user_keys WHERE tenant_id = '{}' AND user_id = '{}'",
         s.tenant.id, s.member_id
     );
-    assert_eq!(
-        count(&s.stack, &member_key).await,
-        1,
-        "the erased key came back"
-    );
+    assert_eq!(count_keys(&s.stack, &member_key).await, 0);
 
     // A dry run reports and changes nothing.
     let report = replay(&s.stack, true).await;
@@ -1314,7 +1313,6 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
     );
     let still = traces(&s.stack, goner_id).await;
     assert!(still.schema && still.role && still.status == "active");
-    assert_eq!(count(&s.stack, &member_key).await, 1);
 
     // The replay deletes everything again.
     let report = replay(&s.stack, false).await;
@@ -1324,7 +1322,7 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
     assert!(!gone.role, "role dropped again");
     assert_eq!((gone.keys, gone.user_keys, gone.sessions), (0, 0, 0));
     assert_eq!(gone.status, "deleted");
-    assert_eq!(count(&s.stack, &member_key).await, 0);
+    assert_eq!(count_keys(&s.stack, &member_key).await, 0);
     assert_eq!(
         count(
             &s.stack,
@@ -1345,10 +1343,7 @@ async fn gr4_a_restored_backup_is_deleted_again_by_replay() {
     let report = replay(&s.stack, false).await;
     assert_eq!((report.tenants_deleted, report.users_erased), (0, 0));
     let args = hafen_retention::ReplayArgs {
-        databases: hafen_store::DatabasesArgs {
-            main: s.stack.db.args(),
-            placements: Vec::new(),
-        },
+        databases: s.stack.db.databases(),
         redis: s.stack.secrets.redis_args(),
         dry_run: true,
         telemetry: hafen_platform::TelemetryArgs {

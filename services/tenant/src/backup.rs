@@ -13,8 +13,8 @@
 //!   migration, the dump's and the file's sizes, and the file's SHA-256.
 //!
 //! The key is derived from the master key for backups alone; the backup holds no key at all:
-//! the tenant's and its users' keys stay in the control plane, so a user erased after the
-//! backup stays unreadable in it. Memory does not grow with the tenant: the dump is read,
+//! the tenant's and its users' keys stay in the key store ([`hafen_store::keystore`]), so a
+//! user erased after the backup stays unreadable in it. Memory does not grow with the tenant: the dump is read,
 //! sealed and written a piece at a time.
 
 use std::path::{Path, PathBuf};
@@ -613,14 +613,10 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
     let databases = Databases::new(&args.databases)?;
     let row = {
         let mut conn = databases.main_connection().await?;
-        hafen_store::control::find(&mut conn, manifest.tenant_id)
-            .await?
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "the control plane does not know tenant {}: restore it (and its keys) first",
-                    manifest.tenant_id
-                ))
-            })?
+        match hafen_store::control::find(&mut conn, manifest.tenant_id).await? {
+            Some(row) => row,
+            None => recreate_row(&databases, &manifest, &opened.control).await?,
+        }
     };
     let live = row.status == hafen_store::control::status::ACTIVE;
     let target = args
@@ -666,6 +662,68 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
         migrated,
         replay,
     })
+}
+
+/// A control plane that lost the tenant's row (restored from an older copy, say) gets it back
+/// from the backup, as an active tenant, when the key store still has the tenant: its key, or
+/// its deletion in the log (then the replay that ends the restore deletes it again). Without
+/// either the data could not be read, and nothing is restored.
+async fn recreate_row(
+    databases: &Databases,
+    manifest: &Manifest,
+    control: &serde_json::Value,
+) -> Result<hafen_store::control::TenantRow, Error> {
+    use diesel::{ExpressionMethods as _, QueryDsl as _};
+    use hafen_store::schema::deletion_log;
+    let id = manifest.tenant_id;
+    {
+        let mut keys = databases.keystore_connection().await?;
+        let key = hafen_store::keystore::tenant_key(&mut keys, id)
+            .await?
+            .is_some();
+        let deleted: bool = diesel::select(diesel::dsl::exists(
+            deletion_log::table
+                .filter(deletion_log::kind.eq("tenant"))
+                .filter(deletion_log::tenant_id.eq(id)),
+        ))
+        .get_result(&mut keys)
+        .await?;
+        if !key && !deleted {
+            return Err(Error::Config(format!(
+                "the key store has no key of tenant {id}: restore the key store first"
+            )));
+        }
+    }
+    let mut row = control.clone();
+    if let Some(fields) = row.as_object_mut() {
+        fields.insert("id".into(), serde_json::json!(id));
+        fields.insert("status".into(), serde_json::json!("active"));
+        fields.insert("updated_at".into(), serde_json::json!(hafen_store::now()));
+    }
+    let mut conn = databases.main_connection().await?;
+    diesel::sql_query(
+        "INSERT INTO hafen.tenants (id, slug, display_name, status, region, dpa_version, \
+         dpa_accepted_at, dpa_accepted_by, database_name, settings, created_at, updated_at) \
+         SELECT id, slug, display_name, status, region, dpa_version, dpa_accepted_at, \
+         dpa_accepted_by, database_name, coalesce(settings, '{}'), created_at, updated_at \
+         FROM json_populate_record(NULL::hafen.tenants, $1::json)",
+    )
+    .bind::<Text, _>(row.to_string())
+    .execute(&mut conn)
+    .await
+    .map_err(|err| {
+        if hafen_store::is_unique_violation(&err, "tenants_slug_key") {
+            Error::Config(format!(
+                "tenant {id}'s slug is another organisation's now: not restored"
+            ))
+        } else {
+            Error::from(err)
+        }
+    })?;
+    tracing::warn!(tenant_id = %id, "control-plane row recreated from the backup");
+    hafen_store::control::find(&mut conn, id)
+        .await?
+        .ok_or(Error::NotFound)
 }
 
 /// Loading a dump into a tenant's schema, on a blocking thread.

@@ -19,6 +19,7 @@ pub mod backup;
 mod error;
 pub mod export;
 pub mod migrate;
+pub mod rotate;
 pub mod settings;
 pub mod tenants;
 pub mod user_export;
@@ -79,8 +80,9 @@ pub struct Config {
     #[command(flatten)]
     pub auth: AuthEndpointArgs,
 
-    /// File with the master key (base64 of 32 random bytes) that wraps tenant keys. It never
-    /// enters the database; losing it makes every tenant's data unreadable.
+    /// File with the master key that wraps tenant keys: base64 of 32 random bytes, or the
+    /// versioned form `rotate-master-key` writes. Read again for each new tenant. It never
+    /// enters a database; losing it makes every tenant's data unreadable.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
 
@@ -133,7 +135,9 @@ impl Config {
     long_about = "Tenant provisioning: a PostgreSQL schema and role per tenant.\n\n\
         Without a subcommand it serves gRPC. `migrate` upgrades the control plane and every \
         tenant schema and exits; run it once per deploy, before the new version serves. \
-        `derive-keys` writes the key file of a service that must not hold the master key.",
+        `derive-keys` writes the key file of a service that must not hold the master key. \
+        `backup` and `restore` back up and restore tenants. `rotate-master-key` adds a master \
+        key version, re-wraps every tenant key under it and retires old versions.",
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
@@ -170,6 +174,23 @@ pub enum Command {
     /// tenant's only with --replace), restore, migrate to this version, and end with the
     /// deletion-log replay, so what was deleted or erased since the backup is again.
     Restore(Box<backup::RestoreArgs>),
+    /// Add a new master-key version and make it current, re-wrap every tenant key under it
+    /// while the services run, and (with --retire) remove an old version no key needs. The
+    /// file is replaced at once (mode 0600); services read it again when they meet a key
+    /// wrapped under a version they lack.
+    RotateMasterKey(Box<rotate::RotateArgs>),
+}
+
+/// `hafen-tenant rotate-master-key` on its own, without the serving options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hafen-tenant rotate-master-key",
+    version,
+    about = "Add a master-key version, re-wrap every tenant key under it, retire old versions"
+)]
+pub struct RotateCli {
+    #[command(flatten)]
+    pub args: rotate::RotateArgs,
 }
 
 /// `hafen-tenant restore` on its own, without the serving options.
@@ -258,6 +279,8 @@ pub enum Invocation {
     Backup(Box<backup::BackupArgs>),
     /// Restore and exit.
     Restore(Box<backup::RestoreArgs>),
+    /// Rotate the master key and exit.
+    RotateMasterKey(Box<rotate::RotateArgs>),
 }
 
 impl Cli {
@@ -285,12 +308,18 @@ impl Cli {
                 .chain(args.into_iter().skip(2));
             return Invocation::Restore(Box::new(RestoreCli::parse_from(rest).args));
         }
+        if args.get(1).is_some_and(|a| a == "rotate-master-key") {
+            let rest = std::iter::once(std::ffi::OsString::from("hafen-tenant rotate-master-key"))
+                .chain(args.into_iter().skip(2));
+            return Invocation::RotateMasterKey(Box::new(RotateCli::parse_from(rest).args));
+        }
         let cli = Self::parse_from(args);
         match cli.command {
             Some(Command::Migrate(args)) => Invocation::Migrate(Box::new(args)),
             Some(Command::DeriveKeys(args)) => Invocation::DeriveKeys(args),
             Some(Command::Backup(args)) => Invocation::Backup(args),
             Some(Command::Restore(args)) => Invocation::Restore(args),
+            Some(Command::RotateMasterKey(args)) => Invocation::RotateMasterKey(args),
             None => Invocation::Serve(Box::new(cli)),
         }
     }
@@ -318,8 +347,7 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let pending =
-        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -335,6 +363,7 @@ where
     let tenants = Tenants::new(
         databases.clone(),
         master,
+        Some(config.master_key_file.clone()),
         config.policy(),
         Some(redis.clone()),
     );
@@ -348,6 +377,14 @@ where
     let relay = hafen_events::Relay::spawn(BINARY, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     tenants.set_relay(relay);
+    let mut measures = vec![hafen_store::facts::measure::TENANT_DELETION];
+    if databases.keystore_apart() {
+        measures.push(hafen_store::facts::measure::KEY_STORE_APART);
+    } else {
+        tracing::warn!(
+            "no --keystore-url: keys and the deletion log are in the main database, so its backups hold keys"
+        );
+    }
     hafen_store::facts::start_reporting(
         databases.main().clone(),
         hafen_store::facts::ServiceFacts::new(
@@ -355,7 +392,7 @@ where
             config.server.tls.mtls,
             &config.databases,
             Some(config.redis.tls()),
-            &[hafen_store::facts::measure::TENANT_DELETION],
+            &measures,
         ),
     )
     .await;

@@ -24,6 +24,7 @@ async fn main() -> ExitCode {
         Invocation::Migrate(args) => *args,
         Invocation::Backup(args) => return backup(&args).await,
         Invocation::Restore(args) => return restore(&args).await,
+        Invocation::RotateMasterKey(args) => return rotate(&args).await,
         Invocation::DeriveKeys(args) => {
             return match hafen_tenant::derive_keys(&args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -46,7 +47,13 @@ async fn main() -> ExitCode {
         progress: true,
     };
     let placements = args.databases.placements_map();
-    let result = migrate_all(&args.databases.main.database_url, &placements, &options).await;
+    let result = migrate_all(
+        &args.databases.main.database_url,
+        args.databases.keystore_url.as_deref(),
+        &placements,
+        &options,
+    )
+    .await;
     let code = match result {
         Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
@@ -83,6 +90,53 @@ async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
                 restored.migrated.len(),
                 restored.replay.tenants_deleted,
                 restored.replay.users_erased
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
+            ExitCode::FAILURE
+        }
+    };
+    guard.shutdown();
+    code
+}
+
+/// `hafen-tenant rotate-master-key`: the versions and how many keys each wraps, on standard
+/// output.
+#[allow(
+    clippy::print_stdout,
+    reason = "the state of the key versions is the command's output"
+)]
+async fn rotate(args: &hafen_tenant::rotate::RotateArgs) -> ExitCode {
+    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{BINARY}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match hafen_tenant::rotate::run(args).await {
+        Ok(report) => {
+            let in_use: Vec<String> = report
+                .in_use
+                .iter()
+                .map(|(version, keys)| format!("{version}: {keys} tenant keys"))
+                .collect();
+            println!(
+                "current version {}; versions in the file {:?}; re-wrapped {}; in use: {}{}",
+                report.current,
+                report.versions,
+                report.rewrapped,
+                if in_use.is_empty() {
+                    "none".to_owned()
+                } else {
+                    in_use.join(", ")
+                },
+                report
+                    .retired
+                    .map(|v| format!("; retired version {v}"))
+                    .unwrap_or_default()
             );
             ExitCode::SUCCESS
         }

@@ -1,4 +1,4 @@
-//! `hafen-tenant migrate`: the control plane, then every tenant schema, to the newest
+//! `hafen-tenant migrate`: the key store, the control plane, then every tenant schema, to the newest
 //! migration set — with bounded concurrency, a progress bar on a terminal, and a report of
 //! the tenants that failed (the others are migrated regardless). Tenants already current are
 //! left untouched. Provisioning left half-done on a placement database by a crash is resolved
@@ -20,6 +20,10 @@ use crate::tenants::{DEFAULT_DATABASE, Placements};
 /// What a migration run did.
 #[derive(Debug, Default, Clone)]
 pub struct Report {
+    /// Key-store migrations applied.
+    pub keystore: Vec<String>,
+    /// Keys and deletion-log entries moved from the control plane to the key store.
+    pub moved_to_keystore: u64,
     /// Control-plane migrations applied.
     pub control_plane: Vec<String>,
     /// Active tenants found.
@@ -43,15 +47,23 @@ pub struct Options {
     pub progress: bool,
 }
 
-/// Migrates the control plane at `main_url`, then every active tenant on its database.
+/// Migrates the key store at `keystore_url` (the main database when `None`), moves keys a
+/// control plane from before the key store holds there, migrates the control plane at
+/// `main_url`, then every active tenant on its database.
 pub async fn migrate_all(
     main_url: &str,
+    keystore_url: Option<&str>,
     placements: &Placements,
     options: &Options,
 ) -> Result<Report, Error> {
+    let keystore_url = keystore_url.unwrap_or(main_url);
+    let keystore = hafen_store::migrate::migrate_keystore(keystore_url).await?;
+    let moved_to_keystore =
+        hafen_store::migrate::move_keys_to_keystore(main_url, keystore_url).await?;
     let control_plane = hafen_store::migrate::migrate_control_plane(main_url).await?;
     let resolved_prepared =
-        crate::tenants::resolve_prepared(main_url, placements, PREPARED_MIN_AGE).await?;
+        crate::tenants::resolve_prepared(main_url, keystore_url, placements, PREPARED_MIN_AGE)
+            .await?;
     let pool = hafen_store::pool::build_pool(&hafen_store::DatabaseArgs::new(main_url))?;
     let tenants = {
         let mut conn = pool.get().await.map_err(hafen_store::Error::from)?;
@@ -83,6 +95,8 @@ pub async fn migrate_all(
         }));
     }
     let mut report = Report {
+        keystore,
+        moved_to_keystore,
         control_plane,
         tenants: total,
         resolved_prepared,

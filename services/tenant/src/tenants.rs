@@ -19,6 +19,7 @@ use diesel::connection::SimpleConnection;
 use hafen_crypto::{DataKey, MasterKey, Purpose};
 use hafen_store::accounts::{self, DisplayName, NewChatCode, NewUser, Username};
 use hafen_store::control::{self, NewTenant, TenantRow};
+use hafen_store::keystore;
 use hafen_store::tenancy::{self, SyncConnection};
 use hafen_store::{Databases, Pool, TenantId};
 use uuid::Uuid;
@@ -37,6 +38,12 @@ const RECOVERED_DEVICE_LABEL: &str = "recovered by the operator";
 
 /// Prefix of the two-phase-commit ids of provisioning on another database.
 const PREPARED_PREFIX: &str = "hafen_provision_";
+
+/// Prefix of the two-phase-commit ids of a new tenant's key in the key store.
+const KEY_PROVISION_PREFIX: &str = "hafen_keys_provision_";
+
+/// Prefix of the two-phase-commit ids of a deleted tenant's keys in the key store.
+const KEY_DELETION_PREFIX: &str = "hafen_keys_delete_";
 
 /// What the service accepts at creation.
 #[derive(Debug, Clone)]
@@ -142,6 +149,9 @@ struct Inner {
     /// Low-priority threads for password hashing.
     cpu: hafen_platform::cpu::CpuPool,
     master: MasterKey,
+    /// Where `master` was read from: read again for each new tenant, so a tenant created
+    /// after a rotation gets its key wrapped under the current version.
+    master_file: Option<std::path::PathBuf>,
     /// Users' keys, for reading message bodies into an export (GR5).
     keys: hafen_store::keyring::KeyRing,
     /// Limits the owner's password confirmations (DeleteTenant), with the auth service's.
@@ -176,20 +186,28 @@ pub fn chat_code_hash(pepper: &[u8], tenant: &TenantId, code: &str) -> [u8; 32] 
 }
 
 impl Tenants {
-    /// The service over `databases`, wrapping tenant keys with `master`; deleting a tenant
-    /// announces the end of its sessions through `redis`.
+    /// The service over `databases`, wrapping tenant keys with `master` (as read from
+    /// `master_file`, which is read again for each new tenant and for tenant keys wrapped under
+    /// a version `master` lacks); deleting a tenant announces the end of its sessions through
+    /// `redis`.
     pub fn new(
         databases: Databases,
         master: MasterKey,
+        master_file: Option<std::path::PathBuf>,
         policy: Policy,
         redis: Option<hafen_authn::Redis>,
     ) -> Self {
         let chat_code_pepper = Purpose::ChatCodePepper.derive(&master);
-        let keys = hafen_store::keyring::KeyRing::new(
-            databases.clone(),
-            master.clone(),
-            std::num::NonZeroUsize::MIN.saturating_add(999),
-        );
+        let capacity = std::num::NonZeroUsize::MIN.saturating_add(999);
+        let keys = match &master_file {
+            Some(path) => hafen_store::keyring::KeyRing::reloading(
+                databases.clone(),
+                master.clone(),
+                path.clone(),
+                capacity,
+            ),
+            None => hafen_store::keyring::KeyRing::new(databases.clone(), master.clone(), capacity),
+        };
         let totp_key = Purpose::TotpSecrets.derive(&master);
         let limiter = hafen_authn::limits::Limiter::new(
             redis.clone(),
@@ -201,6 +219,7 @@ impl Tenants {
                 redis,
                 cpu: hafen_platform::cpu::CpuPool::new("hafen-tenant-hash"),
                 master,
+                master_file,
                 keys,
                 limiter,
                 chat_code_pepper,
@@ -346,7 +365,12 @@ impl Tenants {
         let code = Zeroizing::new(hafen_crypto::secret::chat_code()?);
         let code_hash = chat_code_hash(inner.chat_code_pepper.expose(), &tenant, &code);
         let key = DataKey::generate()?;
-        let wrapped = inner.master.wrap(&key, &tenant_key_context(&tenant))?;
+        let master = match &inner.master_file {
+            Some(path) => MasterKey::load(path)?,
+            None => inner.master.clone(),
+        };
+        let key_version = master.current_version();
+        let wrapped = master.wrap(&key, &tenant_key_context(&tenant))?;
         let settings = Settings::default().to_json();
         let row = NewTenant {
             id: tenant.as_uuid(),
@@ -403,7 +427,7 @@ impl Tenants {
         }
         let control_rows = |conn: &mut SyncConnection| -> Result<(), Error> {
             self.fail_if(FailPoint::AfterSchema, &tenant)?;
-            control::blocking::insert_tenant(conn, &row, &wrapped).map_err(|err| {
+            control::blocking::insert_tenant(conn, &row).map_err(|err| {
                 if hafen_store::is_unique_violation(&err, "tenants_slug_key") {
                     Error::SlugTaken
                 } else {
@@ -414,6 +438,39 @@ impl Tenants {
             self.fail_if(FailPoint::BeforeCommit, &tenant)
         };
 
+        // The key goes to the key store in the first phase of a two-phase commit, committed
+        // only once the tenant's rows are (recovery commits it later if this process stops in
+        // between: see `resolve_prepared`).
+        let mut keys = hafen_store::connect::establish_sync(inner.databases.keystore_url())
+            .map_err(hafen_store::Error::from)?;
+        let key_gid = format!("{KEY_PROVISION_PREFIX}{}", tenant.schema());
+        keys.transaction(|conn| -> Result<(), Error> {
+            keystore::blocking::insert_tenant_key(conn, tenant.as_uuid(), key_version, &wrapped)?;
+            conn.batch_execute(&format!("PREPARE TRANSACTION '{key_gid}'"))?;
+            Ok(())
+        })?;
+        let rows = self.provision_rows(input, &tenant, populate, control_rows);
+        let verb = if rows.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        if let Err(err) = keys.batch_execute(&format!("{verb} PREPARED '{key_gid}'")) {
+            tracing::error!(tenant_id = %tenant, action = verb, error = %err, "prepared tenant key not resolved");
+        }
+        rows?;
+        self.audited();
+        tracing::info!(tenant_id = %tenant, database = %input.database, "tenant provisioned");
+        Ok(self.created(&row, owner_id, code_id, code))
+    }
+
+    /// The tenant's schema and its control-plane rows, committed together (on the main
+    /// database) or in two phases (on a placement database).
+    fn provision_rows(
+        &self,
+        input: &NewTenantInput,
+        tenant: &TenantId,
+        populate: impl FnOnce(&mut SyncConnection) -> Result<(), Error>,
+        control_rows: impl FnOnce(&mut SyncConnection) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let inner = &self.inner;
+        let tenant = *tenant;
         let mut main = hafen_store::connect::establish_sync(inner.databases.main_url())
             .map_err(hafen_store::Error::from)?;
         if input.database == DEFAULT_DATABASE {
@@ -452,32 +509,38 @@ impl Tenants {
                 }
             }
         }
-        self.audited();
-        tracing::info!(tenant_id = %tenant, database = %input.database, "tenant provisioned");
+        Ok(())
+    }
 
-        let tenant_row = TenantRow {
-            id: row.id,
-            slug: Some(row.slug.to_owned()),
-            display_name: Some(row.display_name.to_owned()),
-            status: row.status.to_owned(),
-            region: row.region.to_owned(),
-            dpa_version: row.dpa_version.to_owned(),
-            dpa_accepted_at: now,
-            dpa_accepted_by: owner_id,
-            database_name: row.database_name.to_owned(),
-            create_request_id: row.create_request_id,
-            settings: row.settings.clone(),
-            created_at: now,
-            updated_at: now,
-            deleted_at: None,
-            audit_public_key: None,
-        };
-        Ok(Created {
-            tenant: tenant_row,
+    fn created(
+        &self,
+        row: &NewTenant<'_>,
+        owner_id: Uuid,
+        code_id: Uuid,
+        code: Zeroizing<String>,
+    ) -> Created {
+        Created {
+            tenant: TenantRow {
+                id: row.id,
+                slug: Some(row.slug.to_owned()),
+                display_name: Some(row.display_name.to_owned()),
+                status: row.status.to_owned(),
+                region: row.region.to_owned(),
+                dpa_version: row.dpa_version.to_owned(),
+                dpa_accepted_at: row.dpa_accepted_at,
+                dpa_accepted_by: owner_id,
+                database_name: row.database_name.to_owned(),
+                create_request_id: row.create_request_id,
+                settings: row.settings.clone(),
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+                deleted_at: None,
+                audit_public_key: None,
+            },
             owner_user_id: owner_id,
             owner_chat_code: code,
             owner_chat_code_id: code_id,
-        })
+        }
     }
 
     fn fail_if(&self, point: FailPoint, tenant: &TenantId) -> Result<(), Error> {
@@ -830,6 +893,41 @@ impl Tenants {
         event: &Event,
     ) -> Result<(DateTime<Utc>, Vec<Uuid>), Error> {
         let tenant = TenantId::from(tenant_row.id);
+        // Its keys are destroyed and the deletion logged in the key store in the first phase
+        // of a two-phase commit, committed once the tenant is marked deleted, rolled back if
+        // it is not (a legal hold set meanwhile, say); recovery resolves it if this process
+        // stops in between (see `resolve_prepared`).
+        let mut keys = hafen_store::connect::establish_sync(self.inner.databases.keystore_url())
+            .map_err(hafen_store::Error::from)?;
+        let key_gid = format!("{KEY_DELETION_PREFIX}{}", tenant.schema());
+        keys.transaction(|conn| -> Result<(), Error> {
+            keystore::blocking::destroy_tenant_keys(conn, tenant.as_uuid(), hafen_store::now())?;
+            conn.batch_execute(&format!("PREPARE TRANSACTION '{key_gid}'"))?;
+            Ok(())
+        })?;
+        let deleted = self.delete_rows(tenant_row, &tenant, event);
+        let verb = if deleted.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        if let Err(err) = keys.batch_execute(&format!("{verb} PREPARED '{key_gid}'")) {
+            tracing::error!(tenant_id = %tenant, action = verb, error = %err, "prepared key destruction not resolved");
+        }
+        let deleted_at = deleted?;
+        tracing::info!(tenant_id = %tenant, "tenant deleted");
+        Ok(deleted_at)
+    }
+
+    /// The tenant's schema dropped and its control-plane rows marked deleted (placement
+    /// database first, then the main one).
+    fn delete_rows(
+        &self,
+        tenant_row: &TenantRow,
+        tenant: &TenantId,
+        event: &Event,
+    ) -> Result<(DateTime<Utc>, Vec<Uuid>), Error> {
+        let tenant = *tenant;
         let mut main = hafen_store::connect::establish_sync(self.inner.databases.main_url())
             .map_err(hafen_store::Error::from)?;
         let deleted_at = if tenant_row.database_name == DEFAULT_DATABASE {
@@ -862,7 +960,6 @@ impl Tenants {
                 Ok(control::blocking::mark_deleted(conn, tenant.as_uuid())?)
             })?
         };
-        tracing::info!(tenant_id = %tenant, "tenant deleted");
         Ok(deleted_at)
     }
 
@@ -969,26 +1066,99 @@ impl Tenants {
     /// See [`resolve_prepared`].
     pub async fn resolve_prepared(&self, min_age: std::time::Duration) -> Result<usize, Error> {
         let databases = &self.inner.databases;
-        resolve_prepared(databases.main_url(), &databases.placements(), min_age).await
+        resolve_prepared(
+            databases.main_url(),
+            databases.keystore_url(),
+            &databases.placements(),
+            min_age,
+        )
+        .await
     }
 }
 
-/// Resolves provisioning transactions left prepared on placement databases by a crash:
-/// committed when the tenant row exists on the main database at `main_url`, rolled back
-/// otherwise. Only transactions older than `min_age` are touched, so provisioning in flight
-/// is left alone. Returns how many were resolved.
+/// Resolves two-phase commits left prepared by a crash: provisioning on placement databases
+/// and a new tenant's key in the key store at `keystore_url` are committed when the tenant row
+/// exists on the main database at `main_url`; a deleted tenant's key destruction is committed
+/// when the tenant is marked deleted there; each is rolled back otherwise. Only transactions
+/// older than `min_age` are touched, so provisioning and deletion in flight are left alone.
+/// Returns how many were resolved.
 pub async fn resolve_prepared(
     main_url: &str,
+    keystore_url: &str,
     placements: &Placements,
     min_age: std::time::Duration,
 ) -> Result<usize, Error> {
-    if placements.is_empty() {
+    let main_url = main_url.to_owned();
+    let keystore_url = keystore_url.to_owned();
+    let placements = placements.clone();
+    tokio::task::spawn_blocking(move || {
+        let keys = resolve_prepared_keys(&main_url, &keystore_url, min_age)?;
+        Ok(keys + resolve_prepared_blocking(&main_url, &placements, min_age)?)
+    })
+    .await?
+}
+
+/// The ids of this database's prepared transactions that match the `LIKE` pattern `like` and
+/// are older than `min_age`.
+fn stale_prepared(
+    conn: &mut SyncConnection,
+    like: &str,
+    min_age: std::time::Duration,
+) -> Result<Vec<String>, Error> {
+    use diesel::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        gid: String,
+    }
+    let stale: Vec<Prepared> = diesel::sql_query(
+        "SELECT gid FROM pg_prepared_xacts \
+         WHERE database = current_database() AND gid LIKE $2 \
+         AND prepared <= now() - make_interval(secs => $1)",
+    )
+    .bind::<diesel::sql_types::Double, _>(min_age.as_secs_f64())
+    .bind::<diesel::sql_types::Text, _>(like)
+    .load(conn)?;
+    Ok(stale.into_iter().map(|p| p.gid).collect())
+}
+
+fn resolve_prepared_keys(
+    main_url: &str,
+    keystore_url: &str,
+    min_age: std::time::Duration,
+) -> Result<usize, Error> {
+    let mut keys =
+        hafen_store::connect::establish_sync(keystore_url).map_err(hafen_store::Error::from)?;
+    let stale = stale_prepared(&mut keys, "hafen\\_keys\\_%", min_age)?;
+    if stale.is_empty() {
         return Ok(0);
     }
-    let main_url = main_url.to_owned();
-    let placements = placements.clone();
-    tokio::task::spawn_blocking(move || resolve_prepared_blocking(&main_url, &placements, min_age))
-        .await?
+    let mut main =
+        hafen_store::connect::establish_sync(main_url).map_err(hafen_store::Error::from)?;
+    let mut resolved = 0;
+    for gid in stale {
+        let (deletion, schema) = if let Some(schema) = gid.strip_prefix(KEY_DELETION_PREFIX) {
+            (true, schema)
+        } else if let Some(schema) = gid.strip_prefix(KEY_PROVISION_PREFIX) {
+            (false, schema)
+        } else {
+            continue;
+        };
+        let Some(tenant) = TenantId::from_schema(schema) else {
+            continue;
+        };
+        let status = control::blocking::status(&mut main, tenant.as_uuid())?;
+        let done = if deletion {
+            status.as_deref() == Some(control::status::DELETED)
+        } else {
+            status.is_some()
+        };
+        let verb = if done { "COMMIT" } else { "ROLLBACK" };
+        keys.batch_execute(&format!("{verb} PREPARED '{gid}'"))?;
+        tracing::warn!(tenant_id = %tenant, action = verb, deletion, "resolved a prepared key change");
+        resolved += 1;
+    }
+    Ok(resolved)
 }
 
 fn resolve_prepared_blocking(
@@ -996,26 +1166,14 @@ fn resolve_prepared_blocking(
     placements: &Placements,
     min_age: std::time::Duration,
 ) -> Result<usize, Error> {
-    use diesel::RunQueryDsl as _;
-    #[derive(diesel::QueryableByName)]
-    struct Prepared {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        gid: String,
-    }
     let mut main =
         hafen_store::connect::establish_sync(main_url).map_err(hafen_store::Error::from)?;
     let mut resolved = 0;
     for url in placements.values() {
         let mut placed =
             hafen_store::connect::establish_sync(url).map_err(hafen_store::Error::from)?;
-        let stale: Vec<Prepared> = diesel::sql_query(
-            "SELECT gid FROM pg_prepared_xacts \
-             WHERE database = current_database() AND gid LIKE 'hafen\\_provision\\_%' \
-             AND prepared <= now() - make_interval(secs => $1)",
-        )
-        .bind::<diesel::sql_types::Double, _>(min_age.as_secs_f64())
-        .load(&mut placed)?;
-        for Prepared { gid } in stale {
+        let stale = stale_prepared(&mut placed, "hafen\\_provision\\_%", min_age)?;
+        for gid in stale {
             let Some(tenant) = gid
                 .strip_prefix(PREPARED_PREFIX)
                 .and_then(TenantId::from_schema)

@@ -14,19 +14,12 @@ use hafen_tenant::backup::{self, BackupArgs, Manifest};
 use hafen_testkit::{TestStack, with_token};
 
 fn databases(stack: &TestStack) -> hafen_store::Databases {
-    hafen_store::Databases::new(&hafen_store::DatabasesArgs {
-        main: stack.db.args(),
-        placements: Vec::new(),
-    })
-    .unwrap()
+    hafen_store::Databases::new(&stack.db.databases()).unwrap()
 }
 
 fn args(stack: &TestStack, out: &Path) -> BackupArgs {
     BackupArgs {
-        databases: hafen_store::DatabasesArgs {
-            main: stack.db.args(),
-            placements: Vec::new(),
-        },
+        databases: stack.db.databases(),
         master_key_file: stack.secrets.master_key_file(),
         tenant: None,
         all: true,
@@ -223,10 +216,7 @@ async fn tm6_backup_all_backs_up_every_tenant_and_prunes_only_what_is_past_the_r
 
 fn restore_args(stack: &TestStack, manifest: &Path, replace: bool) -> backup::RestoreArgs {
     backup::RestoreArgs {
-        databases: hafen_store::DatabasesArgs {
-            main: stack.db.args(),
-            placements: Vec::new(),
-        },
+        databases: stack.db.databases(),
         redis: stack.secrets.redis_args(),
         master_key_file: stack.secrets.master_key_file(),
         manifest: manifest.to_owned(),
@@ -528,4 +518,108 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         0,
         "dropped again"
     );
+
+    // A control plane that lost a tenant's row gets it back from the backup, when the key
+    // store still holds the tenant's key; never a key from the backup.
+    let lost = stack.create_tenant("lost").await;
+    let lost_owner = stack.login_owner(&lost).await.access_token;
+    let notes = messaging
+        .create_conversation(with_token(
+            &lost_owner,
+            msg::CreateConversationRequest {
+                kind: msg::ConversationKind::Channel as i32,
+                title: "notes".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    messaging
+        .send_message(with_token(
+            &lost_owner,
+            msg::SendMessageRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                conversation_id: notes.clone(),
+                body: "kept through a lost control plane".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let lost_backup = backup::backup_one(
+        &databases(&stack),
+        &key,
+        Path::new("pg_dump"),
+        "lost",
+        out.path(),
+    )
+    .await
+    .unwrap();
+    let lost_id = uuid::Uuid::parse_str(&lost.id).unwrap();
+    {
+        use diesel_async::SimpleAsyncConnection as _;
+        stack
+            .db
+            .connect_admin()
+            .await
+            .batch_execute(&format!(
+                "DELETE FROM hafen.sessions WHERE tenant_id = '{lost_id}'; \
+                 DELETE FROM hafen.tenants WHERE id = '{lost_id}'"
+            ))
+            .await
+            .unwrap();
+    }
+    let (version, wrapped) = {
+        let mut keys = stack.db.keystore().connect().await;
+        hafen_store::keystore::tenant_key(&mut keys, lost_id)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let keystore = stack.db.keystore();
+    let keys_sql = |sql: String| async move {
+        use diesel_async::SimpleAsyncConnection as _;
+        keystore
+            .connect_admin()
+            .await
+            .batch_execute(&sql)
+            .await
+            .unwrap();
+    };
+    keys_sql(format!(
+        "DELETE FROM hafen_keys.tenant_keys WHERE tenant_id = '{lost_id}'"
+    ))
+    .await;
+    let path = manifest_path(out.path(), &lost_backup);
+    let refused = backup::restore(&restore_args(&stack, &path, true))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(refused.contains("restore the key store first"), "{refused}");
+    let hex: String = wrapped.iter().map(|b| format!("{b:02x}")).collect();
+    keys_sql(format!(
+        "INSERT INTO hafen_keys.tenant_keys (tenant_id, key_version, wrapped_key) \
+         VALUES ('{lost_id}', {version}, '\\x{hex}')"
+    ))
+    .await;
+    backup::restore(&restore_args(&stack, &path, true))
+        .await
+        .unwrap();
+    let lost_owner = stack.login_owner(&lost).await.access_token;
+    let listed = messaging
+        .list_messages(with_token(
+            &lost_owner,
+            msg::ListMessagesRequest {
+                conversation_id: notes,
+                page_size: 10,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(listed[0].body, "kept through a lost control plane");
 }

@@ -117,6 +117,15 @@ async fn control_rows(db: &TestDatabase, table: &str) -> i64 {
     .await
 }
 
+async fn key_rows(db: &TestDatabase, table: &str) -> i64 {
+    count(
+        &mut db.keystore().connect().await,
+        &format!("SELECT count(*) AS n FROM hafen_keys.{table} WHERE $1 = $1"),
+        "",
+    )
+    .await
+}
+
 fn reason(status: &tonic::Status) -> String {
     status::reason(status).unwrap_or_default()
 }
@@ -146,6 +155,7 @@ fn domain(
     Tenants::new(
         hafen_store::Databases::new(&config.databases).unwrap(),
         secrets.master_key(),
+        Some(secrets.master_key_file()),
         config.policy(),
         None,
     )
@@ -173,7 +183,7 @@ async fn dc2_create_tenant_provisions_schema_role_key_and_owner() {
     let tenant = tenant_id(&created);
     assert_eq!(schemas(&stack.db, &tenant.schema()).await, 1);
     assert_eq!(roles(&stack.db, &tenant.schema()).await, 1);
-    assert_eq!(control_rows(&stack.db, "tenant_keys").await, 1);
+    assert_eq!(key_rows(&stack.db, "tenant_keys").await, 1);
     assert_eq!(
         created.owner_chat_code.len(),
         10,
@@ -203,15 +213,18 @@ async fn dc2_create_tenant_provisions_schema_role_key_and_owner() {
         "no table in the tenant schema belongs to the login role"
     );
 
-    // The key is stored wrapped, and unwraps with the master key for this tenant only.
-    let wrapped = hafen_store::control::wrapped_key(&mut conn, tenant.as_uuid())
+    // The key is stored wrapped in the key store, under the master key's current version, and
+    // unwraps with the master key for this tenant only.
+    let mut keys = stack.db.keystore().connect().await;
+    let (version, wrapped) = hafen_store::keystore::tenant_key(&mut keys, tenant.as_uuid())
         .await
         .unwrap()
         .unwrap();
     let master = stack.secrets.master_key();
+    assert_eq!(version, master.current_version());
     let context = hafen_tenant::tenants::tenant_key_context(&tenant);
-    assert!(master.unwrap(&wrapped, &context).is_ok());
-    assert!(master.unwrap(&wrapped, b"another tenant").is_err());
+    assert!(master.unwrap(version, &wrapped, &context).is_ok());
+    assert!(master.unwrap(version, &wrapped, b"another tenant").is_err());
 
     // The owner account exists, with a bcrypt hash and the chat code stored only as a hash.
     let owner_rows = hafen_store::with_tenant(
@@ -304,11 +317,7 @@ async fn dc2_failure_after_schema_creation_leaves_nothing_behind() {
         // Roles are cluster-wide: look for this tenant's own.
         assert_eq!(roles(&db, &tenant.schema()).await, 0, "no role ({point:?})");
         assert_eq!(control_rows(&db, "tenants").await, 0, "no row ({point:?})");
-        assert_eq!(
-            control_rows(&db, "tenant_keys").await,
-            0,
-            "no key ({point:?})"
-        );
+        assert_eq!(key_rows(&db, "tenant_keys").await, 0, "no key ({point:?})");
     }
     tenants.set_fail_point(None);
     tenants
@@ -342,7 +351,7 @@ async fn dc2_fifty_tenants_provisioned_concurrently_get_distinct_schemas() {
     for id in &ids {
         assert_eq!(schemas(&stack.db, &id.schema()).await, 1);
     }
-    assert_eq!(control_rows(&stack.db, "tenant_keys").await, 50);
+    assert_eq!(key_rows(&stack.db, "tenant_keys").await, 50);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -401,14 +410,14 @@ async fn bx3_a_tenant_scope_cannot_read_another_tenant_or_run_unscoped() {
     // Inside a scope, the control plane is out of reach as well.
     let err = hafen_store::with_tenant(&pool, &a, |conn| {
         Box::pin(async move {
-            diesel::sql_query("SELECT count(*) AS n FROM hafen.tenant_keys")
+            diesel::sql_query("SELECT count(*) AS n FROM hafen.tenants")
                 .get_result::<Count>(conn)
                 .await?;
             Ok::<_, hafen_store::Error>(())
         })
     })
     .await
-    .expect_err("tenant scope reading wrapped keys");
+    .expect_err("tenant scope reading the control plane");
     assert!(err.to_string().contains("permission denied"), "{err}");
 }
 
@@ -518,16 +527,16 @@ async fn gr3_deletion_leaves_no_schema_role_or_key_and_logs_once() {
 
     assert_eq!(schemas(&stack.db, &tenant.schema()).await, 0);
     assert_eq!(roles(&stack.db, &tenant.schema()).await, 0);
-    let mut conn = stack.db.connect().await;
+    let mut conn = stack.db.keystore().connect().await;
     assert!(
-        hafen_store::control::wrapped_key(&mut conn, tenant.as_uuid())
+        hafen_store::keystore::tenant_key(&mut conn, tenant.as_uuid())
             .await
             .unwrap()
             .is_none(),
         "the tenant key is destroyed"
     );
     assert_eq!(
-        hafen_store::control::deletion_log_entries(&mut conn, tenant.as_uuid())
+        hafen_store::keystore::deletion_log_entries(&mut conn, tenant.as_uuid())
             .await
             .unwrap(),
         1
@@ -563,7 +572,7 @@ async fn gr3_deletion_leaves_no_schema_role_or_key_and_logs_once() {
         .unwrap_err();
     assert_eq!(again.code(), Code::NotFound);
     assert_eq!(
-        hafen_store::control::deletion_log_entries(&mut conn, tenant.as_uuid())
+        hafen_store::keystore::deletion_log_entries(&mut conn, tenant.as_uuid())
             .await
             .unwrap(),
         1,
@@ -610,17 +619,27 @@ async fn dc2_migrate_all_upgrades_an_old_tenant_and_is_a_no_op_the_second_time()
         concurrency: 2,
         progress: false,
     };
-    let first = hafen_tenant::migrate::migrate_all(stack.db.url(), &Default::default(), &options)
-        .await
-        .unwrap();
+    let first = hafen_tenant::migrate::migrate_all(
+        stack.db.url(),
+        Some(stack.db.keystore().url()),
+        &Default::default(),
+        &options,
+    )
+    .await
+    .unwrap();
     assert_eq!(first.tenants, 2);
     assert_eq!(first.upgraded, 1, "the old tenant is brought up to date");
     assert_eq!(first.current, 1, "the current one is left alone");
     assert!(first.failed.is_empty());
 
-    let second = hafen_tenant::migrate::migrate_all(stack.db.url(), &Default::default(), &options)
-        .await
-        .unwrap();
+    let second = hafen_tenant::migrate::migrate_all(
+        stack.db.url(),
+        Some(stack.db.keystore().url()),
+        &Default::default(),
+        &options,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (second.upgraded, second.current),
         (0, 2),
@@ -995,12 +1014,108 @@ async fn tm3_provisioning_interrupted_between_the_two_commits_is_resolved() {
         .await
         .unwrap();
 
-    let placements = [("second".to_owned(), second.url().to_owned())].into();
-    let resolved =
-        hafen_tenant::tenants::resolve_prepared(db.url(), &placements, std::time::Duration::ZERO)
+    // In the key store: the committed tenant's key, prepared; the orphan's, prepared; and the
+    // destruction of a deleted tenant's keys and of a live one's (its deletion failed).
+    let deleted = TenantId::generate();
+    let live = TenantId::generate();
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO hafen.tenants (id, slug, display_name, status, region, dpa_version, \
+             dpa_accepted_at, dpa_accepted_by, database_name, deleted_at) VALUES \
+             ('{}', NULL, NULL, 'deleted', 'eu-central', '2025-01', now(), '{}', 'default', now()), \
+             ('{}', 'live', 'Live', 'active', 'eu-central', '2025-01', now(), '{}', 'default', NULL)",
+            deleted.as_uuid(),
+            uuid::Uuid::now_v7(),
+            live.as_uuid(),
+            uuid::Uuid::now_v7()
+        ))
+        .await
+        .unwrap();
+    let keystore = db.keystore();
+    for tenant in [committed, orphan, deleted, live] {
+        keystore
+            .connect()
+            .await
+            .batch_execute(&format!(
+                "INSERT INTO hafen_keys.tenant_keys (tenant_id, key_version, wrapped_key) \
+                 VALUES ('{}', 1, '\\x00')",
+                tenant.as_uuid()
+            ))
             .await
             .unwrap();
-    assert_eq!(resolved, 2);
+    }
+    for (tenant, statement, gid) in [
+        (
+            committed,
+            "INSERT INTO hafen_keys.user_keys (tenant_id, user_id, wrapped_key) VALUES ('{t}', '{t}', '\\x00')",
+            "provision",
+        ),
+        (
+            orphan,
+            "INSERT INTO hafen_keys.user_keys (tenant_id, user_id, wrapped_key) VALUES ('{t}', '{t}', '\\x00')",
+            "provision",
+        ),
+        (
+            deleted,
+            "DELETE FROM hafen_keys.tenant_keys WHERE tenant_id = '{t}'",
+            "delete",
+        ),
+        (
+            live,
+            "DELETE FROM hafen_keys.tenant_keys WHERE tenant_id = '{t}'",
+            "delete",
+        ),
+    ] {
+        let statement = statement.replace("{t}", &tenant.as_uuid().to_string());
+        keystore
+            .connect()
+            .await
+            .batch_execute(&format!(
+                "BEGIN; {statement}; PREPARE TRANSACTION 'hafen_keys_{gid}_{}';",
+                tenant.schema()
+            ))
+            .await
+            .unwrap();
+    }
+
+    let placements = [("second".to_owned(), second.url().to_owned())].into();
+    let resolved = hafen_tenant::tenants::resolve_prepared(
+        db.url(),
+        keystore.url(),
+        &placements,
+        std::time::Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resolved, 6);
+    let mut keys = keystore.connect().await;
+    let user_keys = |tenant: TenantId| {
+        format!(
+            "SELECT count(*) AS n FROM hafen_keys.user_keys WHERE tenant_id = '{}' AND $1 = $1",
+            tenant.as_uuid()
+        )
+    };
+    assert_eq!(
+        count(&mut keys, &user_keys(committed), "").await,
+        1,
+        "committed: its row exists"
+    );
+    assert_eq!(
+        count(&mut keys, &user_keys(orphan), "").await,
+        0,
+        "rolled back: no row"
+    );
+    for (tenant, left) in [(deleted, 0), (live, 1)] {
+        assert!(
+            hafen_store::keystore::tenant_key(&mut keys, tenant.as_uuid())
+                .await
+                .unwrap()
+                .is_some()
+                == (left == 1),
+            "a deleted tenant's keys go, a live one's stay"
+        );
+    }
     assert_eq!(
         schemas(&second, &committed.schema()).await,
         1,

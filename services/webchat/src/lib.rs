@@ -81,8 +81,10 @@ pub struct Config {
     #[command(flatten)]
     pub limits: limits::LimitArgs,
 
-    /// File with the master key (base64 of 32 random bytes) that wraps tenant keys, which
-    /// wrap the visitors' keys that encrypt what visitors give.
+    /// File with the master key that wraps tenant keys, which wrap the visitors' keys that
+    /// encrypt what visitors give: base64 of 32 random bytes, or the versioned form
+    /// `hafen-tenant rotate-master-key` writes. Read again when a tenant key names a version
+    /// it lacks.
     #[arg(long, env = "HAFEN_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
 
@@ -168,8 +170,7 @@ where
         Some(dir) => files::WidgetFiles::load(dir)?,
         None => files::WidgetFiles::default(),
     };
-    let pending =
-        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -201,7 +202,12 @@ where
         ),
     )
     .await;
-    let keys = KeyRing::new(databases.clone(), master.clone(), config.key_cache_size);
+    let keys = KeyRing::reloading(
+        databases.clone(),
+        master.clone(),
+        config.master_key_file.clone(),
+        config.key_cache_size,
+    );
     keys.follow(revocations.tenant_deletions());
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;

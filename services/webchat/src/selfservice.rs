@@ -200,7 +200,7 @@ impl Service {
         })
         .await?;
         {
-            let mut conn = self.databases.main_connection().await?;
+            let mut conn = self.databases.keystore_connection().await?;
             hafen_store::erasure::destroy_key(
                 &mut conn,
                 hafen_store::erasure::Subject::Visitor,

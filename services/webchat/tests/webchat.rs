@@ -243,7 +243,12 @@ impl Setup {
             n: i64,
         }
         let schema = format!("t_{}", self.tenant.id.replace('-', ""));
-        let mut conn = self.stack.db.connect_admin().await;
+        // Keys and the deletion log are in the key store, a database of its own.
+        let mut conn = if statement.contains("hafen_keys.") {
+            self.stack.db.keystore().connect_admin().await
+        } else {
+            self.stack.db.connect_admin().await
+        };
         diesel::sql_query(statement.replace("{schema}", &schema))
             .get_result::<Count>(&mut conn)
             .await
@@ -1271,7 +1276,7 @@ async fn cb9_a_visitor_gets_corrects_exports_and_deletes_their_data() {
         .unwrap();
     let keys = s
         .count(&format!(
-            "SELECT count(*) AS n FROM hafen.user_keys WHERE user_id = '{}'",
+            "SELECT count(*) AS n FROM hafen_keys.user_keys WHERE user_id = '{}'",
             visit.visit_id
         ))
         .await;
@@ -1281,7 +1286,7 @@ async fn cb9_a_visitor_gets_corrects_exports_and_deletes_their_data() {
     );
     assert_eq!(
         s.count(&format!(
-            "SELECT count(*) AS n FROM hafen.deletion_log \
+            "SELECT count(*) AS n FROM hafen_keys.deletion_log \
              WHERE kind = 'visitor' AND user_id = '{}'",
             visit.visit_id
         ))
@@ -1484,7 +1489,7 @@ async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors
         .into_inner();
     let keys_of = |visit: &pb::StartVisitResponse| {
         format!(
-            "SELECT count(*) AS n FROM hafen.user_keys WHERE user_id = '{}'",
+            "SELECT count(*) AS n FROM hafen_keys.user_keys WHERE user_id = '{}'",
             visit.visit_id
         )
     };
@@ -1562,7 +1567,7 @@ async fn cb5_expired_visits_and_old_consent_answers_are_purged_with_the_visitors
     );
     assert_eq!(
         s.count(&format!(
-            "SELECT count(*) AS n FROM hafen.deletion_log \
+            "SELECT count(*) AS n FROM hafen_keys.deletion_log \
              WHERE kind = 'visitor' AND user_id = '{}'",
             old.visit_id
         ))
@@ -2030,7 +2035,7 @@ async fn cb2_no_chat_without_consent_where_required_and_a_legal_hold_stops_delet
     );
     assert_eq!(
         s.count(&format!(
-            "SELECT count(*) AS n FROM hafen.user_keys WHERE user_id = '{}'",
+            "SELECT count(*) AS n FROM hafen_keys.user_keys WHERE user_id = '{}'",
             visit.visit_id
         ))
         .await,

@@ -115,6 +115,7 @@ impl DevStack {
             .arg(tmp.path().join("demo.txt"))
             .args(extra)
             .env("HAFEN_DATABASE_URL", db.url())
+            .env("HAFEN_KEYSTORE_URL", db.keystore().url())
             .env("HAFEN_REDIS_URL", redis.url())
             .envs(
                 redis

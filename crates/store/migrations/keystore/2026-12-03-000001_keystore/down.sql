@@ -1,0 +1,3 @@
+DROP TABLE deletion_log;
+DROP TABLE user_keys;
+DROP TABLE tenant_keys;
