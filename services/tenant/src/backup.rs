@@ -14,8 +14,9 @@
 //!
 //! The key is derived from the master key for backups alone; the backup holds no key at all:
 //! the tenant's and its users' keys stay in the key store ([`hafen_store::keystore`]), so a
-//! user erased after the backup stays unreadable in it. Memory does not grow with the tenant: the dump is read,
-//! sealed and written a piece at a time.
+//! user erased after the backup stays unreadable in it. Memory does not grow with the tenant:
+//! the dump is read, sealed and written a piece at a time, and a restore opens it and feeds
+//! `pg_restore` a piece at a time ([`Reader`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -364,51 +365,136 @@ fn read_piece(from: &mut impl std::io::Read) -> std::io::Result<Vec<u8>> {
     Ok(piece)
 }
 
-/// Checks the backup of `manifest` (in `dir`) against its checksum and opens it with `key`.
-/// A changed byte, a missing or moved record, or another key: an error, never a wrong dump.
+/// Checks the backup of `manifest` (in `dir`) against its checksum and opens it with `key`,
+/// whole, in memory ([`Reader`] reads one a piece at a time). A changed byte, a missing or
+/// moved record, or another key: an error, never a wrong dump.
 pub fn open(dir: &Path, manifest: &Manifest, key: &DataKey) -> Result<Opened, Error> {
-    let bad = |why: &str| Error::Config(format!("backup {}: {why}", manifest.backup_id));
-    let bytes = std::fs::read(dir.join(&manifest.file)).map_err(|err| bad(&err.to_string()))?;
-    if hex::encode(Sha256::digest(&bytes)) != manifest.sha256 {
-        return Err(bad("its checksum does not match the manifest"));
-    }
-    let rest = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or_else(|| bad("not a Hafen backup"))?;
-    let (id, mut rest) = rest.split_at_checked(16).ok_or_else(|| bad("cut off"))?;
-    if id != manifest.backup_id.as_bytes() {
-        return Err(bad("another backup's file"));
-    }
-    let mut records = Vec::new();
-    while !rest.is_empty() {
-        let (len, tail) = rest.split_at_checked(4).ok_or_else(|| bad("cut off"))?;
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let (sealed, tail) = tail.split_at_checked(len).ok_or_else(|| bad("cut off"))?;
-        records.push(sealed);
-        rest = tail;
-    }
-    let count = records.len();
-    let mut control = None;
+    let (control, mut reader) = Reader::open(dir, manifest, key)?;
     let mut dump = Vec::new();
-    for (i, sealed) in records.into_iter().enumerate() {
-        let last = i + 1 == count && i > 0;
-        let plain = key
+    while let Some(piece) = reader.next_piece()? {
+        dump.extend_from_slice(&piece);
+    }
+    Ok(Opened { control, dump })
+}
+
+/// A backup file read a record at a time, so memory does not grow with the tenant: the file's
+/// SHA-256 is checked against the manifest in a first pass, then each record is opened as it
+/// is read. A record that does not open, or a file that ends before its last record, is an
+/// error at that record.
+pub struct Reader {
+    file: std::io::BufReader<std::fs::File>,
+    key: DataKey,
+    tenant: Uuid,
+    backup: Uuid,
+    record: u64,
+    done: bool,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("backup", &self.backup)
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The largest sealed record a backup holds: a piece, its nonce, tag and format byte.
+const MAX_RECORD: usize = PIECE + 64;
+
+impl Reader {
+    /// Checks the file against `manifest` and reads its first record, the tenant's
+    /// control-plane row; the dump follows from [`Reader::next_piece`].
+    pub fn open(
+        dir: &Path,
+        manifest: &Manifest,
+        key: &DataKey,
+    ) -> Result<(serde_json::Value, Self), Error> {
+        use std::io::{Read as _, Seek as _};
+        let bad = |why: &str| Error::Config(format!("backup {}: {why}", manifest.backup_id));
+        let mut file =
+            std::fs::File::open(dir.join(&manifest.file)).map_err(|err| bad(&err.to_string()))?;
+        let mut hash = Sha256::new();
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            let n = file
+                .read(&mut buffer)
+                .map_err(|err| bad(&err.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buffer[..n]);
+        }
+        if hex::encode(hash.finalize()) != manifest.sha256 {
+            return Err(bad("its checksum does not match the manifest"));
+        }
+        file.rewind().map_err(|err| bad(&err.to_string()))?;
+        let mut file = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut head = [0u8; 24];
+        file.read_exact(&mut head)
+            .map_err(|_| bad("not a Hafen backup"))?;
+        if &head[..8] != MAGIC.as_slice() {
+            return Err(bad("not a Hafen backup"));
+        }
+        if &head[8..] != manifest.backup_id.as_bytes().as_slice() {
+            return Err(bad("another backup's file"));
+        }
+        let mut reader = Self {
+            file,
+            key: DataKey::from_bytes(*key.expose()),
+            tenant: manifest.tenant_id,
+            backup: manifest.backup_id,
+            record: 0,
+            done: false,
+        };
+        let control = reader.next_record()?.ok_or_else(|| bad("empty"))?;
+        let control =
+            serde_json::from_slice(&control).map_err(|_| bad("its control-plane part"))?;
+        if reader.done {
+            return Err(bad("empty"));
+        }
+        Ok((control, reader))
+    }
+
+    /// The next piece of the `pg_dump` archive, `None` after the last.
+    pub fn next_piece(&mut self) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Error> {
+        self.next_record()
+    }
+
+    fn next_record(&mut self) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Error> {
+        use std::io::{BufRead as _, Read as _};
+        let bad = |why: &str| Error::Config(format!("backup {}: {why}", self.backup));
+        if self.done {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        self.file.read_exact(&mut len).map_err(|_| bad("cut off"))?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_RECORD {
+            return Err(bad("cut off"));
+        }
+        let mut sealed = vec![0u8; len];
+        self.file
+            .read_exact(&mut sealed)
+            .map_err(|_| bad("cut off"))?;
+        let at_end = self
+            .file
+            .fill_buf()
+            .map_err(|err| bad(&err.to_string()))?
+            .is_empty();
+        // Record 0, the control-plane row, is never the last: a dump follows it.
+        let last = at_end && self.record > 0;
+        let plain = self
+            .key
             .open(
-                &associated(manifest.tenant_id, manifest.backup_id, i as u64, last),
-                sealed,
+                &associated(self.tenant, self.backup, self.record, last),
+                &sealed,
             )
             .map_err(|_| bad("does not open with this key, or was changed"))?;
-        if i == 0 {
-            control =
-                Some(serde_json::from_slice(&plain).map_err(|_| bad("its control-plane part"))?);
-        } else {
-            dump.extend_from_slice(&plain);
-        }
+        self.record += 1;
+        self.done = at_end;
+        Ok(Some(plain))
     }
-    Ok(Opened {
-        control: control.ok_or_else(|| bad("empty"))?,
-        dump,
-    })
 }
 
 /// The manifests of the backups of `tenant` in `out`, oldest first.
@@ -609,13 +695,13 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let key = backup_key(&MasterKey::load(&args.master_key_file)?);
-    let opened = open(&dir, &manifest, &key)?;
+    let (control, reader) = Reader::open(&dir, &manifest, &key)?;
     let databases = Databases::new(&args.databases)?;
     let row = {
         let mut conn = databases.main_connection().await?;
         match hafen_store::control::find(&mut conn, manifest.tenant_id).await? {
             Some(row) => row,
-            None => recreate_row(&databases, &manifest, &opened.control).await?,
+            None => recreate_row(&databases, &manifest, &control).await?,
         }
     };
     let live = row.status == hafen_store::control::status::ACTIVE;
@@ -631,7 +717,7 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
         pg_restore: args.pg_restore.clone(),
         url,
         tenant: TenantId::from(manifest.tenant_id),
-        dump: opened.dump,
+        dump: reader,
         replace: args.replace,
         live,
     };
@@ -731,13 +817,13 @@ struct Load {
     pg_restore: PathBuf,
     url: String,
     tenant: TenantId,
-    dump: Vec<u8>,
+    dump: Reader,
     replace: bool,
     live: bool,
 }
 
 impl Load {
-    fn run(self) -> Result<Vec<String>, Error> {
+    fn run(mut self) -> Result<Vec<String>, Error> {
         use diesel::connection::SimpleConnection as _;
         #[derive(diesel::QueryableByName)]
         struct Found {
@@ -805,9 +891,10 @@ impl Load {
         )?)
     }
 
-    /// pg_restore of the dump, given on its standard input, as the tenant's role `name`, in
-    /// one transaction that any error rolls back.
-    fn pg_restore(&self, name: &str) -> Result<(), Error> {
+    /// pg_restore of the dump, given on its standard input a piece at a time as it is opened,
+    /// as the tenant's role `name`, in one transaction that any error rolls back (a piece that
+    /// does not open kills pg_restore before it can commit).
+    fn pg_restore(&mut self, name: &str) -> Result<(), Error> {
         use std::io::Write as _;
         let program =
             |err: std::io::Error| Error::Config(format!("{}: {err}", self.pg_restore.display()));
@@ -828,7 +915,23 @@ impl Load {
             .take()
             .ok_or_else(|| Error::Config("no pg_restore input".into()))?;
         // A pg_restore that stops early closes its input: what it says is the error.
-        let fed = stdin.write_all(&self.dump);
+        let mut fed = Ok(());
+        loop {
+            match self.dump.next_piece() {
+                Ok(Some(piece)) => {
+                    if let Err(err) = stdin.write_all(&piece) {
+                        fed = Err(Error::Config(err.to_string()));
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(err);
+                }
+            }
+        }
         drop(stdin);
         let output = child.wait_with_output().map_err(program)?;
         if !output.status.success() || fed.is_err() {
