@@ -689,3 +689,103 @@ async fn cb9_a_user_asks_for_their_own_erasure_at_once_or_after_the_grace_period
         "cancelled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cb9_a_prolific_users_messages_show_erased_at_once_and_become_tombstones_in_the_background()
+{
+    use diesel_async::SimpleAsyncConnection as _;
+    let stack = TestStack::start().await;
+    let tenant = stack.create_tenant("prolific").await;
+    let owner = stack.login_owner(&tenant).await.access_token;
+    let (mara, mara_session) = stack
+        .create_logged_in_member(&tenant, &owner, "mara", "mara password 1")
+        .await;
+    let conversation = stack
+        .messaging_client()
+        .await
+        .create_conversation(with_token(
+            &owner,
+            pb::CreateConversationRequest {
+                kind: pb::ConversationKind::Group as i32,
+                title: "Busy".into(),
+                member_user_ids: vec![mara.user_id.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    send(
+        &stack,
+        &mara_session.access_token,
+        &conversation,
+        "the first",
+    )
+    .await;
+    // More than an erasure makes tombstones before it answers, written directly (their
+    // ciphertext is never opened: it is read only after her key is gone).
+    let schema = format!("t_{}", Uuid::parse_str(&tenant.id).unwrap().simple());
+    stack
+        .db
+        .connect_admin()
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO {schema}.messages (id, conversation_id, sequence, sender_id, ciphertext, \
+                 masked, created_at, event_id)
+                 SELECT gen_random_uuid(), '{conversation}', 1 + g, '{mara}', \
+                        decode(repeat('a5', 64), 'hex'), false, now(), \
+                        (SELECT last_id FROM {schema}.event_counter) + g
+                 FROM generate_series(1, 1199) g;
+             UPDATE {schema}.conversations SET last_sequence = 1200 WHERE id = '{conversation}';
+             UPDATE {schema}.event_counter SET last_id = last_id + 1199;
+             COMMIT;",
+            mara = mara.user_id
+        ))
+        .await
+        .unwrap();
+
+    let erased = erase(&stack, &owner, &mara.user_id).await.unwrap();
+    assert_eq!(erased.state, auth_pb::UserState::Erased as i32);
+    assert!(erased.erasure_due_time.is_none(), "{erased:?}");
+    // At once, whether a tombstone yet or not: no body, and shown as erased.
+    let shown = messages(&stack, &owner, &conversation).await;
+    assert_eq!(shown.len(), 100);
+    assert!(
+        shown.iter().all(|m| m.sender_erased && m.body.is_empty()),
+        "{shown:?}"
+    );
+    // The rest become tombstones in the background; then the erasure request goes.
+    let left = "SELECT count(*) AS n FROM {schema}.messages WHERE $1 = $1 AND sender_id = $2 \
+                AND (ciphertext IS NOT NULL OR NOT erased OR deleted_at IS NULL)";
+    eventually(
+        "every message of hers a tombstone",
+        Duration::from_secs(60),
+        || async { (count(&stack, left, &tenant, &mara.user_id).await == 0).then_some(()) },
+    )
+    .await;
+    eventually(
+        "her erasure request ended",
+        Duration::from_secs(10),
+        || async {
+            (count(
+                &stack,
+                "SELECT count(*) AS n FROM hafen.erasure_requests \
+                 WHERE tenant_id = $1 AND user_id = $2",
+                &tenant,
+                &mara.user_id,
+            )
+            .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let shown = messages(&stack, &owner, &conversation).await;
+    assert!(
+        shown
+            .iter()
+            .all(|m| m.sender_erased && m.delete_time.is_some())
+    );
+}

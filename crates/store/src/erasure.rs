@@ -1,20 +1,21 @@
 //! Erasure of a user (GDPR Art. 17, BX1, GR4): what AuthService.EraseUser does, and what the
 //! deletion-log replay does again after a restore brought an erased user's rows back.
 //!
-//! Two parts, in this order, each leaving nothing the next must undo:
+//! In this order, each step leaving nothing the next must undo:
 //!
 //! 1. [`destroy_key`], in the key store: the user's data key is deleted and the erasure
 //!    written to the deletion log, in one transaction. From then on nothing sealed under the
 //!    key (their messages, here and in every backup) can be read, and [`crate::keyring`]
-//!    never makes them a new key.
-//! 2. [`erase_messages`], in the tenant's schema, in batches: their messages become
-//!    tombstones (body gone, `erased`; each live one a `message_deleted` event, so streams
-//!    show it gone).
-//! 3. [`erase_account`], in one transaction: their memberships end (a `membership_changed`
-//!    event each), their chat codes are deleted, and their account is pseudonymised: username
-//!    freed, display name replaced, password and second factor deleted, status `erased`.
-//!    Rows stay because conversations and messages refer to them by id; nothing personal
-//!    stays in them.
+//!    never makes them a new key: the erasure is in effect.
+//! 2. [`end_memberships`] and [`erase_account`] ([`erase_account_rows`]): their memberships
+//!    end (a `membership_changed` event each), their chat codes are deleted, and their account
+//!    is pseudonymised: username freed, display name replaced, password and second factor
+//!    deleted, status `erased`. Rows stay because conversations and messages refer to them by
+//!    id; nothing personal stays in them.
+//! 3. [`erase_messages`] / [`erase_messages_paced`], in the tenant's schema, in batches: their
+//!    messages become tombstones (ciphertext gone, `erased`; each live one a `message_deleted`
+//!    event, so streams show it gone). Until then their ciphertext is unreadable already;
+//!    readers show such a message as erased.
 //!
 //! Each is idempotent, so an erasure that stopped midway is completed by running it again.
 
@@ -142,6 +143,48 @@ pub async fn remains(
 /// whole erasure.
 pub const MESSAGE_BATCH: usize = 200;
 
+/// Messages made tombstones per transaction by [`erase_messages_paced`]: small, so a send that
+/// waits for one (they share the event counter) waits briefly.
+pub const PACED_BATCH: usize = 25;
+
+/// The ids of `user`'s messages that are not tombstones yet, in the caller's tenant scope.
+pub async fn pending_messages(
+    conn: &mut AsyncPgConnection,
+    user: Uuid,
+) -> Result<Vec<Uuid>, diesel::result::Error> {
+    use crate::schema::messages;
+    messages::table
+        .filter(messages::sender_id.eq(user))
+        .filter(messages::erased.eq(false))
+        .select(messages::id)
+        .load(conn)
+        .await
+}
+
+/// Makes the messages `ids` tombstones as [`erase_messages`] does, [`PACED_BATCH`] at a time,
+/// resting `rest` times as long as each batch took before the next: the erasure of a prolific
+/// user then takes a bounded share of the database, and live sends keep their latency. Returns
+/// how many became tombstones.
+pub async fn erase_messages_paced(
+    pool: &crate::Pool,
+    tenant: &crate::TenantId,
+    ids: &[Uuid],
+    at: DateTime<Utc>,
+    rest: f64,
+) -> Result<u64, crate::Error> {
+    let mut erased = 0;
+    for batch in ids.chunks(PACED_BATCH) {
+        let started = std::time::Instant::now();
+        let batch = batch.to_vec();
+        erased += crate::with_tenant(pool, tenant, move |conn| {
+            Box::pin(async move { erase_message_batch(conn, &batch, at).await })
+        })
+        .await?;
+        tokio::time::sleep(started.elapsed().mul_f64(rest)).await;
+    }
+    Ok(erased)
+}
+
 /// Makes every message of `user` that is not erased yet a tombstone (body gone, `erased`),
 /// with a `message_deleted` event for each that was not deleted before, in transactions of
 /// [`MESSAGE_BATCH`] messages on connections of `pool` scoped to `tenant`. Returns how many.
@@ -152,18 +195,8 @@ pub async fn erase_messages(
     user: Uuid,
     at: DateTime<Utc>,
 ) -> Result<u64, crate::Error> {
-    use crate::schema::messages;
     let ids: Vec<Uuid> = crate::with_tenant(pool, tenant, move |conn| {
-        Box::pin(async move {
-            Ok::<_, crate::Error>(
-                messages::table
-                    .filter(messages::sender_id.eq(user))
-                    .filter(messages::erased.eq(false))
-                    .select(messages::id)
-                    .load(conn)
-                    .await?,
-            )
-        })
+        Box::pin(async move { Ok::<_, crate::Error>(pending_messages(conn, user).await?) })
     })
     .await?;
     let mut erased = 0;
@@ -296,9 +329,48 @@ pub async fn erase_account(
     Ok((u64::try_from(codes).unwrap_or(0), account == 1))
 }
 
-/// Steps 2 to 4 of an erasure (see the module comment) on `tenant`'s schema in `pool`:
-/// memberships, messages, account. `last` runs in the final transaction with what was
-/// erased (the caller's audit event).
+/// Step 2 of an erasure (see the module comment) on `tenant`'s schema in `pool`: memberships,
+/// then the account with its chat codes; `last` runs in the account's transaction with what
+/// was erased (`messages` is what the caller passes: the messages still to become tombstones).
+pub async fn erase_account_rows<F>(
+    pool: &crate::Pool,
+    tenant: &crate::TenantId,
+    user: Uuid,
+    at: DateTime<Utc>,
+    messages: u64,
+    last: F,
+) -> Result<ErasedRows, crate::Error>
+where
+    F: for<'c> FnOnce(
+            &'c mut AsyncPgConnection,
+            ErasedRows,
+        ) -> futures::future::BoxFuture<'c, Result<(), crate::Error>>
+        + Send
+        + 'static,
+{
+    let memberships = crate::with_tenant(pool, tenant, move |conn| {
+        Box::pin(async move { Ok::<_, crate::Error>(end_memberships(conn, user, at).await?) })
+    })
+    .await?;
+    crate::with_tenant(pool, tenant, move |conn| {
+        Box::pin(async move {
+            let (chat_codes, account) = erase_account(conn, user, at).await?;
+            let erased = ErasedRows {
+                messages,
+                memberships,
+                chat_codes,
+                account,
+            };
+            last(conn, erased).await?;
+            Ok(erased)
+        })
+    })
+    .await
+}
+
+/// Steps 2 and 3 of an erasure (see the module comment) on `tenant`'s schema in `pool`, at
+/// once: messages, memberships, account. `last` runs in the final transaction with what was
+/// erased.
 pub async fn erase_rows<F>(
     pool: &crate::Pool,
     tenant: &crate::TenantId,
@@ -314,23 +386,6 @@ where
         + Send
         + 'static,
 {
-    let memberships = crate::with_tenant(pool, tenant, move |conn| {
-        Box::pin(async move { Ok::<_, crate::Error>(end_memberships(conn, user, at).await?) })
-    })
-    .await?;
     let messages = erase_messages(pool, tenant, user, at).await?;
-    crate::with_tenant(pool, tenant, move |conn| {
-        Box::pin(async move {
-            let (chat_codes, account) = erase_account(conn, user, at).await?;
-            let erased = ErasedRows {
-                messages,
-                memberships,
-                chat_codes,
-                account,
-            };
-            last(conn, erased).await?;
-            Ok(erased)
-        })
-    })
-    .await
+    erase_account_rows(pool, tenant, user, at, messages, last).await
 }

@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     pub dummy_hash: String,
     /// Delivers the outbox to the audit service, once started.
     pub relay: std::sync::OnceLock<hafen_events::Relay>,
+    /// Erased users (tenant, user) whose messages this process is making tombstones.
+    pub tombstoning: std::sync::Mutex<std::collections::HashSet<(uuid::Uuid, uuid::Uuid)>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -96,6 +98,7 @@ impl Auth {
                 cpu,
                 dummy_hash,
                 relay: std::sync::OnceLock::new(),
+                tombstoning: std::sync::Mutex::default(),
             }),
         })
     }

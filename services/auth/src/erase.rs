@@ -29,6 +29,19 @@ const HELD_RETRY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 /// Most requests carried out in one sweep.
 const SWEEP_BATCH: i64 = 100;
 
+/// Messages of an erased user made tombstones before EraseUser answers; the rest follow in the
+/// background, paced (their ciphertext is unreadable from the start either way).
+pub const TOMBSTONES_AT_ONCE: usize = 1000;
+
+/// How long the background tombstoning rests after each batch, as a multiple of the batch's
+/// time: it takes at most a fifth of one database connection's time, so live sends keep
+/// their latency.
+const TOMBSTONE_REST: f64 = 4.0;
+
+/// How long another replica leaves an erasure whose tombstoning one replica runs before it
+/// takes it over (the first one stopped, say).
+const TOMBSTONE_LEASE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
 impl Auth {
     /// EraseUser: admins erase members, the owner erases admins and members.
     pub async fn erase_user(&self, caller: &Principal, id: Uuid) -> Result<UserRow, Error> {
@@ -121,7 +134,10 @@ impl Auth {
             .iter()
             .map(|row| {
                 let mut user = row.to_proto();
-                user.erasure_due_time = due.get(&row.id).map(|at| timestamp(*at));
+                // An erased user's request only marks tombstoning still under way.
+                if row.status != state::ERASED {
+                    user.erasure_due_time = due.get(&row.id).map(|at| timestamp(*at));
+                }
                 user
             })
             .collect())
@@ -200,23 +216,60 @@ impl Auth {
         let event = Event::new(Some(tenant), actor, "auth.user.erased").target("user", user);
         let id = TenantId::from(tenant);
         let pool = self.inner.databases.tenant_pool(&id).await?;
-        let erased = hafen_store::erasure::erase_rows(&pool, &id, user, at, move |conn, erased| {
+        let pending = hafen_store::with_tenant(&pool, &id, move |conn| {
             Box::pin(async move {
-                // Once, with the erasure that pseudonymised the account.
-                if erased.account {
-                    let event = event
-                        .attribute("messages", erased.messages)
-                        .attribute("memberships", erased.memberships)
-                        .attribute("chat_codes", erased.chat_codes);
-                    hafen_events::record(conn, &event).await?;
-                }
-                Ok(())
+                Ok::<_, Error>(hafen_store::erasure::pending_messages(conn, user).await?)
             })
         })
         .await?;
+        let (now_ids, later_ids) = pending.split_at(pending.len().min(TOMBSTONES_AT_ONCE));
+        hafen_store::erasure::erase_messages_paced(&pool, &id, now_ids, at, 0.0).await?;
+        if !later_ids.is_empty() {
+            // The request stays (due after the lease) until every message is a tombstone, so
+            // an erasure whose tombstoning stopped with this process is completed by a sweep.
+            let mut conn = self.control().await?;
+            diesel::insert_into(erasure_requests::table)
+                .values((
+                    erasure_requests::tenant_id.eq(tenant),
+                    erasure_requests::user_id.eq(user),
+                    erasure_requests::requested_at.eq(at),
+                    erasure_requests::due_at.eq(at + TOMBSTONE_LEASE),
+                ))
+                .on_conflict((erasure_requests::tenant_id, erasure_requests::user_id))
+                .do_update()
+                .set(erasure_requests::due_at.eq(at + TOMBSTONE_LEASE))
+                .execute(&mut conn)
+                .await?;
+        }
+        let messages = u64::try_from(pending.len()).unwrap_or(u64::MAX);
+        let erased = hafen_store::erasure::erase_account_rows(
+            &pool,
+            &id,
+            user,
+            at,
+            messages,
+            move |conn, erased| {
+                Box::pin(async move {
+                    // Once, with the erasure that pseudonymised the account.
+                    if erased.account {
+                        let event = event
+                            .attribute("messages", erased.messages)
+                            .attribute("memberships", erased.memberships)
+                            .attribute("chat_codes", erased.chat_codes);
+                        hafen_events::record(conn, &event).await?;
+                    }
+                    Ok(())
+                })
+            },
+        )
+        .await?;
         let row = self.any_user(tenant, user).await?;
         self.audited();
-        self.cancel_erasure(tenant, user).await?;
+        if later_ids.is_empty() {
+            self.cancel_erasure(tenant, user).await?;
+        } else {
+            self.tombstone_later(tenant, user, pool.clone(), later_ids.to_vec(), at);
+        }
         if erased.any()
             && let Some(redis) = &self.inner.redis
             && let Err(err) = redis.publish_events(tenant).await
@@ -232,6 +285,53 @@ impl Auth {
             "user erased"
         );
         Ok(row)
+    }
+
+    /// Makes `ids`, messages of the erased `user`, tombstones in the background, paced; then
+    /// ends their erasure request. Not twice at once in this process.
+    fn tombstone_later(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        pool: hafen_store::Pool,
+        ids: Vec<Uuid>,
+        at: DateTime<Utc>,
+    ) {
+        let running = self
+            .inner
+            .tombstoning
+            .lock()
+            .map(|mut set| !set.insert((tenant, user)))
+            .unwrap_or(true);
+        if running {
+            return;
+        }
+        let auth = self.clone();
+        tokio::spawn(async move {
+            let id = TenantId::from(tenant);
+            let done =
+                hafen_store::erasure::erase_messages_paced(&pool, &id, &ids, at, TOMBSTONE_REST)
+                    .await;
+            match done {
+                Ok(count) => {
+                    if let Err(err) = auth.cancel_erasure(tenant, user).await {
+                        tracing::warn!(tenant_id = %tenant, user_id = %user, error = %err, "erasure request not ended");
+                    }
+                    tracing::info!(tenant_id = %tenant, user_id = %user, messages = count, "erased user's messages are tombstones");
+                }
+                Err(err) => {
+                    tracing::warn!(tenant_id = %tenant, user_id = %user, error = %err, "tombstoning stopped; a sweep completes it");
+                }
+            }
+            if let Some(redis) = &auth.inner.redis
+                && let Err(err) = redis.publish_events(tenant).await
+            {
+                tracing::warn!(error = %err, "streams not woken after tombstoning");
+            }
+            if let Ok(mut set) = auth.inner.tombstoning.lock() {
+                set.remove(&(tenant, user));
+            }
+        });
     }
 
     /// Ends every session of `user` of `tenant`, everywhere.
@@ -273,6 +373,14 @@ impl Auth {
         let mut erased = 0;
         let mut first_error = None;
         for (tenant, user) in due {
+            let here = self
+                .inner
+                .tombstoning
+                .lock()
+                .is_ok_and(|set| set.contains(&(tenant, user)));
+            if here {
+                continue;
+            }
             match self.erase(tenant, user, Actor::Service(crate::NAME)).await {
                 Ok(_) => erased += 1,
                 Err(Error::LegalHold) => {

@@ -48,12 +48,22 @@ impl Bodies {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let body = match &row.ciphertext {
-                Some(sealed) => {
-                    let key = self.keys.user_key(tenant, row.sender_id).await?;
-                    let plain = key.open(&body_context(row.id, row.conversation_id), sealed)?;
-                    String::from_utf8(plain.to_vec())
-                        .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
-                }
+                Some(sealed) => match self.keys.user_key(tenant, row.sender_id).await {
+                    Ok(key) => {
+                        let plain = key.open(&body_context(row.id, row.conversation_id), sealed)?;
+                        String::from_utf8(plain.to_vec())
+                            .map_err(|_| Error::Bug("a stored body is not UTF-8"))?
+                    }
+                    // The sender was erased and the message is not a tombstone yet: its body
+                    // can never be read again; it shows as erased.
+                    Err(hafen_store::Error::KeyDestroyed) => {
+                        let mut view = row.view(String::new());
+                        view.erased = true;
+                        out.push(view);
+                        continue;
+                    }
+                    Err(err) => return Err(err.into()),
+                },
                 None => String::new(),
             };
             out.push(row.view(body));

@@ -536,11 +536,17 @@ where
             for message in &page {
                 let body = match &message.ciphertext {
                     Some(sealed) => {
-                        let key = keys.user_key(tenant.as_uuid(), message.sender_id).await?;
-                        let plain = key
-                            .open(&body_context(message.id, conversation.id), sealed)
-                            .map_err(hafen_store::Error::from)?;
-                        Some(String::from_utf8_lossy(&plain).into_owned())
+                        match keys.user_key(tenant.as_uuid(), message.sender_id).await {
+                            Ok(key) => {
+                                let plain = key
+                                    .open(&body_context(message.id, conversation.id), sealed)
+                                    .map_err(hafen_store::Error::from)?;
+                                Some(String::from_utf8_lossy(&plain).into_owned())
+                            }
+                            // The sender was erased; their message becomes a tombstone shortly.
+                            Err(hafen_store::Error::KeyDestroyed) => None,
+                            Err(err) => return Err(err.into()),
+                        }
                     }
                     None => None,
                 };
