@@ -174,3 +174,62 @@ pub async fn start_reporting(pool: Pool, facts: ServiceFacts) -> tokio::task::Jo
         }
     })
 }
+
+/// How recent a complete backup run must be for the record to state backups.
+pub const BACKUP_FRESH_FOR: chrono::TimeDelta = chrono::TimeDelta::hours(48);
+
+/// A `hafen-tenant backup --all` run: when it ended, how many organisations it backed up, how
+/// many failed, and how long backups are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRun {
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// Organisations backed up.
+    pub tenants: i32,
+    /// Organisations whose backup failed.
+    pub failed: i32,
+    /// Days backups are kept.
+    pub keep_days: i32,
+}
+
+/// Records a backup run.
+pub async fn record_backup_run(conn: &mut AsyncPgConnection, run: &BackupRun) -> QueryResult<()> {
+    use crate::schema::backup_runs;
+    diesel::insert_into(backup_runs::table)
+        .values((
+            backup_runs::id.eq(Uuid::now_v7()),
+            backup_runs::finished_at.eq(run.finished_at),
+            backup_runs::tenants.eq(run.tenants),
+            backup_runs::failed.eq(run.failed),
+            backup_runs::keep_days.eq(run.keep_days),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The newest backup run without failures that ended within [`BACKUP_FRESH_FOR`], if any.
+pub async fn last_complete_backup(conn: &mut AsyncPgConnection) -> QueryResult<Option<BackupRun>> {
+    use crate::schema::backup_runs;
+    let row: Option<(DateTime<Utc>, i32, i32, i32)> = backup_runs::table
+        .filter(backup_runs::failed.eq(0))
+        .filter(backup_runs::finished_at.gt(Utc::now() - BACKUP_FRESH_FOR))
+        .order(backup_runs::finished_at.desc())
+        .select((
+            backup_runs::finished_at,
+            backup_runs::tenants,
+            backup_runs::failed,
+            backup_runs::keep_days,
+        ))
+        .first(conn)
+        .await
+        .optional()?;
+    Ok(
+        row.map(|(finished_at, tenants, failed, keep_days)| BackupRun {
+            finished_at,
+            tenants,
+            failed,
+            keep_days,
+        }),
+    )
+}

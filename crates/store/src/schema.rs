@@ -348,6 +348,16 @@ diesel::allow_tables_to_appear_in_same_query!(
 );
 
 diesel::table! {
+    hafen.backup_runs (id) {
+        id -> Uuid,
+        finished_at -> Timestamptz,
+        tenants -> Int4,
+        failed -> Int4,
+        keep_days -> Int4,
+    }
+}
+
+diesel::table! {
     hafen_keys.tenant_keys (tenant_id) {
         tenant_id -> Uuid,
         key_version -> Int4,

@@ -68,6 +68,7 @@ async fn dc2_control_plane_migrations_run_once_on_real_postgres() {
             "audit_keys",
             "audit_signed_heads",
             "audit_unsigned_chains",
+            "backup_runs",
             "erasure_requests",
             "outbox",
             "service_facts",

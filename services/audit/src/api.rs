@@ -322,7 +322,8 @@ impl AuditService for AuditApi {
         };
         let now = hafen_store::now();
         let facts = self.log.service_facts().await?;
-        let built = record::build(&row, &self.record, &facts);
+        let backups = self.log.last_backup().await?;
+        let built = record::build(&row, &self.record, &facts, backups.as_ref());
         if operator {
             let event = Event::new(Some(tenant), Actor::Operator, "audit.record.generated")
                 .target("tenant", tenant);

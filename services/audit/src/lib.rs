@@ -94,7 +94,9 @@ pub struct RecordArgs {
     #[arg(long, env = "HAFEN_PROCESSOR_CONTACT", default_value = "")]
     pub processor_contact: String,
 
-    /// The backup policy in force, as the record states it (TM6).
+    /// The backup policy in force, as the record states it (TM6), with the time of the last
+    /// complete `hafen-tenant backup --all`, while one ran within 48 hours (otherwise the
+    /// record states no backups).
     #[arg(
         long,
         env = "HAFEN_BACKUP_POLICY",

@@ -203,6 +203,12 @@ impl AuditLog {
         Ok(hafen_store::facts::current(&mut conn).await?)
     }
 
+    /// The newest complete backup run that is recent enough to state, if any.
+    pub async fn last_backup(&self) -> Result<Option<hafen_store::facts::BackupRun>, Error> {
+        let mut conn = self.conn().await?;
+        Ok(hafen_store::facts::last_complete_backup(&mut conn).await?)
+    }
+
     /// The tenant row with `id`, whatever its status.
     pub async fn tenant(&self, id: Uuid) -> Result<Option<TenantRow>, Error> {
         let mut conn = self.conn().await?;

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, Utc};
 use hafen_store::control::TenantRow;
-use hafen_store::facts::{ServiceFacts, measure};
+use hafen_store::facts::{BackupRun, ServiceFacts, measure};
 use hafen_store::settings::{MAX_RETENTION_DAYS, Settings};
 use serde::Serialize;
 
@@ -161,7 +161,12 @@ pub struct Masking {
 /// Builds `tenant`'s record from its configuration. The record states only the
 /// configuration, so two records of an unchanged configuration are identical; the time of
 /// generation travels beside it.
-pub fn build(tenant: &TenantRow, processor: &RecordArgs, facts: &[ServiceFacts]) -> Record {
+pub fn build(
+    tenant: &TenantRow,
+    processor: &RecordArgs,
+    facts: &[ServiceFacts],
+    backups: Option<&BackupRun>,
+) -> Record {
     let settings = Settings::from_json(&tenant.settings);
     let reports = |measure: &str| {
         facts
@@ -318,7 +323,18 @@ pub fn build(tenant: &TenantRow, processor: &RecordArgs, facts: &[ServiceFacts])
                              bound to a device's chat code, short-lived and revocable; remote \
                              wipe of devices; back-off after failed logins"
                 .into(),
-            backups: processor.backup_policy.clone(),
+            backups: match backups {
+                Some(run) => format!(
+                    "{}; every organisation backed up by {} (UTC), encrypted (AES-256-GCM), \
+                     without keys, kept {} days",
+                    processor.backup_policy,
+                    run.finished_at.format("%Y-%m-%d %H:%M"),
+                    run.keep_days
+                ),
+                None => "Not stated: no complete backup of every organisation in the last 48 \
+                         hours"
+                    .into(),
+            },
             audit_log: if reports(measure::SIGNED_AUDIT_CHAIN) {
                 "Security-relevant actions and every operator access are recorded in a \
                  per-tenant hash chain (SHA-256) whose every head is signed (Ed25519); it can \
@@ -601,7 +617,7 @@ mod tests {
     #[test]
     fn gr7_the_record_states_only_measures_the_running_services_report() {
         let row = tenant(&Settings::default());
-        let all = build(&row, &args(), &running(true, "verify-full", true));
+        let all = build(&row, &args(), &running(true, "verify-full", true), None);
         let m = &all.technical_organisational_measures;
         assert!(
             m.transport_encryption.contains("PostgreSQL"),
@@ -619,7 +635,7 @@ mod tests {
         let mut erasing = running(true, "verify-full", true);
         erasing[0].measures.push(measure::USER_ERASURE.into());
         assert!(
-            build(&row, &args(), &erasing)
+            build(&row, &args(), &erasing, None)
                 .retention
                 .accounts
                 .contains("erasing a user"),
@@ -633,7 +649,7 @@ mod tests {
         );
         erasing[2].measures.push(measure::KEY_STORE_APART.into());
         assert!(
-            build(&row, &args(), &erasing)
+            build(&row, &args(), &erasing, None)
                 .technical_organisational_measures
                 .encryption_at_rest
                 .contains("key store apart"),
@@ -643,7 +659,7 @@ mod tests {
         // One service with a plaintext database link: no database TLS is claimed.
         let mut mixed = running(true, "verify-full", true);
         mixed[1].database_sslmode = "disable".into();
-        let record = build(&row, &args(), &mixed);
+        let record = build(&row, &args(), &mixed, None);
         let m = &record.technical_organisational_measures;
         assert!(
             !m.transport_encryption.contains("PostgreSQL"),
@@ -659,12 +675,25 @@ mod tests {
         );
 
         // Nothing reported: nothing claimed.
-        let none = build(&row, &args(), &[]);
+        let none = build(&row, &args(), &[], None);
         let m = &none.technical_organisational_measures;
         assert!(m.transport_encryption.starts_with("Not stated"));
         assert!(m.encryption_at_rest.starts_with("Not stated"));
         assert!(!m.mutual_tls_between_services);
         assert!(!none.retention.accounts.contains("destroys"));
+        assert!(m.backups.starts_with("Not stated"), "{}", m.backups);
+
+        // Backups are stated while a complete run of all organisations is recent.
+        let run = BackupRun {
+            finished_at: hafen_store::now(),
+            tenants: 3,
+            failed: 0,
+            keep_days: 42,
+        };
+        let backed_up = build(&row, &args(), &[], Some(&run));
+        let m = &backed_up.technical_organisational_measures;
+        assert!(m.backups.starts_with("nightly, 6 weeks;"), "{}", m.backups);
+        assert!(m.backups.contains("kept 42 days"), "{}", m.backups);
     }
 
     fn args() -> RecordArgs {
@@ -688,7 +717,17 @@ mod tests {
             replacement: String::new(),
         });
         let row = tenant(&settings);
-        let record = build(&row, &args(), &running(true, "verify-full", true));
+        let record = build(
+            &row,
+            &args(),
+            &running(true, "verify-full", true),
+            Some(&BackupRun {
+                finished_at: hafen_store::now(),
+                tenants: 1,
+                failed: 0,
+                keep_days: 42,
+            }),
+        );
         let json: serde_json::Value = serde_json::from_str(&record.to_json()).unwrap();
         let keys: Vec<&str> = json
             .as_object()
@@ -746,6 +785,7 @@ mod tests {
             &tenant(&settings),
             &args(),
             &running(false, "verify-full", true),
+            None,
         );
         assert!(record.purposes.iter().any(|p| p.contains("Website chat")));
         assert!(

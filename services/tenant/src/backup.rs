@@ -627,6 +627,18 @@ pub async fn run(args: &BackupArgs) -> Result<Report, Error> {
     }
     let keep = chrono::TimeDelta::from_std(args.keep).unwrap_or(chrono::TimeDelta::MAX);
     report.pruned = prune(&args.out, hafen_store::now() - keep)?;
+    // The Art. 30 record states backups while complete runs are recent.
+    let mut conn = databases.main_connection().await?;
+    hafen_store::facts::record_backup_run(
+        &mut conn,
+        &hafen_store::facts::BackupRun {
+            finished_at: hafen_store::now(),
+            tenants: i32::try_from(report.backed_up.len()).unwrap_or(i32::MAX),
+            failed: i32::try_from(report.failed.len()).unwrap_or(i32::MAX),
+            keep_days: i32::try_from(keep.num_days()).unwrap_or(i32::MAX),
+        },
+    )
+    .await?;
     Ok(report)
 }
 

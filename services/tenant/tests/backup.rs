@@ -178,8 +178,33 @@ async fn tm6_backup_all_backs_up_every_tenant_and_prunes_only_what_is_past_the_r
         old.push(aged);
     }
 
+    // The Art. 30 record states backups only once a complete run is recent.
+    let backups_stated = || async {
+        let record = stack
+            .audit_client()
+            .await
+            .get_processing_record(stack.secrets.operator(
+                hafen_proto::audit::v1::GetProcessingRecordRequest {
+                    tenant_id: first.id.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let record: serde_json::Value = serde_json::from_str(&record.json).unwrap();
+        record["technical_organisational_measures"]["backups"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = backups_stated().await;
+    assert!(before.starts_with("Not stated"), "{before}");
+
     let report = backup::run(&args(&stack, out.path())).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let after = backups_stated().await;
+    assert!(after.contains("every organisation backed up by"), "{after}");
+    assert!(after.contains("kept 42 days"), "{after}");
     let mut backed: Vec<String> = report
         .backed_up
         .iter()
