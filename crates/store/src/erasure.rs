@@ -143,6 +143,33 @@ pub async fn remains(
 /// whole erasure.
 pub const MESSAGE_BATCH: usize = 200;
 
+/// Makes the messages `ids` that a restore brought back (deleted before, by their sender or an
+/// admin, and in the deletion log) tombstones again, with a `message_deleted` event for each
+/// that was live, in the caller's tenant scope and transaction; returns how many. With
+/// `dry_run`, only counts.
+pub async fn delete_messages_again(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+    at: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<u64, crate::Error> {
+    if dry_run {
+        use crate::schema::messages;
+        let found: i64 = messages::table
+            .filter(messages::id.eq_any(ids))
+            .filter(
+                messages::ciphertext
+                    .is_not_null()
+                    .or(messages::deleted_at.is_null()),
+            )
+            .count()
+            .get_result(conn)
+            .await?;
+        return Ok(u64::try_from(found).unwrap_or(0));
+    }
+    tombstone_batch(conn, ids, at, false).await
+}
+
 /// Messages made tombstones per transaction by [`erase_messages_paced`]: small, so a send that
 /// waits for one (they share the event counter) waits briefly.
 pub const PACED_BATCH: usize = 25;
@@ -177,7 +204,7 @@ pub async fn erase_messages_paced(
         let started = std::time::Instant::now();
         let batch = batch.to_vec();
         erased += crate::with_tenant(pool, tenant, move |conn| {
-            Box::pin(async move { erase_message_batch(conn, &batch, at).await })
+            Box::pin(async move { tombstone_batch(conn, &batch, at, true).await })
         })
         .await?;
         tokio::time::sleep(started.elapsed().mul_f64(rest)).await;
@@ -203,19 +230,20 @@ pub async fn erase_messages(
     for batch in ids.chunks(MESSAGE_BATCH) {
         let batch = batch.to_vec();
         erased += crate::with_tenant(pool, tenant, move |conn| {
-            Box::pin(async move { erase_message_batch(conn, &batch, at).await })
+            Box::pin(async move { tombstone_batch(conn, &batch, at, true).await })
         })
         .await?;
     }
     Ok(erased)
 }
 
-/// One batch of [`erase_messages`], in the caller's transaction: the messages first, then
-/// (taking the event counter) their events.
-async fn erase_message_batch(
+/// One batch of [`erase_messages`] (`erased`) or of [`delete_messages_again`], in the caller's
+/// transaction: the messages first, then (taking the event counter) their events.
+async fn tombstone_batch(
     conn: &mut AsyncPgConnection,
     ids: &[Uuid],
     at: DateTime<Utc>,
+    erased: bool,
 ) -> Result<u64, crate::Error> {
     #[derive(QueryableByName)]
     struct Gone {
@@ -226,16 +254,22 @@ async fn erase_message_batch(
         #[diesel(sql_type = diesel::sql_types::Bool)]
         live: bool,
     }
+    // Erasing: every message not erased yet. Deleting again (after a restore): every message
+    // not a tombstone.
     let gone: Vec<Gone> = diesel::sql_query(
         "UPDATE messages m \
-         SET ciphertext = NULL, deleted_at = coalesce(m.deleted_at, $2), erased = true \
+         SET ciphertext = NULL, deleted_at = coalesce(m.deleted_at, $2), erased = m.erased OR $3 \
          FROM (SELECT id, deleted_at IS NULL AS live FROM messages \
-               WHERE id = ANY($1) AND NOT erased ORDER BY id FOR UPDATE) t \
+               WHERE id = ANY($1) \
+                 AND CASE WHEN $3 THEN NOT erased \
+                          ELSE ciphertext IS NOT NULL OR deleted_at IS NULL END \
+               ORDER BY id FOR UPDATE) t \
          WHERE m.id = t.id \
          RETURNING m.id, m.conversation_id, t.live",
     )
     .bind::<diesel::sql_types::Array<SqlUuid>, _>(ids)
     .bind::<Timestamptz, _>(at)
+    .bind::<diesel::sql_types::Bool, _>(erased)
     .load(conn)
     .await?;
     let live: Vec<&Gone> = gone.iter().filter(|g| g.live).collect();

@@ -1,4 +1,5 @@
-//! The key store (BX1, GR4): every data key, wrapped, and the deletion log, in the schema
+//! The key store (BX1, GR4): every data key, wrapped, and the deletion log (deleted tenants,
+//! erased users and visitors, deleted messages), in the schema
 //! `hafen_keys` of a database of its own (`--keystore-url`, see [`crate::Databases`]).
 //!
 //! No backup of tenant data or of the control plane holds a key: a key destroyed here stays
@@ -236,4 +237,27 @@ pub async fn destroy_user_keys(
         Ok(())
     })
     .await
+}
+
+/// Writes the deletion of `message` of `tenant` (CB4) to the deletion log, once, so the replay
+/// after a restore deletes it again.
+pub async fn log_message_deletion(
+    conn: &mut AsyncPgConnection,
+    tenant: Uuid,
+    message: Uuid,
+    at: DateTime<Utc>,
+) -> QueryResult<()> {
+    use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
+    diesel::sql_query(
+        "INSERT INTO hafen_keys.deletion_log (id, kind, tenant_id, message_id, deleted_at) \
+         VALUES ($1, 'message', $2, $3, $4) \
+         ON CONFLICT (message_id) WHERE kind = 'message' DO NOTHING",
+    )
+    .bind::<SqlUuid, _>(Uuid::now_v7())
+    .bind::<SqlUuid, _>(tenant)
+    .bind::<SqlUuid, _>(message)
+    .bind::<Timestamptz, _>(at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

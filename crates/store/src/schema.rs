@@ -383,5 +383,6 @@ diesel::table! {
         tenant_id -> Uuid,
         user_id -> Nullable<Uuid>,
         deleted_at -> Timestamptz,
+        message_id -> Nullable<Uuid>,
     }
 }

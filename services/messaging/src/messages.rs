@@ -148,7 +148,11 @@ impl Messaging {
                 "only the sender or an admin deletes a message",
             ));
         }
-        if current.deleted_at.is_some() {
+        if let Some(at) = current.deleted_at {
+            // A retry after the deletion was not yet logged completes it.
+            if !current.erased {
+                self.log_deletion(caller.tenant_id, message, at).await?;
+            }
             return self.inner.bodies.open_one(caller.tenant_id, current).await;
         }
         let conversation = current.conversation_id;
@@ -189,7 +193,27 @@ impl Messaging {
             tracing::info!(tenant_id = %caller.tenant_id, message_id = %message, actor = %caller.user_id, "message deleted by an admin");
         }
         self.inner.hub.wake(caller.tenant_id);
+        self.log_deletion(
+            caller.tenant_id,
+            message,
+            row.deleted_at.unwrap_or_else(now),
+        )
+        .await?;
         self.inner.bodies.open_one(caller.tenant_id, row).await
+    }
+
+    /// Writes a deletion to the deletion log in the key store, so a restore of an older backup
+    /// deletes the message again. After the deletion committed (a legal hold may refuse it):
+    /// when the key store is unreachable the call fails UNAVAILABLE and its retry logs it.
+    async fn log_deletion(
+        &self,
+        tenant: Uuid,
+        message: Uuid,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), Error> {
+        let mut conn = self.inner.databases.keystore_connection().await?;
+        hafen_store::keystore::log_message_deletion(&mut conn, tenant, message, at).await?;
+        Ok(())
     }
 
     /// A message the caller may see (member of its conversation); NOT_FOUND otherwise.

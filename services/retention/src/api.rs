@@ -220,6 +220,7 @@ impl RetentionService for RetentionApi {
             entries_checked: report.entries_checked,
             tenants_deleted: report.tenants_deleted,
             users_erased: report.users_erased,
+            messages_deleted: report.messages_deleted,
         }))
     }
 }

@@ -48,10 +48,12 @@ async fn main() -> ExitCode {
 #[expect(clippy::print_stdout, reason = "the counts are the command's output")]
 fn print_report(report: &hafen_retention::ReplayReport, dry_run: bool) {
     println!(
-        "entries checked: {}, tenants deleted again: {}, users erased again: {}{}",
+        "entries checked: {}, tenants deleted again: {}, users erased again: {}, messages \
+         deleted again: {}{}",
         report.entries_checked,
         report.tenants_deleted,
         report.users_erased,
+        report.messages_deleted,
         if dry_run {
             " (dry run: nothing changed)"
         } else {

@@ -13,12 +13,16 @@
 //! - an erased user whose key or sessions exist: both are deleted again; and whose rows came
 //!   back (an account not pseudonymised, messages with their bodies, memberships, chat
 //!   codes): they are erased again ([`hafen_store::erasure::erase_rows`]);
-//! - a visitor who deleted their data and whose key exists: it is deleted again.
+//! - a visitor who deleted their data and whose key exists: it is deleted again;
+//! - a message deleted by its sender or an admin whose body came back: it is a tombstone
+//!   again, with a `message_deleted` event.
 //!
 //! Sessions ended this way are announced on Redis, so no cached session outlives them. The
 //! replay is idempotent; a dry run only counts. Each replay is audited on the platform chain.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
 
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Text};
@@ -34,6 +38,12 @@ use uuid::Uuid;
 
 use crate::error::Error;
 
+/// A deletion-log entry: kind, tenant, user (or visit), message, time.
+type LogEntry = (String, Uuid, Option<Uuid>, Option<Uuid>, DateTime<Utc>);
+
+/// Deleted messages made tombstones again per transaction.
+const MESSAGE_BATCH: usize = 500;
+
 /// What a replay found (and, unless it was a dry run, deleted again). Counts only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -43,6 +53,8 @@ pub struct ReplayReport {
     pub tenants_deleted: u64,
     /// Users whose key or sessions had reappeared.
     pub users_erased: u64,
+    /// Deleted messages whose bodies had reappeared.
+    pub messages_deleted: u64,
 }
 
 /// What is left of a deleted tenant.
@@ -109,7 +121,7 @@ impl Replayer {
     /// `dry_run`, only counts. Every entry is tried; the first failure is returned after
     /// the others were done (running again is safe).
     pub async fn replay(&self, dry_run: bool, actor: Actor) -> Result<ReplayReport, Error> {
-        let entries: Vec<(String, Uuid, Option<Uuid>)> = {
+        let logged: Vec<LogEntry> = {
             let mut conn = self.databases.keystore_connection().await?;
             deletion_log::table
                 .order((deletion_log::deleted_at.asc(), deletion_log::id.asc()))
@@ -117,10 +129,26 @@ impl Replayer {
                     deletion_log::kind,
                     deletion_log::tenant_id,
                     deletion_log::user_id,
+                    deletion_log::message_id,
+                    deletion_log::deleted_at,
                 ))
                 .load(&mut conn)
                 .await?
         };
+        // Deleted messages, by tenant, with when they were deleted.
+        let mut deleted_messages: BTreeMap<Uuid, Vec<(Uuid, DateTime<Utc>)>> = BTreeMap::new();
+        for (kind, tenant, _, message, at) in &logged {
+            if let (true, Some(message)) = (kind == "message", message) {
+                deleted_messages
+                    .entry(*tenant)
+                    .or_default()
+                    .push((*message, *at));
+            }
+        }
+        let entries: Vec<(String, Uuid, Option<Uuid>)> = logged
+            .into_iter()
+            .map(|(kind, tenant, user, _, _)| (kind, tenant, user))
+            .collect();
         let mut report = ReplayReport {
             entries_checked: u64::try_from(entries.len()).unwrap_or(u64::MAX),
             ..ReplayReport::default()
@@ -164,10 +192,24 @@ impl Replayer {
             }
         }
 
+        for (tenant, messages) in &deleted_messages {
+            if deleted_tenants.contains(tenant) {
+                continue;
+            }
+            match self.messages(*tenant, messages, dry_run).await {
+                Ok(found) => report.messages_deleted += found,
+                Err(err) => {
+                    tracing::error!(tenant_id = %tenant, error = %err, "deleted messages not deleted again");
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+
         let mut event = Event::new(None, actor, "retention.deletions.replayed")
             .attribute("entries_checked", report.entries_checked)
             .attribute("tenants_deleted", report.tenants_deleted)
             .attribute("users_erased", report.users_erased)
+            .attribute("messages_deleted", report.messages_deleted)
             .attribute("dry_run", dry_run);
         if first_error.is_some() {
             event = event.failed();
@@ -180,6 +222,7 @@ impl Replayer {
             entries_checked = report.entries_checked,
             tenants_deleted = report.tenants_deleted,
             users_erased = report.users_erased,
+            messages_deleted = report.messages_deleted,
             dry_run,
             "deletion log replayed"
         );
@@ -187,6 +230,50 @@ impl Replayer {
             Some(err) => Err(err),
             None => Ok(report),
         }
+    }
+
+    /// Makes the deleted `messages` of `tenant` that a restore brought back tombstones again
+    /// (unless `dry_run`, which only counts them); how many had come back.
+    async fn messages(
+        &self,
+        tenant: Uuid,
+        messages: &[(Uuid, DateTime<Utc>)],
+        dry_run: bool,
+    ) -> Result<u64, Error> {
+        let id = TenantId::from(tenant);
+        let pool = match self.databases.tenant_pool(&id).await {
+            Ok(pool) => pool,
+            // The organisation itself is gone: nothing of it is left.
+            Err(hafen_store::Error::UnknownTenant) => return Ok(0),
+            Err(err) => return Err(err.into()),
+        };
+        let mut found = 0;
+        for batch in messages.chunks(MESSAGE_BATCH) {
+            let ids: Vec<Uuid> = batch.iter().map(|(message, _)| *message).collect();
+            let at = batch
+                .iter()
+                .map(|(_, at)| *at)
+                .max()
+                .unwrap_or_else(hafen_store::now);
+            found += hafen_store::with_tenant(&pool, &id, move |conn| {
+                Box::pin(async move {
+                    Ok::<_, Error>(
+                        hafen_store::erasure::delete_messages_again(conn, &ids, at, dry_run)
+                            .await?,
+                    )
+                })
+            })
+            .await?;
+        }
+        if found > 0 && !dry_run {
+            if let Some(redis) = &self.redis
+                && let Err(err) = redis.publish_events(tenant).await
+            {
+                tracing::warn!(error = %err, "streams not woken after deletions were replayed");
+            }
+            tracing::warn!(tenant_id = %tenant, messages = found, "deleted messages reappeared and were deleted again");
+        }
+        Ok(found)
     }
 
     /// Looks for what is left of a deleted tenant and, unless `dry_run`, deletes it again.

@@ -83,13 +83,14 @@ async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
         Ok(restored) => {
             println!(
                 "restored {} ({}) from {}; migrations applied: {}; deletion log replayed: \
-                 {} tenants deleted again, {} users erased again",
+                 {} tenants deleted again, {} users erased again, {} messages deleted again",
                 restored.manifest.slug,
                 restored.manifest.tenant_id,
                 restored.manifest.created_at,
                 restored.migrated.len(),
                 restored.replay.tenants_deleted,
-                restored.replay.users_erased
+                restored.replay.users_erased,
+                restored.replay.messages_deleted
             );
             ExitCode::SUCCESS
         }

@@ -318,8 +318,13 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
             .await
             .unwrap();
     }
-    messaging
+    let finns = messaging
         .send_message(send(&finn_session.access_token, "finn's"))
+        .await
+        .unwrap()
+        .into_inner();
+    messaging
+        .send_message(send(&finn_session.access_token, "finn's second"))
         .await
         .unwrap();
     // Another organisation, which no restore touches.
@@ -380,6 +385,17 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         .await
         .unwrap();
 
+    // Finn deletes one of his messages after the backup too.
+    messaging
+        .delete_message(with_token(
+            &finn_session.access_token,
+            msg::DeleteMessageRequest {
+                message_id: finns.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
     // A live tenant is replaced only when told.
     let path = manifest_path(out.path(), &manifest);
     let refused = backup::restore(&restore_args(&stack, &path, false))
@@ -393,6 +409,7 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         .await
         .unwrap();
     assert!(restored.replay.users_erased >= 1, "{:?}", restored.replay);
+    assert_eq!(restored.replay.messages_deleted, 1, "{:?}", restored.replay);
     let schema = format!("t_{}", uuid::Uuid::parse_str(&tenant.id).unwrap().simple());
     assert_eq!(
         count(
@@ -467,7 +484,16 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         .into_inner()
         .messages;
     let bodies: Vec<&str> = listed.iter().map(|m| m.body.as_str()).collect();
-    assert!(bodies.contains(&"finn's"), "{bodies:?}");
+    assert!(bodies.contains(&"finn's second"), "{bodies:?}");
+    assert!(
+        !bodies.contains(&"finn's"),
+        "deleted after the backup: {bodies:?}"
+    );
+    let deleted = listed
+        .iter()
+        .find(|m| m.message_id == finns.message_id)
+        .unwrap();
+    assert!(deleted.delete_time.is_some() && !deleted.sender_erased);
     assert!(!bodies.iter().any(|b| b.contains("erin")), "{bodies:?}");
     let mut stream = messaging
         .subscribe(with_token(&owner, msg::SubscribeRequest::default()))
