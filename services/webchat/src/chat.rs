@@ -1028,6 +1028,12 @@ impl Service {
         if changed {
             self.wake(tenant).await;
         }
+        // In the deletion log, so a restore of an older backup deletes it again; a retry logs
+        // a deletion an earlier call could not.
+        if let Some(at) = row.deleted_at {
+            let mut conn = self.databases.keystore_connection().await?;
+            hafen_store::keystore::log_message_deletion(&mut conn, tenant, message, at).await?;
+        }
         Ok(row.to_proto(visit, String::new()))
     }
 

@@ -1921,6 +1921,16 @@ async fn cb1_a_visitor_without_an_account_chats_with_an_agent_both_ways() {
         ["edited Hello, sorry, wrong card", "deleted "],
         "in order, the deletion without a body"
     );
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) AS n FROM hafen_keys.deletion_log \
+             WHERE kind = 'message' AND message_id = '{}'",
+            sent.message_id
+        ))
+        .await,
+        1,
+        "a restore deletes it again"
+    );
     let not_theirs = visitors
         .delete_visitor_message(visitor(
             &token,
