@@ -119,20 +119,29 @@ impl MasterKey {
     }
 
     fn parse(text: &str) -> std::result::Result<Self, String> {
-        if !text.contains('=') || !text.lines().any(|line| line.contains(" = ")) {
-            let only = text
-                .lines()
-                .map(str::trim)
-                .filter(|line| !line.is_empty() && !line.starts_with('#'))
-                .collect::<Vec<_>>();
-            if let [key] = only.as_slice() {
-                return Ok(Self::from_bytes(decode_key(key)?));
-            }
-            return Err(if only.is_empty() {
-                "holds no key".to_owned()
-            } else {
-                "must hold exactly 32 bytes".to_owned()
-            });
+        let only = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect::<Vec<_>>();
+        // `name = value` lines name `derive`, `current` or a version; a base64 key never
+        // starts so (its `=` is padding at the end).
+        let named = |line: &&str| {
+            line.split_once('=').is_some_and(|(name, _)| {
+                let name = name.trim();
+                name == "derive"
+                    || name == "current"
+                    || (!name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
+        if only.is_empty() {
+            return Err("holds no key".to_owned());
+        }
+        if !only.iter().any(named) {
+            return match only.as_slice() {
+                [key] => Ok(Self::from_bytes(decode_key(key)?)),
+                _ => Err("must hold exactly 32 bytes".to_owned()),
+            };
         }
         let (mut derive, mut versions, mut current) = (None, BTreeMap::new(), None);
         for (number, line) in text.lines().enumerate() {
@@ -554,8 +563,13 @@ mod tests {
             (format!("current = 1\n1 = {key}\nx = {key}\n"), "line 3"),
             (format!("current = 1\n1 = {key}\n1 = {key}\n"), "twice"),
             (format!("current = 2\n2 = {key}\n"), "no derivation secret"),
+            (format!("current=1\n1={key}\nderive={key}\n"), "OK"),
             ("# nothing\n".to_owned(), "holds no key"),
         ] {
+            if reason == "OK" {
+                assert!(MasterKey::parse(&text).is_ok(), "without spaces: {text}");
+                continue;
+            }
             let err = MasterKey::parse(&text).map(|_| ()).unwrap_err();
             assert!(err.contains(reason), "{text}: {err}");
             assert!(!err.contains(&key), "{err}");
