@@ -72,18 +72,13 @@ async fn main() -> ExitCode {
     reason = "the restore's report is the command's output"
 )]
 async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
-    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
-        Ok(guard) => guard,
-        Err(err) => {
-            eprintln!("{BINARY}: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = match hafen_tenant::backup::restore(args).await {
-        Ok(restored) => {
+    one_shot(
+        &args.telemetry,
+        hafen_tenant::backup::restore(args),
+        |restored| {
             println!(
                 "restored {} ({}) from {}; migrations applied: {}; deletion log replayed: \
-                 {} tenants deleted again, {} users erased again, {} messages deleted again",
+             {} tenants deleted again, {} users erased again, {} messages deleted again",
                 restored.manifest.slug,
                 restored.manifest.tenant_id,
                 restored.manifest.created_at,
@@ -93,14 +88,9 @@ async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
                 restored.replay.messages_deleted
             );
             ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("{BINARY}: {err}");
-            ExitCode::FAILURE
-        }
-    };
-    guard.shutdown();
-    code
+        },
+    )
+    .await
 }
 
 /// `hafen-tenant rotate-master-key`: the versions and how many keys each wraps, on standard
@@ -110,44 +100,30 @@ async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
     reason = "the state of the key versions is the command's output"
 )]
 async fn rotate(args: &hafen_tenant::rotate::RotateArgs) -> ExitCode {
-    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
-        Ok(guard) => guard,
-        Err(err) => {
-            eprintln!("{BINARY}: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = match hafen_tenant::rotate::run(args).await {
-        Ok(report) => {
-            let in_use: Vec<String> = report
-                .in_use
-                .iter()
-                .map(|(version, keys)| format!("{version}: {keys} tenant keys"))
-                .collect();
-            println!(
-                "current version {}; versions in the file {:?}; re-wrapped {}; in use: {}{}",
-                report.current,
-                report.versions,
-                report.rewrapped,
-                if in_use.is_empty() {
-                    "none".to_owned()
-                } else {
-                    in_use.join(", ")
-                },
-                report
-                    .retired
-                    .map(|v| format!("; retired version {v}"))
-                    .unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("{BINARY}: {err}");
-            ExitCode::FAILURE
-        }
-    };
-    guard.shutdown();
-    code
+    one_shot(&args.telemetry, hafen_tenant::rotate::run(args), |report| {
+        let in_use: Vec<String> = report
+            .in_use
+            .iter()
+            .map(|(version, keys)| format!("{version}: {keys} tenant keys"))
+            .collect();
+        println!(
+            "current version {}; versions in the file {:?}; re-wrapped {}; in use: {}{}",
+            report.current,
+            report.versions,
+            report.rewrapped,
+            if in_use.is_empty() {
+                "none".to_owned()
+            } else {
+                in_use.join(", ")
+            },
+            report
+                .retired
+                .map(|v| format!("; retired version {v}"))
+                .unwrap_or_default()
+        );
+        ExitCode::SUCCESS
+    })
+    .await
 }
 
 /// `hafen-tenant backup`: one line per backup on standard output (its manifest's path,
@@ -157,37 +133,48 @@ async fn rotate(args: &hafen_tenant::rotate::RotateArgs) -> ExitCode {
     reason = "the backups made are the command's output, for scripts and CronJob logs"
 )]
 async fn backup(args: &hafen_tenant::backup::BackupArgs) -> ExitCode {
-    let guard = match hafen_platform::telemetry::init(BINARY, &args.telemetry) {
+    one_shot(&args.telemetry, hafen_tenant::backup::run(args), |report| {
+        for manifest in &report.backed_up {
+            println!(
+                "{} {}/{} {} bytes sha256 {}",
+                manifest.slug,
+                manifest.tenant_id,
+                manifest.file,
+                manifest.file_bytes,
+                manifest.sha256
+            );
+        }
+        for (tenant, why) in &report.failed {
+            eprintln!("{BINARY}: backup of {tenant} failed: {why}");
+        }
+        if report.pruned > 0 {
+            println!("pruned {} backups older than the retention", report.pruned);
+        }
+        if report.failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+    .await
+}
+
+/// Runs a subcommand's `work` with its telemetry: `report` turns what it did into the exit
+/// code; an error goes to standard error.
+async fn one_shot<T>(
+    telemetry: &hafen_platform::TelemetryArgs,
+    work: impl std::future::Future<Output = Result<T, hafen_tenant::Error>>,
+    report: impl FnOnce(T) -> ExitCode,
+) -> ExitCode {
+    let guard = match hafen_platform::telemetry::init(BINARY, telemetry) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("{BINARY}: {err}");
             return ExitCode::FAILURE;
         }
     };
-    let code = match hafen_tenant::backup::run(args).await {
-        Ok(report) => {
-            for manifest in &report.backed_up {
-                println!(
-                    "{} {}/{} {} bytes sha256 {}",
-                    manifest.slug,
-                    manifest.tenant_id,
-                    manifest.file,
-                    manifest.file_bytes,
-                    manifest.sha256
-                );
-            }
-            for (tenant, why) in &report.failed {
-                eprintln!("{BINARY}: backup of {tenant} failed: {why}");
-            }
-            if report.pruned > 0 {
-                println!("pruned {} backups older than the retention", report.pruned);
-            }
-            if report.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    let code = match work.await {
+        Ok(done) => report(done),
         Err(err) => {
             eprintln!("{BINARY}: {err}");
             ExitCode::FAILURE
