@@ -326,30 +326,33 @@ impl Redis {
     /// Announces that `tenant` was deleted, so every service forgets its keys; retried like
     /// [`Redis::announce`].
     pub async fn announce_tenant_deleted(&self, tenant: Uuid) -> bool {
-        let redis = self.clone();
-        self.deliver("tenant deletion", move || {
-            let redis = redis.clone();
-            Box::pin(async move {
-                redis::cmd("PUBLISH")
-                    .arg(redis.revocation_channel())
-                    .arg(format!("tenant {}", tenant.simple()))
-                    .query_async::<()>(&mut redis.conn())
-                    .await
-            })
-        })
-        .await
+        self.announce_about("tenant deletion", "tenant", tenant)
+            .await
     }
 
     /// Announces that `tenant`'s settings changed, so every service drops what it cached of
     /// them; retried like [`Redis::announce`].
     pub async fn announce_settings_changed(&self, tenant: Uuid) -> bool {
+        self.announce_about("settings change", "settings", tenant)
+            .await
+    }
+
+    /// Announces that `tenant` lives on another database now (a restore moved it), so every
+    /// service forgets where it was; retried like [`Redis::announce`].
+    pub async fn announce_tenant_moved(&self, tenant: Uuid) -> bool {
+        self.announce_about("tenant move", "moved", tenant).await
+    }
+
+    /// Publishes `<kind> <tenant>` on the revocation channel, retried like
+    /// [`Redis::announce`].
+    async fn announce_about(&self, what: &'static str, kind: &'static str, tenant: Uuid) -> bool {
         let redis = self.clone();
-        self.deliver("settings change", move || {
+        self.deliver(what, move || {
             let redis = redis.clone();
             Box::pin(async move {
                 redis::cmd("PUBLISH")
                     .arg(redis.revocation_channel())
-                    .arg(format!("settings {}", tenant.simple()))
+                    .arg(format!("{kind} {}", tenant.simple()))
                     .query_async::<()>(&mut redis.conn())
                     .await
             })

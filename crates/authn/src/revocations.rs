@@ -6,8 +6,9 @@
 //! Redis only speeds this up: a revocation whose announcement was lost still ends every open
 //! stream, because the sessions of open streams are looked up in the control plane every
 //! [`STREAM_RECHECK`] ([`Revocations::recheck_streams`]), in one query for all of them.
-//! Tenant deletions arrive on the same channel, for whoever holds a tenant's keys, and
-//! settings changes, for whoever caches a tenant's settings.
+//! Tenant deletions arrive on the same channel, for whoever holds a tenant's keys, settings
+//! changes, for whoever caches a tenant's settings, and moves of a tenant to another
+//! database (a restore), for whoever caches where tenants live.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,9 @@ struct Inner {
     tenants_deleted: broadcast::Sender<Uuid>,
     /// Tenants whose settings changed, as announced.
     settings_changed: broadcast::Sender<Uuid>,
+    /// Tenants moved to another database, as announced; `None` when announcements may have
+    /// been lost (the channel is followed again after a break).
+    tenants_moved: broadcast::Sender<Option<Uuid>>,
     /// Since when the Redis channel has been followed without a break; `None` while it is
     /// not (announcements are lost meanwhile).
     following_since: Mutex<Option<Instant>>,
@@ -58,6 +62,7 @@ impl Revocations {
         let (events, _) = broadcast::channel(4096);
         let (tenants_deleted, _) = broadcast::channel(256);
         let (settings_changed, _) = broadcast::channel(256);
+        let (tenants_moved, _) = broadcast::channel(256);
         Self {
             inner: Arc::new(Inner {
                 revoked: Mutex::new(HashMap::new()),
@@ -65,6 +70,7 @@ impl Revocations {
                 watched: Mutex::new(HashMap::new()),
                 tenants_deleted,
                 settings_changed,
+                tenants_moved,
                 following_since: Mutex::new(None),
                 remember,
             }),
@@ -100,6 +106,29 @@ impl Revocations {
     /// Records that `tenant`'s settings changed and tells whoever listens.
     pub fn record_settings_changed(&self, tenant: Uuid) {
         let _ = self.inner.settings_changed.send(tenant);
+    }
+
+    /// Forgets, in `databases`, the placement of every tenant announced as moved, for the
+    /// life of the process; and every placement whenever announcements may have been lost
+    /// (the channel followed again after a break, or more at once than it holds). A
+    /// subscription that goes quiet unnoticed is made up for by the cache's own expiry
+    /// ([`hafen_store::PLACEMENT_RECHECK`]).
+    pub fn forget_moved_placements(
+        &self,
+        databases: hafen_store::Databases,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut moved = self.inner.tenants_moved.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match moved.recv().await {
+                    Ok(Some(tenant)) => databases.forget(tenant),
+                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        databases.forget_all();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
     }
 
     /// Settings changes from now on.
@@ -222,6 +251,9 @@ impl Revocations {
         let heartbeat = tokio::spawn(heartbeat(redis.clone()));
         let _stop = AbortOnDrop(heartbeat);
         self.set_following(true);
+        // Moves announced while the channel was not followed are not heard of: every cached
+        // placement may be out of date.
+        let _ = self.inner.tenants_moved.send(None);
         tracing::debug!("following the revocation channel");
         let mut messages = pubsub.on_message();
         loop {
@@ -247,6 +279,12 @@ impl Revocations {
             if session == "settings" {
                 if let Ok(tenant) = Uuid::try_parse(reason) {
                     self.record_settings_changed(tenant);
+                }
+                continue;
+            }
+            if session == "moved" {
+                if let Ok(tenant) = Uuid::try_parse(reason) {
+                    let _ = self.inner.tenants_moved.send(Some(tenant));
                 }
                 continue;
             }

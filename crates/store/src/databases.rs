@@ -3,7 +3,9 @@
 //! ([`crate::keystore`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -14,6 +16,12 @@ use crate::tenancy::TenantId;
 
 /// Name of the main database in placements.
 pub const DEFAULT_DATABASE: &str = "default";
+
+/// How long a tenant's placement is taken from the cache before the control plane is asked
+/// again. A restore that moves a tenant announces the move, and every process forgets the
+/// old placement at once ([`Databases::forget`]); this bounds the time a lost announcement
+/// leaves a process on the old database.
+pub const PLACEMENT_RECHECK: Duration = Duration::from_secs(30);
 
 /// The main database and the placement databases, on the command line.
 #[derive(clap::Args, Clone, Debug)]
@@ -78,8 +86,12 @@ struct Inner {
     keystore_url: String,
     keystore: Pool,
     placements: BTreeMap<String, (String, Pool)>,
-    /// Tenants never move, so their placement is cached for the life of the process.
-    placed: RwLock<HashMap<Uuid, String>>,
+    /// Where tenants live, as the control plane said, and when it said so: trusted for
+    /// [`PLACEMENT_RECHECK`] or until forgotten.
+    placed: RwLock<HashMap<Uuid, (String, Instant)>>,
+    /// Counts [`Databases::forget`] calls: a lookup that began before one does not cache what
+    /// it read, which may be the placement just forgotten.
+    forgotten: AtomicU64,
 }
 
 impl std::fmt::Debug for Databases {
@@ -122,6 +134,7 @@ impl Databases {
                 keystore,
                 placements,
                 placed: RwLock::new(HashMap::new()),
+                forgotten: AtomicU64::new(0),
             }),
         })
     }
@@ -207,23 +220,27 @@ impl Databases {
     /// The pool of the database `tenant` lives on. Fails with `Error::UnknownTenant` for a
     /// tenant that does not exist or is deleted.
     pub async fn tenant_pool(&self, tenant: &TenantId) -> Result<Pool> {
-        let cached = self
-            .inner
-            .placed
-            .read()
-            .ok()
-            .and_then(|placed| placed.get(&tenant.as_uuid()).cloned());
+        let now = Instant::now();
+        let cached = self.inner.placed.read().ok().and_then(|placed| {
+            placed
+                .get(&tenant.as_uuid())
+                .filter(|(_, since)| now.duration_since(*since) < PLACEMENT_RECHECK)
+                .map(|(name, _)| name.clone())
+        });
         let name = match cached {
             Some(name) => name,
             None => {
+                let forgotten = self.inner.forgotten.load(Ordering::Acquire);
                 let mut conn = self.inner.main.get().await?;
                 let row = crate::control::find(&mut conn, tenant.as_uuid()).await?;
                 let name = row
                     .filter(|row| row.status == crate::control::status::ACTIVE)
                     .map(|row| row.database_name)
                     .ok_or(Error::UnknownTenant)?;
-                if let Ok(mut placed) = self.inner.placed.write() {
-                    placed.insert(tenant.as_uuid(), name.clone());
+                if let Ok(mut placed) = self.inner.placed.write()
+                    && self.inner.forgotten.load(Ordering::Acquire) == forgotten
+                {
+                    placed.insert(tenant.as_uuid(), (name.clone(), now));
                 }
                 name
             }
@@ -231,5 +248,21 @@ impl Databases {
         self.pool(&name)
             .cloned()
             .ok_or_else(|| Error::Migration(format!("tenant placed on unknown database {name}")))
+    }
+
+    /// Forgets where `tenant` lives (it moved): the next lookup asks the control plane.
+    pub fn forget(&self, tenant: Uuid) {
+        if let Ok(mut placed) = self.inner.placed.write() {
+            self.inner.forgotten.fetch_add(1, Ordering::AcqRel);
+            placed.remove(&tenant);
+        }
+    }
+
+    /// Forgets where every tenant lives (moves may have gone unheard).
+    pub fn forget_all(&self) {
+        if let Ok(mut placed) = self.inner.placed.write() {
+            self.inner.forgotten.fetch_add(1, Ordering::AcqRel);
+            placed.clear();
+        }
     }
 }

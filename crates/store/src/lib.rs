@@ -50,7 +50,7 @@ pub mod settings;
 pub mod tenancy;
 
 pub use config::DatabaseArgs;
-pub use databases::{DEFAULT_DATABASE, Databases, DatabasesArgs};
+pub use databases::{DEFAULT_DATABASE, Databases, DatabasesArgs, PLACEMENT_RECHECK};
 pub use diesel_async::AsyncPgConnection;
 pub use error::{Error, Result, unavailable};
 pub use pool::{Pool, PooledConnection};

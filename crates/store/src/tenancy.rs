@@ -245,16 +245,35 @@ where
     Ok(())
 }
 
-/// Drops `tenant`'s schema with everything in it, then its role, inside the caller's
-/// transaction. The schema is dropped as the tenant role (its owner); the login role then
-/// drops the role. Missing schema or role are not errors (a replayed deletion).
+/// Drops `tenant`'s schema in this database with everything in it, then its role, inside
+/// the caller's transaction. The schema is dropped as the tenant role (its owner); the login
+/// role then drops the role, unless the role still owns or may use something in another
+/// database of the cluster (roles are the cluster's: the tenant was restored there, and
+/// this is the schema it left behind). Missing schema or role are not errors (a replayed
+/// deletion).
 pub fn drop_schema(conn: &mut SyncConnection, tenant: &TenantId) -> Result<()> {
+    use diesel::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
     let name = tenant.schema();
     if role_exists(conn, &name)? {
         enter_sync(conn, tenant)?;
         conn.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))?;
         leave_sync(conn)?;
-        conn.batch_execute(&format!("DROP ROLE {name}"))?;
+        let elsewhere: Found = diesel::sql_query(
+            "SELECT EXISTS (SELECT 1 FROM pg_shdepend d JOIN pg_database db ON db.oid = d.dbid \
+             WHERE d.refclassid = 'pg_authid'::regclass \
+             AND d.refobjid = (SELECT oid FROM pg_roles WHERE rolname = $1) \
+             AND db.datname <> current_database()) AS found",
+        )
+        .bind::<diesel::sql_types::Text, _>(&name)
+        .get_result(conn)?;
+        if !elsewhere.found {
+            conn.batch_execute(&format!("DROP ROLE {name}"))?;
+        }
     }
     Ok(())
 }

@@ -409,3 +409,44 @@ async fn a_generic_plan_made_on_empty_tables_probes_indexes_under_index_probes_o
         "{guarded}"
     );
 }
+
+/// Where a tenant lives is cached, so each request does not ask the control plane; a move
+/// (a restore onto another database) is seen once the placement is forgotten.
+#[tokio::test(flavor = "multi_thread")]
+async fn tm3_a_cached_placement_holds_until_forgotten() {
+    let mut db = TestDatabase::create().await;
+    db.add_placement("spare").await;
+    let databases = hafen_store::Databases::new(&db.databases()).unwrap();
+    let tenant = hafen_store::tenancy::TenantId::generate();
+    let mut control = db.connect().await;
+    let place = |name: &str| {
+        format!(
+            "INSERT INTO hafen.tenants (id, slug, status, region, dpa_version, dpa_accepted_at, \
+             dpa_accepted_by, database_name) VALUES ('{id}', 'moving', 'active', 'eu', 'v1', \
+             now(), '{id}', '{name}') \
+             ON CONFLICT (id) DO UPDATE SET database_name = excluded.database_name",
+            id = tenant.as_uuid()
+        )
+    };
+    let lives_on = async |databases: &hafen_store::Databases| {
+        let mut conn = databases.tenant_connection(&tenant).await.unwrap();
+        diesel::sql_query("SELECT current_database()::text AS name")
+            .get_result::<Name>(&mut conn)
+            .await
+            .unwrap()
+            .name
+    };
+    control.batch_execute(&place("default")).await.unwrap();
+    assert_eq!(lives_on(&databases).await, db.name());
+    control.batch_execute(&place("spare")).await.unwrap();
+    assert_eq!(
+        lives_on(&databases).await,
+        db.name(),
+        "cached: the control plane is not asked again"
+    );
+    databases.forget(tenant.as_uuid());
+    assert_eq!(lives_on(&databases).await, db.placement("spare").name());
+    control.batch_execute(&place("default")).await.unwrap();
+    databases.forget_all();
+    assert_eq!(lives_on(&databases).await, db.name());
+}

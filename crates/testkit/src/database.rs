@@ -22,6 +22,8 @@ pub struct TestDatabase {
     env: TestEnv,
     /// The key store that goes with this database, a database of its own.
     keystore: Option<Box<TestDatabase>>,
+    /// Placement databases (TM3) that go with this one, by name.
+    placements: Vec<(String, TestDatabase)>,
 }
 
 impl TestDatabase {
@@ -67,7 +69,24 @@ impl TestDatabase {
             url,
             env: env.clone(),
             keystore: None,
+            placements: Vec::new(),
         }
+    }
+
+    /// Adds an empty placement database named `name`, which services given
+    /// [`TestDatabase::databases`] can place tenants on.
+    pub async fn add_placement(&mut self, name: &str) {
+        let placement = Self::create_from(&self.env, "template0").await;
+        self.placements.push((name.to_owned(), placement));
+    }
+
+    /// The placement database named `name`.
+    pub fn placement(&self, name: &str) -> &TestDatabase {
+        self.placements
+            .iter()
+            .find(|(named, _)| named == name)
+            .map(|(_, db)| db)
+            .expect("a placement database of that name")
     }
 
     /// The key store beside this database.
@@ -77,11 +96,16 @@ impl TestDatabase {
             .expect("a test database has a key store")
     }
 
-    /// Database settings for a service using this database and its key store.
+    /// Database settings for a service using this database, its placements and its key
+    /// store.
     pub fn databases(&self) -> hafen_store::DatabasesArgs {
         hafen_store::DatabasesArgs {
             main: self.args(),
-            placements: Vec::new(),
+            placements: self
+                .placements
+                .iter()
+                .map(|(name, db)| (name.clone(), db.url().to_owned()))
+                .collect(),
             keystore_url: self.keystore.as_ref().map(|k| k.url().to_owned()),
         }
     }

@@ -168,7 +168,8 @@ impl TestSecrets {
         }
     }
 
-    /// Configuration of the tenant service on `database`, with further `placements`, using
+    /// Configuration of the tenant service on `database` (and its placements), with further
+    /// `placements`, using
     /// these secrets (bcrypt cost 4: tests need not be slow).
     pub fn tenant_config(
         &self,
@@ -180,12 +181,14 @@ impl TestSecrets {
             redis: self.redis_args(),
             audit: self.audit_args(),
             auth: self.auth_args(),
-            databases: hafen_store::DatabasesArgs {
-                placements: placements
-                    .iter()
-                    .map(|(name, db)| ((*name).to_owned(), db.url().to_owned()))
-                    .collect(),
-                ..database.databases()
+            databases: {
+                let mut databases = database.databases();
+                databases.placements.extend(
+                    placements
+                        .iter()
+                        .map(|(name, db)| ((*name).to_owned(), db.url().to_owned())),
+                );
+                databases
             },
             operator: hafen_authn::OperatorArgs {
                 platform_token_file: self.platform_token_file(),

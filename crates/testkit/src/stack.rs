@@ -76,11 +76,22 @@ impl TestStack {
         Self::start_on(crate::TestEnv::get(), redis).await
     }
 
+    /// Starts the services with a further, empty database `name` that tenants can be placed
+    /// on (TM3), [`TestDatabase::placement`] of [`TestStack::db`].
+    pub async fn start_with_placement(name: &str) -> Self {
+        let mut db = TestDatabase::create().await;
+        db.add_placement(name).await;
+        Self::start_with_database(db, None).await
+    }
+
     /// Starts the services on a database of the PostgreSQL server `env` names (e.g. a
     /// [`crate::PrivatePostgres`] to stop later), and on `redis` when given.
     pub async fn start_on(env: &crate::TestEnv, redis: Option<hafen_authn::RedisArgs>) -> Self {
+        Self::start_with_database(TestDatabase::create_in(env).await, redis).await
+    }
+
+    async fn start_with_database(db: TestDatabase, redis: Option<hafen_authn::RedisArgs>) -> Self {
         let secrets = TestSecrets::generate();
-        let db = TestDatabase::create_in(env).await;
         let redis = redis.unwrap_or_else(|| secrets.redis_args());
         // The audit service first, on a listener bound now, so the others know its address.
         let mut audit_config = secrets.audit_config(&db);

@@ -137,6 +137,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
         .with_session_key(keys.get(Purpose::SessionCache)?);
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    revocations.forget_moved_placements(databases.clone());
     let limiter = hafen_authn::limits::Limiter::new(
         Some(redis.clone()),
         hafen_authn::limits::LimitPolicy {

@@ -127,6 +127,7 @@ where
         .with_session_key(Purpose::SessionCache.derive(&master));
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    revocations.forget_moved_placements(databases.clone());
     revocations.recheck_streams(databases.main().clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
@@ -165,11 +166,9 @@ where
     let rules = settings::TenantRules::new(databases.clone());
     rules.follow(&revocations, config.stream_poll);
     // The committers get pools of their own: their connections are driven on their thread.
-    let committer = commit::Committer::new(
-        Databases::new(&config.databases)?,
-        hub.clone(),
-        config.max_queued_sends,
-    );
+    let committed = Databases::new(&config.databases)?;
+    revocations.forget_moved_placements(committed.clone());
+    let committer = commit::Committer::new(committed, hub.clone(), config.max_queued_sends);
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     let messaging = Messaging::new(service::Inner {

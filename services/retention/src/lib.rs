@@ -221,6 +221,7 @@ where
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    revocations.forget_moved_placements(databases.clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let authenticator = Authenticator::new(

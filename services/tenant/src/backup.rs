@@ -660,7 +660,9 @@ pub struct RestoreArgs {
     pub manifest: PathBuf,
 
     /// The database to restore into, by its configured name (`default` or a placement);
-    /// default: where the control plane places the tenant. Another one moves the tenant there.
+    /// default: where the control plane places the tenant. Another one moves a live tenant
+    /// there: the control plane places it there, running services are told over Redis (or
+    /// find out within 30 s), and its schema on the old database is dropped.
     #[arg(long = "to-database", env = "HAFEN_RESTORE_DATABASE")]
     pub database: Option<String>,
 
@@ -684,14 +686,18 @@ pub struct Restored {
     pub migrated: Vec<String>,
     /// The deletion-log replay that ended it.
     pub replay: hafen_retention::ReplayReport,
+    /// The databases a schema of the tenant was dropped from, as it lives elsewhere now.
+    pub left: Vec<String>,
 }
 
 /// `hafen-tenant restore`: checks and opens the backup, recreates the tenant's role on the
 /// target database and drops an old schema (refusing to replace a live tenant's unless
 /// `replace`), restores the dump with pg_restore as the tenant's role (which creates the
-/// schema, so the role owns it), migrates the schema to this
-/// version, and ends with the deletion-log replay, which deletes or erases again whatever the
-/// backup brought back of a deleted tenant or an erased user. The replay is not optional.
+/// schema, so the role owns it), migrates the schema to this version. A live tenant restored
+/// onto another database moves there: the control plane places it there, the services are
+/// told, and its schema elsewhere is dropped. The restore ends with the
+/// deletion-log replay, which deletes or erases again whatever the backup brought back of a
+/// deleted tenant or an erased user. The replay is not optional.
 pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
     let bytes = std::fs::read(&args.manifest)
         .map_err(|err| Error::Config(format!("{}: {err}", args.manifest.display())))?;
@@ -709,6 +715,9 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
     let key = backup_key(&MasterKey::load(&args.master_key_file)?);
     let (control, reader) = Reader::open(&dir, &manifest, &key)?;
     let databases = Databases::new(&args.databases)?;
+    let redis = hafen_authn::Redis::connect(&args.redis)
+        .await
+        .map_err(Error::Config)?;
     let row = {
         let mut conn = databases.main_connection().await?;
         match hafen_store::control::find(&mut conn, manifest.tenant_id).await? {
@@ -734,18 +743,12 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
         live,
     };
     let migrated = tokio::task::spawn_blocking(move || job.run()).await??;
-    if live && target != row.database_name {
-        // The tenant lives where it was restored now.
-        let mut conn = databases.main_connection().await?;
-        diesel::sql_query("UPDATE hafen.tenants SET database_name = $2 WHERE id = $1")
-            .bind::<diesel::sql_types::Uuid, _>(manifest.tenant_id)
-            .bind::<Text, _>(&target)
-            .execute(&mut conn)
-            .await?;
-    }
-    let redis = hafen_authn::Redis::connect(&args.redis)
-        .await
-        .map_err(Error::Config)?;
+    // The replay runs even when a database the tenant left could not be cleaned up.
+    let moved = if live {
+        move_tenant(&databases, &redis, &row, &target).await
+    } else {
+        Ok(Vec::new())
+    };
     let replay = hafen_retention::Replayer::new(databases, Some(redis), None)
         .replay(false, hafen_events::Actor::Operator)
         .await
@@ -754,12 +757,92 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
                 "the deletion-log replay failed; run `hafen-retention replay-deletions`: {err}"
             ))
         })?;
+    let left = moved?;
     tracing::info!(tenant_id = %manifest.tenant_id, "tenant restored");
     Ok(Restored {
         manifest,
         migrated,
         replay,
+        left,
     })
+}
+
+/// Makes the live tenant of `row`, just restored onto `target`, live there alone: the control
+/// plane places it on `target`, every service is told to forget where it was (and, should
+/// the announcement not go out, the restore waits until their caches have expired), and then
+/// its schema is dropped from every other database: the one it moved from, and any an earlier
+/// move that failed half-way left behind. The tenant's role stays where the cluster is the
+/// same. Returns the databases a schema was dropped from.
+async fn move_tenant(
+    databases: &Databases,
+    redis: &hafen_authn::Redis,
+    row: &hafen_store::control::TenantRow,
+    target: &str,
+) -> Result<Vec<String>, Error> {
+    let tenant = TenantId::from(row.id);
+    if target != row.database_name {
+        let mut conn = databases.main_connection().await?;
+        diesel::sql_query("UPDATE hafen.tenants SET database_name = $2 WHERE id = $1")
+            .bind::<diesel::sql_types::Uuid, _>(row.id)
+            .bind::<Text, _>(target)
+            .execute(&mut conn)
+            .await?;
+        if !redis.announce_tenant_moved(row.id).await {
+            tracing::warn!(
+                tenant_id = %row.id,
+                "the move was not announced; waiting for the services' placement caches to expire"
+            );
+            tokio::time::sleep(hafen_store::PLACEMENT_RECHECK).await;
+        }
+        tracing::info!(tenant_id = %row.id, database = target, "tenant moved");
+    }
+    let others: Vec<(String, String)> = databases
+        .names()
+        .into_iter()
+        .filter(|name| name != target)
+        .filter_map(|name| databases.url(&name).map(|url| (name, url.to_owned())))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut left = Vec::new();
+        for (name, url) in others {
+            let mut conn = hafen_store::connect::establish_sync(&url).map_err(|err| {
+                Error::Config(format!(
+                    "database {name}: {err}; the tenant's schema there is left behind: \
+                     restore again once it is reachable"
+                ))
+            })?;
+            if diesel::Connection::transaction(&mut conn, |conn| {
+                let found = schema_exists(conn, &tenant)?;
+                if found {
+                    hafen_store::tenancy::drop_schema(conn, &tenant)?;
+                }
+                Ok::<_, Error>(found)
+            })? {
+                tracing::info!(tenant_id = %tenant.as_uuid(), database = %name, "schema left behind dropped");
+                left.push(name);
+            }
+        }
+        Ok(left)
+    })
+    .await?
+}
+
+/// Whether `tenant`'s schema exists in the database of `conn`.
+fn schema_exists(
+    conn: &mut hafen_store::tenancy::SyncConnection,
+    tenant: &TenantId,
+) -> Result<bool, Error> {
+    #[derive(diesel::QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
+    let found: Found = diesel::RunQueryDsl::get_result(
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS found")
+            .bind::<Text, _>(tenant.schema()),
+        conn,
+    )?;
+    Ok(found.found)
 }
 
 /// A control plane that lost the tenant's row (restored from an older copy, say) gets it back

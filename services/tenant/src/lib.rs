@@ -398,6 +398,7 @@ where
     .await;
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    revocations.forget_moved_placements(databases.clone());
     // ExportTenant streams end when their session does, even if the announcement is lost.
     revocations.recheck_streams(databases.main().clone());
     tenants.follow_deletions(revocations.tenant_deletions());

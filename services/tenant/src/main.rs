@@ -87,6 +87,12 @@ async fn restore(args: &hafen_tenant::backup::RestoreArgs) -> ExitCode {
                 restored.replay.users_erased,
                 restored.replay.messages_deleted
             );
+            if !restored.left.is_empty() {
+                println!(
+                    "its schema dropped from the databases it no longer lives on: {}",
+                    restored.left.join(", ")
+                );
+            }
             ExitCode::SUCCESS
         },
     )

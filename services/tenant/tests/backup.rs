@@ -263,12 +263,16 @@ fn manifest_path(out: &Path, manifest: &Manifest) -> std::path::PathBuf {
 }
 
 async fn count(stack: &TestStack, sql: &str) -> i64 {
+    count_in(&stack.db, sql).await
+}
+
+async fn count_in(db: &hafen_testkit::TestDatabase, sql: &str) -> i64 {
     #[derive(diesel::QueryableByName)]
     struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    let mut conn = stack.db.connect_admin().await;
+    let mut conn = db.connect_admin().await;
     let found: Count = diesel_async::RunQueryDsl::get_result(diesel::sql_query(sql), &mut conn)
         .await
         .unwrap_or_else(|err| panic!("{sql}: {err}"));
@@ -276,9 +280,11 @@ async fn count(stack: &TestStack, sql: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_since() {
+async fn bx7_gr4_a_backup_restored_into_a_fresh_database_ends_with_the_erasures_and_deletions_made_since()
+ {
     use hafen_proto::auth::v1 as auth_pb;
-    let stack = TestStack::start().await;
+    let stack = TestStack::start_with_placement("spare").await;
+    let spare = stack.db.placement("spare");
     let tenant = stack.create_tenant("drill").await;
     let owner = stack.login_owner(&tenant).await.access_token;
     let (erin, erin_session) = stack
@@ -405,15 +411,39 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         .to_string();
     assert!(refused.contains("--replace"), "{refused}");
 
-    let restored = backup::restore(&restore_args(&stack, &path, true))
-        .await
-        .unwrap();
+    // Restored into a fresh database, while the services run: the tenant moves there.
+    let mut to_spare = restore_args(&stack, &path, true);
+    to_spare.database = Some("spare".into());
+    let restored = backup::restore(&to_spare).await.unwrap();
     assert!(restored.replay.users_erased >= 1, "{:?}", restored.replay);
     assert_eq!(restored.replay.messages_deleted, 1, "{:?}", restored.replay);
+    assert_eq!(restored.left, ["default"]);
     let schema = format!("t_{}", uuid::Uuid::parse_str(&tenant.id).unwrap().simple());
     assert_eq!(
         count(
             &stack,
+            &format!(
+                "SELECT count(*) AS n FROM hafen.tenants WHERE id = '{}' \
+                 AND database_name = 'spare'",
+                tenant.id
+            )
+        )
+        .await,
+        1,
+        "the control plane places the tenant on the fresh database"
+    );
+    assert_eq!(
+        count(
+            &stack,
+            &format!("SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{schema}'")
+        )
+        .await,
+        0,
+        "the schema it left on the old database is dropped"
+    );
+    assert_eq!(
+        count_in(
+            spare,
             &format!(
                 "SELECT count(*) AS n FROM {schema}.messages WHERE sender_id = '{}' \
                  AND (ciphertext IS NOT NULL OR NOT erased)",
@@ -425,8 +455,8 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         "Erin's messages are erased again after the replay"
     );
     assert_eq!(
-        count(
-            &stack,
+        count_in(
+            spare,
             &format!(
                 "SELECT count(*) AS n FROM {schema}.users WHERE id = '{}' AND status = 'erased' \
                  AND username NOT LIKE '%erin%'",
@@ -455,8 +485,8 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         "the other tenant untouched"
     );
     assert_eq!(
-        count(
-            &stack,
+        count_in(
+            spare,
             &format!(
                 "SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{schema}' \
                  AND nspowner = '{schema}'::regrole \
@@ -547,28 +577,30 @@ async fn bx7_gr4_a_restored_backup_ends_with_the_erasures_and_deletions_made_sin
         )
         .await
         .unwrap();
-    let restored = backup::restore(&restore_args(
-        &stack,
-        &manifest_path(out.path(), &gone_backup),
-        false,
-    ))
-    .await
-    .unwrap();
+    let mut gone_to_spare = restore_args(&stack, &manifest_path(out.path(), &gone_backup), false);
+    gone_to_spare.database = Some("spare".into());
+    let restored = backup::restore(&gone_to_spare).await.unwrap();
     assert!(
         restored.replay.tenants_deleted >= 1,
         "{:?}",
         restored.replay
     );
     let gone_schema = format!("t_{}", uuid::Uuid::parse_str(&gone.id).unwrap().simple());
-    assert_eq!(
-        count(
-            &stack,
-            &format!("SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{gone_schema}'")
-        )
-        .await,
-        0,
-        "dropped again"
+    let gone_left = format!(
+        "SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{gone_schema}' \
+         UNION ALL SELECT count(*) FROM pg_roles WHERE rolname = '{gone_schema}'"
     );
+    for db in [&stack.db, spare] {
+        assert_eq!(
+            count_in(
+                db,
+                &format!("SELECT sum(n)::bigint AS n FROM ({gone_left}) AS c")
+            )
+            .await,
+            0,
+            "schema and role dropped again"
+        );
+    }
 
     // A control plane that lost a tenant's row gets it back from the backup, when the key
     // store still holds the tenant's key; never a key from the backup.

@@ -183,6 +183,7 @@ where
         .with_session_key(Purpose::SessionCache.derive(&master));
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
+    revocations.forget_moved_placements(databases.clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let authenticator = Authenticator::new(
@@ -217,11 +218,10 @@ where
         Purpose::AddressHashing.derive(&master),
     ));
     // The committers get pools of their own: their connections are driven on their thread.
-    let committer = commit::Committer::new(
-        Databases::new(&config.databases)?,
-        Some(redis.clone()),
-        config.max_queued_messages,
-    );
+    let committed = Databases::new(&config.databases)?;
+    revocations.forget_moved_placements(committed.clone());
+    let committer =
+        commit::Committer::new(committed, Some(redis.clone()), config.max_queued_messages);
     let wakes = Arc::new(wakes::Wakes::default());
     wakes.listen(redis.clone(), config.stream_poll);
     let service = Arc::new(Service {
