@@ -89,14 +89,8 @@ async fn cb1_cb2_cb9_a_visitor_chats_in_chromium_from_consent_to_deleting_their_
             needed.display()
         );
     }
-    let page_port = support::free_ports(1)[0];
-    let mut stack = DevStack::start(&[
-        "--widget-dir".as_ref(),
-        widget_dir.as_os_str(),
-        "--demo-page-port".as_ref(),
-        page_port.to_string().as_ref(),
-    ])
-    .await;
+    let mut stack = DevStack::start(&["--widget-dir".as_ref(), widget_dir.as_os_str()]).await;
+    let page_port = stack.page_port;
 
     // Both agents answer: the chat goes to whichever is less busy.
     let alice = agent(&stack, "alice").await;

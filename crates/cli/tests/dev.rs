@@ -29,7 +29,7 @@ async fn gr1_hafen_dev_runs_all_six_services_seeds_the_demo_and_stops_on_sigterm
     let widget = stack.widget().to_owned();
     let visitor = hafen_sdk::Visitor::connect(&stack.config())
         .unwrap()
-        .with_origin("https://localhost:8443")
+        .with_origin(&format!("https://localhost:{}", stack.page_port))
         .unwrap();
     let mut calls = visitor.client();
     let shown = calls

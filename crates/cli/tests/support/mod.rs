@@ -39,6 +39,8 @@ pub struct DevStack {
     pub certs: PathBuf,
     /// `.dev/demo.txt` of this stack: the demo organisation's credentials and widget.
     pub demo: String,
+    /// The port of the demo page (`--demo-page-port`).
+    pub page_port: u16,
     db: TestDatabase,
     _redis: TestRedis,
 }
@@ -82,16 +84,32 @@ async fn serving(port: u16, ca_pem: &str) -> bool {
         .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }
 
+/// What a start that lost one of its ports to another process logs.
+const PORT_TAKEN: &str = "Address already in use";
+
 impl DevStack {
     /// Starts `hafen dev --demo` with `extra` arguments; returns once every service is
-    /// SERVING and the demo organisation is seeded.
+    /// SERVING and the demo organisation is seeded. A port found free is sometimes taken by
+    /// another process before the stack binds it: then the stack starts again, on other
+    /// ports.
     pub async fn start(extra: &[&std::ffi::OsStr]) -> Self {
+        for _ in 0..3 {
+            if let Some(stack) = Self::try_start(extra).await {
+                return stack;
+            }
+        }
+        panic!("hafen dev lost a port to another process three times");
+    }
+
+    /// [`DevStack::start`] once; `None` when a port was taken meanwhile.
+    async fn try_start(extra: &[&std::ffi::OsStr]) -> Option<Self> {
         hafen_testkit::init_test_logging();
         let db = TestDatabase::create_empty().await;
         let redis = TestRedis::new();
         let tmp = tempfile::tempdir().unwrap();
         let certs = tmp.path().join("certs");
-        let ports = free_ports(SERVICES.len());
+        let mut ports = free_ports(SERVICES.len() + 1);
+        let page_port = ports.pop().unwrap();
 
         let mut command = Command::new(env!("CARGO_BIN_EXE_hafen"));
         command.arg("dev");
@@ -113,6 +131,8 @@ impl DevStack {
             .arg("--demo")
             .arg("--demo-file")
             .arg(tmp.path().join("demo.txt"))
+            .arg("--demo-page-port")
+            .arg(page_port.to_string())
             .args(extra)
             .env("HAFEN_DATABASE_URL", db.url())
             .env("HAFEN_KEYSTORE_URL", db.keystore().url())
@@ -136,6 +156,7 @@ impl DevStack {
             ca_pem: String::new(),
             certs,
             demo: String::new(),
+            page_port,
             tmp,
             db,
             _redis: redis,
@@ -148,13 +169,17 @@ impl DevStack {
             if let Ok(pem) = std::fs::read_to_string(stack.certs.join("ca.pem")) {
                 break pem;
             }
-            stack.alive();
+            if stack.lost_a_port() {
+                return None;
+            }
             assert!(Instant::now() < deadline, "no development CA was generated");
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         for port in stack.ports.clone() {
             while !serving(port, &stack.ca_pem).await {
-                stack.alive();
+                if stack.lost_a_port() {
+                    return None;
+                }
                 assert!(
                     Instant::now() < deadline,
                     "port {port} never became SERVING"
@@ -166,19 +191,36 @@ impl DevStack {
             if let Ok(text) = std::fs::read_to_string(stack.tmp.path().join("demo.txt")) {
                 break text;
             }
-            stack.alive();
+            if stack.lost_a_port() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "the demo organisation was not seeded"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        stack
+        Some(stack)
     }
 
     /// The stack's database.
     pub fn db_url(&self) -> &str {
         self.db.url()
+    }
+
+    /// Whether the stack exited because a port it was given was taken meanwhile; fails the
+    /// test with the stack's log if it exited for another reason.
+    fn lost_a_port(&mut self) -> bool {
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .is_some();
+        if exited && self.stderr().contains(PORT_TAKEN) {
+            return true;
+        }
+        self.alive();
+        false
     }
 
     /// Fails the test with the stack's log if it has exited.
