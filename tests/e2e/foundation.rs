@@ -244,6 +244,54 @@ async fn tenant_service_refuses_an_unmigrated_control_plane() {
     assert!(err.contains("hafen-tenant migrate"), "names the fix: {err}");
 }
 
+/// A service started beside `hafen-tenant migrate` (the Helm chart's migration Job) waits for
+/// it (`--migration-wait`) instead of refusing to start, and serves once it is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn dc5_a_service_waits_for_the_migration_that_runs_beside_its_rollout() {
+    let secrets = TestSecrets::generate();
+    let db = TestDatabase::create_empty().await;
+    let mut config = secrets.tenant_config(&db, &[]);
+    config.databases.main.migration_wait = std::time::Duration::from_secs(60);
+    let server = TestServer::spawn(|l, s| hafen_tenant::serve(config, l, s)).await;
+    let serving = async || {
+        let channel = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            server.try_channel(secrets.client_tls(None)),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .ok()?
+            .into_inner()
+            .status;
+        (status == ServingStatus::Serving as i32).then_some(())
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        serving().await.is_none(),
+        "not serving before the migration"
+    );
+
+    hafen_store::migrate::migrate_keystore(db.keystore().url())
+        .await
+        .unwrap();
+    hafen_store::migrate::migrate_control_plane(db.url())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while serving().await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serving once the migration is done"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[test]
 fn dc1_every_binary_help_parses() {
     for command in [

@@ -230,6 +230,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
             dev_certs_dir: args.dev_certs_dir.clone(),
         },
         drain_timeout: args.drain_timeout,
+        health_listen: None,
     };
 
     let Ok([auth, messaging, tenant, retention, audit, webchat]) = <[_; 6]>::try_from(listeners)

@@ -22,6 +22,11 @@ pub struct ServerArgs {
         value_parser = humantime::parse_duration,
     )]
     pub drain_timeout: Duration,
+
+    /// Address to serve `grpc.health.v1` on as well, in plaintext and nothing else: for
+    /// probes that speak no TLS (Kubernetes' native gRPC probe). Unset: none.
+    #[arg(long, env = "HAFEN_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// TLS for the service's listener and for its calls to other Hafen services.

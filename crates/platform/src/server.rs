@@ -41,6 +41,7 @@ pub struct GrpcServer {
     routes: Routes,
     service_names: Vec<&'static str>,
     browsers: crate::web::BrowserLayer,
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -64,7 +65,16 @@ impl GrpcServer {
             routes: Routes::default(),
             service_names: Vec::new(),
             browsers: crate::web::BrowserLayer::default(),
+            health_listen: None,
         }
+    }
+
+    /// Serves `grpc.health.v1` on `addr` too, in plaintext and nothing else, for probes
+    /// that speak no TLS (Kubernetes' native gRPC probe); it reports what the TLS port does,
+    /// NOT_SERVING during the drain included, and stops with the server.
+    pub fn health_listen(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.health_listen = addr;
+        self
     }
 
     /// Serves browsers of the origins `args` names with gRPC-Web ([`crate::web`]).
@@ -134,6 +144,7 @@ impl GrpcServer {
             routes,
             service_names,
             browsers,
+            health_listen,
         } = self;
 
         for service in &service_names {
@@ -160,6 +171,21 @@ impl GrpcServer {
             v1alpha = v1alpha.with_service_name(listed);
         }
 
+        let _plain_health = match health_listen {
+            Some(addr) => {
+                let listener = crate::bind(addr).await?;
+                tracing::info!(server = name, addr = %addr, "serving grpc.health.v1 in plaintext");
+                let plain = Server::builder()
+                    .add_service(health_service.clone())
+                    .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
+                Some(AbortOnDrop(tokio::spawn(async move {
+                    if let Err(err) = plain.await {
+                        tracing::warn!(error = %err, "plaintext health server stopped");
+                    }
+                })))
+            }
+            None => None,
+        };
         let routes = routes
             .add_service(health_service)
             .add_service(v1.build_v1()?)
@@ -231,6 +257,15 @@ impl GrpcServer {
         }
         tracing::info!(server = name, "stopped");
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped: the plaintext health server ends with the server.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -190,3 +190,103 @@ async fn a_call_that_outlives_the_drain_timeout_is_cut_off() {
         .unwrap();
     assert!(response.is_err(), "the call did not complete: {response:?}");
 }
+
+/// A plaintext health port (for the kubelet's native gRPC probe, which speaks no TLS) says
+/// what the TLS port's health says, NOT_SERVING once the drain begins, and serves nothing
+/// else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dc5_the_plaintext_health_port_answers_probes_and_nothing_else() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let (pki, tls) = pki();
+    let started = Arc::new(Notify::new());
+    let slow = Slow {
+        delay: Duration::from_secs(2),
+        started: started.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let health_addr = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        GrpcServer::new("test", tls, Duration::from_secs(10))
+            .health_listen(Some(health_addr))
+            .add_service(slow)
+            .serve(listener, async move {
+                let _ = stop_rx.await;
+            }),
+    );
+    let plain = loop {
+        if let Ok(channel) = Endpoint::from_shared(format!("http://{health_addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break channel;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut health = HealthClient::new(plain.clone());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let status = |response: Result<Response<tonic_health::pb::HealthCheckResponse>, Status>| {
+        response.unwrap().into_inner().status
+    };
+    // The services register as the server starts: wait until it has.
+    let serving = ServingStatus::Serving as i32;
+    for _ in 0..100 {
+        if health
+            .check(check("hafen.test.Slow"))
+            .await
+            .is_ok_and(|r| r.into_inner().status == serving)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(health.check(check("")).await), serving);
+    assert_eq!(
+        status(health.check(check("hafen.test.Slow")).await),
+        serving
+    );
+
+    // Nothing but health: the service itself is not reachable in plaintext.
+    let refused = call_wait(plain.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+
+    // While a call drains, both ports say NOT_SERVING; then the health port closes too.
+    let channel = connect(addr, &pki.ca_pem).await;
+    let call = tokio::spawn(call_wait(channel));
+    started.notified().await;
+    stop_tx.send(()).unwrap();
+    let not_serving = ServingStatus::NotServing as i32;
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = Some(status(health.check(check("")).await));
+        if seen == Some(not_serving) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, Some(not_serving));
+    assert!(call.await.unwrap().is_ok(), "the in-flight call completes");
+    let served = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    let mut closed = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(health_addr).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(closed, "the health port closed with the server");
+}

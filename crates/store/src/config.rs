@@ -36,6 +36,12 @@ pub struct DatabaseArgs {
     /// Connections older than this are closed instead of reused (spreads load after failover).
     #[arg(long, env = "HAFEN_DB_MAX_LIFETIME", default_value = "30m", value_parser = humantime::parse_duration)]
     pub db_max_lifetime: Duration,
+
+    /// How long a service waits at start for `hafen-tenant migrate` to bring the control
+    /// plane and the key store up to this version (a deployment runs the migration beside
+    /// the rollout); 0 refuses to start at once while a migration is pending.
+    #[arg(long, env = "HAFEN_MIGRATION_WAIT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub migration_wait: Duration,
 }
 
 impl DatabaseArgs {
@@ -48,6 +54,7 @@ impl DatabaseArgs {
             db_create_timeout: Duration::from_secs(5),
             db_recycle_timeout: Duration::from_secs(2),
             db_max_lifetime: Duration::from_secs(30 * 60),
+            migration_wait: Duration::ZERO,
         }
     }
 }

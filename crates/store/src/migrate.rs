@@ -87,6 +87,35 @@ pub async fn pending_with_keystore(args: &crate::DatabasesArgs) -> Result<Vec<St
     Ok(pending)
 }
 
+/// How often a service waiting for migrations looks again.
+const MIGRATION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The migrations still pending after waiting up to `args.main.migration_wait` for them to
+/// be applied (by `hafen-tenant migrate`, running beside a rollout): those of the control
+/// plane, and of the key store when `keystore`. Empty once there are none.
+pub async fn wait_until_migrated(
+    args: &crate::DatabasesArgs,
+    keystore: bool,
+) -> Result<Vec<String>> {
+    let until = std::time::Instant::now() + args.main.migration_wait;
+    loop {
+        let pending = if keystore {
+            pending_with_keystore(args).await?
+        } else {
+            pending_control_plane(&args.main.database_url).await?
+        };
+        let now = std::time::Instant::now();
+        if pending.is_empty() || now >= until {
+            return Ok(pending);
+        }
+        tracing::info!(
+            pending = pending.len(),
+            "waiting for `hafen-tenant migrate` to apply pending migrations"
+        );
+        tokio::time::sleep(MIGRATION_POLL.min(until - now)).await;
+    }
+}
+
 async fn migrate(url: &str, set: &'static Set) -> Result<Vec<String>> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || {

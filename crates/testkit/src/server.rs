@@ -283,6 +283,7 @@ impl TestSecrets {
                 dev_certs_dir: dir,
             },
             drain_timeout: Duration::from_secs(5),
+            health_listen: None,
         }
     }
 

@@ -118,8 +118,7 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let pending =
-        hafen_store::migrate::pending_control_plane(&config.databases.main.database_url).await?;
+    let pending = hafen_store::migrate::wait_until_migrated(&config.databases, false).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -157,6 +156,7 @@ where
     let api = AuditApi::new(log, authenticator.clone(), config.record);
     let layer = AuthnLayer::new(authenticator, api::INTERNAL);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .health_listen(config.server.health_listen)
         .add_service_with_internal(
             layer.wrap(AuditServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)),
             &[hafen_platform::check::InternalMethod {

@@ -123,7 +123,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
             "--access-ttl must be between 10s and 1h".into(),
         ));
     }
-    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
+    let pending = hafen_store::migrate::wait_until_migrated(&config.databases, true).await?;
     if !pending.is_empty() {
         return Err(Error::Config(format!(
             "control plane has pending migrations {pending:?}: run `hafen-tenant migrate` first"
@@ -198,6 +198,7 @@ where
     let (auth, authenticator) = build(&config).await?;
     let layer = AuthnLayer::new(authenticator, SELF_AUTHENTICATED);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .health_listen(config.server.health_listen)
         .browsers(&config.browsers)
         .add_service(layer.wrap(AuthServiceServer::new(AuthApi::new(auth))))
         .serve(listener, shutdown)

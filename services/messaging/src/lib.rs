@@ -114,7 +114,7 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
+    let pending = hafen_store::migrate::wait_until_migrated(&config.databases, true).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -189,6 +189,7 @@ where
     };
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .health_listen(config.server.health_listen)
         .browsers(&config.browsers)
         .add_service(layer.wrap(MessagingServiceServer::new(MessagingApi::new(
             messaging,

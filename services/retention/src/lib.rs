@@ -191,7 +191,7 @@ pub struct ReplayArgs {
 
 /// Refuses to work on a control plane or key store that lags behind this build.
 async fn require_migrated(args: &hafen_store::DatabasesArgs) -> Result<(), Error> {
-    let pending = hafen_store::migrate::pending_with_keystore(args).await?;
+    let pending = hafen_store::migrate::wait_until_migrated(args, true).await?;
     if pending.is_empty() {
         Ok(())
     } else {
@@ -261,6 +261,7 @@ where
     // with a token still passes the layer, which finds the operator.
     let layer = AuthnLayer::new(authenticator, &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .health_listen(config.server.health_listen)
         .add_service(layer.wrap(RetentionServiceServer::new(RetentionApi::new(
             policies,
             purger.clone(),

@@ -347,7 +347,7 @@ pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
+    let pending = hafen_store::migrate::wait_until_migrated(&config.databases, true).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -408,6 +408,7 @@ where
         Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(BINARY, tls, config.server.drain_timeout)
+        .health_listen(config.server.health_listen)
         .add_service(layer.wrap(TenantServiceServer::new(TenantApi::new(
             tenants,
             authenticator,

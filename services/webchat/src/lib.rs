@@ -170,7 +170,7 @@ where
         Some(dir) => files::WidgetFiles::load(dir)?,
         None => files::WidgetFiles::default(),
     };
-    let pending = hafen_store::migrate::pending_with_keystore(&config.databases).await?;
+    let pending = hafen_store::migrate::wait_until_migrated(&config.databases, true).await?;
     if !pending.is_empty() {
         return Err(Error::NotMigrated(pending));
     }
@@ -241,6 +241,7 @@ where
     });
     let layer = AuthnLayer::new(authenticator, &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
+        .health_listen(config.server.health_listen)
         .add_service(layer.wrap(WidgetServiceServer::new(WidgetApi::new(service.clone()))))
         // Visitors carry their own tokens, checked by the handlers.
         .add_service(VisitorServiceServer::new(VisitorApi::new(service.clone())))
