@@ -8,7 +8,7 @@ DEV_SERVICES := scripts/dev-services.sh
 # Exports HAFEN_DATABASE_URL, HAFEN_ADMIN_DATABASE_URL and HAFEN_REDIS_URL from .dev/env.
 LOAD_ENV := set -a && source .dev/env && set +a
 
-.PHONY: help setup run test bench lint fmt clean services-up services-down services-status
+.PHONY: help setup run test bench lint helm fmt clean services-up services-down services-status
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,8 +22,9 @@ run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in 
 	$(CARGO) build --bin hafen
 	$(LOAD_ENV) && exec target/debug/hafen dev --demo --widget-dir target/widget
 
-test: ## Start the dev services (fsync off) and run the whole test suite (the README's SDK example and the widget in Chromium too)
+test: ## Start the dev services (fsync off) and run the whole test suite (the README's SDK example, the widget in Chromium and the Helm chart checks too)
 	@scripts/setup.sh
+	@scripts/helm.sh
 	@scripts/widget.sh build
 	@scripts/widget.sh browser
 	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
@@ -43,6 +44,10 @@ lint: ## cargo fmt --check, cargo machete (unused dependencies), clippy and rust
 	$(CARGO) machete
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+helm: ## Check the Helm chart and the Dockerfile: helm lint --strict, kubernetes-validate of every render for Kubernetes 1.30-1.33, checkov
+	@scripts/setup.sh
+	@scripts/helm.sh
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
