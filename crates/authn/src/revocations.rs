@@ -339,6 +339,7 @@ impl Watching {
         if let Ok(mut watched) = revocations.inner.watched.lock() {
             *watched.entry(session).or_insert(0) += 1;
         }
+        metrics::gauge!("hafen_open_streams").increment(1.0);
         Self {
             revocations: revocations.clone(),
             session,
@@ -348,6 +349,7 @@ impl Watching {
 
 impl Drop for Watching {
     fn drop(&mut self) {
+        metrics::gauge!("hafen_open_streams").decrement(1.0);
         if let Ok(mut watched) = self.revocations.inner.watched.lock()
             && let Some(count) = watched.get_mut(&self.session)
         {

@@ -104,6 +104,11 @@ pub struct DevArgs {
     #[arg(long, env = "HAFEN_WIDGET_DIR")]
     pub widget_dir: Option<PathBuf>,
 
+    /// Serve the process's Prometheus metrics (all six services') as `/metrics` on this port
+    /// of --host. Unset: none.
+    #[arg(long, env = "HAFEN_DEV_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
     /// Where the demo credentials are kept (mode 0600).
     #[arg(long, env = "HAFEN_DEV_DEMO_FILE", default_value = ".dev/demo.txt")]
     pub demo_file: PathBuf,
@@ -231,6 +236,11 @@ pub async fn run(args: DevArgs) -> ExitCode {
         },
         drain_timeout: args.drain_timeout,
         health_listen: None,
+        // One registry for the whole process: served once, beside the auth service.
+        metrics_listen: args
+            .metrics_port
+            .filter(|_| name == "auth")
+            .map(|port| std::net::SocketAddr::new(args.host, port)),
     };
 
     let Ok([auth, messaging, tenant, retention, audit, webchat]) = <[_; 6]>::try_from(listeners)

@@ -92,10 +92,11 @@ impl Relay {
             loop {
                 let mut failed = false;
                 for (name, pool) in &pools {
-                    if let Err(err) = drain(pool, client.clone()).await {
+                    if let Err(err) = drain(name, pool, client.clone()).await {
                         tracing::warn!(service, database = %name, error = %err, "audit events not delivered yet; retrying");
                         failed = true;
                     }
+                    report_backlog(name, pool).await;
                 }
                 let pause = if failed {
                     let pause = backoff;
@@ -120,8 +121,35 @@ impl Relay {
     }
 }
 
+/// Sets `hafen_outbox_backlog` of the database `name`: the events still in its outbox,
+/// counted up to [`BACKLOG_COUNTED`].
+async fn report_backlog(name: &str, pool: &Pool) {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let Ok(mut conn) = pool.get().await else {
+        return;
+    };
+    let counted: Result<Count, _> = diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM (SELECT 1 FROM hafen.outbox LIMIT {BACKLOG_COUNTED}) AS o"
+    ))
+    .get_result(&mut conn)
+    .await;
+    let backlog = counted.map_or(0, |c| c.n);
+    metrics::gauge!("hafen_outbox_backlog", "database" => name.to_owned()).set(backlog as f64);
+}
+
+/// Most outbox rows [`report_backlog`] counts.
+const BACKLOG_COUNTED: i64 = 100_000;
+
 /// Delivers one database's outbox until it is empty.
-async fn drain(pool: &Pool, client: AuditServiceClient<Channel>) -> Result<(), RelayError> {
+async fn drain(
+    name: &str,
+    pool: &Pool,
+    client: AuditServiceClient<Channel>,
+) -> Result<(), RelayError> {
     loop {
         let mut conn = pool
             .get()
@@ -129,7 +157,7 @@ async fn drain(pool: &Pool, client: AuditServiceClient<Channel>) -> Result<(), R
             .map_err(|err| RelayError::Pool(err.to_string()))?;
         let conn: &mut hafen_store::AsyncPgConnection = &mut conn;
         AnsiTransactionManager::begin_transaction(conn).await?;
-        let delivered = deliver_batch(conn, client.clone()).await;
+        let delivered = deliver_batch(name, conn, client.clone()).await;
         match delivered {
             Ok(count) => {
                 AnsiTransactionManager::commit_transaction(conn).await?;
@@ -153,11 +181,12 @@ async fn drain(pool: &Pool, client: AuditServiceClient<Channel>) -> Result<(), R
 }
 
 async fn deliver_batch(
+    name: &str,
     conn: &mut hafen_store::AsyncPgConnection,
     mut client: AuditServiceClient<Channel>,
 ) -> Result<usize, RelayError> {
-    let rows: Vec<(Uuid, Vec<u8>)> = outbox::table
-        .select((outbox::id, outbox::event))
+    let rows: Vec<(Uuid, Vec<u8>, chrono::DateTime<chrono::Utc>)> = outbox::table
+        .select((outbox::id, outbox::event, outbox::created_at))
         .order((outbox::created_at, outbox::id))
         .limit(BATCH)
         .for_update()
@@ -167,9 +196,13 @@ async fn deliver_batch(
     if rows.is_empty() {
         return Ok(0);
     }
+    if let Some(oldest) = rows.iter().map(|(_, _, at)| *at).min() {
+        let lag = (chrono::Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::gauge!("hafen_outbox_relay_lag_seconds", "database" => name.to_owned()).set(lag);
+    }
     let mut events = Vec::with_capacity(rows.len());
     let mut ids = Vec::with_capacity(rows.len());
-    for (id, bytes) in rows {
+    for (id, bytes, _) in rows {
         ids.push(id);
         match pb::AuditEvent::decode(bytes.as_slice()) {
             Ok(event) => events.push(event),
@@ -187,5 +220,6 @@ async fn deliver_batch(
     diesel::delete(outbox::table.filter(outbox::id.eq_any(&ids)))
         .execute(conn)
         .await?;
+    metrics::counter!("hafen_outbox_relayed_total").increment(ids.len() as u64);
     Ok(ids.len())
 }

@@ -61,6 +61,23 @@ fn request_type(path: &str) -> Option<MessageDescriptor> {
     (!method.is_client_streaming()).then(|| method.input())
 }
 
+/// The kind of the method `method` of Hafen's service `service` (`unary`, `client_stream`,
+/// `server_stream` or `bidi_stream`), if there is such a method.
+pub(crate) fn method_kind(service: &str, method: &str) -> Option<&'static str> {
+    let method = pool()?
+        .get_service_by_name(service)?
+        .methods()
+        .find(|m| m.name() == method)?;
+    Some(
+        match (method.is_client_streaming(), method.is_server_streaming()) {
+            (false, false) => "unary",
+            (true, false) => "client_stream",
+            (false, true) => "server_stream",
+            (true, true) => "bidi_stream",
+        },
+    )
+}
+
 /// An internal method: only the services named may call it, and it may take larger messages.
 #[derive(Debug, Clone, Copy)]
 pub struct InternalMethod {

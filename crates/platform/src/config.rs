@@ -27,6 +27,11 @@ pub struct ServerArgs {
     /// probes that speak no TLS (Kubernetes' native gRPC probe). Unset: none.
     #[arg(long, env = "HAFEN_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,
+
+    /// Address to serve Prometheus metrics on, as `/metrics` over plain HTTP. Unset: none
+    /// (they are still recorded).
+    #[arg(long, env = "HAFEN_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// TLS for the service's listener and for its calls to other Hafen services.

@@ -15,6 +15,7 @@
 //! - [`server`]: the gRPC server builder: health, reflection (v1 and v1alpha), TLS (HTTP/2
 //!   and HTTP/1.1) and an ordered drain.
 //! - [`web`]: gRPC-Web with CORS for the web apps' origins a service is told.
+//! - [`metrics`]: the Prometheus recorder, `/metrics`, and the gRPC server metrics.
 //! - [`check`]: every request decoded against its contract before a handler sees it: bad
 //!   protobuf, invalid UTF-8, NUL characters and oversized messages refused with
 //!   INVALID_ARGUMENT or RESOURCE_EXHAUSTED and the field named.
@@ -29,6 +30,7 @@ mod conn;
 pub mod cpu;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod net;
 pub mod paging;
 pub mod server;

@@ -42,6 +42,7 @@ pub struct GrpcServer {
     service_names: Vec<&'static str>,
     browsers: crate::web::BrowserLayer,
     health_listen: Option<std::net::SocketAddr>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -66,6 +67,7 @@ impl GrpcServer {
             service_names: Vec::new(),
             browsers: crate::web::BrowserLayer::default(),
             health_listen: None,
+            metrics_listen: None,
         }
     }
 
@@ -75,6 +77,19 @@ impl GrpcServer {
     pub fn health_listen(mut self, addr: Option<std::net::SocketAddr>) -> Self {
         self.health_listen = addr;
         self
+    }
+
+    /// Serves the process's Prometheus metrics as `/metrics` on `addr` ([`crate::metrics`]),
+    /// until the server stops.
+    pub fn metrics_listen(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.metrics_listen = addr;
+        self
+    }
+
+    /// [`GrpcServer::health_listen`] and [`GrpcServer::metrics_listen`] as `args` say.
+    pub fn side_ports(self, args: &crate::ServerArgs) -> Self {
+        self.health_listen(args.health_listen)
+            .metrics_listen(args.metrics_listen)
     }
 
     /// Serves browsers of the origins `args` names with gRPC-Web ([`crate::web`]).
@@ -145,7 +160,10 @@ impl GrpcServer {
             service_names,
             browsers,
             health_listen,
+            metrics_listen,
         } = self;
+        // Installed before the first call, so every call is counted.
+        let _ = crate::metrics::handle();
 
         for service in &service_names {
             health
@@ -186,6 +204,15 @@ impl GrpcServer {
             }
             None => None,
         };
+        let _metrics = match metrics_listen {
+            Some(addr) => {
+                let listener = crate::bind(addr).await?;
+                tracing::info!(server = name, addr = %addr, "serving /metrics");
+                Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(listener))))
+            }
+            None => None,
+        };
+        let metered = crate::metrics::GrpcMetricsLayer::new(&service_names);
         let routes = routes
             .add_service(health_service)
             .add_service(v1.build_v1()?)
@@ -227,6 +254,7 @@ impl GrpcServer {
             .accept_http1(true)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
             .layer(browsers)
+            .layer(metered)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);

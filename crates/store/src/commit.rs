@@ -202,9 +202,15 @@ async fn run<B: Batches>(shared: Arc<Shared<B>>, tenant: Uuid, mut queue: mpsc::
                 }
             }
         }
-        if let Some(conn) = held.as_mut()
-            && !shared.batches.commit(tenant, conn, &mut state, batch).await
-        {
+        let size = batch.len();
+        let since = std::time::Instant::now();
+        let committed = match held.as_mut() {
+            Some(conn) => Some(shared.batches.commit(tenant, conn, &mut state, batch).await),
+            None => None,
+        };
+        metrics::histogram!("hafen_commit_batch_size").record(size as f64);
+        metrics::histogram!("hafen_commit_seconds").record(since.elapsed().as_secs_f64());
+        if committed == Some(false) {
             // After a failure the connection may be in any state: a fresh one next time, and
             // nothing remembered of the batches before.
             held = None;

@@ -74,6 +74,14 @@ fn parse_placement(value: &str) -> Result<(String, String), String> {
     Ok((name.to_owned(), url.to_owned()))
 }
 
+/// A connection from `pool`, its wait recorded (`hafen_db_pool_wait_seconds`).
+async fn timed_get(pool: &Pool) -> Result<crate::pool::PooledConnection> {
+    let since = Instant::now();
+    let conn = pool.get().await;
+    metrics::histogram!("hafen_db_pool_wait_seconds").record(since.elapsed().as_secs_f64());
+    Ok(conn?)
+}
+
 /// Pools of every database, and where each tenant lives.
 #[derive(Clone)]
 pub struct Databases {
@@ -146,7 +154,7 @@ impl Databases {
 
     /// A connection from the main database's pool (control plane).
     pub async fn main_connection(&self) -> Result<crate::pool::PooledConnection> {
-        Ok(self.inner.main.get().await?)
+        timed_get(&self.inner.main).await
     }
 
     /// The main database's URL.
@@ -161,7 +169,7 @@ impl Databases {
 
     /// A connection to the key store.
     pub async fn keystore_connection(&self) -> Result<crate::pool::PooledConnection> {
-        Ok(self.inner.keystore.get().await?)
+        timed_get(&self.inner.keystore).await
     }
 
     /// The key store's URL (the main database's when none was given).
@@ -214,7 +222,7 @@ impl Databases {
         &self,
         tenant: &TenantId,
     ) -> Result<crate::pool::PooledConnection> {
-        Ok(self.tenant_pool(tenant).await?.get().await?)
+        timed_get(&self.tenant_pool(tenant).await?).await
     }
 
     /// The pool of the database `tenant` lives on. Fails with `Error::UnknownTenant` for a
@@ -256,6 +264,49 @@ impl Databases {
             self.inner.forgotten.fetch_add(1, Ordering::AcqRel);
             placed.remove(&tenant);
         }
+    }
+
+    /// Reports the state of every pool as gauges (`hafen_db_pool_*`, labelled with the
+    /// `service`, the database's name and `pool`), every 5 s for the life of the process.
+    pub fn report_pool_metrics(
+        &self,
+        service: &'static str,
+        pool: &'static str,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut pools: Vec<(String, Pool)> = self
+            .names()
+            .into_iter()
+            .filter_map(|name| self.pool(&name).cloned().map(|p| (name, p)))
+            .collect();
+        if self.keystore_apart() {
+            pools.push(("keystore".to_owned(), self.inner.keystore.clone()));
+        }
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                for (database, p) in &pools {
+                    let status = p.status();
+                    let labels = [
+                        ("service", service.to_owned()),
+                        ("database", database.clone()),
+                        ("pool", pool.to_owned()),
+                    ];
+                    let in_use = status.size.saturating_sub(status.available);
+                    let gauge = |state: &'static str| {
+                        let mut with_state = labels.to_vec();
+                        with_state.push(("state", state.to_owned()));
+                        metrics::gauge!("hafen_db_pool_connections", with_state.as_slice())
+                    };
+                    gauge("in_use").set(in_use as f64);
+                    gauge("idle").set(status.available as f64);
+                    metrics::gauge!("hafen_db_pool_max_connections", labels.as_slice())
+                        .set(status.max_size as f64);
+                    metrics::gauge!("hafen_db_pool_waiting", labels.as_slice())
+                        .set(status.waiting as f64);
+                }
+            }
+        })
     }
 
     /// Forgets where every tenant lives (moves may have gone unheard).

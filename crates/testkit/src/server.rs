@@ -284,6 +284,7 @@ impl TestSecrets {
             },
             drain_timeout: Duration::from_secs(5),
             health_listen: None,
+            metrics_listen: None,
         }
     }
 

@@ -63,6 +63,9 @@ pub struct TestStack {
     pub webchat: TestServer,
     /// How the audit service was configured, to start it again after [`TestStack::stop_audit`].
     audit_config: hafen_audit::Config,
+    /// Where each service serves `/metrics`, by service name, when started with
+    /// [`TestStack::start_with_metrics`].
+    pub metrics: Vec<(&'static str, std::net::SocketAddr)>,
 }
 
 impl TestStack {
@@ -81,21 +84,42 @@ impl TestStack {
     pub async fn start_with_placement(name: &str) -> Self {
         let mut db = TestDatabase::create().await;
         db.add_placement(name).await;
-        Self::start_with_database(db, None).await
+        Self::start_with_database(db, None, false).await
+    }
+
+    /// Starts the services, each also serving the process's Prometheus metrics on a port of
+    /// its own ([`TestStack::metrics`]).
+    pub async fn start_with_metrics() -> Self {
+        Self::start_with_database(TestDatabase::create().await, None, true).await
     }
 
     /// Starts the services on a database of the PostgreSQL server `env` names (e.g. a
     /// [`crate::PrivatePostgres`] to stop later), and on `redis` when given.
     pub async fn start_on(env: &crate::TestEnv, redis: Option<hafen_authn::RedisArgs>) -> Self {
-        Self::start_with_database(TestDatabase::create_in(env).await, redis).await
+        Self::start_with_database(TestDatabase::create_in(env).await, redis, false).await
     }
 
-    async fn start_with_database(db: TestDatabase, redis: Option<hafen_authn::RedisArgs>) -> Self {
+    async fn start_with_database(
+        db: TestDatabase,
+        redis: Option<hafen_authn::RedisArgs>,
+        with_metrics: bool,
+    ) -> Self {
         let secrets = TestSecrets::generate();
+        let mut metrics = Vec::new();
+        let mut metrics_port = |service: &'static str| {
+            with_metrics.then(|| {
+                let free = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free loopback port");
+                metrics.push((service, free));
+                free
+            })
+        };
         let redis = redis.unwrap_or_else(|| secrets.redis_args());
         // The audit service first, on a listener bound now, so the others know its address.
         let mut audit_config = secrets.audit_config(&db);
         audit_config.redis = redis.clone();
+        audit_config.server.metrics_listen = metrics_port("audit");
         let audit_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the audit service");
@@ -105,6 +129,7 @@ impl TestStack {
         );
         let mut auth_config = secrets.auth_config(&db);
         auth_config.redis = redis.clone();
+        auth_config.server.metrics_listen = metrics_port("auth");
         auth_config.audit.audit_endpoint = audit_endpoint.clone();
         let auth = TestServer::spawn(|l, s| hafen_auth::serve(auth_config, l, s)).await;
         audit_config.auth.auth_endpoint = auth.uri();
@@ -117,23 +142,27 @@ impl TestStack {
         tenant_config.auth.auth_endpoint = auth.uri();
         tenant_config.audit.audit_endpoint = audit_endpoint.clone();
         tenant_config.redis = redis.clone();
+        tenant_config.server.metrics_listen = metrics_port("tenant");
         let tenant = TestServer::spawn(|l, s| hafen_tenant::serve(tenant_config, l, s)).await;
         let mut messaging_config = secrets.messaging_config(&db);
         messaging_config.auth.auth_endpoint = auth.uri();
         messaging_config.audit.audit_endpoint = audit_endpoint.clone();
         messaging_config.redis = redis.clone();
+        messaging_config.server.metrics_listen = metrics_port("messaging");
         let messaging =
             TestServer::spawn(|l, s| hafen_messaging::serve(messaging_config, l, s)).await;
         let mut retention_config = secrets.retention_config(&db);
         retention_config.auth.auth_endpoint = auth.uri();
         retention_config.audit.audit_endpoint = audit_endpoint.clone();
         retention_config.redis = redis.clone();
+        retention_config.server.metrics_listen = metrics_port("retention");
         let retention =
             TestServer::spawn(|l, s| hafen_retention::serve(retention_config, l, s)).await;
         let mut webchat_config = secrets.webchat_config(&db);
         webchat_config.auth.auth_endpoint = auth.uri();
         webchat_config.audit.audit_endpoint = audit_endpoint;
         webchat_config.redis = redis;
+        webchat_config.server.metrics_listen = metrics_port("webchat");
         let webchat = TestServer::spawn(|l, s| hafen_webchat::serve(webchat_config, l, s)).await;
         Self {
             secrets,
@@ -145,6 +174,7 @@ impl TestStack {
             retention,
             webchat,
             audit_config: audit_again,
+            metrics,
         }
     }
 

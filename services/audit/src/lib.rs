@@ -136,6 +136,7 @@ where
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let databases = Databases::new(&config.databases)?;
     revocations.recheck_streams(databases.main().clone());
+    databases.report_pool_metrics("audit", "requests");
     let authenticator =
         Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
     let log = AuditLog::new(
@@ -156,7 +157,7 @@ where
     let api = AuditApi::new(log, authenticator.clone(), config.record);
     let layer = AuthnLayer::new(authenticator, api::INTERNAL);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .health_listen(config.server.health_listen)
+        .side_ports(&config.server)
         .add_service_with_internal(
             layer.wrap(AuditServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)),
             &[hafen_platform::check::InternalMethod {

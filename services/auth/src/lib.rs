@@ -138,6 +138,7 @@ pub async fn build(config: &Config) -> Result<(Auth, Authenticator), Error> {
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     revocations.forget_moved_placements(databases.clone());
+    databases.report_pool_metrics("auth", "requests");
     let limiter = hafen_authn::limits::Limiter::new(
         Some(redis.clone()),
         hafen_authn::limits::LimitPolicy {
@@ -198,7 +199,7 @@ where
     let (auth, authenticator) = build(&config).await?;
     let layer = AuthnLayer::new(authenticator, SELF_AUTHENTICATED);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .health_listen(config.server.health_listen)
+        .side_ports(&config.server)
         .browsers(&config.browsers)
         .add_service(layer.wrap(AuthServiceServer::new(AuthApi::new(auth))))
         .serve(listener, shutdown)

@@ -128,6 +128,7 @@ where
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     revocations.forget_moved_placements(databases.clone());
+    databases.report_pool_metrics("messaging", "requests");
     revocations.recheck_streams(databases.main().clone());
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
@@ -168,6 +169,7 @@ where
     // The committers get pools of their own: their connections are driven on their thread.
     let committed = Databases::new(&config.databases)?;
     revocations.forget_moved_placements(committed.clone());
+    committed.report_pool_metrics("messaging", "commit");
     let committer = commit::Committer::new(committed, hub.clone(), config.max_queued_sends);
     let relay = hafen_events::Relay::spawn(NAME, &databases, &config.audit, &tls)
         .map_err(|err| Error::Config(format!("--audit-endpoint: {err}")))?;
@@ -189,7 +191,7 @@ where
     };
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .health_listen(config.server.health_listen)
+        .side_ports(&config.server)
         .browsers(&config.browsers)
         .add_service(layer.wrap(MessagingServiceServer::new(MessagingApi::new(
             messaging,

@@ -222,6 +222,7 @@ where
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     revocations.forget_moved_placements(databases.clone());
+    databases.report_pool_metrics("retention", "requests");
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let authenticator = Authenticator::new(
@@ -261,7 +262,7 @@ where
     // with a token still passes the layer, which finds the operator.
     let layer = AuthnLayer::new(authenticator, &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .health_listen(config.server.health_listen)
+        .side_ports(&config.server)
         .add_service(layer.wrap(RetentionServiceServer::new(RetentionApi::new(
             policies,
             purger.clone(),

@@ -597,6 +597,12 @@ impl Purger {
         let (id, deleted, touched, held) =
             (run.id, progress.deleted, progress.touched(), progress.held);
         let visits = progress.visits;
+        metrics::counter!("hafen_purge_deleted_total", "kind" => "messages")
+            .increment(u64::try_from(deleted).unwrap_or(0));
+        metrics::counter!("hafen_purge_runs_total", "result" => if succeeded { "succeeded" } else { "failed" })
+            .increment(1);
+        metrics::gauge!("hafen_purge_last_run_timestamp_seconds")
+            .set(chrono::Utc::now().timestamp() as f64);
         let ended = hafen_store::with_tenant(&pool, &tenant_id, move |conn| {
             Box::pin(async move {
                 let at = now();

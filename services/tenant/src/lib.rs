@@ -399,6 +399,7 @@ where
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     revocations.forget_moved_placements(databases.clone());
+    databases.report_pool_metrics("tenant", "requests");
     // ExportTenant streams end when their session does, even if the announcement is lost.
     revocations.recheck_streams(databases.main().clone());
     tenants.follow_deletions(revocations.tenant_deletions());
@@ -408,7 +409,7 @@ where
         Authenticator::new(Some(token), Some(redis), Arc::new(resolver), revocations);
     let layer = AuthnLayer::new(authenticator.clone(), &[]);
     GrpcServer::new(BINARY, tls, config.server.drain_timeout)
-        .health_listen(config.server.health_listen)
+        .side_ports(&config.server)
         .add_service(layer.wrap(TenantServiceServer::new(TenantApi::new(
             tenants,
             authenticator,

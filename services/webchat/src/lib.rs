@@ -184,6 +184,7 @@ where
     let revocations = Revocations::new(MAX_ACCESS_TTL);
     revocations.listen(redis.clone());
     revocations.forget_moved_placements(databases.clone());
+    databases.report_pool_metrics("webchat", "requests");
     let resolver = RemoteIntrospect::new(&config.auth, &tls)
         .map_err(|err| Error::Config(format!("--auth-endpoint: {err}")))?;
     let authenticator = Authenticator::new(
@@ -220,6 +221,7 @@ where
     // The committers get pools of their own: their connections are driven on their thread.
     let committed = Databases::new(&config.databases)?;
     revocations.forget_moved_placements(committed.clone());
+    committed.report_pool_metrics("webchat", "commit");
     let committer =
         commit::Committer::new(committed, Some(redis.clone()), config.max_queued_messages);
     let wakes = Arc::new(wakes::Wakes::default());
@@ -241,7 +243,7 @@ where
     });
     let layer = AuthnLayer::new(authenticator, &[]);
     GrpcServer::new(SPEC.binary, tls, config.server.drain_timeout)
-        .health_listen(config.server.health_listen)
+        .side_ports(&config.server)
         .add_service(layer.wrap(WidgetServiceServer::new(WidgetApi::new(service.clone()))))
         // Visitors carry their own tokens, checked by the handlers.
         .add_service(VisitorServiceServer::new(VisitorApi::new(service.clone())))

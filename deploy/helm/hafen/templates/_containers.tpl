@@ -18,12 +18,17 @@ The container of one service: dict "root" $ "service" "auth". Its files: the TLS
     - name: health-{{ $name }}
       containerPort: {{ $svc.healthPort }}
       protocol: TCP
+    - name: metrics-{{ $name }}
+      containerPort: {{ $svc.metricsPort }}
+      protocol: TCP
   env:
     {{- include "hafen.commonEnv" $root | nindent 4 }}
     - name: HAFEN_LISTEN
       value: "0.0.0.0:{{ $svc.port }}"
     - name: HAFEN_HEALTH_LISTEN
       value: "0.0.0.0:{{ $svc.healthPort }}"
+    - name: HAFEN_METRICS_LISTEN
+      value: "0.0.0.0:{{ $svc.metricsPort }}"
     - name: HAFEN_TLS_CERT
       value: /etc/hafen/tls/tls.crt
     - name: HAFEN_TLS_KEY

@@ -34,7 +34,8 @@ impl Hub {
 
     /// Publishes on the channels of the tenants woken, coalescing the wakes that queue up
     /// while a round of notifications is on its way. The message is the last event id when
-    /// every coalesced wake knew it (the highest), and empty otherwise.
+    /// every coalesced wake knew it (the highest; empty otherwise), a space and the time of
+    /// publishing in Unix milliseconds (subscribers report the fan-out lag from it).
     async fn publish(redis: Redis, mut pending: mpsc::UnboundedReceiver<(Uuid, Option<i64>)>) {
         let mut tenants: HashMap<Uuid, Option<i64>> = HashMap::new();
         let add = |tenants: &mut HashMap<Uuid, Option<i64>>, (tenant, last)| {
@@ -49,10 +50,12 @@ impl Hub {
                 add(&mut tenants, woken);
             }
             let mut pipe = redis::pipe();
+            let at = chrono::Utc::now().timestamp_millis();
             for (tenant, last) in tenants.drain() {
+                let last = last.map(|id| id.to_string()).unwrap_or_default();
                 pipe.cmd("SPUBLISH")
                     .arg(Self::channel(&redis, tenant))
-                    .arg(last.map(|id| id.to_string()).unwrap_or_default())
+                    .arg(format!("{last} {at}"))
                     .ignore();
             }
             let published: redis::RedisResult<()> = pipe.query_async(&mut redis.conn()).await;
