@@ -14,4 +14,5 @@ mod erasure;
 mod foundation;
 mod keys;
 mod metrics;
+mod traces;
 mod trust;

@@ -151,7 +151,12 @@ impl Authenticator {
         let Some(sessions) = &self.sessions else {
             return Err(hafen_platform::status::unauthenticated("unknown token"));
         };
-        sessions.resolve(token).await.map(Caller::User)
+        let principal = sessions.resolve(token).await?;
+        hafen_platform::telemetry::record_ids(&[
+            ("tenant_id", &principal.tenant_id),
+            ("user_id", &principal.user_id),
+        ]);
+        Ok(Caller::User(principal))
     }
 
     /// Resolves when `session` is revoked, with the reason (for open streams).

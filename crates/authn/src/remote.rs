@@ -56,16 +56,22 @@ impl RemoteIntrospect {
 impl Resolver for RemoteIntrospect {
     fn introspect(&self, token: &str) -> BoxFuture<'static, Result<Introspection, Status>> {
         let mut client = self.client.clone();
-        let request = IntrospectRequest {
+        let mut request = tonic::Request::new(IntrospectRequest {
             access_token: token.to_owned(),
-        };
-        Box::pin(async move {
-            let response = client.introspect(request).await.map_err(|status| {
-                tracing::warn!(code = ?status.code(), "auth service unavailable for introspection");
-                hafen_platform::status::unavailable("cannot verify the session right now")
-            })?;
-            Ok(from_response(&response.into_inner()))
-        })
+        });
+        let span =
+            hafen_platform::telemetry::client_span("hafen.auth.v1.AuthService", "Introspect");
+        hafen_platform::telemetry::inject(&span, &mut request);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = client.introspect(request).await.map_err(|status| {
+                    tracing::warn!(code = ?status.code(), "auth service unavailable for introspection");
+                    hafen_platform::status::unavailable("cannot verify the session right now")
+                })?;
+                Ok(from_response(&response.into_inner()))
+            },
+            span,
+        ))
     }
 }
 

@@ -213,9 +213,11 @@ async fn deliver_batch(
         }
     }
     if !events.is_empty() {
-        client
-            .append_events(pb::AppendEventsRequest { events })
-            .await?;
+        let span =
+            hafen_platform::telemetry::client_span("hafen.audit.v1.AuditService", "AppendEvents");
+        let mut request = tonic::Request::new(pb::AppendEventsRequest { events });
+        hafen_platform::telemetry::inject(&span, &mut request);
+        tracing::Instrument::instrument(client.append_events(request), span).await?;
     }
     diesel::delete(outbox::table.filter(outbox::id.eq_any(&ids)))
         .execute(conn)

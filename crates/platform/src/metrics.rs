@@ -327,22 +327,30 @@ where
         )
         .increment(1);
         let since = std::time::Instant::now();
-        let called = self.inner.call(request);
-        Box::pin(async move {
-            let response = called.await?;
-            // A trailers-only answer (an error before any message) has its status here.
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .map(|v| code_name(v.as_bytes()));
-            Ok(response.map(|inner| {
-                tonic::body::Body::new(MeteredBody {
-                    inner,
-                    call: Some((labels, since)),
-                    code,
-                })
-            }))
-        })
+        let span =
+            crate::telemetry::server_span(&labels.service, &labels.method, request.headers());
+        let called = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = called.await?;
+                // A trailers-only answer (an error before any message) has its status here.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .map(|v| code_name(v.as_bytes()));
+                Ok(response.map(|inner| {
+                    tonic::body::Body::new(MeteredBody {
+                        inner,
+                        call: Some((labels, since)),
+                        code,
+                    })
+                }))
+            },
+            span,
+        ))
     }
 }
 

@@ -2,6 +2,9 @@
 //!
 //! Logs go to standard error as JSON or human-readable lines. When
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans and metrics are also exported over OTLP/gRPC.
+//! Every RPC is a span ([`crate::metrics::GrpcMetricsLayer`] opens it), a child of the
+//! caller's when the call carries W3C trace context (`traceparent`), and the calls one service
+//! makes to another carry it ([`inject`]).
 //! Only ids ever go into log fields and span attributes: never message bodies, passwords,
 //! tokens or chat codes (BX5), at any level. Dependencies that log the values they handle
 //! below INFO ([`VALUE_LOGGERS`]) are capped at INFO whatever the filter asks for.
@@ -63,6 +66,27 @@ pub fn without_logged_values() -> FilterFn<impl Fn(&tracing::Metadata<'_>) -> bo
 ///
 /// Call once, from `main`, inside the Tokio runtime (the OTLP exporter needs it).
 pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuard> {
+    init_exporting(service, args, otlp_configured().then_some(None))
+}
+
+/// [`init`], exporting spans (only) to the OTLP/gRPC collector at `endpoint` whatever the
+/// environment says: for tests that receive the spans themselves.
+pub fn init_with_otlp_endpoint(
+    service: &'static str,
+    args: &TelemetryArgs,
+    endpoint: &str,
+) -> Result<TelemetryGuard> {
+    init_exporting(service, args, Some(Some(endpoint)))
+}
+
+/// `otlp`: `None` exports nothing; `Some(None)` spans and metrics to where the environment
+/// says; `Some(Some(endpoint))` spans to `endpoint`.
+fn init_exporting(
+    service: &'static str,
+    args: &TelemetryArgs,
+    otlp: Option<Option<&str>>,
+) -> Result<TelemetryGuard> {
+    use opentelemetry_otlp::WithExportConfig as _;
     install_crypto_provider();
     let filter = EnvFilter::try_new(&args.log_filter)
         .map_err(|err| Error::Config(format!("--log-filter: {err}")))?;
@@ -80,28 +104,39 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
     let fmt_pretty = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
 
     let mut guard = TelemetryGuard::default();
-    let otel = if otlp_configured() {
+    let otel = if let Some(endpoint) = otlp {
         let resource = resource(service);
-        let spans = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-            .map_err(|err| Error::Telemetry(err.to_string()))?;
+        let spans = match endpoint {
+            Some(endpoint) => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build(),
+            None => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build(),
+        }
+        .map_err(|err| Error::Telemetry(err.to_string()))?;
         let tracer_provider = SdkTracerProvider::builder()
             .with_batch_exporter(spans)
             .with_resource(resource.clone())
             .build();
-        let metrics = opentelemetry_otlp::MetricExporter::builder()
-            .with_tonic()
-            .build()
-            .map_err(|err| Error::Telemetry(err.to_string()))?;
-        let meter_provider = SdkMeterProvider::builder()
-            .with_periodic_exporter(metrics)
-            .with_resource(resource)
-            .build();
-        opentelemetry::global::set_meter_provider(meter_provider.clone());
+        if endpoint.is_none() {
+            let metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|err| Error::Telemetry(err.to_string()))?;
+            let meter_provider = SdkMeterProvider::builder()
+                .with_periodic_exporter(metrics)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_meter_provider(meter_provider.clone());
+            guard.meter = Some(meter_provider);
+        }
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
         let layer = tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer(service));
         guard.tracer = Some(tracer_provider);
-        guard.meter = Some(meter_provider);
         Some(layer)
     } else {
         None
@@ -137,6 +172,91 @@ fn resource(service: &'static str) -> Resource {
         builder.build()
     } else {
         builder.with_service_name(service).build()
+    }
+}
+
+/// The span of an RPC this server serves (none for health checks and reflection), a child of
+/// the caller's span when `headers` carry W3C trace context. Its fields are ids only; the handler records the tenant, user,
+/// conversation and request ids it learns ([`record_ids`]).
+pub fn server_span(service: &str, method: &str, headers: &http::HeaderMap) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    // Probes and reflection would only bury the traces that matter.
+    if service.starts_with("grpc.") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        tenant_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+        conversation_id = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    });
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// The span of a call this service makes to another one (`service`/`method`), in the current
+/// span; [`inject`] its context into the request.
+pub fn client_span(service: &str, method: &str) -> tracing::Span {
+    tracing::info_span!(
+        "rpc.call",
+        otel.name = %format!("{service}/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    )
+}
+
+/// Puts the trace context of `span` into `request` (`traceparent`), so the service called
+/// continues the trace.
+pub fn inject<T>(span: &tracing::Span, request: &mut tonic::Request<T>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
+    });
+}
+
+/// Records ids on the current RPC span: `("tenant_id", id)` and the like. Values are ids the
+/// code has parsed, never content.
+pub fn record_ids(ids: &[(&'static str, &dyn std::fmt::Display)]) {
+    let span = tracing::Span::current();
+    for (field, value) in ids {
+        span.record(*field, tracing::field::display(value));
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
     }
 }
 

@@ -193,7 +193,7 @@ impl MessagingService for MessagingApi {
     #[instrument(
         name = "SendMessage",
         skip_all,
-        fields(tenant_id, user_id, conversation_id)
+        fields(tenant_id, user_id, conversation_id, request_id)
     )]
     async fn send_message(
         &self,
@@ -204,6 +204,7 @@ impl MessagingService for MessagingApi {
         let request_id = parse_uuid("request_id", &r.request_id)?;
         let conversation = parse_uuid("conversation_id", &r.conversation_id)?;
         record("conversation_id", conversation);
+        record("request_id", request_id);
         let message = self
             .messaging
             .send(&caller, conversation, request_id, &r.body)
