@@ -59,6 +59,28 @@ async fn gr1_hafen_dev_runs_all_six_services_seeds_the_demo_and_stops_on_sigterm
         })
         .await
         .expect("an agent takes the demo chat");
+
+    // One /metrics for the whole process: the visitor's calls to the webchat service and the
+    // logins at the auth service are counted there.
+    let metrics = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", stack.metrics_port))
+            .await
+            .expect("hafen dev serves /metrics on --metrics-port");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: dev\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for counted in [
+        "grpc_server_handled_total{grpc_service=\"hafen.webchat.v1.VisitorService\",grpc_method=\"SendVisitorMessage\",grpc_type=\"unary\",grpc_code=\"OK\"}",
+        "grpc_service=\"hafen.auth.v1.AuthService\"",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
     let banner = stack.stop().await;
     for (port, service) in stack.ports.iter().zip(SERVICES) {
         assert!(

@@ -230,6 +230,12 @@ impl CallLabels {
             method: "unknown".into(),
             kind: "unknown",
         };
+        // Browsers reach the website chat's visitor service under a widget's path
+        // (`/w/<widget>/<service>/<method>`): counted as that method, the widget left out.
+        let path = path
+            .strip_prefix("/w/")
+            .and_then(|rest| rest.find('/').map(|at| &rest[at..]))
+            .unwrap_or(path);
         let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
             return unknown();
         };
@@ -415,5 +421,53 @@ where
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CallLabels;
+
+    /// Only methods the server has become label values: a made-up path cannot add series,
+    /// and a widget's path counts as the visitor service's method.
+    #[test]
+    fn dc5_call_labels_name_known_methods_only() {
+        let services = [
+            "hafen.messaging.v1.MessagingService",
+            "hafen.webchat.v1.VisitorService",
+        ];
+        let labels = CallLabels::of(
+            "/hafen.messaging.v1.MessagingService/SendMessage",
+            &services,
+        );
+        assert_eq!(
+            (labels.service.as_str(), labels.method.as_str(), labels.kind),
+            (
+                "hafen.messaging.v1.MessagingService",
+                "SendMessage",
+                "unary"
+            )
+        );
+        let stream = CallLabels::of("/hafen.messaging.v1.MessagingService/Subscribe", &services);
+        assert_eq!(stream.kind, "server_stream");
+        let widget = CallLabels::of(
+            "/w/6f1c1d52-3c43-4c8c-9a59-2f4f3e5b2a10/hafen.webchat.v1.VisitorService/StartVisit",
+            &services,
+        );
+        assert_eq!(widget.method, "StartVisit");
+        for made_up in [
+            "/hafen.messaging.v1.MessagingService/NoSuchMethod",
+            "/hafen.auth.v1.AuthService/Login",
+            "/x/y/z",
+            "/",
+            "",
+        ] {
+            let labels = CallLabels::of(made_up, &services);
+            assert_eq!(
+                (labels.service.as_str(), labels.method.as_str()),
+                ("unknown", "unknown"),
+                "{made_up}"
+            );
+        }
     }
 }

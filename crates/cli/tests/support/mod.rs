@@ -41,6 +41,8 @@ pub struct DevStack {
     pub demo: String,
     /// The port of the demo page (`--demo-page-port`).
     pub page_port: u16,
+    /// The port of the process's `/metrics` (`--metrics-port`).
+    pub metrics_port: u16,
     db: TestDatabase,
     _redis: TestRedis,
 }
@@ -108,7 +110,8 @@ impl DevStack {
         let redis = TestRedis::new();
         let tmp = tempfile::tempdir().unwrap();
         let certs = tmp.path().join("certs");
-        let mut ports = free_ports(SERVICES.len() + 1);
+        let mut ports = free_ports(SERVICES.len() + 2);
+        let metrics_port = ports.pop().unwrap();
         let page_port = ports.pop().unwrap();
 
         let mut command = Command::new(env!("CARGO_BIN_EXE_hafen"));
@@ -133,6 +136,8 @@ impl DevStack {
             .arg(tmp.path().join("demo.txt"))
             .arg("--demo-page-port")
             .arg(page_port.to_string())
+            .arg("--metrics-port")
+            .arg(metrics_port.to_string())
             .args(extra)
             .env("HAFEN_DATABASE_URL", db.url())
             .env("HAFEN_KEYSTORE_URL", db.keystore().url())
@@ -157,6 +162,7 @@ impl DevStack {
             certs,
             demo: String::new(),
             page_port,
+            metrics_port,
             tmp,
             db,
             _redis: redis,
