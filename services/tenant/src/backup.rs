@@ -666,7 +666,8 @@ pub struct RestoreArgs {
     #[arg(long = "to-database", env = "HAFEN_RESTORE_DATABASE")]
     pub database: Option<String>,
 
-    /// Replace the tenant's schema if it exists and the tenant is live (otherwise refused).
+    /// Replace a live tenant's data with the backup's, in place or by moving it with
+    /// --to-database (otherwise refused).
     #[arg(long, env = "HAFEN_RESTORE_REPLACE")]
     pub replace: bool,
 
@@ -730,6 +731,13 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, Error> {
         .database
         .clone()
         .unwrap_or_else(|| row.database_name.clone());
+    // Moving a live tenant replaces what it has now just as restoring in place does.
+    if live && target != row.database_name && !args.replace {
+        return Err(Error::Config(format!(
+            "tenant {} is live on {}: give --replace to replace it with the backup on {target}",
+            manifest.tenant_id, row.database_name
+        )));
+    }
     let url = databases
         .url(&target)
         .ok_or_else(|| Error::Config(format!("unknown database {target}")))?

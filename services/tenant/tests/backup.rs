@@ -411,9 +411,13 @@ async fn bx7_gr4_a_backup_restored_into_a_fresh_database_ends_with_the_erasures_
         .to_string();
     assert!(refused.contains("--replace"), "{refused}");
 
-    // Restored into a fresh database, while the services run: the tenant moves there.
-    let mut to_spare = restore_args(&stack, &path, true);
+    // Restored into a fresh database, while the services run: the tenant moves there (which
+    // replaces what it has, so only when told).
+    let mut to_spare = restore_args(&stack, &path, false);
     to_spare.database = Some("spare".into());
+    let refused = backup::restore(&to_spare).await.err().unwrap().to_string();
+    assert!(refused.contains("--replace"), "{refused}");
+    to_spare.replace = true;
     let restored = backup::restore(&to_spare).await.unwrap();
     assert!(restored.replay.users_erased >= 1, "{:?}", restored.replay);
     assert_eq!(restored.replay.messages_deleted, 1, "{:?}", restored.replay);
