@@ -93,6 +93,35 @@ for values in "$CHART"/ci/*-values.yaml; do
     log "$name: $(grep -c '^kind:' "$RENDERED/$name-${KUBE_VERSIONS[-1]}.yaml") resources, valid for Kubernetes ${KUBE_VERSIONS[0]}–${KUBE_VERSIONS[-1]}"
 done
 
+# The API server refuses container port names that are no IANA service name (at most 15
+# characters, lower-case letters, digits and inner hyphens, a letter among them); the
+# OpenAPI schemas kubernetes-validate checks against do not say so.
+"$VENV/bin/python" - "$RENDERED"/*.yaml <<'PY'
+import re, sys, yaml
+bad = set()
+def walk(node):
+    if isinstance(node, dict):
+        name = node.get("name")
+        if "containerPort" in node and name is not None and not (
+            len(name) <= 15
+            and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)
+            and "--" not in name
+            and re.search(r"[a-z]", name)
+        ):
+            bad.add(name)
+        for value in node.values():
+            walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            walk(value)
+for path in sys.argv[1:]:
+    with open(path) as rendered:
+        for doc in yaml.safe_load_all(rendered):
+            walk(doc)
+if bad:
+    sys.exit("container port names the API server refuses: " + ", ".join(sorted(bad)))
+PY
+
 # Rendering refuses values that make no deployment.
 if "$HELM" template hafen "$CHART" --set mode=both "${SECRETS[@]}" >/dev/null 2>&1; then
     log "mode=both rendered: it must not"

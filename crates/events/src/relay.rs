@@ -137,8 +137,11 @@ async fn report_backlog(name: &str, pool: &Pool) {
     ))
     .get_result(&mut conn)
     .await;
-    let backlog = counted.map_or(0, |c| c.n);
-    metrics::gauge!("hafen_outbox_backlog", "database" => name.to_owned()).set(backlog as f64);
+    // A count that failed says nothing: the gauge keeps its last value.
+    if let Ok(counted) = counted {
+        metrics::gauge!("hafen_outbox_backlog", "database" => name.to_owned())
+            .set(counted.n as f64);
+    }
 }
 
 /// Most outbox rows [`report_backlog`] counts.
@@ -194,6 +197,7 @@ async fn deliver_batch(
         .load(conn)
         .await?;
     if rows.is_empty() {
+        metrics::gauge!("hafen_outbox_relay_lag_seconds", "database" => name.to_owned()).set(0.0);
         return Ok(0);
     }
     if let Some(oldest) = rows.iter().map(|(_, _, at)| *at).min() {

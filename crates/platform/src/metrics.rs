@@ -341,17 +341,32 @@ where
         };
         Box::pin(tracing::Instrument::instrument(
             async move {
+                // A call dropped before its answer (the client went away, or its deadline
+                // passed) is counted by the guard.
+                let mut pending = MeteredBody {
+                    inner: (),
+                    call: Some((labels, since)),
+                    code: None,
+                    grpc_web: false,
+                };
                 let response = called.await?;
                 // A trailers-only answer (an error before any message) has its status here.
                 let code = response
                     .headers()
                     .get("grpc-status")
                     .map(|v| code_name(v.as_bytes()));
+                // gRPC-Web carries the trailers in the body, as a frame of their own.
+                let grpc_web = response
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
+                let call = pending.call.take();
                 Ok(response.map(|inner| {
                     tonic::body::Body::new(MeteredBody {
                         inner,
-                        call: Some((labels, since)),
+                        call,
                         code,
+                        grpc_web,
                     })
                 }))
             },
@@ -367,6 +382,8 @@ pub struct MeteredBody<B> {
     inner: B,
     call: Option<(CallLabels, std::time::Instant)>,
     code: Option<&'static str>,
+    /// The answer is gRPC-Web: its status comes in a trailer frame of the body.
+    grpc_web: bool,
 }
 
 impl<B> MeteredBody<B> {
@@ -384,9 +401,24 @@ impl<B> Drop for MeteredBody<B> {
     }
 }
 
+/// The status in a gRPC-Web trailer frame (flag byte 0x80, length, then `name: value` lines),
+/// if `data` is one.
+fn grpc_web_status(data: &[u8]) -> Option<&'static str> {
+    if data.first() != Some(&0x80) {
+        return None;
+    }
+    let text = std::str::from_utf8(data.get(5..)?).ok()?;
+    text.split("\r\n").find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("grpc-status")
+            .then(|| code_name(value.trim().as_bytes()))
+    })
+}
+
 impl<B> hyper::body::Body for MeteredBody<B>
 where
-    B: hyper::body::Body + Unpin,
+    B: hyper::body::Body<Data = hyper::body::Bytes> + Unpin,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -398,6 +430,11 @@ where
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
+                if self.grpc_web
+                    && let Some(code) = frame.data_ref().and_then(|data| grpc_web_status(data))
+                {
+                    self.finish(code);
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     let code = trailers
                         .get("grpc-status")
@@ -426,7 +463,28 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::CallLabels;
+    use super::{CallLabels, grpc_web_status};
+
+    /// A gRPC-Web answer's status is read from its trailer frame.
+    #[test]
+    fn dc5_a_grpc_web_trailer_frame_gives_the_status() {
+        let frame = |text: &str| {
+            let mut frame = vec![0x80];
+            frame.extend(u32::try_from(text.len()).unwrap().to_be_bytes());
+            frame.extend(text.as_bytes());
+            frame
+        };
+        assert_eq!(grpc_web_status(&frame("grpc-status:0\r\n")), Some("OK"));
+        assert_eq!(
+            grpc_web_status(&frame("grpc-message:no\r\nGrpc-Status: 5\r\n")),
+            Some("NotFound")
+        );
+        assert_eq!(grpc_web_status(&frame("grpc-message:x\r\n")), None);
+        // A message frame (flag 0) is no trailer frame, whatever it holds.
+        let mut message = frame("grpc-status:0\r\n");
+        message[0] = 0;
+        assert_eq!(grpc_web_status(&message), None);
+    }
 
     /// Only methods the server has become label values: a made-up path cannot add series,
     /// and a widget's path counts as the visitor service's method.

@@ -11,14 +11,15 @@ The container of one service: dict "root" $ "service" "auth". Its files: the TLS
   image: {{ include "hafen.image" $root }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   command: ["/usr/local/bin/hafen-{{ $name }}"]
+  # Port names: at most 15 characters (grpc-, probe- and prom- with the longest service name).
   ports:
     - name: grpc-{{ $name }}
       containerPort: {{ $svc.port }}
       protocol: TCP
-    - name: health-{{ $name }}
+    - name: probe-{{ $name }}
       containerPort: {{ $svc.healthPort }}
       protocol: TCP
-    - name: metrics-{{ $name }}
+    - name: prom-{{ $name }}
       containerPort: {{ $svc.metricsPort }}
       protocol: TCP
   env:

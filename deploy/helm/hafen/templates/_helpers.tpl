@@ -74,7 +74,7 @@ app.kubernetes.io/component: {{ .service }}
 {{/* Fails rendering when a secret is given neither as a value nor as an existing Secret. */}}
 {{- define "hafen.requireSecret" -}}
 {{- if not (or .secret.value .secret.existingSecret) -}}
-{{- fail (printf "secrets.%s: give value or existingSecret" .name) -}}
+{{- fail (printf "%s: give value or existingSecret" .name) -}}
 {{- end -}}
 {{- end -}}
 
