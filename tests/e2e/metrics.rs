@@ -87,19 +87,7 @@ async fn dc5_metrics_count_calls_pass_promtool_and_a_prometheus_server_scrapes_e
     let tenant = stack.create_tenant("metered").await;
     let owner = stack.login_owner(&tenant).await.access_token;
     let mut messaging = stack.messaging_client().await;
-    let conversation = messaging
-        .create_conversation(with_token(
-            &owner,
-            msg::CreateConversationRequest {
-                kind: msg::ConversationKind::Channel as i32,
-                title: "numbers".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation_id;
+    let conversation = stack.create_channel(&owner, "numbers").await;
     for n in 0..3 {
         messaging
             .send_message(with_token(

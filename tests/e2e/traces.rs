@@ -75,19 +75,7 @@ async fn dc5_bx5_a_send_is_one_trace_across_messaging_and_auth_with_ids_only() {
     let login = stack.login_owner(&tenant).await;
     let owner = login.access_token.clone();
     let mut messaging = stack.messaging_client().await;
-    let conversation = messaging
-        .create_conversation(with_token(
-            &owner,
-            msg::CreateConversationRequest {
-                kind: msg::ConversationKind::Channel as i32,
-                title: "traced".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation_id;
+    let conversation = stack.create_channel(&owner, "traced").await;
     // A fresh login of the owner, cached nowhere but in Redis, and not there either: the
     // messaging service must introspect its token at the auth service.
     let fresh = stack.login_owner(&tenant).await;

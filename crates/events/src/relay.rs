@@ -92,11 +92,16 @@ impl Relay {
             loop {
                 let mut failed = false;
                 for (name, pool) in &pools {
+                    // A drained outbox was empty a moment ago: only one that could not be
+                    // drained is counted.
                     if let Err(err) = drain(name, pool, client.clone()).await {
                         tracing::warn!(service, database = %name, error = %err, "audit events not delivered yet; retrying");
                         failed = true;
+                        report_backlog(name, pool).await;
+                    } else {
+                        metrics::gauge!("hafen_outbox_backlog", "database" => name.clone())
+                            .set(0.0);
                     }
-                    report_backlog(name, pool).await;
                 }
                 let pause = if failed {
                     let pause = backoff;

@@ -399,6 +399,25 @@ impl TestStack {
         (member, session)
     }
 
+    /// A channel titled `title`, created by the holder of `token`; its conversation id.
+    pub async fn create_channel(&self, token: &str, title: &str) -> String {
+        use hafen_proto::messaging::v1 as msg_pb;
+        self.messaging_client()
+            .await
+            .create_conversation(with_token(
+                token,
+                msg_pb::CreateConversationRequest {
+                    kind: msg_pb::ConversationKind::Channel as i32,
+                    title: title.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("CreateConversation of a channel")
+            .into_inner()
+            .conversation_id
+    }
+
     /// Logs the owner of `tenant` in.
     pub async fn login_owner(&self, tenant: &TestTenant) -> auth_pb::LoginResponse {
         self.login(&tenant.slug, "owner", OWNER_PASSWORD, &tenant.owner_code)
