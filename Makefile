@@ -22,12 +22,13 @@ run: setup ## Start PostgreSQL, Redis and the whole stack (`hafen dev`, TLS) in 
 	$(CARGO) build --bin hafen
 	$(LOAD_ENV) && exec target/debug/hafen dev --demo --widget-dir target/widget
 
-test: ## Start the dev services (fsync off) and run the whole test suite (the README's SDK example, the widget in Chromium and the Helm chart checks too)
+test: ## Start the dev services (fsync off; a Redis Cluster too) and run the whole test suite (the README's SDK example, the widget in Chromium and the Helm chart checks too)
 	@scripts/setup.sh
 	@scripts/helm.sh
 	@scripts/widget.sh build
 	@scripts/widget.sh browser
 	@HAFEN_DEV_PG_FAST=1 $(DEV_SERVICES) up
+	@$(DEV_SERVICES) cluster
 	$(CARGO) build --bins
 	$(CARGO) test --doc -p hafen-sdk
 	$(LOAD_ENV) && $(CARGO) nextest run --workspace --no-fail-fast
@@ -55,7 +56,7 @@ fmt: ## Format the code
 services-up: ## Start only the throwaway PostgreSQL and Redis
 	@$(DEV_SERVICES) up
 
-services-down: ## Stop the throwaway PostgreSQL and Redis
+services-down: ## Stop the throwaway PostgreSQL, Redis and Redis Cluster
 	@$(DEV_SERVICES) down
 
 services-status: ## Say whether PostgreSQL and Redis run

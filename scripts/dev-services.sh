@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Throwaway PostgreSQL and Redis for `make run` and `make test`.
 #
-#   scripts/dev-services.sh up      install what is missing (apt-get), start both, write .dev/env
-#   scripts/dev-services.sh down    stop both (only the processes this script started)
-#   scripts/dev-services.sh status  say what runs where
+#   scripts/dev-services.sh up       install what is missing (apt-get), start both, write .dev/env
+#   scripts/dev-services.sh cluster  also start a Redis Cluster: three masters, three replicas
+#   scripts/dev-services.sh down     stop everything (only the processes this script started)
+#   scripts/dev-services.sh status   say what runs where
 #
 # PostgreSQL runs from a data directory this script creates, on 127.0.0.1 only, as the
 # `postgres` user when invoked as root (PostgreSQL refuses to run as root), otherwise as the
@@ -17,6 +18,13 @@
 # connections (pg_hba has only hostssl lines); Redis has no plaintext port. The URLs in
 # .dev/env ask for verify-full and rediss://.
 #
+# The Redis Cluster's nodes listen (TLS only) on HAFEN_DEV_REDIS_CLUSTER_PORT (57001) and the
+# five ports after it, their cluster bus (TLS too) 1000 ports higher; each node keeps its
+# cluster state (nodes.conf, no data) in .dev/redis-cluster/<port>. `cluster` starts the nodes
+# that are not running, so a node that was stopped (a failover test kills one) comes back and
+# rejoins, as a replica of the master that took over. .dev/env names three of them as
+# HAFEN_DEV_CLUSTER_URLS, for --redis-url with --redis-cluster.
+#
 # Settings (environment): HAFEN_DEV_PG_PORT (55432), HAFEN_DEV_REDIS_PORT (56379),
 # HAFEN_DEV_PG_FAST=1 runs PostgreSQL with fsync off, for tests only; without it PostgreSQL
 # keeps its default durability (`make run`, `make bench`). A running server started in the
@@ -28,6 +36,8 @@ DEV="$ROOT/.dev"
 PG_PORT="${HAFEN_DEV_PG_PORT:-55432}"
 REDIS_PORT="${HAFEN_DEV_REDIS_PORT:-56379}"
 REDIS_DIR="$DEV/redis"
+CLUSTER_PORT="${HAFEN_DEV_REDIS_CLUSTER_PORT:-57001}"
+CLUSTER_DIR="$DEV/redis-cluster"
 CERTS="$DEV/certs"
 ENV_FILE="$DEV/env"
 # The services that get a certificate of their own; keep in step with
@@ -261,17 +271,112 @@ redis_up() {
     die "Redis did not start"
 }
 
+# Stops a process this script started and waits (5 s at most) until it is gone.
+stop_pid() {
+    local pid="$1" _
+    kill "$pid"
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+}
+
 redis_down() {
     local pid
     if pid="$(redis_pid)"; then
         log "stopping Redis"
-        kill "$pid"
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
+        stop_pid "$pid"
     fi
     rm -f "$REDIS_DIR/redis.pid"
+}
+
+# --- Redis Cluster ------------------------------------------------------------------------
+
+cluster_ports() {
+    local i
+    for i in 0 1 2 3 4 5; do
+        printf '%s\n' "$((CLUSTER_PORT + i))"
+    done
+}
+
+node_cli() {
+    local port="$1"
+    shift
+    redis-cli --tls --cacert "$CERTS/ca.pem" -h 127.0.0.1 -p "$port" "$@"
+}
+
+node_pid() {
+    local dir="$CLUSTER_DIR/$1" pid
+    [[ -s "$dir/redis.pid" ]] || return 1
+    pid="$(cat "$dir/redis.pid")"
+    [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q redis-server \
+        && printf '%s\n' "$pid"
+}
+
+node_up() {
+    local port="$1" dir="$CLUSTER_DIR/$1"
+    mkdir -p "$dir"
+    node_pid "$port" >/dev/null && return 0
+    redis-server --bind 127.0.0.1 --port 0 --tls-port "$port" \
+        --tls-cert-file "$CERTS/redis.pem" --tls-key-file "$CERTS/redis-key.pem" \
+        --tls-ca-cert-file "$CERTS/ca.pem" --tls-auth-clients no \
+        --tls-cluster yes --tls-replication yes \
+        --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$((port + 1000))" \
+        --cluster-node-timeout 2000 --cluster-replica-validity-factor 0 \
+        --save '' --appendonly no \
+        --daemonize yes --dir "$dir" --pidfile "$dir/redis.pid" \
+        --logfile "$dir/redis.log" --protected-mode yes
+    local _
+    for _ in $(seq 1 50); do
+        node_cli "$port" ping 2>/dev/null | grep -q PONG && return 0
+        sleep 0.1
+    done
+    tail -n 20 "$dir/redis.log" >&2 || true
+    die "Redis Cluster node $port did not start"
+}
+
+cluster_up() {
+    local port ports=()
+    mapfile -t ports < <(cluster_ports)
+    log "starting the Redis Cluster on 127.0.0.1:${ports[0]}-${ports[5]} (TLS only)"
+    for port in "${ports[@]}"; do
+        node_up "$port"
+    done
+    if node_cli "${ports[0]}" cluster info | grep -q '^cluster_slots_assigned:0'; then
+        local nodes=()
+        for port in "${ports[@]}"; do
+            nodes+=("127.0.0.1:$port")
+        done
+        node_cli "${ports[0]}" --cluster create "${nodes[@]}" --cluster-replicas 1 \
+            --cluster-yes >"$CLUSTER_DIR/create.log" 2>&1 \
+            || { cat "$CLUSTER_DIR/create.log" >&2; die "redis-cli --cluster create failed"; }
+    fi
+    # Ready: every node sees the cluster as ok, and three replicas follow their masters (so a
+    # master can fail over).
+    local _ ok replicas
+    for _ in $(seq 1 300); do
+        ok=1
+        replicas=0
+        for port in "${ports[@]}"; do
+            node_cli "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || ok=0
+            if node_cli "$port" info replication 2>/dev/null | grep -q '^master_link_status:up'; then
+                replicas=$((replicas + 1))
+            fi
+        done
+        [[ $ok -eq 1 && $replicas -eq 3 ]] && return 0
+        sleep 0.1
+    done
+    die "the Redis Cluster did not reach cluster_state:ok with three replicas within 30 s"
+}
+
+cluster_down() {
+    local port pid
+    for port in $(cluster_ports); do
+        if pid="$(node_pid "$port")"; then
+            stop_pid "$pid"
+        fi
+        rm -f "$CLUSTER_DIR/$port/redis.pid"
+    done
 }
 
 # --- commands -----------------------------------------------------------------------------
@@ -283,6 +388,7 @@ HAFEN_KEYSTORE_URL='postgres://$APP_ROLE@127.0.0.1:$PG_PORT/$KEYS_DB?$(pg_tls_pa
 HAFEN_ADMIN_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/postgres?$(pg_tls_params)'
 HAFEN_REDIS_URL=rediss://127.0.0.1:$REDIS_PORT/
 HAFEN_REDIS_CA=$CERTS/ca.pem
+HAFEN_DEV_CLUSTER_URLS=rediss://127.0.0.1:$CLUSTER_PORT/,rediss://127.0.0.1:$((CLUSTER_PORT + 1))/,rediss://127.0.0.1:$((CLUSTER_PORT + 2))/
 EOF
 }
 
@@ -296,7 +402,15 @@ case "${1:-}" in
         log "ready; these are exported by 'make run' and 'make test' (from $ENV_FILE):"
         sed 's/^/  /' "$ENV_FILE"
         ;;
+    cluster)
+        ensure_installed
+        ensure_certs
+        cluster_up
+        write_env
+        log "Redis Cluster ready; HAFEN_DEV_CLUSTER_URLS in $ENV_FILE names it"
+        ;;
     down)
+        cluster_down
         redis_down
         pg_down
         ;;
@@ -313,9 +427,14 @@ case "${1:-}" in
         else
             echo "redis: stopped"
         fi
+        for port in $(cluster_ports); do
+            if node_pid "$port" >/dev/null; then
+                echo "redis cluster node: running on 127.0.0.1:$port"
+            fi
+        done
         ;;
     *)
-        echo "usage: $0 up|down|status" >&2
+        echo "usage: $0 up|cluster|down|status" >&2
         exit 2
         ;;
 esac

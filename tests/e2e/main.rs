@@ -7,6 +7,7 @@
 )]
 
 mod browsers;
+mod cluster;
 mod contract;
 mod dc5;
 mod e2e;

@@ -39,7 +39,7 @@ async fn bx3_a_forged_session_cache_entry_is_refused() {
         "cached_at": chrono_in(0),
     })
     .to_string();
-    let key = format!("{}session:{}", redis.prefix(), session.simple());
+    let key = format!("{}session:{{{}}}", redis.prefix(), session.simple());
     // Without a MAC (what was accepted before), and with a MAC under a key of its own.
     let forgeries = [
         entry.clone(),
@@ -77,7 +77,7 @@ async fn bx3_a_forged_session_cache_entry_is_refused() {
     assert!(ok.is_ok(), "{ok:?}");
     let genuine_id = login.access_token.split('.').next().unwrap_or_default();
     let genuine: Option<String> = conn
-        .get(format!("{}session:{genuine_id}", redis.prefix()))
+        .get(format!("{}session:{{{genuine_id}}}", redis.prefix()))
         .await
         .unwrap();
     let genuine = genuine.expect("the real session is cached");
@@ -164,7 +164,7 @@ async fn oc4_redis_link_is_tls() {
         .unwrap();
     let session = login.access_token.split('.').next().unwrap_or_default();
     let cached: bool = conn
-        .exists(format!("hafen:session:{session}"))
+        .exists(format!("hafen:session:{{{session}}}"))
         .await
         .unwrap();
     assert!(cached, "the session was cached over TLS");

@@ -1,9 +1,11 @@
 //! Redis: the shared session cache, revocation markers and the revocation channel.
 //!
 //! Keys (under the configured prefix, `hafen:` by default):
-//! - `session:<id>`: the session as every service needs it, until its access token expires;
-//! - `revoked:<id>`: why a session ended, kept as long as its access token could still be
-//!   presented, so a cache filled a moment before a revocation cannot resurrect it;
+//! - `session:{<id>}`: the session as every service needs it, until its access token
+//!   expires;
+//! - `revoked:{<id>}`: why a session ended, kept as long as its access token could still be
+//!   presented, so a cache filled a moment before a revocation cannot resurrect it (the
+//!   braces keep both keys of a session in one slot of a Redis Cluster: see [`crate::link`]);
 //! - channel `revocations`: `<id> <reason>` per revocation, so services drop cached sessions
 //!   and end open streams at once; `tenant <id>` when a tenant was deleted, so services
 //!   forget its keys; `settings <id>` when its settings changed, so caches of them are
@@ -26,18 +28,15 @@ use std::time::Duration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::link::{REDIS_TIMEOUT, RedisConnection};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
 use hafen_crypto::DataKey;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::principal::{Principal, RevokeReason, Role};
-
-/// How long Redis may take before a call gives up and falls back.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Announcements retried in the background at once, at most; more are left to the
 /// PostgreSQL re-checks.
@@ -71,9 +70,15 @@ return 1
 pub struct RedisArgs {
     /// Redis URL for the session cache, revocations and live fan-out: `rediss://host:port/`
     /// for TLS (verified against --redis-ca, or the system's roots), `redis://` only where
-    /// plaintext is meant. A `rediss://` link never falls back to plaintext.
+    /// plaintext is meant. A `rediss://` link never falls back to plaintext. With
+    /// --redis-cluster: one or more nodes of the cluster, separated by commas.
     #[arg(long, env = "HAFEN_REDIS_URL", hide_env_values = true)]
     pub redis_url: String,
+
+    /// Redis is a Redis Cluster: --redis-url names some of its nodes, the others are learnt
+    /// from them. Keys used together share a hash tag; live fan-out uses sharded pub/sub.
+    #[arg(long, env = "HAFEN_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 
     /// PEM file of the CA certificates that Redis's certificate must chain to (`rediss://`);
     /// the system's roots when not given.
@@ -86,47 +91,17 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
-    /// Whether the link to Redis is TLS.
+    /// Whether the link to Redis is TLS (every node named by a `rediss://` URL).
     pub fn tls(&self) -> bool {
-        self.redis_url.starts_with("rediss://")
-    }
-
-    /// A client for these settings: TLS for `rediss://` URLs, with the configured CA.
-    pub fn client(&self) -> redis::RedisResult<redis::Client> {
-        if !self.tls() {
-            if self.redis_ca.is_some() {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "--redis-ca needs a rediss:// URL",
-                )));
-            }
-            return redis::Client::open(self.redis_url.as_str());
-        }
-        let root_cert = match &self.redis_ca {
-            Some(path) => Some(std::fs::read(path).map_err(|err| {
-                redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "cannot read --redis-ca",
-                    err.kind().to_string(),
-                ))
-            })?),
-            None => None,
-        };
-        redis::Client::build_with_tls(
-            self.redis_url.as_str(),
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert,
-            },
-        )
+        self.urls().all(|url| url.starts_with("rediss://"))
     }
 }
 
 /// A lazily connecting, self-reconnecting Redis handle with short timeouts.
 #[derive(Clone)]
 pub struct Redis {
-    client: redis::Client,
-    conn: ConnectionManager,
+    args: RedisArgs,
+    conn: RedisConnection,
     prefix: String,
     session_key: Option<Arc<DataKey>>,
     /// Announcements being retried in the background ([`Redis::deliver`]).
@@ -144,14 +119,9 @@ impl std::fmt::Debug for Redis {
 impl Redis {
     /// A handle for `args`. Connects on first use; never fails because Redis is down.
     pub fn new(args: &RedisArgs) -> redis::RedisResult<Self> {
-        let client = args.client()?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let conn = args.connection()?;
         Ok(Self {
-            client,
+            args: args.clone(),
             conn,
             prefix: args.redis_prefix.clone(),
             session_key: None,
@@ -215,13 +185,14 @@ impl Redis {
     }
 
     /// A multiplexed connection (cheap to clone).
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConnection {
         self.conn.clone()
     }
 
-    /// The client, for pub/sub connections.
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// The settings this handle was made from (e.g. for
+    /// [`RedisArgs::push_connection`]).
+    pub fn args(&self) -> &RedisArgs {
+        &self.args
     }
 
     /// The revocation channel.
@@ -229,12 +200,23 @@ impl Redis {
         self.key("revocations")
     }
 
-    fn session_key(&self, session: Uuid) -> String {
-        self.key(&format!("session:{}", session.simple()))
+    /// The key of `session`'s cache entry.
+    pub fn session_key(&self, session: Uuid) -> String {
+        self.key(&format!("session:{{{}}}", session.simple()))
     }
 
-    fn revoked_key(&self, session: Uuid) -> String {
-        self.key(&format!("revoked:{}", session.simple()))
+    /// The key of `session`'s revocation marker; in the same cluster slot as its entry.
+    pub fn revoked_key(&self, session: Uuid) -> String {
+        self.key(&format!("revoked:{{{}}}", session.simple()))
+    }
+
+    /// Drops `sessions`' cache entries without revoking them (a role changed).
+    pub async fn forget_sessions(&self, sessions: &[Uuid]) -> redis::RedisResult<()> {
+        self.pipelined::<redis::Value>(sessions.len(), |pipe, i| {
+            pipe.del(self.session_key(sessions[i])).ignore();
+        })
+        .await
+        .map(drop)
     }
 
     /// The cached session, if its entry verifies, and, if any, why it was revoked.
@@ -419,23 +401,30 @@ impl Redis {
         if sessions.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for session in sessions {
-            pipe.set_ex(
-                self.revoked_key(*session),
-                reason.as_str(),
-                marker_ttl.as_secs().max(1),
-            )
-            .ignore()
-            .del(self.session_key(*session))
-            .ignore()
-            .publish(
-                self.revocation_channel(),
-                format!("{} {}", session.simple(), reason.as_str()),
-            )
-            .ignore();
-        }
-        pipe.query_async::<()>(&mut self.conn()).await
+        // A group per session (its marker and entry share a slot), then the announcements.
+        self.pipelined::<redis::Value>(sessions.len() + 1, |pipe, i| match sessions.get(i) {
+            Some(session) => {
+                pipe.set_ex(
+                    self.revoked_key(*session),
+                    reason.as_str(),
+                    marker_ttl.as_secs().max(1),
+                )
+                .ignore()
+                .del(self.session_key(*session))
+                .ignore();
+            }
+            None => {
+                for session in sessions {
+                    pipe.publish(
+                        self.revocation_channel(),
+                        format!("{} {}", session.simple(), reason.as_str()),
+                    )
+                    .ignore();
+                }
+            }
+        })
+        .await
+        .map(drop)
     }
 }
 
@@ -485,7 +474,7 @@ enum Probe {
 /// Connects to the server of a `rediss://` URL and completes a TLS handshake with the
 /// configured roots, within a few seconds.
 async fn tls_probe(args: &RedisArgs) -> Probe {
-    let Ok(url) = url::Url::parse(&args.redis_url) else {
+    let Some(Ok(url)) = args.urls().next().map(url::Url::parse) else {
         return Probe::NotTls("not a valid URL".into());
     };
     let Some(host) = url

@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind};
 use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
@@ -16,8 +15,9 @@ use crate::Redis;
 /// subscribes to those it names anew and unsubscribes from the others whenever `changed` is
 /// notified, and after Redis comes back. `event(tenant, last)` is called for each message,
 /// with the last event id when the publisher sent one, and once after each subscription with
-/// `None` (what was published before it is to be read now). A subscription that failed is
-/// tried again after `retry`. Returns the error that made following impossible.
+/// `None` (what was published before it is to be read now), also when a Redis Cluster
+/// subscribed again on its own after a failover. A subscription that failed is tried again
+/// after `retry`. Returns the error that made following impossible.
 pub async fn follow_event_channels(
     redis: &Redis,
     changed: &Notify,
@@ -25,19 +25,8 @@ pub async fn follow_event_channels(
     wanted: impl Fn() -> Option<HashSet<Uuid>>,
     event: impl Fn(Uuid, Option<i64>),
 ) -> redis::RedisResult<()> {
-    let info = redis.client().get_connection_info().clone();
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(redis::ProtocolVersion::RESP3);
-    let client = redis::Client::open(info.set_redis_settings(settings))?;
     let (pushes, mut received) = mpsc::unbounded_channel::<PushInfo>();
-    let config = ConnectionManagerConfig::new()
-        .set_push_sender(pushes)
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(1);
-    let mut conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    let mut conn = redis.args().push_connection(pushes)?;
     let mut subscribed: HashSet<Uuid> = HashSet::new();
     let prefix = redis.key("events:{");
     loop {
@@ -46,10 +35,7 @@ pub async fn follow_event_channels(
         };
         let mut failed = false;
         for tenant in wanted.difference(&subscribed).copied().collect::<Vec<_>>() {
-            let done: redis::RedisResult<()> = redis::cmd("SSUBSCRIBE")
-                .arg(redis.events_channel(tenant))
-                .query_async(&mut conn)
-                .await;
+            let done = conn.ssubscribe(&redis.events_channel(tenant)).await;
             match done {
                 Ok(()) => {
                     subscribed.insert(tenant);
@@ -63,10 +49,7 @@ pub async fn follow_event_channels(
             }
         }
         for tenant in subscribed.difference(&wanted).copied().collect::<Vec<_>>() {
-            let done: redis::RedisResult<()> = redis::cmd("SUNSUBSCRIBE")
-                .arg(redis.events_channel(tenant))
-                .query_async(&mut conn)
-                .await;
+            let done = conn.sunsubscribe(&redis.events_channel(tenant)).await;
             if done.is_ok() {
                 subscribed.remove(&tenant);
             }
@@ -91,16 +74,16 @@ fn on_push(
     subscribed: &mut HashSet<Uuid>,
     event: &impl Fn(Uuid, Option<i64>),
 ) {
+    let tenant = match push.data.first() {
+        Some(redis::Value::BulkString(channel)) => std::str::from_utf8(channel)
+            .ok()
+            .and_then(|channel| channel.strip_prefix(prefix))
+            .and_then(|rest| rest.strip_suffix('}'))
+            .and_then(|id| Uuid::try_parse(id).ok()),
+        _ => None,
+    };
     match push.kind {
         PushKind::SMessage => {
-            let tenant = match push.data.first() {
-                Some(redis::Value::BulkString(channel)) => std::str::from_utf8(channel)
-                    .ok()
-                    .and_then(|channel| channel.strip_prefix(prefix))
-                    .and_then(|rest| rest.strip_suffix('}'))
-                    .and_then(|id| Uuid::try_parse(id).ok()),
-                _ => None,
-            };
             // The last event id when the publisher knew it, then the time it published (Unix
             // milliseconds), when it said.
             let message = match push.data.get(1) {
@@ -119,8 +102,21 @@ fn on_push(
                 event(tenant, last);
             }
         }
-        // The connection is gone, and its subscriptions with it: subscribe again once Redis
-        // answers.
+        // Subscribed, also again on its own (a cluster connection after a failover, when
+        // messages may have been missed): what was published meanwhile is to be read.
+        PushKind::SSubscribe => {
+            if let Some(tenant) = tenant.filter(|tenant| subscribed.contains(tenant)) {
+                event(tenant, None);
+            }
+        }
+        // The server ended the subscription (its slot moved to another node): subscribe
+        // again, at the slot's new owner.
+        PushKind::SUnsubscribe => {
+            if let Some(tenant) = tenant {
+                subscribed.remove(&tenant);
+            }
+        }
+        // A link is gone, and its subscriptions with it: subscribe again once Redis answers.
         PushKind::Disconnection => subscribed.clear(),
         _ => {}
     }

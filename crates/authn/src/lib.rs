@@ -16,7 +16,8 @@
 //! Open streams end when their session does: [`end_on_revocation`].
 //!
 //! - [`operator`]: the platform token. [`token`]: minting and parsing access tokens.
-//! - [`cache`]: Redis. [`revocations`]: revoked sessions and waiting for them.
+//! - [`cache`]: Redis. [`link`]: one Redis server or a Redis Cluster. [`revocations`]:
+//!   revoked sessions and waiting for them.
 //! - [`limits`]: brute-force protection, atomic in Redis, per process when Redis is down.
 //! - [`principal`]: roles, principals, revocation reasons and how they map to statuses.
 
@@ -24,6 +25,7 @@ pub mod cache;
 mod channels;
 mod layer;
 pub mod limits;
+pub mod link;
 pub mod operator;
 pub mod principal;
 pub mod remote;
@@ -43,6 +45,7 @@ use uuid::Uuid;
 pub use cache::{CachedSession, Redis, RedisArgs};
 pub use channels::follow_event_channels;
 pub use layer::{AuthnLayer, AuthnService};
+pub use link::RedisConnection;
 pub use operator::{OperatorArgs, PlatformToken, TokenFileError};
 pub use principal::{Caller, Principal, Rejection, RevokeReason, Role};
 pub use revocations::{Revocations, STREAM_RECHECK};

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -244,8 +243,11 @@ impl Revocations {
     }
 
     async fn follow(&self, redis: &Redis) -> redis::RedisResult<()> {
-        let mut pubsub = redis.client().get_async_pubsub().await?;
-        pubsub.subscribe(redis.revocation_channel()).await?;
+        // RESP3 pushes on a connection of its own: on a Redis Cluster, classic pub/sub reaches
+        // a subscriber on any node.
+        let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+        let mut conn = redis.args().push_connection(pushes)?;
+        conn.subscribe(&redis.revocation_channel()).await?;
         // A subscription can go quiet without closing (a half-open connection): the process
         // hears its own heartbeat on the channel, or stops trusting that it follows it.
         let heartbeat = tokio::spawn(heartbeat(redis.clone()));
@@ -255,17 +257,23 @@ impl Revocations {
         // placement may be out of date.
         let _ = self.inner.tenants_moved.send(None);
         tracing::debug!("following the revocation channel");
-        let mut messages = pubsub.on_message();
         loop {
-            let Ok(message) = tokio::time::timeout(CHANNEL_SILENCE, messages.next()).await else {
+            let Ok(push) = tokio::time::timeout(CHANNEL_SILENCE, received.recv()).await else {
                 tracing::warn!("revocation channel silent, heartbeats included; resubscribing");
                 return Ok(());
             };
-            let Some(message) = message else {
+            let Some(push) = push else {
                 return Ok(());
             };
-            let Ok(payload) = message.get_payload::<String>() else {
-                continue;
+            let payload = match push.kind {
+                redis::PushKind::Message => match push.data.get(1) {
+                    Some(redis::Value::BulkString(payload)) => String::from_utf8_lossy(payload),
+                    _ => continue,
+                },
+                // A link broke: what was announced meanwhile is not heard of. Subscribe anew
+                // (and forget every cached placement, above).
+                redis::PushKind::Disconnection => return Ok(()),
+                _ => continue,
             };
             let Some((session, reason)) = payload.split_once(' ') else {
                 continue;

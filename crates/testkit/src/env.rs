@@ -15,6 +15,8 @@ pub struct TestEnv {
     pub redis_url: String,
     /// The CA Redis's certificate chains to, when not the system's.
     pub redis_ca: Option<PathBuf>,
+    /// Nodes of the development Redis Cluster (`HAFEN_DEV_CLUSTER_URLS`), when named.
+    pub cluster_urls: Option<String>,
 }
 
 impl TestEnv {
@@ -44,6 +46,10 @@ impl TestEnv {
                     .or_else(|| file.get("HAFEN_REDIS_CA").cloned())
                     .filter(|path| !path.is_empty())
                     .map(PathBuf::from),
+                cluster_urls: std::env::var("HAFEN_DEV_CLUSTER_URLS")
+                    .ok()
+                    .or_else(|| file.get("HAFEN_DEV_CLUSTER_URLS").cloned())
+                    .filter(|urls| !urls.is_empty()),
             }
         })
     }

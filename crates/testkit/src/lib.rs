@@ -3,6 +3,8 @@
 //! - [`TestDatabase`]: a fresh PostgreSQL database per test, copied from a template that
 //!   holds the migrated control plane (so creating one takes milliseconds), dropped on drop.
 //! - [`TestRedis`]: a Redis key namespace per test, whose keys are deleted on drop.
+//! - [`TestRedisCluster`]: a namespace on the development Redis Cluster, whose nodes a test
+//!   can kill and start again.
 //! - [`PrivateRedis`], [`PrivatePostgres`]: servers of a test's own, to stop mid-test or to
 //!   run set up differently (plaintext) from the development ones, which speak only TLS.
 //! - [`TestSecrets`]: a throwaway CA and service certificates in a temporary directory.
@@ -26,6 +28,7 @@
 mod env;
 mod logs;
 mod postgres_server;
+mod redis_cluster;
 mod redis_ns;
 mod redis_server;
 mod server;
@@ -38,6 +41,7 @@ use std::sync::Once;
 pub use env::TestEnv;
 pub use logs::LogCapture;
 pub use postgres_server::PrivatePostgres;
+pub use redis_cluster::{ClusterNode, TestRedisCluster};
 pub use redis_ns::TestRedis;
 pub use redis_server::PrivateRedis;
 pub use server::{Service, TestSecrets, TestServer};

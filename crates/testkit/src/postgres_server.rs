@@ -131,6 +131,7 @@ impl PrivatePostgres {
             admin_database_url: self.admin_url(),
             redis_url: dev.redis_url.clone(),
             redis_ca: dev.redis_ca.clone(),
+            cluster_urls: dev.cluster_urls.clone(),
         }
     }
 

@@ -20,6 +20,7 @@ impl TestRedis {
                 redis_url: env.redis_url.clone(),
                 redis_ca: env.redis_ca.clone(),
                 redis_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+                redis_cluster: false,
             },
         }
     }

@@ -86,6 +86,7 @@ impl PrivateRedis {
             redis_url: self.url(),
             redis_ca: self.tls.then(|| dev_certs().join("ca.pem")),
             redis_prefix: prefix.to_owned(),
+            redis_cluster: false,
         }
     }
 

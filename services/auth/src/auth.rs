@@ -203,19 +203,10 @@ impl Auth {
 
     /// Drops sessions from the caches without revoking them (a role changed).
     pub(crate) async fn forget(&self, sessions: &[Uuid]) {
-        if let Some(redis) = &self.inner.redis {
-            let keys: Vec<String> = sessions
-                .iter()
-                .map(|s| redis.key(&format!("session:{}", s.simple())))
-                .collect();
-            if !keys.is_empty() {
-                let mut conn = redis.conn();
-                let deleted: redis::RedisResult<()> =
-                    redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-                if let Err(err) = deleted {
-                    tracing::warn!(error = %err, "session cache not cleared");
-                }
-            }
+        if let Some(redis) = &self.inner.redis
+            && let Err(err) = redis.forget_sessions(sessions).await
+        {
+            tracing::warn!(error = %err, "session cache not cleared");
         }
     }
 }

@@ -272,16 +272,17 @@ async fn sync(redis: Redis, counts: Weak<Mutex<Counts>>, wake: Arc<Notify>, wind
             continue;
         }
         let ends_at = slot.saturating_add(1).saturating_mul(window_ms);
-        let mut pipe = redis::pipe();
-        for (name, calls) in &sent {
-            let key = redis.key(&format!("webchat:limit:{name}:{slot}"));
-            pipe.incr(&key, *calls)
-                .cmd("PEXPIREAT")
-                .arg(&key)
-                .arg(ends_at)
-                .ignore();
-        }
-        let totals: redis::RedisResult<Vec<u64>> = pipe.query_async(&mut redis.conn()).await;
+        let totals: redis::RedisResult<Vec<u64>> = redis
+            .pipelined(sent.len(), |pipe, i| {
+                let (name, calls) = &sent[i];
+                let key = redis.key(&format!("webchat:limit:{name}:{slot}"));
+                pipe.incr(&key, *calls)
+                    .cmd("PEXPIREAT")
+                    .arg(&key)
+                    .arg(ends_at)
+                    .ignore();
+            })
+            .await;
         let Ok(mut counts) = counts.lock() else {
             return;
         };

@@ -151,6 +151,10 @@ seccompProfile:
 - name: HAFEN_REDIS_CA
   value: /etc/hafen/ca/redis-ca.pem
 {{- end }}
+{{- if .Values.config.redisCluster }}
+- name: HAFEN_REDIS_CLUSTER
+  value: "true"
+{{- end }}
 - name: HAFEN_MIGRATION_WAIT
   value: {{ .Values.config.migrationWait | quote }}
 {{- if .Values.config.otlpEndpoint }}

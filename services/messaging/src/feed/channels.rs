@@ -49,16 +49,19 @@ impl Hub {
             while let Ok(woken) = pending.try_recv() {
                 add(&mut tenants, woken);
             }
-            let mut pipe = redis::pipe();
             let at = chrono::Utc::now().timestamp_millis();
-            for (tenant, last) in tenants.drain() {
-                let last = last.map(|id| id.to_string()).unwrap_or_default();
-                pipe.cmd("SPUBLISH")
-                    .arg(Self::channel(&redis, tenant))
-                    .arg(format!("{last} {at}"))
-                    .ignore();
-            }
-            let published: redis::RedisResult<()> = pipe.query_async(&mut redis.conn()).await;
+            let woken: Vec<(Uuid, Option<i64>)> = tenants.drain().collect();
+            // A group per tenant: on a Redis Cluster, each channel is in its tenant's slot.
+            let published = redis
+                .pipelined::<redis::Value>(woken.len(), |pipe, i| {
+                    let (tenant, last) = woken[i];
+                    let last = last.map(|id| id.to_string()).unwrap_or_default();
+                    pipe.cmd("SPUBLISH")
+                        .arg(Self::channel(&redis, tenant))
+                        .arg(format!("{last} {at}"))
+                        .ignore();
+                })
+                .await;
             if let Err(err) = published {
                 tracing::debug!(error = %err, "event notification not published; replicas poll");
             }
