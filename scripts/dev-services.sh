@@ -388,8 +388,23 @@ HAFEN_KEYSTORE_URL='postgres://$APP_ROLE@127.0.0.1:$PG_PORT/$KEYS_DB?$(pg_tls_pa
 HAFEN_ADMIN_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/postgres?$(pg_tls_params)'
 HAFEN_REDIS_URL=rediss://127.0.0.1:$REDIS_PORT/
 HAFEN_REDIS_CA=$CERTS/ca.pem
-HAFEN_DEV_CLUSTER_URLS=rediss://127.0.0.1:$CLUSTER_PORT/,rediss://127.0.0.1:$((CLUSTER_PORT + 1))/,rediss://127.0.0.1:$((CLUSTER_PORT + 2))/
 EOF
+    if node_pid "$CLUSTER_PORT" >/dev/null; then
+        write_cluster_env
+    fi
+}
+
+# Names the Redis Cluster in .dev/env, leaving the other lines as they are (a test that
+# starts a node again must not rewrite them).
+write_cluster_env() {
+    local kept=""
+    [[ -f "$ENV_FILE" ]] && kept="$(grep -v '^HAFEN_DEV_CLUSTER_URLS=' "$ENV_FILE" || true)"
+    {
+        [[ -n "$kept" ]] && printf '%s\n' "$kept"
+        printf 'HAFEN_DEV_CLUSTER_URLS=rediss://127.0.0.1:%s/,rediss://127.0.0.1:%s/,rediss://127.0.0.1:%s/\n' \
+            "$CLUSTER_PORT" "$((CLUSTER_PORT + 1))" "$((CLUSTER_PORT + 2))"
+    } >"$ENV_FILE.tmp"
+    mv "$ENV_FILE.tmp" "$ENV_FILE"
 }
 
 case "${1:-}" in
@@ -406,7 +421,7 @@ case "${1:-}" in
         ensure_installed
         ensure_certs
         cluster_up
-        write_env
+        write_cluster_env
         log "Redis Cluster ready; HAFEN_DEV_CLUSTER_URLS in $ENV_FILE names it"
         ;;
     down)
