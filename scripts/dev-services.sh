@@ -274,7 +274,7 @@ redis_up() {
 # Stops a process this script started and waits (5 s at most) until it is gone.
 stop_pid() {
     local pid="$1" _
-    kill "$pid"
+    kill "$pid" 2>/dev/null || return 0
     for _ in $(seq 1 50); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
@@ -309,7 +309,8 @@ node_pid() {
     local dir="$CLUSTER_DIR/$1" pid
     [[ -s "$dir/redis.pid" ]] || return 1
     pid="$(cat "$dir/redis.pid")"
-    [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q redis-server \
+    # Only this node's redis-server counts (its title names its port; PIDs are reused).
+    [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "redis-server.*:$1" \
         && printf '%s\n' "$pid"
 }
 
@@ -353,8 +354,8 @@ cluster_up() {
     fi
     # Ready: every node sees the cluster as ok, and three replicas follow their masters (so a
     # master can fail over).
-    local _ ok replicas
-    for _ in $(seq 1 300); do
+    local ok replicas deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
         ok=1
         replicas=0
         for port in "${ports[@]}"; do

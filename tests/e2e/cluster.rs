@@ -209,7 +209,8 @@ async fn ul6_hafen_runs_on_a_redis_cluster_and_loses_nothing_when_a_master_fails
         slowest_live = slowest_live.max(started.elapsed());
     }
 
-    // Revocations: a logout reaches the other replica over the cluster; its stream ends.
+    // Revocations: a logout ends the stream on the other replica, and its marker is in the
+    // cluster. (That the announcement itself crosses the cluster, the next test shows.)
     let logout = stack
         .auth_client()
         .await
@@ -366,12 +367,15 @@ async fn ul6_writes_across_slots_reach_every_master_of_the_cluster() {
         .collect();
     let counts: Vec<u64> = redis
         .pipelined(keys.len(), |pipe, i| {
-            pipe.incr(&keys[i], i as u64 + 1)
-                .expire(&keys[i], 60)
-                .ignore();
+            pipe.incr(&keys[i], i as u64 + 1).expire(&keys[i], 60);
         })
         .await
-        .expect("counters across slots");
+        .into_iter()
+        .map(|replies| {
+            let replies = replies.expect("counters across slots");
+            redis::from_redis_value_ref(&replies[0]).unwrap()
+        })
+        .collect();
     assert_eq!(counts, (1..=24).collect::<Vec<u64>>());
 
     cache_entries(&cluster, &redis, &sessions).await;
@@ -379,4 +383,33 @@ async fn ul6_writes_across_slots_reach_every_master_of_the_cluster() {
     for session in &sessions {
         assert!(!exists(&cluster, &redis.session_key(*session)).await);
     }
+}
+
+/// On a single server the groups go out as one pipeline; each still gets its own replies.
+#[tokio::test(flavor = "multi_thread")]
+async fn ul6_pipelined_groups_keep_their_own_replies_on_a_single_server() {
+    let ns = hafen_testkit::TestRedis::new();
+    let redis = hafen_authn::Redis::connect(&ns.args()).await.unwrap();
+    let key = |i: usize| redis.key(&format!("counter:{i}"));
+    // Groups of one, two and three commands.
+    let replies = redis
+        .pipelined(3, |pipe, i| {
+            for n in 0..=i {
+                pipe.incr(key(i), n + 1);
+            }
+        })
+        .await;
+    let counts: Vec<Vec<u64>> = replies
+        .into_iter()
+        .map(|group| {
+            group
+                .unwrap()
+                .iter()
+                .map(|reply| redis::from_redis_value_ref(reply).unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(counts, vec![vec![1], vec![1, 3], vec![1, 3, 6]]);
+    let empty = redis.pipelined(2, |_, _| {}).await;
+    assert!(empty.iter().all(|group| group.as_ref().unwrap().is_empty()));
 }

@@ -91,9 +91,10 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
-    /// Whether the link to Redis is TLS (every node named by a `rediss://` URL).
+    /// Whether the link to Redis is TLS (every server named by a `rediss://` URL).
     pub fn tls(&self) -> bool {
-        self.urls().all(|url| url.starts_with("rediss://"))
+        let urls = self.urls();
+        !urls.is_empty() && urls.iter().all(|url| url.starts_with("rediss://"))
     }
 }
 
@@ -212,11 +213,12 @@ impl Redis {
 
     /// Drops `sessions`' cache entries without revoking them (a role changed).
     pub async fn forget_sessions(&self, sessions: &[Uuid]) -> redis::RedisResult<()> {
-        self.pipelined::<redis::Value>(sessions.len(), |pipe, i| {
-            pipe.del(self.session_key(sessions[i])).ignore();
-        })
-        .await
-        .map(drop)
+        let deleted = self
+            .pipelined(sessions.len(), |pipe, i| {
+                pipe.del(self.session_key(sessions[i]));
+            })
+            .await;
+        crate::link::all_ok(deleted)
     }
 
     /// The cached session, if its entry verifies, and, if any, why it was revoked.
@@ -402,29 +404,28 @@ impl Redis {
             return Ok(());
         }
         // A group per session (its marker and entry share a slot), then the announcements.
-        self.pipelined::<redis::Value>(sessions.len() + 1, |pipe, i| match sessions.get(i) {
-            Some(session) => {
-                pipe.set_ex(
-                    self.revoked_key(*session),
-                    reason.as_str(),
-                    marker_ttl.as_secs().max(1),
-                )
-                .ignore()
-                .del(self.session_key(*session))
-                .ignore();
-            }
-            None => {
-                for session in sessions {
-                    pipe.publish(
-                        self.revocation_channel(),
-                        format!("{} {}", session.simple(), reason.as_str()),
+        let written = self
+            .pipelined(sessions.len() + 1, |pipe, i| match sessions.get(i) {
+                Some(session) => {
+                    pipe.set_ex(
+                        self.revoked_key(*session),
+                        reason.as_str(),
+                        marker_ttl.as_secs().max(1),
                     )
-                    .ignore();
+                    .del(self.session_key(*session));
                 }
-            }
-        })
-        .await
-        .map(drop)
+                None => {
+                    for session in sessions {
+                        pipe.publish(
+                            self.revocation_channel(),
+                            format!("{} {}", session.simple(), reason.as_str()),
+                        );
+                    }
+                }
+            })
+            .await;
+        // Retried whole (by `announce`) when any group failed: each write is idempotent.
+        crate::link::all_ok(written)
     }
 }
 
@@ -474,7 +475,7 @@ enum Probe {
 /// Connects to the server of a `rediss://` URL and completes a TLS handshake with the
 /// configured roots, within a few seconds.
 async fn tls_probe(args: &RedisArgs) -> Probe {
-    let Some(Ok(url)) = args.urls().next().map(url::Url::parse) else {
+    let Some(Ok(url)) = args.urls().first().map(|url| url::Url::parse(url)) else {
         return Probe::NotTls("not a valid URL".into());
     };
     let Some(host) = url

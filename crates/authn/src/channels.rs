@@ -33,7 +33,11 @@ pub async fn follow_event_channels(
         let Some(wanted) = wanted() else {
             return Ok(());
         };
-        let mut failed = false;
+        // A server that is down fails every subscription, each after a timeout: give up the
+        // round at the first failure. On a cluster only the channels of a failing master
+        // fail, so go on past a few of them for the others.
+        let give_up_after = if conn.is_cluster() { 3 } else { 1 };
+        let mut failed = 0;
         for tenant in wanted.difference(&subscribed).copied().collect::<Vec<_>>() {
             let done = conn.ssubscribe(&redis.events_channel(tenant)).await;
             match done {
@@ -43,8 +47,10 @@ pub async fn follow_event_channels(
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, "event channel not subscribed; polling meanwhile");
-                    failed = true;
-                    break;
+                    failed += 1;
+                    if failed == give_up_after {
+                        break;
+                    }
                 }
             }
         }
@@ -56,7 +62,7 @@ pub async fn follow_event_channels(
         }
         tokio::select! {
             () = changed.notified() => {}
-            () = tokio::time::sleep(retry), if failed => {}
+            () = tokio::time::sleep(retry), if failed > 0 => {}
             push = received.recv() => match push {
                 Some(push) => on_push(&prefix, push, &mut subscribed, &event),
                 None => return Ok(()),

@@ -112,12 +112,18 @@ impl RedisConnection {
 }
 
 impl RedisArgs {
-    /// The nodes `--redis-url` names: one, or several separated by commas (cluster seeds).
-    pub fn urls(&self) -> impl Iterator<Item = &str> {
+    /// The servers `--redis-url` names: the one server, or with --redis-cluster, the seed
+    /// nodes separated by commas (a single server's URL is taken whole: a comma may be part
+    /// of its password).
+    pub fn urls(&self) -> Vec<&str> {
+        if !self.redis_cluster {
+            return vec![self.redis_url.trim()];
+        }
         self.redis_url
             .split(',')
             .map(str::trim)
             .filter(|url| !url.is_empty())
+            .collect()
     }
 
     fn certificates(&self) -> RedisResult<Option<redis::TlsCertificates>> {
@@ -149,19 +155,13 @@ impl RedisArgs {
     /// A client of the one server these settings name: TLS for `rediss://` URLs, with the
     /// configured CA. Refused for a cluster ([`RedisArgs::connection`] serves both).
     pub fn client(&self) -> RedisResult<redis::Client> {
-        let mut urls = self.urls();
-        let (Some(url), None) = (urls.next(), urls.next()) else {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "--redis-url names several servers; that is for --redis-cluster",
-            )));
-        };
         if self.redis_cluster {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "a Redis Cluster needs a cluster connection",
             )));
         }
+        let url = self.redis_url.trim();
         match self.certificates()? {
             None => redis::Client::open(url),
             Some(certificates) => redis::Client::build_with_tls(url, certificates),
@@ -169,9 +169,18 @@ impl RedisArgs {
     }
 
     fn cluster_builder(&self) -> RedisResult<ClusterClientBuilder> {
-        let mut builder = ClusterClientBuilder::new(self.urls().collect::<Vec<_>>())
-            .connection_timeout(REDIS_TIMEOUT)
-            .response_timeout(REDIS_TIMEOUT)
+        let urls = self.urls();
+        let tls = urls
+            .iter()
+            .filter(|url| url.starts_with("rediss://"))
+            .count();
+        if urls.is_empty() || (tls != 0 && tls != urls.len()) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "--redis-url must name the cluster's nodes all with rediss:// or all with redis://",
+            )));
+        }
+        let mut builder = ClusterClientBuilder::new(urls)
             .overall_response_timeout(Some(CLUSTER_CALL_TIMEOUT))
             .retries(2)
             .min_retry_wait(50)
@@ -188,7 +197,7 @@ impl RedisArgs {
         if self.redis_cluster {
             let client = self.cluster_builder()?.build()?;
             return Ok(RedisConnection::Cluster(
-                client.get_pending_async_connection_with_config(ClusterConfig::new()),
+                client.get_pending_async_connection_with_config(cluster_config()),
             ));
         }
         let config = ConnectionManagerConfig::new()
@@ -216,7 +225,7 @@ impl RedisArgs {
                 .push_sender(pushes)
                 .build()?;
             return Ok(RedisConnection::Cluster(
-                client.get_pending_async_connection_with_config(ClusterConfig::new()),
+                client.get_pending_async_connection_with_config(cluster_config()),
             ));
         }
         let info = self.client()?.get_connection_info().clone();
@@ -236,44 +245,76 @@ impl RedisArgs {
     }
 }
 
+/// Each node's timeouts: a config passed with the connection replaces the builder's.
+fn cluster_config() -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(REDIS_TIMEOUT)
+        .set_response_timeout(REDIS_TIMEOUT)
+}
+
 impl crate::Redis {
     /// Runs `groups` groups of commands, `build(pipe, i)` adding group `i`'s commands to
-    /// `pipe`; each group's keys must share one hash slot. On a single server, all go in one
-    /// pipeline (one round trip); on a cluster, where a pipeline must stay in one slot, each
-    /// group is a pipeline of its own, sent at once over the multiplexed connection. Returns
-    /// the replies of the commands that were not ignored, in order.
-    pub async fn pipelined<T>(
+    /// `pipe` (without `ignore`); each group's keys must share one hash slot. On a single
+    /// server, all go in one pipeline (one round trip); on a cluster, where a pipeline must
+    /// stay in one slot, each group is a pipeline of its own, sent at once over the
+    /// multiplexed connection. Returns each group's replies, one per command, or its error:
+    /// on a cluster, one group can fail (its master is failing over) while the others went
+    /// through.
+    pub async fn pipelined(
         &self,
         groups: usize,
         build: impl Fn(&mut Pipeline, usize),
-    ) -> RedisResult<Vec<T>>
-    where
-        T: redis::FromRedisValue + Send,
-    {
-        let conn = self.conn();
-        if !conn.is_cluster() {
-            let mut pipe = redis::pipe();
-            for group in 0..groups {
-                build(&mut pipe, group);
-            }
-            if pipe.is_empty() {
-                return Ok(Vec::new());
-            }
-            return pipe.query_async(&mut conn.clone()).await;
-        }
+    ) -> Vec<RedisResult<Vec<Value>>> {
         let pipes: Vec<Pipeline> = (0..groups)
             .map(|group| {
                 let mut pipe = redis::pipe();
                 build(&mut pipe, group);
                 pipe
             })
-            .filter(|pipe| !pipe.is_empty())
             .collect();
-        let replies = futures::future::try_join_all(pipes.iter().map(|pipe| {
-            let mut conn = conn.clone();
-            async move { pipe.query_async::<Vec<T>>(&mut conn).await }
-        }))
-        .await?;
-        Ok(replies.into_iter().flatten().collect())
+        let conn = self.conn();
+        if conn.is_cluster() {
+            return futures::future::join_all(pipes.iter().map(|pipe| {
+                let mut conn = conn.clone();
+                async move {
+                    if pipe.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    pipe.query_async::<Vec<Value>>(&mut conn).await
+                }
+            }))
+            .await;
+        }
+        let mut all = redis::pipe();
+        for cmd in pipes.iter().flat_map(|pipe| pipe.cmd_iter()) {
+            all.add_command(cmd.clone());
+        }
+        if all.is_empty() {
+            return pipes.iter().map(|_| Ok(Vec::new())).collect();
+        }
+        match all.query_async::<Vec<Value>>(&mut conn.clone()).await {
+            Ok(replies) => {
+                let mut replies = replies.into_iter();
+                pipes
+                    .iter()
+                    .map(|pipe| Ok(replies.by_ref().take(pipe.len()).collect()))
+                    .collect()
+            }
+            Err(err) => pipes
+                .iter()
+                .map(|_| {
+                    Err(redis::RedisError::from((
+                        err.kind(),
+                        "the pipeline failed",
+                        err.to_string(),
+                    )))
+                })
+                .collect(),
+        }
     }
+}
+
+/// The first error of [`crate::Redis::pipelined`]'s groups, if any.
+pub fn all_ok(results: Vec<RedisResult<Vec<Value>>>) -> RedisResult<()> {
+    results.into_iter().try_for_each(|result| result.map(drop))
 }

@@ -272,15 +272,16 @@ async fn sync(redis: Redis, counts: Weak<Mutex<Counts>>, wake: Arc<Notify>, wind
             continue;
         }
         let ends_at = slot.saturating_add(1).saturating_mul(window_ms);
-        let totals: redis::RedisResult<Vec<u64>> = redis
+        // A group per subject: on a Redis Cluster each counter is in a slot of its own, and
+        // one can fail while the others were counted.
+        let totals = redis
             .pipelined(sent.len(), |pipe, i| {
                 let (name, calls) = &sent[i];
                 let key = redis.key(&format!("webchat:limit:{name}:{slot}"));
                 pipe.incr(&key, *calls)
                     .cmd("PEXPIREAT")
                     .arg(&key)
-                    .arg(ends_at)
-                    .ignore();
+                    .arg(ends_at);
             })
             .await;
         let Ok(mut counts) = counts.lock() else {
@@ -289,20 +290,23 @@ async fn sync(redis: Redis, counts: Weak<Mutex<Counts>>, wake: Arc<Notify>, wind
         if counts.slot != slot {
             continue;
         }
-        let failed = totals.is_err();
-        if let Err(err) = &totals {
+        if let Some(Err(err)) = totals.iter().find(|total| total.is_err()) {
             tracing::debug!(error = %err, "limit counts not synced; counting here alone");
         }
-        let totals = totals.unwrap_or_default();
         let Counts {
             subjects, dirty, ..
         } = &mut *counts;
-        for (i, (name, _)) in sent.into_iter().enumerate() {
+        for ((name, _), total) in sent.into_iter().zip(totals) {
             let Some(count) = subjects.get_mut(&name) else {
                 continue;
             };
-            match totals.get(i) {
-                Some(total) if !failed => count.synced = (*total).max(count.synced),
+            let total = total.ok().and_then(|replies| {
+                replies
+                    .first()
+                    .and_then(|reply| redis::from_redis_value_ref::<u64>(reply).ok())
+            });
+            match total {
+                Some(total) => count.synced = total.max(count.synced),
                 _ => {
                     count.pending += count.in_flight;
                     dirty.insert(name);

@@ -53,16 +53,15 @@ impl Hub {
             let woken: Vec<(Uuid, Option<i64>)> = tenants.drain().collect();
             // A group per tenant: on a Redis Cluster, each channel is in its tenant's slot.
             let published = redis
-                .pipelined::<redis::Value>(woken.len(), |pipe, i| {
+                .pipelined(woken.len(), |pipe, i| {
                     let (tenant, last) = woken[i];
                     let last = last.map(|id| id.to_string()).unwrap_or_default();
                     pipe.cmd("SPUBLISH")
                         .arg(Self::channel(&redis, tenant))
-                        .arg(format!("{last} {at}"))
-                        .ignore();
+                        .arg(format!("{last} {at}"));
                 })
                 .await;
-            if let Err(err) = published {
+            if let Err(err) = hafen_authn::link::all_ok(published) {
                 tracing::debug!(error = %err, "event notification not published; replicas poll");
             }
         }
