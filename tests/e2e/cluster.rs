@@ -217,21 +217,10 @@ async fn ul6_hafen_runs_on_a_redis_cluster_and_loses_nothing_when_a_master_fails
         .logout(with_token(&owner, auth_pb::LogoutRequest {}))
         .await;
     logout.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(status)) => return Some(status),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends after the logout");
-    assert_eq!(
-        ended.map(|status| status.code()),
-        Some(tonic::Code::Unauthenticated)
-    );
+    let ended =
+        hafen_testkit::ending_status(&mut stream, "after the logout", Duration::from_secs(10))
+            .await;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated);
     assert!(
         exists(
             &cluster,

@@ -351,18 +351,9 @@ async fn oc5_a_lost_revocation_still_ends_the_stream_within_6s() {
         .await
         .expect("RevokeChatCode");
     let revoked_at = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(6), async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(status)) => return Some(status),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the stream must end within 6 s of the revocation")
-    .expect("with a status, not silently");
+    let ended =
+        hafen_testkit::ending_status(&mut stream, "after the revocation", Duration::from_secs(6))
+            .await;
     assert_eq!(ended.code(), tonic::Code::Unauthenticated);
     assert_eq!(
         hafen_platform::status::reason(&ended).as_deref(),

@@ -176,8 +176,9 @@ fn resource(service: &'static str) -> Resource {
 }
 
 /// The span of an RPC this server serves (none for health checks and reflection), a child of
-/// the caller's span when `headers` carry W3C trace context. Its fields are ids only; the handler records the tenant, user,
-/// conversation and request ids it learns ([`record_ids`]).
+/// the caller's span when `headers` carry W3C trace context. Its fields are ids only; the
+/// handler records the tenant, user, conversation and request ids it learns
+/// ([`record_ids`]).
 pub fn server_span(service: &str, method: &str, headers: &http::HeaderMap) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     // Probes and reflection would only bury the traces that matter.

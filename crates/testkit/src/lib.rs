@@ -13,7 +13,7 @@
 //! - [`TestStack`]: the auth and tenant services together, with helpers to create tenants
 //!   and members ([`TestMember`]) and log in.
 //! - [`eventually`]: waits, bounded, for a condition the test can observe, where sleeping
-//!   would only hope it holds.
+//!   would only hope it holds; [`ending_status`]: waits, bounded, for a stream's end.
 //!
 //! Where PostgreSQL and Redis are comes from `HAFEN_DATABASE_URL`, `HAFEN_ADMIN_DATABASE_URL`
 //! and `HAFEN_REDIS_URL`, or from `.dev/env`, which `scripts/dev-services.sh up` writes.
@@ -46,7 +46,7 @@ pub use redis_ns::TestRedis;
 pub use redis_server::PrivateRedis;
 pub use server::{Service, TestSecrets, TestServer};
 pub use stack::{OWNER_PASSWORD, TestMember, TestStack, TestTenant, with_token};
-pub use wait::eventually;
+pub use wait::{ending_status, eventually};
 
 mod database;
 pub use database::TestDatabase;

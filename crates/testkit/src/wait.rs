@@ -26,3 +26,26 @@ where
         tokio::time::sleep(POLL_EVERY).await;
     }
 }
+
+/// The status `stream` ends with, its items skipped; panics naming `what` when it does not
+/// end within `timeout`, or ends without a status.
+pub async fn ending_status<S, T>(stream: &mut S, what: &str, timeout: Duration) -> tonic::Status
+where
+    S: futures::Stream<Item = Result<T, tonic::Status>> + Unpin,
+{
+    use futures::StreamExt as _;
+    let ended = tokio::time::timeout(timeout, async {
+        while let Some(item) = stream.next().await {
+            if let Err(status) = item {
+                return Some(status);
+            }
+        }
+        None
+    })
+    .await;
+    match ended {
+        Ok(Some(status)) => status,
+        Ok(None) => panic!("{what}: the stream ended without a status"),
+        Err(_) => panic!("{what}: the stream did not end within {timeout:?}"),
+    }
+}

@@ -159,18 +159,8 @@ async fn oc5_an_open_stream_on_another_service_ends_with_device_wiped() {
         ))
         .await
         .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match ticks.next().await {
-                Some(Ok(())) => continue,
-                Some(Err(status)) => return Some(status),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends within 1 s of the wipe")
-    .expect("it ends with a status, not silently");
+    let ended =
+        hafen_testkit::ending_status(&mut ticks, "after the wipe", Duration::from_secs(1)).await;
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
     assert_eq!(ended.code(), tonic::Code::Unauthenticated);
     assert_eq!(
